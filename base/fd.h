@@ -1,0 +1,87 @@
+#pragma once
+// RAII owners for fds, mappings, eventfds and memfds. Move-only; there is no close():
+// an owner releases its resource when it dies or is assigned over.
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <span>
+#include <string>
+
+#include "base/result.h"
+#include "base/types.h"
+
+namespace vg {
+
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) noexcept : fd_(fd) {}
+  ~UniqueFd();
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.Release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept;
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+
+  int Get() const { return fd_; }
+  bool Valid() const { return fd_ >= 0; }
+  int Release() noexcept {
+    int f = fd_;
+    fd_ = -1;
+    return f;
+  }
+  Result<UniqueFd> Dup() const;
+
+ private:
+  int fd_ = -1;
+};
+
+// A shared mapping of an fd. Unmapped on destruction.
+class Mapping {
+ public:
+  Mapping() = default;
+  ~Mapping();
+  Mapping(Mapping&& o) noexcept;
+  Mapping& operator=(Mapping&& o) noexcept;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+
+  enum class Prot { kRead, kReadWrite };
+  static Result<Mapping> Map(const UniqueFd& fd, ByteSize size, uint64_t offset, Prot prot = Prot::kReadWrite);
+  static Result<Mapping> MapRaw(int fd, ByteSize size, uint64_t offset, Prot prot);
+
+  std::byte* data() const { return bytes_.data(); }
+  ByteSize size() const { return ByteSize{bytes_.size()}; }
+  std::span<std::byte> bytes() const { return bytes_; }
+  bool Valid() const { return !bytes_.empty(); }
+
+ private:
+  std::span<std::byte> bytes_;
+};
+
+// An eventfd: the doorbell ioeventfd, IRQ vectors, engine completions.
+class EventFd {
+ public:
+  static Result<EventFd> Create(bool nonblocking = true);
+  static EventFd Adopt(UniqueFd fd) { return EventFd(std::move(fd)); }
+  EventFd() = default;
+
+  Result<> Signal(uint64_t n = 1) const;
+  // Reads and clears the counter; 0 when nothing was pending (non-blocking fds).
+  Result<uint64_t> Drain() const;
+  // Blocks up to timeout_ms (-1 forever) for the fd to become readable, then drains.
+  Result<uint64_t> Wait(int timeout_ms) const;
+  int Get() const { return fd_.Get(); }
+  bool Valid() const { return fd_.Valid(); }
+  const UniqueFd& fd() const { return fd_; }
+  Result<UniqueFd> DupFd() const { return fd_.Dup(); }
+
+ private:
+  explicit EventFd(UniqueFd fd) : fd_(std::move(fd)) {}
+  UniqueFd fd_;
+};
+
+// An anonymous shared-memory file (guest RAM, apertures, status pages), sized at creation.
+Result<UniqueFd> CreateMemFd(const std::string& name, ByteSize size);
+
+}  // namespace vg

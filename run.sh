@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The two commands of the README:
+#   ./run.sh test    install what is missing, build (normal + ASan/UBSan), run the whole suite
+#   ./run.sh study   install what is missing, build, start vgpud, create vGPUs, run the study
+# Extra: ./run.sh build | ./run.sh fuzz [seconds] | ./run.sh soak
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+JOBS=${JOBS:-$(nproc)}
+
+setup() {  # setup DIR [meson options...]
+  local dir=$1; shift
+  if [ ! -f "$dir/build.ninja" ]; then
+    meson setup "$dir" "$@" >/dev/null
+  fi
+  ninja -C "$dir" -j "$JOBS"
+}
+
+build_main() { setup build; }
+build_sanitize() { setup build-san -Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug; }
+build_fuzz() { CXX=clang++ CC=clang setup build-fuzz -Dfuzz=true -Db_lundef=false -Dbuildtype=debugoptimized; }
+
+# Tallies meson's JSON test log into the closing "N passed, N failed" line.
+summarize() {
+  python3 - "$@" <<'PY'
+import json, sys
+passed = failed = skipped = 0
+for path in sys.argv[1:]:
+    try:
+        for line in open(path):
+            r = json.loads(line).get("result")
+            if r in ("OK", "EXPECTEDFAIL"): passed += 1
+            elif r == "SKIP": skipped += 1
+            else: failed += 1
+    except FileNotFoundError:
+        pass
+print(f"{passed} passed, {failed} failed, {skipped} skipped")
+PY
+}
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$ROOT/tests/lsan.supp:print_suppressions=0}
+
+cmd=${1:-test}
+case "$cmd" in
+  deps) tools/install-deps.sh ;;
+  build) tools/install-deps.sh; build_main ;;
+  test)
+    tools/install-deps.sh
+    build_main
+    build_sanitize
+    rc=0
+    meson test -C build --print-errorlogs --num-processes "$JOBS" || rc=1
+    meson test -C build-san --print-errorlogs --num-processes "$JOBS" --no-suite bench || rc=1
+    if [ -f tests/fuzz/meson.build ]; then
+      build_fuzz
+      meson test -C build-fuzz --print-errorlogs --suite fuzz || rc=1
+    fi
+    logs=(build/meson-logs/testlog.json build-san/meson-logs/testlog.json)
+    [ -f tests/fuzz/meson.build ] && logs+=(build-fuzz/meson-logs/testlog.json)
+    summarize "${logs[@]}"
+    exit $rc
+    ;;
+  study)
+    tools/install-deps.sh
+    build_main
+    exec tools/study.sh "${@:2}"
+    ;;
+  fuzz)
+    tools/install-deps.sh
+    build_fuzz
+    secs=${2:-300}
+    for f in build-fuzz/tests/fuzz/fuzz_*; do
+      [ -x "$f" ] || continue
+      echo "== $f for ${secs}s"
+      "$f" -max_total_time="$secs" -rss_limit_mb=4096 "tests/fuzz/corpus/$(basename "$f")" || exit 1
+    done
+    ;;
+  *) echo "usage: $0 test|study|build|fuzz [seconds]" >&2; exit 2 ;;
+esac
