@@ -1,0 +1,138 @@
+#pragma once
+// The vGPU's guest-visible ABI: PCI identity, BAR layout, register offsets, status-page
+// layout, GTT entry format, IRQ vectors. Pure constants, shared by the device model
+// (mediator/) and the guest driver library (guest/). docs/device-spec.md is the prose
+// version of this file and must stay true to it.
+
+#include <cstdint>
+
+namespace vg::abi {
+
+// --- PCI identity (not a PCI-SIG registered vendor id: experimental use only) ---
+inline constexpr uint16_t kVendorId = 0x5647;     // "VG"
+inline constexpr uint16_t kDeviceId = 0x0001;
+inline constexpr uint16_t kSubsystemVendorId = 0x5647;
+inline constexpr uint16_t kSubsystemId = 0x0001;
+inline constexpr uint8_t kRevision = 0x01;
+inline constexpr uint32_t kClassCode = 0x030200;  // display controller, 3D controller
+
+// --- BAR0: registers, status page, MSI-X table, GTT window ---
+inline constexpr uint64_t kBar0Size = 1u << 20;  // 1 MiB
+inline constexpr uint32_t kRegsBase = 0x0000;     // page 0: trapped vGPU registers
+inline constexpr uint32_t kPrivBase = 0x1000;     // page 1: trapped privileged globals
+inline constexpr uint32_t kStatusPageOffset = 0x2000;  // page 2: status page, mmap, no trap
+inline constexpr uint32_t kMsixTableOffset = 0x3000;   // page 3: MSI-X table (trapped)
+inline constexpr uint32_t kMsixPbaOffset = 0x3800;
+inline constexpr uint32_t kGttOffset = 0x80000;        // GTT window: 8 bytes per entry
+inline constexpr uint32_t kGttMaxEntries = 0x10000;    // 64 Ki entries = 256 MiB of GPU VA
+
+// Register offsets in page 0.
+namespace reg {
+inline constexpr uint32_t kId = 0x000;              // RO  kIdMagic
+inline constexpr uint32_t kVersion = 0x004;         // RO  device ABI version
+inline constexpr uint32_t kCaps = 0x008;            // RO  kCap* bits
+inline constexpr uint32_t kApertureSizeLo = 0x00C;  // RO
+inline constexpr uint32_t kApertureSizeHi = 0x010;  // RO
+inline constexpr uint32_t kGttEntries = 0x014;      // RO  entries this vGPU's GTT has
+inline constexpr uint32_t kKernelCount = 0x018;     // RO  kernels in the shader catalogue
+inline constexpr uint32_t kCtrl = 0x020;            // RW  kCtrl* bits
+inline constexpr uint32_t kStatus = 0x024;          // RO  kStatus* bits
+inline constexpr uint32_t kReset = 0x028;           // WO  write kResetMagic: reset this vGPU
+inline constexpr uint32_t kPowerState = 0x02C;      // RW  0 = D0, 3 = D3hot (per vGPU)
+inline constexpr uint32_t kIrqStatus = 0x030;       // RW1C one bit per vector
+inline constexpr uint32_t kIrqMask = 0x034;         // RW  1 = vector masked at the device
+inline constexpr uint32_t kIrqTest = 0x038;         // WO  raise vector N (bring-up, tests)
+inline constexpr uint32_t kScratch = 0x03C;         // RW  mirrored into the status page
+inline constexpr uint32_t kRingBaseLo = 0x040;      // RW  GPU VA of the ring
+inline constexpr uint32_t kRingBaseHi = 0x044;      // RW
+inline constexpr uint32_t kRingSize = 0x048;        // RW  bytes, power of two, 4 KiB .. 1 MiB
+inline constexpr uint32_t kRingHead = 0x04C;        // RO  byte offset the device has consumed to
+inline constexpr uint32_t kRingTail = 0x050;        // RW  doorbell: write the new tail
+inline constexpr uint32_t kDoorbellKick = 0x054;    // WO  kick: tail taken from the shadow (ioeventfd)
+inline constexpr uint32_t kTailShadowLo = 0x058;    // RW  GPU VA of the u32 the guest publishes its tail in
+inline constexpr uint32_t kTailShadowHi = 0x05C;    // RW
+inline constexpr uint32_t kErrCode = 0x060;         // RO  Errc of the last refusal (0 = none)
+inline constexpr uint32_t kErrSource = 0x064;       // RO  kErrSource*
+inline constexpr uint32_t kErrAddrLo = 0x068;       // RO  faulting address (MMIO offset, GPU VA, ring offset)
+inline constexpr uint32_t kErrAddrHi = 0x06C;       // RO
+inline constexpr uint32_t kErrInfo = 0x070;         // RO  source-specific detail (opcode, register)
+inline constexpr uint32_t kErrCount = 0x074;        // RO  refusals since reset
+inline constexpr uint32_t kErrClear = 0x078;        // WO  any value clears code/source/addr/info
+}  // namespace reg
+
+// Privileged globals in page 1: a guest may not own these. Each is either emulated per
+// vGPU (the write lands in a per-vGPU shadow and touches nothing shared) or refused with
+// kPrivileged in the error report.
+namespace priv {
+inline constexpr uint32_t kGlobalReset = 0x1000;     // refused: whole-GPU reset
+inline constexpr uint32_t kClockMhz = 0x1004;        // emulated: reads back the vGPU's shadow
+inline constexpr uint32_t kGlobalGttBaseLo = 0x1008; // refused: host GTT base
+inline constexpr uint32_t kGlobalGttBaseHi = 0x100C; // refused
+inline constexpr uint32_t kPowerGate = 0x1010;       // refused: GPU-wide power gating
+inline constexpr uint32_t kFenceWatchdogMs = 0x1014; // refused: host scheduler policy
+inline constexpr uint32_t kDisplayBase = 0x1020;     // emulated: scan-out offset in the aperture
+inline constexpr uint32_t kDisplayStride = 0x1024;   // emulated
+inline constexpr uint32_t kDisplayFormat = 0x1028;   // emulated
+inline constexpr uint32_t kDisplayWidth = 0x102C;    // emulated
+inline constexpr uint32_t kDisplayHeight = 0x1030;   // emulated
+inline constexpr uint32_t kDisplayEnable = 0x1034;   // emulated
+}  // namespace priv
+
+inline constexpr uint32_t kIdMagic = 0x56475055;  // "VGPU"
+inline constexpr uint32_t kAbiVersion = 0x00010000;
+inline constexpr uint32_t kResetMagic = 0x1;
+
+inline constexpr uint32_t kCapStatusPage = 1u << 0;
+inline constexpr uint32_t kCapDoorbellIoFd = 1u << 1;
+inline constexpr uint32_t kCapMsix = 1u << 2;
+inline constexpr uint32_t kCapMsi = 1u << 3;
+inline constexpr uint32_t kCapRing = 1u << 4;
+
+inline constexpr uint32_t kCtrlRingEnable = 1u << 0;
+inline constexpr uint32_t kCtrlKnownBits = kCtrlRingEnable;
+
+inline constexpr uint32_t kStatusRingEnabled = 1u << 0;
+inline constexpr uint32_t kStatusBusy = 1u << 1;
+inline constexpr uint32_t kStatusErrorLatched = 1u << 2;
+inline constexpr uint32_t kStatusD3 = 1u << 3;
+
+inline constexpr uint32_t kErrSourceNone = 0;
+inline constexpr uint32_t kErrSourceMmio = 1;
+inline constexpr uint32_t kErrSourceGtt = 2;
+inline constexpr uint32_t kErrSourceCommand = 3;
+inline constexpr uint32_t kErrSourceRing = 4;
+
+// IRQ vectors (MSI-X table entries and MSI vectors alike).
+inline constexpr uint32_t kVectorFence = 0;
+inline constexpr uint32_t kVectorError = 1;
+inline constexpr uint32_t kNumVectors = 2;
+
+// --- Status page (BAR0 + kStatusPageOffset, 4 KiB): written by the device only ---
+namespace status {
+inline constexpr uint32_t kMagic = 0x00;            // u32 kIdMagic once the device is live
+inline constexpr uint32_t kStateFlags = 0x04;       // u32 mirror of reg::kStatus
+inline constexpr uint32_t kCompletedFence = 0x08;   // u64 last fence value the device completed
+inline constexpr uint32_t kRingHead = 0x10;         // u32 mirror of reg::kRingHead
+inline constexpr uint32_t kErrCount = 0x14;         // u32 mirror of reg::kErrCount
+inline constexpr uint32_t kDoorbells = 0x18;        // u64 doorbells seen (MMIO + ioeventfd)
+inline constexpr uint32_t kSubmissions = 0x20;      // u64 submissions accepted
+inline constexpr uint32_t kScratch = 0x28;          // u32 mirror of reg::kScratch
+inline constexpr uint32_t kResets = 0x2C;           // u32 resets since creation
+}  // namespace status
+
+// --- GTT entry (u64) ---
+// bits 63..12: page frame (guest-physical page, or aperture page when kGttAperture)
+// bit 0 valid, bit 1 writable, bit 2 target is the aperture; bits 11..3 must be zero.
+inline constexpr uint64_t kGttValid = 1u << 0;
+inline constexpr uint64_t kGttWritable = 1u << 1;
+inline constexpr uint64_t kGttAperture = 1u << 2;
+inline constexpr uint64_t kGttFlagMask = 0xFFF;
+inline constexpr uint64_t kGttKnownFlags = kGttValid | kGttWritable | kGttAperture;
+
+// --- PCI config space layout ---
+inline constexpr uint32_t kConfigSize = 256;
+inline constexpr uint8_t kCapPmOffset = 0x40;
+inline constexpr uint8_t kCapMsiOffset = 0x48;
+inline constexpr uint8_t kCapMsixOffset = 0x60;
+
+}  // namespace vg::abi

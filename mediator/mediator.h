@@ -1,0 +1,86 @@
+#pragma once
+// Public header of mediator/: one vGPU as a vfio-user device model. Device state lives
+// here, apart from the transport (vfio_user/) and from the daemon that wires the two.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/base.h"
+#include "mediator/abi.h"
+#include "vfio_user/device.h"
+
+namespace vg::mediator {
+
+struct VgpuConfig {
+  Uuid uuid;
+  std::string type_name = "vgpud-small";
+  uint64_t aperture_size = 64ull << 20;  // power of two, >= 4 KiB
+  uint32_t gtt_entries = 16384;          // <= abi::kGttMaxEntries
+};
+
+struct ErrorReport {
+  uint32_t code = 0;  // Errc value
+  uint32_t source = abi::kErrSourceNone;
+  uint64_t addr = 0;
+  uint32_t info = 0;
+  uint32_t count = 0;
+};
+
+// Everything a guest can observe through registers, plus the config space and GTT:
+// what Snapshot() captures and Restore() puts back (crosvm's Suspendable).
+struct DeviceSnapshot {
+  std::vector<uint8_t> config;
+  std::vector<uint32_t> regs;  // RegState as dwords
+  std::vector<uint64_t> gtt;
+  std::vector<uint32_t> msix_table;
+  std::vector<uint8_t> aperture;
+  bool operator==(const DeviceSnapshot&) const = default;
+};
+
+struct VgpuCounters {
+  uint64_t doorbells = 0;
+  uint64_t mmio_refusals = 0;
+  uint64_t irqs_raised = 0;
+  uint64_t resets = 0;
+};
+
+class Vgpu : public vfio_user::DeviceBackend {
+ public:
+  static Result<std::unique_ptr<Vgpu>> Create(const VgpuConfig& config);
+  ~Vgpu() override;
+
+  const VgpuConfig& config() const;
+  // The doorbell ioeventfd offered by GET_REGION_IO_FDS; the daemon's loop watches it and
+  // calls OnDoorbellKick() when it fires.
+  const EventFd& doorbell() const;
+  void OnDoorbellKick();
+
+  DeviceSnapshot Snapshot() const;
+  Result<> Restore(const DeviceSnapshot& snap);
+  VgpuCounters Counters() const;
+  ErrorReport LastError() const;
+
+  // vfio_user::DeviceBackend
+  void OnConnect(vfio_user::DmaMessenger* messenger) override;
+  Result<vfio_user::RegionInfo> GetRegionInfo(uint32_t index) override;
+  Result<std::vector<vfio_user::IoFd>> GetRegionIoFds(uint32_t index) override;
+  Result<vfio_user::IrqInfo> GetIrqInfo(uint32_t index) override;
+  Result<> SetIrqs(const vfio_user::SetIrqsArgs& args, std::vector<UniqueFd> fds,
+                   std::span<const uint8_t> bools) override;
+  Result<> RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> out) override;
+  Result<> RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) override;
+  Result<> DmaMap(const vfio_user::DmaMapArgs& args, UniqueFd fd) override;
+  Result<> DmaUnmap(const vfio_user::DmaUnmapArgs& args) override;
+  Result<> Reset() override;
+  void OnDisconnect() override;
+
+  class Impl;
+
+ private:
+  explicit Vgpu(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace vg::mediator

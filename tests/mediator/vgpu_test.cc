@@ -1,0 +1,320 @@
+// Device-model tests: the vGPU driven through its DeviceBackend interface with no socket
+// (STYLE.md: device state apart from transport).
+#include <doctest.h>
+
+#include <cstring>
+
+#include "mediator/mediator.h"
+#include "vfio_user/dma.h"
+
+using namespace vg;
+using namespace vg::mediator;
+namespace vu = vg::vfio_user;
+
+namespace {
+
+std::unique_ptr<Vgpu> MakeVgpu(uint64_t aperture = 1 << 20, uint32_t gtt = 256) {
+  VgpuConfig cfg;
+  cfg.uuid = Uuid::Random();
+  cfg.aperture_size = aperture;
+  cfg.gtt_entries = gtt;
+  auto v = Vgpu::Create(cfg);
+  REQUIRE(v.ok());
+  return std::move(v).value();
+}
+
+uint32_t Rd32(Vgpu& v, uint32_t region, uint64_t off) {
+  uint32_t x = 0xdeadbeef;
+  auto r = v.RegionRead(region, off, std::as_writable_bytes(std::span(&x, 1)));
+  REQUIRE(r.ok());
+  return x;
+}
+Result<> Wr32(Vgpu& v, uint32_t region, uint64_t off, uint32_t x) {
+  return v.RegionWrite(region, off, std::as_bytes(std::span(&x, 1)));
+}
+Result<> Wr64(Vgpu& v, uint32_t region, uint64_t off, uint64_t x) {
+  return v.RegionWrite(region, off, std::as_bytes(std::span(&x, 1)));
+}
+uint32_t Cfg32(Vgpu& v, uint32_t off) { return Rd32(v, vu::kConfigRegion, off); }
+uint32_t Reg(Vgpu& v, uint32_t off) { return Rd32(v, vu::kBar0Region, off); }
+
+// Maps the status page the way a guest would: from the region's fd and sparse area.
+Mapping MapStatusPage(Vgpu& v) {
+  auto info = v.GetRegionInfo(vu::kBar0Region);
+  REQUIRE(info.ok());
+  REQUIRE(info->sparse_areas.size() == 1);
+  REQUIRE(info->mmap_fd != nullptr);
+  auto m = Mapping::Map(*info->mmap_fd, ByteSize{info->sparse_areas[0].size},
+                        info->fd_offset + info->sparse_areas[0].offset, Mapping::Prot::kRead);
+  REQUIRE(m.ok());
+  return std::move(m).value();
+}
+
+template <class T>
+T At(const Mapping& m, uint32_t off) {
+  T v;
+  std::memcpy(&v, m.data() + off, sizeof v);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("config space: identity, BAR sizing, read-only fields, capabilities") {
+  auto v = MakeVgpu(1 << 20);
+  CHECK(Cfg32(*v, 0x00) == (uint32_t{abi::kDeviceId} << 16 | abi::kVendorId));
+  CHECK((Cfg32(*v, 0x08) >> 8) == abi::kClassCode);
+  // Writes to vendor/device id are ignored as hardware ignores them.
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x00, 0x12345678).ok());
+  CHECK(Cfg32(*v, 0x00) == (uint32_t{abi::kDeviceId} << 16 | abi::kVendorId));
+  // BAR sizing: all ones reads back ~(size-1) | flags.
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x10, 0xFFFFFFFF).ok());
+  CHECK(Cfg32(*v, 0x10) == static_cast<uint32_t>(~(abi::kBar0Size - 1)));
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x18, 0xFFFFFFFF).ok());
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x1C, 0xFFFFFFFF).ok());
+  CHECK(Cfg32(*v, 0x18) == (static_cast<uint32_t>(~((1u << 20) - 1)) | 0xC));
+  CHECK(Cfg32(*v, 0x1C) == 0xFFFFFFFF);
+  // Unimplemented BARs read zero after sizing.
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x14, 0xFFFFFFFF).ok());
+  CHECK(Cfg32(*v, 0x14) == 0);
+  // Command register: only the implemented bits stick.
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x0000FFFF).ok());
+  CHECK((Cfg32(*v, 0x04) & 0xFFFF) == 0x0546);
+  // Capability list: PM -> MSI -> MSI-X -> end.
+  uint32_t ptr = Cfg32(*v, 0x34) & 0xFF;
+  std::vector<uint32_t> ids;
+  while (ptr) {
+    uint32_t hdr = Cfg32(*v, ptr);
+    ids.push_back(hdr & 0xFF);
+    ptr = (hdr >> 8) & 0xFF;
+  }
+  CHECK(ids == std::vector<uint32_t>{0x01, 0x05, 0x11});
+  CHECK(((Cfg32(*v, 0x04) >> 16) & 0x10) != 0);  // capability list bit
+  // Out-of-range config access is refused.
+  uint32_t x;
+  CHECK(v->RegionRead(vu::kConfigRegion, 254, std::as_writable_bytes(std::span(&x, 1))).code() ==
+        Errc::kOutOfBounds);
+}
+
+TEST_CASE("config space: function reset keeps BAR assignment, clears command") {
+  auto v = MakeVgpu();
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x10, 0xFE000000).ok());
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x6).ok());
+  REQUIRE(v->Reset().ok());
+  CHECK(Cfg32(*v, 0x10) == 0xFE000000);
+  CHECK((Cfg32(*v, 0x04) & 0xFFFF) == 0);
+}
+
+TEST_CASE("BAR0: identity registers and read-only refusals with an error report") {
+  auto v = MakeVgpu(1 << 20, 512);
+  CHECK(Reg(*v, abi::reg::kId) == abi::kIdMagic);
+  CHECK(Reg(*v, abi::reg::kVersion) == abi::kAbiVersion);
+  CHECK(Reg(*v, abi::reg::kApertureSizeLo) == (1u << 20));
+  CHECK(Reg(*v, abi::reg::kGttEntries) == 512);
+  auto r = Wr32(*v, vu::kBar0Region, abi::reg::kId, 1);
+  CHECK(r.code() == Errc::kReadOnly);
+  CHECK(Reg(*v, abi::reg::kId) == abi::kIdMagic);
+  CHECK(Reg(*v, abi::reg::kErrCode) == static_cast<uint32_t>(Errc::kReadOnly));
+  CHECK(Reg(*v, abi::reg::kErrSource) == abi::kErrSourceMmio);
+  CHECK(Reg(*v, abi::reg::kErrAddrLo) == abi::reg::kId);
+  CHECK(Reg(*v, abi::reg::kErrCount) == 1);
+  CHECK((Reg(*v, abi::reg::kStatus) & abi::kStatusErrorLatched) != 0);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kErrClear, 0).ok());
+  CHECK(Reg(*v, abi::reg::kErrCode) == 0);
+  CHECK(Reg(*v, abi::reg::kErrCount) == 1);  // the count survives a clear
+  CHECK(Wr32(*v, vu::kBar0Region, 0x0F0, 1).code() == Errc::kNotFound);
+  // Byte and misaligned accesses to registers are refused.
+  uint8_t b = 1;
+  CHECK(v->RegionWrite(vu::kBar0Region, abi::reg::kScratch, std::as_bytes(std::span(&b, 1))).code() ==
+        Errc::kMisaligned);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kScratch + 2, 1).code() == Errc::kMisaligned);
+  CHECK(v->Counters().mmio_refusals == 4);
+}
+
+TEST_CASE("BAR0: privileged globals are refused or emulated per vGPU") {
+  auto a = MakeVgpu();
+  auto b = MakeVgpu();
+  CHECK(Wr32(*a, vu::kBar0Region, abi::priv::kGlobalReset, 1).code() == Errc::kPrivileged);
+  CHECK(Reg(*a, abi::reg::kErrCode) == static_cast<uint32_t>(Errc::kPrivileged));
+  CHECK(Reg(*a, abi::reg::kErrAddrLo) == abi::priv::kGlobalReset);
+  CHECK(Wr32(*a, vu::kBar0Region, abi::priv::kGlobalGttBaseLo, 0x1000).code() == Errc::kPrivileged);
+  CHECK(Wr32(*a, vu::kBar0Region, abi::priv::kPowerGate, 1).code() == Errc::kPrivileged);
+  // Emulated: a's clock shadow changes, b's does not.
+  REQUIRE(Wr32(*a, vu::kBar0Region, abi::priv::kClockMhz, 333).ok());
+  CHECK(Reg(*a, abi::priv::kClockMhz) == 333);
+  CHECK(Reg(*b, abi::priv::kClockMhz) == 1000);
+  CHECK(Reg(*b, abi::reg::kErrCount) == 0);
+}
+
+TEST_CASE("status page is shared memory the device writes") {
+  auto v = MakeVgpu();
+  Mapping page = MapStatusPage(*v);
+  CHECK(At<uint32_t>(page, abi::status::kMagic) == abi::kIdMagic);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kScratch, 0xC0FFEE).ok());
+  CHECK(At<uint32_t>(page, abi::status::kScratch) == 0xC0FFEE);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::kStatusPageOffset, 1).code() == Errc::kReadOnly);
+  CHECK(Reg(*v, abi::kStatusPageOffset + abi::status::kScratch) == 0xC0FFEE);
+}
+
+TEST_CASE("IRQs: test vector fires its eventfd, device mask latches, unmask delivers") {
+  auto v = MakeVgpu();
+  auto info = v->GetIrqInfo(vu::kIrqMsix);
+  REQUIRE(info.ok());
+  CHECK(info->count == abi::kNumVectors);
+  CHECK(v->GetIrqInfo(vu::kIrqIntx)->count == 0);
+  auto ev = EventFd::Create();
+  REQUIRE(ev.ok());
+  std::vector<UniqueFd> fds;
+  fds.push_back(UniqueFd());
+  fds.push_back(std::move(ev->DupFd()).value());
+  vu::SetIrqsArgs args{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, 2};
+  REQUIRE(v->SetIrqs(args, std::move(fds), {}).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, abi::kVectorError).ok());
+  CHECK(ev->Wait(1000).value() == 1);
+  CHECK(Reg(*v, abi::reg::kIrqStatus) == (1u << abi::kVectorError));
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqStatus, 1u << abi::kVectorError).ok());
+  CHECK(Reg(*v, abi::reg::kIrqStatus) == 0);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqMask, 1u << abi::kVectorError).ok());
+  // A refusal raises the error vector; masked, so nothing arrives yet.
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kId, 0).code() == Errc::kReadOnly);
+  CHECK(ev->Wait(50).code() == Errc::kTimeout);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqMask, 0).ok());
+  CHECK(ev->Wait(1000).value() == 1);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, 7).code() == Errc::kOutOfBounds);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kIrqMask, 0x100).code() == Errc::kBadFlags);
+}
+
+TEST_CASE("ring registers validate and lock while the ring runs") {
+  auto v = MakeVgpu();
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kCtrl, abi::kCtrlRingEnable).code() == Errc::kBadState);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingSize, 3000).code() == Errc::kInvalidArgument);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingSize, 2u << 20).code() == Errc::kInvalidArgument);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingBaseLo, 0x1234).code() == Errc::kMisaligned);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kRingSize, 8192).ok());
+  REQUIRE(Wr64(*v, vu::kBar0Region, abi::reg::kRingBaseLo, 0x1'0000'2000ull).ok());
+  CHECK(Reg(*v, abi::reg::kRingBaseHi) == 1);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 16).code() == Errc::kBadState);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kCtrl, 0x80).code() == Errc::kBadFlags);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kCtrl, abi::kCtrlRingEnable).ok());
+  CHECK((Reg(*v, abi::reg::kStatus) & abi::kStatusRingEnabled) != 0);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingSize, 4096).code() == Errc::kBusy);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 8192).code() == Errc::kOutOfBounds);
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 6).code() == Errc::kMisaligned);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 64).ok());
+  CHECK(Reg(*v, abi::reg::kRingTail) == 64);
+}
+
+TEST_CASE("doorbell ioeventfd is offered on DOORBELL_KICK and counted") {
+  auto v = MakeVgpu();
+  auto fds = v->GetRegionIoFds(vu::kBar0Region);
+  REQUIRE(fds.ok());
+  REQUIRE(fds->size() == 1);
+  CHECK((*fds)[0].offset == abi::reg::kDoorbellKick);
+  CHECK((*fds)[0].fd == &v->doorbell());
+  Mapping page = MapStatusPage(*v);
+  REQUIRE(v->doorbell().Signal().ok());
+  CHECK(v->doorbell().Drain().value() == 1);
+  v->OnDoorbellKick();
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kDoorbellKick, 0).ok());
+  CHECK(At<uint64_t>(page, abi::status::kDoorbells) == 2);
+  CHECK(v->GetRegionIoFds(vu::kBar2Region)->empty());
+  CHECK(v->GetRegionIoFds(99).code() == Errc::kBadRegion);
+}
+
+TEST_CASE("region info: sparse status page, mappable aperture, config space") {
+  auto v = MakeVgpu(1 << 16);
+  auto b0 = v->GetRegionInfo(vu::kBar0Region);
+  REQUIRE(b0.ok());
+  CHECK(b0->size.v == abi::kBar0Size);
+  CHECK(IsPowerOfTwo(b0->size.v));
+  CHECK(b0->sparse_areas[0].offset == abi::kStatusPageOffset);
+  auto b2 = v->GetRegionInfo(vu::kBar2Region);
+  REQUIRE(b2.ok());
+  CHECK(b2->size.v == (1u << 16));
+  CHECK((b2->flags & vu::kRegionMmap) != 0);
+  CHECK(v->GetRegionInfo(vu::kConfigRegion)->size.v == 256);
+  CHECK(v->GetRegionInfo(1)->size.v == 0);
+  CHECK(v->GetRegionInfo(vu::kNumPciRegions).code() == Errc::kBadRegion);
+  // The aperture starts zeroed.
+  auto ap = Mapping::Map(*b2->mmap_fd, b2->size, 0);
+  REQUIRE(ap.ok());
+  for (auto byte : ap->bytes()) REQUIRE(byte == std::byte{0});
+}
+
+TEST_CASE("GTT entries are validated against guest memory and the aperture") {
+  auto v = MakeVgpu(1 << 16, 64);
+  auto ram = CreateMemFd("ram", ByteSize{1 << 20});
+  REQUIRE(ram.ok());
+  REQUIRE(v->DmaMap({Gpa{0x100000}, ByteSize{1 << 20}, 0, vu::kDmaRead | vu::kDmaWrite}, std::move(ram).value()).ok());
+  auto ro = CreateMemFd("ro", ByteSize{0x10000});
+  REQUIRE(ro.ok());
+  REQUIRE(v->DmaMap({Gpa{0x400000}, ByteSize{0x10000}, 0, vu::kDmaRead}, std::move(ro).value()).ok());
+  auto gtt = [](uint32_t i) { return abi::kGttOffset + i * 8; };
+
+  REQUIRE(Wr64(*v, vu::kBar0Region, gtt(0), 0x100000 | abi::kGttValid | abi::kGttWritable).ok());
+  CHECK(Rd32(*v, vu::kBar0Region, gtt(0)) == (0x100000 | abi::kGttValid | abi::kGttWritable));
+  REQUIRE(Wr64(*v, vu::kBar0Region, gtt(1), 0x1000 | abi::kGttValid | abi::kGttAperture).ok());
+  CHECK(Wr64(*v, vu::kBar0Region, gtt(2), 0x900000 | abi::kGttValid).code() == Errc::kNotMapped);
+  CHECK(Reg(*v, abi::reg::kErrSource) == abi::kErrSourceGtt);
+  CHECK(Reg(*v, abi::reg::kErrAddrLo) == 0x900000);
+  CHECK(Wr64(*v, vu::kBar0Region, gtt(2), 0x100000 | abi::kGttValid | 0x10).code() == Errc::kBadFlags);
+  CHECK(Wr64(*v, vu::kBar0Region, gtt(2), 0x400000 | abi::kGttValid | abi::kGttWritable).code() ==
+        Errc::kAccessDenied);
+  REQUIRE(Wr64(*v, vu::kBar0Region, gtt(2), 0x400000 | abi::kGttValid).ok());
+  CHECK(Wr64(*v, vu::kBar0Region, gtt(3), 0x10000 | abi::kGttValid | abi::kGttAperture).code() ==
+        Errc::kOutOfBounds);
+  CHECK(Wr64(*v, vu::kBar0Region, gtt(64), 0).code() == Errc::kOutOfBounds);
+  CHECK(v->RegionWrite(vu::kBar0Region, gtt(4) + 2, std::as_bytes(std::span("ab", 2))).code() == Errc::kMisaligned);
+  // 32-bit halves: low latches, high commits.
+  REQUIRE(Wr32(*v, vu::kBar0Region, gtt(5), 0x101000 | abi::kGttValid).ok());
+  CHECK(Rd32(*v, vu::kBar0Region, gtt(5)) == 0);
+  REQUIRE(Wr32(*v, vu::kBar0Region, gtt(5) + 4, 0).ok());
+  CHECK(Rd32(*v, vu::kBar0Region, gtt(5)) == (0x101000 | abi::kGttValid));
+  // DMA_UNMAP invalidates every entry into the range: no translation outlives its mapping.
+  REQUIRE(v->DmaUnmap({Gpa{0x100000}, ByteSize{1 << 20}, 0}).ok());
+  CHECK(Rd32(*v, vu::kBar0Region, gtt(0)) == 0);
+  CHECK(Rd32(*v, vu::kBar0Region, gtt(5)) == 0);
+  CHECK(Rd32(*v, vu::kBar0Region, gtt(1)) == (0x1000 | abi::kGttValid | abi::kGttAperture));
+  CHECK(Rd32(*v, vu::kBar0Region, gtt(2)) == (0x400000 | abi::kGttValid));
+}
+
+TEST_CASE("reset scrubs the aperture and returns registers to creation state") {
+  auto v = MakeVgpu(1 << 16);
+  auto b2 = v->GetRegionInfo(vu::kBar2Region);
+  auto ap = Mapping::Map(*b2->mmap_fd, b2->size, 0);
+  REQUIRE(ap.ok());
+  std::memset(ap->data(), 0xAB, ap->size().v);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kScratch, 5).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::kGttOffset + 0, 0).ok());
+  Mapping page = MapStatusPage(*v);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kReset, 2).code() == Errc::kInvalidArgument);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kReset, abi::kResetMagic).ok());
+  for (auto byte : ap->bytes()) REQUIRE(byte == std::byte{0});
+  CHECK(Reg(*v, abi::reg::kScratch) == 0);
+  CHECK(Reg(*v, abi::reg::kErrCount) == 0);
+  CHECK(At<uint32_t>(page, abi::status::kResets) == 1);
+  CHECK(v->Counters().resets == 1);
+}
+
+TEST_CASE("snapshot, modify, restore: the device state comes back exactly") {
+  auto v = MakeVgpu(1 << 16, 32);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kScratch, 77).ok());
+  REQUIRE(Wr64(*v, vu::kBar0Region, abi::kGttOffset + 8, 0x2000 | abi::kGttValid | abi::kGttAperture).ok());
+  REQUIRE(v->RegionWrite(vu::kBar2Region, 100, std::as_bytes(std::span("payload", 7))).ok());
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x6).ok());
+  DeviceSnapshot before = v->Snapshot();
+
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kScratch, 78).ok());
+  REQUIRE(Wr64(*v, vu::kBar0Region, abi::kGttOffset + 8, 0).ok());
+  REQUIRE(v->RegionWrite(vu::kBar2Region, 100, std::as_bytes(std::span("PAYLOAD", 7))).ok());
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x0).ok());
+  CHECK_FALSE(v->Snapshot() == before);
+
+  REQUIRE(v->Restore(before).ok());
+  CHECK(v->Snapshot() == before);
+  CHECK(Reg(*v, abi::reg::kScratch) == 77);
+
+  DeviceSnapshot bad = before;
+  bad.gtt.pop_back();
+  CHECK(v->Restore(bad).code() == Errc::kInvalidArgument);
+  CHECK(v->Snapshot() == before);  // a refused restore changes nothing
+}

@@ -1,0 +1,58 @@
+#pragma once
+// The vgpud daemon: one libevent loop that owns every vGPU's device model, its vfio-user
+// listener (<runtime-dir>/<uuid>.sock) and its doorbell ioeventfd.
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "base/base.h"
+#include "mediator/mediator.h"
+#include "vfio_user/server.h"
+
+struct event_base;
+struct event;
+
+namespace vg::daemon {
+
+struct DaemonOptions {
+  std::string runtime_dir = "/run/vgpud";
+};
+
+class Daemon {
+ public:
+  static Result<std::unique_ptr<Daemon>> Create(const DaemonOptions& opts);
+  ~Daemon();
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // Creates the device and starts listening before returning.
+  Result<std::string> StartVgpu(const mediator::VgpuConfig& cfg);
+  Result<> StopVgpu(const Uuid& uuid);
+  bool Has(const Uuid& uuid) const { return vgpus_.count(uuid) != 0; }
+  std::string SocketPath(const Uuid& uuid) const;
+  mediator::Vgpu* Find(const Uuid& uuid);
+
+  // Runs until SIGINT/SIGTERM or Stop().
+  Result<> Run();
+  void Stop();
+  event_base* base() const { return base_; }
+
+ private:
+  struct Instance {
+    std::unique_ptr<mediator::Vgpu> vgpu;
+    std::unique_ptr<vfio_user::Listener> listener;
+    event* doorbell_ev = nullptr;
+  };
+  explicit Daemon(DaemonOptions opts, event_base* base);
+  static void OnDoorbell(int fd, short what, void* arg);
+  static void OnSignal(int sig, short what, void* arg);
+
+  DaemonOptions opts_;
+  event_base* base_;
+  std::map<Uuid, Instance> vgpus_;
+  event* sigint_ = nullptr;
+  event* sigterm_ = nullptr;
+};
+
+}  // namespace vg::daemon
