@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <span>
 #include <vector>
 
@@ -88,10 +89,15 @@ class DmaSpace {
   size_t RegionCount() const;
 
  private:
+  struct Segment;  // one region's share of an access, with a use held on the region
+  Result<std::vector<Segment>> Plan(Gpa addr, uint64_t len, uint32_t prot) const;
+
   mutable std::mutex mu_;
-  std::condition_variable pins_dropped_;
   std::map<uint64_t, std::shared_ptr<DmaRegion>> regions_;  // by iova
   DmaMessenger* messenger_ = nullptr;
+  // Held shared for the length of a messenger call, exclusive by SetMessenger, so a session
+  // never goes away under a worker thread's DMA_READ.
+  mutable std::shared_mutex messenger_mu_;
   friend class Pin;
 };
 

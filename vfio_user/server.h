@@ -1,0 +1,160 @@
+#pragma once
+// vfio-user server: ServerSession speaks the protocol for one connected client on behalf of a
+// DeviceBackend; Listener accepts clients on a unix socket path inside a libevent loop.
+//
+// Every message passes staged checks before a backend method sees it (libvfio-user's
+// get_request / is_valid_header / should_exec_command): framing (transport), message type,
+// the VERSION-first state gate, the command table's minimum payload and fd rule, then the
+// handler's own payload checks. A refusal is an error reply carrying ErrcToErrno(code) and
+// a log line with ErrcName(code); only framing loss or a dead socket ends the session.
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/base.h"
+#include "vfio_user/device.h"
+#include "vfio_user/dma.h"
+#include "vfio_user/messages.h"
+#include "vfio_user/transport.h"
+
+struct event_base;
+struct event;
+
+namespace vg::vfio_user {
+
+struct ServerLimits {
+  uint32_t max_msg_fds = 16;               // QEMU refuses more than 16
+  uint32_t max_data_xfer_size = 1u << 20;  // spec default
+  uint64_t pgsizes = kPageSize;
+  uint32_t max_dma_maps = 1024;
+  int dma_timeout_ms = 5000;               // DMA_READ/WRITE reply wait, as QEMU's client does
+  size_t max_pending_output = 8u << 20;    // stop reading from a client that does not read
+};
+
+// Largest message the server accepts: a REGION_WRITE of max_data_xfer_size bytes.
+inline uint32_t MaxRequestSize(const ServerLimits& l) {
+  return kHeaderSize + static_cast<uint32_t>(sizeof(RegionAccessPayload)) + l.max_data_xfer_size;
+}
+
+class ServerSession final : public DmaMessenger {
+ public:
+  // Calls dev.OnConnect(this); the destructor calls dev.OnDisconnect().
+  ServerSession(DeviceBackend& dev, UniqueFd sock, ServerLimits limits = {});
+  ~ServerSession() override;
+  ServerSession(const ServerSession&) = delete;
+  ServerSession& operator=(const ServerSession&) = delete;
+
+  int fd() const { return conn_.fd(); }
+  // Handles the messages the socket has (bounded per call for fairness). An error means the
+  // session must end (peer gone, stream unframeable, fatal VERSION mismatch).
+  Result<> OnReadable();
+  Result<> OnWritable() { return conn_.Flush(); }
+  bool WantsWrite() const { return conn_.HasPendingOutput(); }
+  bool OutputBackedUp() const { return conn_.PendingOutputBytes() > limits_.max_pending_output; }
+
+  // One framed message through validation and dispatch (also the fuzz entry point).
+  Result<> HandleMessage(Message msg);
+
+  bool negotiated() const { return negotiated_; }
+  bool twin_socket() const;
+  uint32_t dma_map_count() const { return dma_maps_; }
+
+  // DmaMessenger: over the twin socket when negotiated, else kUnsupported (the main socket is
+  // read only by the event loop, which may itself be the caller).
+  Result<> DmaRead(Gpa addr, std::span<std::byte> out) override;
+  Result<> DmaWrite(Gpa addr, std::span<const std::byte> data) override;
+
+ private:
+  struct Reply {
+    std::vector<std::byte> payload;
+    std::vector<int> fds;  // borrowed; dup'ed by the transport
+  };
+  using Handler = Result<Reply> (ServerSession::*)(Message&);
+  enum class FdRule : uint8_t { kNone, kZeroOrOne, kUpToMax };
+  struct CommandSpec {
+    const char* name;
+    uint32_t min_payload;
+    FdRule fds;
+    Handler handler;  // nullptr: no such command
+  };
+  static const CommandSpec kCommands[kMaxCommand + 1];
+
+  Result<> Validate(const Message& m, const CommandSpec*& spec) const;
+  Result<> SendError(const Header& req, const Error& e);
+
+  Result<Reply> HandleVersion(Message& m);
+  Result<Reply> HandleDmaMap(Message& m);
+  Result<Reply> HandleDmaUnmap(Message& m);
+  Result<Reply> HandleGetInfo(Message& m);
+  Result<Reply> HandleGetRegionInfo(Message& m);
+  Result<Reply> HandleGetRegionIoFds(Message& m);
+  Result<Reply> HandleGetIrqInfo(Message& m);
+  Result<Reply> HandleSetIrqs(Message& m);
+  Result<Reply> HandleRegionRead(Message& m);
+  Result<Reply> HandleRegionWrite(Message& m);
+  Result<Reply> HandleRegionWriteMulti(Message& m);
+  Result<Reply> HandleReset(Message& m);
+  Result<Reply> HandleUnsupported(Message& m);
+
+  Result<RegionInfo> CheckRegionAccess(uint32_t region, uint64_t offset, uint64_t count, uint32_t need) const;
+  Result<> DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> in, std::span<const std::byte> out);
+
+  DeviceBackend& dev_;
+  ServerLimits limits_;
+  Connection conn_;
+  bool negotiated_ = false;
+  bool fatal_ = false;
+  uint32_t peer_max_fds_ = kDefaultMaxMsgFds;
+  uint32_t peer_max_xfer_ = kDefaultMaxDataXfer;
+  uint32_t dma_maps_ = 0;
+
+  mutable std::mutex twin_mu_;
+  std::unique_ptr<Connection> twin_;
+  uint16_t next_dma_id_ = 0;
+  bool twin_broken_ = false;
+};
+
+// Serves one device on a unix socket path, one client at a time: a second concurrent
+// connection is closed at once. A client that breaks the protocol or dies is dropped alone;
+// the listener keeps accepting.
+class Listener {
+ public:
+  static Result<std::unique_ptr<Listener>> Create(event_base* base, const std::string& path, DeviceBackend& dev,
+                                                  ServerLimits limits = {});
+  ~Listener();
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+
+  const std::string& path() const { return path_; }
+  bool HasClient() const { return session_ != nullptr; }
+  ServerSession* session() { return session_.get(); }
+  void DropClient();
+  uint64_t accepted() const { return accepted_; }
+  uint64_t refused() const { return refused_; }
+
+ private:
+  Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock);
+  static void OnAccept(int fd, short what, void* arg);
+  static void OnClient(int fd, short what, void* arg);
+  void UpdateEvents();
+
+  event_base* base_;
+  std::string path_;
+  DeviceBackend& dev_;
+  ServerLimits limits_;
+  UniqueFd sock_;
+  event* accept_ev_ = nullptr;
+  event* read_ev_ = nullptr;
+  event* write_ev_ = nullptr;
+  bool write_armed_ = false;
+  bool read_armed_ = false;
+  std::unique_ptr<ServerSession> session_;
+  uint64_t accepted_ = 0;
+  uint64_t refused_ = 0;
+};
+
+}  // namespace vg::vfio_user
