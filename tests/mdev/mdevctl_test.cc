@@ -62,7 +62,7 @@ struct Env {
     REQUIRE(m.ok());
     mgr = std::move(m).value();
     auto t = MdevTree::Mount(*mgr, tmp.path() / "sys");
-    REQUIRE_MESSAGE(t.ok(), t.error().ToString());
+    if (!t.ok()) FAIL(t.error().ToString());
     tree = std::move(t).value();
   }
   ~Env() {

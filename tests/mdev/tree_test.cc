@@ -55,7 +55,7 @@ struct Tree {
     mgr = std::move(m).value();
     sys = tmp.path() / "sys";
     auto t = MdevTree::Mount(*mgr, sys);
-    REQUIRE_MESSAGE(t.ok(), t.error().ToString());
+    if (!t.ok()) FAIL(t.error().ToString());
     tree = std::move(t).value();
   }
   ~Tree() {
