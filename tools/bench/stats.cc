@@ -1,0 +1,40 @@
+#include "tools/bench/stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include <fmt/format.h>
+
+namespace vg::bench {
+
+Stats Summarize(std::vector<double> s) {
+  Stats r;
+  r.n = s.size();
+  if (s.empty()) return r;
+  std::sort(s.begin(), s.end());
+  auto rank = [&](double p) {
+    size_t i = static_cast<size_t>(std::ceil(p * static_cast<double>(s.size())));
+    return s[std::clamp<size_t>(i, 1, s.size()) - 1];
+  };
+  r.min = s.front();
+  r.max = s.back();
+  r.p50 = rank(0.50);
+  r.p90 = rank(0.90);
+  r.p99 = rank(0.99);
+  r.mean = std::accumulate(s.begin(), s.end(), 0.0) / static_cast<double>(s.size());
+  return r;
+}
+
+std::string FormatTable(std::span<const Row> rows) {
+  std::string out = fmt::format("{:<11} {:<40} {:>6} {:>10} {:>10} {:>10}  {:>12} {:<8} {}\n", "group", "case", "n",
+                                "p50 us", "p99 us", "mean us", "rate", "unit", "note");
+  for (const Row& r : rows) {
+    out += fmt::format("{:<11} {:<40} {:>6} {:>10.1f} {:>10.1f} {:>10.1f}  {:>12} {:<8} {}\n", r.group, r.name,
+                       r.us.n, r.us.p50, r.us.p99, r.us.mean,
+                       r.rate > 0 ? fmt::format("{:.3g}", r.rate) : std::string("-"), r.unit, r.note);
+  }
+  return out;
+}
+
+}  // namespace vg::bench

@@ -1,0 +1,27 @@
+#pragma once
+// Percentile statistics and the result table shared by every vgpu-bench mode.
+
+#include <span>
+#include <string>
+#include <vector>
+
+namespace vg::bench {
+
+struct Stats {
+  size_t n = 0;
+  double min = 0, p50 = 0, p90 = 0, p99 = 0, max = 0, mean = 0;
+};
+// Nearest-rank percentiles over the samples (any unit).
+Stats Summarize(std::vector<double> samples);
+
+struct Row {
+  std::string group;  // "latency", "throughput", "import"
+  std::string name;
+  Stats us;           // per-submission wall time, microseconds
+  double rate = 0;    // throughput in `unit`, 0 when not meaningful
+  std::string unit;
+  std::string note;
+};
+std::string FormatTable(std::span<const Row> rows);
+
+}  // namespace vg::bench
