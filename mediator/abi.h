@@ -135,4 +135,39 @@ inline constexpr uint8_t kCapPmOffset = 0x40;
 inline constexpr uint8_t kCapMsiOffset = 0x48;
 inline constexpr uint8_t kCapMsixOffset = 0x60;
 
+// --- Commands: dword streams in the ring and in batch buffers ---
+// Header dword: opcode in bits 31..24, flags in 23..16, total length in dwords (header
+// included) in 15..0. docs/device-spec.md §Commands lists each layout.
+namespace cmd {
+inline constexpr uint32_t kNop = 0x00;        // len >= 1; payload ignored
+inline constexpr uint32_t kFence = 0x01;      // [hdr, va lo, va hi, value lo, value hi]
+inline constexpr uint32_t kCopy = 0x02;       // [hdr, src lo, src hi, dst lo, dst hi, size lo, size hi]
+inline constexpr uint32_t kFill = 0x03;       // [hdr, dst lo, dst hi, size lo, size hi, value]
+inline constexpr uint32_t kDispatch = 0x04;   // [hdr, kernel, gx, gy, gz, nbind, npush, bind[nbind], push[npush]]
+inline constexpr uint32_t kBatch = 0x05;      // [hdr, va lo, va hi, size bytes]
+inline constexpr uint32_t kLoadReg = 0x06;    // [hdr, register offset, value]
+inline constexpr uint32_t kTimestamp = 0x07;  // [hdr, va lo, va hi]
+
+inline constexpr uint32_t kFenceFlagIrq = 1u << 0;  // FENCE: raise the fence vector
+
+inline constexpr uint32_t kDispatchFixedDwords = 7;
+inline constexpr uint32_t kBindingDwords = 5;  // va lo, va hi, size lo, size hi, access
+inline constexpr uint32_t kAccessRead = 1;
+inline constexpr uint32_t kAccessWrite = 2;
+
+// Fixed bounds every submission is audited against.
+inline constexpr uint32_t kMaxCommandsPerSubmission = 16384;
+inline constexpr uint32_t kMaxBatchDepth = 2;        // ring -> batch -> batch
+inline constexpr uint32_t kMaxBatchBytes = 1u << 20;
+inline constexpr uint64_t kMaxTransferBytes = 256ull << 20;  // one COPY or FILL
+inline constexpr uint64_t kTimestampGranularityNs = 100'000;  // guests read time in 100 us steps
+
+constexpr uint32_t Header(uint32_t opcode, uint32_t len_dw, uint32_t flags = 0) {
+  return opcode << 24 | (flags & 0xff) << 16 | (len_dw & 0xffff);
+}
+constexpr uint32_t Opcode(uint32_t hdr) { return hdr >> 24; }
+constexpr uint32_t Flags(uint32_t hdr) { return (hdr >> 16) & 0xff; }
+constexpr uint32_t LengthDw(uint32_t hdr) { return hdr & 0xffff; }
+}  // namespace cmd
+
 }  // namespace vg::abi

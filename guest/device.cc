@@ -1,0 +1,142 @@
+#include "guest/device.h"
+
+#include <cstring>
+
+namespace vg::guest {
+
+namespace vu = vfio_user;
+
+Result<std::unique_ptr<Device>> Device::Open(const DeviceOptions& opts) {
+  std::unique_ptr<Device> d(new Device());
+  d->opts_ = opts;
+  VG_TRY(d->Init());
+  return d;
+}
+
+Device::~Device() = default;
+
+Result<> Device::ServeDma(bool is_write, Gpa addr, std::span<std::byte> buf) {
+  uint64_t base = opts_.ram_base.v;
+  VG_ERROR_IF(addr.v < base || !RangeWithin(addr.v - base, buf.size(), ram_map_.size().v), Errc::kOutOfBounds,
+              "DMA {} at {}+{:#x} outside guest RAM", is_write ? "write" : "read", addr, buf.size());
+  std::byte* p = ram_map_.data() + (addr.v - base);
+  if (is_write)
+    std::memcpy(p, buf.data(), buf.size());
+  else
+    std::memcpy(buf.data(), p, buf.size());
+  return Ok();
+}
+
+Result<> Device::Init() {
+  VG_TRY_ASSIGN(client_, vu::Client::Connect(opts_.socket, opts_.timeout_ms));
+  vu::ClientOptions co;
+  co.twin_socket = opts_.twin_socket;
+  co.timeout_ms = opts_.timeout_ms;
+  VG_TRY_ASSIGN(auto caps, client_->Negotiate(co, [this](bool w, Gpa a, std::span<std::byte> b) {
+    return ServeDma(w, a, b);
+  }));
+  (void)caps;
+
+  // Guest RAM: a memfd, exactly what a VMM with shared memory backing has.
+  VG_TRY_ASSIGN(ram_fd_, CreateMemFd("vgpu-guest-ram", ByteSize{opts_.ram_size}));
+  VG_TRY_ASSIGN(ram_map_, Mapping::Map(ram_fd_, ByteSize{opts_.ram_size}, 0));
+  vu::DmaMapArgs map{opts_.ram_base, ByteSize{opts_.ram_size}, 0, vu::kDmaRead | vu::kDmaWrite};
+  if (opts_.share_ram_fd) {
+    VG_TRY_CTX(client_->DmaMap(map, ram_fd_), "DMA_MAP guest RAM");
+  } else {
+    VG_TRY_CTX(client_->DmaMap(map), "DMA_MAP guest RAM without fd");
+  }
+
+  // Status page: the sparse-mmap area of BAR0.
+  VG_TRY_ASSIGN(auto bar0, client_->GetRegionInfo(vu::kBar0Region));
+  VG_ERROR_IF(bar0.sparse.size() != 1 || !bar0.fd.Valid(), Errc::kUnsupported, "BAR0 offers no status page mmap");
+  const vu::SparseArea& area = bar0.sparse[0];
+  VG_ERROR_IF(area.offset != abi::kStatusPageOffset, Errc::kUnsupported, "status page at {:#x}", area.offset);
+  status_fd_ = std::move(bar0.fd);
+  VG_TRY_ASSIGN(status_map_, Mapping::Map(status_fd_, ByteSize{area.size}, bar0.info.offset + area.offset,
+                                          Mapping::Prot::kRead));
+  status_ = status_map_.data();
+
+  VG_TRY_ASSIGN(auto bar2, client_->GetRegionInfo(vu::kBar2Region));
+  VG_ERROR_IF(!bar2.fd.Valid(), Errc::kUnsupported, "BAR2 offers no mmap");
+  aperture_fd_ = std::move(bar2.fd);
+  VG_TRY_ASSIGN(aperture_map_, Mapping::Map(aperture_fd_, ByteSize{bar2.info.size}, bar2.info.offset));
+
+  // MSI-X: one eventfd per vector.
+  std::array<int, abi::kNumVectors> fds{};
+  for (uint32_t v = 0; v < abi::kNumVectors; ++v) {
+    VG_TRY_ASSIGN(irqs_[v], EventFd::Create());
+    fds[v] = irqs_[v].Get();
+  }
+  vu::SetIrqsArgs irq{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, abi::kNumVectors};
+  VG_TRY_CTX(client_->SetIrqs(irq, fds), "SET_IRQS MSI-X");
+
+  VG_TRY_ASSIGN(auto io, client_->GetRegionIoFds(vu::kBar0Region));
+  for (size_t i = 0; i < io.subregions.size(); ++i) {
+    if (io.subregions[i].offset == abi::reg::kDoorbellKick && io.subregions[i].fd_index < io.fds.size())
+      doorbell_ = EventFd::Adopt(std::move(io.fds[io.subregions[i].fd_index]));
+  }
+  VG_ERROR_IF(!doorbell_.Valid(), Errc::kUnsupported, "no doorbell ioeventfd offered");
+
+  VG_TRY_ASSIGN(uint32_t id, Read32(abi::reg::kId));
+  VG_ERROR_IF(id != abi::kIdMagic, Errc::kUnsupported, "device ID {:#x} is not a vgpud vGPU", id);
+  VG_TRY_ASSIGN(gtt_entries_, Read32(abi::reg::kGttEntries));
+  return Ok();
+}
+
+Result<uint32_t> Device::Read32(uint32_t off) {
+  VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kBar0Region, off, 4));
+  uint32_t v;
+  std::memcpy(&v, bytes.data(), 4);
+  return v;
+}
+Result<uint64_t> Device::Read64(uint32_t off) {
+  VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kBar0Region, off, 8));
+  uint64_t v;
+  std::memcpy(&v, bytes.data(), 8);
+  return v;
+}
+Result<> Device::Write32(uint32_t off, uint32_t v, bool posted) {
+  return client_->RegionWrite(vu::kBar0Region, off, std::as_bytes(std::span(&v, 1)), posted);
+}
+Result<> Device::Write64(uint32_t off, uint64_t v, bool posted) {
+  return client_->RegionWrite(vu::kBar0Region, off, std::as_bytes(std::span(&v, 1)), posted);
+}
+Result<uint32_t> Device::ConfigRead32(uint32_t off) {
+  VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kConfigRegion, off, 4));
+  uint32_t v;
+  std::memcpy(&v, bytes.data(), 4);
+  return v;
+}
+Result<> Device::ConfigWrite32(uint32_t off, uint32_t v) {
+  return client_->RegionWrite(vu::kConfigRegion, off, std::as_bytes(std::span(&v, 1)));
+}
+
+Gpa Device::GpaOf(const void* p) const {
+  return Gpa{opts_.ram_base.v + static_cast<uint64_t>(static_cast<const std::byte*>(p) - ram_map_.data())};
+}
+
+uint32_t Device::Status32(uint32_t off) const {
+  return __atomic_load_n(reinterpret_cast<const uint32_t*>(status_ + off), __ATOMIC_ACQUIRE);
+}
+uint64_t Device::Status64(uint32_t off) const {
+  return __atomic_load_n(reinterpret_cast<const uint64_t*>(status_ + off), __ATOMIC_ACQUIRE);
+}
+
+Result<uint64_t> Device::WaitIrq(uint32_t vector, int timeout_ms) {
+  VG_ERROR_IF(vector >= abi::kNumVectors, Errc::kOutOfBounds, "vector {}", vector);
+  return irqs_[vector].Wait(timeout_ms);
+}
+
+Result<ErrorReport> Device::ReadError() {
+  ErrorReport r;
+  VG_TRY_ASSIGN(uint32_t code, Read32(abi::reg::kErrCode));
+  r.code = ErrcFromValue(code);
+  VG_TRY_ASSIGN(r.source, Read32(abi::reg::kErrSource));
+  VG_TRY_ASSIGN(r.addr, Read64(abi::reg::kErrAddrLo));
+  VG_TRY_ASSIGN(r.info, Read32(abi::reg::kErrInfo));
+  VG_TRY_ASSIGN(r.count, Read32(abi::reg::kErrCount));
+  return r;
+}
+
+}  // namespace vg::guest

@@ -1,0 +1,3 @@
+#pragma once
+// Public header of guest/: the device library (vfio-user client + mmaps + IRQs).
+#include "guest/device.h"
