@@ -29,7 +29,9 @@ constexpr uint32_t kSpinSpv[] = {
 #include "spin.spv.inc"
 };
 
-constexpr std::array<uint32_t, 3> k1DGroups = {65535, 65535, 1};
+// 1-D kernels index with u32 gid.x + gid.y * groups.x * 256: y <= 256 keeps every index
+// below 2^32 (65535 * 256 * 256 < 2^32), so no invocation aliases another.
+constexpr std::array<uint32_t, 3> k1DGroups = {65535, 256, 1};
 constexpr std::array<uint32_t, 3> k2DGroups = {65535, 65535, 1};
 
 // Kept in id order: FindKernel indexes it directly.
@@ -50,7 +52,7 @@ const KernelDesc kKernels[] = {
      "C[m x n] = A[m x k] * B[k x n], row-major f32, 16x16 shared-memory tiles"},
     {KernelId::kReduceSum, "reduce_sum", kReduceSumSpv, 2,
      {{{"in", Access::kRead, {0}}, {"out", Access::kReadWrite, {}}}},
-     sizeof(ReduceSumPush), {256, 1, 1}, k1DGroups, {}, "out[0] += sum(in[i]) (u32, wrapping)"},
+     sizeof(ReduceSumPush), {256, 1, 1}, k1DGroups, {}, "out[0] += sum(in[0..count)) (u32, wrapping; grid-stride: any group count covers all)"},
     {KernelId::kBlur3x3, "blur3x3", kBlur3x3Spv, 2,
      {{{"src", Access::kRead, {0, 1}}, {"dst", Access::kWrite, {0, 1}}}},
      sizeof(Blur3x3Push), {16, 16, 1}, k2DGroups,
@@ -120,6 +122,8 @@ std::array<uint32_t, 3> Groups1D(const KernelDesc& k, uint64_t elements) {
   if (g <= k.max_groups[0]) return {static_cast<uint32_t>(g), 1, 1};
   uint64_t y = (g + k.max_groups[0] - 1) / k.max_groups[0];
   uint64_t x = (g + y - 1) / y;
+  // Past max_groups[1] the elements cannot be covered by one dispatch (nor fit one
+  // binding); the caller splits the work, and Validate refuses these counts.
   return {static_cast<uint32_t>(x), static_cast<uint32_t>(std::min<uint64_t>(y, UINT32_MAX)), 1};
 }
 

@@ -21,7 +21,7 @@ enum class KernelId : uint32_t {
   kCopy = 2,       // dst[i] = src[i]                         (u32 words)
   kSaxpy = 3,      // y[i] = a * x[i] + y[i]                  (f32)
   kMatmul = 4,     // C = A * B, row-major, shared-memory tiles (f32)
-  kReduceSum = 5,  // out[0] += sum(in[i])                    (u32, wrapping: exact)
+  kReduceSum = 5,  // out[0] += sum(in[i]), grid-stride        (u32, wrapping: exact)
   kBlur3x3 = 6,    // 3x3 binomial blur, clamp-to-edge        (u32, exact)
   kSpin = 7,       // `iterations` ALU rounds per element     (u32)
 };

@@ -58,10 +58,11 @@ void RefMatmul(const KernelDesc& k, std::span<const std::byte> push, Bindings b,
     }
   }
 }
-void RefReduceSum(const KernelDesc& k, std::span<const std::byte> push, Bindings b, std::array<uint32_t, 3> g) {
+void RefReduceSum(const KernelDesc&, std::span<const std::byte> push, Bindings b, std::array<uint32_t, 3>) {
   auto p = ReadPush<ReduceSumPush>(push);
   uint32_t sum = Load<uint32_t>(b[1], 0);
-  for (uint64_t i = 0, n = Covered1D(k, g, p.count); i < n; ++i) sum += Load<uint32_t>(b[0], i);
+  // Grid-stride in the shader: all `count` elements whatever the group count.
+  for (uint64_t i = 0, n = p.count; i < n; ++i) sum += Load<uint32_t>(b[0], i);
   Store(b[1], 0, sum);
 }
 void RefBlur3x3(const KernelDesc& k, std::span<const std::byte> push, Bindings b, std::array<uint32_t, 3> g) {

@@ -85,10 +85,11 @@ TEST_CASE("catalogue: group helpers cover the elements") {
   CHECK(Groups1D(fill, 0) == std::array<uint32_t, 3>{1, 1, 1});
   CHECK(Groups1D(fill, 256) == std::array<uint32_t, 3>{1, 1, 1});
   CHECK(Groups1D(fill, 257) == std::array<uint32_t, 3>{2, 1, 1});
-  for (uint64_t n : {uint64_t{65535} * 256 + 1, uint64_t{32} << 20, uint64_t{1} << 32}) {
+  for (uint64_t n : {uint64_t{65535} * 256 + 1, uint64_t{32} << 20, uint64_t{65535} * 256 * 256}) {
     auto g = Groups1D(fill, n);
     CHECK(g[0] <= 65535);
     CHECK(uint64_t{g[0]} * g[1] * 256 >= n);
+    CHECK(ValidateKernelArgs(fill, PushBytes(FillPush{0, 0}), std::array<uint64_t, 1>{0}, g).ok());
   }
   CHECK(Groups2D(*FindKernel(KernelId::kBlur3x3), 17, 16) == std::array<uint32_t, 3>{2, 1, 1});
 }

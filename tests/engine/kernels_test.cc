@@ -125,6 +125,16 @@ TEST_CASE("reduce_sum (u32, exact, accumulates into out[0])") {
   }
 }
 
+TEST_CASE("reduce_sum: grid-stride covers every element with few groups") {
+  for (auto [n, g] : {std::pair{65537u, 1u}, {65537u, 3u}, {1000u, 2u}, {100u, 7u}}) {
+    CAPTURE(n);
+    CAPTURE(g);
+    ReduceSumPush p{n};
+    auto o = RunBoth(KernelId::kReduceSum, PushBytes(p), {g, 1, 1}, {ToBytes(RandomU32(n, n)), ToBytes(std::vector<uint32_t>{0})});
+    CHECK(o.gpu == o.cpu);
+  }
+}
+
 TEST_CASE("blur3x3 (u32, exact)") {
   for (auto [w, h] : {std::pair{1u, 1u}, {2u, 3u}, {16u, 16u}, {15u, 17u}, {64u, 33u}}) {
     CAPTURE(w);

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <random>
 
@@ -93,7 +94,10 @@ Result<KernelCase> MakeKernelCase(Engine& e, KernelId id, uint32_t n, uint32_t s
     case KernelId::kReduceSum: {
       VG_TRY_ASSIGN(auto a, RandomBuffer(e, bytes, 1));
       VG_TRY_ASSIGN(auto out, e.CreateBuffer(ByteSize{4}));
-      c.sub.Dispatch(kid, Groups1D(k, n), {Whole(a), Whole(out)}, PushBytes(ReduceSumPush{n}));
+      // Grid-stride kernel: a few groups amortise the shared-memory tree over many elements.
+      auto g = Groups1D(k, n);
+      g = {std::min<uint32_t>(g[0] * g[1], 64), 1, 1};
+      c.sub.Dispatch(kid, g, {Whole(a), Whole(out)}, PushBytes(ReduceSumPush{n}));
       c.work = static_cast<double>(bytes);
       break;
     }
