@@ -18,6 +18,7 @@
 #include <optional>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 
 #include "base/fd.h"
 #include "base/log.h"
@@ -85,6 +86,9 @@ struct MdevTree::Impl {
   fuse* f = nullptr;
   EventFd stop;
   std::thread thread;
+  // Open files, owned here: a RELEASE still queued when the tree is torn down never comes.
+  // Touched only by the FUSE thread (and by the destructor after it has joined).
+  std::unordered_map<Handle*, std::unique_ptr<Handle>> handles;
 
   Impl(Manager& m, std::filesystem::path p) : mgr(m), mountpoint(std::move(p)) {}
 
@@ -335,7 +339,9 @@ struct MdevTree::Impl {
     h->query = n->query;
     if (n->read && !n->query) h->content = n->read();  // the snapshot this open will read
     fi->direct_io = 1;
-    fi->fh = reinterpret_cast<uint64_t>(h.release());
+    fi->fh = reinterpret_cast<uint64_t>(h.get());
+    Handle* raw = h.get();
+    Self()->handles.emplace(raw, std::move(h));
     return 0;
   }
 
@@ -376,7 +382,7 @@ struct MdevTree::Impl {
   }
 
   static int Release(const char*, fuse_file_info* fi) {
-    delete reinterpret_cast<Handle*>(fi->fh);
+    Self()->handles.erase(reinterpret_cast<Handle*>(fi->fh));
     return 0;
   }
 
