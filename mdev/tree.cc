@@ -10,6 +10,7 @@
 #include <fuse.h>
 #include <fuse_lowlevel.h>
 #include <poll.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -442,6 +443,10 @@ const std::filesystem::path& MdevTree::mountpoint() const { return impl_->mountp
 Result<std::unique_ptr<MdevTree>> MdevTree::Mount(Manager& manager, const std::filesystem::path& mountpoint) {
   auto impl = std::make_unique<Impl>(manager, mountpoint);
   VG_TRY_ASSIGN(impl->stop, EventFd::Create());
+  // A daemon that died left its mount behind ("transport endpoint is not connected"):
+  // detach it, or the new mount fails.
+  struct stat st;
+  if (stat(mountpoint.c_str(), &st) != 0 && errno == ENOTCONN) umount2(mountpoint.c_str(), MNT_DETACH);
   std::error_code ec;
   std::filesystem::create_directories(mountpoint, ec);
   VG_ERROR_IF(ec, Errc::kIo, "create mount point {}: {}", mountpoint.string(), ec.message());

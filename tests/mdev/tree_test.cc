@@ -2,6 +2,7 @@
 
 #include <doctest.h>
 #include <fcntl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -165,6 +166,30 @@ TEST_CASE("the callout question file") {
   CHECK(ask("pre define vgpud0 vgpud-huge " + u + "\n").rfind("veto unknown type", 0) == 0);
   CHECK(ask("pre define other vgpud-small " + u + "\n") == "skip\n");
   CHECK(ask("garbage") == "veto malformed callout question\n");
+}
+
+TEST_CASE("a mount left by a dead daemon is replaced") {
+  TempDir tmp;
+  TestHost host(tmp.path() / "run");
+  auto m = Manager::Create({tmp.path(), {}, std::nullopt, ByteSize{512 * kMiB}}, host);
+  REQUIRE(m.ok());
+  const fs::path sys = tmp.path() / "sys";
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    auto t = MdevTree::Mount(**m, sys);
+    _exit(t.ok() ? 0 : 1);  // dies with the tree mounted: the mount goes stale
+  }
+  int st = 0;
+  REQUIRE(waitpid(pid, &st, 0) == pid);
+  REQUIRE(WIFEXITED(st));
+  REQUIRE(WEXITSTATUS(st) == 0);
+  std::error_code ec;
+  CHECK(!fs::exists(sys / "class", ec));
+  auto t = MdevTree::Mount(**m, sys);
+  if (!t.ok()) FAIL(t.error().ToString());
+  CHECK(fs::is_directory(sys / "class/mdev_bus/vgpud0"));
+  t->reset();
 }
 
 }  // namespace
