@@ -1,3 +1,5 @@
 #pragma once
-// Public header of guest/: the device library (vfio-user client + mmaps + IRQs).
+// Public header of guest/: the device library (vfio-user client + mmaps + IRQs) and the
+// driver API of the mediated path (GTT-mapped buffers, ring, commands, fences).
 #include "guest/device.h"
+#include "guest/driver.h"

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "base/base.h"
+#include "engine/engine.h"
 #include "mediator/abi.h"
 #include "vfio_user/device.h"
 
@@ -18,6 +19,9 @@ struct VgpuConfig {
   std::string type_name = "vgpud-small";
   uint64_t aperture_size = 64ull << 20;  // power of two, >= 4 KiB
   uint32_t gtt_entries = 16384;          // <= abi::kGttMaxEntries
+  // Runs audited work; shared by every vGPU of the daemon. Null: commands that need the
+  // GPU fail with kUnsupported (device-model tests).
+  engine::Engine* engine = nullptr;
 };
 
 struct ErrorReport {
@@ -42,8 +46,14 @@ struct DeviceSnapshot {
 struct VgpuCounters {
   uint64_t doorbells = 0;
   uint64_t mmio_refusals = 0;
+  uint64_t command_refusals = 0;
   uint64_t irqs_raised = 0;
   uint64_t resets = 0;
+  uint64_t submissions = 0;       // audited and queued
+  uint64_t commands_audited = 0;
+  uint64_t plans_executed = 0;
+  uint64_t bytes_zero_copy = 0;   // guest bytes the engine used in place
+  uint64_t bytes_gathered = 0;    // guest bytes copied through engine buffers
 };
 
 class Vgpu : public vfio_user::DeviceBackend {
@@ -56,6 +66,9 @@ class Vgpu : public vfio_user::DeviceBackend {
   // calls OnDoorbellKick() when it fires.
   const EventFd& doorbell() const;
   void OnDoorbellKick();
+
+  // Waits until every submission queued so far has executed (tests, snapshot).
+  void WaitIdle();
 
   DeviceSnapshot Snapshot() const;
   Result<> Restore(const DeviceSnapshot& snap);
@@ -79,6 +92,7 @@ class Vgpu : public vfio_user::DeviceBackend {
   class Impl;
 
  private:
+  Result<> RegionWriteLocked(uint32_t index, uint64_t offset, std::span<const std::byte> data);
   explicit Vgpu(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -6,11 +6,14 @@
 #include <cstring>
 #include <mutex>
 
+#include "mediator/auditor.h"
 #include "mediator/config_space.h"
+#include "mediator/executor.h"
 #include "mediator/gtt.h"
 #include "mediator/mediator.h"
 #include "vfio_user/dma.h"
 #include "vfio_user/irqs.h"
+#include "shaders/catalogue.h"
 
 namespace vg::mediator {
 
@@ -113,7 +116,10 @@ class Vgpu::Impl {
     regs_.err_addr_hi = static_cast<uint32_t>(addr >> 32);
     regs_.err_info = info;
     ++regs_.err_count;
-    if (source == abi::kErrSourceMmio || source == abi::kErrSourceGtt) ++counters_.mmio_refusals;
+    if (source == abi::kErrSourceMmio || source == abi::kErrSourceGtt)
+      ++counters_.mmio_refusals;
+    else
+      ++counters_.command_refusals;
     VG_LOGW("vgpu {}: refused ({}) at {:#x}: {}", cfg_.uuid, ErrcName(e.code), addr, e.what);
     RaiseIrq(abi::kVectorError);
     PublishStatus();
@@ -163,7 +169,10 @@ class Vgpu::Impl {
   }
   Result<> WriteReset(uint32_t v) {
     VG_INVALID_IF(v != abi::kResetMagic, "RESET takes {:#x}, not {:#x}", abi::kResetMagic, v);
-    return DoReset();
+    // Carried out by RegionWrite once the lock is dropped: in-flight work must drain first,
+    // and it needs the lock to finish.
+    reset_pending_ = true;
+    return Ok();
   }
   Result<> WritePowerState(uint32_t v) {
     VG_INVALID_IF(v != 0 && v != 3, "POWER_STATE {} is neither D0 (0) nor D3hot (3)", v);
@@ -221,11 +230,12 @@ class Vgpu::Impl {
     VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "tail {:#x} not dword aligned", v);
     regs_.ring_tail = v;
     Doorbell();
+    ProcessRing();
     return Ok();
   }
   Result<> WriteKick(uint32_t) {
     Doorbell();
-    return Ok();
+    return ReadTailShadowAndProcess();
   }
   Result<> WriteTailShadowLo(uint32_t v) {
     VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "TAIL_SHADOW {:#x} not dword aligned", v);
@@ -241,6 +251,88 @@ class Vgpu::Impl {
   void Doorbell() {
     ++counters_.doorbells;
     Store64(abi::status::kDoorbells, counters_.doorbells);
+  }
+
+  uint64_t RingBase() const { return uint64_t{regs_.ring_base_hi} << 32 | regs_.ring_base_lo; }
+
+  // A kick carries no value: the tail is read, once, from the guest's tail shadow.
+  Result<> ReadTailShadowAndProcess() {
+    VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell kicked with the ring disabled");
+    uint64_t va = uint64_t{regs_.tail_shadow_hi} << 32 | regs_.tail_shadow_lo;
+    uint32_t tail = 0;
+    auto range = gtt_.Translate(GpuVa{va}, ByteSize{4}, GttAccess::kRead);
+    Result<> read = range.ok() ? view_.Read(ResolvedRange{GpuVa{va}, ByteSize{4}, false, *range},
+                                            std::as_writable_bytes(std::span(&tail, 1)))
+                               : Result<>(range.error());
+    if (!read.ok()) {
+      Refuse(abi::kErrSourceRing, va, 0, std::move(read).error());
+      return Ok();  // the kick itself was fine; the report names the bad shadow
+    }
+    if (tail >= regs_.ring_size || !IsAligned(tail, 4)) {
+      Refuse(abi::kErrSourceRing, tail, 0,
+             Error{Errc::kOutOfBounds, fmt::format("tail shadow {:#x} outside a ring of {:#x}", tail, regs_.ring_size)});
+      return Ok();
+    }
+    regs_.ring_tail = tail;
+    ProcessRing();
+    return Ok();
+  }
+
+  // Copy, then check, then use: the span [head, tail) is copied out of guest memory once,
+  // the copy is audited, and only the resulting Plan is executed. The ring moves on to the
+  // tail whatever the audit says, so a refused submission never wedges the vGPU.
+  void ProcessRing() {
+    uint32_t head = regs_.ring_head, tail = regs_.ring_tail, size = regs_.ring_size;
+    if (head == tail) return;
+    uint32_t bytes = (tail - head) & (size - 1);
+    std::vector<uint32_t> shadow(bytes / 4);
+    auto* out = reinterpret_cast<std::byte*>(shadow.data());
+    uint32_t first = std::min(bytes, size - head);
+    Result<> copied = CopyRing(head, first, out);
+    if (copied.ok() && first < bytes) copied = CopyRing(0, bytes - first, out + first);
+    regs_.ring_head = tail;
+    Store32(abi::status::kRingHead, tail);
+    if (!copied.ok()) {
+      Refuse(abi::kErrSourceRing, RingBase() + head, 0, std::move(copied).error());
+      return;
+    }
+    Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
+      std::vector<uint32_t> batch(r.size.v / 4);
+      VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
+      return batch;
+    });
+    AuditFault fault;
+    Result<Plan> plan = auditor.Audit(shadow, head, size, &fault);
+    if (!plan.ok()) {
+      Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error());
+      return;
+    }
+    counters_.commands_audited += plan->commands;
+    ++submissions_;
+    Store64(abi::status::kSubmissions, submissions_);
+    exec_->Enqueue(std::move(plan).value());
+  }
+
+  Result<> CopyRing(uint32_t offset, uint32_t len, std::byte* out) {
+    VG_TRY_ASSIGN(uint64_t va, CheckedAdd(RingBase(), offset));
+    VG_TRY_ASSIGN(auto spans, gtt_.Translate(GpuVa{va}, ByteSize{len}, GttAccess::kRead));
+    return view_.Read(ResolvedRange{GpuVa{va}, ByteSize{len}, false, std::move(spans)}, std::span(out, len));
+  }
+
+  // --- executor hooks: called from the executor thread ---
+  void OnFence(uint64_t value, bool irq) {
+    std::lock_guard lk(mu_);
+    completed_fence_ = value;
+    Store64(abi::status::kCompletedFence, value);
+    if (irq) RaiseIrq(abi::kVectorFence);
+  }
+  void OnLoadReg(uint32_t reg, uint32_t value) {
+    std::lock_guard lk(mu_);
+    (void)RegWrite32(reg, value);  // whitelisted by the auditor; a refusal reports itself
+  }
+  void OnExecFailure(const Error& e) {
+    std::lock_guard lk(mu_);
+    Refuse(abi::kErrSourceCommand, 0, 0, e);
   }
 
   Result<> DoReset() {
@@ -428,6 +520,7 @@ class Vgpu::Impl {
   uint64_t submissions_ = 0;
   uint32_t kernel_count_ = 0;
   VgpuCounters counters_;
+  bool reset_pending_ = false;
 
   UniqueFd bar0_fd_;  // backs the status page (sparse mmap)
   Mapping bar0_map_;
@@ -436,6 +529,9 @@ class Vgpu::Impl {
   EventFd doorbell_;
   vu::DmaSpace dma_;
   vu::IrqSet irqs_;
+  GuestView view_{dma_, aperture_.bytes()};
+  // Last: destroyed first, while everything it uses is still alive.
+  std::unique_ptr<Executor> exec_;
 };
 
 // The BAR0 register map (docs/device-spec.md §BAR0). Data, not a switch.
@@ -519,7 +615,20 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
   {
     std::lock_guard lk(impl->mu_);
     for (uint32_t v = 0; v < abi::kNumVectors; ++v) impl->msix_table_[v * 4 + 3] = 1;
+    impl->kernel_count_ = static_cast<uint32_t>(shaders::AllKernels().size());
   }
+  engine::BufferRef aperture_buffer;
+  if (cfg.engine) {
+    // The aperture is the vGPU's device memory: the engine uses it in place.
+    auto wrapped = cfg.engine->WrapHostMemory(impl->aperture_.bytes());
+    if (wrapped.ok()) aperture_buffer = std::move(wrapped).value();
+  }
+  Impl* raw = impl.get();
+  impl->exec_ = std::make_unique<Executor>(
+      cfg.engine, impl->dma_, impl->aperture_.bytes(), std::move(aperture_buffer),
+      ExecHooks{[raw](uint64_t v, bool irq) { raw->OnFence(v, irq); },
+                [raw](uint32_t reg, uint32_t v) { raw->OnLoadReg(reg, v); },
+                [raw](const Error& e) { raw->OnExecFailure(e); }});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 
@@ -532,11 +641,16 @@ const EventFd& Vgpu::doorbell() const { return impl_->doorbell_; }
 void Vgpu::OnDoorbellKick() {
   std::lock_guard lk(impl_->mu_);
   impl_->Doorbell();
+  Result<> r = impl_->ReadTailShadowAndProcess();
+  if (!r.ok()) impl_->Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
 }
+
+void Vgpu::WaitIdle() { impl_->exec_->WaitIdle(); }
 
 void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(messenger); }
 
 void Vgpu::OnDisconnect() {
+  impl_->exec_->CancelAndDrain();  // the guest is gone: its queued work goes with it
   std::lock_guard lk(impl_->mu_);
   impl_->dma_.SetMessenger(nullptr);
   impl_->dma_.Clear();
@@ -605,6 +719,17 @@ Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> 
 }
 
 Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
+  Result<> r = RegionWriteLocked(index, offset, data);
+  if (impl_->reset_pending_) {
+    impl_->exec_->CancelAndDrain();
+    std::lock_guard lk(impl_->mu_);
+    impl_->reset_pending_ = false;
+    VG_TRY(impl_->DoReset());
+  }
+  return r;
+}
+
+Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   std::lock_guard lk(impl_->mu_);
   switch (index) {
     case vu::kConfigRegion:
@@ -634,6 +759,7 @@ Result<> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
 }
 
 Result<> Vgpu::Reset() {
+  impl_->exec_->CancelAndDrain();  // no work may land in the aperture after the scrub
   std::lock_guard lk(impl_->mu_);
   impl_->config_space_.Reset();
   return impl_->DoReset();
@@ -674,8 +800,14 @@ Result<> Vgpu::Restore(const DeviceSnapshot& s) {
 }
 
 VgpuCounters Vgpu::Counters() const {
+  ExecCounters ec = impl_->exec_->Counters();
   std::lock_guard lk(impl_->mu_);
-  return impl_->counters_;
+  VgpuCounters c = impl_->counters_;
+  c.submissions = impl_->submissions_;
+  c.plans_executed = ec.plans;
+  c.bytes_zero_copy = ec.bytes_zero_copy;
+  c.bytes_gathered = ec.bytes_gathered;
+  return c;
 }
 
 ErrorReport Vgpu::LastError() const {

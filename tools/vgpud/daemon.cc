@@ -16,6 +16,10 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opts) {
   event_base* base = event_base_new();
   VG_ERROR_IF(!base, Errc::kInternal, "event_base_new failed");
   std::unique_ptr<Daemon> d(new Daemon(opts, base));
+  engine::EngineOptions eo;
+  eo.gpu = opts.gpu;
+  VG_TRY_ASSIGN(d->engine_, engine::Engine::Create(eo));
+  VG_LOGI("engine: {}", d->engine_->Info().ToString());
   // A guest dying mid-write must not kill the daemon.
   std::signal(SIGPIPE, SIG_IGN);
   d->sigint_ = evsignal_new(base, SIGINT, &Daemon::OnSignal, d.get());
@@ -48,7 +52,9 @@ mediator::Vgpu* Daemon::Find(const Uuid& uuid) {
 Result<std::string> Daemon::StartVgpu(const mediator::VgpuConfig& cfg) {
   VG_ERROR_IF(Has(cfg.uuid), Errc::kAlreadyExists, "vGPU {} is already running", cfg.uuid);
   Instance inst;
-  VG_TRY_ASSIGN(inst.vgpu, mediator::Vgpu::Create(cfg));
+  mediator::VgpuConfig with_engine = cfg;
+  with_engine.engine = engine_.get();
+  VG_TRY_ASSIGN(inst.vgpu, mediator::Vgpu::Create(with_engine));
   std::string path = SocketPath(cfg.uuid);
   VG_TRY_ASSIGN(inst.listener, vfio_user::Listener::Create(base_, path, *inst.vgpu));
   inst.doorbell_ev = event_new(base_, inst.vgpu->doorbell().Get(), EV_READ | EV_PERSIST, &Daemon::OnDoorbell,

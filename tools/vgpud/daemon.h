@@ -7,6 +7,7 @@
 #include <string>
 
 #include "base/base.h"
+#include "engine/engine.h"
 #include "mediator/mediator.h"
 #include "vfio_user/server.h"
 
@@ -17,6 +18,7 @@ namespace vg::daemon {
 
 struct DaemonOptions {
   std::string runtime_dir = "/run/vgpud";
+  std::string gpu;  // engine device override (name substring or index); empty: policy
 };
 
 class Daemon {
@@ -37,6 +39,7 @@ class Daemon {
   Result<> Run();
   void Stop();
   event_base* base() const { return base_; }
+  engine::Engine& engine() { return *engine_; }
 
  private:
   struct Instance {
@@ -50,6 +53,7 @@ class Daemon {
 
   DaemonOptions opts_;
   event_base* base_;
+  std::unique_ptr<engine::Engine> engine_;  // outlives every vGPU (declared before them)
   std::map<Uuid, Instance> vgpus_;
   event* sigint_ = nullptr;
   event* sigterm_ = nullptr;

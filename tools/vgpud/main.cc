@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   app.add_option("--runtime-dir", opts.runtime_dir, "where <uuid>.sock sockets are created")->capture_default_str();
   app.add_option("--vgpu", vgpus, "UUID[:TYPE] to serve (repeatable)");
   app.add_option("--log-level", log_level, "debug|info|warn|error")->capture_default_str();
+  app.add_option("--gpu", opts.gpu, "Vulkan device: name substring or index (default: a GPU, else lavapipe)");
   CLI11_PARSE(app, argc, argv);
   if (log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (log_level == "warn") SetLogLevel(LogLevel::kWarn);

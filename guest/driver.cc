@@ -1,0 +1,265 @@
+#include "guest/driver.h"
+
+#include <poll.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+namespace vg::guest {
+
+// --- CommandBuilder ---
+
+CommandBuilder& CommandBuilder::Nop(uint32_t dwords) {
+  dw_.push_back(abi::cmd::Header(abi::cmd::kNop, dwords));
+  for (uint32_t i = 1; i < dwords; ++i) dw_.push_back(0);
+  return *this;
+}
+CommandBuilder& CommandBuilder::Fence(GpuVa target, uint64_t value, bool irq) {
+  dw_.push_back(abi::cmd::Header(abi::cmd::kFence, 5, irq ? abi::cmd::kFenceFlagIrq : 0));
+  U64(target.v);
+  U64(value);
+  return *this;
+}
+CommandBuilder& CommandBuilder::Copy(GpuVa src, GpuVa dst, uint64_t size) {
+  dw_.push_back(abi::cmd::Header(abi::cmd::kCopy, 7));
+  U64(src.v);
+  U64(dst.v);
+  U64(size);
+  return *this;
+}
+CommandBuilder& CommandBuilder::Fill(GpuVa dst, uint64_t size, uint32_t value) {
+  dw_.push_back(abi::cmd::Header(abi::cmd::kFill, 6));
+  U64(dst.v);
+  U64(size);
+  dw_.push_back(value);
+  return *this;
+}
+CommandBuilder& CommandBuilder::Dispatch(uint32_t kernel, std::array<uint32_t, 3> groups,
+                                         std::span<const Binding> bindings, std::span<const std::byte> push) {
+  uint32_t npush = static_cast<uint32_t>((push.size() + 3) / 4);
+  uint32_t len = abi::cmd::kDispatchFixedDwords + static_cast<uint32_t>(bindings.size()) * abi::cmd::kBindingDwords + npush;
+  dw_.push_back(abi::cmd::Header(abi::cmd::kDispatch, len));
+  dw_.push_back(kernel);
+  for (uint32_t g : groups) dw_.push_back(g);
+  dw_.push_back(static_cast<uint32_t>(bindings.size()));
+  dw_.push_back(npush);
+  for (const Binding& b : bindings) {
+    U64(b.va.v);
+    U64(b.size);
+    dw_.push_back(b.access);
+  }
+  size_t at = dw_.size();
+  dw_.resize(at + npush, 0);
+  std::memcpy(dw_.data() + at, push.data(), push.size());
+  return *this;
+}
+CommandBuilder& CommandBuilder::Batch(GpuVa va, uint32_t size_bytes) {
+  dw_.push_back(abi::cmd::Header(abi::cmd::kBatch, 4));
+  U64(va.v);
+  dw_.push_back(size_bytes);
+  return *this;
+}
+CommandBuilder& CommandBuilder::LoadReg(uint32_t reg, uint32_t value) {
+  dw_.push_back(abi::cmd::Header(abi::cmd::kLoadReg, 3));
+  dw_.push_back(reg);
+  dw_.push_back(value);
+  return *this;
+}
+CommandBuilder& CommandBuilder::Timestamp(GpuVa target) {
+  dw_.push_back(abi::cmd::Header(abi::cmd::kTimestamp, 3));
+  U64(target.v);
+  return *this;
+}
+CommandBuilder& CommandBuilder::Raw(std::span<const uint32_t> dwords) {
+  dw_.insert(dw_.end(), dwords.begin(), dwords.end());
+  return *this;
+}
+
+// --- Driver ---
+
+Result<std::unique_ptr<Driver>> Driver::Create(Device& dev, DriverOptions opts) {
+  VG_INVALID_IF(!IsPowerOfTwo(opts.ring_size) || opts.ring_size < kPageSize, "ring size {:#x}", opts.ring_size);
+  std::unique_ptr<Driver> d(new Driver(dev, opts));
+  VG_TRY(d->Init());
+  return d;
+}
+
+Result<> Driver::Init() {
+  free_ram_[0] = dev_.ram().size();
+  // GPU VA 0 stays unmapped so a null VA always faults.
+  free_va_[kPageSize] = (uint64_t{dev_.gtt_entries()} << kPageShift) - kPageSize;
+  VG_TRY_ASSIGN(ring_, Alloc(opts_.ring_size, false));
+  VG_TRY_ASSIGN(fence_, Alloc(kPageSize, true));
+  VG_TRY(dev_.Write64(abi::reg::kRingBaseLo, ring_.va.v));
+  VG_TRY(dev_.Write32(abi::reg::kRingSize, opts_.ring_size));
+  VG_TRY(dev_.Write64(abi::reg::kTailShadowLo, fence_.va.v + 64));
+  VG_TRY(dev_.Write32(abi::reg::kCtrl, abi::kCtrlRingEnable));
+  errors_seen_ = dev_.Status32(abi::status::kErrCount);
+  return Ok();
+}
+
+Result<uint64_t> Driver::AllocRange(std::map<uint64_t, uint64_t>& free, uint64_t size) {
+  for (auto it = free.begin(); it != free.end(); ++it) {
+    if (it->second < size) continue;
+    uint64_t off = it->first, left = it->second - size;
+    free.erase(it);
+    if (left) free[off + size] = left;
+    return off;
+  }
+  return MakeError(Errc::kOutOfMemory, "no free range of {:#x} bytes", size);
+}
+
+void Driver::FreeRange(std::map<uint64_t, uint64_t>& free, uint64_t off, uint64_t size) {
+  auto [it, inserted] = free.emplace(off, size);
+  auto next = std::next(it);
+  if (next != free.end() && off + size == next->first) {
+    it->second += next->second;
+    free.erase(next);
+  }
+  if (it != free.begin()) {
+    auto prev = std::prev(it);
+    if (prev->first + prev->second == off) {
+      prev->second += it->second;
+      free.erase(it);
+    }
+  }
+}
+
+Result<GpuVa> Driver::ReserveVa(uint64_t size) {
+  VG_TRY_ASSIGN(uint64_t va, AllocRange(free_va_, (size + kPageSize - 1) & ~(kPageSize - 1)));
+  return GpuVa{va};
+}
+
+Result<> Driver::WriteGtt(uint32_t index, uint64_t entry) {
+  return dev_.Write64(abi::kGttOffset + index * 8, entry, /*posted=*/true);
+}
+
+Result<GpuVa> Driver::MapPages(Gpa gpa, uint64_t size, bool writable) {
+  uint64_t pages = (size + kPageSize - 1) / kPageSize;
+  VG_TRY_ASSIGN(GpuVa va, ReserveVa(size));
+  uint32_t before = dev_.Status32(abi::status::kErrCount);
+  for (uint64_t p = 0; p < pages; ++p) {
+    uint64_t entry = (gpa.v + p * kPageSize) | abi::kGttValid | (writable ? abi::kGttWritable : 0);
+    VG_TRY(WriteGtt(static_cast<uint32_t>((va.v >> kPageShift) + p), entry));
+  }
+  // Posted writes report nothing; one read both orders them and tells whether any failed.
+  VG_TRY_ASSIGN(uint32_t after, dev_.Read32(abi::reg::kErrCount));
+  if (after != before) {
+    VG_TRY_ASSIGN(auto err, dev_.ReadError());
+    errors_seen_ = after;
+    return MakeError(err.code, "GTT mapping of {}+{:#x} refused at {:#x}", gpa, size, err.addr);
+  }
+  return va;
+}
+
+Result<GpuVa> Driver::MapAperture(uint64_t offset, uint64_t size, bool writable) {
+  uint64_t pages = (size + kPageSize - 1) / kPageSize;
+  VG_TRY_ASSIGN(GpuVa va, ReserveVa(size));
+  for (uint64_t p = 0; p < pages; ++p) {
+    uint64_t entry = (offset + p * kPageSize) | abi::kGttValid | abi::kGttAperture | (writable ? abi::kGttWritable : 0);
+    VG_TRY(WriteGtt(static_cast<uint32_t>((va.v >> kPageShift) + p), entry));
+  }
+  VG_TRY_ASSIGN(uint32_t errs, dev_.Read32(abi::reg::kErrCount));
+  VG_ERROR_IF(errs != errors_seen_, Errc::kOutOfBounds, "aperture mapping refused");
+  return va;
+}
+
+Result<GpuBuffer> Driver::Alloc(uint64_t size, bool writable) {
+  VG_INVALID_IF(size == 0, "empty allocation");
+  uint64_t rounded = (size + kPageSize - 1) & ~(kPageSize - 1);
+  VG_TRY_ASSIGN(uint64_t off, AllocRange(free_ram_, rounded));
+  GpuBuffer b;
+  b.host = dev_.ram().subspan(off, size);
+  b.gpa = Gpa{dev_.ram_base().v + off};
+  b.size = ByteSize{size};
+  b.writable = writable;
+  auto va = MapPages(b.gpa, rounded, writable);
+  if (!va.ok()) {
+    FreeRange(free_ram_, off, rounded);
+    return std::move(va).error();
+  }
+  b.va = *va;
+  return b;
+}
+
+Result<> Driver::Free(const GpuBuffer& b) {
+  uint64_t rounded = (b.size.v + kPageSize - 1) & ~(kPageSize - 1);
+  for (uint64_t p = 0; p < rounded / kPageSize; ++p)
+    VG_TRY(WriteGtt(static_cast<uint32_t>((b.va.v >> kPageShift) + p), 0));
+  FreeRange(free_va_, b.va.v, rounded);
+  FreeRange(free_ram_, b.gpa.v - dev_.ram_base().v, rounded);
+  return Ok();
+}
+
+Result<> Driver::WriteRing(std::span<const uint32_t> dwords) {
+  uint32_t bytes = static_cast<uint32_t>(dwords.size() * 4);
+  VG_ERROR_IF(bytes >= opts_.ring_size, Errc::kLimitExceeded, "{} bytes of commands do not fit a {:#x} ring", bytes,
+              opts_.ring_size);
+  // The device consumes the whole span at each doorbell, so space frees as soon as the
+  // ring head (published in the status page) reaches our tail.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (;;) {
+    uint32_t head = dev_.Status32(abi::status::kRingHead);
+    uint32_t used = (tail_ - head) & (opts_.ring_size - 1);
+    if (opts_.ring_size - used > bytes) break;
+    VG_ERROR_IF(std::chrono::steady_clock::now() > deadline, Errc::kTimeout, "ring full");
+    std::this_thread::yield();
+  }
+  auto* ring = reinterpret_cast<uint32_t*>(ring_.host.data());
+  uint32_t at = tail_ / 4, n = opts_.ring_size / 4;
+  for (uint32_t d : dwords) {
+    ring[at] = d;
+    at = (at + 1) % n;
+  }
+  tail_ = at * 4;
+  return Ok();
+}
+
+Result<> Driver::Doorbell() {
+  if (opts_.use_ioeventfd) {
+    __atomic_store_n(reinterpret_cast<uint32_t*>(fence_.host.data() + 64), tail_, __ATOMIC_RELEASE);
+    return dev_.Kick();
+  }
+  return dev_.Write32(abi::reg::kRingTail, tail_);
+}
+
+Result<uint64_t> Driver::Submit(const CommandBuilder& cmds) {
+  CommandBuilder all;
+  all.Raw(cmds.dwords()).Fence(fence_.va, seq_ + 1, true);
+  VG_TRY(WriteRing(all.dwords()));
+  VG_TRY(Doorbell());
+  return ++seq_;
+}
+
+Result<> Driver::SubmitRaw(std::span<const uint32_t> dwords) {
+  VG_TRY(WriteRing(dwords));
+  return Doorbell();
+}
+
+Result<> Driver::Wait(uint64_t seq, WaitMode mode, int timeout_ms) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (completed() >= seq) return Ok();
+    uint32_t errs = dev_.Status32(abi::status::kErrCount);
+    if (errs != errors_seen_) {
+      errors_seen_ = errs;
+      VG_TRY_ASSIGN(auto err, dev_.ReadError());
+      return MakeError(err.code, "the device refused a submission (source {}, address {:#x})", err.source, err.addr);
+    }
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    VG_ERROR_IF(left.count() <= 0, Errc::kTimeout, "fence {} not reached (completed {})", seq, completed());
+    if (mode == WaitMode::kPoll) {
+      std::this_thread::yield();
+      continue;
+    }
+    pollfd fds[2] = {{dev_.irq(abi::kVectorFence).Get(), POLLIN, 0}, {dev_.irq(abi::kVectorError).Get(), POLLIN, 0}};
+    int r = ::poll(fds, 2, static_cast<int>(std::min<int64_t>(left.count(), 100)));
+    if (r > 0) {
+      if (fds[0].revents) (void)dev_.irq(abi::kVectorFence).Drain();
+      if (fds[1].revents) (void)dev_.irq(abi::kVectorError).Drain();
+    }
+  }
+}
+
+}  // namespace vg::guest

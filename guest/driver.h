@@ -1,0 +1,116 @@
+#pragma once
+// The guest driver API for the mediated path: guest-memory buffers mapped into the vGPU's
+// GTT, a command ring, command recording, submission by doorbell and fence waits by IRQ or
+// by polling the status page. This is what a guest kernel driver would do; the bench's
+// mediated path and the e2e tests use it.
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "base/base.h"
+#include "guest/device.h"
+
+namespace vg::guest {
+
+struct GpuBuffer {
+  std::span<std::byte> host;  // the guest's view (its RAM)
+  Gpa gpa{0};
+  GpuVa va{0};
+  ByteSize size{0};
+  bool writable = true;
+};
+
+struct Binding {
+  GpuVa va{0};
+  uint64_t size = 0;
+  uint32_t access = abi::cmd::kAccessRead | abi::cmd::kAccessWrite;
+};
+inline Binding Bind(const GpuBuffer& b, uint32_t access = abi::cmd::kAccessRead | abi::cmd::kAccessWrite) {
+  return {b.va, b.size.v, access};
+}
+
+// Records a dword command stream (docs/device-spec.md §Commands).
+class CommandBuilder {
+ public:
+  CommandBuilder& Nop(uint32_t dwords = 1);
+  CommandBuilder& Fence(GpuVa target, uint64_t value, bool irq);
+  CommandBuilder& Copy(GpuVa src, GpuVa dst, uint64_t size);
+  CommandBuilder& Fill(GpuVa dst, uint64_t size, uint32_t value);
+  CommandBuilder& Dispatch(uint32_t kernel, std::array<uint32_t, 3> groups, std::span<const Binding> bindings,
+                           std::span<const std::byte> push);
+  CommandBuilder& Batch(GpuVa va, uint32_t size_bytes);
+  CommandBuilder& LoadReg(uint32_t reg, uint32_t value);
+  CommandBuilder& Timestamp(GpuVa target);
+  CommandBuilder& Raw(std::span<const uint32_t> dwords);
+
+  std::span<const uint32_t> dwords() const { return dw_; }
+  size_t size_bytes() const { return dw_.size() * 4; }
+  void Clear() { dw_.clear(); }
+
+ private:
+  void U64(uint64_t v) {
+    dw_.push_back(static_cast<uint32_t>(v));
+    dw_.push_back(static_cast<uint32_t>(v >> 32));
+  }
+  std::vector<uint32_t> dw_;
+};
+
+struct DriverOptions {
+  uint32_t ring_size = 64 << 10;
+  // true: publish the tail in the shadow and kick the ioeventfd (one one-way signal);
+  // false: write RING_TAIL (a trapped REGION_WRITE round trip).
+  bool use_ioeventfd = true;
+};
+
+enum class WaitMode { kIrq, kPoll };
+
+class Driver {
+ public:
+  static Result<std::unique_ptr<Driver>> Create(Device& dev, DriverOptions opts = {});
+  Device& device() { return dev_; }
+
+  // Guest RAM, page granular and contiguous, mapped at a fresh GPU VA.
+  Result<GpuBuffer> Alloc(uint64_t size, bool writable = true);
+  Result<> Free(const GpuBuffer& b);
+  // Raw GTT mappings, for tests that need unusual layouts.
+  Result<GpuVa> MapPages(Gpa gpa, uint64_t size, bool writable);
+  Result<GpuVa> MapAperture(uint64_t offset, uint64_t size, bool writable);
+  Result<> WriteGtt(uint32_t index, uint64_t entry);
+  Result<GpuVa> ReserveVa(uint64_t size);
+
+  // Appends FENCE(next seqno, IRQ) and rings the doorbell. Returns the seqno.
+  Result<uint64_t> Submit(const CommandBuilder& cmds);
+  // Exactly these dwords, no fence (hostile tests).
+  Result<> SubmitRaw(std::span<const uint32_t> dwords);
+  // Ok once the fence passed seq; the device's named error if a refusal was reported
+  // meanwhile; kTimeout otherwise.
+  Result<> Wait(uint64_t seq, WaitMode mode = WaitMode::kIrq, int timeout_ms = 10000);
+  uint64_t completed() const { return dev_.Status64(abi::status::kCompletedFence); }
+  uint64_t last_submitted() const { return seq_; }
+  GpuVa fence_va() const { return fence_.va; }
+  const GpuBuffer& ring() const { return ring_; }
+
+ private:
+  Driver(Device& dev, DriverOptions opts) : dev_(dev), opts_(opts) {}
+  Result<> Init();
+  Result<uint64_t> AllocRange(std::map<uint64_t, uint64_t>& free, uint64_t size);
+  void FreeRange(std::map<uint64_t, uint64_t>& free, uint64_t off, uint64_t size);
+  Result<> WriteRing(std::span<const uint32_t> dwords);
+  Result<> Doorbell();
+
+  Device& dev_;
+  DriverOptions opts_;
+  std::map<uint64_t, uint64_t> free_ram_;  // offset in RAM -> bytes
+  std::map<uint64_t, uint64_t> free_va_;   // GPU VA -> bytes
+  GpuBuffer ring_;
+  GpuBuffer fence_;  // u64 fence at +0, u32 tail shadow at +64
+  uint32_t tail_ = 0;
+  uint64_t seq_ = 0;
+  uint32_t errors_seen_ = 0;
+};
+
+}  // namespace vg::guest

@@ -1,0 +1,230 @@
+#include "mediator/executor.h"
+
+#include <time.h>
+
+#include <cstring>
+#include <optional>
+
+#include "mediator/abi.h"
+
+namespace vg::mediator {
+
+namespace vu = vfio_user;
+
+Result<> GuestView::Read(const ResolvedRange& r, std::span<std::byte> out) const {
+  VG_ERROR_IF(out.size() != r.size.v, Errc::kInternal, "read of {} bytes into {}", r.size.v, out.size());
+  size_t done = 0;
+  for (const GttSpan& s : r.spans) {
+    auto dst = out.subspan(done, s.size.v);
+    if (s.target.aperture) {
+      VG_ERROR_IF(!RangeWithin(s.target.page_addr, s.size.v, aperture_.size()), Errc::kOutOfBounds,
+                  "aperture span past the end");
+      std::memcpy(dst.data(), aperture_.data() + s.target.page_addr, dst.size());
+    } else {
+      VG_TRY(dma_.Read(Gpa{s.target.page_addr}, dst));
+    }
+    done += s.size.v;
+  }
+  return Ok();
+}
+
+Result<> GuestView::Write(const ResolvedRange& r, std::span<const std::byte> in) const {
+  VG_ERROR_IF(in.size() != r.size.v, Errc::kInternal, "write of {} bytes into {}", in.size(), r.size.v);
+  size_t done = 0;
+  for (const GttSpan& s : r.spans) {
+    auto src = in.subspan(done, s.size.v);
+    if (s.target.aperture) {
+      VG_ERROR_IF(!RangeWithin(s.target.page_addr, s.size.v, aperture_.size()), Errc::kOutOfBounds,
+                  "aperture span past the end");
+      std::memcpy(aperture_.data() + s.target.page_addr, src.data(), src.size());
+    } else {
+      VG_TRY(dma_.Write(Gpa{s.target.page_addr}, src));
+    }
+    done += s.size.v;
+  }
+  return Ok();
+}
+
+// How one resolved range reaches the engine: in place (aperture or a pinned DMA region),
+// or through an engine buffer gathered before and scattered after the work.
+struct Executor::Materialized {
+  engine::BufferRange range;
+  std::optional<vu::Pin> pin;
+  const ResolvedRange* gathered_from = nullptr;
+};
+
+Executor::Executor(engine::Engine* engine, const vu::DmaSpace& dma, std::span<std::byte> aperture,
+                   engine::BufferRef aperture_buffer, ExecHooks hooks)
+    : engine_(engine),
+      dma_(dma),
+      view_(dma, aperture),
+      aperture_(aperture),
+      aperture_buffer_(std::move(aperture_buffer)),
+      hooks_(std::move(hooks)),
+      thread_([this] { Loop(); }) {}
+
+Executor::~Executor() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+    queue_.clear();
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void Executor::Enqueue(Plan plan) {
+  {
+    std::lock_guard lk(mu_);
+    queue_.push_back(std::move(plan));
+  }
+  cv_.notify_one();
+}
+
+void Executor::CancelAndDrain() {
+  std::unique_lock lk(mu_);
+  queue_.clear();
+  idle_cv_.wait(lk, [&] { return !running_; });
+}
+
+void Executor::WaitIdle() {
+  std::unique_lock lk(mu_);
+  idle_cv_.wait(lk, [&] { return !running_ && queue_.empty(); });
+}
+
+ExecCounters Executor::Counters() const {
+  std::lock_guard lk(mu_);
+  return counters_;
+}
+
+void Executor::Loop() {
+  std::unique_lock lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) return;
+    Plan plan = std::move(queue_.front());
+    queue_.pop_front();
+    running_ = true;
+    lk.unlock();
+    Result<> r = Run(plan);
+    if (!r.ok()) hooks_.fail(r.error());
+    lk.lock();
+    ++counters_.plans;
+    running_ = false;
+    idle_cv_.notify_all();
+  }
+}
+
+namespace {
+bool IsGpuOp(const PlanOp& op) {
+  return std::holds_alternative<PlanDispatch>(op) || std::holds_alternative<PlanCopy>(op) ||
+         std::holds_alternative<PlanFill>(op);
+}
+uint64_t CoarseNowNs() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  uint64_t ns = uint64_t(ts.tv_sec) * 1'000'000'000ull + uint64_t(ts.tv_nsec);
+  // Coarsened so one tenant cannot time another's load through the shared GPU.
+  return ns / abi::cmd::kTimestampGranularityNs * abi::cmd::kTimestampGranularityNs;
+}
+}  // namespace
+
+Result<> Executor::Run(Plan& plan) {
+  size_t i = 0;
+  while (i < plan.ops.size()) {
+    if (IsGpuOp(plan.ops[i])) {
+      size_t j = i;
+      while (j < plan.ops.size() && IsGpuOp(plan.ops[j]) && j - i < engine::kMaxOpsPerSubmission) ++j;
+      VG_TRY(RunGpuOps(std::span(plan.ops).subspan(i, j - i)));
+      i = j;
+      continue;
+    }
+    PlanOp& op = plan.ops[i++];
+    if (auto* f = std::get_if<PlanFence>(&op)) {
+      VG_TRY_CTX(view_.Write(f->target, std::as_bytes(std::span(&f->value, 1))), "FENCE write at {}", f->target.va);
+      hooks_.fence(f->value, f->irq);
+    } else if (auto* l = std::get_if<PlanLoadReg>(&op)) {
+      hooks_.load_reg(l->reg, l->value);
+    } else if (auto* t = std::get_if<PlanTimestamp>(&op)) {
+      uint64_t now = CoarseNowNs();
+      VG_TRY_CTX(view_.Write(t->target, std::as_bytes(std::span(&now, 1))), "TIMESTAMP write at {}", t->target.va);
+    }
+  }
+  return Ok();
+}
+
+Result<Executor::Materialized> Executor::Materialize(const ResolvedRange& r) {
+  Materialized m;
+  if (r.spans.size() == 1) {
+    const GttSpan& s = r.spans[0];
+    if (s.target.aperture && aperture_buffer_) {
+      m.range = {aperture_buffer_, ByteSize{s.target.page_addr}, r.size};
+      return m;
+    }
+    if (!s.target.aperture) {
+      auto pin = dma_.PinRange(Gpa{s.target.page_addr}, r.size, vu::kDmaRead | (r.write ? vu::kDmaWrite : 0));
+      if (pin.ok()) {
+        auto wrapped = engine_->WrapHostMemory(pin->bytes());
+        if (wrapped.ok()) {
+          m.range = engine::Whole(*wrapped);
+          m.pin = std::move(pin).value();
+          return m;
+        }
+      } else if (pin.code() != Errc::kUnsupported) {
+        return std::move(pin).error();  // unmapped since the audit: fail, never touch it
+      }
+    }
+  }
+  // Scattered pages or memory shared without an fd: gather into an engine buffer.
+  VG_TRY_ASSIGN(engine::BufferRef buf, engine_->CreateBuffer(r.size));
+  VG_TRY(view_.Read(r, buf->Map()));
+  m.range = engine::Whole(buf);
+  m.gathered_from = &r;
+  return m;
+}
+
+Result<> Executor::RunGpuOps(std::span<PlanOp> ops) {
+  VG_ERROR_IF(!engine_, Errc::kUnsupported, "this vGPU has no engine");
+  std::vector<Materialized> mats;
+  auto use = [&](const ResolvedRange& r) -> Result<engine::BufferRange> {
+    VG_TRY_ASSIGN(Materialized m, Materialize(r));
+    engine::BufferRange range = m.range;
+    mats.push_back(std::move(m));
+    return range;
+  };
+  engine::Submission sub;
+  for (PlanOp& op : ops) {
+    if (auto* d = std::get_if<PlanDispatch>(&op)) {
+      std::vector<engine::BufferRange> bindings;
+      for (const ResolvedRange& b : d->bindings) {
+        VG_TRY_ASSIGN(auto br, use(b));
+        bindings.push_back(std::move(br));
+      }
+      sub.Dispatch(d->kernel, d->groups, std::move(bindings), d->push);
+    } else if (auto* c = std::get_if<PlanCopy>(&op)) {
+      VG_TRY_ASSIGN(auto src, use(c->src));
+      VG_TRY_ASSIGN(auto dst, use(c->dst));
+      sub.Copy(src.buffer, src.offset, dst.buffer, dst.offset, c->src.size);
+    } else if (auto* f = std::get_if<PlanFill>(&op)) {
+      VG_TRY_ASSIGN(auto dst, use(f->dst));
+      sub.Fill(dst.buffer, dst.offset, f->dst.size, f->value);
+    }
+  }
+  VG_TRY(engine_->SubmitAndWait(std::move(sub)));
+  uint64_t zero_copy = 0, gathered = 0;
+  for (const Materialized& m : mats) {
+    if (m.gathered_from) {
+      gathered += m.range.size.v;
+      if (m.gathered_from->write) VG_TRY(view_.Write(*m.gathered_from, m.range.buffer->Map()));
+    } else {
+      zero_copy += m.range.size.v;
+    }
+  }
+  std::lock_guard lk(mu_);
+  ++counters_.engine_submissions;
+  counters_.bytes_zero_copy += zero_copy;
+  counters_.bytes_gathered += gathered;
+  return Ok();
+}
+
+}  // namespace vg::mediator
