@@ -91,11 +91,16 @@ Result<> Driver::Init() {
   free_va_[kPageSize] = (uint64_t{dev_.gtt_entries()} << kPageShift) - kPageSize;
   VG_TRY_ASSIGN(ring_, Alloc(opts_.ring_size, false));
   VG_TRY_ASSIGN(fence_, Alloc(kPageSize, true));
+  // A previous driver instance (or a guest that died) may have left the ring running.
+  VG_TRY(dev_.Write32(abi::reg::kCtrl, 0));
   VG_TRY(dev_.Write64(abi::reg::kRingBaseLo, ring_.va.v));
   VG_TRY(dev_.Write32(abi::reg::kRingSize, opts_.ring_size));
   VG_TRY(dev_.Write64(abi::reg::kTailShadowLo, fence_.va.v + 64));
   VG_TRY(dev_.Write32(abi::reg::kCtrl, abi::kCtrlRingEnable));
   errors_seen_ = dev_.Status32(abi::status::kErrCount);
+  // Fence values continue from whatever the device last completed, so a fence left by an
+  // earlier driver instance can never satisfy a wait on one of ours.
+  seq_ = completed();
   return Ok();
 }
 
@@ -225,6 +230,8 @@ Result<> Driver::Doorbell() {
 }
 
 Result<uint64_t> Driver::Submit(const CommandBuilder& cmds) {
+  // Refusals reported before this submission are not about it.
+  errors_seen_ = dev_.Status32(abi::status::kErrCount);
   CommandBuilder all;
   all.Raw(cmds.dwords()).Fence(fence_.va, seq_ + 1, true);
   VG_TRY(WriteRing(all.dwords()));
@@ -233,6 +240,7 @@ Result<uint64_t> Driver::Submit(const CommandBuilder& cmds) {
 }
 
 Result<> Driver::SubmitRaw(std::span<const uint32_t> dwords) {
+  errors_seen_ = dev_.Status32(abi::status::kErrCount);
   VG_TRY(WriteRing(dwords));
   return Doorbell();
 }
