@@ -97,7 +97,8 @@ struct MdevTree::Impl {
 
   std::optional<InstanceInfo> ActiveInstance(std::string_view name) const {
     auto u = Uuid::Parse(name);
-    if (!u) return std::nullopt;
+    // Only the canonical (lower-case) spelling names a device: one path per instance.
+    if (!u || u->ToString() != name) return std::nullopt;
     auto i = mgr.Show(*u);
     if (!i || !i->active) return std::nullopt;
     return std::move(*i);

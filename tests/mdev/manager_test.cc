@@ -3,7 +3,9 @@
 #include <doctest.h>
 
 #include <fstream>
+#include <atomic>
 #include <sstream>
+#include <thread>
 
 #include "mdev/mdev.h"
 #include "tests/mdev/test_host.h"
@@ -108,6 +110,26 @@ TEST_CASE("available_instances follows the aperture budget and the per-type max"
   m.StopAll();
   CHECK(f.host.running() == 0);
   CHECK(m.AvailableInstances("vgpud-medium") == 2);
+}
+
+TEST_CASE("concurrent starts never over-commit the budget") {
+  Fixture f(ByteSize{640 * kMiB});  // room for exactly 10 small instances
+  std::atomic<int> ok{0}, full{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&] {
+      for (int i = 0; i < 8; ++i) {
+        auto r = f.mgr->StartTransient(Uuid::Random(), "vgpud-small", {});
+        if (r.ok()) ++ok;
+        else if (r.code() == Errc::kLimitExceeded) ++full;
+      }
+    });
+  for (auto& t : threads) t.join();
+  CHECK(ok == 10);
+  CHECK(full == 22);
+  CHECK(f.host.running() == 10);
+  CHECK(f.mgr->AvailableInstances("vgpud-small") == 0);
+  f.mgr->StopAll();
 }
 
 TEST_CASE("per-type max from a types file") {

@@ -97,6 +97,7 @@ TEST_CASE("create and remove act before the write returns") {
   REQUIRE(fs::is_symlink(dev));
   CHECK(fs::canonical(dev) == t.sys / "devices/vgpud/vgpud0" / u);
   CHECK(fs::canonical(dev / "mdev_type").filename() == "vgpud-medium");
+  CHECK(!fs::exists(t.sys / "bus/mdev/devices/0F1E2D3C-4B5A-4697-8877-665544332211"));  // one spelling only
   const std::string sock = Read(dev / "vfio_user_socket");
   REQUIRE(!sock.empty());
   CHECK(IsListening(sock.substr(0, sock.size() - 1)));
