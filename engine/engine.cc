@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <optional>
 #include <thread>
 
 #include "base/log.h"
@@ -123,6 +124,9 @@ class BufferImpl final : public Buffer {
   MemoryPath path_ = MemoryPath::kDevice;
   std::span<std::byte> host_;          // what Map() shows
   std::byte* staging_ = nullptr;       // device-side bytes of a kStaged buffer
+  // kStaged: queued submissions using this buffer that have not been copied back yet.
+  // Guarded by EngineImpl::queue_mu_.
+  uint32_t staged_uses_ = 0;
 };
 
 // ---- Engine internals ------------------------------------------------------------------
@@ -152,8 +156,11 @@ struct InFlight {
   Submission sub;  // holds its buffers alive until completion
   TokenRef token;
   Completion completion;
+  std::vector<BufferImpl*> staged;  // distinct kStaged buffers the ops touch
   std::vector<StagedRange> stage_out;
-  bool notified = false;
+  bool queued = false;    // handed to vkQueueSubmit (or failed trying: submit_error)
+  bool notified = false;  // token/callback/eventfd already told
+  Result<> submit_error;
 };
 
 class EngineImpl {
@@ -186,6 +193,7 @@ class EngineImpl {
   Result<std::unique_ptr<Slot>> AcquireSlot();
   Result<> Record(Slot& slot, const Submission& s, std::span<const KernelPipeline* const> pipes);
   void StageIn(const Submission& s, std::vector<StagedRange>& out_ranges);
+  void PumpLocked();
   void Finish(InFlight& f, Result<> r, bool recycle);
   void CompletionLoop();
 
@@ -503,8 +511,9 @@ Result<> EngineImpl::Record(Slot& slot, const Submission& s, std::span<const Ker
   bi.flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT;
   VG_VK_TRY(vkBeginCommandBuffer(cmd, &bi), "vkBeginCommandBuffer");
   for (size_t i = 0; i < s.ops.size(); ++i) {
-    if (i > 0)
-      Barrier(cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT,
+    // Before every op, the first included: a barrier's first scope is all earlier work
+    // on the queue, so ops and whole submissions run in queue order.
+    Barrier(cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT,
               VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_READ_BIT |
                   VK_ACCESS_TRANSFER_WRITE_BIT);
     const Op& op = s.ops[i];
@@ -592,22 +601,25 @@ Result<TokenRef> EngineImpl::Submit(Submission s, Completion c) {
   InFlight f;
   f.token = std::make_shared<SubmitToken>(next_serial_++);
   TokenRef token = f.token;
+  auto note_staged = [&](const BufferRef& ref) {
+    auto* b = const_cast<BufferImpl*>(AsOurs(ref));
+    if (b->path_ == MemoryPath::kStaged && std::find(f.staged.begin(), f.staged.end(), b) == f.staged.end())
+      f.staged.push_back(b);
+  };
+  for (const Op& op : s.ops) {
+    if (const auto* d = std::get_if<DispatchOp>(&op)) {
+      for (const BufferRange& r : d->bindings) note_staged(r.buffer);
+    } else if (const auto* cp = std::get_if<CopyOp>(&op)) {
+      note_staged(cp->src);
+      note_staged(cp->dst);
+    } else if (const auto* fl = std::get_if<FillOp>(&op)) {
+      note_staged(fl->dst);
+    }
+  }
   {
     std::lock_guard lk(queue_mu_);
     VG_ERROR_IF(lost_.load(), Errc::kDeviceLost, "device lost");
     VG_ERROR_IF(inflight_.size() >= kMaxInFlight, Errc::kBusy, "{} submissions pending", inflight_.size());
-    // Under the queue lock so staged copy-ins follow queue order.
-    StageIn(s, f.stage_out);
-    VkSubmitInfo si{VK_STRUCTURE_TYPE_SUBMIT_INFO};
-    si.commandBufferCount = 1;
-    si.pCommandBuffers = &slot->cmd;
-    VkResult r = vkQueueSubmit(core_->queue(), 1, &si, slot->fence.get());
-    if (r == VK_ERROR_DEVICE_LOST) {
-      lost_ = true;
-      lost_notify_pending_ = true;
-      queue_cv_.notify_all();
-    }
-    VG_VK_TRY(r, "vkQueueSubmit");
     ++submissions_;
     ops_ += s.ops.size();
     f.slot = std::move(slot);
@@ -615,17 +627,51 @@ Result<TokenRef> EngineImpl::Submit(Submission s, Completion c) {
     f.completion = std::move(c);
     inflight_.push_back(std::move(f));
     ++active_;
+    PumpLocked();
   }
   queue_cv_.notify_all();
   return token;
 }
 
+// Hands pending submissions to the queue in FIFO order. A submission that touches a
+// staged buffer still in use by a queued one waits (and everything behind it, to keep
+// queue order): its copy-in must see the earlier submission's copy-out, or it would
+// overwrite the earlier one's device writes with stale host bytes.
+void EngineImpl::PumpLocked() {
+  for (InFlight& f : inflight_) {
+    if (f.queued) continue;
+    if (lost_.load()) return;
+    if (std::any_of(f.staged.begin(), f.staged.end(), [](const BufferImpl* b) { return b->staged_uses_ > 0; }))
+      return;
+    StageIn(f.sub, f.stage_out);
+    VkSubmitInfo si{VK_STRUCTURE_TYPE_SUBMIT_INFO};
+    si.commandBufferCount = 1;
+    si.pCommandBuffers = &f.slot->cmd;
+    VkResult r = vkQueueSubmit(core_->queue(), 1, &si, f.slot->fence.get());
+    f.queued = true;
+    if (r != VK_SUCCESS) {
+      f.submit_error = VkError(r, "vkQueueSubmit");
+      if (r == VK_ERROR_DEVICE_LOST && !lost_.exchange(true)) lost_notify_pending_ = true;
+      continue;
+    }
+    for (BufferImpl* b : f.staged) ++b->staged_uses_;
+  }
+}
+
 void EngineImpl::Finish(InFlight& f, Result<> r, bool recycle) {
-  if (r.ok())
+  bool ran = f.queued && f.submit_error.ok();
+  if (ran && r.ok())
     for (const StagedRange& sr : f.stage_out) {
       std::memcpy(sr.buf->host_.data() + sr.off, sr.buf->staging_ + sr.off, sr.size);
       bytes_staged_out_ += sr.size;
     }
+  if (ran && !f.staged.empty()) {
+    // Before the callback runs, so a callback that submits more work on the same staged
+    // buffer is not held behind its own completion.
+    std::lock_guard lk(queue_mu_);
+    for (BufferImpl* b : f.staged) --b->staged_uses_;
+    PumpLocked();
+  }
   if (!f.notified) {
     if (r.code() == Errc::kDeviceLost) ++lost_reports_;
     f.token->Complete(r);
@@ -646,9 +692,12 @@ void EngineImpl::CompletionLoop() {
   for (;;) {
     std::vector<std::pair<TokenRef, Completion>> lost;
     VkFence fence = VK_NULL_HANDLE;
+    std::optional<InFlight> unrun;  // popped without a fence to wait for
     {
       std::unique_lock lk(queue_mu_);
-      queue_cv_.wait(lk, [&] { return stop_ || !inflight_.empty() || lost_notify_pending_; });
+      queue_cv_.wait(lk, [&] {
+        return stop_ || lost_notify_pending_ || (!inflight_.empty() && (inflight_.front().queued || lost_.load()));
+      });
       if (inflight_.empty() && stop_) return;
       if (lost_notify_pending_) {
         // Device loss reaches every pending submitter now, not when its fence resolves.
@@ -659,7 +708,17 @@ void EngineImpl::CompletionLoop() {
             lost.emplace_back(f.token, f.completion);
           }
       }
-      if (!inflight_.empty()) fence = inflight_.front().slot->fence.get();
+      if (!inflight_.empty()) {
+        InFlight& front = inflight_.front();
+        if (!front.queued || !front.submit_error.ok()) {
+          if (front.queued || lost_.load()) {
+            unrun.emplace(std::move(front));
+            inflight_.pop_front();
+          }
+        } else {
+          fence = front.slot->fence.get();
+        }
+      }
     }
     Result<> lost_err = MakeError(Errc::kDeviceLost, "device lost");
     for (auto& [token, completion] : lost) {
@@ -668,20 +727,26 @@ void EngineImpl::CompletionLoop() {
       if (completion.callback) completion.callback(lost_err);
       if (completion.eventfd) (void)completion.eventfd->Signal(1);
     }
-    if (fence == VK_NULL_HANDLE) continue;
-    VkResult r = vkWaitForFences(dev, 1, &fence, VK_TRUE, kFencePollNs);
-    if (r == VK_TIMEOUT) continue;
-    InFlight f;
-    {
-      std::lock_guard lk(queue_mu_);
-      f = std::move(inflight_.front());
-      inflight_.pop_front();
-      if (r == VK_ERROR_DEVICE_LOST && !lost_.exchange(true)) lost_notify_pending_ = true;
+    if (unrun) {
+      Result<> err = unrun->queued ? unrun->submit_error : lost_err;
+      Finish(*unrun, err, !lost_.load());
+    } else if (fence != VK_NULL_HANDLE) {
+      VkResult r = vkWaitForFences(dev, 1, &fence, VK_TRUE, kFencePollNs);
+      if (r == VK_TIMEOUT) continue;
+      InFlight f;
+      {
+        std::lock_guard lk(queue_mu_);
+        f = std::move(inflight_.front());
+        inflight_.pop_front();
+        if (r == VK_ERROR_DEVICE_LOST && !lost_.exchange(true)) lost_notify_pending_ = true;
+      }
+      if (r == VK_SUCCESS)
+        Finish(f, lost_.load() ? lost_err : Ok(), true);
+      else
+        Finish(f, VkError(r, "vkWaitForFences"), false);
+    } else {
+      continue;
     }
-    if (r == VK_SUCCESS)
-      Finish(f, lost_.load() ? lost_err : Ok(), true);
-    else
-      Finish(f, VkError(r, "vkWaitForFences"), false);
     {
       std::lock_guard lk(queue_mu_);
       --active_;

@@ -2,8 +2,12 @@
 // staging where not. The counters prove which path ran.
 #include <sys/mman.h>
 
+#include <thread>
+
 #include "base/fd.h"
 #include "fixture.h"
+
+using namespace std::chrono_literals;
 
 using namespace vg;
 using namespace vg::engine;
@@ -112,6 +116,53 @@ TEST_CASE("a misaligned host pointer is staged, counted both ways") {
   CHECK(after.bytes_staged_in - before.bytes_staged_in == 4000 + 4000 + 4);
   CHECK(after.bytes_staged_out - before.bytes_staged_out == 4000 + 4);
   for (int i = 0; i < 4; ++i) CHECK(r.map.data()[32 * 1024 + i] == std::byte{0x5a});
+}
+
+TEST_CASE("pipelined submissions through one staged buffer see each other's writes") {
+  Engine& e = TheEngine();
+  Region r = MakeRegion(64 * 1024);
+  const uint32_t n = 1000;
+  auto staged = e.WrapHostMemory(r.map.bytes().subspan(4, n * 4));
+  REQUIRE(staged.ok());
+  REQUIRE((*staged)->path() == MemoryPath::kStaged);
+  auto sum = e.CreateBuffer(ByteSize{4});
+  REQUIRE(sum.ok());
+  const KernelDesc& red = *FindKernel(KernelId::kReduceSum);
+  std::vector<TokenRef> tokens;
+  for (uint32_t i = 1; i <= 5; ++i) {
+    // A slow completion callback holds up the completion thread, so the fill below has
+    // run on the device but is not yet copied back when the reduction is submitted. The
+    // reduction must still see the fill's device writes, not the stale host bytes.
+    Submission z, w, s;
+    auto t0 = e.Submit(std::move(z), {[](const Result<>&) { std::this_thread::sleep_for(20ms); }});
+    w.Fill(*staged, ByteSize{0}, ByteSize{n * 4}, i);
+    auto t1 = e.Submit(std::move(w));
+    std::this_thread::sleep_for(5ms);
+    s.Dispatch(5, Groups1D(red, n), {Whole(*staged), Whole(*sum)}, PushBytes(ReduceSumPush{n}));
+    auto t2 = e.Submit(std::move(s));
+    REQUIRE(t0.ok());
+    REQUIRE(t1.ok());
+    REQUIRE(t2.ok());
+    tokens.push_back(*t2);
+  }
+  for (auto& t : tokens) CHECK(t->Wait(30s).ok());
+  CHECK(FromBytes<uint32_t>((*sum)->Map())[0] == n * (5 * 6 / 2));
+  CHECK(FromBytes<uint32_t>((*staged)->Map())[n - 1] == 5);
+}
+
+TEST_CASE("overlapping zero-copy wraps of the same pages") {
+  Engine& e = TheEngine();
+  Region r = MakeRegion(16 * 1024);
+  auto a = e.WrapHostMemory(r.map.bytes().subspan(0, 4096 + 64));
+  auto b = e.WrapHostMemory(r.map.bytes().subspan(4096, 4096));
+  REQUIRE(a.ok());
+  REQUIRE(b.ok());
+  Submission s;
+  s.Fill(*a, ByteSize{4096}, ByteSize{64}, 0x77);
+  s.Copy(*b, ByteSize{0}, *a, ByteSize{0}, ByteSize{64});
+  REQUIRE(e.SubmitAndWait(std::move(s)).ok());
+  auto w = FromBytes<uint32_t>(r.map.bytes().first(64));
+  CHECK(w == std::vector<uint32_t>(16, 0x77));
 }
 
 TEST_CASE("allow_zero_copy=false forces staging; buffers are per engine") {
