@@ -14,7 +14,7 @@ struct NativeOptions {
   std::string gpu;           // EngineOptions::gpu
   int latency_iters = 200;   // samples per latency case (after warm-up)
   int large_iters = 5;       // samples per throughput case
-  int import_iters = 20;     // samples per import case
+  int import_iters = 30;     // samples per import case (interleaved rounds)
   bool quick = false;        // smaller sizes (CI smoke run)
 };
 
