@@ -1,0 +1,57 @@
+#pragma once
+// API remoting (F4): the daemon side. A Listener per vGPU accepts remoting clients on a
+// unix SOCK_SEQPACKET socket (<runtime-dir>/<uuid>.remote.sock); each client gets a
+// Session that copies commands out of its shared ring, validates them and replays them on
+// the shared engine. Wire format: remoting/wire.h, docs/remoting-protocol.md.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "base/base.h"
+
+struct event_base;
+
+namespace vg::engine {
+class Engine;
+}
+
+namespace vg::remoting {
+
+// Per-client caps.
+struct Limits {
+  uint32_t max_objects = 4096;          // live buffers
+  uint64_t max_bytes = 512ull << 20;    // sum of live buffer sizes
+  uint64_t max_buffer = 256ull << 20;   // one buffer
+  uint32_t max_clients = 16;            // per listener
+};
+
+struct ListenerStats {
+  uint64_t accepted = 0;
+  uint64_t refused = 0;          // failed handshakes
+  uint64_t dropped = 0;          // clients dropped for a corrupt ring
+  uint64_t commands = 0;         // executed
+  uint64_t errors = 0;           // refused commands
+  uint64_t submissions = 0;      // engine submissions
+  uint64_t wakes = 0;            // wake eventfd events
+};
+
+class Listener {
+ public:
+  // Binds and listens on `path` (an existing file there is replaced).
+  static Result<std::unique_ptr<Listener>> Create(event_base* base, engine::Engine& engine, std::string path,
+                                                  Limits limits = {});
+  // Serves over an already-connected SOCK_SEQPACKET socket (tests: a socketpair), with no
+  // listening socket (path empty).
+  static Result<std::unique_ptr<Listener>> CreateUnbound(event_base* base, engine::Engine& engine,
+                                                         Limits limits = {});
+  // Adopts a connected socket; the handshake runs on the loop.
+  virtual Result<> Adopt(UniqueFd sock) = 0;
+  virtual ~Listener() = default;  // drops every client, unlinks the socket
+
+  virtual size_t clients() const = 0;
+  virtual ListenerStats stats() const = 0;
+  virtual const std::string& path() const = 0;
+};
+
+}  // namespace vg::remoting

@@ -1,0 +1,506 @@
+// The daemon side of API remoting: listener, handshake, and per-client sessions that copy
+// the published ring span out of shared memory, decode and validate the copy, and replay
+// it on the engine. docs/remoting-protocol.md is the contract.
+#include <event2/event.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "engine/engine.h"
+#include "remoting/decoder.h"
+#include "remoting/remoting.h"
+#include "remoting/wire.h"
+
+namespace vg::remoting {
+
+namespace {
+
+namespace w = wire;
+
+// Refills of the private copy per loop callback before yielding to other clients.
+constexpr int kMaxRefillsPerWake = 4;
+
+Result<> CheckIsEventFd(int fd) {
+  char link[64] = {};
+  std::string p = fmt::format("/proc/self/fd/{}", fd);
+  ssize_t n = ::readlink(p.c_str(), link, sizeof(link) - 1);
+  VG_ERROR_IF(n <= 0 || std::string_view(link, static_cast<size_t>(n)) != "anon_inode:[eventfd]", Errc::kBadMessage,
+              "wake fd is not an eventfd");
+  return Ok();
+}
+
+class ListenerImpl;
+
+class Session {
+ public:
+  Session(ListenerImpl& owner, uint32_t id, UniqueFd sock);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  uint32_t id() const { return id_; }
+  bool dead() const { return dead_; }
+
+ private:
+  static void OnSocket(int fd, short what, void* arg);
+  static void OnWake(int fd, short what, void* arg);
+  static void OnDone(int fd, short what, void* arg);
+
+  Result<> Handshake();
+  void SendWelcome(Errc status);
+  void Process();
+  // Runs one decoded command (already validated). Returns false when it must wait for the
+  // GPU (ordered op with work in flight): the cursor is not advanced.
+  Result<> Execute(const Command& c);
+  Result<> ValidateOnEngine(const Command& c) const;
+  Result<> Flush();
+  void Reap();
+  void Report(Errc code, uint32_t pos, const std::string& what);
+  void Drop(Errc code, const std::string& what);
+  void PublishHead() { w::StoreShared<uint32_t>(area(), w::kHeadOffset, head_); }
+  void SetFlags(uint32_t f) { w::StoreShared<uint32_t>(area(), w::kStatusFlagsOffset, f, std::memory_order_seq_cst); }
+  std::byte* area() const { return area_.data(); }
+  std::span<std::byte> heap() const { return area_.bytes().subspan(w::HeapOffset(ring_size_), heap_size_); }
+  engine::BufferRef Buffer(uint32_t id) const { return buffers_.at(id); }
+
+  ListenerImpl& owner_;
+  uint32_t id_;
+  UniqueFd sock_;
+  event* sock_ev_ = nullptr;
+  event* wake_ev_ = nullptr;
+  event* done_ev_ = nullptr;
+  bool running_ = false;
+  bool dead_ = false;
+
+  Mapping area_;
+  uint32_t ring_size_ = 0;
+  uint64_t heap_size_ = 0;
+  EventFd wake_;                    // the client's: readable when the client kicks us
+  EventFd reply_;                   // ours: signalled on fences, replies, errors, drop
+  std::shared_ptr<EventFd> done_;   // engine completion thread -> loop
+
+  // Copy, then check, then use: [head_, head_ + backlog_.size()) of the ring, copied once.
+  uint32_t head_ = 0;               // private; the shared head is only ever written
+  std::vector<std::byte> backlog_;
+  size_t cursor_ = 0;
+  uint32_t backlog_pos_ = 0;
+
+  ObjectTable objects_;
+  std::map<uint32_t, engine::BufferRef> buffers_;
+  engine::Submission pending_;
+  uint32_t pending_pos_ = 0;        // ring position of the last command in pending_
+  std::deque<std::pair<engine::TokenRef, uint32_t>> inflight_;
+  uint32_t error_count_ = 0;
+};
+
+class ListenerImpl final : public Listener {
+ public:
+  ListenerImpl(event_base* base, engine::Engine& engine, std::string path, Limits limits)
+      : base_(base), engine_(engine), path_(std::move(path)), limits_(limits) {}
+  ~ListenerImpl() override {
+    sessions_.clear();
+    if (accept_ev_) event_free(accept_ev_);
+    if (reap_ev_) event_free(reap_ev_);
+    if (!path_.empty()) ::unlink(path_.c_str());
+  }
+
+  Result<> Init() {
+    reap_ev_ = event_new(base_, -1, 0, &ListenerImpl::OnReap, this);
+    VG_ERROR_IF(!reap_ev_, Errc::kInternal, "event_new failed");
+    if (path_.empty()) return Ok();
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    VG_ERROR_IF(path_.size() >= sizeof(addr.sun_path), Errc::kInvalidArgument, "socket path too long: {}", path_);
+    std::memcpy(addr.sun_path, path_.c_str(), path_.size());
+    UniqueFd s(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    VG_ERROR_IF(!s.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
+    ::unlink(path_.c_str());
+    VG_ERROR_IF(::bind(s.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0, Errc::kIo, "bind {}: {}",
+                path_, std::strerror(errno));
+    VG_ERROR_IF(::listen(s.Get(), 16) != 0, Errc::kIo, "listen {}: {}", path_, std::strerror(errno));
+    listen_ = std::move(s);
+    accept_ev_ = event_new(base_, listen_.Get(), EV_READ | EV_PERSIST, &ListenerImpl::OnAccept, this);
+    VG_ERROR_IF(!accept_ev_, Errc::kInternal, "event_new failed");
+    event_add(accept_ev_, nullptr);
+    return Ok();
+  }
+
+  Result<> Adopt(UniqueFd sock) override {
+    int fl = ::fcntl(sock.Get(), F_GETFL);
+    VG_ERROR_IF(fl < 0 || ::fcntl(sock.Get(), F_SETFL, fl | O_NONBLOCK) != 0, Errc::kIo, "fcntl: {}",
+                std::strerror(errno));
+    uint32_t id = next_id_++;
+    sessions_.emplace(id, std::make_unique<Session>(*this, id, std::move(sock)));
+    return Ok();
+  }
+  size_t clients() const override { return sessions_.size(); }
+  ListenerStats stats() const override { return stats_; }
+  const std::string& path() const override { return path_; }
+
+  void ScheduleReap() { event_active(reap_ev_, EV_TIMEOUT, 0); }
+
+  event_base* base_;
+  engine::Engine& engine_;
+  std::string path_;
+  Limits limits_;
+  ListenerStats stats_;
+
+ private:
+  static void OnAccept(int fd, short, void* arg) {
+    auto* self = static_cast<ListenerImpl*>(arg);
+    for (;;) {
+      int c = ::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (c < 0) return;
+      (void)self->Adopt(UniqueFd(c));
+    }
+  }
+  static void OnReap(int, short, void* arg) {
+    auto* self = static_cast<ListenerImpl*>(arg);
+    std::erase_if(self->sessions_, [](const auto& kv) { return kv.second->dead(); });
+  }
+
+  UniqueFd listen_;
+  event* accept_ev_ = nullptr;
+  event* reap_ev_ = nullptr;
+  uint32_t next_id_ = 1;
+  std::map<uint32_t, std::unique_ptr<Session>> sessions_;
+};
+
+// ---- Session ----------------------------------------------------------------------------
+
+Session::Session(ListenerImpl& owner, uint32_t id, UniqueFd sock)
+    : owner_(owner), id_(id), sock_(std::move(sock)), objects_(owner.limits_) {
+  sock_ev_ = event_new(owner_.base_, sock_.Get(), EV_READ | EV_PERSIST, &Session::OnSocket, this);
+  event_add(sock_ev_, nullptr);
+}
+
+Session::~Session() {
+  if (sock_ev_) event_free(sock_ev_);
+  if (wake_ev_) event_free(wake_ev_);
+  if (done_ev_) event_free(done_ev_);
+  // In-flight submissions keep their buffers alive (refcounted) and signal done_ through
+  // their own shared_ptr, so nothing here waits for the GPU.
+}
+
+void Session::Reap() {
+  dead_ = true;
+  if (sock_ev_) event_del(sock_ev_);
+  if (wake_ev_) event_del(wake_ev_);
+  if (done_ev_) event_del(done_ev_);
+  owner_.ScheduleReap();
+}
+
+void Session::OnSocket(int fd, short, void* arg) {
+  auto* s = static_cast<Session*>(arg);
+  if (s->dead_) return;
+  if (!s->running_) {
+    auto r = s->Handshake();
+    if (!r.ok()) {
+      VG_LOGW("remoting client {}: handshake refused: {}", s->id_, r.error().ToString());
+      ++s->owner_.stats_.refused;
+      s->SendWelcome(r.code());
+      s->Reap();
+    }
+    return;
+  }
+  // After the handshake the socket carries nothing: EOF (or anything else) ends the client.
+  std::byte b[64];
+  ssize_t n = ::recv(fd, b, sizeof(b), MSG_DONTWAIT);
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+  VG_LOGI("remoting client {}: disconnected", s->id_);
+  s->Reap();
+}
+
+Result<> Session::Handshake() {
+  w::Hello hello{};
+  iovec iov{&hello, sizeof(hello)};
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(4 * sizeof(int))];
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = cbuf;
+  msg.msg_controllen = sizeof(cbuf);
+  ssize_t n = ::recvmsg(sock_.Get(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return Ok();
+  VG_ERROR_IF(n == 0, Errc::kPeerClosed, "closed before the handshake");
+  VG_ERROR_IF(n < 0, Errc::kIo, "recvmsg: {}", std::strerror(errno));
+  std::vector<UniqueFd> fds;  // own every fd received before any check can return
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      fds.emplace_back(fd);
+    }
+  }
+  VG_ERROR_IF(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC), Errc::kBadMessage, "hello truncated");
+  VG_ERROR_IF(static_cast<size_t>(n) != sizeof(hello), Errc::kBadMessage, "hello of {} bytes", n);
+  VG_ERROR_IF(hello.magic != w::kMagic || hello.version != w::kVersion, Errc::kUnsupported,
+              "magic {:#x} version {}", hello.magic, hello.version);
+  VG_ERROR_IF(fds.size() != 2, Errc::kBadFdCount, "{} fds, want 2 (area memfd, wake eventfd)", fds.size());
+  VG_ERROR_IF(owner_.clients() > owner_.limits_.max_clients, Errc::kLimitExceeded, "over {} clients",
+              owner_.limits_.max_clients);
+  VG_ERROR_IF(!IsPowerOfTwo(hello.ring_size) || hello.ring_size < w::kMinRingSize || hello.ring_size > w::kMaxRingSize,
+              Errc::kInvalidArgument, "ring size {:#x}", hello.ring_size);
+  VG_ERROR_IF(hello.heap_size % kPageSize != 0 || hello.heap_size > w::kMaxHeapSize || hello.reserved != 0,
+              Errc::kInvalidArgument, "heap size {:#x}", hello.heap_size);
+  const uint64_t area_size = w::AreaSize(hello.ring_size, hello.heap_size);
+  struct stat st{};
+  VG_ERROR_IF(::fstat(fds[0].Get(), &st) != 0 || !S_ISREG(st.st_mode), Errc::kBadMessage, "area fd is not a memfd");
+  VG_ERROR_IF(static_cast<uint64_t>(st.st_size) < area_size, Errc::kOutOfBounds, "area of {} B < {} B", st.st_size,
+              area_size);
+  // A client that shrank the memfd later would turn our loads into SIGBUS: demand the seal.
+  int seals = ::fcntl(fds[0].Get(), F_GET_SEALS);
+  VG_ERROR_IF(seals < 0 || !(seals & F_SEAL_SHRINK), Errc::kAccessDenied, "area memfd lacks F_SEAL_SHRINK");
+  VG_TRY(CheckIsEventFd(fds[1].Get()));
+  VG_TRY_ASSIGN(area_, Mapping::Map(fds[0], ByteSize{area_size}, 0));
+  ring_size_ = hello.ring_size;
+  heap_size_ = hello.heap_size;
+  wake_ = EventFd::Adopt(std::move(fds[1]));
+  VG_TRY_ASSIGN(reply_, EventFd::Create(true));
+  VG_TRY_ASSIGN(auto done, EventFd::Create(true));
+  done_ = std::make_shared<EventFd>(std::move(done));
+  // The server starts idle: the client's first publish kicks it.
+  head_ = 0;
+  PublishHead();
+  SetFlags(w::kStatusIdle);
+  wake_ev_ = event_new(owner_.base_, wake_.Get(), EV_READ | EV_PERSIST, &Session::OnWake, this);
+  done_ev_ = event_new(owner_.base_, done_->Get(), EV_READ | EV_PERSIST, &Session::OnDone, this);
+  VG_ERROR_IF(!wake_ev_ || !done_ev_, Errc::kInternal, "event_new failed");
+  event_add(wake_ev_, nullptr);
+  event_add(done_ev_, nullptr);
+  running_ = true;
+  ++owner_.stats_.accepted;
+  SendWelcome(Errc::kOk);
+  VG_LOGI("remoting client {}: ring {} KiB, heap {} KiB", id_, ring_size_ >> 10, heap_size_ >> 10);
+  return Ok();
+}
+
+void Session::SendWelcome(Errc status) {
+  w::Welcome wl{w::kMagic, w::kVersion, static_cast<uint32_t>(status), id_, owner_.limits_.max_objects, 0,
+                owner_.limits_.max_bytes};
+  iovec iov{&wl, sizeof(wl)};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
+  if (status == Errc::kOk) {
+    msg.msg_control = cbuf;
+    msg.msg_controllen = sizeof(cbuf);
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    int fd = reply_.Get();
+    std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
+  }
+  (void)::sendmsg(sock_.Get(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+void Session::OnWake(int, short, void* arg) {
+  auto* s = static_cast<Session*>(arg);
+  ++s->owner_.stats_.wakes;
+  (void)s->wake_.Drain();
+  s->Process();
+}
+
+void Session::OnDone(int, short, void* arg) {
+  auto* s = static_cast<Session*>(arg);
+  (void)s->done_->Drain();
+  while (!s->inflight_.empty() && s->inflight_.front().first->Done()) {
+    auto [tok, pos] = s->inflight_.front();
+    s->inflight_.pop_front();
+    auto st = tok->Status();
+    if (!st.ok()) s->Report(st.code(), pos, "submission failed: " + st.error().what);
+  }
+  s->Process();
+}
+
+void Session::Report(Errc code, uint32_t pos, const std::string& what) {
+  ++owner_.stats_.errors;
+  VG_LOGW("remoting client {}: command at {:#x} refused: {} ({})", id_, pos, ErrcName(code), what);
+  w::StoreShared<uint32_t>(area(), w::kStatusErrorCodeOffset, static_cast<uint32_t>(code));
+  w::StoreShared<uint32_t>(area(), w::kStatusErrorOffsetOffset, pos);
+  w::StoreShared<uint32_t>(area(), w::kStatusErrorCountOffset, ++error_count_);
+  (void)reply_.Signal();
+}
+
+void Session::Drop(Errc code, const std::string& what) {
+  ++owner_.stats_.dropped;
+  Report(code, head_, what);
+  VG_LOGW("remoting client {}: dropped ({})", id_, ErrcName(code));
+  SetFlags(w::kStatusDead);
+  (void)reply_.Signal();
+  Reap();
+}
+
+Result<> Session::Flush() {
+  if (pending_.ops.empty()) return Ok();
+  engine::Submission s = std::move(pending_);
+  pending_ = {};
+  std::shared_ptr<EventFd> done = done_;
+  engine::Completion comp;
+  comp.callback = [done](const Result<>&) { (void)done->Signal(); };
+  ++owner_.stats_.submissions;
+  VG_TRY_ASSIGN(auto tok, owner_.engine_.Submit(std::move(s), std::move(comp)));
+  inflight_.emplace_back(std::move(tok), pending_pos_);
+  return Ok();
+}
+
+Result<> Session::ValidateOnEngine(const Command& c) const {
+  // Device limits (group counts, binding alignment, maxStorageBufferRange) on the one op
+  // alone, so a refusal names this command rather than the whole batch.
+  engine::Submission one;
+  if (const auto* d = std::get_if<DispatchCommand>(&c.payload)) {
+    std::vector<engine::BufferRange> binds;
+    for (const auto& b : d->bindings) binds.push_back({Buffer(b.id), ByteSize{b.offset}, ByteSize{b.size}});
+    one.Dispatch(d->head.kernel, {d->head.groups[0], d->head.groups[1], d->head.groups[2]}, std::move(binds), d->push);
+  } else if (const auto* cp = std::get_if<w::CopyCmd>(&c.payload)) {
+    one.Copy(Buffer(cp->src), ByteSize{cp->src_offset}, Buffer(cp->dst), ByteSize{cp->dst_offset}, ByteSize{cp->size});
+  } else if (const auto* f = std::get_if<w::FillCmd>(&c.payload)) {
+    one.Fill(Buffer(f->id), ByteSize{f->offset}, ByteSize{f->size}, f->value);
+  } else {
+    return Ok();
+  }
+  return owner_.engine_.Validate(one);
+}
+
+Result<> Session::Execute(const Command& c) {
+  const uint32_t pos = backlog_pos_ + static_cast<uint32_t>(cursor_);
+  if (const auto* cr = std::get_if<w::CreateBufferCmd>(&c.payload)) {
+    VG_TRY_ASSIGN(auto buf, owner_.engine_.CreateBuffer(ByteSize{cr->size}));
+    objects_.DoCreate(*cr);
+    buffers_[cr->id] = std::move(buf);
+  } else if (const auto* de = std::get_if<w::DestroyBufferCmd>(&c.payload)) {
+    objects_.DoDestroy(de->id);
+    buffers_.erase(de->id);  // pending and in-flight submissions hold their own reference
+  } else if (const auto* wr = std::get_if<w::WriteCmd>(&c.payload)) {
+    // The heap is shared: read each byte once, straight into the buffer (no re-read).
+    auto dst = Buffer(wr->id)->Map().subspan(wr->offset, wr->size);
+    std::memcpy(dst.data(), heap().data() + wr->heap_offset, wr->size);
+  } else if (const auto* rd = std::get_if<w::ReadCmd>(&c.payload)) {
+    auto src = Buffer(rd->id)->Map().subspan(rd->offset, rd->size);
+    std::memcpy(heap().data() + rd->heap_offset, src.data(), rd->size);
+    w::StoreShared<uint64_t>(area(), w::kStatusReplyOffset, rd->seq);
+    (void)reply_.Signal();
+  } else if (const auto* d = std::get_if<DispatchCommand>(&c.payload)) {
+    std::vector<engine::BufferRange> binds;
+    for (const auto& b : d->bindings) binds.push_back({Buffer(b.id), ByteSize{b.offset}, ByteSize{b.size}});
+    pending_.Dispatch(d->head.kernel, {d->head.groups[0], d->head.groups[1], d->head.groups[2]}, std::move(binds),
+                      d->push);
+    pending_pos_ = pos;
+  } else if (const auto* cp = std::get_if<w::CopyCmd>(&c.payload)) {
+    pending_.Copy(Buffer(cp->src), ByteSize{cp->src_offset}, Buffer(cp->dst), ByteSize{cp->dst_offset},
+                  ByteSize{cp->size});
+    pending_pos_ = pos;
+  } else if (const auto* f = std::get_if<w::FillCmd>(&c.payload)) {
+    pending_.Fill(Buffer(f->id), ByteSize{f->offset}, ByteSize{f->size}, f->value);
+    pending_pos_ = pos;
+  } else if (const auto* fe = std::get_if<w::FenceCmd>(&c.payload)) {
+    w::StoreShared<uint64_t>(area(), w::kStatusFenceOffset, fe->value);
+    (void)reply_.Signal();
+  }
+  ++owner_.stats_.commands;
+  if (pending_.ops.size() >= engine::kMaxOpsPerSubmission) VG_TRY(Flush());
+  return Ok();
+}
+
+void Session::Process() {
+  if (dead_ || !running_) return;
+  SetFlags(0);  // awake: the client need not kick until we say idle again
+  int refills = 0;
+  for (;;) {
+    if (cursor_ == backlog_.size()) {
+      // Everything copied so far is done (or queued): look for more.
+      const uint32_t tail = w::LoadShared<uint32_t>(area(), w::kTailOffset);
+      const uint32_t avail = tail - head_;
+      if (tail % w::kAlign != 0) return Drop(Errc::kMisaligned, fmt::format("tail {:#x} not a multiple of 8", tail));
+      if (avail > ring_size_)
+        return Drop(Errc::kOutOfBounds, fmt::format("tail {:#x} is {:#x} bytes past head {:#x}, ring holds {:#x}",
+                                                    tail, avail, head_, ring_size_));
+      if (avail == 0) {
+        if (auto r = Flush(); !r.ok()) Report(r.code(), pending_pos_, r.error().what);
+        // Idle protocol (Dekker with the client): set IDLE, then re-read the tail. A client
+        // that published after our read sees IDLE and kicks; one that published before is
+        // seen here.
+        SetFlags(w::kStatusIdle);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (w::LoadShared<uint32_t>(area(), w::kTailOffset) != head_) {
+          SetFlags(0);
+          continue;
+        }
+        return;
+      }
+      if (++refills > kMaxRefillsPerWake) {
+        event_active(wake_ev_, EV_READ, 0);  // yield to other clients; come back next turn
+        return;
+      }
+      // Copy, once, out of the shared ring (it may wrap).
+      backlog_.resize(avail);
+      const std::byte* ring = area() + w::kRingOffset;
+      const uint32_t start = head_ & (ring_size_ - 1);
+      const uint32_t first = std::min(avail, ring_size_ - start);
+      std::memcpy(backlog_.data(), ring + start, first);
+      std::memcpy(backlog_.data() + first, ring, avail - first);
+      backlog_pos_ = head_;
+      cursor_ = 0;
+    }
+
+    const uint32_t pos = backlog_pos_ + static_cast<uint32_t>(cursor_);
+    Decoded d = DecodeCommand(backlog_, cursor_);
+    if (d.cmd.ok()) {
+      const Command& c = *d.cmd;
+      const OpDesc& desc = kOpTable[static_cast<uint16_t>(c.op)];
+      if (desc.kind == OpKind::kOrdered) {
+        if (auto r = Flush(); !r.ok()) Report(r.code(), pending_pos_, r.error().what);
+        if (!inflight_.empty()) return;  // resumed by OnDone once the GPU caught up
+      }
+      Result<> r = ValidateCommand(c, objects_, heap_size_);
+      if (r.ok()) r = ValidateOnEngine(c);
+      if (r.ok()) r = Execute(c);
+      if (!r.ok()) {
+        Report(r.code(), pos, fmt::format("{}: {}", desc.name, r.error().what));
+        // A refused READ still answers, so a waiting client wakes and sees the error.
+        if (const auto* rd = std::get_if<w::ReadCmd>(&c.payload))
+          w::StoreShared<uint64_t>(area(), w::kStatusReplyOffset, rd->seq);
+      }
+      cursor_ += c.size;
+    } else {
+      Report(d.cmd.code(), pos, d.cmd.error().what);
+      // Resynchronise: skip a framed command, or everything up to the published tail (the
+      // client publishes whole commands, so the tail is always a command boundary).
+      cursor_ = d.advance ? cursor_ + d.advance : backlog_.size();
+    }
+    head_ = backlog_pos_ + static_cast<uint32_t>(cursor_);
+    PublishHead();
+    if (dead_) return;
+  }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Listener>> Listener::Create(event_base* base, engine::Engine& engine, std::string path,
+                                                   Limits limits) {
+  VG_INVALID_IF(path.empty(), "empty socket path");
+  auto l = std::make_unique<ListenerImpl>(base, engine, std::move(path), limits);
+  VG_TRY(l->Init());
+  return std::unique_ptr<Listener>(std::move(l));
+}
+
+Result<std::unique_ptr<Listener>> Listener::CreateUnbound(event_base* base, engine::Engine& engine, Limits limits) {
+  auto l = std::make_unique<ListenerImpl>(base, engine, std::string(), limits);
+  VG_TRY(l->Init());
+  return std::unique_ptr<Listener>(std::move(l));
+}
+
+}  // namespace vg::remoting
