@@ -35,6 +35,7 @@ Daemon::~Daemon() {
   for (auto& [uuid, inst] : vgpus_) {
     if (inst.doorbell_ev) event_free(inst.doorbell_ev);
     inst.listener.reset();
+    inst.remoting.reset();
   }
   vgpus_.clear();
   if (sigint_) event_free(sigint_);
@@ -43,6 +44,9 @@ Daemon::~Daemon() {
 }
 
 std::string Daemon::SocketPath(const Uuid& uuid) const { return opts_.runtime_dir + "/" + uuid.ToString() + ".sock"; }
+std::string Daemon::RemotingSocketPath(const Uuid& uuid) const {
+  return opts_.runtime_dir + "/" + uuid.ToString() + ".remote.sock";
+}
 
 mediator::Vgpu* Daemon::Find(const Uuid& uuid) {
   auto it = vgpus_.find(uuid);
@@ -55,6 +59,8 @@ Result<std::string> Daemon::StartVgpu(const mediator::VgpuConfig& cfg) {
   mediator::VgpuConfig with_engine = cfg;
   with_engine.engine = engine_.get();
   VG_TRY_ASSIGN(inst.vgpu, mediator::Vgpu::Create(with_engine));
+  // Remoting first: the e2e harness waits for the vfio-user socket as "ready".
+  VG_TRY_ASSIGN(inst.remoting, remoting::Listener::Create(base_, *engine_, RemotingSocketPath(cfg.uuid)));
   std::string path = SocketPath(cfg.uuid);
   VG_TRY_ASSIGN(inst.listener, vfio_user::Listener::Create(base_, path, *inst.vgpu));
   inst.doorbell_ev = event_new(base_, inst.vgpu->doorbell().Get(), EV_READ | EV_PERSIST, &Daemon::OnDoorbell,
@@ -71,6 +77,7 @@ Result<> Daemon::StopVgpu(const Uuid& uuid) {
   VG_ERROR_IF(it == vgpus_.end(), Errc::kNotFound, "vGPU {} is not running", uuid);
   if (it->second.doorbell_ev) event_free(it->second.doorbell_ev);
   it->second.listener.reset();  // drops the client, unlinks the socket
+  it->second.remoting.reset();  // drops its remoting clients, unlinks that socket
   vgpus_.erase(it);
   VG_LOGI("vGPU {} stopped", uuid);
   return Ok();

@@ -9,6 +9,7 @@
 #include "base/base.h"
 #include "engine/engine.h"
 #include "mediator/mediator.h"
+#include "remoting/remoting.h"
 #include "vfio_user/server.h"
 
 struct event_base;
@@ -33,6 +34,8 @@ class Daemon {
   Result<> StopVgpu(const Uuid& uuid);
   bool Has(const Uuid& uuid) const { return vgpus_.count(uuid) != 0; }
   std::string SocketPath(const Uuid& uuid) const;
+  // API remoting (F4) beside the vfio-user socket: <runtime-dir>/<uuid>.remote.sock
+  std::string RemotingSocketPath(const Uuid& uuid) const;
   mediator::Vgpu* Find(const Uuid& uuid);
 
   // Runs until SIGINT/SIGTERM or Stop().
@@ -45,6 +48,7 @@ class Daemon {
   struct Instance {
     std::unique_ptr<mediator::Vgpu> vgpu;
     std::unique_ptr<vfio_user::Listener> listener;
+    std::unique_ptr<remoting::Listener> remoting;
     event* doorbell_ev = nullptr;
   };
   explicit Daemon(DaemonOptions opts, event_base* base);
