@@ -202,9 +202,10 @@ class Engine {
   // within one buffer with overlapping ranges).
   Result<> Validate(const Submission& s) const;
   // Validate, then record and queue. Thread-safe: submitters share no state but the queue
-  // lock. Errors here mean nothing was queued; errors after queueing reach the token,
-  // the callback and the eventfd. kDeviceLost once the device is lost; kBusy past
-  // kMaxInFlight pending submissions.
+  // lock, and never block on the GPU. Submissions run in the order they were queued. An
+  // error returned here means nothing was queued (kDeviceLost once the device is lost,
+  // kBusy past kMaxInFlight pending); later errors (vkQueueSubmit, device loss) reach
+  // the token, the callback and the eventfd, exactly once each.
   Result<TokenRef> Submit(Submission s, Completion completion = {});
   Result<> SubmitAndWait(Submission s);
   // Waits for every submission queued so far.
