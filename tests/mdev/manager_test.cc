@@ -230,6 +230,27 @@ TEST_CASE("atomic write: the old file or the new one, never a partial one, no te
   CHECK(n == 2);
 }
 
+TEST_CASE("atomic write: a concurrent reader sees the old or the new file, nothing between") {
+  TempDir tmp;
+  const fs::path p = tmp.path() / "def";
+  const std::string a(64 * 1024, 'a'), b(48 * 1024, 'b');
+  REQUIRE(WriteFileAtomic(p, a).ok());
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    for (int i = 0; i < 200; ++i) REQUIRE(WriteFileAtomic(p, i % 2 ? a : b).ok());
+    done = true;
+  });
+  int torn = 0, reads = 0;
+  while (!done) {
+    const std::string got = Slurp(p);
+    ++reads;
+    if (got != a && got != b) ++torn;
+  }
+  writer.join();
+  CHECK(reads > 0);
+  CHECK(torn == 0);
+}
+
 TEST_CASE("auto-start brings back start:auto definitions only") {
   Fixture f;
   const Uuid a = Uuid::Random(), m = Uuid::Random(), bad = Uuid::Random();

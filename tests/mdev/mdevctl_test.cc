@@ -238,6 +238,26 @@ TEST_CASE("mdevctl transient start -p -t, then define the running device") {
   CHECK(!e.Active(u));
 }
 
+TEST_CASE("mdevctl define and start from --jsonfile") {
+  Env e;
+  const fs::path json = e.tmp.path() / "dev.json";
+  std::ofstream(json) << R"({"mdev_type":"vgpud-small","start":"auto","attrs":[{"rate_limit":"30"},{"sched_weight":"5"}]})";
+  const std::string u = "44444444-0000-4000-8000-000000000001";
+  REQUIRE(e.Mdevctl("define -u " + u + " -p vgpud0 --jsonfile " + json.string()).rc == 0);
+  auto d = e.mgr->GetDefinition(*Uuid::Parse(u));
+  REQUIRE(d.ok());
+  CHECK(d->start == StartMode::kAuto);
+  CHECK(d->attrs == Attributes{{"rate_limit", "30"}, {"sched_weight", "5"}});
+  Run r = e.Mdevctl("start -p vgpud0 --jsonfile " + json.string());
+  REQUIRE(r.rc == 0);
+  const std::string t = Trim(r.out);
+  REQUIRE(Uuid::Parse(t).ok());
+  // mdevctl wrote the attributes, in order, to the device's files after create.
+  CHECK(e.host.attrs(*Uuid::Parse(t)) == Attributes{{"rate_limit", "30"}, {"sched_weight", "5"}});
+  r = e.Mdevctl("list -v -u " + t);
+  CHECK(Contains(r.out, t + " vgpud0 vgpud-small manual\n  Attrs:\n    @{0}: {\"rate_limit\":\"30\"}\n"));
+}
+
 TEST_CASE("mdevctl start-parent-mdevs starts the auto definitions") {
   Env e;
   const std::string a = "aaaaaaaa-0000-4000-8000-000000000001", m = "aaaaaaaa-0000-4000-8000-000000000002";
