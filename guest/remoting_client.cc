@@ -34,6 +34,13 @@ Result<std::unique_ptr<RemotingClient>> RemotingClient::Connect(const RemotingOp
   return c;
 }
 
+Result<std::unique_ptr<RemotingClient>> RemotingClient::Connect(UniqueFd sock, const RemotingOptions& opts) {
+  std::unique_ptr<RemotingClient> c(new RemotingClient(opts));
+  c->sock_ = std::move(sock);
+  VG_TRY(c->Init());
+  return c;
+}
+
 RemotingClient::~RemotingClient() { (void)Flush(); }
 
 Result<> RemotingClient::Init() {
@@ -45,7 +52,7 @@ Result<> RemotingClient::Init() {
   VG_INVALID_IF(opts_.socket.size() >= sizeof(addr.sun_path), "socket path too long");
   std::memcpy(addr.sun_path, opts_.socket.c_str(), opts_.socket.size());
   auto deadline = Clock::now() + std::chrono::milliseconds(opts_.connect_timeout_ms);
-  for (;;) {
+  while (!sock_.Valid()) {
     UniqueFd s(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
     VG_ERROR_IF(!s.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
     if (::connect(s.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {

@@ -60,6 +60,8 @@ struct RemoteError {
 class RemotingClient {
  public:
   static Result<std::unique_ptr<RemotingClient>> Connect(const RemotingOptions& opts);
+  // Over an already-connected SOCK_SEQPACKET socket (in-process tests: a socketpair).
+  static Result<std::unique_ptr<RemotingClient>> Connect(UniqueFd sock, const RemotingOptions& opts);
   ~RemotingClient();
   RemotingClient(const RemotingClient&) = delete;
   RemotingClient& operator=(const RemotingClient&) = delete;

@@ -337,10 +337,10 @@ void Session::Report(Errc code, uint32_t pos, const std::string& what) {
 
 void Session::Drop(Errc code, const std::string& what) {
   ++owner_.stats_.dropped;
+  // DEAD before the error count moves: a client that sees the new error sees DEAD too.
+  SetFlags(w::kStatusDead);
   Report(code, head_, what);
   VG_LOGW("remoting client {}: dropped ({})", id_, ErrcName(code));
-  SetFlags(w::kStatusDead);
-  (void)reply_.Signal();
   Reap();
 }
 
