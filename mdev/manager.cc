@@ -116,14 +116,20 @@ struct Manager::Impl {
     return Ok();
   }
 
-  Result<std::string> StartLocked(const Uuid& u, std::string_view type_id, const Attributes& attrs) {
+  // No side effects; the callout's pre-start veto asks exactly this question.
+  Result<const VgpuType*> ValidateStartLocked(const Uuid& u, std::string_view type_id, const Attributes& attrs) const {
     VG_INVALID_IF(u.IsNil(), "nil uuid");
     VG_ERROR_IF(active.count(u) != 0, Errc::kAlreadyExists, "instance {} is already active", u);
     const VgpuType* t = Type(type_id);
     VG_ERROR_IF(t == nullptr, Errc::kNotFound, "unknown type '{}' on parent {}", type_id, parent);
     for (const auto& [k, v] : attrs) VG_TRY(ValidateAttribute(k, v));
-    // Never over-commit: the budget is checked and charged under the same lock.
     VG_ERROR_IF(AvailLocked(*t) == 0, Errc::kLimitExceeded, "no instances of {} left on {}", t->id, parent);
+    return t;
+  }
+
+  Result<std::string> StartLocked(const Uuid& u, std::string_view type_id, const Attributes& attrs) {
+    // Never over-commit: the budget is checked and charged under the same lock.
+    VG_TRY_ASSIGN(const VgpuType* t, ValidateStartLocked(u, type_id, attrs));
     VG_TRY_ASSIGN(std::string sock, host.StartInstance(u, *t, attrs));
     active.emplace(u, Active{*t, attrs, sock});
     VG_LOGI("mdev: started {} ({}) at {}", u, t->id, sock);
@@ -362,13 +368,12 @@ CalloutAnswer Manager::AnswerCallout(const CalloutQuery& q) const {
     if (!parsed) return {V::kVeto, parsed.error().what};
     d = std::move(*parsed);
   }
-  if (auto r = impl_->ValidateDef(d); !r) return {V::kVeto, r.error().what};
   if (q.action == "start") {
     std::lock_guard lk(impl_->mu);
-    if (uuid && impl_->active.count(*uuid)) return {V::kVeto, fmt::format("{} is already active", q.uuid)};
-    if (impl_->AvailLocked(*impl_->Type(d.type)) == 0)
-      return {V::kVeto, fmt::format("no instances of {} left on {}", d.type, impl_->parent)};
+    auto r = impl_->ValidateStartLocked(uuid.value_or(Uuid::Random()), d.type, d.attrs);
+    return r ? CalloutAnswer{V::kOk, ""} : CalloutAnswer{V::kVeto, r.error().what};
   }
+  if (auto r = impl_->ValidateDef(d); !r) return {V::kVeto, r.error().what};
   return {V::kOk, ""};
 }
 
