@@ -101,6 +101,17 @@ Result<Message> Client::ReceiveRaw(int timeout_ms) {
   return conn_.ReceiveBlocking(timeout_ms);
 }
 
+Result<> Client::ServeOneServerRequest(int timeout_ms) {
+  std::lock_guard lk(mu_);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    VG_ERROR_IF(left.count() <= 0, Errc::kTimeout, "no server request within {} ms", timeout_ms);
+    VG_TRY_ASSIGN(Message m, conn_.ReceiveBlocking(static_cast<int>(left.count())));
+    if (m.type() == kTypeCommand) return ServeServerRequest(conn_, m);
+  }
+}
+
 Result<ServerCaps> Client::Negotiate(const ClientOptions& opts, DmaHandler dma) {
   opts_ = opts;
   dma_ = std::move(dma);

@@ -105,6 +105,10 @@ class Client {
   Result<> SendRaw(std::span<const std::byte> bytes, std::span<const int> fds = {});
   Result<Message> ReceiveRaw(int timeout_ms);
   uint16_t NextId() { return ++next_id_; }
+  // Without a twin socket the server's DMA requests arrive on the main socket; Request()
+  // serves them while it waits, and an idle client calls this to serve one (kTimeout when
+  // none came within timeout_ms).
+  Result<> ServeOneServerRequest(int timeout_ms);
 
   int fd() const { return conn_.fd(); }
   uint64_t dma_requests_served() const { return dma_served_.load(); }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <bit>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -67,6 +68,12 @@ ServerSession::ServerSession(DeviceBackend& dev, UniqueFd sock, ServerLimits lim
 }
 
 ServerSession::~ServerSession() {
+  {
+    // Wake a worker waiting for a DMA reply that can no longer come.
+    std::lock_guard lk(pend_mu_);
+    closing_ = true;
+    pend_cv_.notify_all();
+  }
   dev_.OnDisconnect();
   std::lock_guard lk(twin_mu_);
   twin_.reset();
@@ -77,8 +84,36 @@ bool ServerSession::twin_socket() const {
   return twin_ != nullptr;
 }
 
+Result<> ServerSession::OnWritable() {
+  std::lock_guard lk(send_mu_);
+  return conn_.Flush();
+}
+bool ServerSession::WantsWrite() const {
+  std::lock_guard lk(send_mu_);
+  return conn_.HasPendingOutput();
+}
+bool ServerSession::OutputBackedUp() const {
+  std::lock_guard lk(send_mu_);
+  return conn_.PendingOutputBytes() > limits_.max_pending_output;
+}
+Result<> ServerSession::SendLocked(const Header& h, std::span<const std::byte> payload, std::span<const int> fds) {
+  std::lock_guard lk(send_mu_);
+  return conn_.Send(h, payload, fds);
+}
+
 Result<> ServerSession::OnReadable() {
-  for (int i = 0; i < kMessagesPerWakeup && !OutputBackedUp(); ++i) {
+  loop_thread_ = std::this_thread::get_id();
+  int budget = kMessagesPerWakeup;
+  while (!OutputBackedUp()) {
+    // Commands that arrived while a handler waited inline for a DMA reply come first: the
+    // socket may have nothing more to wake us for them.
+    if (!deferred_.empty()) {
+      Message m = std::move(deferred_.front());
+      deferred_.pop_front();
+      VG_TRY(HandleMessage(std::move(m)));
+      continue;
+    }
+    if (budget-- == 0) break;
     VG_TRY_ASSIGN(std::optional<Message> m, conn_.Receive());
     if (!m) break;
     VG_TRY(HandleMessage(std::move(*m)));
@@ -112,7 +147,15 @@ Result<> ServerSession::Validate(const Message& m, const CommandSpec*& spec) con
 Result<> ServerSession::HandleMessage(Message msg) {
   Header req = msg.hdr;
   if (msg.type() == kTypeReply) {
-    // No server request is ever outstanding on the main socket: a stray reply is ignored.
+    {
+      std::lock_guard lk(pend_mu_);
+      if (pending_ && !pending_->reply && pending_->id == req.msg_id && pending_->command == req.command) {
+        pending_->reply = std::move(msg);
+        pend_cv_.notify_all();
+        return Ok();
+      }
+    }
+    // A reply to nothing outstanding (late after a timeout, or made up): ignored.
     VG_LOGW("vfio-user: ignoring unsolicited reply id {} command {}", req.msg_id, CommandName(req.command));
     return Ok();
   }
@@ -125,9 +168,10 @@ Result<> ServerSession::HandleMessage(Message msg) {
   if (!r.ok()) {
     VG_TRY(SendError(req, r.error()));
   } else if (!msg.no_reply()) {
-    VG_TRY(conn_.Send(ReplyHeader(req), r->payload, r->fds));
+    VG_TRY(SendLocked(ReplyHeader(req), r->payload, r->fds));
   }
   if (fatal_) {
+    std::lock_guard lk(send_mu_);
     (void)conn_.FlushBlocking(100);
     return MakeError(Errc::kUnsupported, "session closed after VERSION mismatch");
   }
@@ -143,7 +187,7 @@ Result<> ServerSession::SendError(const Header& req, const Error& e) {
   Header h = ReplyHeader(req);
   h.flags |= kFlagError;
   h.error = static_cast<uint32_t>(ErrcToErrno(e.code));
-  return conn_.Send(h, {});
+  return SendLocked(h, {});
 }
 
 // ---- VERSION ----------------------------------------------------------------------------
@@ -448,12 +492,73 @@ Result<ServerSession::Reply> ServerSession::HandleUnsupported(Message& m) {
 
 // ---- DmaMessenger -------------------------------------------------------------------------
 
-Result<> ServerSession::DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> in, std::span<const std::byte> out) {
+Result<Message> ServerSession::TwinRoundTrip(const Header& h, std::span<const std::byte> body) {
   std::lock_guard lk(twin_mu_);
-  VG_ERROR_IF(!twin_, Errc::kUnsupported,
-              "DMA to {} without a twin socket (client shared memory without an fd and did not offer twin_socket)",
-              addr);
   VG_ERROR_IF(twin_broken_, Errc::kDeviceLost, "twin socket lost sync after an earlier failure");
+  auto fail = [&](Error e) {
+    twin_broken_ = true;  // a lost or late reply would be taken for the next one's
+    return Unexpected{std::move(e)};
+  };
+  if (auto r = twin_->Send(h, body); !r.ok()) return fail(std::move(r).error());
+  if (auto r = twin_->FlushBlocking(limits_.dma_timeout_ms); !r.ok()) return fail(std::move(r).error());
+  for (;;) {
+    auto rr = twin_->ReceiveBlocking(limits_.dma_timeout_ms);
+    if (!rr.ok()) return fail(std::move(rr).error());
+    if (rr->type() == kTypeReply && rr->hdr.msg_id == h.msg_id) return std::move(rr).value();
+    VG_LOGW("vfio-user: twin socket: dropping unexpected message id {}", rr->hdr.msg_id);
+  }
+}
+
+Result<Message> ServerSession::MainRoundTrip(const Header& h, std::span<const std::byte> body) {
+  VG_ERROR_IF(closing_, Errc::kPeerClosed, "session is closing");
+  {
+    std::lock_guard lk(pend_mu_);
+    pending_ = Pending{h.msg_id, h.command, std::nullopt};
+  }
+  struct ClearPending {
+    ServerSession* s;
+    ~ClearPending() {
+      std::lock_guard lk(s->pend_mu_);
+      s->pending_.reset();
+    }
+  } clear{this};
+  {
+    std::lock_guard lk(send_mu_);
+    VG_TRY(conn_.Send(h, body));
+    VG_TRY(conn_.FlushBlocking(limits_.dma_timeout_ms));
+  }
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(limits_.dma_timeout_ms);
+  if (std::this_thread::get_id() != loop_thread_.load()) {
+    // A worker thread: the loop reads the socket and hands the reply over.
+    std::unique_lock lk(pend_mu_);
+    bool got = pend_cv_.wait_until(lk, deadline, [&] { return closing_ || pending_->reply.has_value(); });
+    VG_ERROR_IF(closing_, Errc::kPeerClosed, "client went away during {}", CommandName(h.command));
+    VG_ERROR_IF(!got, Errc::kTimeout, "no reply to {} within {} ms", CommandName(h.command),
+                limits_.dma_timeout_ms);
+    return std::move(*pending_->reply);
+  }
+  // The loop thread itself, inside a handler: nobody else reads the socket, so read here.
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    VG_ERROR_IF(left.count() <= 0, Errc::kTimeout, "no reply to {} within {} ms", CommandName(h.command),
+                limits_.dma_timeout_ms);
+    VG_TRY_ASSIGN(Message m, conn_.ReceiveBlocking(static_cast<int>(left.count())));
+    if (m.type() == kTypeReply && m.hdr.msg_id == h.msg_id && m.hdr.command == h.command) return m;
+    if (m.type() == kTypeReply) continue;  // stray reply: ignored, as in HandleMessage
+    VG_ERROR_IF(deferred_.size() >= 4096, Errc::kLimitExceeded, "client sent {} commands during one DMA request",
+                deferred_.size());
+    deferred_.push_back(std::move(m));  // handled after this handler, in arrival order
+  }
+}
+
+Result<> ServerSession::DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> in, std::span<const std::byte> out) {
+  std::lock_guard dma_lk(dma_mu_);
+  VG_ERROR_IF(!negotiated_, Errc::kBadState, "DMA before the client negotiated");
+  bool twin;
+  {
+    std::lock_guard lk(twin_mu_);
+    twin = twin_ != nullptr;
+  }
   bool is_read = cmd == Command::kDmaRead;
   uint64_t total = is_read ? in.size() : out.size();
   uint64_t done = 0;
@@ -466,23 +571,9 @@ Result<> ServerSession::DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> 
     h.flags = kTypeCommand;
     std::vector<std::byte> body;
     Append(body, DmaAccessPayload{at, n});
-    if (!is_read) body.insert(body.end(), out.begin() + static_cast<ptrdiff_t>(done),
-                              out.begin() + static_cast<ptrdiff_t>(done + n));
-    auto fail = [&](Error e) {
-      twin_broken_ = e.code == Errc::kTimeout || e.code == Errc::kPeerClosed || e.code == Errc::kIo ||
-                     e.code == Errc::kBadMessage;
-      return Unexpected{std::move(e)};
-    };
-    if (auto s = twin_->Send(h, body); !s.ok()) return fail(std::move(s).error());
-    if (auto s = twin_->FlushBlocking(limits_.dma_timeout_ms); !s.ok()) return fail(std::move(s).error());
-    Message rep;
-    for (;;) {
-      auto rr = twin_->ReceiveBlocking(limits_.dma_timeout_ms);
-      if (!rr.ok()) return fail(std::move(rr).error());
-      rep = std::move(rr).value();
-      if (rep.type() == kTypeReply && rep.hdr.msg_id == h.msg_id) break;
-      VG_LOGW("vfio-user: twin socket: dropping unexpected message id {}", rep.hdr.msg_id);
-    }
+    if (!is_read)
+      body.insert(body.end(), out.begin() + static_cast<ptrdiff_t>(done), out.begin() + static_cast<ptrdiff_t>(done + n));
+    VG_TRY_ASSIGN(Message rep, twin ? TwinRoundTrip(h, body) : MainRoundTrip(h, body));
     VG_ERROR_IF(rep.hdr.command != h.command, Errc::kBadMessage, "DMA reply for command {}", rep.hdr.command);
     VG_ERROR_IF(rep.is_error(), Errc::kIo, "client refused {} at {:#x}+{:#x}: errno {}", CommandName(h.command), at,
                 n, rep.hdr.error);
@@ -582,7 +673,7 @@ void Listener::OnClient(int, short what, void* arg) {
   if (!self->session_) return;
   Result<> r;
   if (what & EV_WRITE) r = self->session_->OnWritable();
-  if (r.ok() && (what & EV_READ)) r = self->session_->OnReadable();
+  if (r.ok() && ((what & EV_READ) || self->session_->HasDeferred())) r = self->session_->OnReadable();
   if (!r.ok()) {
     if (r.code() == Errc::kPeerClosed)
       VG_LOGI("vfio-user: {}: client disconnected", self->path_);

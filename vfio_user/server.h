@@ -8,8 +8,13 @@
 // handler's own payload checks. A refusal is an error reply carrying ErrcToErrno(code) and
 // a log line with ErrcName(code); only framing loss or a dead socket ends the session.
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <optional>
+#include <thread>
 #include <mutex>
 #include <span>
 #include <string>
@@ -52,9 +57,10 @@ class ServerSession final : public DmaMessenger {
   // Handles the messages the socket has (bounded per call for fairness). An error means the
   // session must end (peer gone, stream unframeable, fatal VERSION mismatch).
   Result<> OnReadable();
-  Result<> OnWritable() { return conn_.Flush(); }
-  bool WantsWrite() const { return conn_.HasPendingOutput(); }
-  bool OutputBackedUp() const { return conn_.PendingOutputBytes() > limits_.max_pending_output; }
+  Result<> OnWritable();
+  bool WantsWrite() const;
+  bool OutputBackedUp() const;
+  bool HasDeferred() const { return !deferred_.empty(); }  // loop thread only
 
   // One framed message through validation and dispatch (also the fuzz entry point).
   Result<> HandleMessage(Message msg);
@@ -63,8 +69,11 @@ class ServerSession final : public DmaMessenger {
   bool twin_socket() const;
   uint32_t dma_map_count() const { return dma_maps_; }
 
-  // DmaMessenger: over the twin socket when negotiated, else kUnsupported (the main socket is
-  // read only by the event loop, which may itself be the caller).
+  // DmaMessenger. Over the twin socket when negotiated. Otherwise over the main socket (QEMU's
+  // client serves server requests there): from another thread the loop routes the reply to
+  // the waiting caller; from the loop thread itself (inside a handler) the reply is read
+  // inline and client commands that arrive meanwhile are deferred, keeping their order.
+  // One server request is outstanding at a time; each waits up to dma_timeout_ms.
   Result<> DmaRead(Gpa addr, std::span<std::byte> out) override;
   Result<> DmaWrite(Gpa addr, std::span<const std::byte> data) override;
 
@@ -102,12 +111,32 @@ class ServerSession final : public DmaMessenger {
 
   Result<RegionInfo> CheckRegionAccess(uint32_t region, uint64_t offset, uint64_t count, uint32_t need) const;
   Result<> DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> in, std::span<const std::byte> out);
+  Result<Message> TwinRoundTrip(const Header& h, std::span<const std::byte> body);
+  Result<Message> MainRoundTrip(const Header& h, std::span<const std::byte> body);
+  Result<> SendLocked(const Header& h, std::span<const std::byte> payload, std::span<const int> fds = {});
 
   DeviceBackend& dev_;
   ServerLimits limits_;
+  // conn_'s receive side belongs to the loop thread; its send queue is shared with DMA
+  // requests from worker threads and guarded by send_mu_.
   Connection conn_;
-  bool negotiated_ = false;
+  mutable std::mutex send_mu_;
+  std::atomic<bool> negotiated_{false};
+  std::atomic<bool> closing_{false};
   bool fatal_ = false;
+  std::atomic<std::thread::id> loop_thread_{};
+  std::deque<Message> deferred_;  // client commands read while the loop waited for a DMA reply
+
+  // The one outstanding server -> client request on the main socket.
+  struct Pending {
+    uint16_t id = 0;
+    uint16_t command = 0;
+    std::optional<Message> reply;
+  };
+  std::mutex dma_mu_;  // serializes server requests (both sockets)
+  std::mutex pend_mu_;
+  std::condition_variable pend_cv_;
+  std::optional<Pending> pending_;
   uint32_t peer_max_fds_ = kDefaultMaxMsgFds;
   uint32_t peer_max_xfer_ = kDefaultMaxDataXfer;
   uint32_t dma_maps_ = 0;

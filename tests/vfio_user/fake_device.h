@@ -87,7 +87,18 @@ class FakeDevice : public DeviceBackend {
     std::memcpy(out.data(), b->data() + offset, out.size());
     return Ok();
   }
+  // A write to BAR0 kDmaKick makes the device read 4 bytes of guest memory at dma_probe
+  // synchronously (in the loop thread) and latch them at BAR0 kDmaKick + 4.
+  static constexpr uint64_t kDmaKick = 0x100;
+  uint64_t dma_probe = 0;
   Result<> RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) override {
+    if (index == kBar0Region && offset == kDmaKick) {
+      std::byte got[4];
+      VG_TRY(dma.Read(Gpa{dma_probe}, got));
+      std::lock_guard lk(mu);
+      std::memcpy(bar0_.data() + kDmaKick + 4, got, 4);
+      return Ok();
+    }
     std::lock_guard lk(mu);
     writes.push_back({index, offset, {data.begin(), data.end()}});
     auto* b = Backing(index);
