@@ -74,6 +74,7 @@ ServerSession::~ServerSession() {
     closing_ = true;
     pend_cv_.notify_all();
   }
+  if (int tfd = twin_fd_.load(); tfd >= 0) ::shutdown(tfd, SHUT_RDWR);
   dev_.OnDisconnect();
   std::lock_guard lk(twin_mu_);
   twin_.reset();
@@ -251,6 +252,7 @@ Result<ServerSession::Reply> ServerSession::HandleVersion(Message& m) {
     client_end = UniqueFd(sv[1]);
     {
       std::lock_guard lk(twin_mu_);
+      twin_fd_ = ours.Get();
       twin_ = std::make_unique<Connection>(std::move(ours), kHeaderSize + sizeof(DmaAccessPayload) + peer_max_xfer_,
                                            0);
     }
@@ -638,6 +640,8 @@ Listener::~Listener() {
 }
 
 void Listener::DropClient() {
+  if (version_timer_) event_free(version_timer_);
+  version_timer_ = nullptr;
   if (read_ev_) event_free(read_ev_);
   if (write_ev_) event_free(write_ev_);
   read_ev_ = write_ev_ = nullptr;
@@ -665,7 +669,20 @@ void Listener::OnAccept(int fd, short, void* arg) {
     self->DropClient();
     return;
   }
+  if (self->limits_.version_timeout_ms > 0) {
+    self->version_timer_ = evtimer_new(self->base_, &Listener::OnVersionTimeout, self);
+    timeval tv{self->limits_.version_timeout_ms / 1000, (self->limits_.version_timeout_ms % 1000) * 1000};
+    if (self->version_timer_) evtimer_add(self->version_timer_, &tv);
+  }
   self->UpdateEvents();
+}
+
+void Listener::OnVersionTimeout(int, short, void* arg) {
+  auto* self = static_cast<Listener*>(arg);
+  if (!self->session_ || self->session_->negotiated()) return;
+  VG_LOGW("vfio-user: {}: no VERSION within {} ms, dropping the client", self->path_,
+          self->limits_.version_timeout_ms);
+  self->DropClient();
 }
 
 void Listener::OnClient(int, short what, void* arg) {

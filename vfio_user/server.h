@@ -38,6 +38,9 @@ struct ServerLimits {
   uint32_t max_dma_maps = 1024;
   int dma_timeout_ms = 5000;               // DMA_READ/WRITE reply wait, as QEMU's client does
   size_t max_pending_output = 8u << 20;    // stop reading from a client that does not read
+  // A connected client that has not sent VERSION by then is dropped, so an idle connection
+  // cannot hold the device's one client slot (0: no limit).
+  int version_timeout_ms = 10000;
 };
 
 // Largest message the server accepts: a REGION_WRITE of max_data_xfer_size bytes.
@@ -143,6 +146,7 @@ class ServerSession final : public DmaMessenger {
 
   mutable std::mutex twin_mu_;
   std::unique_ptr<Connection> twin_;
+  std::atomic<int> twin_fd_{-1};  // shut down on close to wake a worker blocked on the twin
   uint16_t next_dma_id_ = 0;
   bool twin_broken_ = false;
 };
@@ -169,6 +173,7 @@ class Listener {
   Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock);
   static void OnAccept(int fd, short what, void* arg);
   static void OnClient(int fd, short what, void* arg);
+  static void OnVersionTimeout(int fd, short what, void* arg);
   void UpdateEvents();
 
   event_base* base_;
@@ -179,6 +184,7 @@ class Listener {
   event* accept_ev_ = nullptr;
   event* read_ev_ = nullptr;
   event* write_ev_ = nullptr;
+  event* version_timer_ = nullptr;
   bool write_armed_ = false;
   bool read_armed_ = false;
   std::unique_ptr<ServerSession> session_;

@@ -292,6 +292,21 @@ TEST_CASE("twin socket also serves DMA needed inside a loop-thread handler") {
   CHECK((*v)[0] == std::byte{0x99});
 }
 
+TEST_CASE("a client that never sends VERSION loses the device slot") {
+  std::string path = SocketPath("idle");
+  ServerLimits lim;
+  lim.version_timeout_ms = 100;
+  ServerThread srv(path, lim);
+  auto idle = Client::Connect(path, 2000).value();
+  CHECK(WaitFor([&] { return srv.dev.connects == 1; }));
+  CHECK(WaitFor([&] { return srv.dev.disconnects == 1; }));
+  CHECK(idle->ReceiveRaw(1000).code() == Errc::kPeerClosed);
+  auto next = Client::Connect(path, 2000).value();
+  REQUIRE(next->Negotiate().ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // past the timeout: still served
+  CHECK(next->GetDeviceInfo().ok());
+}
+
 TEST_CASE("client in a forked process") {
   std::string path = SocketPath("fork");
   FakeDevice dev;
