@@ -1,5 +1,6 @@
 #include "vfio_user/dma.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 
 #include <chrono>
@@ -89,6 +90,14 @@ Result<> DmaSpace::Map(const DmaMapArgs& args, UniqueFd fd) {
     struct stat st {};
     VG_ERROR_IF(::fstat(fd.Get(), &st) != 0, Errc::kIo, "fstat DMA fd: {}", std::strerror(errno));
     VG_ERROR_IF(!S_ISREG(st.st_mode), Errc::kIo, "DMA fd is not a regular file or memfd");
+    // A client that shrinks the file afterwards would turn our accesses into SIGBUS. Seal a
+    // memfd against shrinking (the client cannot undo a seal); a file that cannot be sealed
+    // (hugetlbfs, a plain file) is accepted as QEMU's file backends need, with that risk logged.
+    if (::fcntl(fd.Get(), F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+      int seals = ::fcntl(fd.Get(), F_GET_SEALS);
+      if (seals < 0 || !(seals & F_SEAL_SHRINK))
+        VG_LOGW("DMA_MAP {}: fd cannot be sealed against shrinking ({})", args.iova, std::strerror(errno));
+    }
     VG_TRY_ASSIGN(uint64_t fd_end, CheckedAdd(args.fd_offset, args.size.v));
     VG_ERROR_IF(fd_end > static_cast<uint64_t>(st.st_size), Errc::kOutOfBounds,
                 "DMA_MAP [{:#x}, {:#x}) beyond the fd's {:#x} bytes", args.fd_offset, fd_end, st.st_size);

@@ -1,5 +1,8 @@
 // DmaSpace: fd-backed and fd-less regions, spans, pins vs unmap, overflow.
 #include <doctest/doctest.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <atomic>
 #include <chrono>
@@ -85,6 +88,17 @@ TEST_CASE("read and write across adjacent regions, shared with the guest's memfd
   CHECK(d.Read(Gpa{0x0}, back).code() == Errc::kNotMapped);
   CHECK(d.Read(Gpa{0x103f80}, back).code() == Errc::kNotMapped);
   CHECK(d.Read(Gpa{~uint64_t{0} - 4}, back).code() == Errc::kOutOfBounds);
+}
+
+TEST_CASE("a mapped memfd is sealed against shrinking (no SIGBUS from a truncating client)") {
+  DmaSpace d;
+  Guest g(0x2000);
+  REQUIRE(d.Map({Gpa{0x1000}, ByteSize{0x2000}, 0, kRW}, g.Dup()).ok());
+  CHECK(::ftruncate(g.fd.Get(), 0x1000) != 0);
+  CHECK(errno == EPERM);
+  CHECK(::ftruncate(g.fd.Get(), 0x4000) == 0);  // growing is still allowed
+  std::byte b[16];
+  CHECK(d.Read(Gpa{0x2ff0}, b).ok());
 }
 
 TEST_CASE("prot is honoured") {
