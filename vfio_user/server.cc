@@ -1,6 +1,7 @@
 #include "vfio_user/server.h"
 
 #include <event2/event.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -350,7 +351,12 @@ Result<ServerSession::Reply> ServerSession::HandleGetRegionInfo(Message& m) {
   out.cap_offset = caps.empty() ? 0 : sizeof(RegionInfoPayload);
   Append(r.payload, out);
   r.payload.insert(r.payload.end(), caps.begin(), caps.end());
-  if ((info.flags & kRegionMmap) && info.mmap_fd && info.mmap_fd->Valid()) r.fds.push_back(info.mmap_fd->Get());
+  if ((info.flags & kRegionMmap) && info.mmap_fd && info.mmap_fd->Valid()) {
+    // The client gets the device's own memory file: seal its size first, or a client that
+    // truncates it would make the daemon's accesses SIGBUS. Best effort for non-memfds.
+    (void)::fcntl(info.mmap_fd->Get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
+    r.fds.push_back(info.mmap_fd->Get());
+  }
   return r;
 }
 
