@@ -1,6 +1,7 @@
 #include "tools/vgpud/daemon.h"
 
 #include <event2/event.h>
+#include <event2/thread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -13,6 +14,10 @@ namespace vg::daemon {
 Result<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opts) {
   if (::mkdir(opts.runtime_dir.c_str(), 0755) != 0 && errno != EEXIST)
     return MakeError(Errc::kIo, "mkdir {}: {}", opts.runtime_dir, std::strerror(errno));
+  // Other threads (the mdev tree's FUSE thread, the management worker) wake the loop with
+  // event_active() to hand it work (LoopTasks): libevent's locking must be on before the base exists.
+  static const int threads_ok = evthread_use_pthreads();
+  VG_ERROR_IF(threads_ok != 0, Errc::kInternal, "evthread_use_pthreads failed");
   event_base* base = event_base_new();
   VG_ERROR_IF(!base, Errc::kInternal, "event_base_new failed");
   std::unique_ptr<Daemon> d(new Daemon(opts, base));

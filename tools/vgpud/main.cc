@@ -1,22 +1,77 @@
-// vgpud: serves vGPUs over vfio-user. Until management lands (F5), the vGPUs to serve
-// come from the command line: --vgpu UUID[:TYPE].
+// vgpud: serves vGPUs over vfio-user and manages them by UUID (mdev/): definitions in
+// mdevctl's format, the live mdev tree, and the control socket vgpuctl talks to.
 
 #include <CLI/CLI.hpp>
+#include <grp.h>
 
+#include <charconv>
 #include <cstdio>
+#include <filesystem>
 
 #include "tools/vgpud/daemon.h"
-#include "tools/vgpud/types.h"
+#include "tools/vgpud/pci.h"
+#include "tools/vgpud/service.h"
 
 using namespace vg;
+namespace fs = std::filesystem;
+
+namespace {
+
+// "4G", "512M", "65536K" or plain bytes.
+Result<uint64_t> ParseSize(std::string_view s) {
+  uint64_t mult = 1;
+  if (!s.empty()) {
+    switch (s.back()) {
+      case 'K': case 'k': mult = 1ull << 10; break;
+      case 'M': case 'm': mult = 1ull << 20; break;
+      case 'G': case 'g': mult = 1ull << 30; break;
+      case 'T': case 't': mult = 1ull << 40; break;
+      default: break;
+    }
+    if (mult != 1) s.remove_suffix(1);
+  }
+  uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  VG_INVALID_IF(s.empty() || ec != std::errc() || p != s.data() + s.size() || v > (UINT64_MAX / mult),
+                "'{}' is not a size (bytes, or a number with K/M/G/T)", s);
+  return v * mult;
+}
+
+Result<gid_t> ParseGroup(const std::string& name) {
+  if (group* g = ::getgrnam(name.c_str())) return g->gr_gid;
+  gid_t v = 0;
+  auto [p, ec] = std::from_chars(name.data(), name.data() + name.size(), v);
+  VG_ERROR_IF(name.empty() || ec != std::errc() || p != name.data() + name.size(), Errc::kNotFound,
+              "no group named '{}'", name);
+  return v;
+}
+
+int Fail(int code, const Error& e) {
+  std::fprintf(stderr, "vgpud: %s\n", e.ToString().c_str());
+  return code;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"vgpud: mediated GPU virtualization daemon"};
   daemon::DaemonOptions opts;
   std::vector<std::string> vgpus;
   std::string log_level = "info";
+  std::string root, types_file, budget = "4G", control, control_group, parent;
+  bool no_tree = false;
   app.add_option("--runtime-dir", opts.runtime_dir, "where <uuid>.sock sockets are created")->capture_default_str();
-  app.add_option("--vgpu", vgpus, "UUID[:TYPE] to serve (repeatable)");
+  app.add_option("--vgpu", vgpus, "UUID[:TYPE] to start at launch, transient (repeatable; TYPE default small)");
+  app.add_option("--root", root,
+                 "mdev root: definitions in DIR/etc/mdevctl.d/<parent>, mdev tree at DIR/sys "
+                 "(default: definitions under the runtime dir, no tree)");
+  app.add_option("--types", types_file, "vGPU types file (JSON, docs/management.md); default: built-in types");
+  app.add_option("--aperture-budget", budget, "device memory all running vGPUs may share (4G, 512M, bytes)")
+      ->capture_default_str();
+  app.add_option("--control", control, "control socket (default: <runtime-dir>/control.sock)");
+  app.add_option("--control-group", control_group, "group (name or gid) allowed on the control socket besides root");
+  app.add_flag("--no-mdev-tree", no_tree, "do not serve the mdev tree (no FUSE) even with --root");
+  app.add_option("--parent", parent, "mdev parent name (default: the GPU's PCI address, else vgpud0)");
   app.add_option("--log-level", log_level, "debug|info|warn|error")->capture_default_str();
   app.add_option("--gpu", opts.gpu, "Vulkan device: name substring or index (default: a GPU, else lavapipe)");
   CLI11_PARSE(app, argc, argv);
@@ -24,25 +79,56 @@ int main(int argc, char** argv) {
   if (log_level == "warn") SetLogLevel(LogLevel::kWarn);
   if (log_level == "error") SetLogLevel(LogLevel::kError);
 
+  daemon::ServiceOptions so;
+  auto budget_bytes = ParseSize(budget);
+  if (!budget_bytes) return Fail(2, budget_bytes.error());
+  so.aperture_budget = ByteSize{*budget_bytes};
+  so.types_file = types_file;
+  so.root = root.empty() ? fs::path(opts.runtime_dir) : fs::path(root);
+  so.mount_tree = !root.empty() && !no_tree;
+  if (so.mount_tree) {
+    std::error_code ec;
+    // The tree is a private sysfs look-alike for mdevctl-ns; mounted over the host's /sys it
+    // would hide the real one.
+    if (fs::weakly_canonical(so.root / "sys", ec) == "/sys")
+      return Fail(2, Error{Errc::kInvalidArgument,
+                           "--root / would mount the mdev tree over /sys; use another root or --no-mdev-tree"});
+  }
+  so.control_path = control.empty() ? opts.runtime_dir + "/control.sock" : control;
+  if (!control_group.empty()) {
+    auto g = ParseGroup(control_group);
+    if (!g) return Fail(2, g.error());
+    so.control_group = *g;
+  }
+
   auto d = daemon::Daemon::Create(opts);
-  if (!d.ok()) {
-    std::fprintf(stderr, "vgpud: %s\n", d.error().ToString().c_str());
-    return 1;
-  }
+  if (!d) return Fail(1, d.error());
+  if (!parent.empty())
+    so.parent = parent;
+  else
+    so.parent = daemon::FindPciAddress((*d)->engine().Info());
+
+  auto svc = daemon::Service::Create(**d, std::move(so));
+  if (!svc) return Fail(1, svc.error());
+  // Before any other thread can call in: definitions marked auto first, then --vgpu.
+  for (const Error& e : (*svc)->StartAutoInstances()) VG_LOGW("auto-start: {}", e.ToString());
   for (const std::string& spec : vgpus) {
-    auto cfg = daemon::ParseVgpuSpec(spec);
-    if (!cfg.ok()) {
-      std::fprintf(stderr, "vgpud: --vgpu %s: %s\n", spec.c_str(), cfg.error().ToString().c_str());
-      return 2;
-    }
-    auto started = (*d)->StartVgpu(*cfg);
-    if (!started.ok()) {
-      std::fprintf(stderr, "vgpud: %s\n", started.error().ToString().c_str());
-      return 1;
+    auto started = (*svc)->StartFromSpec(spec);
+    if (!started) {
+      const int code = started.code() == Errc::kInvalidArgument ? 2 : 1;
+      (*svc)->Shutdown();
+      return Fail(code, Error{started.code(), "--vgpu " + spec + ": " + started.error().what});
     }
   }
-  VG_LOGI("vgpud ready: {} vGPU(s) under {}", vgpus.size(), opts.runtime_dir);
+  if (auto r = (*svc)->Open(); !r) {
+    (*svc)->Shutdown();
+    return Fail(1, r.error());
+  }
+  VG_LOGI("vgpud ready: {} vGPU(s) under {}, parent {}", (*svc)->manager().ListActive().size(), opts.runtime_dir,
+          (*svc)->manager().parent());
   std::fflush(stderr);
   auto r = (*d)->Run();
+  (*svc)->Shutdown();
+  svc->reset();
   return r.ok() ? 0 : 1;
 }

@@ -1,0 +1,422 @@
+#include "tools/vgpud/service.h"
+
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+namespace vg::daemon {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+std::string_view StartName(mdev::StartMode m) { return m == mdev::StartMode::kAuto ? "auto" : "manual"; }
+
+Json AttrsJson(const mdev::Attributes& attrs) {
+  Json a = Json::array();
+  for (const auto& [k, v] : attrs) a.push_back(Json{{k, v}});
+  return a;
+}
+
+// Request fields: every accessor checks the JSON type, so a wrong type is a named error,
+// never a json exception.
+Result<std::optional<std::string>> OptString(const Json& req, const char* key) {
+  auto it = req.find(key);
+  if (it == req.end() || it->is_null()) return std::optional<std::string>{};
+  VG_INVALID_IF(!it->is_string(), "'{}' must be a string", key);
+  return std::optional<std::string>(it->get<std::string>());
+}
+
+Result<std::string> ReqString(const Json& req, const char* key) {
+  VG_TRY_ASSIGN(std::optional<std::string> v, OptString(req, key));
+  VG_INVALID_IF(!v, "'{}' is required", key);
+  return std::move(*v);
+}
+
+Result<Uuid> ReqUuid(const Json& req) {
+  VG_TRY_ASSIGN(std::string s, ReqString(req, "uuid"));
+  return Uuid::Parse(s);
+}
+
+Result<std::optional<Uuid>> OptUuid(const Json& req) {
+  VG_TRY_ASSIGN(std::optional<std::string> s, OptString(req, "uuid"));
+  if (!s) return std::optional<Uuid>{};
+  VG_TRY_ASSIGN(Uuid u, Uuid::Parse(*s));
+  return std::optional<Uuid>(u);
+}
+
+Result<bool> OptBool(const Json& req, const char* key) {
+  auto it = req.find(key);
+  if (it == req.end() || it->is_null()) return false;
+  VG_INVALID_IF(!it->is_boolean(), "'{}' must be true or false", key);
+  return it->get<bool>();
+}
+
+// "attrs": [{"name": "value"}, ...] as mdevctl writes them.
+Result<mdev::Attributes> OptAttrs(const Json& req, const char* key) {
+  mdev::Attributes out;
+  auto it = req.find(key);
+  if (it == req.end() || it->is_null()) return out;
+  VG_INVALID_IF(!it->is_array() || it->size() > 64, "'{}' must be an array of at most 64 {{\"name\": \"value\"}}", key);
+  for (const Json& a : *it) {
+    VG_INVALID_IF(!a.is_object() || a.size() != 1 || !a.begin().value().is_string(),
+                  "'{}' entries must be one-field objects with a string value", key);
+    out.emplace_back(a.begin().key(), a.begin().value().get<std::string>());
+  }
+  return out;
+}
+
+Json InstanceJson(const mdev::InstanceInfo& i) {
+  Json j;
+  j["uuid"] = i.uuid.ToString();
+  j["type"] = i.type;
+  j["active"] = i.active;
+  j["defined"] = i.defined;
+  j["start"] = i.defined ? Json(std::string(StartName(i.start))) : Json(nullptr);
+  j["attrs"] = AttrsJson(i.attrs);
+  j["socket"] = i.active ? Json(i.socket_path) : Json(nullptr);
+  return j;
+}
+
+}  // namespace
+
+// ---- VgpuHost -------------------------------------------------------------------------
+
+Result<std::string> VgpuHost::StartInstance(const Uuid& uuid, const mdev::VgpuType& type,
+                                            const mdev::Attributes& attrs) {
+  mediator::VgpuConfig cfg;
+  cfg.uuid = uuid;
+  cfg.type_name = type.id;
+  cfg.aperture_size = type.aperture.v;
+  cfg.gtt_entries = type.gtt_entries;
+  // StartVgpu returns once the vfio-user socket listens, which is what the Manager (and a
+  // write to the tree's `create`) promises its caller.
+  VG_TRY_ASSIGN(std::string path, loop_.Call<std::string>([this, cfg] { return daemon_.StartVgpu(cfg); }));
+  std::lock_guard lk(mu_);
+  live_[uuid] = Live{attrs, type.sched_weight};
+  return path;
+}
+
+Result<> VgpuHost::StopInstance(const Uuid& uuid) {
+  VG_TRY(loop_.Call<void>([this, uuid] { return daemon_.StopVgpu(uuid); }));
+  std::lock_guard lk(mu_);
+  live_.erase(uuid);
+  return Ok();
+}
+
+Result<> VgpuHost::SetAttribute(const Uuid& uuid, std::string_view name, std::string_view value) {
+  std::lock_guard lk(mu_);
+  auto it = live_.find(uuid);
+  VG_ERROR_IF(it == live_.end(), Errc::kNotFound, "vGPU {} is not running", uuid);
+  for (auto& [k, v] : it->second.attrs) {
+    if (k == name) {
+      v = std::string(value);
+      return Ok();
+    }
+  }
+  it->second.attrs.emplace_back(std::string(name), std::string(value));
+  return Ok();
+}
+
+std::optional<VgpuHost::Live> VgpuHost::Get(const Uuid& uuid) const {
+  std::lock_guard lk(mu_);
+  auto it = live_.find(uuid);
+  if (it == live_.end()) return std::nullopt;
+  return it->second;
+}
+
+Result<mediator::VgpuCounters> VgpuHost::Counters(const Uuid& uuid) {
+  return loop_.Call<mediator::VgpuCounters>([this, uuid]() -> Result<mediator::VgpuCounters> {
+    mediator::Vgpu* v = daemon_.Find(uuid);
+    VG_ERROR_IF(v == nullptr, Errc::kNotFound, "vGPU {} is not running", uuid);
+    return v->Counters();
+  });
+}
+
+// ---- control ops ------------------------------------------------------------------------
+
+struct ServiceOps {
+  using Fn = Result<Json> (*)(Service&, const Json&);
+  struct Op {
+    std::string_view name;
+    Fn fn;
+  };
+
+  static Result<Json> Ping(Service& s, const Json&) {
+    return Json{{"parent", s.manager_->parent()}, {"pid", ::getpid()}, {"root", s.opts_.root.string()},
+                {"tree", s.tree_ != nullptr}};
+  }
+
+  static Result<Json> Types(Service& s, const Json&) {
+    Json types = Json::array();
+    for (const mdev::VgpuType& t : s.manager_->types()) {
+      types.push_back(Json{{"id", t.id},
+                           {"name", t.name},
+                           {"description", t.description},
+                           {"aperture_mib", t.aperture.v >> 20},
+                           {"gtt_entries", t.gtt_entries},
+                           {"sched_weight", t.sched_weight},
+                           {"max_instances", t.max_instances},
+                           {"available_instances", s.manager_->AvailableInstances(t.id)}});
+    }
+    return Json{{"parent", s.manager_->parent()}, {"types", types}};
+  }
+
+  static Result<Json> List(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(bool defined, OptBool(req, "defined"));
+    Json out = Json::array();
+    if (!defined) {
+      for (const mdev::InstanceInfo& i : s.manager_->ListActive()) out.push_back(InstanceJson(i));
+    } else {
+      VG_TRY_ASSIGN(std::vector<mdev::Definition> defs, s.manager_->ListDefined());
+      for (const mdev::Definition& d : defs) {
+        auto shown = s.manager_->Show(d.uuid);
+        if (shown) out.push_back(InstanceJson(*shown));
+      }
+    }
+    return Json{{"parent", s.manager_->parent()}, {"instances", out}};
+  }
+
+  static Result<Json> Define(Service& s, const Json& req) {
+    mdev::Definition d;
+    VG_TRY_ASSIGN(std::optional<Uuid> u, OptUuid(req));
+    if (u) d.uuid = *u;
+    VG_TRY_ASSIGN(std::string type, ReqString(req, "type"));
+    d.type = s.ResolveType(type);
+    VG_TRY_ASSIGN(bool autostart, OptBool(req, "auto"));
+    d.start = autostart ? mdev::StartMode::kAuto : mdev::StartMode::kManual;
+    VG_TRY_ASSIGN(d.attrs, OptAttrs(req, "attrs"));
+    VG_TRY_ASSIGN(Uuid made, s.manager_->Define(d));
+    return Json{{"uuid", made.ToString()}};
+  }
+
+  static Result<Json> Start(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(std::optional<Uuid> u, OptUuid(req));
+    VG_TRY_ASSIGN(std::optional<std::string> type, OptString(req, "type"));
+    VG_TRY_ASSIGN(mdev::Attributes attrs, OptAttrs(req, "attrs"));
+    std::string socket;
+    Uuid uuid;
+    if (type) {  // transient, like `mdevctl start -p P -t T [-u U]`
+      uuid = u ? *u : Uuid::Random();
+      VG_TRY_ASSIGN(socket, s.manager_->StartTransient(uuid, s.ResolveType(*type), attrs));
+    } else {
+      VG_INVALID_IF(!u, "start needs a uuid (defined instance) or a type (transient)");
+      VG_INVALID_IF(!attrs.empty(), "attrs only apply to a transient start; modify the definition instead");
+      uuid = *u;
+      VG_TRY_ASSIGN(socket, s.manager_->Start(uuid));
+    }
+    return Json{{"uuid", uuid.ToString()}, {"socket", socket}};
+  }
+
+  static Result<Json> Stop(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(Uuid u, ReqUuid(req));
+    VG_TRY(s.manager_->Stop(u));
+    return Json{{"uuid", u.ToString()}};
+  }
+
+  static Result<Json> Undefine(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(Uuid u, ReqUuid(req));
+    VG_TRY(s.manager_->Undefine(u));
+    return Json{{"uuid", u.ToString()}};
+  }
+
+  // Several changes apply one after another, each validated and written atomically; the
+  // first refused one stops the rest (the ones before it stay).
+  static Result<Json> Modify(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(Uuid u, ReqUuid(req));
+    VG_TRY_ASSIGN(std::optional<std::string> type, OptString(req, "type"));
+    VG_TRY_ASSIGN(std::optional<std::string> start, OptString(req, "start"));
+    VG_TRY_ASSIGN(mdev::Attributes add, OptAttrs(req, "addattrs"));
+    std::vector<std::string> del;
+    if (auto it = req.find("delattrs"); it != req.end() && !it->is_null()) {
+      VG_INVALID_IF(!it->is_array() || it->size() > 64, "'delattrs' must be an array of attribute names");
+      for (const Json& n : *it) {
+        VG_INVALID_IF(!n.is_string(), "'delattrs' must be an array of attribute names");
+        del.push_back(n.get<std::string>());
+      }
+    }
+    VG_INVALID_IF(start && *start != "auto" && *start != "manual", "'start' must be \"auto\" or \"manual\"");
+    VG_INVALID_IF(!type && !start && add.empty() && del.empty(), "modify: nothing to change");
+    VG_TRY(s.manager_->GetDefinition(u));  // kNotFound before anything else
+    if (type || start) {
+      mdev::ModifyRequest r;
+      if (type) r.type = s.ResolveType(*type);
+      if (start) r.start = *start == "auto" ? mdev::StartMode::kAuto : mdev::StartMode::kManual;
+      VG_TRY(s.manager_->Modify(u, r));
+    }
+    for (const std::string& name : del) {
+      VG_TRY_ASSIGN(mdev::Definition d, s.manager_->GetDefinition(u));
+      std::optional<uint32_t> index;
+      for (size_t i = 0; i < d.attrs.size(); ++i)
+        if (d.attrs[i].first == name) index = static_cast<uint32_t>(i);
+      VG_ERROR_IF(!index, Errc::kNotFound, "{} has no attribute '{}'", u, name);
+      mdev::ModifyRequest r;
+      r.del_attr = true;
+      r.index = index;
+      VG_TRY(s.manager_->Modify(u, r));
+    }
+    for (const auto& kv : add) {
+      mdev::ModifyRequest r;
+      r.add_attr = kv;
+      VG_TRY(s.manager_->Modify(u, r));
+    }
+    VG_TRY_ASSIGN(mdev::InstanceInfo i, s.manager_->Show(u));
+    return InstanceJson(i);
+  }
+
+  static Result<Json> Show(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(Uuid u, ReqUuid(req));
+    VG_TRY_ASSIGN(mdev::InstanceInfo i, s.manager_->Show(u));
+    Json j = InstanceJson(i);
+    j["parent"] = s.manager_->parent();
+    j["state"] = i.active ? "running" : "stopped";
+    if (auto t = s.manager_->FindType(i.type)) {
+      j["aperture_mib"] = t->aperture.v >> 20;
+      j["gtt_entries"] = t->gtt_entries;
+      j["sched_weight"] = t->sched_weight;
+    }
+    for (const auto& [k, v] : i.attrs)
+      if (k == "sched_weight" || k == "rate_limit") j[k] = std::stoull(v);  // validated on the way in
+    if (i.active) {
+      j["remoting_socket"] = s.daemon_.RemotingSocketPath(u);
+      auto c = s.host_->Counters(u);
+      if (c) {
+        j["counters"] = Json{{"doorbells", c->doorbells},
+                             {"submissions", c->submissions},
+                             {"refusals", c->mmio_refusals + c->command_refusals},
+                             {"mmio_refusals", c->mmio_refusals},
+                             {"command_refusals", c->command_refusals},
+                             {"resets", c->resets},
+                             {"irqs", c->irqs_raised},
+                             {"commands_audited", c->commands_audited}};
+      }
+    }
+    return j;
+  }
+
+  static constexpr Op kOps[] = {
+      {"ping", &Ping},     {"types", &Types},   {"list", &List},         {"define", &Define}, {"start", &Start},
+      {"stop", &Stop},     {"undefine", &Undefine}, {"modify", &Modify}, {"show", &Show},
+  };
+};
+
+std::string Service::Handle(std::string_view request) {
+  auto fail = [](const Error& e) { return std::string(ControlServer::ErrorLine(e.code, e.what)); };
+  Json req = Json::parse(request.begin(), request.end(), nullptr, /*allow_exceptions=*/false);
+  if (req.is_discarded() || !req.is_object()) return fail({Errc::kBadMessage, "request is not a JSON object"});
+  auto op = req.find("op");
+  if (op == req.end() || !op->is_string()) return fail({Errc::kBadMessage, "request has no \"op\" string"});
+  const std::string name = op->get<std::string>();
+  for (const ServiceOps::Op& o : ServiceOps::kOps) {
+    if (o.name != name) continue;
+    Result<Json> r = o.fn(*this, req);
+    if (!r) {
+      VG_LOGI("control: {} refused: {}", name, r.error().ToString());
+      return fail(r.error());
+    }
+    Json reply;
+    reply["ok"] = true;
+    for (auto& [k, v] : r->items()) reply[k] = v;
+    return reply.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  }
+  return fail({Errc::kUnknownCommand, fmt::format("unknown op '{}'", name.substr(0, 64))});
+}
+
+// ---- lifecycle ----------------------------------------------------------------------------
+
+Result<std::unique_ptr<Service>> Service::Create(Daemon& daemon, ServiceOptions opts) {
+  std::unique_ptr<Service> s(new Service(daemon, std::move(opts)));
+  VG_TRY_ASSIGN(s->loop_, LoopTasks::Create(daemon.base()));
+  s->host_ = std::make_unique<VgpuHost>(daemon, *s->loop_);
+  mdev::Config cfg;
+  cfg.root = s->opts_.root;
+  cfg.types_file = s->opts_.types_file;
+  cfg.parent = s->opts_.parent;
+  cfg.aperture_budget = s->opts_.aperture_budget;
+  VG_TRY_ASSIGN(s->manager_, mdev::Manager::Create(cfg, *s->host_));
+  VG_LOGI("mdev: parent {}, definitions in {}", s->manager_->parent(), s->manager_->definitions_dir().string());
+  return s;
+}
+
+Service::~Service() { Shutdown(); }
+
+std::string Service::ResolveType(std::string_view name) const {
+  if (manager_->FindType(name)) return std::string(name);
+  std::string prefixed = "vgpud-" + std::string(name);
+  if (manager_->FindType(prefixed)) return prefixed;
+  return std::string(name);  // unknown either way: the Manager names it in its error
+}
+
+std::vector<Error> Service::StartAutoInstances() { return manager_->StartAutoInstances(); }
+
+Result<std::string> Service::StartFromSpec(std::string_view spec) {
+  const size_t colon = spec.find(':');
+  VG_TRY_ASSIGN(Uuid u, Uuid::Parse(spec.substr(0, colon)));
+  const std::string type = colon == std::string_view::npos ? "vgpud-small" : ResolveType(spec.substr(colon + 1));
+  return manager_->StartTransient(u, type, {});
+}
+
+Result<> Service::Open() {
+  VG_TRY_ASSIGN(control_, ControlServer::Create(daemon_.base(), opts_.control_path, opts_.control_group,
+                                                [this](std::string req, ControlServer::Reply reply) {
+                                                  Submit(std::move(req), std::move(reply));
+                                                }));
+  worker_ = std::thread([this] { WorkerMain(); });
+  VG_LOGI("control socket {} (0660{})", opts_.control_path,
+          opts_.control_group ? fmt::format(", group {}", *opts_.control_group) : std::string());
+  if (opts_.mount_tree) {
+    auto tree = mdev::MdevTree::Mount(*manager_, opts_.root / "sys");
+    if (!tree) {
+      Error e = std::move(tree).error();
+      e.what = fmt::format("mdev tree at {} (--no-mdev-tree runs without it): {}", (opts_.root / "sys").string(), e.what);
+      return e;
+    }
+    tree_ = std::move(tree).value();
+    VG_LOGI("mdev tree at {}", tree_->mountpoint().string());
+  }
+  return Ok();
+}
+
+void Service::Submit(std::string request, ControlServer::Reply reply) {
+  std::lock_guard lk(wmu_);
+  if (wstop_) return;
+  jobs_.emplace_back(std::move(request), std::move(reply));
+  wcv_.notify_one();
+}
+
+void Service::WorkerMain() {
+  for (;;) {
+    std::pair<std::string, ControlServer::Reply> job;
+    {
+      std::unique_lock lk(wmu_);
+      wcv_.wait(lk, [this] { return wstop_ || !jobs_.empty(); });
+      if (wstop_) return;
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    std::string reply = Handle(job.first);
+    // Replies go back through the loop, which owns the control connections.
+    loop_->Post([r = std::move(job.second), reply = std::move(reply)]() mutable { r(std::move(reply)); });
+  }
+}
+
+void Service::Shutdown() {
+  if (shut_down_) return;
+  shut_down_ = true;
+  // 1. The loop has exited: fail whatever waits for it (a worker or FUSE request mid-start).
+  loop_->Stop();
+  // 2. No more control requests.
+  {
+    std::lock_guard lk(wmu_);
+    wstop_ = true;
+    jobs_.clear();
+  }
+  wcv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  // 3. No more mdevctl requests: unmount before stopping what the tree shows.
+  tree_.reset();
+  // 4. Every vGPU down (on this thread, the loop's, now that nothing else calls in).
+  manager_->StopAll();
+  control_.reset();
+}
+
+}  // namespace vg::daemon

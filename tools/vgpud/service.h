@@ -1,0 +1,109 @@
+#pragma once
+// vGPU management inside the daemon: mdev's Manager with the daemon as its InstanceHost,
+// the live mdev tree, and the control socket's ops (vgpuctl's protocol, docs/management.md).
+//
+// Threads. The libevent loop thread owns every vGPU. The Manager is called from the FUSE
+// thread (mdevctl) and from one management worker (control requests), never from the loop:
+// the Manager holds its lock while it calls InstanceHost, and InstanceHost hands the work to
+// the loop and waits, so a loop that waited for the Manager's lock would deadlock.
+
+#include <sys/types.h>
+
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "mdev/mdev.h"
+#include "tools/vgpud/control.h"
+#include "tools/vgpud/daemon.h"
+#include "tools/vgpud/loop_tasks.h"
+
+namespace vg::daemon {
+
+// The daemon as mdev's InstanceHost. Called with the Manager's lock held, from any thread.
+class VgpuHost : public mdev::InstanceHost {
+ public:
+  VgpuHost(Daemon& daemon, LoopTasks& loop) : daemon_(daemon), loop_(loop) {}
+  Result<std::string> StartInstance(const Uuid& uuid, const mdev::VgpuType& type, const mdev::Attributes& attrs) override;
+  Result<> StopInstance(const Uuid& uuid) override;
+  // Kept for the scheduler (weights, rate limits); `show` reports the effective values.
+  Result<> SetAttribute(const Uuid& uuid, std::string_view name, std::string_view value) override;
+
+  struct Live {
+    mdev::Attributes attrs;
+    uint32_t type_weight = 0;
+  };
+  std::optional<Live> Get(const Uuid& uuid) const;
+  // Read on the loop thread, which owns the device model.
+  Result<mediator::VgpuCounters> Counters(const Uuid& uuid);
+
+ private:
+  Daemon& daemon_;
+  LoopTasks& loop_;
+  mutable std::mutex mu_;
+  std::map<Uuid, Live> live_;
+};
+
+struct ServiceOptions {
+  std::filesystem::path root;        // definitions under <root>/etc/mdevctl.d/<parent>
+  bool mount_tree = false;           // serve the mdev tree at <root>/sys
+  std::filesystem::path types_file;  // empty: built-in types
+  ByteSize aperture_budget{4ull << 30};
+  std::optional<std::string> parent;  // PCI address; nullopt: "vgpud0"
+  std::string control_path;
+  std::optional<gid_t> control_group;
+};
+
+class Service {
+ public:
+  static Result<std::unique_ptr<Service>> Create(Daemon& daemon, ServiceOptions opts);
+  ~Service();
+  Service(const Service&) = delete;
+  Service& operator=(const Service&) = delete;
+
+  // Before the loop runs (single-threaded): brings back every `start: auto` definition.
+  std::vector<Error> StartAutoInstances();
+  // --vgpu UUID[:TYPE]: a transient start; TYPE may omit the "vgpud-" prefix.
+  Result<std::string> StartFromSpec(std::string_view spec);
+  // Opens the control socket and mounts the tree; from here on other threads call in.
+  Result<> Open();
+  // After the loop has exited: unmounts, stops every vGPU, closes the control socket.
+  void Shutdown();
+
+  mdev::Manager& manager() { return *manager_; }
+  // One control request line in, one reply line out (no newline). Runs on the worker.
+  std::string Handle(std::string_view request);
+
+ private:
+  Service(Daemon& daemon, ServiceOptions opts) : daemon_(daemon), opts_(std::move(opts)) {}
+  void WorkerMain();
+  void Submit(std::string request, ControlServer::Reply reply);
+  std::string ResolveType(std::string_view name) const;
+
+  // The control ops (a table in service.cc) reach the members directly.
+  friend struct ServiceOps;
+
+  Daemon& daemon_;
+  ServiceOptions opts_;
+  std::unique_ptr<LoopTasks> loop_;
+  std::unique_ptr<VgpuHost> host_;
+  std::unique_ptr<mdev::Manager> manager_;
+  std::unique_ptr<mdev::MdevTree> tree_;
+  std::unique_ptr<ControlServer> control_;
+
+  std::mutex wmu_;
+  std::condition_variable wcv_;
+  std::deque<std::pair<std::string, ControlServer::Reply>> jobs_;
+  bool wstop_ = false;
+  std::thread worker_;
+  bool shut_down_ = false;
+};
+
+}  // namespace vg::daemon
