@@ -406,6 +406,12 @@ Result<ServerSession::Reply> ServerSession::HandleSetIrqs(Message& m) {
               Errc::kBadFlags, "DEVICE_SET_IRQS flags {:#x}", p.flags);
   VG_ERROR_IF(p.index >= dev_.NumIrqs(), Errc::kOutOfBounds, "irq index {} of {}", p.index, dev_.NumIrqs());
   VG_TRY(CheckedAdd(p.start, p.count));
+  // Bound the vector range by the device before anything is sized by `count` (found by the
+  // fuzzer: a de-assign of 2^32 vectors with no fds allocated that many empty fds).
+  VG_TRY_ASSIGN(IrqInfo info, dev_.GetIrqInfo(p.index));
+  VG_ERROR_IF(info.count == 0, Errc::kUnsupported, "DEVICE_SET_IRQS on irq index {} the device lacks", p.index);
+  VG_ERROR_IF(uint64_t{p.start} + p.count > info.count, Errc::kOutOfBounds,
+              "DEVICE_SET_IRQS vectors [{}, +{}) beyond the {} of index {}", p.start, p.count, info.count, p.index);
   uint32_t data = p.flags & kIrqDataMask;
   std::span<const uint8_t> bools;
   size_t extra = m.payload.size() - sizeof(SetIrqsPayload);

@@ -370,6 +370,9 @@ TEST_CASE("DEVICE_SET_IRQS: eventfds, fd counts, bools, flags") {
   // Out of range vector.
   SetIrqsPayload far{20, kIrqSetDataNone | kIrqSetActionTrigger, kIrqMsix, 3, 2};
   CheckError(h.Call(Command::kDeviceSetIrqs, Pod(far)), Errc::kOutOfBounds);
+  // A de-assign of 2^32-1 vectors is refused before anything is sized by count.
+  SetIrqsPayload huge{20, kIrqSetDataEventfd | kIrqSetActionTrigger, kIrqMsix, 0, 0xffffffff};
+  CheckError(h.Call(Command::kDeviceSetIrqs, Pod(huge)), Errc::kOutOfBounds);
   // start + count overflow.
   SetIrqsPayload wrap{20, kIrqSetDataNone | kIrqSetActionTrigger, kIrqMsix, 0xffffffff, 2};
   CheckError(h.Call(Command::kDeviceSetIrqs, Pod(wrap)), Errc::kOutOfBounds);
