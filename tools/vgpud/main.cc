@@ -3,9 +3,14 @@
 
 #include <CLI/CLI.hpp>
 #include <grp.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include <charconv>
+#include <cstddef>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 
 #include "tools/vgpud/daemon.h"
@@ -44,6 +49,23 @@ Result<gid_t> ParseGroup(const std::string& name) {
   VG_ERROR_IF(name.empty() || ec != std::errc() || p != name.data() + name.size(), Errc::kNotFound,
               "no group named '{}'", name);
   return v;
+}
+
+// systemd's readiness protocol (Type=notify) without libsystemd: one datagram to
+// $NOTIFY_SOCKET ("@name" is an abstract socket). A no-op outside systemd.
+void NotifySystemd(const char* state) {
+  const char* path = std::getenv("NOTIFY_SOCKET");
+  if (!path || (path[0] != '/' && path[0] != '@')) return;
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  const size_t len = std::strlen(path);
+  if (len >= sizeof(a.sun_path)) return;
+  std::memcpy(a.sun_path, path, len);
+  if (a.sun_path[0] == '@') a.sun_path[0] = '\0';
+  UniqueFd fd(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!fd.Valid()) return;
+  (void)::sendto(fd.Get(), state, std::strlen(state), MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&a),
+                 static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + len));
 }
 
 int Fail(int code, const Error& e) {
@@ -127,7 +149,9 @@ int main(int argc, char** argv) {
   VG_LOGI("vgpud ready: {} vGPU(s) under {}, parent {}", (*svc)->manager().ListActive().size(), opts.runtime_dir,
           (*svc)->manager().parent());
   std::fflush(stderr);
+  NotifySystemd("READY=1");
   auto r = (*d)->Run();
+  NotifySystemd("STOPPING=1");
   (*svc)->Shutdown();
   svc->reset();
   return r.ok() ? 0 : 1;
