@@ -28,6 +28,12 @@ namespace w = wire;
 
 // Refills of the private copy per loop callback before yielding to other clients.
 constexpr int kMaxRefillsPerWake = 4;
+// Backpressure: a client may have this many engine submissions of at most kMaxOpsPerBatch
+// ops queued; past that its ring stops draining (and the client waits for space), so one
+// client cannot fill the engine's queue ahead of everyone else, nor leave minutes of
+// work behind when it dies.
+constexpr size_t kMaxInflightPerClient = 2;
+constexpr size_t kMaxOpsPerBatch = 64;
 
 Result<> CheckIsEventFd(int fd) {
   char link[64] = {};
@@ -411,7 +417,7 @@ Result<> Session::Execute(const Command& c) {
     (void)reply_.Signal();
   }
   ++owner_.stats_.commands;
-  if (pending_.ops.size() >= engine::kMaxOpsPerSubmission) VG_TRY(Flush());
+  if (pending_.ops.size() >= kMaxOpsPerBatch) VG_TRY(Flush());
   return Ok();
 }
 
@@ -461,6 +467,8 @@ void Session::Process() {
     if (d.cmd.ok()) {
       const Command& c = *d.cmd;
       const OpDesc& desc = kOpTable[static_cast<uint16_t>(c.op)];
+      if (desc.kind == OpKind::kGpu && pending_.ops.empty() && inflight_.size() >= kMaxInflightPerClient)
+        return;  // resumed by OnDone
       if (desc.kind == OpKind::kOrdered) {
         if (auto r = Flush(); !r.ok()) Report(r.code(), pending_pos_, r.error().what);
         if (!inflight_.empty()) return;  // resumed by OnDone once the GPU caught up
@@ -469,10 +477,9 @@ void Session::Process() {
       if (r.ok()) r = ValidateOnEngine(c);
       if (r.ok()) r = Execute(c);
       if (!r.ok()) {
+        // A refused READ publishes no reply_seq (its seq is the client's word, unchecked):
+        // the error count and the reply eventfd wake a waiting client instead.
         Report(r.code(), pos, fmt::format("{}: {}", desc.name, r.error().what));
-        // A refused READ still answers, so a waiting client wakes and sees the error.
-        if (const auto* rd = std::get_if<w::ReadCmd>(&c.payload))
-          w::StoreShared<uint64_t>(area(), w::kStatusReplyOffset, rd->seq);
       }
       cursor_ += c.size;
     } else {
