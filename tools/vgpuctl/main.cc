@@ -1,5 +1,5 @@
 // vgpuctl: manages vgpud's vGPUs through the daemon's control socket (one JSON request per
-// line, one JSON reply per line; docs/management.md "Control socket").
+// line, one JSON reply per line; README.md "Managing vGPUs").
 //
 // Exit codes: 0 ok, 1 refused by the daemon (the named error is printed), 2 usage,
 // 3 cannot reach the daemon (or it broke the protocol).

@@ -1,6 +1,6 @@
 #pragma once
-// The control socket's transport (protocol and ops live in service.cc): a unix socket,
-// 0660, owned by root (or --control-group), peers checked with SO_PEERCRED. One JSON
+// The control socket's transport (ops: service.cc; protocol: README.md "Managing vGPUs"):
+// a unix socket, 0660, owned by root (or --control-group), peers checked with SO_PEERCRED. One JSON
 // request per line, one JSON reply per line, served non-blocking on the libevent loop.
 // Guests never get this socket: it lives beside, not inside, what a VMM is given.
 

@@ -360,7 +360,6 @@ Result<> Service::Open() {
                                                 [this](std::string req, ControlServer::Reply reply) {
                                                   Submit(std::move(req), std::move(reply));
                                                 }));
-  worker_ = std::thread([this] { WorkerMain(); });
   VG_LOGI("control socket {} (0660{})", opts_.control_path,
           opts_.control_group ? fmt::format(", group {}", *opts_.control_group) : std::string());
   if (opts_.mount_tree) {
@@ -373,6 +372,8 @@ Result<> Service::Open() {
     tree_ = std::move(tree).value();
     VG_LOGI("mdev tree at {}", tree_->mountpoint().string());
   }
+  // Last: the worker reads tree_ (ping), and nothing reaches it before the loop runs anyway.
+  worker_ = std::thread([this] { WorkerMain(); });
   return Ok();
 }
 
