@@ -166,8 +166,8 @@ class Listener {
   bool HasClient() const { return session_ != nullptr; }
   ServerSession* session() { return session_.get(); }
   void DropClient();
-  uint64_t accepted() const { return accepted_; }
-  uint64_t refused() const { return refused_; }
+  uint64_t accepted() const { return accepted_.load(); }  // readable from any thread
+  uint64_t refused() const { return refused_.load(); }
 
  private:
   Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock);
@@ -188,8 +188,8 @@ class Listener {
   bool write_armed_ = false;
   bool read_armed_ = false;
   std::unique_ptr<ServerSession> session_;
-  uint64_t accepted_ = 0;
-  uint64_t refused_ = 0;
+  std::atomic<uint64_t> accepted_{0};
+  std::atomic<uint64_t> refused_{0};
 };
 
 }  // namespace vg::vfio_user

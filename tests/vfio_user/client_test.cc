@@ -81,10 +81,10 @@ struct GuestRam {
 TEST_CASE("client drives every command against a real listener") {
   std::string path = SocketPath("all");
   ServerThread srv(path);
+  GuestRam ram;  // outlives the client's twin thread
   auto c = Client::Connect(path, 2000);
   REQUIRE(c.ok());
   Client& cl = **c;
-  GuestRam ram;
   auto caps = cl.Negotiate({}, ram.Handler());
   REQUIRE(caps.ok());
   CHECK(caps->twin_socket);
@@ -231,8 +231,8 @@ TEST_CASE("without a twin socket, server DMA goes over the main socket (worker t
   ServerLimits lim;
   lim.dma_timeout_ms = 2000;
   ServerThread srv(path, lim);
-  auto c = Client::Connect(path, 2000).value();
   GuestRam ram;
+  auto c = Client::Connect(path, 2000).value();
   ClientOptions o;
   o.twin_socket = false;
   auto caps = c->Negotiate(o, ram.Handler());
@@ -277,8 +277,8 @@ TEST_CASE("without a twin socket, server DMA goes over the main socket (worker t
 TEST_CASE("twin socket also serves DMA needed inside a loop-thread handler") {
   std::string path = SocketPath("twinkick");
   ServerThread srv(path);
-  auto c = Client::Connect(path, 2000).value();
   GuestRam ram;
+  auto c = Client::Connect(path, 2000).value();
   REQUIRE(c->Negotiate({}, ram.Handler())->twin_socket);
   REQUIRE(c->DmaMap({Gpa{ram.base}, ByteSize{0x4000}, 0, kDmaRead | kDmaWrite}).ok());
   {
