@@ -558,20 +558,51 @@ Result<Message> ServerSession::MainRoundTrip(const Header& h, std::span<const st
                 limits_.dma_timeout_ms);
     VG_TRY_ASSIGN(Message m, conn_.ReceiveBlocking(static_cast<int>(left.count())));
     if (m.type() == kTypeReply && m.hdr.msg_id == h.msg_id && m.hdr.command == h.command) return m;
-    if (m.type() == kTypeReply) continue;  // stray reply: ignored, as in HandleMessage
-    VG_ERROR_IF(deferred_.size() >= 4096, Errc::kLimitExceeded, "client sent {} commands during one DMA request",
-                deferred_.size());
-    deferred_.push_back(std::move(m));  // handled after this handler, in arrival order
+    VG_TRY(RouteOrDefer(std::move(m)));
   }
 }
 
+// Loop thread, while it waits for a DMA reply itself: replies go to a waiting worker (or are
+// dropped as stray), client commands wait in deferred_ and keep their order.
+Result<> ServerSession::RouteOrDefer(Message m) {
+  if (m.type() == kTypeReply) {
+    std::lock_guard lk(pend_mu_);
+    if (pending_ && !pending_->reply && pending_->id == m.hdr.msg_id && pending_->command == m.hdr.command) {
+      pending_->reply = std::move(m);
+      pend_cv_.notify_all();
+    }
+    return Ok();
+  }
+  VG_ERROR_IF(deferred_.size() >= 4096, Errc::kLimitExceeded, "client sent {} commands during one DMA request",
+              deferred_.size());
+  deferred_.push_back(std::move(m));
+  return Ok();
+}
+
 Result<> ServerSession::DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> in, std::span<const std::byte> out) {
-  std::lock_guard dma_lk(dma_mu_);
   VG_ERROR_IF(!negotiated_, Errc::kBadState, "DMA before the client negotiated");
   bool twin;
   {
     std::lock_guard lk(twin_mu_);
     twin = twin_ != nullptr;
+  }
+  std::unique_lock dma_lk(dma_mu_, std::defer_lock);
+  if (!twin && std::this_thread::get_id() == loop_thread_.load()) {
+    // A worker's request may be in flight on the main socket, waiting for this very thread
+    // to route its reply: keep reading (routing replies, deferring commands) until it is done.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(limits_.dma_timeout_ms);
+    while (!dma_lk.try_lock()) {
+      VG_ERROR_IF(std::chrono::steady_clock::now() >= deadline, Errc::kTimeout,
+                  "another DMA request stayed in flight for {} ms", limits_.dma_timeout_ms);
+      auto m = conn_.ReceiveBlocking(10);
+      if (!m.ok()) {
+        if (m.code() == Errc::kTimeout) continue;
+        return Unexpected{std::move(m).error()};
+      }
+      VG_TRY(RouteOrDefer(std::move(*m)));
+    }
+  } else {
+    dma_lk.lock();
   }
   bool is_read = cmd == Command::kDmaRead;
   uint64_t total = is_read ? in.size() : out.size();

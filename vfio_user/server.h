@@ -116,6 +116,7 @@ class ServerSession final : public DmaMessenger {
   Result<> DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> in, std::span<const std::byte> out);
   Result<Message> TwinRoundTrip(const Header& h, std::span<const std::byte> body);
   Result<Message> MainRoundTrip(const Header& h, std::span<const std::byte> body);
+  Result<> RouteOrDefer(Message m);
   Result<> SendLocked(const Header& h, std::span<const std::byte> payload, std::span<const int> fds = {});
 
   DeviceBackend& dev_;

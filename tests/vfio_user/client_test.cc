@@ -269,6 +269,22 @@ TEST_CASE("without a twin socket, server DMA goes over the main socket (worker t
   CHECK((*v)[0] == std::byte{0xa4});
   CHECK(c->dma_requests_served() == 3);
 
+
+  // A worker's request is in flight when a handler on the loop thread needs DMA too: the loop
+  // routes the worker's reply while it waits for its turn, then does its own.
+  srv.dev.dma_probe = ram.base + 0x48;
+  std::vector<std::byte> got2(4);
+  Result<> wr2 = Ok();
+  std::thread worker2([&] { wr2 = srv.dev.dma.Read(Gpa{ram.base + 0x4c}, got2); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // its DMA_READ is now queued to us
+  REQUIRE(c->RegionWrite(kBar0Region, FakeDevice::kDmaKick, Bytes({1, 0, 0, 0})).ok());
+  worker2.join();
+  REQUIRE(wr2.ok());
+  CHECK(got2[0] == std::byte{0xac});
+  v = c->RegionRead(kBar0Region, FakeDevice::kDmaKick + 4, 4);
+  REQUIRE(v.ok());
+  CHECK((*v)[0] == std::byte{0xa8});
+
   // A client that does not answer: the worker gets kTimeout, the session survives.
   std::byte b[4];
   CHECK(srv.dev.dma.Read(Gpa{ram.base}, b).code() == Errc::kTimeout);
