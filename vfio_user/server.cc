@@ -181,8 +181,13 @@ Result<> ServerSession::HandleMessage(Message msg) {
 }
 
 Result<> ServerSession::SendError(const Header& req, const Error& e) {
-  VG_LOGW("vfio-user: {} (id {}) refused: {} ({}){}", CommandName(req.command), req.msg_id, ErrcName(e.code), e.what,
-          (req.flags & kFlagNoReply) ? " [no reply requested]" : "");
+  // Every refusal is logged until a client shows it is hostile; then one line per 1024 so a
+  // flood of bad messages cannot turn into a flood of log lines.
+  ++refusals_;
+  if (refusals_ <= 64 || refusals_ % 1024 == 0)
+    VG_LOGW("vfio-user: {} (id {}) refused: {} ({}){}{}", CommandName(req.command), req.msg_id, ErrcName(e.code),
+            e.what, (req.flags & kFlagNoReply) ? " [no reply requested]" : "",
+            refusals_ > 64 ? fmt::format(" [{} refusals so far]", refusals_) : std::string());
   // Never answer a No_reply message, even with an error (QEMU would take it for the reply
   // to a later request).
   if (req.flags & kFlagNoReply) return Ok();

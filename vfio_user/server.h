@@ -71,6 +71,7 @@ class ServerSession final : public DmaMessenger {
   bool negotiated() const { return negotiated_; }
   bool twin_socket() const;
   uint32_t dma_map_count() const { return dma_maps_; }
+  uint64_t refusals() const { return refusals_; }  // loop thread only
 
   // DmaMessenger. Over the twin socket when negotiated. Otherwise over the main socket (QEMU's
   // client serves server requests there): from another thread the loop routes the reply to
@@ -144,6 +145,7 @@ class ServerSession final : public DmaMessenger {
   uint32_t peer_max_fds_ = kDefaultMaxMsgFds;
   uint32_t peer_max_xfer_ = kDefaultMaxDataXfer;
   uint32_t dma_maps_ = 0;
+  uint64_t refusals_ = 0;
 
   mutable std::mutex twin_mu_;
   std::unique_ptr<Connection> twin_;

@@ -232,6 +232,7 @@ TEST_CASE("header: unknown command, reply-type and bad flags") {
   CheckError(h.Call(Command::kMigDataRead, Bytes({8, 0, 0, 0, 0, 0, 0, 0})), Errc::kUnsupported);
   CheckError(h.Call(Command::kMigDataWrite, Bytes({8, 0, 0, 0, 0, 0, 0, 0})), Errc::kUnsupported);
   CheckError(h.Call(Command::kDirtyPages, {}), Errc::kUnsupported);
+  CHECK(h.s->refusals() == 10);
   // A reply from the client is ignored (no reply to it).
   h.Send(Command::kDeviceGetInfo, {}, {}, kTypeReply);
   CHECK(h.Pump().ok());
