@@ -232,6 +232,7 @@ TEST_CASE("refusals carry the named error and exit 1; usage exits 2; no daemon e
   refused({"define", "-t", "one", "--attr", "sched_weight=5000"}, "kInvalidArgument");
   refused({"start", "-t", "one", "--attr", "color=blue"}, "kNotFound");  // unknown attribute
 
+  CHECK(d.Ctl({"list", "--json"}).json()["ok"] == true);  // global options after the subcommand too
   CHECK(d.Ctl({}).code == 2);
   CHECK(d.Ctl({"frobnicate"}).code == 2);
   CHECK(d.Ctl({"define"}).code == 2);                            // -t is required

@@ -159,6 +159,7 @@ void PrintHuman(const std::string& cmd, const Json& r) {
 int main(int argc, char** argv) {
   CLI::App app{"vgpuctl: manage vgpud's vGPUs"};
   app.require_subcommand(1);
+  app.fallthrough();  // --json, --control and --timeout also after the subcommand
   Options o;
   if (const char* env = std::getenv("VGPUD_CONTROL"); env && *env) o.control = env;
   if (o.control.empty()) o.control = "/run/vgpud/control.sock";
