@@ -85,30 +85,36 @@ Result<> Device::Init() {
 }
 
 Result<uint32_t> Device::Read32(uint32_t off) {
+  ++messages_;
   VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kBar0Region, off, 4));
   uint32_t v;
   std::memcpy(&v, bytes.data(), 4);
   return v;
 }
 Result<uint64_t> Device::Read64(uint32_t off) {
+  ++messages_;
   VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kBar0Region, off, 8));
   uint64_t v;
   std::memcpy(&v, bytes.data(), 8);
   return v;
 }
 Result<> Device::Write32(uint32_t off, uint32_t v, bool posted) {
+  ++messages_;
   return client_->RegionWrite(vu::kBar0Region, off, std::as_bytes(std::span(&v, 1)), posted);
 }
 Result<> Device::Write64(uint32_t off, uint64_t v, bool posted) {
+  ++messages_;
   return client_->RegionWrite(vu::kBar0Region, off, std::as_bytes(std::span(&v, 1)), posted);
 }
 Result<uint32_t> Device::ConfigRead32(uint32_t off) {
+  ++messages_;
   VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kConfigRegion, off, 4));
   uint32_t v;
   std::memcpy(&v, bytes.data(), 4);
   return v;
 }
 Result<> Device::ConfigWrite32(uint32_t off, uint32_t v) {
+  ++messages_;
   return client_->RegionWrite(vu::kConfigRegion, off, std::as_bytes(std::span(&v, 1)));
 }
 

@@ -70,6 +70,8 @@ class Device {
   Result<> Kick() const { return doorbell_.Signal(); }
 
   Result<ErrorReport> ReadError();
+  // vfio-user request/reply messages this device sent (register and config accesses).
+  uint64_t messages() const { return messages_; }
   Result<> ClearError() { return Write32(abi::reg::kErrClear, 0); }
   Result<> Reset() { return client_->Reset(); }
 
@@ -90,6 +92,7 @@ class Device {
   std::array<EventFd, abi::kNumVectors> irqs_;
   EventFd doorbell_;
   uint32_t gtt_entries_ = 0;
+  uint64_t messages_ = 0;
 };
 
 }  // namespace vg::guest

@@ -218,10 +218,12 @@ Result<> Driver::WriteRing(std::span<const uint32_t> dwords) {
     at = (at + 1) % n;
   }
   tail_ = at * 4;
+  counters_.ring_bytes += bytes;
   return Ok();
 }
 
 Result<> Driver::Doorbell() {
+  ++counters_.doorbells;
   if (opts_.use_ioeventfd) {
     __atomic_store_n(reinterpret_cast<uint32_t*>(fence_.host.data() + 64), tail_, __ATOMIC_RELEASE);
     return dev_.Kick();
@@ -229,13 +231,14 @@ Result<> Driver::Doorbell() {
   return dev_.Write32(abi::reg::kRingTail, tail_);
 }
 
-Result<uint64_t> Driver::Submit(const CommandBuilder& cmds) {
+Result<uint64_t> Driver::Submit(const CommandBuilder& cmds, bool irq) {
   // Refusals reported before this submission are not about it.
   errors_seen_ = dev_.Status32(abi::status::kErrCount);
   CommandBuilder all;
-  all.Raw(cmds.dwords()).Fence(fence_.va, seq_ + 1, true);
+  all.Raw(cmds.dwords()).Fence(fence_.va, seq_ + 1, irq);
   VG_TRY(WriteRing(all.dwords()));
   VG_TRY(Doorbell());
+  ++counters_.submissions;
   return ++seq_;
 }
 
@@ -264,7 +267,7 @@ Result<> Driver::Wait(uint64_t seq, WaitMode mode, int timeout_ms) {
     pollfd fds[2] = {{dev_.irq(abi::kVectorFence).Get(), POLLIN, 0}, {dev_.irq(abi::kVectorError).Get(), POLLIN, 0}};
     int r = ::poll(fds, 2, static_cast<int>(std::min<int64_t>(left.count(), 100)));
     if (r > 0) {
-      if (fds[0].revents) (void)dev_.irq(abi::kVectorFence).Drain();
+      if (fds[0].revents) counters_.interrupts += dev_.irq(abi::kVectorFence).Drain().value_or(0);
       if (fds[1].revents) (void)dev_.irq(abi::kVectorError).Drain();
     }
   }

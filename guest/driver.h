@@ -68,6 +68,14 @@ struct DriverOptions {
 
 enum class WaitMode { kIrq, kPoll };
 
+// What crossed the guest/host boundary, for the A/B study.
+struct DriverCounters {
+  uint64_t submissions = 0;
+  uint64_t doorbells = 0;   // ioeventfd kicks or RING_TAIL writes
+  uint64_t interrupts = 0;  // IRQ eventfd wake-ups consumed while waiting
+  uint64_t ring_bytes = 0;  // command bytes written to the ring
+};
+
 class Driver {
  public:
   static Result<std::unique_ptr<Driver>> Create(Device& dev, DriverOptions opts = {});
@@ -82,8 +90,10 @@ class Driver {
   Result<> WriteGtt(uint32_t index, uint64_t entry);
   Result<GpuVa> ReserveVa(uint64_t size);
 
-  // Appends FENCE(next seqno, IRQ) and rings the doorbell. Returns the seqno.
-  Result<uint64_t> Submit(const CommandBuilder& cmds);
+  // Appends FENCE(next seqno) and rings the doorbell. Returns the seqno. Without `irq` the
+  // fence is still written (status page, Wait by polling or by a later IRQ) but raises no
+  // interrupt: fire-and-forget streams ask for one only at their end.
+  Result<uint64_t> Submit(const CommandBuilder& cmds, bool irq = true);
   // Exactly these dwords, no fence (hostile tests).
   Result<> SubmitRaw(std::span<const uint32_t> dwords);
   // Ok once the fence passed seq; the device's named error if a refusal was reported
@@ -93,6 +103,7 @@ class Driver {
   uint64_t last_submitted() const { return seq_; }
   GpuVa fence_va() const { return fence_.va; }
   const GpuBuffer& ring() const { return ring_; }
+  const DriverCounters& counters() const { return counters_; }
 
  private:
   Driver(Device& dev, DriverOptions opts) : dev_(dev), opts_(opts) {}
@@ -111,6 +122,7 @@ class Driver {
   uint32_t tail_ = 0;
   uint64_t seq_ = 0;
   uint32_t errors_seen_ = 0;
+  DriverCounters counters_;
 };
 
 }  // namespace vg::guest

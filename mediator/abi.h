@@ -17,14 +17,14 @@ inline constexpr uint8_t kRevision = 0x01;
 inline constexpr uint32_t kClassCode = 0x030200;  // display controller, 3D controller
 
 // --- BAR0: registers, status page, MSI-X table, GTT window ---
-inline constexpr uint64_t kBar0Size = 1u << 20;  // 1 MiB
+inline constexpr uint64_t kBar0Size = 4u << 20;  // 4 MiB
 inline constexpr uint32_t kRegsBase = 0x0000;     // page 0: trapped vGPU registers
 inline constexpr uint32_t kPrivBase = 0x1000;     // page 1: trapped privileged globals
 inline constexpr uint32_t kStatusPageOffset = 0x2000;  // page 2: status page, mmap, no trap
 inline constexpr uint32_t kMsixTableOffset = 0x3000;   // page 3: MSI-X table (trapped)
 inline constexpr uint32_t kMsixPbaOffset = 0x3800;
-inline constexpr uint32_t kGttOffset = 0x80000;        // GTT window: 8 bytes per entry
-inline constexpr uint32_t kGttMaxEntries = 0x10000;    // 64 Ki entries = 256 MiB of GPU VA
+inline constexpr uint32_t kGttOffset = 0x100000;       // GTT window: 8 bytes per entry, to BAR0's end
+inline constexpr uint32_t kGttMaxEntries = (kBar0Size - kGttOffset) / 8;  // 384 Ki entries = 1.5 GiB of GPU VA
 
 // Register offsets in page 0.
 namespace reg {

@@ -22,7 +22,19 @@ Stats Summarize(std::vector<double> s) {
   r.p50 = rank(0.50);
   r.p90 = rank(0.90);
   r.p99 = rank(0.99);
+  r.p999 = rank(0.999);
   r.mean = std::accumulate(s.begin(), s.end(), 0.0) / static_cast<double>(s.size());
+  return r;
+}
+
+Ratio SummarizeRatio(std::vector<double> per_rep) {
+  Ratio r;
+  r.n = per_rep.size();
+  if (per_rep.empty()) return r;
+  Stats s = Summarize(std::move(per_rep));
+  r.median = s.p50;
+  r.min = s.min;
+  r.max = s.max;
   return r;
 }
 

@@ -9,10 +9,18 @@ namespace vg::bench {
 
 struct Stats {
   size_t n = 0;
-  double min = 0, p50 = 0, p90 = 0, p99 = 0, max = 0, mean = 0;
+  double min = 0, p50 = 0, p90 = 0, p99 = 0, p999 = 0, max = 0, mean = 0;
 };
 // Nearest-rank percentiles over the samples (any unit).
 Stats Summarize(std::vector<double> samples);
+
+// A ratio measured once per repetition (path vs native, side by side in that repetition):
+// its median over repetitions and the spread (min, max) around it.
+struct Ratio {
+  double median = 0, min = 0, max = 0;
+  size_t n = 0;
+};
+Ratio SummarizeRatio(std::vector<double> per_rep);
 
 struct Row {
   std::string group;  // "latency", "throughput", "import"

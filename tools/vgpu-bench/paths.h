@@ -1,0 +1,74 @@
+#pragma once
+// The three paths of the A/B study behind one interface, so every workload runs the same
+// way on each: native (the engine in this process), mediated (a guest through vfio-user:
+// GTT, ring, doorbell, fence IRQ) and remoting (serialized API calls over shared memory).
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/base.h"
+#include "engine/engine.h"
+#include "shaders/samples.h"
+
+namespace vg::bench {
+
+enum class Kind { kEmpty, kKernel, kFills, kChurn, kCopyCmd };
+
+struct Workload {
+  std::string group;  // empty, small, kernel_time, cmds, data, churn
+  std::string name;
+  Kind kind = Kind::kEmpty;
+  shaders::KernelSample sample;  // kKernel
+  uint32_t commands = 1;         // kFills: FILL commands per submission
+  uint64_t bytes = 0;            // data a submission touches (throughput), 0: count submissions
+  double x = 0;                  // plot abscissa: kernel time in us, or bytes
+  uint32_t churn_bytes = 64 << 10;
+  uint64_t copy_bytes = 0;  // kCopyCmd: one COPY of this many bytes between two buffers
+  uint32_t stream = 0;      // >0: timed as `stream` fire-and-forget submissions, last one waited
+};
+
+// What crossed the boundary between guest and host, cumulative.
+struct Crossings {
+  uint64_t messages = 0;    // request/reply messages on a socket
+  uint64_t doorbells = 0;   // one-way notifications guest -> host
+  uint64_t interrupts = 0;  // one-way notifications host -> guest consumed
+  uint64_t replies = 0;     // waits for an answer through shared memory
+  uint64_t bytes = 0;       // command/serialized bytes written for the host
+};
+
+class Path {
+ public:
+  virtual ~Path() = default;
+  virtual std::string name() const = 0;
+  virtual Result<> Prepare(const Workload& w) = 0;
+  // One submission of the prepared workload, waited to completion.
+  virtual Result<> RunOnce() = 0;
+  // `n` submissions back to back, only the last waited (fire and forget).
+  virtual Result<> RunStream(uint32_t n) = 0;
+  // The kernel bindings' contents after the runs so far (kKernel).
+  virtual Result<std::vector<std::vector<std::byte>>> ReadBack() = 0;
+  virtual void Release() = 0;
+  virtual Crossings crossings() const = 0;
+  // Process whose CPU time is host-side work (the daemon); 0 when it is this process.
+  virtual pid_t host_pid() const { return 0; }
+};
+
+struct PathConfig {
+  std::string socket;         // mediated: the vGPU's vfio-user socket
+  std::string remote_socket;  // remoting: the vGPU's remoting socket
+  pid_t daemon = 0;
+  std::string gpu;            // native: engine device override
+  uint64_t guest_ram = 256ull << 20;  // mediated: guest RAM shared with the vGPU
+};
+
+Result<std::unique_ptr<Path>> MakeNativePath(const PathConfig& c);
+// Native paths sharing one engine (concurrent submitters in one process).
+std::unique_ptr<Path> MakeNativePathOn(std::shared_ptr<engine::Engine> engine);
+Result<std::unique_ptr<Path>> MakeMediatedPath(const PathConfig& c);
+Result<std::unique_ptr<Path>> MakeRemotingPath(const PathConfig& c);
+
+}  // namespace vg::bench

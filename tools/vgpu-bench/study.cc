@@ -1,0 +1,451 @@
+#include "tools/vgpu-bench/study.h"
+
+#include <dirent.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+
+#include <fmt/format.h>
+
+namespace vg::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Us(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
+
+double SelfCpuUs() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
+
+// CPU time of every thread of `pid`, from schedstat (ns resolution).
+double ProcessCpuUs(pid_t pid) {
+  std::string dir = fmt::format("/proc/{}/task", pid);
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return 0;
+  double ns = 0;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream f(dir + "/" + e->d_name + "/schedstat");
+    double v = 0;
+    if (f >> v) ns += v;
+  }
+  ::closedir(d);
+  return ns / 1e3;
+}
+
+struct SizePlan {
+  int iters;
+  std::vector<double> kernel_us;      // spin kernel targets
+  std::vector<uint32_t> commands;     // FILLs per submission
+  std::vector<uint64_t> data_bytes;   // per binding
+  uint64_t matmul_max_bytes;
+  uint64_t blur_max_bytes;
+  std::vector<uint64_t> copy_cmd_bytes;
+  uint32_t stream;
+};
+
+SizePlan PlanFor(StudyOptions::Size s) {
+  switch (s) {
+    case StudyOptions::Size::kSmoke:
+      return {4, {20, 200}, {1, 16}, {4096, 65536}, 65536, 65536, {65536}, 8};
+    case StudyOptions::Size::kQuick:
+      return {25, {10, 100, 1000, 3000}, {1, 16, 256, 4096}, {4096, 262144, 4u << 20, 16u << 20},
+              256 << 10, 4u << 20, {1u << 20, 16u << 20}, 64};
+    case StudyOptions::Size::kFull:
+      return {60,
+              {10, 30, 100, 300, 1000, 3000, 10000, 30000},
+              {1, 4, 16, 64, 256, 1024, 4096},
+              {4096, 65536, 1u << 20, 16u << 20, 64u << 20},
+              1u << 20,
+              16u << 20,
+              {1u << 20, 16u << 20, 64u << 20, 256u << 20},
+              256};
+  }
+  return {};
+}
+
+bool Want(const std::set<std::string>& filter, const std::string& v) { return filter.empty() || filter.count(v); }
+
+shaders::KernelSample SpinSample(uint32_t iterations) {
+  auto s = shaders::MakeSample(shaders::KernelId::kSpin, 4096, 1);
+  shaders::SpinPush p{4096, iterations, 1};
+  s.push.assign(shaders::PushBytes(p).begin(), shaders::PushBytes(p).end());
+  return s;
+}
+
+// Spin iterations per microsecond of kernel time on the native path (two-point fit, so the
+// fixed submission cost does not count as kernel time).
+Result<std::pair<double, double>> Calibrate(Path& native) {
+  auto time_of = [&](uint32_t iters) -> Result<double> {
+    Workload w;
+    w.kind = Kind::kKernel;
+    w.sample = SpinSample(iters);
+    VG_TRY(native.Prepare(w));
+    std::vector<double> us;
+    for (int i = 0; i < 7; ++i) {
+      auto t0 = Clock::now();
+      VG_TRY(native.RunOnce());
+      us.push_back(Us(Clock::now() - t0));
+    }
+    native.Release();
+    return Summarize(us).p50;
+  };
+  VG_TRY_ASSIGN(double t1, time_of(2000));
+  VG_TRY_ASSIGN(double t2, time_of(20000));
+  double slope = std::max(1e-6, (t2 - t1) / 18000.0);  // us per iteration
+  double fixed = std::max(0.0, t1 - slope * 2000);
+  return std::pair{slope, fixed};
+}
+
+std::vector<Workload> BuildWorkloads(const StudyOptions& o, const SizePlan& plan, double us_per_iter,
+                                     double fixed_us) {
+  std::vector<Workload> ws;
+  auto add = [&](Workload w) {
+    if (Want(o.groups, w.group)) ws.push_back(std::move(w));
+  };
+  add({"empty", "fence only", Kind::kEmpty});
+  {
+    Workload w{"small", "copy 4 KiB", Kind::kKernel};
+    w.sample = shaders::MakeSample(shaders::KernelId::kCopy, 1024, 3);
+    w.bytes = 8192;
+    add(w);
+  }
+  for (double target : plan.kernel_us) {
+    uint32_t iters = static_cast<uint32_t>(std::clamp((target - fixed_us) / us_per_iter, 1.0, double(1u << 20)));
+    Workload w{"kernel_time", fmt::format("spin ~{} us", target), Kind::kKernel};
+    w.sample = SpinSample(iters);
+    w.x = target;
+    add(w);
+  }
+  for (uint32_t n : plan.commands) {
+    Workload w{"cmds", fmt::format("{} FILLs", n), Kind::kFills};
+    w.commands = n;
+    w.x = n;
+    add(w);
+  }
+  for (uint64_t bytes : plan.data_bytes) {
+    uint32_t n = static_cast<uint32_t>(bytes / 4);
+    struct K {
+      shaders::KernelId id;
+      const char* name;
+      double traffic;  // bytes moved per element byte
+      uint64_t max;
+    };
+    for (K k : {K{shaders::KernelId::kCopy, "copy", 2, ~0ull}, K{shaders::KernelId::kSaxpy, "saxpy", 3, ~0ull},
+                K{shaders::KernelId::kMatmul, "matmul", 3, plan.matmul_max_bytes},
+                K{shaders::KernelId::kBlur3x3, "blur", 2, plan.blur_max_bytes}}) {
+      if (bytes > k.max) continue;
+      Workload w{"data", fmt::format("{} {} KiB", k.name, bytes >> 10), Kind::kKernel};
+      w.sample = shaders::MakeSample(k.id, n, 11);
+      w.bytes = static_cast<uint64_t>(k.traffic * static_cast<double>(bytes));
+      w.x = static_cast<double>(bytes);
+      add(w);
+    }
+  }
+  for (uint64_t bytes : plan.copy_cmd_bytes) {
+    Workload w{"data", fmt::format("COPY cmd {} MiB", bytes >> 20), Kind::kCopyCmd};
+    w.copy_bytes = bytes;
+    w.bytes = 2 * bytes;
+    w.x = static_cast<double>(bytes);
+    add(w);
+  }
+  {
+    Workload w{"churn", "create+fill+destroy 64 KiB", Kind::kChurn};
+    w.bytes = 64 << 10;
+    add(w);
+  }
+  {
+    Workload w{"stream", fmt::format("{} fire-and-forget FILLs", plan.stream), Kind::kFills};
+    w.commands = 1;
+    w.stream = plan.stream;
+    add(w);
+  }
+  return ws;
+}
+
+}  // namespace
+
+Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, const std::vector<std::string>& paths,
+                             const std::string& device) {
+  StudyReport rep;
+  rep.device = device;
+  SizePlan plan = PlanFor(o.size);
+  int iters = o.iters > 0 ? o.iters : plan.iters;
+  if (o.progress) std::fprintf(stderr, "vgpu-bench: measuring floors...\n");
+  VG_TRY_ASSIGN(rep.floors, MeasureFloors(o.size == StudyOptions::Size::kSmoke ? 200 : 2000,
+                                          o.size == StudyOptions::Size::kSmoke ? (4u << 20) : (64u << 20)));
+
+  std::map<std::string, std::unique_ptr<Path>> live;
+  for (const auto& p : paths) {
+    VG_TRY_ASSIGN(live[p], make(p, 0));
+  }
+  VG_ERROR_IF(!live.count("native"), Errc::kInvalidArgument, "the native path is the baseline and must run");
+  VG_TRY_ASSIGN(auto cal, Calibrate(*live["native"]));
+  auto workloads = BuildWorkloads(o, plan, cal.first, cal.second);
+
+  size_t done = 0;
+  for (const Workload& w : workloads) {
+    if (o.progress)
+      std::fprintf(stderr, "\rvgpu-bench: [%zu/%zu] %-32s", ++done, workloads.size(), w.name.c_str());
+    Result_ res{w, {}};
+    std::map<std::string, std::vector<double>> samples, rep_p50;
+    std::map<std::string, double> host_cpu, guest_cpu;
+    std::map<std::string, Crossings> cross;
+    std::map<std::string, uint64_t> subs;
+    std::map<std::string, Cell> cells;
+    for (const auto& p : paths) {
+      Cell& c = cells[p];
+      c.path = p;
+      Path& path = *live[p];
+      Result<> prep = path.Prepare(w);
+      if (prep.ok() && w.kind == Kind::kKernel) {
+        prep = path.RunOnce();
+        if (prep.ok()) {
+          auto out = path.ReadBack();
+          Result<> check = out.ok() ? shaders::CheckSample(w.sample, *out) : Result<>(out.error());
+          c.correct = check.ok();
+          if (!check.ok()) c.error = check.error().ToString();
+        }
+      }
+      for (int i = 0; prep.ok() && i < 2; ++i) prep = path.RunOnce();
+      if (!prep.ok()) {
+        c.correct = false;
+        c.error = prep.error().ToString();
+      }
+    }
+    for (int r = 0; r < o.reps; ++r) {
+      // Rotate the order each repetition so drift on the machine hits every path alike.
+      std::vector<std::string> order = paths;
+      std::rotate(order.begin(), order.begin() + (r % order.size()), order.end());
+      for (const auto& p : order) {
+        Cell& c = cells[p];
+        if (!c.error.empty()) continue;
+        Path& path = *live[p];
+        pid_t host = path.host_pid();
+        double host0 = host ? ProcessCpuUs(host) : 0, self0 = SelfCpuUs();
+        Crossings c0 = path.crossings();
+        std::vector<double> rs;
+        uint32_t per = w.stream ? w.stream : 1;
+        for (int i = 0; i < iters; ++i) {
+          auto t0 = Clock::now();
+          Result<> run = w.stream ? path.RunStream(w.stream) : path.RunOnce();
+          double us = Us(Clock::now() - t0) / per;
+          if (!run.ok()) {
+            c.error = run.error().ToString();
+            break;
+          }
+          rs.push_back(us);
+        }
+        Crossings c1 = path.crossings();
+        double self = SelfCpuUs() - self0;
+        host_cpu[p] += host ? ProcessCpuUs(host) - host0 : self;
+        guest_cpu[p] += host ? self : 0;
+        Crossings& acc = cross[p];
+        acc.messages += c1.messages - c0.messages;
+        acc.doorbells += c1.doorbells - c0.doorbells;
+        acc.interrupts += c1.interrupts - c0.interrupts;
+        acc.replies += c1.replies - c0.replies;
+        acc.bytes += c1.bytes - c0.bytes;
+        subs[p] += rs.size() * per;
+        rep_p50[p].push_back(Summarize(rs).p50);
+        samples[p].insert(samples[p].end(), rs.begin(), rs.end());
+      }
+    }
+    for (const auto& p : paths) {
+      Path& path = *live[p];
+      path.Release();
+      Cell& c = cells[p];
+      if (!c.correct) rep.all_correct = false;
+      c.us = Summarize(samples[p]);
+      double n = static_cast<double>(std::max<uint64_t>(1, subs[p]));
+      c.host_cpu_us = host_cpu[p] / n;
+      c.guest_cpu_us = guest_cpu[p] / n;
+      c.messages = static_cast<double>(cross[p].messages) / n;
+      c.doorbells = static_cast<double>(cross[p].doorbells) / n;
+      c.interrupts = static_cast<double>(cross[p].interrupts) / n;
+      c.replies = static_cast<double>(cross[p].replies) / n;
+      c.bytes = static_cast<double>(cross[p].bytes) / n;
+      if (c.us.p50 > 0) {
+        c.throughput = w.bytes ? static_cast<double>(w.bytes) / (c.us.p50 * 1e-6) / 1e9 : 1e6 / c.us.p50;
+        c.unit = w.bytes ? "GB/s" : "sub/s";
+      }
+      std::vector<double> lr, tr;
+      for (size_t r = 0; r < rep_p50[p].size() && r < rep_p50["native"].size(); ++r) {
+        lr.push_back(rep_p50[p][r] / rep_p50["native"][r]);
+        tr.push_back(rep_p50["native"][r] / rep_p50[p][r]);
+      }
+      c.latency_ratio = SummarizeRatio(lr);
+      c.throughput_ratio = SummarizeRatio(tr);
+      res.cells.push_back(c);
+    }
+    rep.results.push_back(std::move(res));
+  }
+  if (o.progress) std::fprintf(stderr, "\n");
+  return rep;
+}
+
+// --- reports ---
+
+namespace {
+const Cell* Find(const Result_& r, const std::string& path) {
+  for (const Cell& c : r.cells)
+    if (c.path == path) return &c;
+  return nullptr;
+}
+std::string RatioText(const Ratio& r) {
+  if (r.n == 0) return "-";
+  return fmt::format("{:.3f} [{:.3f}-{:.3f}]", r.median, r.min, r.max);
+}
+}  // namespace
+
+std::string FormatReport(const StudyReport& r) {
+  std::string out = fmt::format("device: {}\n", r.device);
+  out += fmt::format("floors: eventfd round trip p50 {:.1f} us (p99 {:.1f}), shared-memory poll round trip p50 {:.2f} us, "
+                     "memcpy {:.1f} GB/s\n\n",
+                     r.floors.eventfd_rtt_us.p50, r.floors.eventfd_rtt_us.p99, r.floors.shm_poll_rtt_us.p50,
+                     r.floors.memcpy_gbps);
+  std::string group;
+  for (const Result_& res : r.results) {
+    if (res.workload.group != group) {
+      group = res.workload.group;
+      out += fmt::format("== {}\n{:<30} {:<9} {:>9} {:>9} {:>9} {:>10} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} {:>5} {:>8}  {:<24} {}\n",
+                         group, "case", "path", "p50 us", "p99 us", "p99.9 us", "thruput", "unit", "host cpu",
+                         "gst cpu", "msgs", "dbell", "irqs", "repl", "bytes", "lat ratio [min-max]", "ok");
+    }
+    for (const Cell& c : res.cells) {
+      if (!c.error.empty() && c.us.n == 0) {
+        out += fmt::format("{:<30} {:<9} error: {}\n", res.workload.name, c.path, c.error);
+        continue;
+      }
+      out += fmt::format("{:<30} {:<9} {:>9.1f} {:>9.1f} {:>9.1f} {:>10.3g} {:>6} {:>8.1f} {:>8.1f} {:>5.2f} {:>5.2f} "
+                         "{:>5.2f} {:>5.2f} {:>8.0f}  {:<24} {}\n",
+                         res.workload.name, c.path, c.us.p50, c.us.p99, c.us.p999, c.throughput, c.unit,
+                         c.host_cpu_us, c.guest_cpu_us, c.messages, c.doorbells, c.interrupts, c.replies, c.bytes,
+                         c.path == "native" ? std::string("1") : RatioText(c.latency_ratio),
+                         c.correct ? "yes" : "NO " + c.error);
+    }
+  }
+  if (!r.concurrency.empty()) {
+    out += fmt::format("== concurrency (small dispatch per guest)\n{:<9} {:>7} {:>12} {:>8}\n", "path", "guests",
+                       "sub/s", "speedup");
+    for (const auto& c : r.concurrency)
+      out += fmt::format("{:<9} {:>7} {:>12.0f} {:>8.2f}\n", c.path, c.guests, c.submissions_per_s, c.speedup);
+  }
+  out += "\n== summary\n";
+  for (const auto& s : r.summary) out += "- " + s + "\n";
+  return out;
+}
+
+nlohmann::json ToJson(const StudyReport& r) {
+  using nlohmann::json;
+  auto stats = [](const Stats& s) {
+    return json{{"n", s.n}, {"p50", s.p50}, {"p90", s.p90}, {"p99", s.p99}, {"p999", s.p999}, {"min", s.min},
+                {"max", s.max}, {"mean", s.mean}};
+  };
+  auto ratio = [](const Ratio& x) { return json{{"median", x.median}, {"min", x.min}, {"max", x.max}, {"n", x.n}}; };
+  json j;
+  j["device"] = r.device;
+  j["floors"] = {{"eventfd_rtt_us", stats(r.floors.eventfd_rtt_us)},
+                 {"shm_poll_rtt_us", stats(r.floors.shm_poll_rtt_us)},
+                 {"memcpy_gbps", r.floors.memcpy_gbps}};
+  for (const Result_& res : r.results) {
+    json w{{"group", res.workload.group}, {"case", res.workload.name}, {"x", res.workload.x},
+           {"bytes_per_submission", res.workload.bytes}};
+    for (const Cell& c : res.cells) {
+      w["paths"][c.path] = {{"latency_us", stats(c.us)},
+                            {"throughput", c.throughput},
+                            {"unit", c.unit},
+                            {"host_cpu_us_per_submission", c.host_cpu_us},
+                            {"guest_cpu_us_per_submission", c.guest_cpu_us},
+                            {"crossings_per_submission",
+                             {{"messages", c.messages},
+                              {"doorbells", c.doorbells},
+                              {"interrupts", c.interrupts},
+                              {"replies", c.replies}}},
+                            {"bytes_per_submission", c.bytes},
+                            {"latency_ratio_to_native", ratio(c.latency_ratio)},
+                            {"throughput_ratio_to_native", ratio(c.throughput_ratio)},
+                            {"correct", c.correct},
+                            {"error", c.error}};
+    }
+    j["results"].push_back(w);
+  }
+  for (const auto& c : r.concurrency)
+    j["concurrency"].push_back(
+        {{"path", c.path}, {"guests", c.guests}, {"submissions_per_s", c.submissions_per_s}, {"speedup", c.speedup}});
+  j["summary"] = r.summary;
+  j["all_correct"] = r.all_correct;
+  return j;
+}
+
+std::string ToCsv(const StudyReport& r) {
+  std::string out =
+      "group,case,path,p50_us,p99_us,p999_us,throughput,unit,host_cpu_us,guest_cpu_us,messages,doorbells,interrupts,"
+      "replies,bytes,latency_ratio,latency_ratio_min,latency_ratio_max,throughput_ratio,correct\n";
+  for (const Result_& res : r.results)
+    for (const Cell& c : res.cells)
+      out += fmt::format("{},\"{}\",{},{:.3f},{:.3f},{:.3f},{:.6g},{},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f},{:.1f},"
+                         "{:.4f},{:.4f},{:.4f},{:.4f},{}\n",
+                         res.workload.group, res.workload.name, c.path, c.us.p50, c.us.p99, c.us.p999, c.throughput,
+                         c.unit, c.host_cpu_us, c.guest_cpu_us, c.messages, c.doorbells, c.interrupts, c.replies,
+                         c.bytes, c.latency_ratio.median, c.latency_ratio.min, c.latency_ratio.max,
+                         c.throughput_ratio.median, c.correct ? 1 : 0);
+  return out;
+}
+
+Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::string& dir) {
+  std::vector<std::string> paths;
+  for (const Result_& res : r.results)
+    for (const Cell& c : res.cells)
+      if (std::find(paths.begin(), paths.end(), c.path) == paths.end()) paths.push_back(c.path);
+  auto write_dat = [&](const std::string& file, const std::string& group, const std::string& prefix, bool gbps) {
+    std::ofstream f(dir + "/" + file);
+    f << "# x";
+    for (auto& p : paths) f << " " << p;
+    f << "\n";
+    for (const Result_& res : r.results) {
+      if (res.workload.group != group || res.workload.name.rfind(prefix, 0) != 0) continue;
+      const Cell* native = Find(res, "native");
+      f << (group == "kernel_time" && native ? native->us.p50 : res.workload.x);
+      for (auto& p : paths) {
+        const Cell* c = Find(res, p);
+        f << " " << (c ? (gbps ? c->throughput : c->us.p50) : 0);
+      }
+      f << "\n";
+    }
+  };
+  write_dat("kernel_time.dat", "kernel_time", "", false);
+  write_dat("copy_throughput.dat", "data", "copy ", true);
+  write_dat("saxpy_throughput.dat", "data", "saxpy ", true);
+  std::string script = "set terminal pngcairo size 900,600\nset grid\nset key top left\nset logscale xy\n";
+  auto plot = [&](const std::string& png, const std::string& dat, const std::string& title, const std::string& xl,
+                  const std::string& yl) {
+    script += fmt::format("set output '{}/{}'\nset title '{}'\nset xlabel '{}'\nset ylabel '{}'\nplot ", dir, png,
+                          title, xl, yl);
+    for (size_t i = 0; i < paths.size(); ++i)
+      script += fmt::format("{}'{}/{}' using 1:{} with linespoints title '{}'", i ? ", " : "", dir, dat, i + 2,
+                            paths[i]);
+    script += "\n";
+  };
+  plot("latency_vs_kernel_time.png", "kernel_time.dat", "Submission latency vs kernel time (p50)",
+       "native kernel time (us)", "latency (us)");
+  plot("copy_throughput_vs_size.png", "copy_throughput.dat", "copy kernel throughput vs size (p50)", "bytes per buffer",
+       "GB/s");
+  plot("saxpy_throughput_vs_size.png", "saxpy_throughput.dat", "saxpy throughput vs size (p50)", "bytes per buffer",
+       "GB/s");
+  std::ofstream(dir + "/plots.gnuplot") << script;
+  int rc = std::system(fmt::format("gnuplot '{}/plots.gnuplot' 2>'{}/gnuplot.log'", dir, dir).c_str());
+  VG_ERROR_IF(rc != 0, Errc::kIo, "gnuplot failed (see {}/gnuplot.log)", dir);
+  return std::vector<std::string>{dir + "/latency_vs_kernel_time.png", dir + "/copy_throughput_vs_size.png",
+                                  dir + "/saxpy_throughput_vs_size.png"};
+}
+
+}  // namespace vg::bench

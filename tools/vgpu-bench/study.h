@@ -1,0 +1,77 @@
+#pragma once
+// The A/B study: workloads x paths, interleaved repetitions, floors, ratios, reports.
+
+#include <functional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "base/base.h"
+#include "tools/bench/stats.h"
+#include "tools/vgpu-bench/floors.h"
+#include "tools/vgpu-bench/paths.h"
+
+namespace vg::bench {
+
+struct StudyOptions {
+  enum class Size { kSmoke, kQuick, kFull } size = Size::kQuick;
+  std::set<std::string> groups;  // empty: all
+  std::set<std::string> paths;   // empty: all
+  int reps = 5;
+  int iters = 0;                 // 0: by size
+  std::string out_dir = "study-out";
+  bool progress = true;
+};
+
+// One (workload, path) cell.
+struct Cell {
+  std::string path;
+  Stats us;                  // per-submission latency over every repetition
+  double throughput = 0;     // workload bytes/s (GB/s) or submissions/s
+  std::string unit;
+  double host_cpu_us = 0;    // per submission: the daemon (or, native, this process)
+  double guest_cpu_us = 0;   // per submission: this process, for the guest-side paths
+  Crossings per_sub;         // per submission, averaged (scaled by 1000 in `per_sub_milli`)
+  double messages = 0, doorbells = 0, interrupts = 0, replies = 0, bytes = 0;
+  Ratio latency_ratio;       // p50(path) / p50(native), per repetition
+  Ratio throughput_ratio;    // native time / path time, per repetition
+  bool correct = true;       // kernel results equal the CPU reference
+  std::string error;
+};
+
+struct Result_ {
+  Workload workload;
+  std::vector<Cell> cells;
+};
+
+struct Concurrency {
+  std::string path;
+  uint32_t guests = 0;
+  double submissions_per_s = 0;
+  double speedup = 0;  // over 1 guest on the same path
+};
+
+struct StudyReport {
+  std::string device;
+  Floors floors;
+  std::vector<Result_> results;
+  std::vector<Concurrency> concurrency;
+  std::vector<std::string> summary;  // sentences
+  bool all_correct = true;
+};
+
+// Starts paths with `make(path name)` (called once per path, and per guest for concurrency).
+using PathFactory = std::function<Result<std::unique_ptr<Path>>(const std::string& path, int guest)>;
+
+Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, const std::vector<std::string>& paths,
+                             const std::string& device);
+
+std::string FormatReport(const StudyReport& r);
+nlohmann::json ToJson(const StudyReport& r);
+std::string ToCsv(const StudyReport& r);
+// gnuplot scripts + data under dir; returns the PNG paths written.
+Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::string& dir);
+
+}  // namespace vg::bench
