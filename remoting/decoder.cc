@@ -10,36 +10,42 @@ namespace {
 
 template <class T>
 T Load(std::span<const std::byte> bytes, size_t off) {
-  T v;
+  T v{};
   std::memcpy(&v, bytes.data() + off, sizeof(T));
   return v;
 }
 
-// Per-op decoders, indexed like kOpTable (data, not a switch over opcodes).
-using DecodeFn = Result<Payload> (*)(std::span<const std::byte> body);
+// Per-op decoders, indexed like kOpTable (data, not a switch over opcodes). They fill
+// `out` in place (no Result<Payload> temporaries: GCC 12 + ASan misreads their moves).
+using DecodeFn = Result<> (*)(std::span<const std::byte> body, Payload& out);
 
 template <class T>
-Result<Payload> DecodeFixed(std::span<const std::byte> body) {
-  return Payload{Load<T>(body, 0)};
+Result<> DecodeFixed(std::span<const std::byte> body, Payload& out) {
+  out.emplace<T>(Load<T>(body, 0));
+  return Ok();
 }
-Result<Payload> DecodeNop(std::span<const std::byte>) { return Payload{std::monostate{}}; }
-Result<Payload> DecodeDispatch(std::span<const std::byte> body) {
-  DispatchCommand d;
-  d.head = Load<wire::DispatchCmd>(body, 0);
-  VG_ERROR_IF(d.head.binding_count > shaders::kMaxBindings, Errc::kBadKernel, "{} bindings > {}",
-              d.head.binding_count, shaders::kMaxBindings);
-  VG_ERROR_IF(d.head.push_size > shaders::kMaxPushBytes, Errc::kBadKernel, "{} push bytes > {}", d.head.push_size,
+Result<> DecodeNop(std::span<const std::byte>, Payload& out) {
+  out.emplace<std::monostate>();
+  return Ok();
+}
+Result<> DecodeDispatch(std::span<const std::byte> body, Payload& out) {
+  const auto head = Load<wire::DispatchCmd>(body, 0);
+  VG_ERROR_IF(head.binding_count > shaders::kMaxBindings, Errc::kBadKernel, "{} bindings > {}", head.binding_count,
+              shaders::kMaxBindings);
+  VG_ERROR_IF(head.push_size > shaders::kMaxPushBytes, Errc::kBadKernel, "{} push bytes > {}", head.push_size,
               shaders::kMaxPushBytes);
-  size_t need = sizeof(wire::DispatchCmd) + d.head.binding_count * sizeof(wire::DispatchBinding) + d.head.push_size;
+  size_t need = sizeof(wire::DispatchCmd) + head.binding_count * sizeof(wire::DispatchBinding) + head.push_size;
   VG_ERROR_IF(wire::AlignUp8(static_cast<uint32_t>(need + sizeof(wire::CmdHeader))) !=
                   body.size() + sizeof(wire::CmdHeader),
-              Errc::kBadLength, "dispatch with {} bindings and {} push bytes is not {} bytes", d.head.binding_count,
-              d.head.push_size, body.size() + sizeof(wire::CmdHeader));
+              Errc::kBadLength, "dispatch with {} bindings and {} push bytes is not {} bytes", head.binding_count,
+              head.push_size, body.size() + sizeof(wire::CmdHeader));
+  auto& d = out.emplace<DispatchCommand>();
+  d.head = head;
   size_t off = sizeof(wire::DispatchCmd);
-  for (uint32_t i = 0; i < d.head.binding_count; ++i, off += sizeof(wire::DispatchBinding))
+  for (uint32_t i = 0; i < head.binding_count; ++i, off += sizeof(wire::DispatchBinding))
     d.bindings.push_back(Load<wire::DispatchBinding>(body, off));
-  d.push.assign(body.begin() + static_cast<ptrdiff_t>(off), body.begin() + static_cast<ptrdiff_t>(off + d.head.push_size));
-  return Payload{std::move(d)};
+  d.push.assign(body.begin() + static_cast<ptrdiff_t>(off), body.begin() + static_cast<ptrdiff_t>(off + head.push_size));
+  return Ok();
 }
 
 constexpr DecodeFn kDecoders[wire::kOpCount] = {
@@ -93,12 +99,15 @@ Decoded DecodeCommand(std::span<const std::byte> stream, size_t off) {
     return out;
   }
   auto body = stream.subspan(off + sizeof(wire::CmdHeader), h.size - sizeof(wire::CmdHeader));
-  auto p = kDecoders[h.opcode](body);
-  if (!p.ok()) {
-    out.cmd = Error{p.error().code, fmt::format("{}: {}", d->name, p.error().what)};
+  Command cmd;
+  cmd.op = d->op;
+  cmd.size = h.size;
+  auto r = kDecoders[h.opcode](body, cmd.payload);
+  if (!r.ok()) {
+    out.cmd = Error{r.error().code, fmt::format("{}: {}", d->name, r.error().what)};
     return out;
   }
-  out.cmd = Command{d->op, h.size, std::move(p).value()};
+  out.cmd = std::move(cmd);
   return out;
 }
 
