@@ -274,3 +274,32 @@ TEST_CASE("fire-and-forget batches: wake-ups only when the daemon is idle") {
   CHECK(n.wakes_sent <= kSync);
   CHECK(n.replies_waited <= kSync);
 }
+
+TEST_CASE("a minimum-size ring wraps many times; commands split across its end decode whole") {
+  Rig rig(1);
+  guest::RemotingOptions o;
+  o.ring_size = w::kMinRingSize;
+  auto c = rig.Connect(0, o);
+  auto b = c->CreateBuffer(4096);
+  REQUIRE(b.ok());
+  // 40-byte COPY + 16-byte FENCE: 56 does not divide 4096, so commands straddle the end.
+  auto b2 = c->CreateBuffer(4096);
+  REQUIRE(b2.ok());
+  for (int i = 0; i < 300; ++i) {
+    REQUIRE(c->Fill(*b, 0, 4096, static_cast<uint32_t>(i)).ok());
+    REQUIRE(c->Copy(*b, 0, *b2, 0, 4096).ok());
+    REQUIRE(c->Submit().ok());
+  }
+  std::vector<std::byte> back(4096);
+  REQUIRE(c->Read(*b2, 0, back).ok());
+  CHECK(U32At(back, 1023) == 299);
+  CHECK(c->tail() > 4 * w::kMinRingSize);  // wrapped several times
+  CHECK(c->counters().ring_full_waits > 0);
+  for (const auto& k : shaders::AllKernels()) {
+    auto s = shaders::MakeSample(k.id, 2000, 77);
+    auto out = RunSample(*c, s);
+    REQUIRE_MESSAGE(out.ok(), out.error().ToString());
+    CHECK(shaders::CheckSample(s, *out).ok());
+  }
+  CHECK(c->LastError().count == 0);
+}
