@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <optional>
+#include <map>
 
 #include "mediator/abi.h"
 
@@ -49,9 +50,40 @@ Result<> GuestView::Write(const ResolvedRange& r, std::span<const std::byte> in)
 // or through an engine buffer gathered before and scattered after the work.
 struct Executor::Materialized {
   engine::BufferRange range;
-  std::optional<vu::Pin> pin;
+  std::shared_ptr<Import> import;  // held until the work completes
   const ResolvedRange* gathered_from = nullptr;
 };
+
+Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, ByteSize size, bool write) {
+  ImportKey key{gpa.v, size.v, write};
+  {
+    std::lock_guard lk(imports_mu_);
+    auto it = imports_.find(key);
+    if (it != imports_.end()) {
+      ++counters_.import_hits;
+      return it->second;
+    }
+  }
+  // Pinned first: a range unmapped since the audit fails here, by name, and is never used.
+  VG_TRY_ASSIGN(vu::Pin pin, dma_.PinRange(gpa, size, vu::kDmaRead | (write ? vu::kDmaWrite : 0)));
+  VG_TRY_ASSIGN(engine::BufferRef buf, engine_->WrapHostMemory(pin.bytes()));
+  auto imp = std::make_shared<Import>(Import{std::move(pin), std::move(buf)});
+  std::lock_guard lk(imports_mu_);
+  ++counters_.import_misses;
+  if (imports_.size() >= kMaxImports) imports_.erase(imports_.begin());
+  imports_[key] = imp;
+  return imp;
+}
+
+void Executor::DropImports(Gpa gpa, ByteSize size) {
+  std::lock_guard lk(imports_mu_);
+  for (auto it = imports_.begin(); it != imports_.end();) {
+    if (RangesOverlap(it->first.gpa, it->first.size, gpa.v, size.v))
+      it = imports_.erase(it);
+    else
+      ++it;
+  }
+}
 
 Executor::Executor(engine::Engine* engine, const vu::DmaSpace& dma, std::span<std::byte> aperture,
                    engine::BufferRef aperture_buffer, ExecHooks hooks)
@@ -162,17 +194,15 @@ Result<Executor::Materialized> Executor::Materialize(const ResolvedRange& r) {
       return m;
     }
     if (!s.target.aperture) {
-      auto pin = dma_.PinRange(Gpa{s.target.page_addr}, r.size, vu::kDmaRead | (r.write ? vu::kDmaWrite : 0));
-      if (pin.ok()) {
-        auto wrapped = engine_->WrapHostMemory(pin->bytes());
-        if (wrapped.ok()) {
-          m.range = engine::Whole(*wrapped);
-          m.pin = std::move(pin).value();
-          return m;
-        }
-      } else if (pin.code() != Errc::kUnsupported) {
-        return std::move(pin).error();  // unmapped since the audit: fail, never touch it
+      auto imp = ImportGuestRange(Gpa{s.target.page_addr}, r.size, r.write);
+      if (imp.ok()) {
+        m.range = engine::Whole((*imp)->buffer);
+        m.import = std::move(imp).value();
+        return m;
       }
+      // Memory shared without an fd cannot be imported: gather it. Anything else (the
+      // range was unmapped since the audit) fails by name; it is never touched.
+      if (imp.code() != Errc::kUnsupported) return std::move(imp).error();
     }
   }
   // Scattered pages or memory shared without an fd: gather into an engine buffer.

@@ -7,6 +7,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <map>
+#include <memory>
 #include <functional>
 #include <mutex>
 #include <span>
@@ -40,6 +42,8 @@ struct ExecHooks {
 
 struct ExecCounters {
   uint64_t plans = 0;
+  uint64_t import_hits = 0;    // guest ranges found already imported
+  uint64_t import_misses = 0;  // guest ranges imported (VK_EXT_external_memory_host)
   uint64_t engine_submissions = 0;
   uint64_t bytes_zero_copy = 0;  // guest bytes the engine used in place
   uint64_t bytes_gathered = 0;   // guest bytes copied to or from engine buffers
@@ -54,6 +58,9 @@ class Executor {
   Executor& operator=(const Executor&) = delete;
 
   void Enqueue(Plan plan);
+  // Forgets cached imports of guest memory overlapping [gpa, gpa+size), so a DMA_UNMAP of
+  // it waits only for work actually in flight, not for the cache.
+  void DropImports(Gpa gpa, ByteSize size);
   // Drops queued plans and waits for the one running, if any (reset, teardown).
   void CancelAndDrain();
   // Waits until every plan queued so far has run.
@@ -62,6 +69,19 @@ class Executor {
 
  private:
   struct Materialized;
+  // A guest range imported into the engine, kept for the next submissions that use the
+  // same range (a guest reuses its buffers). The Pin keeps the guest memory mapped.
+  struct Import {
+    vfio_user::Pin pin;
+    engine::BufferRef buffer;
+  };
+  struct ImportKey {
+    uint64_t gpa, size;
+    bool write;
+    auto operator<=>(const ImportKey&) const = default;
+  };
+  static constexpr size_t kMaxImports = 64;
+  Result<std::shared_ptr<Import>> ImportGuestRange(Gpa gpa, ByteSize size, bool write);
   void Loop();
   Result<> Run(Plan& plan);
   Result<> RunGpuOps(std::span<PlanOp> ops);
@@ -81,6 +101,8 @@ class Executor {
   bool running_ = false;
   bool stop_ = false;
   ExecCounters counters_;
+  std::mutex imports_mu_;
+  std::map<ImportKey, std::shared_ptr<Import>> imports_;
   std::thread thread_;
 };
 

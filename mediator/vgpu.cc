@@ -13,6 +13,7 @@
 #include "mediator/mediator.h"
 #include "vfio_user/dma.h"
 #include "vfio_user/irqs.h"
+#include "vfio_user/messages.h"
 #include "shaders/catalogue.h"
 
 namespace vg::mediator {
@@ -651,6 +652,7 @@ void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(mes
 
 void Vgpu::OnDisconnect() {
   impl_->exec_->CancelAndDrain();  // the guest is gone: its queued work goes with it
+  impl_->exec_->DropImports(Gpa{0}, ByteSize{~0ull});
   std::lock_guard lk(impl_->mu_);
   impl_->dma_.SetMessenger(nullptr);
   impl_->dma_.Clear();
@@ -750,9 +752,14 @@ Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<cons
 Result<> Vgpu::DmaMap(const vu::DmaMapArgs& args, UniqueFd fd) { return impl_->dma_.Map(args, std::move(fd)); }
 
 Result<> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
+  // QEMU's unmap-all names no range: everything goes.
+  bool all = args.flags & vu::kDmaUnmapAll;
+  Gpa from = all ? Gpa{0} : args.iova;
+  ByteSize size = all ? ByteSize{~0ull} : args.size;
+  impl_->exec_->DropImports(from, size);
   VG_TRY(impl_->dma_.Unmap(args));
   std::lock_guard lk(impl_->mu_);
-  uint32_t dropped = impl_->gtt_.InvalidateGuestRange(args.iova, args.size);
+  uint32_t dropped = impl_->gtt_.InvalidateGuestRange(from, size);
   if (dropped) VG_LOGI("vgpu {}: DMA_UNMAP {}+{:#x} invalidated {} GTT entries", impl_->cfg_.uuid, args.iova,
                        args.size.v, dropped);
   return Ok();

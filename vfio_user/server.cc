@@ -1,5 +1,7 @@
 #include "vfio_user/server.h"
 
+#include <poll.h>
+
 #include <event2/event.h>
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -702,6 +704,12 @@ void Listener::OnAccept(int fd, short, void* arg) {
   int c = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
   if (c < 0) return;
   UniqueFd client(c);
+  if (self->session_ && self->SessionHungUp()) {
+    // The previous client is gone but the loop has not seen its EOF yet (a VMM that
+    // reconnects at once after a crash): free the slot instead of refusing the newcomer.
+    VG_LOGI("vfio-user: {}: previous client hung up; serving the new one", self->path_);
+    self->DropClient();
+  }
   if (self->session_) {
     // One client per device: a second VMM must not steal or share the device.
     ++self->refused_;
@@ -723,6 +731,14 @@ void Listener::OnAccept(int fd, short, void* arg) {
     if (self->version_timer_) evtimer_add(self->version_timer_, &tv);
   }
   self->UpdateEvents();
+}
+
+bool Listener::SessionHungUp() const {
+  pollfd p{session_->fd(), POLLIN | POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) != 1) return false;
+  if (p.revents & (POLLHUP | POLLERR)) return true;
+  // Readable with RDHUP: the peer closed its end; any bytes it left are a dead client's.
+  return (p.revents & POLLRDHUP) != 0;
 }
 
 void Listener::OnVersionTimeout(int, short, void* arg) {

@@ -175,6 +175,7 @@ class Listener {
  private:
   Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock);
   static void OnAccept(int fd, short what, void* arg);
+  bool SessionHungUp() const;
   static void OnClient(int fd, short what, void* arg);
   static void OnVersionTimeout(int fd, short what, void* arg);
   void UpdateEvents();

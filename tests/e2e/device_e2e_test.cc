@@ -106,3 +106,16 @@ TEST_CASE("a second client on a busy vGPU is turned away; the first keeps workin
   REQUIRE((*first)->Write32(abi::reg::kScratch, 7).ok());
   CHECK((*first)->Read32(abi::reg::kScratch).value() == 7);
 }
+
+TEST_CASE("a guest that reconnects right after closing gets the vGPU (the slot frees on hang-up)") {
+  Daemon d({std::string(kUuidA) + ":small"});
+  guest::DeviceOptions o;
+  o.socket = d.Socket(0);
+  o.ram_size = 1 << 20;
+  o.timeout_ms = 2000;
+  for (int i = 0; i < 20; ++i) {
+    auto dev = guest::Device::Open(o);
+    REQUIRE_MESSAGE(dev.ok(), "reconnect " << i << ": " << dev.error().ToString());
+    REQUIRE((*dev)->Write32(abi::reg::kScratch, static_cast<uint32_t>(i)).ok());
+  }
+}
