@@ -232,6 +232,16 @@ TEST_CASE("refusals carry the named error and exit 1; usage exits 2; no daemon e
   refused({"define", "-t", "one", "--attr", "sched_weight=5000"}, "kInvalidArgument");
   refused({"start", "-t", "one", "--attr", "color=blue"}, "kNotFound");  // unknown attribute
 
+  // A definition edited by hand (mdevctl's files are plain files): shown, but not started.
+  std::ofstream(d.runtime() / "etc/mdevctl.d/vgpud0" / kU3)
+      << R"({"mdev_type":"vgpud-one","start":"manual","attrs":[{"sched_weight":"abc"}]})";
+  Json hand = d.CtlJson({"show", kU3});
+  CHECK(hand["ok"] == true);
+  CHECK(hand["sched_weight"] == 5);  // the type's weight: "abc" overrides nothing
+  refused({"start", kU3}, "kInvalidArgument");
+  std::ofstream(d.runtime() / "etc/mdevctl.d/vgpud0" / kU3) << "{ not json";
+  refused({"show", kU3}, "kInvalidArgument");
+  CHECK(d.CtlJson({"list", "--defined"})["ok"] == true);  // skipped, not fatal
   CHECK(d.Ctl({"list", "--json"}).json()["ok"] == true);  // global options after the subcommand too
   CHECK(d.Ctl({}).code == 2);
   CHECK(d.Ctl({"frobnicate"}).code == 2);

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <charconv>
+
 #include <nlohmann/json.hpp>
 
 namespace vg::daemon {
@@ -274,8 +276,12 @@ struct ServiceOps {
       j["gtt_entries"] = t->gtt_entries;
       j["sched_weight"] = t->sched_weight;
     }
-    for (const auto& [k, v] : i.attrs)
-      if (k == "sched_weight" || k == "rate_limit") j[k] = std::stoull(v);  // validated on the way in
+    // Effective values; a definition file is mdevctl's too, so its values are checked again.
+    for (const auto& [k, v] : i.attrs) {
+      uint64_t n = 0;
+      auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+      if ((k == "sched_weight" || k == "rate_limit") && ec == std::errc() && p == v.data() + v.size()) j[k] = n;
+    }
     if (i.active) {
       j["remoting_socket"] = s.daemon_.RemotingSocketPath(u);
       auto c = s.host_->Counters(u);
@@ -308,7 +314,12 @@ std::string Service::Handle(std::string_view request) {
   const std::string name = op->get<std::string>();
   for (const ServiceOps::Op& o : ServiceOps::kOps) {
     if (o.name != name) continue;
-    Result<Json> r = o.fn(*this, req);
+    Result<Json> r = MakeError(Errc::kInternal, "op failed");
+    try {
+      r = o.fn(*this, req);
+    } catch (const std::exception& e) {  // a bug, not a crash: the worker must outlive it
+      r = MakeError(Errc::kInternal, "op {}: {}", name, e.what());
+    }
     if (!r) {
       VG_LOGI("control: {} refused: {}", name, r.error().ToString());
       return fail(r.error());
