@@ -12,38 +12,38 @@ namespace vg::mediator {
 
 namespace vu = vfio_user;
 
-Result<> GuestView::Read(const ResolvedRange& r, std::span<std::byte> out) const {
-  VG_ERROR_IF(out.size() != r.size.v, Errc::kInternal, "read of {} bytes into {}", r.size.v, out.size());
+// One walk over the spans for both directions: `copy(dst_or_src_in_aperture, span)` for
+// aperture spans, `dma(gpa, span)` for guest memory.
+template <class Bytes, class ApertureCopy, class DmaCopy>
+static Result<> WalkSpans(const ResolvedRange& r, Bytes bytes, std::span<std::byte> aperture, ApertureCopy ap,
+                          DmaCopy dma) {
+  VG_ERROR_IF(bytes.size() != r.size.v, Errc::kInternal, "transfer of {} bytes for a range of {}", bytes.size(),
+              r.size.v);
   size_t done = 0;
   for (const GttSpan& s : r.spans) {
-    auto dst = out.subspan(done, s.size.v);
+    auto part = bytes.subspan(done, s.size.v);
     if (s.target.aperture) {
-      VG_ERROR_IF(!RangeWithin(s.target.page_addr, s.size.v, aperture_.size()), Errc::kOutOfBounds,
+      VG_ERROR_IF(!RangeWithin(s.target.page_addr, s.size.v, aperture.size()), Errc::kOutOfBounds,
                   "aperture span past the end");
-      std::memcpy(dst.data(), aperture_.data() + s.target.page_addr, dst.size());
+      ap(aperture.data() + s.target.page_addr, part);
     } else {
-      VG_TRY(dma_.Read(Gpa{s.target.page_addr}, dst));
+      VG_TRY(dma(Gpa{s.target.page_addr}, part));
     }
     done += s.size.v;
   }
   return Ok();
 }
 
+Result<> GuestView::Read(const ResolvedRange& r, std::span<std::byte> out) const {
+  return WalkSpans(
+      r, out, aperture_, [](std::byte* ap, std::span<std::byte> dst) { std::memcpy(dst.data(), ap, dst.size()); },
+      [this](Gpa gpa, std::span<std::byte> dst) { return dma_.Read(gpa, dst); });
+}
+
 Result<> GuestView::Write(const ResolvedRange& r, std::span<const std::byte> in) const {
-  VG_ERROR_IF(in.size() != r.size.v, Errc::kInternal, "write of {} bytes into {}", in.size(), r.size.v);
-  size_t done = 0;
-  for (const GttSpan& s : r.spans) {
-    auto src = in.subspan(done, s.size.v);
-    if (s.target.aperture) {
-      VG_ERROR_IF(!RangeWithin(s.target.page_addr, s.size.v, aperture_.size()), Errc::kOutOfBounds,
-                  "aperture span past the end");
-      std::memcpy(aperture_.data() + s.target.page_addr, src.data(), src.size());
-    } else {
-      VG_TRY(dma_.Write(Gpa{s.target.page_addr}, src));
-    }
-    done += s.size.v;
-  }
-  return Ok();
+  return WalkSpans(
+      r, in, aperture_, [](std::byte* ap, std::span<const std::byte> src) { std::memcpy(ap, src.data(), src.size()); },
+      [this](Gpa gpa, std::span<const std::byte> src) { return dma_.Write(gpa, src); });
 }
 
 // How one resolved range reaches the engine: in place (aperture or a pinned DMA region),
