@@ -104,7 +104,8 @@ struct ValidateCase {
 
 std::vector<ValidateCase> ValidateCases() {
   using K = shaders::KernelId;
-  auto fill_push = shaders::PushBytes(shaders::FillPush{1024, 5});
+  static const shaders::FillPush kFillPush{1024, 5};  // outlives the spans below
+  auto fill_push = shaders::PushBytes(kFillPush);
   auto k = [](K id) { return static_cast<uint32_t>(id); };
   std::vector<ValidateCase> c;
   c.push_back({"create id 0", Stream().Cmd(w::Op::kCreateBuffer, w::CreateBufferCmd{0, 0, 64}).bytes(),

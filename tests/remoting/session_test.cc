@@ -96,7 +96,8 @@ Result<> Raw(RemotingClient& c, const Stream& s) { return c.AppendRaw(s.bytes())
 
 std::vector<Attack> Attacks() {
   using K = shaders::KernelId;
-  auto fill_push = shaders::PushBytes(shaders::FillPush{1024, 5});
+  static const shaders::FillPush kFillPush{1024, 5};  // outlives the spans below
+  auto fill_push = shaders::PushBytes(kFillPush);
   std::vector<Attack> a;
   a.push_back({"unknown opcode", Errc::kUnknownCommand,
                [](auto& c, auto&) { return Raw(c, Stream().Raw(0x55, 0, std::vector<std::byte>(16))); }});
