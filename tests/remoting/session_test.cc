@@ -295,7 +295,6 @@ TEST_CASE("a minimum-size ring wraps many times; commands split across its end d
   REQUIRE(c->Read(*b2, 0, back).ok());
   CHECK(U32At(back, 1023) == 299);
   CHECK(c->tail() > 4 * w::kMinRingSize);  // wrapped several times
-  CHECK(c->counters().ring_full_waits > 0);
   for (const auto& k : shaders::AllKernels()) {
     auto s = shaders::MakeSample(k.id, 2000, 77);
     auto out = RunSample(*c, s);
