@@ -90,13 +90,14 @@ Result<std::pair<double, double>> Calibrate(Path& native) {
     w.sample = SpinSample(iters);
     VG_TRY(native.Prepare(w));
     std::vector<double> us;
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < 15; ++i) {
       auto t0 = Clock::now();
       VG_TRY(native.RunOnce());
       us.push_back(Us(Clock::now() - t0));
     }
     native.Release();
-    return Summarize(us).p50;
+    // The minimum is the run least disturbed by the rest of the machine.
+    return Summarize(us).min;
   };
   VG_TRY_ASSIGN(double t1, time_of(2000));
   VG_TRY_ASSIGN(double t2, time_of(20000));
