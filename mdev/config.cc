@@ -59,9 +59,7 @@ std::vector<VgpuType> DefaultTypes() {
   return {
       {"vgpud-small", "vgpud small", "64 MiB aperture, 16384 GTT entries, weight 100", ByteSize{64 * kMiB}, 16384, 100, 16},
       {"vgpud-medium", "vgpud medium", "256 MiB aperture, 65536 GTT entries, weight 200", ByteSize{256 * kMiB}, 65536, 200, 8},
-      // 65536 GTT entries: the most the committed device ABI's GTT window holds (mediator/abi.h
-      // kGttMaxEntries); Vgpu::Create refuses more.
-      {"vgpud-large", "vgpud large", "1 GiB aperture, 65536 GTT entries, weight 400", ByteSize{1024 * kMiB}, 65536, 400, 4},
+      {"vgpud-large", "vgpud large", "1 GiB aperture, 262144 GTT entries, weight 400", ByteSize{1024 * kMiB}, 262144, 400, 4},
   };
 }
 
