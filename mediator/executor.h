@@ -81,6 +81,7 @@ class Executor {
     auto operator<=>(const ImportKey&) const = default;
   };
   static constexpr size_t kMaxImports = 64;
+  static constexpr uint64_t kImportWindow = 2ull << 20;
   Result<std::shared_ptr<Import>> ImportGuestRange(Gpa gpa, ByteSize size, bool write);
   void Loop();
   Result<> Run(Plan& plan);
