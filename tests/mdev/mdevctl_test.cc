@@ -20,18 +20,13 @@
 namespace vg::mdev {
 namespace {
 using testing::IsListening;
+using testing::Slurp;
 using testing::TempDir;
 using testing::TestHost;
 namespace fs = std::filesystem;
 using Json = nlohmann::json;
 constexpr uint64_t kMiB = 1ull << 20;
 
-std::string Slurp(const fs::path& p) {
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 std::string Quote(const std::string& s) {
   std::string out = "'";

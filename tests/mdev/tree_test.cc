@@ -16,17 +16,12 @@
 namespace vg::mdev {
 namespace {
 using testing::IsListening;
+using testing::Slurp;
 using testing::TempDir;
 using testing::TestHost;
 namespace fs = std::filesystem;
 constexpr uint64_t kMiB = 1ull << 20;
 
-std::string Read(const fs::path& p) {
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // One write(2), as `echo` or mdevctl's fs::write does; returns 0 or the errno.
 int Store(const fs::path& p, std::string_view data) {
@@ -77,10 +72,10 @@ TEST_CASE("layout: parent, types and their files") {
         std::set<std::string>{"vgpud-large", "vgpud-medium", "vgpud-small"});
   CHECK(List(t.Type("vgpud-small")) ==
         std::set<std::string>{"available_instances", "create", "description", "device_api", "devices", "name"});
-  CHECK(Read(t.Type("vgpud-small") / "device_api") == "vfio-pci\n");
-  CHECK(Read(t.Type("vgpud-small") / "name") == "vgpud small\n");
-  CHECK(Read(t.Type("vgpud-small") / "available_instances") == "8\n");
-  CHECK(Read(t.Type("vgpud-large") / "available_instances") == "0\n");
+  CHECK(Slurp(t.Type("vgpud-small") / "device_api") == "vfio-pci\n");
+  CHECK(Slurp(t.Type("vgpud-small") / "name") == "vgpud small\n");
+  CHECK(Slurp(t.Type("vgpud-small") / "available_instances") == "8\n");
+  CHECK(Slurp(t.Type("vgpud-large") / "available_instances") == "0\n");
   CHECK(!fs::exists(t.Type("vgpud-huge")));
   CHECK(fs::is_empty(t.sys / "bus/mdev/devices"));
   // Read-only files refuse writes; nothing can be created.
@@ -98,18 +93,18 @@ TEST_CASE("create and remove act before the write returns") {
   CHECK(fs::canonical(dev) == t.sys / "devices/vgpud/vgpud0" / u);
   CHECK(fs::canonical(dev / "mdev_type").filename() == "vgpud-medium");
   CHECK(!fs::exists(t.sys / "bus/mdev/devices/0F1E2D3C-4B5A-4697-8877-665544332211"));  // one spelling only
-  const std::string sock = Read(dev / "vfio_user_socket");
+  const std::string sock = Slurp(dev / "vfio_user_socket");
   REQUIRE(!sock.empty());
   CHECK(IsListening(sock.substr(0, sock.size() - 1)));
   CHECK(List(t.Type("vgpud-medium") / "devices") == std::set<std::string>{u});
-  CHECK(Read(t.Type("vgpud-medium") / "available_instances") == "1\n");
-  CHECK(Read(t.Type("vgpud-small") / "available_instances") == "4\n");
+  CHECK(Slurp(t.Type("vgpud-medium") / "available_instances") == "1\n");
+  CHECK(Slurp(t.Type("vgpud-small") / "available_instances") == "4\n");
   for (const char* f : {"mdev_type", "remove", "vfio_user_socket", "sched_weight", "rate_limit"})
     CHECK_MESSAGE(fs::exists(dev / f), f);
 
   // Attributes: validated, applied to the running instance.
   CHECK(Store(dev / "sched_weight", "300") == 0);
-  CHECK(Read(dev / "sched_weight") == "300\n");
+  CHECK(Slurp(dev / "sched_weight") == "300\n");
   CHECK(t.host.attrs(*Uuid::Parse(u)) == Attributes{{"sched_weight", "300"}});
   CHECK(Store(dev / "sched_weight", "0") == EINVAL);
   CHECK(Store(dev / "rate_limit", "fast") == EINVAL);
@@ -132,7 +127,7 @@ TEST_CASE("create and remove act before the write returns") {
   CHECK(!fs::exists(dev));
   CHECK(!IsListening(sock.substr(0, sock.size() - 1)));
   CHECK(List(t.sys / "bus/mdev/devices") == std::set<std::string>{u2});
-  CHECK(Read(t.Type("vgpud-medium") / "available_instances") == "1\n");
+  CHECK(Slurp(t.Type("vgpud-medium") / "available_instances") == "1\n");
 }
 
 TEST_CASE("a reader sees the file as it was at open(), never half-changed") {
@@ -147,7 +142,7 @@ TEST_CASE("a reader sees the file as it was at open(), never half-changed") {
   CHECK(read(fd, rest, sizeof(rest)) == 1);
   CHECK(std::string(1, c) + rest == "8\n");
   close(fd);
-  CHECK(Read(avail) == "7\n");  // a new open sees the new state
+  CHECK(Slurp(avail) == "7\n");  // a new open sees the new state
 }
 
 TEST_CASE("the callout question file") {
