@@ -408,6 +408,7 @@ Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::str
     for (const Cell& c : res.cells)
       if (std::find(paths.begin(), paths.end(), c.path) == paths.end()) paths.push_back(c.path);
   auto write_dat = [&](const std::string& file, const std::string& group, const std::string& prefix, bool gbps) {
+    int rows = 0;
     std::ofstream f(dir + "/" + file);
     f << "# x";
     for (auto& p : paths) f << " " << p;
@@ -421,11 +422,14 @@ Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::str
         f << " " << (c ? (gbps ? c->throughput : c->us.p50) : 0);
       }
       f << "\n";
+      ++rows;
     }
+    return rows;
   };
-  write_dat("kernel_time.dat", "kernel_time", "", false);
-  write_dat("copy_throughput.dat", "data", "copy ", true);
-  write_dat("saxpy_throughput.dat", "data", "saxpy ", true);
+  // A filtered run (--groups) may leave a plot without data: it is skipped, not an error.
+  bool kt = write_dat("kernel_time.dat", "kernel_time", "", false) > 0;
+  bool cp = write_dat("copy_throughput.dat", "data", "copy ", true) > 0;
+  bool sx = write_dat("saxpy_throughput.dat", "data", "saxpy ", true) > 0;
   std::string script = "set terminal pngcairo size 900,600\nset grid\nset key top left\nset logscale xy\n";
   auto plot = [&](const std::string& png, const std::string& dat, const std::string& title, const std::string& xl,
                   const std::string& yl) {
@@ -436,17 +440,27 @@ Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::str
                             paths[i]);
     script += "\n";
   };
-  plot("latency_vs_kernel_time.png", "kernel_time.dat", "Submission latency vs kernel time (p50)",
-       "native kernel time (us)", "latency (us)");
-  plot("copy_throughput_vs_size.png", "copy_throughput.dat", "copy kernel throughput vs size (p50)", "bytes per buffer",
-       "GB/s");
-  plot("saxpy_throughput_vs_size.png", "saxpy_throughput.dat", "saxpy throughput vs size (p50)", "bytes per buffer",
-       "GB/s");
+  std::vector<std::string> pngs;
+  if (kt) {
+    plot("latency_vs_kernel_time.png", "kernel_time.dat", "Submission latency vs kernel time (p50)",
+         "native kernel time (us)", "latency (us)");
+    pngs.push_back(dir + "/latency_vs_kernel_time.png");
+  }
+  if (cp) {
+    plot("copy_throughput_vs_size.png", "copy_throughput.dat", "copy kernel throughput vs size (p50)",
+         "bytes per buffer", "GB/s");
+    pngs.push_back(dir + "/copy_throughput_vs_size.png");
+  }
+  if (sx) {
+    plot("saxpy_throughput_vs_size.png", "saxpy_throughput.dat", "saxpy throughput vs size (p50)", "bytes per buffer",
+         "GB/s");
+    pngs.push_back(dir + "/saxpy_throughput_vs_size.png");
+  }
+  if (pngs.empty()) return pngs;
   std::ofstream(dir + "/plots.gnuplot") << script;
   int rc = std::system(fmt::format("gnuplot '{}/plots.gnuplot' 2>'{}/gnuplot.log'", dir, dir).c_str());
   VG_ERROR_IF(rc != 0, Errc::kIo, "gnuplot failed (see {}/gnuplot.log)", dir);
-  return std::vector<std::string>{dir + "/latency_vs_kernel_time.png", dir + "/copy_throughput_vs_size.png",
-                                  dir + "/saxpy_throughput_vs_size.png"};
+  return pngs;
 }
 
 }  // namespace vg::bench
