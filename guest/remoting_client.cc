@@ -137,6 +137,12 @@ RemoteError RemotingClient::LastError() const {
 
 Result<> RemotingClient::CheckErrors() {
   RemoteError e = LastError();
+  if (e.count == errors_seen_ && Dead()) {
+    // The daemon raises DEAD just before it publishes why: give the reason a moment to land
+    // so the caller gets the named error, not a bare "dropped".
+    auto until = Clock::now() + std::chrono::milliseconds(100);
+    while ((e = LastError()).count == errors_seen_ && Clock::now() < until) std::this_thread::yield();
+  }
   if (e.count != errors_seen_) {
     errors_seen_ = e.count;
     return MakeError(e.code, "daemon refused the command at ring offset {:#x}{}", e.offset,
