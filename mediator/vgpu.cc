@@ -757,12 +757,15 @@ Result<> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
   Gpa from = all ? Gpa{0} : args.iova;
   ByteSize size = all ? ByteSize{~0ull} : args.size;
   impl_->exec_->DropImports(from, size);
-  VG_TRY(impl_->dma_.Unmap(args));
+  // kBusy still removed the region from translation (work in flight keeps only its own
+  // pin): the GTT forgets it either way, then the error is reported.
+  Result<> unmapped = impl_->dma_.Unmap(args);
+  if (!unmapped.ok() && unmapped.code() != Errc::kBusy) return unmapped;
   std::lock_guard lk(impl_->mu_);
   uint32_t dropped = impl_->gtt_.InvalidateGuestRange(from, size);
   if (dropped) VG_LOGI("vgpu {}: DMA_UNMAP {}+{:#x} invalidated {} GTT entries", impl_->cfg_.uuid, args.iova,
                        args.size.v, dropped);
-  return Ok();
+  return unmapped;
 }
 
 Result<> Vgpu::Reset() {

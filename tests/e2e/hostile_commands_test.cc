@@ -379,7 +379,7 @@ TEST_CASE("hostile DMA_UNMAP of memory while work on it is in flight") {
   REQUIRE(g.dev->client().DmaMap({at, ByteSize{size}, 0, vu::kDmaRead | vu::kDmaWrite}, *mem).ok());
   auto va = g.drv->MapPages(at, size, true);
   REQUIRE(va.ok());
-  shaders::SpinPush p{size / 4, 3000, 9};
+  shaders::SpinPush p{size / 4, 300, 9};
   Binding b{*va, size, abi::cmd::kAccessRead | abi::cmd::kAccessWrite};
   CommandBuilder cb;
   cb.Dispatch(static_cast<uint32_t>(shaders::KernelId::kSpin), {256, 1, 1}, std::span(&b, 1), shaders::PushBytes(p));
@@ -388,11 +388,13 @@ TEST_CASE("hostile DMA_UNMAP of memory while work on it is in flight") {
   auto unmapped = g.dev->client().DmaUnmap({at, ByteSize{size}, 0});
   uint64_t done_at_unmap = g.drv->completed();
   auto w = g.drv->Wait(*seq, WaitMode::kIrq, 30000);
-  // Either the unmap waited for the work (the fence had passed when it returned), or the
-  // work was failed by name because its memory was gone: never a use of unmapped memory.
+  // Either the unmap waited for the work (the fence had passed when it returned), or it
+  // gave up after its bound with kBusy while the work still held its pin (a slow machine),
+  // or the work was failed by name because its memory was gone before it started. Never a
+  // use of unmapped memory.
   if (w.ok()) {
-    CHECK(unmapped.ok());
-    CHECK(done_at_unmap >= *seq);
+    CHECK_MESSAGE((unmapped.ok() || unmapped.code() == Errc::kBusy), ErrcName(unmapped.code()));
+    if (unmapped.ok()) CHECK(done_at_unmap >= *seq);
   } else {
     CHECK(w.code() == Errc::kNotMapped);
   }
