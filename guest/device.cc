@@ -84,39 +84,28 @@ Result<> Device::Init() {
   return Ok();
 }
 
-Result<uint32_t> Device::Read32(uint32_t off) {
+// Every register and config access is one request (a reply unless posted) on the socket.
+template <class T>
+Result<T> Device::ReadValue(uint32_t region, uint32_t off) {
   ++messages_;
-  VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kBar0Region, off, 4));
-  uint32_t v;
-  std::memcpy(&v, bytes.data(), 4);
+  VG_TRY_ASSIGN(auto bytes, client_->RegionRead(region, off, sizeof(T)));
+  VG_ERROR_IF(bytes.size() != sizeof(T), Errc::kBadMessage, "read of {} bytes returned {}", sizeof(T), bytes.size());
+  T v;
+  std::memcpy(&v, bytes.data(), sizeof(T));
   return v;
 }
-Result<uint64_t> Device::Read64(uint32_t off) {
+template <class T>
+Result<> Device::WriteValue(uint32_t region, uint32_t off, T v, bool posted) {
   ++messages_;
-  VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kBar0Region, off, 8));
-  uint64_t v;
-  std::memcpy(&v, bytes.data(), 8);
-  return v;
+  return client_->RegionWrite(region, off, std::as_bytes(std::span(&v, 1)), posted);
 }
-Result<> Device::Write32(uint32_t off, uint32_t v, bool posted) {
-  ++messages_;
-  return client_->RegionWrite(vu::kBar0Region, off, std::as_bytes(std::span(&v, 1)), posted);
-}
-Result<> Device::Write64(uint32_t off, uint64_t v, bool posted) {
-  ++messages_;
-  return client_->RegionWrite(vu::kBar0Region, off, std::as_bytes(std::span(&v, 1)), posted);
-}
-Result<uint32_t> Device::ConfigRead32(uint32_t off) {
-  ++messages_;
-  VG_TRY_ASSIGN(auto bytes, client_->RegionRead(vu::kConfigRegion, off, 4));
-  uint32_t v;
-  std::memcpy(&v, bytes.data(), 4);
-  return v;
-}
-Result<> Device::ConfigWrite32(uint32_t off, uint32_t v) {
-  ++messages_;
-  return client_->RegionWrite(vu::kConfigRegion, off, std::as_bytes(std::span(&v, 1)));
-}
+
+Result<uint32_t> Device::Read32(uint32_t off) { return ReadValue<uint32_t>(vu::kBar0Region, off); }
+Result<uint64_t> Device::Read64(uint32_t off) { return ReadValue<uint64_t>(vu::kBar0Region, off); }
+Result<> Device::Write32(uint32_t off, uint32_t v, bool posted) { return WriteValue(vu::kBar0Region, off, v, posted); }
+Result<> Device::Write64(uint32_t off, uint64_t v, bool posted) { return WriteValue(vu::kBar0Region, off, v, posted); }
+Result<uint32_t> Device::ConfigRead32(uint32_t off) { return ReadValue<uint32_t>(vu::kConfigRegion, off); }
+Result<> Device::ConfigWrite32(uint32_t off, uint32_t v) { return WriteValue(vu::kConfigRegion, off, v, false); }
 
 Gpa Device::GpaOf(const void* p) const {
   return Gpa{opts_.ram_base.v + static_cast<uint64_t>(static_cast<const std::byte*>(p) - ram_map_.data())};

@@ -79,6 +79,10 @@ class Device {
   Device() = default;
   Result<> Init();
   Result<> ServeDma(bool is_write, Gpa addr, std::span<std::byte> buf);
+  template <class T>
+  Result<T> ReadValue(uint32_t region, uint32_t off);
+  template <class T>
+  Result<> WriteValue(uint32_t region, uint32_t off, T v, bool posted);
 
   DeviceOptions opts_;
   std::unique_ptr<vfio_user::Client> client_;
