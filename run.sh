@@ -2,7 +2,10 @@
 # The two commands of the README:
 #   ./run.sh test    install what is missing, build (normal + ASan/UBSan), run the whole suite
 #   ./run.sh study   install what is missing, build, start vgpud, create vGPUs, run the study
+#   ./run.sh vm      build QEMU >= 10.1 (tools/vm/build-qemu.sh, cached outside the repo), build,
+#                    run the 'vm' suite: a real QEMU's vfio-user-pci attached to vgpud (F14)
 # Extra: ./run.sh build | ./run.sh fuzz [seconds] | ./run.sh soak
+# `./run.sh test` (and CI) leave the 'vm' suite out: it needs that QEMU.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -60,8 +63,8 @@ case "$cmd" in
     build_main
     build_sanitize
     rc=0
-    meson test -C build --print-errorlogs --num-processes "$JOBS" || rc=1
-    meson test -C build-san --print-errorlogs --num-processes "$JOBS" --no-suite bench || rc=1
+    meson test -C build --print-errorlogs --num-processes "$JOBS" --no-suite vm || rc=1
+    meson test -C build-san --print-errorlogs --num-processes "$JOBS" --no-suite bench --no-suite vm || rc=1
     if [ -f tests/fuzz/meson.build ]; then
       build_fuzz
       meson test -C build-fuzz --no-rebuild --print-errorlogs --suite fuzz || rc=1
@@ -76,6 +79,17 @@ case "$cmd" in
     build_main
     exec tools/study.sh "${@:2}"
     ;;
+  vm)
+    tools/install-deps.sh
+    qemu=$(VGPUD_VM_JOBS=${VGPUD_VM_JOBS:-$JOBS} tools/vm/build-qemu.sh | tail -n 1)
+    build_main
+    export VGPUD_QEMU=$qemu
+    export VGPUD_QEMU_FIRMWARE=${VGPUD_QEMU_FIRMWARE:-$(dirname "$(dirname "$qemu")")/share/qemu}
+    rc=0
+    meson test -C build --suite vm --print-errorlogs "${@:2}" || rc=1
+    summarize build/meson-logs/testlog.json
+    exit $rc
+    ;;
   fuzz)
     tools/install-deps.sh
     build_fuzz
@@ -86,5 +100,5 @@ case "$cmd" in
       "$f" -max_total_time="$secs" -rss_limit_mb=4096 "tests/fuzz/corpus/$(basename "$f")" || exit 1
     done
     ;;
-  *) echo "usage: $0 test|study|build|fuzz [seconds]" >&2; exit 2 ;;
+  *) echo "usage: $0 test|study|vm|build|fuzz [seconds]" >&2; exit 2 ;;
 esac
