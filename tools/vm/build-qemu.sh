@@ -13,7 +13,8 @@
 # Layout:  $CACHE/qemu/bin/qemu-system-x86_64   $CACHE/qemu/share/qemu (firmware, -L)
 # Env:     VGPUD_VM_CACHE  cache folder (default $HOME/.cache/vgpud-vm)
 #          VGPUD_VM_JOBS   build jobs (default 2)
-# Prints the binary's path on the last line of stdout.
+# Prints the binary's path on the last line of stdout. Heavy steps run under `nice`.
+# Step durations are appended to $CACHE/timings.
 set -euo pipefail
 
 QEMU_VERSION="1:10.2.2+ds-1"           # pinned: reproducible build
@@ -32,10 +33,13 @@ log() { echo "build-qemu: $*" >&2; }
 stamp() { date -u +%s > "$CACHE/stamps/$1"; }
 timed() {  # timed NAME cmd...: runs cmd, records its duration in $CACHE/timings
   local name="$1"; shift
-  local t0; t0=$(date +%s)
-  "$@"
-  local t1; t1=$(date +%s)
-  echo "$name $((t1 - t0))s" | tee -a "$CACHE/timings" >&2
+  local t0 t1 rc=0
+  t0=$(date +%s)
+  "$@" || rc=$?
+  t1=$(date +%s)
+  echo "$name $((t1 - t0))s (exit $rc)" >> "$CACHE/timings"
+  echo "build-qemu: $name took $((t1 - t0))s" >&2
+  return $rc
 }
 
 mkdir -p "$CACHE/stamps"
