@@ -665,7 +665,7 @@ Result<vu::RegionInfo> Vgpu::GetRegionInfo(uint32_t index) {
   vu::RegionInfo info;
   switch (index) {  // VFIO region indices are the protocol's, not the device's registers
     case vu::kBar0Region:
-      info.flags = vu::kRegionRead | vu::kRegionWrite | vu::kRegionMmap | vu::kRegionCaps;
+      info.flags = vu::kRegionRead | vu::kRegionWrite | vu::kRegionMmap;  // CAPS: the server's, with the sparse areas
       info.size = ByteSize{abi::kBar0Size};
       info.sparse_areas = {{abi::kStatusPageOffset, kPageSize}};
       info.mmap_fd = &impl_->bar0_fd_;

@@ -344,7 +344,9 @@ Result<ServerSession::Reply> ServerSession::HandleGetRegionInfo(Message& m) {
   VG_ERROR_IF(needed > limits_.max_data_xfer_size, Errc::kInternal, "region {} info of {} bytes", p.index, needed);
   RegionInfoPayload out;
   out.argsz = static_cast<uint32_t>(needed);
-  out.flags = info.flags | (caps.empty() ? 0 : kRegionCaps);
+  // FLAG_CAPS only on a reply that carries the capabilities, as the kernel's vfio-pci does:
+  // QEMU's client refuses a reply whose flags claim capabilities at an offset outside it.
+  out.flags = info.flags & ~kRegionCaps;
   out.index = p.index;
   out.size = info.size.v;
   out.offset = info.fd_offset;
@@ -355,7 +357,10 @@ Result<ServerSession::Reply> ServerSession::HandleGetRegionInfo(Message& m) {
     Append(r.payload, out);
     return r;
   }
-  out.cap_offset = caps.empty() ? 0 : sizeof(RegionInfoPayload);
+  if (!caps.empty()) {
+    out.flags |= kRegionCaps;
+    out.cap_offset = sizeof(RegionInfoPayload);
+  }
   Append(r.payload, out);
   r.payload.insert(r.payload.end(), caps.begin(), caps.end());
   if ((info.flags & kRegionMmap) && info.mmap_fd && info.mmap_fd->Valid()) {
