@@ -29,6 +29,7 @@ using namespace vg;
 using vg::mgmt::DaemonProc;
 using vg::vm::PciConfig;
 using vg::vm::QemuQtest;
+namespace fs = std::filesystem;
 namespace reg = vg::abi::reg;
 namespace status = vg::abi::status;
 
@@ -205,7 +206,10 @@ struct Fixture {
     return p;
   }
   ~Fixture() {
-    if (!keep) {
+    if (keep) {
+      d.KeepDir(true);
+      std::fprintf(stderr, "logs kept in %s\n", dir.c_str());
+    } else {
       std::error_code ec;
       fs::remove_all(dir, ec);
     }
