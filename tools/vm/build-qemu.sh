@@ -65,9 +65,23 @@ if [ ${#missing[@]} -ne 0 ]; then
   $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# Firmware dir: links to Debian 12's files, as Debian's own QEMU finds them (its firmware
+# path is /usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu). $FIRMWARE_DIR is also the
+# compiled-in data dir of the QEMU built here, so -L is optional. Redone on every run.
+link_firmware() {
+  mkdir -p "$FIRMWARE_DIR"
+  local d f
+  for d in /usr/lib/ipxe/qemu /usr/share/qemu /usr/share/seabios; do  # later dirs win
+    [ -d "$d" ] || continue
+    for f in "$d"/*; do ln -sfn "$(readlink -f "$f")" "$FIRMWARE_DIR/$(basename "$f")"; done
+  done
+  [ -e "$FIRMWARE_DIR/bios-256k.bin" ] || { log "no bios-256k.bin (seabios) in $FIRMWARE_DIR"; exit 1; }
+}
+
 if [ -x "$QEMU_BIN" ] && [ -f "$CACHE/stamps/install" ] &&
    [ "$(cat "$CACHE/stamps/version" 2>/dev/null)" = "$QEMU_VERSION" ]; then
-  log "cached: $("$QEMU_BIN" --version | head -1)"
+  link_firmware
+  log "cached: $("$QEMU_BIN" --version | head -1); firmware: $FIRMWARE_DIR"
   echo "$QEMU_BIN"
   exit 0
 fi
@@ -161,14 +175,11 @@ if [ ! -f "$CACHE/stamps/build" ]; then
   stamp build
 fi
 
-# --- 7. Install: the binary + a firmware dir of links to Debian 12's seabios/qemu-system-data.
-# $PREFIX/share/qemu is also QEMU's compiled-in data dir, so -L is optional.
-mkdir -p "$PREFIX/bin" "$FIRMWARE_DIR"
+# --- 7. Install: the binary + the firmware dir (links to Debian 12's seabios/qemu-system-data).
+mkdir -p "$PREFIX/bin"
 install -m0755 "$BUILDDIR/qemu-system-x86_64" "$QEMU_BIN.new"
 mv -f "$QEMU_BIN.new" "$QEMU_BIN"
-for f in /usr/share/qemu/*; do
-  ln -sfn "$(readlink -f "$f")" "$FIRMWARE_DIR/$(basename "$f")"
-done
+link_firmware
 if ! "$QEMU_BIN" -nodefaults -device help 2>/dev/null | grep -q '"vfio-user-pci"'; then
   log "built QEMU has no vfio-user-pci device"; exit 1
 fi
