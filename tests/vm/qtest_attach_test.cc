@@ -8,7 +8,8 @@
 // QEMU after the first exits.
 //
 // Skipped (77) unless VGPUD_QEMU is set (./run.sh vm sets it). VGPUD_QEMU_FIRMWARE: -L dir.
-// VGPUD_VM_TRACE=1 adds QEMU's vfio_user* trace events to its stderr log.
+// VGPUD_VM_TRACE=1 logs QEMU's vfio_user* and vfio_region* trace events to qemu-trace.log;
+// VGPUD_VM_KEEP=1 keeps the temp dir (vgpud log, QEMU stderr and trace) after a pass.
 
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest.h>
@@ -88,6 +89,8 @@ std::vector<std::string> QemuArgv(const DaemonProc& d, const fs::path& dir) {
   if (Env("VGPUD_VM_TRACE") == "1") {
     argv.push_back("-trace");
     argv.push_back("vfio_user*");
+    argv.push_back("-trace");
+    argv.push_back("vfio_region*");
     argv.push_back("-D");
     argv.push_back((dir / "qemu-trace.log").string());
   }
@@ -206,7 +209,7 @@ struct Fixture {
     return p;
   }
   ~Fixture() {
-    if (keep) {
+    if (keep || Env("VGPUD_VM_KEEP") == "1") {
       d.KeepDir(true);
       std::fprintf(stderr, "logs kept in %s\n", dir.c_str());
     } else {
