@@ -403,6 +403,37 @@ TEST_CASE("QEMU vfio-user-pci attaches under qtest: config space, BARs, register
   CHECK(f.d.Shutdown() == 0);
 }
 
+TEST_CASE("a machine reset (0xCF9) reaches vgpud as DEVICE_RESET: aperture scrubbed, BARs placed again") {
+  Fixture f;
+  auto q1 = f.Qemu("qemu1");
+  QemuQtest& q = *q1;
+  const Placed p = EnumerateAndPlace(q, f.d);
+  PciConfig cfg(q, p.devfn);
+  const uint64_t sp = kBar0Gpa + abi::kStatusPageOffset;
+  const uint32_t resets_before = q.Readl(sp + status::kResets);
+  REQUIRE(q.Writeq(kBar2Gpa + 0x3000, 0x5A5A5A5A5A5A5A5Aull));
+  REQUIRE(q.Writel(kBar0Gpa + reg::kScratch, 0xBEEF));
+
+  // ICH9's reset control register: hard reset. QEMU resets the machine from its main loop:
+  // every device, so vfio-user-pci sends DEVICE_RESET, and PCI config returns to power-on
+  // values (BARs unassigned, decoding off).
+  constexpr uint16_t kResetControlPort = 0xCF9;
+  REQUIRE(q.Out('b', kResetControlPort, 0x06));
+  CHECK_MESSAGE(WaitFor([&] { return (cfg.Read16(pci::kCommand) & pci::kCmdMemory) == 0; }),
+                "the machine did not reset\n" << Diag(f.d, q));
+  REQUIRE(q.Alive());
+
+  const Placed again = EnumerateAndPlace(q, f.d);
+  CHECK(again.devfn == p.devfn);
+  CHECK(q.Readl(sp + status::kResets) == resets_before + 1);
+  CHECK(q.Readq(kBar2Gpa + 0x3000) == 0);
+  CHECK(q.Readl(kBar0Gpa + reg::kScratch) == 0);
+  SetUpRing(q);
+  SubmitAndWait(q, f.d, 0, guest::CommandBuilder{}.Nop(1), 11);
+  CHECK(q.Stop() == 0);
+  CHECK(f.d.Shutdown() == 0);
+}
+
 int main(int argc, char** argv) {
   constexpr int kSkip = 77;  // meson's "skipped"
   if (Env("VGPUD_QEMU").empty()) {
