@@ -56,7 +56,8 @@ if [ ! -s "$OUT/initramfs.cpio.gz" ] || [ "$GUEST_BIN" -nt "$OUT/initramfs.cpio.
   stage=$(mktemp -d)
   mkdir -p "$stage"/{bin,sbin,proc,sys,dev,tmp,root}
   cp "$BUSYBOX" "$stage/bin/busybox"
-  cp "$GUEST_BIN" "$stage/bin/vgpu-vm-guest"
+  # Debug info is most of the program's size and of no use in the guest.
+  strip --strip-debug -o "$stage/bin/vgpu-vm-guest" "$GUEST_BIN" 2>/dev/null || cp "$GUEST_BIN" "$stage/bin/vgpu-vm-guest"
   cat > "$stage/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -64,7 +65,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "VGPU-VM-INIT: kernel $(uname -r), cmdline: $(cat /proc/cmdline)"
-lspci -n 2>/dev/null | sed 's/^/VGPU-VM-INIT: pci /'
+for d in /sys/bus/pci/devices/*; do echo "VGPU-VM-INIT: pci ${d##*/} $(cat $d/vendor):$(cat $d/device)"; done
 /bin/vgpu-vm-guest --poweroff
 # Reached only when the program could not power off.
 echo "VGPU-VM-INIT: vgpu-vm-guest exited $?"
