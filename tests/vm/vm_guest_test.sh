@@ -59,16 +59,20 @@ fi
 echo "qemu-args: $ARGS"
 
 # --- the accelerator ---
+# "KVM works" means this kernel boots under it: a VM without an initramfs must reach its
+# "no root" panic (panic=-1 + -no-reboot: QEMU exits 0) in a few seconds. /dev/kvm can open
+# and still fail later (nested hosts: an MSR QEMU cannot set aborts it, or the vCPU hangs).
 ACCEL=${VGPUD_VM_ACCEL:-}
 if [ -z "$ACCEL" ]; then
   ACCEL=tcg
   if [ -r /dev/kvm ] && [ -w /dev/kvm ] &&
-     echo quit | timeout 20 "${QEMU[@]}" -accel kvm -machine none -nodefaults -display none -monitor stdio \
-       >/dev/null 2>&1; then
+     timeout 60 "${QEMU[@]}" -accel kvm -cpu max -smp 1 -m 256M -kernel "$KERNEL" \
+       -append 'console=ttyS0 panic=-1 loglevel=4' -nodefaults -nographic -serial stdio -no-reboot \
+       < /dev/null > "$TMP/kvm-probe.log" 2>&1 && grep -q 'Kernel panic' "$TMP/kvm-probe.log"; then
     ACCEL=kvm
   fi
 fi
-echo "accelerator: $ACCEL"
+echo "accelerator: $ACCEL ($(($(date +%s) - t1)) s to decide)"
 
 # --- boot ---
 # The RAM window the guest program hands to the device: 64 MiB at 256 MiB, inside the
