@@ -12,11 +12,15 @@ setup() {  # setup DIR [meson options...]
   local dir=$1; shift
   if [ ! -f "$dir/build.ninja" ]; then
     meson setup "$dir" "$@" >/dev/null
+  elif [ $# -gt 0 ]; then
+    meson configure "$dir" "$@" >/dev/null  # an older checkout's build dir: same options as a fresh one
   fi
   ninja -C "$dir" -j "$JOBS"
 }
 
-build_main() { setup build; }
+# The main build is what a packager builds (release: -O3, NDEBUG, warnings still errors);
+# the suite and the study run on it. Assertions live on in the ASan+UBSan debug build.
+build_main() { setup build -Dbuildtype=release; }
 build_sanitize() { setup build-san -Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug; }
 # Only the libFuzzer targets are built with clang: the rest of the tree is gcc's.
 build_fuzz() {
@@ -61,7 +65,7 @@ case "$cmd" in
     build_sanitize
     rc=0
     meson test -C build --print-errorlogs --num-processes "$JOBS" || rc=1
-    meson test -C build-san --print-errorlogs --num-processes "$JOBS" --no-suite bench || rc=1
+    VG_SLOW_FACTOR=3 meson test -C build-san --print-errorlogs --num-processes "$JOBS" --no-suite bench || rc=1
     if [ -f tests/fuzz/meson.build ]; then
       build_fuzz
       meson test -C build-fuzz --no-rebuild --print-errorlogs --suite fuzz || rc=1

@@ -31,6 +31,7 @@ Result<> Device::Init() {
   VG_TRY_ASSIGN(client_, vu::Client::Connect(opts_.socket, opts_.timeout_ms));
   vu::ClientOptions co;
   co.twin_socket = opts_.twin_socket;
+  co.dma_rw_layout = opts_.dma_rw_layout;
   co.timeout_ms = opts_.timeout_ms;
   VG_TRY_ASSIGN(auto caps, client_->Negotiate(co, [this](bool w, Gpa a, std::span<std::byte> b) {
     return ServeDma(w, a, b);

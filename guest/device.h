@@ -24,6 +24,8 @@ struct DeviceOptions {
   Gpa ram_base{0x1'0000'0000};  // where guest RAM sits in the device's DMA space
   bool share_ram_fd = true;     // false: DMA_MAP without an fd; the daemon uses DMA_READ/WRITE
   bool twin_socket = true;
+  // kQemu: serve DMA_READ/DMA_WRITE in QEMU's layout, as a VM under QEMU does.
+  vfio_user::DmaRwLayout dma_rw_layout = vfio_user::DmaRwLayout::kSpec;
   int timeout_ms = 5000;
 };
 

@@ -83,9 +83,12 @@ class Vgpu::Impl {
   }
 
   static std::array<uint32_t, vu::kNumPciIrqs> IrqLayout() {
-    std::array<uint32_t, vu::kNumPciIrqs> counts{};  // no INTx, ERR or REQ
+    std::array<uint32_t, vu::kNumPciIrqs> counts{};  // no INTx, no REQ
     counts[vu::kIrqMsi] = abi::kNumVectors;
     counts[vu::kIrqMsix] = abi::kNumVectors;
+    // VFIO's error interrupt: a VMM registers it for error recovery (QEMU warns when it is
+    // missing) and stops the VM when it fires. Fired only when the vGPU is lost for good.
+    counts[vu::kIrqErr] = 1;
     return counts;
   }
 
@@ -123,6 +126,7 @@ class Vgpu::Impl {
       ++counters_.command_refusals;
     VG_LOGW("vgpu {}: refused ({}) at {:#x}: {}", cfg_.uuid, ErrcName(e.code), addr, e.what);
     RaiseIrq(abi::kVectorError);
+    if (e.code == Errc::kDeviceLost) (void)irqs_.Trigger(vu::kIrqErr, 0);  // unrecoverable: tell the VMM
     PublishStatus();
     return e;
   }
@@ -665,7 +669,7 @@ Result<vu::RegionInfo> Vgpu::GetRegionInfo(uint32_t index) {
   vu::RegionInfo info;
   switch (index) {  // VFIO region indices are the protocol's, not the device's registers
     case vu::kBar0Region:
-      info.flags = vu::kRegionRead | vu::kRegionWrite | vu::kRegionMmap | vu::kRegionCaps;
+      info.flags = vu::kRegionRead | vu::kRegionWrite | vu::kRegionMmap;  // CAPS: the server's, with the sparse areas
       info.size = ByteSize{abi::kBar0Size};
       info.sparse_areas = {{abi::kStatusPageOffset, kPageSize}};
       info.mmap_fd = &impl_->bar0_fd_;

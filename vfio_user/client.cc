@@ -120,6 +120,7 @@ Result<ServerCaps> Client::Negotiate(const ClientOptions& opts, DmaHandler dma) 
                          {"pgsizes", kDefaultPgsizes},
                          {"write_multiple", true}};
   if (opts.twin_socket) caps["twin_socket"] = {{"supported", true}};
+  if (opts.dma_rw_layout == DmaRwLayout::kSpec) caps[kCapDmaRwLayout] = "spec";
   std::string js = nlohmann::json{{"capabilities", caps}}.dump();
   std::vector<std::byte> body;
   Append(body, VersionPayload{opts.major, opts.minor});
@@ -190,19 +191,21 @@ Result<> Client::ServeServerRequest(Connection& conn, Message& m) {
     VG_ERROR_IF(!dma_, Errc::kUnsupported, "no DMA handler");
     VG_ERROR_IF(m.payload.size() < sizeof(DmaAccessPayload), Errc::kTruncated, "DMA request of {} bytes",
                 m.payload.size());
+    const DmaRwWire wire = DmaRwWireOf(opts_.dma_rw_layout);
     auto a = LoadAt<DmaAccessPayload>(m.payload);
+    if (opts_.dma_rw_layout == DmaRwLayout::kQemu) a.count = static_cast<uint32_t>(a.count);  // a 4-byte count
     VG_ERROR_IF(a.count > opts_.max_data_xfer_size, Errc::kMessageTooLarge, "DMA of {} bytes", a.count);
     std::vector<std::byte> out;
     if (is_read) {
       VG_ERROR_IF(m.payload.size() != sizeof(DmaAccessPayload), Errc::kBadMessage, "DMA_READ with data");
       Append(out, a);
-      out.resize(sizeof(DmaAccessPayload) + a.count);
-      VG_TRY(dma_(false, Gpa{a.addr}, std::span(out).subspan(sizeof(DmaAccessPayload))));
+      out.resize(wire.data_offset + a.count + wire.trailing);
+      VG_TRY(dma_(false, Gpa{a.addr}, std::span(out).subspan(wire.data_offset, a.count)));
     } else {
-      VG_ERROR_IF(m.payload.size() != sizeof(DmaAccessPayload) + a.count, Errc::kBadLength,
+      VG_ERROR_IF(m.payload.size() != wire.data_offset + a.count + wire.trailing, Errc::kBadLength,
                   "DMA_WRITE of {} bytes for count {}", m.payload.size(), a.count);
-      VG_TRY(dma_(true, Gpa{a.addr}, std::span(m.payload).subspan(sizeof(DmaAccessPayload))));
-      Append(out, a);
+      VG_TRY(dma_(true, Gpa{a.addr}, std::span(m.payload).subspan(wire.data_offset, a.count)));
+      if (opts_.dma_rw_layout == DmaRwLayout::kSpec) Append(out, a);  // QEMU answers with a bare header
     }
     return out;
   }();

@@ -28,6 +28,9 @@ struct ClientOptions {
   int timeout_ms = 5000;  // per reply, as QEMU's client
   uint16_t major = kMajorVersion;
   uint16_t minor = kMinorVersion;
+  // The DMA_READ/DMA_WRITE layout this client serves (messages.h DmaRwLayout). kQemu
+  // behaves as QEMU's client does: it does not ask for the spec's layout in VERSION.
+  DmaRwLayout dma_rw_layout = DmaRwLayout::kSpec;
 };
 
 struct ServerCaps {

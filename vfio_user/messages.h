@@ -185,6 +185,24 @@ static_assert(sizeof(DmaAccessPayload) == 16);
 // The spec shows a 4-byte count in the DMA_WRITE reply; accept 12 bytes or more.
 inline constexpr uint32_t kDmaWriteReplyMin = 12;
 
+// DMA_READ / DMA_WRITE as QEMU's client (hw/vfio-user/protocol.h, VFIOUserDMARW, 10.1 and
+// 10.2) speaks them: a 4-byte count, so the data starts 12 bytes after the header, and the
+// message is sizeof(VFIOUserDMARW) + count = header + 16 + count long (4 trailing bytes).
+// QEMU checks a DMA_WRITE's count against that size and answers DMA_WRITE with a bare
+// header. The spec's table (and libvfio-user) give an 8-byte count and data at +16. The
+// server speaks QEMU's layout unless the client asks for the spec's in VERSION with the
+// capability `"dma_rw_layout": "spec"` (vgpud's own client does); see docs/device-spec.md.
+enum class DmaRwLayout : uint8_t { kQemu, kSpec };
+inline constexpr const char* kCapDmaRwLayout = "dma_rw_layout";
+struct DmaRwWire {
+  uint32_t data_offset;    // payload offset of the data
+  uint32_t trailing;       // bytes after the data
+  uint32_t write_reply_min;  // payload bytes a DMA_WRITE reply must carry at least
+};
+constexpr DmaRwWire DmaRwWireOf(DmaRwLayout l) {
+  return l == DmaRwLayout::kQemu ? DmaRwWire{12, 4, 0} : DmaRwWire{16, 0, kDmaWriteReplyMin};
+}
+
 inline constexpr uint32_t kWriteMultiData = 8;
 inline constexpr uint32_t kWriteMultiMax = 200;  // QEMU's VFIO_USER_MULTI_MAX
 struct WriteMultiPayload {

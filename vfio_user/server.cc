@@ -233,6 +233,12 @@ Result<ServerSession::Reply> ServerSession::HandleVersion(Message& m) {
           VG_ERROR_IF(x == 0, Errc::kInvalidArgument, "max_data_xfer_size 0");
           peer_max_xfer_ = static_cast<uint32_t>(std::min<uint64_t>(x, 1u << 30));
         }
+        if (c.contains(kCapDmaRwLayout)) {
+          const auto& l = c[kCapDmaRwLayout];
+          VG_ERROR_IF(!l.is_string() || (l != "spec" && l != "qemu"), Errc::kBadMessage,
+                      "{} is not \"spec\" or \"qemu\"", kCapDmaRwLayout);
+          dma_rw_layout_ = l == "spec" ? DmaRwLayout::kSpec : DmaRwLayout::kQemu;
+        }
         if (c.contains("twin_socket")) {
           const auto& t = c["twin_socket"];
           VG_ERROR_IF(!t.is_object(), Errc::kBadMessage, "twin_socket is not an object");
@@ -252,6 +258,8 @@ Result<ServerSession::Reply> ServerSession::HandleVersion(Message& m) {
   caps["pgsizes"] = limits_.pgsizes;
   caps["max_dma_maps"] = limits_.max_dma_maps;
   caps["write_multiple"] = true;
+  // Echoed only to a client that asked: QEMU warns about capabilities it does not know.
+  if (dma_rw_layout_ == DmaRwLayout::kSpec) caps[kCapDmaRwLayout] = "spec";
   if (want_twin) {
     int sv[2];
     VG_ERROR_IF(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0, Errc::kIo, "socketpair: {}",
@@ -344,7 +352,9 @@ Result<ServerSession::Reply> ServerSession::HandleGetRegionInfo(Message& m) {
   VG_ERROR_IF(needed > limits_.max_data_xfer_size, Errc::kInternal, "region {} info of {} bytes", p.index, needed);
   RegionInfoPayload out;
   out.argsz = static_cast<uint32_t>(needed);
-  out.flags = info.flags | (caps.empty() ? 0 : kRegionCaps);
+  // FLAG_CAPS only on a reply that carries the capabilities, as the kernel's vfio-pci does:
+  // QEMU's client refuses a reply whose flags claim capabilities at an offset outside it.
+  out.flags = info.flags & ~kRegionCaps;
   out.index = p.index;
   out.size = info.size.v;
   out.offset = info.fd_offset;
@@ -355,7 +365,10 @@ Result<ServerSession::Reply> ServerSession::HandleGetRegionInfo(Message& m) {
     Append(r.payload, out);
     return r;
   }
-  out.cap_offset = caps.empty() ? 0 : sizeof(RegionInfoPayload);
+  if (!caps.empty()) {
+    out.flags |= kRegionCaps;
+    out.cap_offset = sizeof(RegionInfoPayload);
+  }
   Append(r.payload, out);
   r.payload.insert(r.payload.end(), caps.begin(), caps.end());
   if ((info.flags & kRegionMmap) && info.mmap_fd && info.mmap_fd->Valid()) {
@@ -612,6 +625,7 @@ Result<> ServerSession::DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> 
     dma_lk.lock();
   }
   bool is_read = cmd == Command::kDmaRead;
+  const DmaRwWire wire = DmaRwWireOf(dma_rw_layout_);
   uint64_t total = is_read ? in.size() : out.size();
   uint64_t done = 0;
   while (done < total) {
@@ -621,22 +635,28 @@ Result<> ServerSession::DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> 
     h.msg_id = ++next_dma_id_;
     h.command = static_cast<uint16_t>(cmd);
     h.flags = kTypeCommand;
+    // addr and count read the same in both layouts (little-endian, n < 4 GiB); the data's
+    // place and the message's length differ (DmaRwWire).
     std::vector<std::byte> body;
     Append(body, DmaAccessPayload{at, n});
-    if (!is_read)
+    if (!is_read) {
+      body.resize(wire.data_offset);
       body.insert(body.end(), out.begin() + static_cast<ptrdiff_t>(done), out.begin() + static_cast<ptrdiff_t>(done + n));
+      body.resize(body.size() + wire.trailing);
+    }
     VG_TRY_ASSIGN(Message rep, twin ? TwinRoundTrip(h, body) : MainRoundTrip(h, body));
     VG_ERROR_IF(rep.hdr.command != h.command, Errc::kBadMessage, "DMA reply for command {}", rep.hdr.command);
     VG_ERROR_IF(rep.is_error(), Errc::kIo, "client refused {} at {:#x}+{:#x}: errno {}", CommandName(h.command), at,
                 n, rep.hdr.error);
     if (is_read) {
-      VG_ERROR_IF(rep.payload.size() != sizeof(DmaAccessPayload) + n, Errc::kBadMessage,
+      VG_ERROR_IF(rep.payload.size() != wire.data_offset + n + wire.trailing, Errc::kBadMessage,
                   "DMA_READ reply of {} bytes for {}", rep.payload.size(), n);
       auto ra = LoadAt<DmaAccessPayload>(rep.payload);
-      VG_ERROR_IF(ra.addr != at || ra.count != n, Errc::kBadMessage, "DMA_READ reply for another range");
-      std::memcpy(in.data() + done, rep.payload.data() + sizeof(DmaAccessPayload), n);
+      uint64_t count = wire.data_offset == sizeof(DmaAccessPayload) ? ra.count : static_cast<uint32_t>(ra.count);
+      VG_ERROR_IF(ra.addr != at || count != n, Errc::kBadMessage, "DMA_READ reply for another range");
+      std::memcpy(in.data() + done, rep.payload.data() + wire.data_offset, n);
     } else {
-      VG_ERROR_IF(rep.payload.size() < kDmaWriteReplyMin, Errc::kBadMessage, "DMA_WRITE reply of {} bytes",
+      VG_ERROR_IF(rep.payload.size() < wire.write_reply_min, Errc::kBadMessage, "DMA_WRITE reply of {} bytes",
                   rep.payload.size());
     }
     done += n;

@@ -70,6 +70,7 @@ class ServerSession final : public DmaMessenger {
 
   bool negotiated() const { return negotiated_; }
   bool twin_socket() const;
+  DmaRwLayout dma_rw_layout() const { return dma_rw_layout_; }
   uint32_t dma_map_count() const { return dma_maps_; }
   uint64_t refusals() const { return refusals_; }  // loop thread only
 
@@ -144,6 +145,7 @@ class ServerSession final : public DmaMessenger {
   std::optional<Pending> pending_;
   uint32_t peer_max_fds_ = kDefaultMaxMsgFds;
   uint32_t peer_max_xfer_ = kDefaultMaxDataXfer;
+  DmaRwLayout dma_rw_layout_ = DmaRwLayout::kQemu;  // set once by VERSION
   uint32_t dma_maps_ = 0;
   uint64_t refusals_ = 0;
 

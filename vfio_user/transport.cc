@@ -35,10 +35,11 @@ Result<> PollFor(int fd, short events, int timeout_ms) {
 
 std::vector<std::byte> EncodeMessage(Header hdr, std::span<const std::byte> payload) {
   hdr.msg_size = static_cast<uint32_t>(kHeaderSize + payload.size());
-  std::vector<std::byte> out;
-  out.reserve(hdr.msg_size);
-  Append(out, hdr);
-  out.insert(out.end(), payload.begin(), payload.end());
+  // Sized once and filled with memcpy: GCC 12 at -O3 (release builds) misreads reserve()
+  // followed by two insert()s as a write past a 16-byte allocation (-Wstringop-overflow).
+  std::vector<std::byte> out(hdr.msg_size);
+  std::memcpy(out.data(), &hdr, kHeaderSize);
+  if (!payload.empty()) std::memcpy(out.data() + kHeaderSize, payload.data(), payload.size());
   return out;
 }
 

@@ -161,6 +161,12 @@ TEST_CASE("IRQs: test vector fires its eventfd, device mask latches, unmask deli
   REQUIRE(info.ok());
   CHECK(info->count == abi::kNumVectors);
   CHECK(v->GetIrqInfo(vu::kIrqIntx)->count == 0);
+  CHECK(v->GetIrqInfo(vu::kIrqReq)->count == 0);
+  // ERR is offered (a VMM wires it for error recovery) with one eventfd-capable vector.
+  auto err = v->GetIrqInfo(vu::kIrqErr);
+  REQUIRE(err.ok());
+  CHECK(err->count == 1);
+  CHECK((err->flags & vu::kIrqInfoEventfd) != 0);
   auto ev = EventFd::Create();
   REQUIRE(ev.ok());
   std::vector<UniqueFd> fds;
