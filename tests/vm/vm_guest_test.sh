@@ -66,9 +66,9 @@ ACCEL=${VGPUD_VM_ACCEL:-}
 if [ -z "$ACCEL" ]; then
   ACCEL=tcg
   if [ -r /dev/kvm ] && [ -w /dev/kvm ] &&
-     timeout 60 "${QEMU[@]}" -accel kvm -cpu max -smp 1 -m 256M -kernel "$KERNEL" \
+     (timeout 60 "${QEMU[@]}" -accel kvm -cpu max -smp 1 -m 256M -kernel "$KERNEL" \
        -append 'console=ttyS0 panic=-1 loglevel=4' -nodefaults -nographic -serial stdio -no-reboot \
-       < /dev/null > "$TMP/kvm-probe.log" 2>&1 && grep -q 'Kernel panic' "$TMP/kvm-probe.log"; then
+       < /dev/null > "$TMP/kvm-probe.log" 2>&1) 2>/dev/null && grep -q 'Kernel panic' "$TMP/kvm-probe.log"; then
     ACCEL=kvm
   fi
 fi
