@@ -93,11 +93,12 @@ echo "--- console (QEMU exit $qrc, boot + run $((t2 - t1)) s) ---"
 cat "$CONSOLE"
 echo "--- end of console ---"
 
+echo "--- vgpud log (tail) ---"; tail -n 60 "$TMP/vgpud.log"
+
 WANT=$("$GUEST" --count)
 if grep -q "^VGPU-VM-GUEST: $WANT passed, 0 failed" "$CONSOLE" && [ "$qrc" -eq 0 ]; then
   echo "PASS: $WANT checks passed in the VM ($ACCEL)"
   exit 0
 fi
 echo "FAIL: no 'VGPU-VM-GUEST: $WANT passed, 0 failed' line (QEMU exit $qrc)"
-echo "--- vgpud log ---"; tail -n 100 "$TMP/vgpud.log"
 exit 1
