@@ -82,6 +82,7 @@ echo "accelerator: $ACCEL ($(($(date +%s) - t1)) s to decide)"
 # ticks and panic ("IO-APIC + timer doesn't work!").
 CONSOLE=$TMP/console.log
 eval "set -- $ARGS"
+t_boot=$(date +%s)
 timeout 900 "${QEMU[@]}" -accel "$ACCEL" -cpu max -smp 1 "$@" \
   -kernel "$KERNEL" -initrd "$INITRD" \
   -append 'console=ttyS0 memmap=64M$0x10000000 panic=-1 no_timer_check quiet loglevel=4' \
@@ -89,7 +90,7 @@ timeout 900 "${QEMU[@]}" -accel "$ACCEL" -cpu max -smp 1 "$@" \
 qrc=$?
 t2=$(date +%s)
 [ -n "${VGPUD_VM_LOG:-}" ] && cp "$CONSOLE" "$VGPUD_VM_LOG"
-echo "--- console (QEMU exit $qrc, boot + run $((t2 - t1)) s) ---"
+echo "--- console (QEMU exit $qrc, boot + run $((t2 - t_boot)) s) ---"
 cat "$CONSOLE"
 echo "--- end of console ---"
 
