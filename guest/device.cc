@@ -124,15 +124,4 @@ Result<uint64_t> Device::WaitIrq(uint32_t vector, int timeout_ms) {
   return irqs_[vector].Wait(timeout_ms);
 }
 
-Result<ErrorReport> Device::ReadError() {
-  ErrorReport r;
-  VG_TRY_ASSIGN(uint32_t code, Read32(abi::reg::kErrCode));
-  r.code = ErrcFromValue(code);
-  VG_TRY_ASSIGN(r.source, Read32(abi::reg::kErrSource));
-  VG_TRY_ASSIGN(r.addr, Read64(abi::reg::kErrAddrLo));
-  VG_TRY_ASSIGN(r.info, Read32(abi::reg::kErrInfo));
-  VG_TRY_ASSIGN(r.count, Read32(abi::reg::kErrCount));
-  return r;
-}
-
 }  // namespace vg::guest

@@ -2,7 +2,8 @@
 // The guest side of one vGPU, as a VM's driver would see it: a vfio-user client that shares
 // guest RAM (a memfd, DMA_MAP'd), maps the status page and the aperture, wires the MSI-X
 // vectors to eventfds and reads and writes registers. Used by vgpu-guest, the tests and the
-// bench, each from its own process.
+// bench, each from its own process. It is one DeviceBackend (backend.h); PciDevice is the
+// other, for the same driver inside a VM.
 
 #include <array>
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include <string>
 
 #include "base/base.h"
+#include "guest/backend.h"
 #include "mediator/abi.h"
 #include "vfio_user/client.h"
 
@@ -27,18 +29,10 @@ struct DeviceOptions {
   int timeout_ms = 5000;
 };
 
-struct ErrorReport {
-  Errc code = Errc::kOk;
-  uint32_t source = 0;
-  uint64_t addr = 0;
-  uint32_t info = 0;
-  uint32_t count = 0;
-};
-
-class Device {
+class Device final : public DeviceBackend {
  public:
   static Result<std::unique_ptr<Device>> Open(const DeviceOptions& opts);
-  ~Device();
+  ~Device() override;
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 
@@ -46,35 +40,36 @@ class Device {
   const DeviceOptions& options() const { return opts_; }
 
   // BAR0 registers (trapped).
-  Result<uint32_t> Read32(uint32_t off);
-  Result<uint64_t> Read64(uint32_t off);
-  Result<> Write32(uint32_t off, uint32_t v, bool posted = false);
-  Result<> Write64(uint32_t off, uint64_t v, bool posted = false);
+  Result<uint32_t> Read32(uint32_t off) override;
+  Result<uint64_t> Read64(uint32_t off) override;
+  Result<> Write32(uint32_t off, uint32_t v, bool posted = false) override;
+  Result<> Write64(uint32_t off, uint64_t v, bool posted = false) override;
   // PCI config space.
   Result<uint32_t> ConfigRead32(uint32_t off);
   Result<> ConfigWrite32(uint32_t off, uint32_t v);
 
   // Guest RAM: what the device sees at ram_base() .. ram_base() + ram().size().
-  std::span<std::byte> ram() const { return ram_map_.bytes(); }
-  Gpa ram_base() const { return opts_.ram_base; }
+  std::span<std::byte> ram() const override { return ram_map_.bytes(); }
+  Gpa ram_base() const override { return opts_.ram_base; }
   Gpa GpaOf(const void* p) const;
 
   // The status page (mmapped, no trap) and the aperture (mmapped BAR2).
-  uint32_t Status32(uint32_t off) const;
-  uint64_t Status64(uint32_t off) const;
-  std::span<std::byte> aperture() const { return aperture_map_.bytes(); }
-  uint32_t gtt_entries() const { return gtt_entries_; }
+  uint32_t Status32(uint32_t off) const override;
+  uint64_t Status64(uint32_t off) const override;
+  std::span<std::byte> aperture() const override { return aperture_map_.bytes(); }
+  uint32_t gtt_entries() const override { return gtt_entries_; }
 
   // MSI-X vectors wired to eventfds at open.
   Result<uint64_t> WaitIrq(uint32_t vector, int timeout_ms);
   const EventFd& irq(uint32_t vector) const { return irqs_[vector]; }
+  const EventFd* irq_eventfd(uint32_t vector) const override {
+    return vector < abi::kNumVectors ? &irqs_[vector] : nullptr;
+  }
   // The doorbell's ioeventfd: one one-way signal, no reply.
-  Result<> Kick() const { return doorbell_.Signal(); }
+  Result<> Kick() override { return doorbell_.Signal(); }
 
-  Result<ErrorReport> ReadError();
   // vfio-user request/reply messages this device sent (register and config accesses).
   uint64_t messages() const { return messages_; }
-  Result<> ClearError() { return Write32(abi::reg::kErrClear, 0); }
   Result<> Reset() { return client_->Reset(); }
 
  private:

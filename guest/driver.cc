@@ -78,7 +78,7 @@ CommandBuilder& CommandBuilder::Raw(std::span<const uint32_t> dwords) {
 
 // --- Driver ---
 
-Result<std::unique_ptr<Driver>> Driver::Create(Device& dev, DriverOptions opts) {
+Result<std::unique_ptr<Driver>> Driver::Create(DeviceBackend& dev, DriverOptions opts) {
   VG_INVALID_IF(!IsPowerOfTwo(opts.ring_size) || opts.ring_size < kPageSize, "ring size {:#x}", opts.ring_size);
   std::unique_ptr<Driver> d(new Driver(dev, opts));
   VG_TRY(d->Init());
@@ -260,15 +260,18 @@ Result<> Driver::Wait(uint64_t seq, WaitMode mode, int timeout_ms) {
     }
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     VG_ERROR_IF(left.count() <= 0, Errc::kTimeout, "fence {} not reached (completed {})", seq, completed());
-    if (mode == WaitMode::kPoll) {
+    const EventFd* fence_irq = dev_.irq_eventfd(abi::kVectorFence);
+    const EventFd* error_irq = dev_.irq_eventfd(abi::kVectorError);
+    // A backend without interrupts (PciDevice in a VM) is waited on by polling.
+    if (mode == WaitMode::kPoll || !fence_irq || !error_irq) {
       std::this_thread::yield();
       continue;
     }
-    pollfd fds[2] = {{dev_.irq(abi::kVectorFence).Get(), POLLIN, 0}, {dev_.irq(abi::kVectorError).Get(), POLLIN, 0}};
+    pollfd fds[2] = {{fence_irq->Get(), POLLIN, 0}, {error_irq->Get(), POLLIN, 0}};
     int r = ::poll(fds, 2, static_cast<int>(std::min<int64_t>(left.count(), 100)));
     if (r > 0) {
-      if (fds[0].revents) counters_.interrupts += dev_.irq(abi::kVectorFence).Drain().value_or(0);
-      if (fds[1].revents) (void)dev_.irq(abi::kVectorError).Drain();
+      if (fds[0].revents) counters_.interrupts += fence_irq->Drain().value_or(0);
+      if (fds[1].revents) (void)error_irq->Drain();
     }
   }
 }

@@ -2,7 +2,8 @@
 // The guest driver API for the mediated path: guest-memory buffers mapped into the vGPU's
 // GTT, a command ring, command recording, submission by doorbell and fence waits by IRQ or
 // by polling the status page. This is what a guest kernel driver would do; the bench's
-// mediated path and the e2e tests use it.
+// mediated path and the e2e tests use it, through a vfio-user Device; vgpu-vm-guest uses it
+// inside a VM through a PciDevice (backend.h).
 
 #include <array>
 #include <cstdint>
@@ -12,7 +13,7 @@
 #include <vector>
 
 #include "base/base.h"
-#include "guest/device.h"
+#include "guest/backend.h"
 
 namespace vg::guest {
 
@@ -78,8 +79,8 @@ struct DriverCounters {
 
 class Driver {
  public:
-  static Result<std::unique_ptr<Driver>> Create(Device& dev, DriverOptions opts = {});
-  Device& device() { return dev_; }
+  static Result<std::unique_ptr<Driver>> Create(DeviceBackend& dev, DriverOptions opts = {});
+  DeviceBackend& device() { return dev_; }
 
   // Guest RAM, page granular and contiguous, mapped at a fresh GPU VA.
   Result<GpuBuffer> Alloc(uint64_t size, bool writable = true);
@@ -106,14 +107,14 @@ class Driver {
   const DriverCounters& counters() const { return counters_; }
 
  private:
-  Driver(Device& dev, DriverOptions opts) : dev_(dev), opts_(opts) {}
+  Driver(DeviceBackend& dev, DriverOptions opts) : dev_(dev), opts_(opts) {}
   Result<> Init();
   Result<uint64_t> AllocRange(std::map<uint64_t, uint64_t>& free, uint64_t size);
   void FreeRange(std::map<uint64_t, uint64_t>& free, uint64_t off, uint64_t size);
   Result<> WriteRing(std::span<const uint32_t> dwords);
   Result<> Doorbell();
 
-  Device& dev_;
+  DeviceBackend& dev_;
   DriverOptions opts_;
   std::map<uint64_t, uint64_t> free_ram_;  // offset in RAM -> bytes
   std::map<uint64_t, uint64_t> free_va_;   // GPU VA -> bytes

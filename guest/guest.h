@@ -1,5 +1,7 @@
 #pragma once
 // Public header of guest/: the device library (vfio-user client + mmaps + IRQs) and the
 // driver API of the mediated path (GTT-mapped buffers, ring, commands, fences).
+#include "guest/backend.h"
 #include "guest/device.h"
 #include "guest/driver.h"
+#include "guest/pci_device.h"

@@ -1,0 +1,57 @@
+#pragma once
+// The one interface the guest driver (driver.h) programs a vGPU through. Two backends
+// implement it: Device (device.h), a vfio-user client in a test process, and PciDevice
+// (pci_device.h), the real PCI function inside a Linux VM. Everything the driver does
+// (GTT, ring, commands, fences) goes through these few calls, so the same driver code runs
+// in both places.
+
+#include <cstdint>
+#include <span>
+
+#include "base/base.h"
+#include "mediator/abi.h"
+
+namespace vg::guest {
+
+struct ErrorReport {
+  Errc code = Errc::kOk;
+  uint32_t source = 0;
+  uint64_t addr = 0;
+  uint32_t info = 0;
+  uint32_t count = 0;
+};
+
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+
+  // BAR0 registers. `posted`: the caller wants no completion (the vfio-user backend skips
+  // the reply; MMIO writes are posted anyway).
+  virtual Result<uint32_t> Read32(uint32_t off) = 0;
+  virtual Result<uint64_t> Read64(uint32_t off) = 0;
+  virtual Result<> Write32(uint32_t off, uint32_t v, bool posted = false) = 0;
+  virtual Result<> Write64(uint32_t off, uint64_t v, bool posted = false) = 0;
+
+  // Guest RAM the driver may hand to the device: physically contiguous, seen by the device
+  // at ram_base() .. ram_base() + ram().size().
+  virtual std::span<std::byte> ram() const = 0;
+  virtual Gpa ram_base() const = 0;
+
+  // The status page (no trap) and the aperture (BAR2).
+  virtual uint32_t Status32(uint32_t off) const = 0;
+  virtual uint64_t Status64(uint32_t off) const = 0;
+  virtual std::span<std::byte> aperture() const = 0;
+  virtual uint32_t gtt_entries() const = 0;
+
+  // Doorbell without a value (the device reads the tail shadow): the ioeventfd where the
+  // backend has one, a DOORBELL_KICK write otherwise.
+  virtual Result<> Kick() = 0;
+  // The eventfd of an interrupt vector, or nullptr when the backend has no interrupts
+  // (the driver then waits by polling the status page).
+  virtual const EventFd* irq_eventfd(uint32_t /*vector*/) const { return nullptr; }
+
+  Result<ErrorReport> ReadError();
+  Result<> ClearError() { return Write32(abi::reg::kErrClear, 0); }
+};
+
+}  // namespace vg::guest
