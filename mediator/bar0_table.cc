@@ -100,13 +100,10 @@ Result<> Vgpu::Impl::GttWrite(uint32_t off, std::span<const std::byte> data) {
     uint32_t half;
     std::memcpy(&half, data.data(), 4);
     if (rel % 8 == 0) {
-      gtt_latch_ = half;
-      gtt_latch_index_ = index;
+      gtt_.Latch(index, half);
       return Ok();
     }
-    uint32_t lo = gtt_latch_index_ == index ? gtt_latch_ : static_cast<uint32_t>(gtt_.Entry(index));
-    entry = uint64_t{half} << 32 | lo;
-    gtt_latch_index_ = UINT32_MAX;
+    entry = uint64_t{half} << 32 | gtt_.TakeLatch(index);
   } else {
     return Refuse(abi::kErrSourceGtt, off, 0,
                   Error{Errc::kMisaligned, fmt::format("GTT access of {} bytes at {:#x}", data.size(), off)});
@@ -117,56 +114,83 @@ Result<> Vgpu::Impl::GttWrite(uint32_t off, std::span<const std::byte> data) {
   return Ok();
 }
 
+// --- the BAR0 page table (docs/device-spec.md §BAR0 layout) ---
+// F11 finding 1: the MSI-X table's write path was bounded and its read path was not, so a
+// read at 0x3020-0x37FC copied daemon memory to the guest. Now every BAR0 access, in both
+// directions, goes through one lookup in this table: a row owns [begin, end) and the access
+// must lie wholly inside it, so each handler only ever sees offsets of its own range. An
+// access in no row (a gap, a straddle, past the GTT) reads 0 and refuses writes (kNotFound)
+// by construction: there is no fall-through path left to forget a bound on.
+std::array<Vgpu::Impl::Bar0Row, Vgpu::Impl::kBar0Rows> Vgpu::Impl::BuildBar0Table(uint32_t gtt_entries) {
+  return {{
+      {abi::kRegsBase, abi::kPrivBase, "registers", &Impl::RegsRead, &Impl::RegsWrite},
+      {abi::kPrivBase, abi::kStatusPageOffset, "privileged globals", &Impl::RegsRead, &Impl::RegsWrite},
+      {abi::kStatusPageOffset, abi::kStatusPageOffset + kPageSize, "status page", &Impl::StatusPageRead,
+       &Impl::StatusPageWrite},
+      {abi::kMsixTableOffset, abi::kMsixTableOffset + kMsixTableDwords * 4, "MSI-X table", &Impl::MsixTableRead,
+       &Impl::MsixTableWrite},
+      {abi::kMsixPbaOffset, abi::kMsixPbaOffset + 8, "MSI-X PBA", &Impl::MsixPbaRead, &Impl::MsixPbaWrite},
+      {abi::kGttOffset, abi::kGttOffset + uint64_t{gtt_entries} * 8, "GTT", &Impl::GttRead, &Impl::GttWrite},
+  }};
+}
+
+const Vgpu::Impl::Bar0Row* Vgpu::Impl::FindBar0Row(uint64_t off, size_t len) const {
+  for (const Bar0Row& r : bar0_rows_)
+    if (off >= r.begin && RangeWithin(off - r.begin, len, r.end - r.begin)) return &r;
+  return nullptr;
+}
+
 Result<> Vgpu::Impl::Bar0Read(uint64_t off, std::span<std::byte> out) {
-  if (off >= abi::kStatusPageOffset && off + out.size() <= abi::kStatusPageOffset + kPageSize) {
-    std::memcpy(out.data(), bar0_map_.data() + off, out.size());
+  const Bar0Row* row = FindBar0Row(off, out.size());
+  if (!row) {
+    std::memset(out.data(), 0, out.size());  // no row: reads as zero, as on hardware
     return Ok();
   }
-  if (off >= abi::kGttOffset) {
-    uint32_t rel = static_cast<uint32_t>(off - abi::kGttOffset);
-    VG_ERROR_IF(rel / 8 >= cfg_.gtt_entries, Errc::kOutOfBounds, "GTT read at {:#x} past {} entries", off,
-                cfg_.gtt_entries);
-    VG_ERROR_IF(!((out.size() == 8 && rel % 8 == 0) || (out.size() == 4 && rel % 4 == 0)), Errc::kMisaligned,
-                "GTT read of {} bytes at {:#x}", out.size(), off);
-    uint64_t e = gtt_.Entry(rel / 8);
-    const auto* src = reinterpret_cast<const std::byte*>(&e) + (rel % 8);
-    std::memcpy(out.data(), src, out.size());
-    return Ok();
-  }
+  return (this->*row->read)(static_cast<uint32_t>(off), out);
+}
+
+Result<> Vgpu::Impl::Bar0Write(uint64_t off, std::span<const std::byte> data) {
+  const Bar0Row* row = FindBar0Row(off, data.size());
+  if (!row)
+    return Refuse(abi::kErrSourceMmio, off, 0,
+                  Error{Errc::kNotFound, fmt::format("no BAR0 row holds {} bytes at {:#x}", data.size(), off)});
+  return (this->*row->write)(static_cast<uint32_t>(off), data);
+}
+
+// Rows: registers and privileged globals (one register map covers both pages).
+Result<> Vgpu::Impl::RegsRead(uint32_t off, std::span<std::byte> out) {
   return ForEachDword(off, out.size(), [&](uint32_t o, size_t i) -> Result<> {
-    uint32_t v;
-    if (o >= abi::kMsixTableOffset && o < abi::kMsixTableOffset + 0x1000) {
-      VG_TRY_ASSIGN(v, MsixRead32(o));
-    } else {
-      VG_TRY_ASSIGN(v, RegRead32(o));
-    }
+    VG_TRY_ASSIGN(uint32_t v, RegRead32(o));
     std::memcpy(out.data() + i, &v, 4);
     return Ok();
   });
 }
-
-Result<> Vgpu::Impl::Bar0Write(uint64_t off, std::span<const std::byte> data) {
-  if (off >= abi::kGttOffset) {
-    uint32_t rel = static_cast<uint32_t>(off - abi::kGttOffset);
-    if (rel / 8 >= cfg_.gtt_entries)
-      return Refuse(abi::kErrSourceGtt, off, 0,
-                    Error{Errc::kOutOfBounds, fmt::format("GTT index {} past {} entries", rel / 8, cfg_.gtt_entries)});
-    return GttWrite(static_cast<uint32_t>(off), data);
-  }
-  if (off >= abi::kStatusPageOffset && off < abi::kStatusPageOffset + kPageSize)
-    return Refuse(abi::kErrSourceMmio, off, 0,
-                  Error{Errc::kReadOnly, "the status page is written by the device only"});
-  if (off >= abi::kMsixPbaOffset && off < abi::kMsixPbaOffset + 0x800)
-    return Refuse(abi::kErrSourceMmio, off, 0, Error{Errc::kReadOnly, "the MSI-X PBA is read-only"});
+Result<> Vgpu::Impl::RegsWrite(uint32_t off, std::span<const std::byte> data) {
   return ForEachDword(off, data.size(), [&](uint32_t o, size_t i) -> Result<> {
     uint32_t v;
     std::memcpy(&v, data.data() + i, 4);
-    if (o >= abi::kMsixTableOffset && o < abi::kMsixTableOffset + kMsixTableDwords * 4) {
-      msix_table_[(o - abi::kMsixTableOffset) / 4] = v;
-      return Ok();
-    }
     return RegWrite32(o, v);
   });
+}
+
+// Row: the status page. Mapped into the guest with no trap; trapped reads see the same bytes.
+Result<> Vgpu::Impl::StatusPageRead(uint32_t off, std::span<std::byte> out) {
+  std::memcpy(out.data(), bar0_map_.data() + off, out.size());
+  return Ok();
+}
+Result<> Vgpu::Impl::StatusPageWrite(uint32_t off, std::span<const std::byte>) {
+  return Refuse(abi::kErrSourceMmio, off, 0, Error{Errc::kReadOnly, "the status page is written by the device only"});
+}
+
+// Row: the GTT window, entries [0, GTT_ENTRIES).
+Result<> Vgpu::Impl::GttRead(uint32_t off, std::span<std::byte> out) {
+  uint32_t rel = off - abi::kGttOffset;
+  VG_ERROR_IF(!((out.size() == 8 && rel % 8 == 0) || (out.size() == 4 && rel % 4 == 0)), Errc::kMisaligned,
+              "GTT read of {} bytes at {:#x}", out.size(), off);
+  uint64_t e = gtt_.Entry(rel / 8);
+  const auto* src = reinterpret_cast<const std::byte*>(&e) + (rel % 8);
+  std::memcpy(out.data(), src, out.size());
+  return Ok();
 }
 
 // The BAR0 register map (docs/device-spec.md §BAR0). Data, not a switch.

@@ -8,6 +8,15 @@
 
 namespace vg::mediator {
 
+// F11 finding 16: fetching the ring and the tail shadow is DMA, and a function without Bus
+// Master Enable, or in D3hot, does none. The doorbell is refused by name and the ring stays
+// where it was: the span is fetched at the first doorbell once DMA is allowed again.
+Result<> Vgpu::Impl::CheckDmaAllowed() const {
+  VG_ERROR_IF(!config_space_.BusMasterEnabled(), Errc::kDmaDisabled, "bus mastering is off (PCI command bit 2)");
+  VG_ERROR_IF(config_space_.PowerState() == 3 || regs_.power_state == 3, Errc::kDmaDisabled, "the vGPU is in D3hot");
+  return Ok();
+}
+
 Result<> Vgpu::Impl::RingConfigWritable() const {
   VG_ERROR_IF(regs_.ctrl & abi::kCtrlRingEnable, Errc::kBusy, "ring registers are locked while the ring runs");
   return Ok();
@@ -34,6 +43,7 @@ Result<> Vgpu::Impl::WriteRingTail(uint32_t v) {
   VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell rung with the ring disabled");
   VG_ERROR_IF(v >= regs_.ring_size, Errc::kOutOfBounds, "tail {:#x} past ring size {:#x}", v, regs_.ring_size);
   VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "tail {:#x} not dword aligned", v);
+  VG_TRY(CheckDmaAllowed());
   regs_.ring_tail = v;
   Doorbell();
   ProcessRing();
@@ -57,6 +67,7 @@ void Vgpu::Impl::Doorbell() {
 // A kick carries no value: the tail is read, once, from the guest's tail shadow.
 Result<> Vgpu::Impl::ReadTailShadowAndProcess() {
   VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell kicked with the ring disabled");
+  VG_TRY(CheckDmaAllowed());
   uint64_t va = uint64_t{regs_.tail_shadow_hi} << 32 | regs_.tail_shadow_lo;
   uint32_t tail = 0;
   auto range = gtt_.Translate(GpuVa{va}, ByteSize{4}, GttAccess::kRead);

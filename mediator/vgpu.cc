@@ -18,6 +18,7 @@ Vgpu::Impl::Impl(const VgpuConfig& cfg, UniqueFd status_fd, Mapping status, Uniq
     : cfg_(cfg),
       config_space_(cfg.aperture_size),
       gtt_(cfg.gtt_entries, cfg.aperture_size),
+      bar0_rows_(BuildBar0Table(cfg.gtt_entries)),
       bar0_fd_(std::move(status_fd)),
       bar0_map_(std::move(status)),
       aperture_fd_(std::move(aperture_fd)),
@@ -115,6 +116,7 @@ void Vgpu::OnDisconnect() {
   impl_->dma_.SetMessenger(nullptr);
   impl_->dma_.Clear();
   impl_->irqs_.Clear();
+  impl_->gtt_.DropLatch();  // a half-written entry belongs to the connection that wrote it
   // Guest memory is gone with the connection; GTT entries into it would dangle.
   impl_->gtt_.InvalidateGuestRange(Gpa{0}, ByteSize{~0ull});
 }
@@ -156,8 +158,13 @@ Result<vu::IrqInfo> Vgpu::GetIrqInfo(uint32_t index) { return impl_->irqs_.Info(
 
 Result<> Vgpu::SetIrqs(const vu::SetIrqsArgs& args, std::vector<UniqueFd> fds, std::span<const uint8_t> bools) {
   std::lock_guard lk(impl_->mu_);
-  VG_TRY(impl_->irqs_.Validate(args, fds.size(), bools.size()));
-  return impl_->irqs_.Apply(args, std::move(fds), bools);
+  // Every fd must be an eventfd (kNotEventFd): the only kind the daemon ever signals, and
+  // then only from the IrqSet's signaller thread, never from the loop.
+  VG_TRY(impl_->irqs_.Validate(args, fds, bools.size()));
+  bool assigns = (args.flags & vu::kIrqSetDataEventfd) && args.index == vu::kIrqMsix;
+  VG_TRY(impl_->irqs_.Apply(args, std::move(fds), bools));
+  if (assigns) impl_->OnMsixTriggerAssigned(args.start, args.count);
+  return Ok();
 }
 
 Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> out) {
@@ -192,8 +199,11 @@ Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std:
 Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   std::lock_guard lk(impl_->mu_);
   switch (index) {
-    case vu::kConfigRegion:
-      return impl_->config_space_.Write(static_cast<uint32_t>(offset), data);
+    case vu::kConfigRegion: {
+      VG_TRY(impl_->config_space_.Write(static_cast<uint32_t>(offset), data));
+      impl_->DeliverUnmaskedPending();  // the write may have unmasked, enabled BME or left D3hot
+      return Ok();
+    }
     case vu::kBar0Region:
       VG_ERROR_IF(!RangeWithin(offset, data.size(), abi::kBar0Size), Errc::kOutOfBounds, "BAR0 write past end");
       return impl_->Bar0Write(offset, data);

@@ -45,6 +45,7 @@ struct RegState {
   uint32_t display_base = 0, display_stride = 0, display_format = 0, display_width = 0, display_height = 0,
            display_enable = 0;
   uint32_t resets = 0;
+  uint32_t msix_pending = 0;  // the MSI-X PBA: vectors raised while masked
 };
 inline constexpr size_t kRegStateDwords = sizeof(RegState) / sizeof(uint32_t);
 static_assert(sizeof(RegState) % sizeof(uint32_t) == 0);
@@ -87,10 +88,18 @@ class Vgpu::Impl {
   static std::array<uint32_t, vu::kNumPciIrqs> IrqLayout();
   void RaiseIrq(uint32_t vector);
   void Deliver(uint32_t vector);
+  bool MessagesAllowed() const;
+  void DeliverUnmaskedPending();
+  void OnMsixTriggerAssigned(uint32_t first, uint32_t count);
+  // DMA (ring fetch, tail shadow) needs Bus Master Enable and D0: kDmaDisabled otherwise.
+  Result<> CheckDmaAllowed() const;
   Result<> WriteIrqStatus(uint32_t v);
   Result<> WriteIrqMask(uint32_t v);
   Result<> WriteIrqTest(uint32_t v);
-  Result<uint32_t> MsixRead32(uint32_t off) const;
+  Result<> MsixTableRead(uint32_t off, std::span<std::byte> out);
+  Result<> MsixTableWrite(uint32_t off, std::span<const std::byte> data);
+  Result<> MsixPbaRead(uint32_t off, std::span<std::byte> out);
+  Result<> MsixPbaWrite(uint32_t off, std::span<const std::byte> data);
   void ResetMsixTable();
 
   // --- bar0_table.cc: identity and control registers, the BAR0 router, the GTT window ---
@@ -113,8 +122,24 @@ class Vgpu::Impl {
   Result<> RegWrite32(uint32_t off, uint32_t v);
   Result<> CheckGuestPage(Gpa page, bool writable) const;
   Result<> GttWrite(uint32_t off, std::span<const std::byte> data);
+  // One row of the BAR0 page table: [begin, end) and the handlers that own it. Handlers get
+  // the BAR0 offset of an access that lies wholly inside their row.
+  struct Bar0Row {
+    uint64_t begin, end;
+    const char* name;
+    Result<> (Impl::*read)(uint32_t off, std::span<std::byte> out);
+    Result<> (Impl::*write)(uint32_t off, std::span<const std::byte> data);
+  };
+  static constexpr size_t kBar0Rows = 6;
+  static std::array<Bar0Row, kBar0Rows> BuildBar0Table(uint32_t gtt_entries);
+  const Bar0Row* FindBar0Row(uint64_t off, size_t len) const;
   Result<> Bar0Read(uint64_t off, std::span<std::byte> out);
   Result<> Bar0Write(uint64_t off, std::span<const std::byte> data);
+  Result<> RegsRead(uint32_t off, std::span<std::byte> out);
+  Result<> RegsWrite(uint32_t off, std::span<const std::byte> data);
+  Result<> StatusPageRead(uint32_t off, std::span<std::byte> out);
+  Result<> StatusPageWrite(uint32_t off, std::span<const std::byte> data);
+  Result<> GttRead(uint32_t off, std::span<std::byte> out);
   // Registers are dwords; a qword access is two dword accesses, low first.
   template <class Fn>
   Result<> ForEachDword(uint64_t off, size_t len, Fn&& fn) {
@@ -152,9 +177,8 @@ class Vgpu::Impl {
   RegState regs_;
   ConfigSpace config_space_;
   Gtt gtt_;
+  std::array<Bar0Row, kBar0Rows> bar0_rows_;
   std::array<uint32_t, kMsixTableDwords> msix_table_{};
-  uint32_t gtt_latch_ = 0;
-  uint32_t gtt_latch_index_ = UINT32_MAX;
   uint64_t completed_fence_ = 0;
   uint64_t submissions_ = 0;
   uint32_t kernel_count_ = 0;
