@@ -94,7 +94,10 @@ Result<> Device::EnablePci() {
   VG_TRY_ASSIGN(uint32_t cmd, ConfigRead32(kCommand));
   VG_TRY(ConfigWrite32(kCommand, (cmd & 0xFFFF) | kMemory | kBusMaster));  // status half: RW1C, written 0
   VG_TRY_ASSIGN(uint32_t msix, ConfigRead32(abi::kCapMsixOffset));
-  return ConfigWrite32(abi::kCapMsixOffset, (msix | kMsixEnable) & ~kMsixFunctionMask);
+  VG_TRY(ConfigWrite32(abi::kCapMsixOffset, (msix | kMsixEnable) & ~kMsixFunctionMask));
+  // Vector control: unmasked (SET_IRQS did this at open; after an FLR the table is masked).
+  for (uint32_t v = 0; v < abi::kNumVectors; ++v) VG_TRY(Write32(abi::kMsixTableOffset + 16 * v + 12, 0));
+  return Ok();
 }
 
 Result<> Device::Reset() {

@@ -31,11 +31,14 @@ Vgpu::Impl::Impl(const VgpuConfig& cfg, UniqueFd status_fd, Mapping status, Uniq
 Result<> Vgpu::Impl::DoReset() {
   // Per-vGPU reset: registers, GTT and aperture back to creation state. IRQ wiring and
   // DMA mappings belong to the connection, not to the device, and stay.
+  // The MSI-X table and PBA are PCI function state: only a function-level reset
+  // (DEVICE_RESET, Vgpu::Reset) returns them to power-on, as config space.
   uint32_t resets = regs_.resets + 1;
+  uint32_t msix_pending = regs_.msix_pending;
   regs_ = RegState{};
   regs_.resets = resets;
+  regs_.msix_pending = msix_pending;
   gtt_.Clear();
-  ResetMsixTable();
   completed_fence_ = 0;
   submissions_ = 0;
   ++counters_.resets;
@@ -88,7 +91,11 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
       cfg.engine, impl->dma_, impl->aperture_.bytes(), std::move(aperture_buffer),
       ExecHooks{[raw](uint64_t v, bool irq) { raw->OnFence(v, irq); },
                 [raw](uint32_t reg, uint32_t v) { raw->OnLoadReg(reg, v); },
-                [raw](const Error& e) { raw->OnExecFailure(e); }});
+                [raw](const Error& e) { raw->OnExecFailure(e); },
+                [raw]() -> Result<> {
+                  std::lock_guard lk(raw->mu_);
+                  return raw->CheckDmaAllowed();
+                }});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 
@@ -240,7 +247,10 @@ Result<> Vgpu::Reset() {
   impl_->exec_->CancelAndDrain();  // no work may land in the aperture after the scrub
   std::lock_guard lk(impl_->mu_);
   impl_->config_space_.Reset();
-  return impl_->DoReset();
+  impl_->ResetMsixTable();
+  VG_TRY(impl_->DoReset());
+  impl_->regs_.msix_pending = 0;
+  return Ok();
 }
 
 DeviceSnapshot Vgpu::Snapshot() const {

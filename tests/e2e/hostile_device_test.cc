@@ -100,7 +100,9 @@ TEST_CASE("hostile BAR0 reads: the MSI-X table, the PBA and every gap read 0, ne
   CHECK(a->ReadError()->code == Errc::kNotFound);
   CHECK(FirstNonZero(c, 0x3400, 0x3404, 4) == 0x3404);
   CHECK(daemon.Alive());
-  CheckVictim(victim.Stop());
+  VictimReport report = victim.Stop();
+  MESSAGE("victim: ", report.rounds, " rounds, ", report.reads, " register reads, slowest ", report.max_read_ms, " ms");
+  CheckVictim(report);
 }
 
 TEST_CASE("hostile SET_IRQS: a pipe, a regular file and a blocking eventfd with a full counter never stall the daemon") {
@@ -173,7 +175,9 @@ TEST_CASE("hostile SET_IRQS: a pipe, a regular file and a blocking eventfd with 
     CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
   }
   CHECK(daemon.Alive());
-  CheckVictim(victim.Stop());
+  VictimReport report = victim.Stop();
+  MESSAGE("victim: ", report.rounds, " rounds, ", report.reads, " register reads, slowest ", report.max_read_ms, " ms");
+  CheckVictim(report);
 }
 
 TEST_CASE("hostile interrupts: MSI-X disabled or masked delivers nothing (pending, then delivered on unmask)") {
@@ -220,7 +224,9 @@ TEST_CASE("hostile interrupts: MSI-X disabled or masked delivers nothing (pendin
   REQUIRE(a->Write32(abi::reg::kIrqTest, abi::kVectorFence).ok());
   CHECK(WaitIrq(*a, abi::kVectorFence, 2000) == 1);  // and the vGPU works again
   CHECK(daemon.Alive());
-  CheckVictim(victim.Stop());
+  VictimReport report = victim.Stop();
+  MESSAGE("victim: ", report.rounds, " rounds, ", report.reads, " register reads, slowest ", report.max_read_ms, " ms");
+  CheckVictim(report);
 }
 
 TEST_CASE("hostile DMA: no ring processing with Bus Master Enable clear or in D3hot") {
@@ -278,7 +284,9 @@ TEST_CASE("hostile DMA: no ring processing with Bus Master Enable clear or in D3
     CHECK(first == value);
   }
   CHECK(daemon.Alive());
-  CheckVictim(victim.Stop());
+  VictimReport report = victim.Stop();
+  MESSAGE("victim: ", report.rounds, " rounds, ", report.reads, " register reads, slowest ", report.max_read_ms, " ms");
+  CheckVictim(report);
 }
 
 TEST_CASE("hostile GTT latch: a low half written before a reset is not committed after it") {
@@ -300,5 +308,7 @@ TEST_CASE("hostile GTT latch: a low half written before a reset is not committed
     CHECK(a->Read64(lo_off).value() == 0);
   }
   CHECK(daemon.Alive());
-  CheckVictim(victim.Stop());
+  VictimReport report = victim.Stop();
+  MESSAGE("victim: ", report.rounds, " rounds, ", report.reads, " register reads, slowest ", report.max_read_ms, " ms");
+  CheckVictim(report);
 }

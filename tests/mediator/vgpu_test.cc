@@ -389,6 +389,12 @@ TEST_CASE("MSI-X: a masked vector sets its PBA bit and is sent on unmask; the fu
   REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, 0).ok());
   CHECK(ev.Wait(50).code() == Errc::kTimeout);
   CHECK(Reg(*v, abi::kMsixPbaOffset) == 0);
+  // The table is PCI function state: RESET keeps it, a function-level reset masks it again.
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kReset, abi::kResetMagic).ok());
+  CHECK(Reg(*v, abi::kMsixTableOffset + 12) == 0);
+  REQUIRE(v->Reset().ok());
+  CHECK(Reg(*v, abi::kMsixTableOffset + 12) == 1);
+  CHECK((Cfg32(*v, abi::kCapMsixOffset) & 0x80000000u) == 0);
   // SET_IRQS takes eventfds only.
   int p[2];
   REQUIRE(::pipe(p) == 0);
