@@ -56,6 +56,9 @@ Result<uint32_t> Vgpu::Impl::RegRead32(uint32_t off) {
   if (!r) return uint32_t{0};  // unimplemented registers read as zero, as on hardware
   if (r->access == Access::kWO) return uint32_t{0};
   if (r->read) return (this->*r->read)();
+  // A refused privileged global has no storage. Its null member pointer must never be
+  // dereferenced: it would read the bytes just before regs_ (found by fuzz_device_regions).
+  if (!r->field) return uint32_t{0};
   return regs_.*(r->field);
 }
 

@@ -348,6 +348,9 @@ TEST_CASE("BAR0 page table: an access in no row reads 0 at any width and refuses
     }
     CHECK(Wr32(*v, vu::kBar0Region, off, 1).code() == Errc::kNotFound);
   }
+  // A refused privileged global has no storage and reads 0.
+  CHECK(Reg(*v, abi::priv::kGlobalReset) == 0);
+  CHECK(Reg(*v, abi::priv::kGlobalGttBaseHi) == 0);
   // Straddling the end of the MSI-X table, or of the GTT: in no row.
   uint64_t q = ~0ull;
   REQUIRE(v->RegionRead(vu::kBar0Region, 0x301C, std::as_writable_bytes(std::span(&q, 1))).ok());
