@@ -71,6 +71,7 @@ Result<> Device::Init() {
   }
   vu::SetIrqsArgs irq{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, abi::kNumVectors};
   VG_TRY_CTX(client_->SetIrqs(irq, fds), "SET_IRQS MSI-X");
+  VG_TRY(EnablePci());
 
   VG_TRY_ASSIGN(auto io, client_->GetRegionIoFds(vu::kBar0Region));
   for (size_t i = 0; i < io.subregions.size(); ++i) {
@@ -83,6 +84,26 @@ Result<> Device::Init() {
   VG_ERROR_IF(id != abi::kIdMagic, Errc::kUnsupported, "device ID {:#x} is not a vgpud vGPU", id);
   VG_TRY_ASSIGN(gtt_entries_, Read32(abi::reg::kGttEntries));
   return Ok();
+}
+
+// A driver's bring-up, as a guest kernel's is: memory decoding and bus mastering on, MSI-X
+// enabled and its function mask clear. Without them the device sends no interrupt and
+// fetches no ring (PCI rules, docs/device-spec.md §Interrupts, §DMA and power).
+Result<> Device::EnablePci() {
+  constexpr uint32_t kCommand = 0x04, kMemory = 1u << 1, kBusMaster = 1u << 2;
+  constexpr uint32_t kMsixEnable = 1u << 31, kMsixFunctionMask = 1u << 30;  // message control, in the dword
+  VG_TRY_ASSIGN(uint32_t cmd, ConfigRead32(kCommand));
+  VG_TRY(ConfigWrite32(kCommand, (cmd & 0xFFFF) | kMemory | kBusMaster));  // status half: RW1C, written 0
+  VG_TRY_ASSIGN(uint32_t msix, ConfigRead32(abi::kCapMsixOffset));
+  VG_TRY(ConfigWrite32(abi::kCapMsixOffset, (msix | kMsixEnable) & ~kMsixFunctionMask));
+  // Vector control: unmasked (SET_IRQS did this at open; after an FLR the table is masked).
+  for (uint32_t v = 0; v < abi::kNumVectors; ++v) VG_TRY(Write32(abi::kMsixTableOffset + 16 * v + 12, 0));
+  return Ok();
+}
+
+Result<> Device::Reset() {
+  VG_TRY(client_->Reset());
+  return EnablePci();  // a function-level reset clears the command register and MSI-X enable
 }
 
 // Every register and config access is one request (a reply unless posted) on the socket.

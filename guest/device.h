@@ -70,11 +70,13 @@ class Device final : public DeviceBackend {
 
   // vfio-user request/reply messages this device sent (register and config accesses).
   uint64_t messages() const { return messages_; }
-  Result<> Reset() { return client_->Reset(); }
+  // DEVICE_RESET, then the PCI bring-up again (as a driver does after an FLR).
+  Result<> Reset();
 
  private:
   Device() = default;
   Result<> Init();
+  Result<> EnablePci();
   Result<> ServeDma(bool is_write, Gpa addr, std::span<std::byte> buf);
   template <class T>
   Result<T> ReadValue(uint32_t region, uint32_t off);

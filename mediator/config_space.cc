@@ -119,6 +119,25 @@ void ConfigSpace::Reset() {
 
 uint8_t ConfigSpace::PowerState() const { return bytes_[abi::kCapPmOffset + 4] & 0x3; }
 
+bool ConfigSpace::MsixEnabled() const { return Read16(abi::kCapMsixOffset + 2) & 0x8000; }
+bool ConfigSpace::MsixFunctionMasked() const { return Read16(abi::kCapMsixOffset + 2) & 0x4000; }
+bool ConfigSpace::MsiEnabled() const { return Read16(abi::kCapMsiOffset + 2) & 0x0001; }
+uint32_t ConfigSpace::MsiVectorsEnabled() const {
+  uint32_t mme = (Read16(abi::kCapMsiOffset + 2) >> 4) & 0x7;
+  return std::min<uint32_t>(1u << mme, abi::kNumVectors);
+}
+bool ConfigSpace::MsiMasked(uint32_t vector) const {
+  return vector < 32 && (bytes_[abi::kCapMsiOffset + 16 + vector / 8] >> (vector % 8)) & 1;
+}
+uint32_t ConfigSpace::MsiPending() const {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = v << 8 | bytes_[abi::kCapMsiOffset + 20 + static_cast<uint32_t>(i)];
+  return v;
+}
+void ConfigSpace::SetMsiPending(uint32_t bits) {
+  for (uint32_t i = 0; i < 4; ++i) bytes_[abi::kCapMsiOffset + 20 + i] = static_cast<uint8_t>(bits >> (8 * i));
+}
+
 uint64_t ConfigSpace::Bar0Address() const {
   return (bytes_[kBar0] | bytes_[kBar0 + 1] << 8 | bytes_[kBar0 + 2] << 16 | uint32_t{bytes_[kBar0 + 3]} << 24) &
          ~0xFull;

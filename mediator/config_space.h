@@ -26,7 +26,18 @@ class ConfigSpace {
 
   uint16_t Command() const { return Read16(0x04); }
   bool MemoryEnabled() const { return Command() & 0x2; }
+  bool BusMasterEnabled() const { return Command() & 0x4; }
   uint8_t PowerState() const;  // 0 = D0, 3 = D3hot
+
+  // Interrupt capabilities as the guest programmed them (PCI Local Bus 3.0 §6.8).
+  bool MsixEnabled() const;
+  bool MsixFunctionMasked() const;
+  bool MsiEnabled() const;
+  uint32_t MsiVectorsEnabled() const;  // 1 << Multiple Message Enable, at most the capable count
+  bool MsiMasked(uint32_t vector) const;
+  uint32_t MsiPending() const;
+  // The MSI pending bits are read-only to the guest and set by the device.
+  void SetMsiPending(uint32_t bits);
   uint64_t Bar0Address() const;
   uint64_t Bar2Address() const;
 

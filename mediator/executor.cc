@@ -165,6 +165,7 @@ uint64_t CoarseNowNs() {
 Result<> Executor::Run(Plan& plan) {
   size_t i = 0;
   while (i < plan.ops.size()) {
+    if (hooks_.may_dma) VG_TRY(hooks_.may_dma());
     if (IsGpuOp(plan.ops[i])) {
       size_t j = i;
       while (j < plan.ops.size() && IsGpuOp(plan.ops[j]) && j - i < engine::kMaxOpsPerSubmission) ++j;

@@ -38,6 +38,10 @@ struct ExecHooks {
   std::function<void(uint64_t value, bool irq)> fence;          // publish + fence vector
   std::function<void(uint32_t reg, uint32_t value)> load_reg;   // whitelisted, audited
   std::function<void(const Error& e)> fail;                     // error report + error vector
+  // Asked before each engine submission and each host op: the device may have lost Bus
+  // Master Enable or entered D3hot since the plan was queued (PCI: no DMA then). An error
+  // abandons the rest of the plan and is reported through `fail`. Null: always allowed.
+  std::function<Result<>()> may_dma;
 };
 
 struct ExecCounters {

@@ -73,12 +73,22 @@ uint32_t Gtt::InvalidateGuestRange(Gpa gpa, ByteSize size) {
   return dropped;
 }
 
-void Gtt::Clear() { std::fill(entries_.begin(), entries_.end(), 0); }
+void Gtt::Clear() {
+  std::fill(entries_.begin(), entries_.end(), 0);
+  DropLatch();
+}
+
+uint32_t Gtt::TakeLatch(uint32_t index) {
+  uint32_t lo = latch_index_ == index ? latch_lo_ : static_cast<uint32_t>(Entry(index));
+  DropLatch();
+  return lo;
+}
 
 Result<> Gtt::Restore(const std::vector<uint64_t>& entries) {
   VG_INVALID_IF(entries.size() != entries_.size(), "GTT snapshot has {} entries, want {}", entries.size(),
                 entries_.size());
   entries_ = entries;
+  DropLatch();
   return Ok();
 }
 

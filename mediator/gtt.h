@@ -49,14 +49,31 @@ class Gtt {
   // Invalidates every guest-memory entry whose page lies in [gpa, gpa+size): no
   // translation outlives its DMA mapping. Returns how many entries were dropped.
   uint32_t InvalidateGuestRange(Gpa gpa, ByteSize size);
+  // Empties the table and drops the latch.
   void Clear();
+
+  // 32-bit halves: a guest without 64-bit MMIO writes the low half (latched here) and then
+  // the high half, which commits the pair. The latch is GTT state, so every path that
+  // resets or replaces the table (Clear, Restore) drops it: a half written before a reset
+  // can never be committed after it (F11 finding 17).
+  void Latch(uint32_t index, uint32_t lo) {
+    latch_index_ = index;
+    latch_lo_ = lo;
+  }
+  // The low half a high-half write at `index` commits with: the latched one when it was for
+  // this entry, else the entry's current low half. Consumes the latch.
+  uint32_t TakeLatch(uint32_t index);
+  void DropLatch() { latch_index_ = kNoLatch; }
 
   const std::vector<uint64_t>& entries() const { return entries_; }
   Result<> Restore(const std::vector<uint64_t>& entries);
 
  private:
+  static constexpr uint32_t kNoLatch = UINT32_MAX;
   std::vector<uint64_t> entries_;
   uint64_t aperture_size_;
+  uint32_t latch_index_ = kNoLatch;
+  uint32_t latch_lo_ = 0;
 };
 
 }  // namespace vg::mediator

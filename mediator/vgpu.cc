@@ -1,603 +1,61 @@
+// One vGPU as a vfio-user DeviceBackend: creation, the backend entry points, reset and
+// snapshot. The guest-facing surfaces live beside it (see vgpu_impl.h for the map); this
+// file only takes the lock and routes.
 #include <fcntl.h>
 #include <linux/falloc.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <mutex>
 
-#include "mediator/auditor.h"
-#include "mediator/config_space.h"
-#include "mediator/executor.h"
-#include "mediator/gtt.h"
-#include "mediator/mediator.h"
-#include "vfio_user/dma.h"
-#include "vfio_user/irqs.h"
-#include "vfio_user/messages.h"
+#include "mediator/vgpu_impl.h"
 #include "shaders/catalogue.h"
 
 namespace vg::mediator {
 
-namespace vu = vfio_user;
+Vgpu::Impl::Impl(const VgpuConfig& cfg, UniqueFd status_fd, Mapping status, UniqueFd aperture_fd, Mapping aperture,
+                 EventFd doorbell)
+    : cfg_(cfg),
+      config_space_(cfg.aperture_size),
+      gtt_(cfg.gtt_entries, cfg.aperture_size),
+      bar0_rows_(BuildBar0Table(cfg.gtt_entries)),
+      bar0_fd_(std::move(status_fd)),
+      bar0_map_(std::move(status)),
+      aperture_fd_(std::move(aperture_fd)),
+      aperture_(std::move(aperture)),
+      doorbell_(std::move(doorbell)),
+      irqs_(IrqLayout()) {
+  PublishStatus();
+}
 
-namespace {
+Result<> Vgpu::Impl::DoReset() {
+  // Per-vGPU reset: registers, GTT and aperture back to creation state. IRQ wiring and
+  // DMA mappings belong to the connection, not to the device, and stay.
+  // The MSI-X table and PBA are PCI function state: only a function-level reset
+  // (DEVICE_RESET, Vgpu::Reset) returns them to power-on, as config space.
+  uint32_t resets = regs_.resets + 1;
+  uint32_t msix_pending = regs_.msix_pending;
+  regs_ = RegState{};
+  regs_.resets = resets;
+  regs_.msix_pending = msix_pending;
+  gtt_.Clear();
+  completed_fence_ = 0;
+  submissions_ = 0;
+  ++counters_.resets;
+  VG_TRY(ScrubAperture());
+  PublishStatus();
+  return Ok();
+}
 
-// Guest-visible register state. Every field is one dword so a snapshot is a flat array.
-struct RegState {
-  uint32_t ctrl = 0;
-  uint32_t power_state = 0;
-  uint32_t irq_status = 0;
-  uint32_t irq_mask = 0;
-  uint32_t scratch = 0;
-  uint32_t ring_base_lo = 0, ring_base_hi = 0;
-  uint32_t ring_size = 0;
-  uint32_t ring_head = 0;
-  uint32_t ring_tail = 0;
-  uint32_t tail_shadow_lo = 0, tail_shadow_hi = 0;
-  uint32_t err_code = 0, err_source = 0, err_addr_lo = 0, err_addr_hi = 0, err_info = 0, err_count = 0;
-  uint32_t clock_mhz = 1000;
-  uint32_t display_base = 0, display_stride = 0, display_format = 0, display_width = 0, display_height = 0,
-           display_enable = 0;
-  uint32_t resets = 0;
-};
-constexpr size_t kRegStateDwords = sizeof(RegState) / sizeof(uint32_t);
-static_assert(sizeof(RegState) % sizeof(uint32_t) == 0);
-
-enum class Access : uint8_t { kRO, kRW, kWO, kRW1C };
-// kNormal: a vGPU register. kEmulated: a privileged global shadowed per vGPU. kRefused:
-// a privileged global no guest may write.
-enum class Policy : uint8_t { kNormal, kEmulated, kRefused };
-
-constexpr uint32_t kMsixTableDwords = abi::kNumVectors * 4;
-
-}  // namespace
-
-class Vgpu::Impl {
- public:
-  using ReadFn = uint32_t (Impl::*)() const;
-  using WriteFn = Result<> (Impl::*)(uint32_t);
-  struct RegDesc {
-    uint32_t off;
-    const char* name;
-    Access access;
-    Policy policy;
-    uint32_t RegState::*field;  // storage, when the register is plain state
-    ReadFn read;                // computed value, when it is not
-    WriteFn write;              // validation + side effects; null: store into field
-  };
-  static const RegDesc kRegisters[];
-  static std::span<const RegDesc> Registers();
-
-  Impl(const VgpuConfig& cfg, UniqueFd status_fd, Mapping status, UniqueFd aperture_fd, Mapping aperture,
-       EventFd doorbell)
-      : cfg_(cfg),
-        config_space_(cfg.aperture_size),
-        gtt_(cfg.gtt_entries, cfg.aperture_size),
-        bar0_fd_(std::move(status_fd)),
-        bar0_map_(std::move(status)),
-        aperture_fd_(std::move(aperture_fd)),
-        aperture_(std::move(aperture)),
-        doorbell_(std::move(doorbell)),
-        irqs_(IrqLayout()) {
-    PublishStatus();
+Result<> Vgpu::Impl::ScrubAperture() {
+  // Punching the whole file drops every page: the guest's mapping and ours read zeros
+  // afterwards, and nothing of the previous contents survives in host memory.
+  if (::fallocate(aperture_fd_.Get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                  static_cast<off_t>(cfg_.aperture_size)) != 0) {
+    std::memset(aperture_.data(), 0, aperture_.size().v);
   }
-
-  static std::array<uint32_t, vu::kNumPciIrqs> IrqLayout() {
-    std::array<uint32_t, vu::kNumPciIrqs> counts{};  // no INTx, no REQ
-    counts[vu::kIrqMsi] = abi::kNumVectors;
-    counts[vu::kIrqMsix] = abi::kNumVectors;
-    // VFIO's error interrupt: a VMM registers it for error recovery (QEMU warns when it is
-    // missing) and stops the VM when it fires. Fired only when the vGPU is lost for good.
-    counts[vu::kIrqErr] = 1;
-    return counts;
-  }
-
-  // --- status page: device-written, guest-readable, never read back by the daemon ---
-  std::byte* StatusPage() const { return bar0_map_.data() + abi::kStatusPageOffset; }
-  void Store32(uint32_t off, uint32_t v) const {
-    __atomic_store_n(reinterpret_cast<uint32_t*>(StatusPage() + off), v, __ATOMIC_RELEASE);
-  }
-  void Store64(uint32_t off, uint64_t v) const {
-    __atomic_store_n(reinterpret_cast<uint64_t*>(StatusPage() + off), v, __ATOMIC_RELEASE);
-  }
-  void PublishStatus() {
-    Store32(abi::status::kMagic, abi::kIdMagic);
-    Store32(abi::status::kStateFlags, ReadStatus());
-    Store64(abi::status::kCompletedFence, completed_fence_);
-    Store32(abi::status::kRingHead, regs_.ring_head);
-    Store32(abi::status::kErrCount, regs_.err_count);
-    Store64(abi::status::kDoorbells, counters_.doorbells);
-    Store64(abi::status::kSubmissions, submissions_);
-    Store32(abi::status::kScratch, regs_.scratch);
-    Store32(abi::status::kResets, regs_.resets);
-  }
-
-  // --- error report ---
-  Error Refuse(uint32_t source, uint64_t addr, uint32_t info, Error e) {
-    regs_.err_code = static_cast<uint32_t>(e.code);
-    regs_.err_source = source;
-    regs_.err_addr_lo = static_cast<uint32_t>(addr);
-    regs_.err_addr_hi = static_cast<uint32_t>(addr >> 32);
-    regs_.err_info = info;
-    ++regs_.err_count;
-    if (source == abi::kErrSourceMmio || source == abi::kErrSourceGtt)
-      ++counters_.mmio_refusals;
-    else
-      ++counters_.command_refusals;
-    VG_LOGW("vgpu {}: refused ({}) at {:#x}: {}", cfg_.uuid, ErrcName(e.code), addr, e.what);
-    RaiseIrq(abi::kVectorError);
-    if (e.code == Errc::kDeviceLost) (void)irqs_.Trigger(vu::kIrqErr, 0);  // unrecoverable: tell the VMM
-    PublishStatus();
-    return e;
-  }
-
-  void RaiseIrq(uint32_t vector) {
-    regs_.irq_status |= 1u << vector;
-    ++counters_.irqs_raised;
-    if (regs_.irq_mask & (1u << vector)) return;
-    Deliver(vector);
-  }
-  // One interrupt mode is live at a time: MSI-X when the client wired it, else MSI.
-  void Deliver(uint32_t vector) {
-    uint32_t index = irqs_.HasEventFd(vu::kIrqMsix, vector) ? vu::kIrqMsix : vu::kIrqMsi;
-    (void)irqs_.Trigger(index, vector);
-  }
-
-  // --- register handlers (data table below) ---
-  uint32_t ReadId() const { return abi::kIdMagic; }
-  uint32_t ReadVersion() const { return abi::kAbiVersion; }
-  uint32_t ReadCaps() const {
-    return abi::kCapStatusPage | abi::kCapDoorbellIoFd | abi::kCapMsix | abi::kCapMsi | abi::kCapRing;
-  }
-  uint32_t ReadApertureLo() const { return static_cast<uint32_t>(cfg_.aperture_size); }
-  uint32_t ReadApertureHi() const { return static_cast<uint32_t>(cfg_.aperture_size >> 32); }
-  uint32_t ReadGttEntries() const { return cfg_.gtt_entries; }
-  uint32_t ReadKernelCount() const { return kernel_count_; }
-  uint32_t ReadStatus() const {
-    uint32_t s = 0;
-    if (regs_.ctrl & abi::kCtrlRingEnable) s |= abi::kStatusRingEnabled;
-    if (regs_.err_code != 0) s |= abi::kStatusErrorLatched;
-    if (regs_.power_state == 3) s |= abi::kStatusD3;
-    return s;
-  }
-
-  Result<> WriteCtrl(uint32_t v) {
-    VG_ERROR_IF(v & ~abi::kCtrlKnownBits, Errc::kBadFlags, "CTRL bits {:#x} unknown", v & ~abi::kCtrlKnownBits);
-    if ((v & abi::kCtrlRingEnable) && !(regs_.ctrl & abi::kCtrlRingEnable)) {
-      VG_ERROR_IF(regs_.ring_size == 0, Errc::kBadState, "ring enabled before RING_SIZE was set");
-      regs_.ring_head = 0;
-      regs_.ring_tail = 0;
-    }
-    regs_.ctrl = v;
-    PublishStatus();
-    return Ok();
-  }
-  Result<> WriteReset(uint32_t v) {
-    VG_INVALID_IF(v != abi::kResetMagic, "RESET takes {:#x}, not {:#x}", abi::kResetMagic, v);
-    // Carried out by RegionWrite once the lock is dropped: in-flight work must drain first,
-    // and it needs the lock to finish.
-    reset_pending_ = true;
-    return Ok();
-  }
-  Result<> WritePowerState(uint32_t v) {
-    VG_INVALID_IF(v != 0 && v != 3, "POWER_STATE {} is neither D0 (0) nor D3hot (3)", v);
-    regs_.power_state = v;
-    PublishStatus();
-    return Ok();
-  }
-  Result<> WriteIrqStatus(uint32_t v) {
-    regs_.irq_status &= ~v;
-    return Ok();
-  }
-  Result<> WriteIrqMask(uint32_t v) {
-    VG_ERROR_IF(v >> abi::kNumVectors, Errc::kBadFlags, "IRQ_MASK bits {:#x} name no vector", v);
-    uint32_t unmasked = regs_.irq_mask & ~v;
-    regs_.irq_mask = v;
-    // A vector raised while masked is delivered when unmasked, as MSI-X pending bits are.
-    for (uint32_t vec = 0; vec < abi::kNumVectors; ++vec)
-      if ((unmasked & regs_.irq_status) & (1u << vec)) Deliver(vec);
-    return Ok();
-  }
-  Result<> WriteIrqTest(uint32_t v) {
-    VG_ERROR_IF(v >= abi::kNumVectors, Errc::kOutOfBounds, "IRQ_TEST vector {} past {}", v, abi::kNumVectors);
-    RaiseIrq(v);
-    return Ok();
-  }
-  Result<> WriteScratch(uint32_t v) {
-    regs_.scratch = v;
-    Store32(abi::status::kScratch, v);
-    return Ok();
-  }
-  Result<> RingConfigWritable() const {
-    VG_ERROR_IF(regs_.ctrl & abi::kCtrlRingEnable, Errc::kBusy, "ring registers are locked while the ring runs");
-    return Ok();
-  }
-  Result<> WriteRingBaseLo(uint32_t v) {
-    VG_TRY(RingConfigWritable());
-    VG_ERROR_IF(!IsAligned(v, kPageSize), Errc::kMisaligned, "RING_BASE {:#x} not page aligned", v);
-    regs_.ring_base_lo = v;
-    return Ok();
-  }
-  Result<> WriteRingBaseHi(uint32_t v) {
-    VG_TRY(RingConfigWritable());
-    regs_.ring_base_hi = v;
-    return Ok();
-  }
-  Result<> WriteRingSize(uint32_t v) {
-    VG_TRY(RingConfigWritable());
-    VG_INVALID_IF(!IsPowerOfTwo(v) || v < kPageSize || v > (1u << 20), "RING_SIZE {:#x} is not a power of two in [4 KiB, 1 MiB]", v);
-    regs_.ring_size = v;
-    return Ok();
-  }
-  Result<> WriteRingTail(uint32_t v) {
-    VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell rung with the ring disabled");
-    VG_ERROR_IF(v >= regs_.ring_size, Errc::kOutOfBounds, "tail {:#x} past ring size {:#x}", v, regs_.ring_size);
-    VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "tail {:#x} not dword aligned", v);
-    regs_.ring_tail = v;
-    Doorbell();
-    ProcessRing();
-    return Ok();
-  }
-  Result<> WriteKick(uint32_t) {
-    Doorbell();
-    return ReadTailShadowAndProcess();
-  }
-  Result<> WriteTailShadowLo(uint32_t v) {
-    VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "TAIL_SHADOW {:#x} not dword aligned", v);
-    regs_.tail_shadow_lo = v;
-    return Ok();
-  }
-  Result<> WriteErrClear(uint32_t) {
-    regs_.err_code = regs_.err_source = regs_.err_addr_lo = regs_.err_addr_hi = regs_.err_info = 0;
-    PublishStatus();
-    return Ok();
-  }
-
-  void Doorbell() {
-    ++counters_.doorbells;
-    Store64(abi::status::kDoorbells, counters_.doorbells);
-  }
-
-  uint64_t RingBase() const { return uint64_t{regs_.ring_base_hi} << 32 | regs_.ring_base_lo; }
-
-  // A kick carries no value: the tail is read, once, from the guest's tail shadow.
-  Result<> ReadTailShadowAndProcess() {
-    VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell kicked with the ring disabled");
-    uint64_t va = uint64_t{regs_.tail_shadow_hi} << 32 | regs_.tail_shadow_lo;
-    uint32_t tail = 0;
-    auto range = gtt_.Translate(GpuVa{va}, ByteSize{4}, GttAccess::kRead);
-    Result<> read = range.ok() ? view_.Read(ResolvedRange{GpuVa{va}, ByteSize{4}, false, *range},
-                                            std::as_writable_bytes(std::span(&tail, 1)))
-                               : Result<>(range.error());
-    if (!read.ok()) {
-      Refuse(abi::kErrSourceRing, va, 0, std::move(read).error());
-      return Ok();  // the kick itself was fine; the report names the bad shadow
-    }
-    if (tail >= regs_.ring_size || !IsAligned(tail, 4)) {
-      Refuse(abi::kErrSourceRing, tail, 0,
-             Error{Errc::kOutOfBounds, fmt::format("tail shadow {:#x} outside a ring of {:#x}", tail, regs_.ring_size)});
-      return Ok();
-    }
-    regs_.ring_tail = tail;
-    ProcessRing();
-    return Ok();
-  }
-
-  // Copy, then check, then use: the span [head, tail) is copied out of guest memory once,
-  // the copy is audited, and only the resulting Plan is executed. The ring moves on to the
-  // tail whatever the audit says, so a refused submission never wedges the vGPU.
-  void ProcessRing() {
-    uint32_t head = regs_.ring_head, tail = regs_.ring_tail, size = regs_.ring_size;
-    if (head == tail) return;
-    uint32_t bytes = (tail - head) & (size - 1);
-    std::vector<uint32_t> shadow(bytes / 4);
-    auto* out = reinterpret_cast<std::byte*>(shadow.data());
-    uint32_t first = std::min(bytes, size - head);
-    Result<> copied = CopyRing(head, first, out);
-    if (copied.ok() && first < bytes) copied = CopyRing(0, bytes - first, out + first);
-    regs_.ring_head = tail;
-    Store32(abi::status::kRingHead, tail);
-    if (!copied.ok()) {
-      Refuse(abi::kErrSourceRing, RingBase() + head, 0, std::move(copied).error());
-      return;
-    }
-    Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
-      std::vector<uint32_t> batch(r.size.v / 4);
-      VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
-      return batch;
-    });
-    AuditFault fault;
-    Result<Plan> plan = auditor.Audit(shadow, head, size, &fault);
-    if (!plan.ok()) {
-      Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error());
-      return;
-    }
-    counters_.commands_audited += plan->commands;
-    ++submissions_;
-    Store64(abi::status::kSubmissions, submissions_);
-    exec_->Enqueue(std::move(plan).value());
-  }
-
-  Result<> CopyRing(uint32_t offset, uint32_t len, std::byte* out) {
-    VG_TRY_ASSIGN(uint64_t va, CheckedAdd(RingBase(), offset));
-    VG_TRY_ASSIGN(auto spans, gtt_.Translate(GpuVa{va}, ByteSize{len}, GttAccess::kRead));
-    return view_.Read(ResolvedRange{GpuVa{va}, ByteSize{len}, false, std::move(spans)}, std::span(out, len));
-  }
-
-  // --- executor hooks: called from the executor thread ---
-  void OnFence(uint64_t value, bool irq) {
-    std::lock_guard lk(mu_);
-    completed_fence_ = value;
-    Store64(abi::status::kCompletedFence, value);
-    if (irq) RaiseIrq(abi::kVectorFence);
-  }
-  void OnLoadReg(uint32_t reg, uint32_t value) {
-    std::lock_guard lk(mu_);
-    (void)RegWrite32(reg, value);  // whitelisted by the auditor; a refusal reports itself
-  }
-  void OnExecFailure(const Error& e) {
-    std::lock_guard lk(mu_);
-    Refuse(abi::kErrSourceCommand, 0, 0, e);
-  }
-
-  Result<> DoReset() {
-    // Per-vGPU reset: registers, GTT and aperture back to creation state. IRQ wiring and
-    // DMA mappings belong to the connection, not to the device, and stay.
-    uint32_t resets = regs_.resets + 1;
-    regs_ = RegState{};
-    regs_.resets = resets;
-    gtt_.Clear();
-    msix_table_.fill(0);
-    for (uint32_t v = 0; v < abi::kNumVectors; ++v) msix_table_[v * 4 + 3] = 1;  // vectors start masked
-    completed_fence_ = 0;
-    submissions_ = 0;
-    ++counters_.resets;
-    VG_TRY(ScrubAperture());
-    PublishStatus();
-    return Ok();
-  }
-
-  Result<> ScrubAperture() {
-    // Punching the whole file drops every page: the guest's mapping and ours read zeros
-    // afterwards, and nothing of the previous contents survives in host memory.
-    if (::fallocate(aperture_fd_.Get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
-                    static_cast<off_t>(cfg_.aperture_size)) != 0) {
-      std::memset(aperture_.data(), 0, aperture_.size().v);
-    }
-    return Ok();
-  }
-
-  const RegDesc* FindReg(uint32_t off) const {
-    for (const RegDesc& r : Registers())
-      if (r.off == off) return &r;
-    return nullptr;
-  }
-
-  Result<uint32_t> RegRead32(uint32_t off) {
-    const RegDesc* r = FindReg(off);
-    if (!r) return uint32_t{0};  // unimplemented registers read as zero, as on hardware
-    if (r->access == Access::kWO) return uint32_t{0};
-    if (r->read) return (this->*r->read)();
-    return regs_.*(r->field);
-  }
-
-  Result<> RegWrite32(uint32_t off, uint32_t v) {
-    const RegDesc* r = FindReg(off);
-    if (!r) return Refuse(abi::kErrSourceMmio, off, v, Error{Errc::kNotFound, fmt::format("no register at {:#x}", off)});
-    if (r->policy == Policy::kRefused)
-      return Refuse(abi::kErrSourceMmio, off, v,
-                    Error{Errc::kPrivileged, fmt::format("{} is a privileged global register", r->name)});
-    if (r->access == Access::kRO)
-      return Refuse(abi::kErrSourceMmio, off, v, Error{Errc::kReadOnly, fmt::format("{} is read-only", r->name)});
-    if (r->write) {
-      Result<> res = (this->*r->write)(v);
-      if (!res.ok()) {
-        Error e = std::move(res).error();
-        e.what = fmt::format("{} <- {:#x}: {}", r->name, v, e.what);
-        return Refuse(abi::kErrSourceMmio, off, v, std::move(e));
-      }
-      return Ok();
-    }
-    regs_.*(r->field) = v;
-    return Ok();
-  }
-
-  // --- MSI-X table (trapped): 4 dwords per vector; PBA read-only ---
-  Result<uint32_t> MsixRead32(uint32_t off) const {
-    if (off >= abi::kMsixPbaOffset) {
-      uint32_t pending = 0;
-      for (uint32_t v = 0; v < abi::kNumVectors; ++v)
-        if ((regs_.irq_status & (1u << v)) && (msix_table_[v * 4 + 3] & 1)) pending |= 1u << v;
-      return off == abi::kMsixPbaOffset ? pending : 0u;
-    }
-    return msix_table_[(off - abi::kMsixTableOffset) / 4];
-  }
-
-  // --- GTT window ---
-  Result<> CheckGuestPage(Gpa page, bool writable) const {
-    uint32_t prot = vu::kDmaRead | (writable ? vu::kDmaWrite : 0);
-    VG_ERROR_IF(!dma_.Contains(page, ByteSize{kPageSize}, vu::kDmaRead), Errc::kNotMapped,
-                "page {} is not guest memory this vGPU was given", page);
-    VG_ERROR_IF(!dma_.Contains(page, ByteSize{kPageSize}, prot), Errc::kAccessDenied,
-                "page {} is mapped read-only", page);
-    return Ok();
-  }
-  Result<> GttWrite(uint32_t off, std::span<const std::byte> data) {
-    uint32_t rel = off - abi::kGttOffset;
-    uint32_t index = rel / 8;
-    uint64_t entry;
-    if (data.size() == 8 && rel % 8 == 0) {
-      std::memcpy(&entry, data.data(), 8);
-    } else if (data.size() == 4 && rel % 4 == 0) {
-      // 32-bit halves: the low half latches, the high half commits the pair.
-      uint32_t half;
-      std::memcpy(&half, data.data(), 4);
-      if (rel % 8 == 0) {
-        gtt_latch_ = half;
-        gtt_latch_index_ = index;
-        return Ok();
-      }
-      uint32_t lo = gtt_latch_index_ == index ? gtt_latch_ : static_cast<uint32_t>(gtt_.Entry(index));
-      entry = uint64_t{half} << 32 | lo;
-      gtt_latch_index_ = UINT32_MAX;
-    } else {
-      return Refuse(abi::kErrSourceGtt, off, 0,
-                    Error{Errc::kMisaligned, fmt::format("GTT access of {} bytes at {:#x}", data.size(), off)});
-    }
-    auto check = [this](Gpa p, bool w) { return CheckGuestPage(p, w); };
-    Result<> r = gtt_.Write(index, entry, check);
-    if (!r.ok()) return Refuse(abi::kErrSourceGtt, entry & ~abi::kGttFlagMask, index, std::move(r).error());
-    return Ok();
-  }
-
-  Result<> Bar0Read(uint64_t off, std::span<std::byte> out) {
-    if (off >= abi::kStatusPageOffset && off + out.size() <= abi::kStatusPageOffset + kPageSize) {
-      std::memcpy(out.data(), bar0_map_.data() + off, out.size());
-      return Ok();
-    }
-    if (off >= abi::kGttOffset) {
-      uint32_t rel = static_cast<uint32_t>(off - abi::kGttOffset);
-      VG_ERROR_IF(rel / 8 >= cfg_.gtt_entries, Errc::kOutOfBounds, "GTT read at {:#x} past {} entries", off,
-                  cfg_.gtt_entries);
-      VG_ERROR_IF(!((out.size() == 8 && rel % 8 == 0) || (out.size() == 4 && rel % 4 == 0)), Errc::kMisaligned,
-                  "GTT read of {} bytes at {:#x}", out.size(), off);
-      uint64_t e = gtt_.Entry(rel / 8);
-      const auto* src = reinterpret_cast<const std::byte*>(&e) + (rel % 8);
-      std::memcpy(out.data(), src, out.size());
-      return Ok();
-    }
-    return ForEachDword(off, out.size(), [&](uint32_t o, size_t i) -> Result<> {
-      uint32_t v;
-      if (o >= abi::kMsixTableOffset && o < abi::kMsixTableOffset + 0x1000) {
-        VG_TRY_ASSIGN(v, MsixRead32(o));
-      } else {
-        VG_TRY_ASSIGN(v, RegRead32(o));
-      }
-      std::memcpy(out.data() + i, &v, 4);
-      return Ok();
-    });
-  }
-
-  Result<> Bar0Write(uint64_t off, std::span<const std::byte> data) {
-    if (off >= abi::kGttOffset) {
-      uint32_t rel = static_cast<uint32_t>(off - abi::kGttOffset);
-      if (rel / 8 >= cfg_.gtt_entries)
-        return Refuse(abi::kErrSourceGtt, off, 0,
-                      Error{Errc::kOutOfBounds, fmt::format("GTT index {} past {} entries", rel / 8, cfg_.gtt_entries)});
-      return GttWrite(static_cast<uint32_t>(off), data);
-    }
-    if (off >= abi::kStatusPageOffset && off < abi::kStatusPageOffset + kPageSize)
-      return Refuse(abi::kErrSourceMmio, off, 0,
-                    Error{Errc::kReadOnly, "the status page is written by the device only"});
-    if (off >= abi::kMsixPbaOffset && off < abi::kMsixPbaOffset + 0x800)
-      return Refuse(abi::kErrSourceMmio, off, 0, Error{Errc::kReadOnly, "the MSI-X PBA is read-only"});
-    return ForEachDword(off, data.size(), [&](uint32_t o, size_t i) -> Result<> {
-      uint32_t v;
-      std::memcpy(&v, data.data() + i, 4);
-      if (o >= abi::kMsixTableOffset && o < abi::kMsixTableOffset + kMsixTableDwords * 4) {
-        msix_table_[(o - abi::kMsixTableOffset) / 4] = v;
-        return Ok();
-      }
-      return RegWrite32(o, v);
-    });
-  }
-
-  // Registers are dwords; a qword access is two dword accesses, low first.
-  template <class Fn>
-  Result<> ForEachDword(uint64_t off, size_t len, Fn&& fn) {
-    if (!((len == 4 || len == 8) && IsAligned(off, 4))) {
-      Error e{Errc::kMisaligned, fmt::format("register access of {} bytes at {:#x}", len, off)};
-      return Refuse(abi::kErrSourceMmio, off, 0, std::move(e));
-    }
-    for (size_t i = 0; i < len; i += 4) VG_TRY(fn(static_cast<uint32_t>(off + i), i));
-    return Ok();
-  }
-
-  VgpuConfig cfg_;
-  mutable std::mutex mu_;
-  RegState regs_;
-  ConfigSpace config_space_;
-  Gtt gtt_;
-  std::array<uint32_t, kMsixTableDwords> msix_table_{};
-  uint32_t gtt_latch_ = 0;
-  uint32_t gtt_latch_index_ = UINT32_MAX;
-  uint64_t completed_fence_ = 0;
-  uint64_t submissions_ = 0;
-  uint32_t kernel_count_ = 0;
-  VgpuCounters counters_;
-  bool reset_pending_ = false;
-
-  UniqueFd bar0_fd_;  // backs the status page (sparse mmap)
-  Mapping bar0_map_;
-  UniqueFd aperture_fd_;
-  Mapping aperture_;
-  EventFd doorbell_;
-  vu::DmaSpace dma_;
-  vu::IrqSet irqs_;
-  GuestView view_{dma_, aperture_.bytes()};
-  // Last: destroyed first, while everything it uses is still alive.
-  std::unique_ptr<Executor> exec_;
-};
-
-// The BAR0 register map (docs/device-spec.md §BAR0). Data, not a switch.
-#define VG_RO_CONST(off, name, fn) {off, name, Access::kRO, Policy::kNormal, nullptr, &Vgpu::Impl::fn, nullptr}
-#define VG_RW(off, name, field, wr) {off, name, Access::kRW, Policy::kNormal, &RegState::field, nullptr, wr}
-#define VG_RO(off, name, field) {off, name, Access::kRO, Policy::kNormal, &RegState::field, nullptr, nullptr}
-#define VG_WO(off, name, wr) {off, name, Access::kWO, Policy::kNormal, nullptr, nullptr, wr}
-#define VG_EMUL(off, name, field) {off, name, Access::kRW, Policy::kEmulated, &RegState::field, nullptr, nullptr}
-#define VG_REFUSED(off, name) {off, name, Access::kRW, Policy::kRefused, nullptr, nullptr, nullptr}
-const Vgpu::Impl::RegDesc Vgpu::Impl::kRegisters[] = {
-    VG_RO_CONST(abi::reg::kId, "ID", ReadId),
-    VG_RO_CONST(abi::reg::kVersion, "VERSION", ReadVersion),
-    VG_RO_CONST(abi::reg::kCaps, "CAPS", ReadCaps),
-    VG_RO_CONST(abi::reg::kApertureSizeLo, "APERTURE_SIZE_LO", ReadApertureLo),
-    VG_RO_CONST(abi::reg::kApertureSizeHi, "APERTURE_SIZE_HI", ReadApertureHi),
-    VG_RO_CONST(abi::reg::kGttEntries, "GTT_ENTRIES", ReadGttEntries),
-    VG_RO_CONST(abi::reg::kKernelCount, "KERNEL_COUNT", ReadKernelCount),
-    VG_RW(abi::reg::kCtrl, "CTRL", ctrl, &Vgpu::Impl::WriteCtrl),
-    VG_RO_CONST(abi::reg::kStatus, "STATUS", ReadStatus),
-    VG_WO(abi::reg::kReset, "RESET", &Vgpu::Impl::WriteReset),
-    VG_RW(abi::reg::kPowerState, "POWER_STATE", power_state, &Vgpu::Impl::WritePowerState),
-    {abi::reg::kIrqStatus, "IRQ_STATUS", Access::kRW1C, Policy::kNormal, &RegState::irq_status, nullptr,
-     &Vgpu::Impl::WriteIrqStatus},
-    VG_RW(abi::reg::kIrqMask, "IRQ_MASK", irq_mask, &Vgpu::Impl::WriteIrqMask),
-    VG_WO(abi::reg::kIrqTest, "IRQ_TEST", &Vgpu::Impl::WriteIrqTest),
-    VG_RW(abi::reg::kScratch, "SCRATCH", scratch, &Vgpu::Impl::WriteScratch),
-    VG_RW(abi::reg::kRingBaseLo, "RING_BASE_LO", ring_base_lo, &Vgpu::Impl::WriteRingBaseLo),
-    VG_RW(abi::reg::kRingBaseHi, "RING_BASE_HI", ring_base_hi, &Vgpu::Impl::WriteRingBaseHi),
-    VG_RW(abi::reg::kRingSize, "RING_SIZE", ring_size, &Vgpu::Impl::WriteRingSize),
-    VG_RO(abi::reg::kRingHead, "RING_HEAD", ring_head),
-    VG_RW(abi::reg::kRingTail, "RING_TAIL", ring_tail, &Vgpu::Impl::WriteRingTail),
-    VG_WO(abi::reg::kDoorbellKick, "DOORBELL_KICK", &Vgpu::Impl::WriteKick),
-    VG_RW(abi::reg::kTailShadowLo, "TAIL_SHADOW_LO", tail_shadow_lo, &Vgpu::Impl::WriteTailShadowLo),
-    VG_RW(abi::reg::kTailShadowHi, "TAIL_SHADOW_HI", tail_shadow_hi, nullptr),
-    VG_RO(abi::reg::kErrCode, "ERR_CODE", err_code),
-    VG_RO(abi::reg::kErrSource, "ERR_SOURCE", err_source),
-    VG_RO(abi::reg::kErrAddrLo, "ERR_ADDR_LO", err_addr_lo),
-    VG_RO(abi::reg::kErrAddrHi, "ERR_ADDR_HI", err_addr_hi),
-    VG_RO(abi::reg::kErrInfo, "ERR_INFO", err_info),
-    VG_RO(abi::reg::kErrCount, "ERR_COUNT", err_count),
-    VG_WO(abi::reg::kErrClear, "ERR_CLEAR", &Vgpu::Impl::WriteErrClear),
-    VG_REFUSED(abi::priv::kGlobalReset, "GLOBAL_RESET"),
-    VG_EMUL(abi::priv::kClockMhz, "CLOCK_MHZ", clock_mhz),
-    VG_REFUSED(abi::priv::kGlobalGttBaseLo, "GLOBAL_GTT_BASE_LO"),
-    VG_REFUSED(abi::priv::kGlobalGttBaseHi, "GLOBAL_GTT_BASE_HI"),
-    VG_REFUSED(abi::priv::kPowerGate, "POWER_GATE"),
-    VG_REFUSED(abi::priv::kFenceWatchdogMs, "FENCE_WATCHDOG_MS"),
-    VG_EMUL(abi::priv::kDisplayBase, "DISPLAY_BASE", display_base),
-    VG_EMUL(abi::priv::kDisplayStride, "DISPLAY_STRIDE", display_stride),
-    VG_EMUL(abi::priv::kDisplayFormat, "DISPLAY_FORMAT", display_format),
-    VG_EMUL(abi::priv::kDisplayWidth, "DISPLAY_WIDTH", display_width),
-    VG_EMUL(abi::priv::kDisplayHeight, "DISPLAY_HEIGHT", display_height),
-    VG_EMUL(abi::priv::kDisplayEnable, "DISPLAY_ENABLE", display_enable),
-};
-std::span<const Vgpu::Impl::RegDesc> Vgpu::Impl::Registers() { return kRegisters; }
-#undef VG_RO_CONST
-#undef VG_RW
-#undef VG_RO
-#undef VG_WO
-#undef VG_EMUL
-#undef VG_REFUSED
+  return Ok();
+}
 
 // ---------------------------------------------------------------------------------------
 
@@ -619,7 +77,7 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                                      std::move(ap_map), std::move(doorbell));
   {
     std::lock_guard lk(impl->mu_);
-    for (uint32_t v = 0; v < abi::kNumVectors; ++v) impl->msix_table_[v * 4 + 3] = 1;
+    impl->ResetMsixTable();
     impl->kernel_count_ = static_cast<uint32_t>(shaders::AllKernels().size());
   }
   engine::BufferRef aperture_buffer;
@@ -633,7 +91,11 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
       cfg.engine, impl->dma_, impl->aperture_.bytes(), std::move(aperture_buffer),
       ExecHooks{[raw](uint64_t v, bool irq) { raw->OnFence(v, irq); },
                 [raw](uint32_t reg, uint32_t v) { raw->OnLoadReg(reg, v); },
-                [raw](const Error& e) { raw->OnExecFailure(e); }});
+                [raw](const Error& e) { raw->OnExecFailure(e); },
+                [raw]() -> Result<> {
+                  std::lock_guard lk(raw->mu_);
+                  return raw->CheckDmaAllowed();
+                }});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 
@@ -661,6 +123,7 @@ void Vgpu::OnDisconnect() {
   impl_->dma_.SetMessenger(nullptr);
   impl_->dma_.Clear();
   impl_->irqs_.Clear();
+  impl_->gtt_.DropLatch();  // a half-written entry belongs to the connection that wrote it
   // Guest memory is gone with the connection; GTT entries into it would dangle.
   impl_->gtt_.InvalidateGuestRange(Gpa{0}, ByteSize{~0ull});
 }
@@ -702,8 +165,13 @@ Result<vu::IrqInfo> Vgpu::GetIrqInfo(uint32_t index) { return impl_->irqs_.Info(
 
 Result<> Vgpu::SetIrqs(const vu::SetIrqsArgs& args, std::vector<UniqueFd> fds, std::span<const uint8_t> bools) {
   std::lock_guard lk(impl_->mu_);
-  VG_TRY(impl_->irqs_.Validate(args, fds.size(), bools.size()));
-  return impl_->irqs_.Apply(args, std::move(fds), bools);
+  // Every fd must be an eventfd (kNotEventFd): the only kind the daemon ever signals, and
+  // then only from the IrqSet's signaller thread, never from the loop.
+  VG_TRY(impl_->irqs_.Validate(args, fds, bools.size()));
+  bool assigns = (args.flags & vu::kIrqSetDataEventfd) && args.index == vu::kIrqMsix;
+  VG_TRY(impl_->irqs_.Apply(args, std::move(fds), bools));
+  if (assigns) impl_->OnMsixTriggerAssigned(args.start, args.count);
+  return Ok();
 }
 
 Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> out) {
@@ -738,8 +206,11 @@ Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std:
 Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   std::lock_guard lk(impl_->mu_);
   switch (index) {
-    case vu::kConfigRegion:
-      return impl_->config_space_.Write(static_cast<uint32_t>(offset), data);
+    case vu::kConfigRegion: {
+      VG_TRY(impl_->config_space_.Write(static_cast<uint32_t>(offset), data));
+      impl_->DeliverUnmaskedPending();  // the write may have unmasked, enabled BME or left D3hot
+      return Ok();
+    }
     case vu::kBar0Region:
       VG_ERROR_IF(!RangeWithin(offset, data.size(), abi::kBar0Size), Errc::kOutOfBounds, "BAR0 write past end");
       return impl_->Bar0Write(offset, data);
@@ -776,7 +247,10 @@ Result<> Vgpu::Reset() {
   impl_->exec_->CancelAndDrain();  // no work may land in the aperture after the scrub
   std::lock_guard lk(impl_->mu_);
   impl_->config_space_.Reset();
-  return impl_->DoReset();
+  impl_->ResetMsixTable();
+  VG_TRY(impl_->DoReset());
+  impl_->regs_.msix_pending = 0;
+  return Ok();
 }
 
 DeviceSnapshot Vgpu::Snapshot() const {

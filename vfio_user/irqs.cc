@@ -1,17 +1,92 @@
 #include "vfio_user/irqs.h"
 
+#include <signal.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <bit>
+#include <cerrno>
+#include <cstdio>
+#include <string_view>
+
+// glibc before 2.37 names the SIGEV_THREAD_ID target only through the union member.
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
 
 namespace vg::vfio_user {
 namespace {
 constexpr uint32_t kDataMask = kIrqSetDataNone | kIrqSetDataBool | kIrqSetDataEventfd;
 constexpr uint32_t kActionMask = kIrqSetActionMask | kIrqSetActionUnmask | kIrqSetActionTrigger;
+
+// The signal that interrupts a signaller's blocked write(): delivered only to that thread, by
+// its own timer, and handled by doing nothing. Installed without SA_RESTART, so the write
+// returns EINTR and the signaller re-checks whether it should still be writing.
+int WakeSignal() { return SIGRTMIN + 7; }
+void IgnoreWake(int) {}
+void InstallWakeHandler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_handler = IgnoreWake;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    ::sigaction(WakeSignal(), &sa, nullptr);
+  });
+}
+
+// A periodic per-thread timer armed only around a write that may block: each tick turns a
+// blocked write() into EINTR, so no wake-up can be lost between a check and the syscall.
+class WriteWatchdog {
+ public:
+  WriteWatchdog() {
+    sigevent sev{};
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = WakeSignal();
+    sev.sigev_notify_thread_id = static_cast<pid_t>(::gettid());
+    ok_ = ::timer_create(CLOCK_MONOTONIC, &sev, &timer_) == 0;
+  }
+  ~WriteWatchdog() {
+    if (ok_) ::timer_delete(timer_);
+  }
+  void Arm(bool on) {
+    if (!ok_) return;
+    long ns = on ? long{IrqSet::kInterruptRetryMs} * 1'000'000 : 0;
+    itimerspec its{{0, ns}, {0, ns}};
+    ::timer_settime(timer_, 0, &its, nullptr);
+  }
+  bool ok() const { return ok_; }
+
+ private:
+  timer_t timer_{};
+  bool ok_ = false;
+};
 }  // namespace
+
+Result<> CheckIsEventFd(int fd) {
+  char path[48];
+  std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  char target[64];
+  ssize_t n = ::readlink(path, target, sizeof target);
+  VG_ERROR_IF(n <= 0, Errc::kNotEventFd, "fd {}: cannot tell what it is", fd);
+  std::string_view kind(target, static_cast<size_t>(n));
+  VG_ERROR_IF(kind != "anon_inode:[eventfd]", Errc::kNotEventFd, "an interrupt fd must be an eventfd, not {}",
+              kind.substr(0, 32));
+  return Ok();
+}
 
 IrqSet::IrqSet(std::array<uint32_t, kNumPciIrqs> counts) {
   for (uint32_t i = 0; i < kNumPciIrqs; ++i) vecs_[i].resize(counts[i]);
+}
+
+IrqSet::~IrqSet() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  // A signaller stuck in write() leaves within kInterruptRetryMs (its watchdog's next tick).
+  if (signaller_.joinable()) signaller_.join();
 }
 
 Result<IrqInfo> IrqSet::Info(uint32_t index) const {
@@ -49,17 +124,65 @@ Result<> IrqSet::Validate(const SetIrqsArgs& a, size_t nfds, size_t nbools) cons
   return Ok();
 }
 
-bool IrqSet::Signal(Vector& v) {
+Result<> IrqSet::Validate(const SetIrqsArgs& a, std::span<const UniqueFd> fds, size_t nbools) const {
+  VG_TRY(Validate(a, fds.size(), nbools));
+  for (size_t i = 0; i < fds.size(); ++i)
+    if (fds[i].Valid()) VG_TRY_CTX(CheckIsEventFd(fds[i].Get()), "SET_IRQS vector {}", a.start + i);
+  return Ok();
+}
+
+bool IrqSet::Signal(uint32_t index, uint32_t vector) {
+  Vector& v = vecs_[index][vector];
   if (v.masked) {
     v.pending = true;
     return false;
   }
-  if (!v.fd.Valid()) return false;
-  uint64_t one = 1;
-  // A full eventfd counter (EAGAIN) still means "pending" to the reader: not an error.
-  ssize_t w = ::write(v.fd.Get(), &one, sizeof one);
-  (void)w;
+  if (!v.fd) return false;
+  if (!v.queued) {  // coalesce: one queued signal per vector, as one eventfd counter would
+    v.queued = true;
+    queue_.emplace_back(index, vector);
+    cv_.notify_one();
+  }
   return true;
+}
+
+void IrqSet::SignallerLoop() {
+  sigset_t wake;
+  sigemptyset(&wake);
+  sigaddset(&wake, WakeSignal());
+  ::pthread_sigmask(SIG_UNBLOCK, &wake, nullptr);
+  WriteWatchdog watchdog;
+  std::unique_lock lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) break;
+    auto [index, vector] = queue_.front();
+    queue_.pop_front();
+    Vector& v = vecs_[index][vector];
+    v.queued = false;
+    std::shared_ptr<const UniqueFd> fd = v.fd;
+    if (!fd) continue;
+    lk.unlock();
+    uint64_t one = 1;
+    bool written = false;
+    watchdog.Arm(true);
+    for (;;) {
+      ssize_t w = ::write(fd->Get(), &one, sizeof one);
+      if (w == static_cast<ssize_t>(sizeof one)) {
+        written = true;
+        break;
+      }
+      if (w < 0 && errno == EINTR) {
+        std::lock_guard g(mu_);
+        if (stop_ || vecs_[index][vector].fd != fd) break;  // shutting down, or the fd was replaced
+        continue;
+      }
+      break;  // EAGAIN: the counter is full, and a full counter already reads as pending
+    }
+    watchdog.Arm(false);
+    lk.lock();
+    if (written) ++delivered_;
+  }
 }
 
 Result<> IrqSet::Apply(const SetIrqsArgs& a, std::vector<UniqueFd> fds, std::span<const uint8_t> bools) {
@@ -70,13 +193,25 @@ Result<> IrqSet::Apply(const SetIrqsArgs& a, std::vector<UniqueFd> fds, std::spa
   // VFIO: count 0 with DATA_NONE|ACTION_TRIGGER disables every vector of the index.
   if (a.count == 0) {
     if (data == kIrqSetDataNone && action == kIrqSetActionTrigger)
-      for (auto& v : vv) v = Vector{};
+      for (auto& v : vv) {
+        bool queued = v.queued;  // its queue entry stays; the signaller finds no fd and skips it
+        v = Vector{};
+        v.queued = queued;
+      }
     return Ok();
   }
   for (uint32_t i = 0; i < a.count; ++i) {
     Vector& v = vv[a.start + i];
     if (data == kIrqSetDataEventfd) {
-      v.fd = fds.empty() ? UniqueFd() : std::move(fds[i]);
+      if (fds.empty() || !fds[i].Valid()) {
+        v.fd.reset();
+      } else {
+        v.fd = std::make_shared<const UniqueFd>(std::move(fds[i]));
+        if (!signaller_.joinable()) {
+          InstallWakeHandler();
+          signaller_ = std::thread([this] { SignallerLoop(); });
+        }
+      }
       continue;
     }
     if (data == kIrqSetDataBool && !bools[i]) continue;
@@ -86,10 +221,10 @@ Result<> IrqSet::Apply(const SetIrqsArgs& a, std::vector<UniqueFd> fds, std::spa
       v.masked = false;
       if (v.pending) {
         v.pending = false;
-        Signal(v);
+        Signal(a.index, a.start + i);
       }
     } else {
-      Signal(v);  // loopback trigger from the client
+      Signal(a.index, a.start + i);  // loopback trigger from the client
     }
   }
   return Ok();
@@ -99,18 +234,19 @@ Result<bool> IrqSet::Trigger(uint32_t index, uint32_t vector) {
   std::lock_guard lk(mu_);
   VG_ERROR_IF(index >= kNumPciIrqs || vector >= vecs_[index].size(), Errc::kOutOfBounds, "irq {}:{} out of range",
               index, vector);
-  return Signal(vecs_[index][vector]);
+  return Signal(index, vector);
 }
 
 void IrqSet::Clear() {
   std::lock_guard lk(mu_);
+  queue_.clear();
   for (auto& vv : vecs_)
     for (auto& v : vv) v = Vector{};
 }
 
 bool IrqSet::HasEventFd(uint32_t index, uint32_t vector) const {
   std::lock_guard lk(mu_);
-  return index < kNumPciIrqs && vector < vecs_[index].size() && vecs_[index][vector].fd.Valid();
+  return index < kNumPciIrqs && vector < vecs_[index].size() && vecs_[index][vector].fd != nullptr;
 }
 bool IrqSet::IsMasked(uint32_t index, uint32_t vector) const {
   std::lock_guard lk(mu_);
@@ -119,6 +255,10 @@ bool IrqSet::IsMasked(uint32_t index, uint32_t vector) const {
 bool IrqSet::IsPending(uint32_t index, uint32_t vector) const {
   std::lock_guard lk(mu_);
   return index < kNumPciIrqs && vector < vecs_[index].size() && vecs_[index][vector].pending;
+}
+uint64_t IrqSet::Delivered() const {
+  std::lock_guard lk(mu_);
+  return delivered_;
 }
 
 }  // namespace vg::vfio_user

@@ -174,6 +174,12 @@ TEST_CASE("IRQs: test vector fires its eventfd, device mask latches, unmask deli
   fds.push_back(std::move(ev->DupFd()).value());
   vu::SetIrqsArgs args{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, 2};
   REQUIRE(v->SetIrqs(args, std::move(fds), {}).ok());
+  // PCI: no message before bus mastering and MSI-X are enabled (then nothing is replayed).
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, abi::kVectorError).ok());
+  CHECK(ev->Wait(50).code() == Errc::kTimeout);
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x6).ok());
+  REQUIRE(Wr32(*v, vu::kConfigRegion, abi::kCapMsixOffset, Cfg32(*v, abi::kCapMsixOffset) | 0x80000000u).ok());
+  CHECK(ev->Wait(50).code() == Errc::kTimeout);
   REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, abi::kVectorError).ok());
   CHECK(ev->Wait(1000).value() == 1);
   CHECK(Reg(*v, abi::reg::kIrqStatus) == (1u << abi::kVectorError));
@@ -205,6 +211,13 @@ TEST_CASE("ring registers validate and lock while the ring runs") {
   CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingSize, 4096).code() == Errc::kBusy);
   CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 8192).code() == Errc::kOutOfBounds);
   CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 6).code() == Errc::kMisaligned);
+  // Fetching the ring is DMA: refused by name without bus mastering or in D3hot.
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 64).code() == Errc::kDmaDisabled);
+  CHECK(Reg(*v, abi::reg::kRingTail) == 0);
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x6).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kPowerState, 3).ok());
+  CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 64).code() == Errc::kDmaDisabled);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kPowerState, 0).ok());
   REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kRingTail, 64).ok());
   CHECK(Reg(*v, abi::reg::kRingTail) == 64);
 }
@@ -270,7 +283,7 @@ TEST_CASE("GTT entries are validated against guest memory and the aperture") {
   REQUIRE(Wr64(*v, vu::kBar0Region, gtt(2), 0x400000 | abi::kGttValid).ok());
   CHECK(Wr64(*v, vu::kBar0Region, gtt(3), 0x10000 | abi::kGttValid | abi::kGttAperture).code() ==
         Errc::kOutOfBounds);
-  CHECK(Wr64(*v, vu::kBar0Region, gtt(64), 0).code() == Errc::kOutOfBounds);
+  CHECK(Wr64(*v, vu::kBar0Region, gtt(64), 0).code() == Errc::kNotFound);  // past GTT_ENTRIES: in no BAR0 row
   CHECK(v->RegionWrite(vu::kBar0Region, gtt(4) + 2, std::as_bytes(std::span("ab", 2))).code() == Errc::kMisaligned);
   // 32-bit halves: low latches, high commits.
   REQUIRE(Wr32(*v, vu::kBar0Region, gtt(5), 0x101000 | abi::kGttValid).ok());
@@ -325,4 +338,100 @@ TEST_CASE("snapshot, modify, restore: the device state comes back exactly") {
   bad.gtt.pop_back();
   CHECK(v->Restore(bad).code() == Errc::kInvalidArgument);
   CHECK(v->Snapshot() == before);  // a refused restore changes nothing
+}
+
+TEST_CASE("BAR0 page table: an access in no row reads 0 at any width and refuses writes") {
+  auto v = MakeVgpu(1 << 16, 32);
+  const uint64_t gtt_end = abi::kGttOffset + 32 * 8;
+  for (uint64_t off : {uint64_t{0x3020}, uint64_t{0x3100}, uint64_t{0x37F8}, uint64_t{0x3808}, uint64_t{0x3FFC},
+                       uint64_t{0x4000}, uint64_t{0xFFFF8}, gtt_end, uint64_t{abi::kBar0Size - 8}}) {
+    CAPTURE(off);
+    for (size_t width : {1, 4, 8, 64}) {
+      if (off + width > abi::kBar0Size) continue;
+      std::vector<std::byte> out(width, std::byte{0xA5});
+      REQUIRE(v->RegionRead(vu::kBar0Region, off, out).ok());
+      for (std::byte b : out) CHECK(b == std::byte{0});
+    }
+    CHECK(Wr32(*v, vu::kBar0Region, off, 1).code() == Errc::kNotFound);
+  }
+  // A refused privileged global has no storage and reads 0.
+  CHECK(Reg(*v, abi::priv::kGlobalReset) == 0);
+  CHECK(Reg(*v, abi::priv::kGlobalGttBaseHi) == 0);
+  // Straddling the end of the MSI-X table, or of the GTT: in no row.
+  uint64_t q = ~0ull;
+  REQUIRE(v->RegionRead(vu::kBar0Region, 0x301C, std::as_writable_bytes(std::span(&q, 1))).ok());
+  CHECK(q == 0);
+  q = ~0ull;
+  REQUIRE(v->RegionRead(vu::kBar0Region, gtt_end - 4, std::as_writable_bytes(std::span(&q, 1))).ok());
+  CHECK(q == 0);
+  // Inside the rows the handlers still answer: the table, the PBA (read-only), the GTT.
+  CHECK(Reg(*v, abi::kMsixTableOffset + 12) == 1);  // vector 0 starts masked
+  CHECK(Wr32(*v, vu::kBar0Region, abi::kMsixPbaOffset, 1).code() == Errc::kReadOnly);
+  REQUIRE(Wr64(*v, vu::kBar0Region, gtt_end - 8, 0x1000 | abi::kGttValid | abi::kGttAperture).ok());
+}
+
+TEST_CASE("MSI-X: a masked vector sets its PBA bit and is sent on unmask; the function mask too") {
+  auto v = MakeVgpu();
+  auto ev = EventFd::Create().value();
+  std::vector<UniqueFd> fds;
+  fds.push_back(std::move(ev.DupFd()).value());
+  REQUIRE(v->SetIrqs({vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, 1}, std::move(fds), {}).ok());
+  CHECK(Reg(*v, abi::kMsixTableOffset + 12) == 0);  // assigning the trigger unmasked the entry
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x6).ok());
+  uint32_t ctrl = Cfg32(*v, abi::kCapMsixOffset) | 0x80000000u;
+  REQUIRE(Wr32(*v, vu::kConfigRegion, abi::kCapMsixOffset, ctrl).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::kMsixTableOffset + 12, 1).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, 0).ok());
+  CHECK(ev.Wait(50).code() == Errc::kTimeout);
+  CHECK(Reg(*v, abi::kMsixPbaOffset) == 1);
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::kMsixTableOffset + 12, 0).ok());
+  CHECK(ev.Wait(1000).value() == 1);
+  CHECK(Reg(*v, abi::kMsixPbaOffset) == 0);
+  REQUIRE(Wr32(*v, vu::kConfigRegion, abi::kCapMsixOffset, ctrl | 0x40000000u).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, 0).ok());
+  CHECK(ev.Wait(50).code() == Errc::kTimeout);
+  CHECK(Reg(*v, abi::kMsixPbaOffset) == 1);
+  REQUIRE(Wr32(*v, vu::kConfigRegion, abi::kCapMsixOffset, ctrl).ok());
+  CHECK(ev.Wait(1000).value() == 1);
+  // D3hot: dropped, not pending.
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kPowerState, 3).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, 0).ok());
+  CHECK(ev.Wait(50).code() == Errc::kTimeout);
+  CHECK(Reg(*v, abi::kMsixPbaOffset) == 0);
+  // The table is PCI function state: RESET keeps it, a function-level reset masks it again.
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kReset, abi::kResetMagic).ok());
+  CHECK(Reg(*v, abi::kMsixTableOffset + 12) == 0);
+  REQUIRE(v->Reset().ok());
+  CHECK(Reg(*v, abi::kMsixTableOffset + 12) == 1);
+  CHECK((Cfg32(*v, abi::kCapMsixOffset) & 0x80000000u) == 0);
+  // SET_IRQS takes eventfds only.
+  int p[2];
+  REQUIRE(::pipe(p) == 0);
+  std::vector<UniqueFd> bad;
+  bad.emplace_back(p[1]);
+  UniqueFd keep(p[0]);
+  CHECK(v->SetIrqs({vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 1, 1}, std::move(bad), {}).code() ==
+        Errc::kNotEventFd);
+}
+
+TEST_CASE("the GTT latch does not survive a reset, a restore or a disconnect") {
+  auto v = MakeVgpu(1 << 16, 32);
+  const uint32_t lo = 0x2000 | abi::kGttValid | abi::kGttAperture;
+  DeviceSnapshot clean = v->Snapshot();
+  for (int path = 0; path < 4; ++path) {
+    CAPTURE(path);
+    REQUIRE(Wr32(*v, vu::kBar0Region, abi::kGttOffset + 8, lo).ok());  // latched
+    if (path == 0) REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kReset, abi::kResetMagic).ok());
+    if (path == 1) REQUIRE(v->Reset().ok());
+    if (path == 2) REQUIRE(v->Restore(clean).ok());
+    if (path == 3) v->OnDisconnect();
+    REQUIRE(Wr32(*v, vu::kBar0Region, abi::kGttOffset + 12, 0).ok());  // commits the pair
+    uint64_t e = ~0ull;
+    REQUIRE(v->RegionRead(vu::kBar0Region, abi::kGttOffset + 8, std::as_writable_bytes(std::span(&e, 1))).ok());
+    CHECK(e == 0);
+  }
+  // Without a reset in between the latch still works.
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::kGttOffset + 8, lo).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::kGttOffset + 12, 0).ok());
+  CHECK(Reg(*v, abi::kGttOffset + 8) == lo);
 }

@@ -1,0 +1,51 @@
+// The error report and the status page: how the device tells the guest what it refused
+// and where it stands. Kept apart so that every refusal path (MMIO, GTT, ring, command,
+// execution) goes through one Refuse() and records the same fields the same way.
+#include "mediator/vgpu_impl.h"
+
+namespace vg::mediator {
+
+// --- status page: device-written, guest-readable, never read back by the daemon ---
+void Vgpu::Impl::Store32(uint32_t off, uint32_t v) const {
+  __atomic_store_n(reinterpret_cast<uint32_t*>(StatusPage() + off), v, __ATOMIC_RELEASE);
+}
+void Vgpu::Impl::Store64(uint32_t off, uint64_t v) const {
+  __atomic_store_n(reinterpret_cast<uint64_t*>(StatusPage() + off), v, __ATOMIC_RELEASE);
+}
+void Vgpu::Impl::PublishStatus() {
+  Store32(abi::status::kMagic, abi::kIdMagic);
+  Store32(abi::status::kStateFlags, ReadStatus());
+  Store64(abi::status::kCompletedFence, completed_fence_);
+  Store32(abi::status::kRingHead, regs_.ring_head);
+  Store32(abi::status::kErrCount, regs_.err_count);
+  Store64(abi::status::kDoorbells, counters_.doorbells);
+  Store64(abi::status::kSubmissions, submissions_);
+  Store32(abi::status::kScratch, regs_.scratch);
+  Store32(abi::status::kResets, regs_.resets);
+}
+
+Error Vgpu::Impl::Refuse(uint32_t source, uint64_t addr, uint32_t info, Error e) {
+  regs_.err_code = static_cast<uint32_t>(e.code);
+  regs_.err_source = source;
+  regs_.err_addr_lo = static_cast<uint32_t>(addr);
+  regs_.err_addr_hi = static_cast<uint32_t>(addr >> 32);
+  regs_.err_info = info;
+  ++regs_.err_count;
+  if (source == abi::kErrSourceMmio || source == abi::kErrSourceGtt)
+    ++counters_.mmio_refusals;
+  else
+    ++counters_.command_refusals;
+  VG_LOGW("vgpu {}: refused ({}) at {:#x}: {}", cfg_.uuid, ErrcName(e.code), addr, e.what);
+  RaiseIrq(abi::kVectorError);
+  if (e.code == Errc::kDeviceLost) (void)irqs_.Trigger(vu::kIrqErr, 0);  // unrecoverable: tell the VMM
+  PublishStatus();
+  return e;
+}
+
+Result<> Vgpu::Impl::WriteErrClear(uint32_t) {
+  regs_.err_code = regs_.err_source = regs_.err_addr_lo = regs_.err_addr_hi = regs_.err_info = 0;
+  PublishStatus();
+  return Ok();
+}
+
+}  // namespace vg::mediator

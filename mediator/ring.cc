@@ -1,0 +1,148 @@
+// The command ring: ring registers, the doorbell (trapped and ioeventfd), and the path
+// copy -> audit -> queue that every guest submission takes. Kept apart because this is
+// where guest memory is read, and the rule "copy once, check the copy, use only the copy"
+// must be visible in one short file.
+#include <algorithm>
+
+#include "mediator/vgpu_impl.h"
+
+namespace vg::mediator {
+
+// F11 finding 16: fetching the ring and the tail shadow is DMA, and a function without Bus
+// Master Enable, or in D3hot, does none. The doorbell is refused by name and the ring stays
+// where it was: the span is fetched at the first doorbell once DMA is allowed again.
+Result<> Vgpu::Impl::CheckDmaAllowed() const {
+  VG_ERROR_IF(!config_space_.BusMasterEnabled(), Errc::kDmaDisabled, "bus mastering is off (PCI command bit 2)");
+  VG_ERROR_IF(config_space_.PowerState() == 3 || regs_.power_state == 3, Errc::kDmaDisabled, "the vGPU is in D3hot");
+  return Ok();
+}
+
+Result<> Vgpu::Impl::RingConfigWritable() const {
+  VG_ERROR_IF(regs_.ctrl & abi::kCtrlRingEnable, Errc::kBusy, "ring registers are locked while the ring runs");
+  return Ok();
+}
+Result<> Vgpu::Impl::WriteRingBaseLo(uint32_t v) {
+  VG_TRY(RingConfigWritable());
+  VG_ERROR_IF(!IsAligned(v, kPageSize), Errc::kMisaligned, "RING_BASE {:#x} not page aligned", v);
+  regs_.ring_base_lo = v;
+  return Ok();
+}
+Result<> Vgpu::Impl::WriteRingBaseHi(uint32_t v) {
+  VG_TRY(RingConfigWritable());
+  regs_.ring_base_hi = v;
+  return Ok();
+}
+Result<> Vgpu::Impl::WriteRingSize(uint32_t v) {
+  VG_TRY(RingConfigWritable());
+  VG_INVALID_IF(!IsPowerOfTwo(v) || v < kPageSize || v > (1u << 20),
+                "RING_SIZE {:#x} is not a power of two in [4 KiB, 1 MiB]", v);
+  regs_.ring_size = v;
+  return Ok();
+}
+Result<> Vgpu::Impl::WriteRingTail(uint32_t v) {
+  VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell rung with the ring disabled");
+  VG_ERROR_IF(v >= regs_.ring_size, Errc::kOutOfBounds, "tail {:#x} past ring size {:#x}", v, regs_.ring_size);
+  VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "tail {:#x} not dword aligned", v);
+  VG_TRY(CheckDmaAllowed());
+  regs_.ring_tail = v;
+  Doorbell();
+  ProcessRing();
+  return Ok();
+}
+Result<> Vgpu::Impl::WriteKick(uint32_t) {
+  Doorbell();
+  return ReadTailShadowAndProcess();
+}
+Result<> Vgpu::Impl::WriteTailShadowLo(uint32_t v) {
+  VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "TAIL_SHADOW {:#x} not dword aligned", v);
+  regs_.tail_shadow_lo = v;
+  return Ok();
+}
+
+void Vgpu::Impl::Doorbell() {
+  ++counters_.doorbells;
+  Store64(abi::status::kDoorbells, counters_.doorbells);
+}
+
+// A kick carries no value: the tail is read, once, from the guest's tail shadow.
+Result<> Vgpu::Impl::ReadTailShadowAndProcess() {
+  VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell kicked with the ring disabled");
+  VG_TRY(CheckDmaAllowed());
+  uint64_t va = uint64_t{regs_.tail_shadow_hi} << 32 | regs_.tail_shadow_lo;
+  uint32_t tail = 0;
+  auto range = gtt_.Translate(GpuVa{va}, ByteSize{4}, GttAccess::kRead);
+  Result<> read = range.ok() ? view_.Read(ResolvedRange{GpuVa{va}, ByteSize{4}, false, *range},
+                                          std::as_writable_bytes(std::span(&tail, 1)))
+                             : Result<>(range.error());
+  if (!read.ok()) {
+    Refuse(abi::kErrSourceRing, va, 0, std::move(read).error());
+    return Ok();  // the kick itself was fine; the report names the bad shadow
+  }
+  if (tail >= regs_.ring_size || !IsAligned(tail, 4)) {
+    Refuse(abi::kErrSourceRing, tail, 0,
+           Error{Errc::kOutOfBounds, fmt::format("tail shadow {:#x} outside a ring of {:#x}", tail, regs_.ring_size)});
+    return Ok();
+  }
+  regs_.ring_tail = tail;
+  ProcessRing();
+  return Ok();
+}
+
+// Copy, then check, then use: the span [head, tail) is copied out of guest memory once,
+// the copy is audited, and only the resulting Plan is executed. The ring moves on to the
+// tail whatever the audit says, so a refused submission never wedges the vGPU.
+void Vgpu::Impl::ProcessRing() {
+  uint32_t head = regs_.ring_head, tail = regs_.ring_tail, size = regs_.ring_size;
+  if (head == tail) return;
+  uint32_t bytes = (tail - head) & (size - 1);
+  std::vector<uint32_t> shadow(bytes / 4);
+  auto* out = reinterpret_cast<std::byte*>(shadow.data());
+  uint32_t first = std::min(bytes, size - head);
+  Result<> copied = CopyRing(head, first, out);
+  if (copied.ok() && first < bytes) copied = CopyRing(0, bytes - first, out + first);
+  regs_.ring_head = tail;
+  Store32(abi::status::kRingHead, tail);
+  if (!copied.ok()) {
+    Refuse(abi::kErrSourceRing, RingBase() + head, 0, std::move(copied).error());
+    return;
+  }
+  Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
+    std::vector<uint32_t> batch(r.size.v / 4);
+    VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
+    return batch;
+  });
+  AuditFault fault;
+  Result<Plan> plan = auditor.Audit(shadow, head, size, &fault);
+  if (!plan.ok()) {
+    Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error());
+    return;
+  }
+  counters_.commands_audited += plan->commands;
+  ++submissions_;
+  Store64(abi::status::kSubmissions, submissions_);
+  exec_->Enqueue(std::move(plan).value());
+}
+
+Result<> Vgpu::Impl::CopyRing(uint32_t offset, uint32_t len, std::byte* out) {
+  VG_TRY_ASSIGN(uint64_t va, CheckedAdd(RingBase(), offset));
+  VG_TRY_ASSIGN(auto spans, gtt_.Translate(GpuVa{va}, ByteSize{len}, GttAccess::kRead));
+  return view_.Read(ResolvedRange{GpuVa{va}, ByteSize{len}, false, std::move(spans)}, std::span(out, len));
+}
+
+// --- executor hooks: called from the executor thread ---
+void Vgpu::Impl::OnFence(uint64_t value, bool irq) {
+  std::lock_guard lk(mu_);
+  completed_fence_ = value;
+  Store64(abi::status::kCompletedFence, value);
+  if (irq) RaiseIrq(abi::kVectorFence);
+}
+void Vgpu::Impl::OnLoadReg(uint32_t reg, uint32_t value) {
+  std::lock_guard lk(mu_);
+  (void)RegWrite32(reg, value);  // whitelisted by the auditor; a refusal reports itself
+}
+void Vgpu::Impl::OnExecFailure(const Error& e) {
+  std::lock_guard lk(mu_);
+  Refuse(abi::kErrSourceCommand, 0, 0, e);
+}
+
+}  // namespace vg::mediator

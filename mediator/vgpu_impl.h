@@ -1,0 +1,200 @@
+#pragma once
+// Internal to mediator/: the state of one vGPU and the declarations its concerns share.
+// Vgpu::Impl is one object (one mutex guards it all), but its code is split by concern so
+// that each guest-facing surface can be read and reviewed alone:
+//   vgpu.cc          the DeviceBackend glue, creation, reset, snapshot
+//   bar0_table.cc    the BAR0 page table and register map: every BAR0 access is routed here
+//   msix.cc          interrupts: MSI-X table and PBA, MSI, the device's own mask
+//   ring.cc          doorbell, ring copy and audit, executor hooks
+//   error_report.cc  refusals: the error report registers and the status page
+// Nothing outside mediator/ includes this file; mediator/mediator.h is the public header.
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+
+#include "mediator/auditor.h"
+#include "mediator/config_space.h"
+#include "mediator/executor.h"
+#include "mediator/gtt.h"
+#include "mediator/mediator.h"
+#include "vfio_user/dma.h"
+#include "vfio_user/irqs.h"
+#include "vfio_user/messages.h"
+
+namespace vg::mediator {
+
+namespace vu = vfio_user;
+
+// Guest-visible register state. Every field is one dword so a snapshot is a flat array.
+struct RegState {
+  uint32_t ctrl = 0;
+  uint32_t power_state = 0;
+  uint32_t irq_status = 0;
+  uint32_t irq_mask = 0;
+  uint32_t scratch = 0;
+  uint32_t ring_base_lo = 0, ring_base_hi = 0;
+  uint32_t ring_size = 0;
+  uint32_t ring_head = 0;
+  uint32_t ring_tail = 0;
+  uint32_t tail_shadow_lo = 0, tail_shadow_hi = 0;
+  uint32_t err_code = 0, err_source = 0, err_addr_lo = 0, err_addr_hi = 0, err_info = 0, err_count = 0;
+  uint32_t clock_mhz = 1000;
+  uint32_t display_base = 0, display_stride = 0, display_format = 0, display_width = 0, display_height = 0,
+           display_enable = 0;
+  uint32_t resets = 0;
+  uint32_t msix_pending = 0;  // the MSI-X PBA: vectors raised while masked
+};
+inline constexpr size_t kRegStateDwords = sizeof(RegState) / sizeof(uint32_t);
+static_assert(sizeof(RegState) % sizeof(uint32_t) == 0);
+
+enum class Access : uint8_t { kRO, kRW, kWO, kRW1C };
+// kNormal: a vGPU register. kEmulated: a privileged global shadowed per vGPU. kRefused:
+// a privileged global no guest may write.
+enum class Policy : uint8_t { kNormal, kEmulated, kRefused };
+
+inline constexpr uint32_t kMsixTableDwords = abi::kNumVectors * 4;
+
+class Vgpu::Impl {
+ public:
+  using ReadFn = uint32_t (Impl::*)() const;
+  using WriteFn = Result<> (Impl::*)(uint32_t);
+  struct RegDesc {
+    uint32_t off;
+    const char* name;
+    Access access;
+    Policy policy;
+    uint32_t RegState::*field;  // storage, when the register is plain state
+    ReadFn read;                // computed value, when it is not
+    WriteFn write;              // validation + side effects; null: store into field
+  };
+  static const RegDesc kRegisters[];
+  static std::span<const RegDesc> Registers();
+
+  Impl(const VgpuConfig& cfg, UniqueFd status_fd, Mapping status, UniqueFd aperture_fd, Mapping aperture,
+       EventFd doorbell);
+
+  // --- error_report.cc: status page and refusals ---
+  std::byte* StatusPage() const { return bar0_map_.data() + abi::kStatusPageOffset; }
+  void Store32(uint32_t off, uint32_t v) const;
+  void Store64(uint32_t off, uint64_t v) const;
+  void PublishStatus();
+  Error Refuse(uint32_t source, uint64_t addr, uint32_t info, Error e);
+  Result<> WriteErrClear(uint32_t);
+
+  // --- msix.cc: interrupts ---
+  static std::array<uint32_t, vu::kNumPciIrqs> IrqLayout();
+  void RaiseIrq(uint32_t vector);
+  void Deliver(uint32_t vector);
+  bool MessagesAllowed() const;
+  void DeliverUnmaskedPending();
+  void OnMsixTriggerAssigned(uint32_t first, uint32_t count);
+  // DMA (ring fetch, tail shadow) needs Bus Master Enable and D0: kDmaDisabled otherwise.
+  Result<> CheckDmaAllowed() const;
+  Result<> WriteIrqStatus(uint32_t v);
+  Result<> WriteIrqMask(uint32_t v);
+  Result<> WriteIrqTest(uint32_t v);
+  Result<> MsixTableRead(uint32_t off, std::span<std::byte> out);
+  Result<> MsixTableWrite(uint32_t off, std::span<const std::byte> data);
+  Result<> MsixPbaRead(uint32_t off, std::span<std::byte> out);
+  Result<> MsixPbaWrite(uint32_t off, std::span<const std::byte> data);
+  void ResetMsixTable();
+
+  // --- bar0_table.cc: identity and control registers, the BAR0 router, the GTT window ---
+  uint32_t ReadId() const { return abi::kIdMagic; }
+  uint32_t ReadVersion() const { return abi::kAbiVersion; }
+  uint32_t ReadCaps() const {
+    return abi::kCapStatusPage | abi::kCapDoorbellIoFd | abi::kCapMsix | abi::kCapMsi | abi::kCapRing;
+  }
+  uint32_t ReadApertureLo() const { return static_cast<uint32_t>(cfg_.aperture_size); }
+  uint32_t ReadApertureHi() const { return static_cast<uint32_t>(cfg_.aperture_size >> 32); }
+  uint32_t ReadGttEntries() const { return cfg_.gtt_entries; }
+  uint32_t ReadKernelCount() const { return kernel_count_; }
+  uint32_t ReadStatus() const;
+  Result<> WriteCtrl(uint32_t v);
+  Result<> WriteReset(uint32_t v);
+  Result<> WritePowerState(uint32_t v);
+  Result<> WriteScratch(uint32_t v);
+  const RegDesc* FindReg(uint32_t off) const;
+  Result<uint32_t> RegRead32(uint32_t off);
+  Result<> RegWrite32(uint32_t off, uint32_t v);
+  Result<> CheckGuestPage(Gpa page, bool writable) const;
+  Result<> GttWrite(uint32_t off, std::span<const std::byte> data);
+  // One row of the BAR0 page table: [begin, end) and the handlers that own it. Handlers get
+  // the BAR0 offset of an access that lies wholly inside their row.
+  struct Bar0Row {
+    uint64_t begin, end;
+    const char* name;
+    Result<> (Impl::*read)(uint32_t off, std::span<std::byte> out);
+    Result<> (Impl::*write)(uint32_t off, std::span<const std::byte> data);
+  };
+  static constexpr size_t kBar0Rows = 6;
+  static std::array<Bar0Row, kBar0Rows> BuildBar0Table(uint32_t gtt_entries);
+  const Bar0Row* FindBar0Row(uint64_t off, size_t len) const;
+  Result<> Bar0Read(uint64_t off, std::span<std::byte> out);
+  Result<> Bar0Write(uint64_t off, std::span<const std::byte> data);
+  Result<> RegsRead(uint32_t off, std::span<std::byte> out);
+  Result<> RegsWrite(uint32_t off, std::span<const std::byte> data);
+  Result<> StatusPageRead(uint32_t off, std::span<std::byte> out);
+  Result<> StatusPageWrite(uint32_t off, std::span<const std::byte> data);
+  Result<> GttRead(uint32_t off, std::span<std::byte> out);
+  // Registers are dwords; a qword access is two dword accesses, low first.
+  template <class Fn>
+  Result<> ForEachDword(uint64_t off, size_t len, Fn&& fn) {
+    if (!((len == 4 || len == 8) && IsAligned(off, 4))) {
+      Error e{Errc::kMisaligned, fmt::format("register access of {} bytes at {:#x}", len, off)};
+      return Refuse(abi::kErrSourceMmio, off, 0, std::move(e));
+    }
+    for (size_t i = 0; i < len; i += 4) VG_TRY(fn(static_cast<uint32_t>(off + i), i));
+    return Ok();
+  }
+
+  // --- ring.cc: ring registers, doorbell, copy-audit-queue, executor hooks ---
+  Result<> RingConfigWritable() const;
+  Result<> WriteRingBaseLo(uint32_t v);
+  Result<> WriteRingBaseHi(uint32_t v);
+  Result<> WriteRingSize(uint32_t v);
+  Result<> WriteRingTail(uint32_t v);
+  Result<> WriteKick(uint32_t);
+  Result<> WriteTailShadowLo(uint32_t v);
+  void Doorbell();
+  uint64_t RingBase() const { return uint64_t{regs_.ring_base_hi} << 32 | regs_.ring_base_lo; }
+  Result<> ReadTailShadowAndProcess();
+  void ProcessRing();
+  Result<> CopyRing(uint32_t offset, uint32_t len, std::byte* out);
+  void OnFence(uint64_t value, bool irq);
+  void OnLoadReg(uint32_t reg, uint32_t value);
+  void OnExecFailure(const Error& e);
+
+  // --- vgpu.cc: reset ---
+  Result<> DoReset();
+  Result<> ScrubAperture();
+
+  VgpuConfig cfg_;
+  mutable std::mutex mu_;
+  RegState regs_;
+  ConfigSpace config_space_;
+  Gtt gtt_;
+  std::array<Bar0Row, kBar0Rows> bar0_rows_;
+  std::array<uint32_t, kMsixTableDwords> msix_table_{};
+  uint64_t completed_fence_ = 0;
+  uint64_t submissions_ = 0;
+  uint32_t kernel_count_ = 0;
+  VgpuCounters counters_;
+  bool reset_pending_ = false;
+
+  UniqueFd bar0_fd_;  // backs the status page (sparse mmap)
+  Mapping bar0_map_;
+  UniqueFd aperture_fd_;
+  Mapping aperture_;
+  EventFd doorbell_;
+  vu::DmaSpace dma_;
+  vu::IrqSet irqs_;
+  GuestView view_{dma_, aperture_.bytes()};
+  // Last: destroyed first, while everything it uses is still alive.
+  std::unique_ptr<Executor> exec_;
+};
+
+}  // namespace vg::mediator
