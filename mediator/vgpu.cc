@@ -154,6 +154,7 @@ class Vgpu::Impl {
     if (regs_.ctrl & abi::kCtrlRingEnable) s |= abi::kStatusRingEnabled;
     if (regs_.err_code != 0) s |= abi::kStatusErrorLatched;
     if (regs_.power_state == 3) s |= abi::kStatusD3;
+    if (scrubs_pending_ != 0) s |= abi::kStatusResetting;
     return s;
   }
 
@@ -308,10 +309,15 @@ class Vgpu::Impl {
       Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error());
       return;
     }
-    counters_.commands_audited += plan->commands;
+    uint32_t commands = plan->commands;
+    // Bounded per vGPU (count and bytes): past it the submission is refused by name.
+    if (Result<> queued = exec_->Enqueue(std::move(plan).value()); !queued.ok()) {
+      Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error());
+      return;
+    }
+    counters_.commands_audited += commands;
     ++submissions_;
     Store64(abi::status::kSubmissions, submissions_);
-    exec_->Enqueue(std::move(plan).value());
   }
 
   Result<> CopyRing(uint32_t offset, uint32_t len, std::byte* out) {
@@ -336,7 +342,25 @@ class Vgpu::Impl {
     Refuse(abi::kErrSourceCommand, 0, 0, e);
   }
 
-  Result<> DoReset() {
+  // Reset without waiting for the engine (called without mu_): the executor is cancelled
+  // (queued plans dropped, the running one stopped at its next submission boundary, none
+  // of its hooks run), the registers reset at once, and the aperture scrub runs once the
+  // submission in flight has ended: at once when there is none, else on the executor
+  // thread with STATUS.RESETTING set until it has (docs/device-spec.md, reset).
+  Result<> CancelAndReset(bool config_too) {
+    bool deferred = exec_->Cancel([this] {
+      std::lock_guard lk(mu_);
+      (void)ScrubAperture();
+      --scrubs_pending_;
+      PublishStatus();
+    });
+    std::lock_guard lk(mu_);
+    if (config_too) config_space_.Reset();
+    if (deferred) ++scrubs_pending_;
+    return DoReset(!deferred);
+  }
+
+  Result<> DoReset(bool scrub = true) {
     // Per-vGPU reset: registers, GTT and aperture back to creation state. IRQ wiring and
     // DMA mappings belong to the connection, not to the device, and stay.
     uint32_t resets = regs_.resets + 1;
@@ -348,7 +372,7 @@ class Vgpu::Impl {
     completed_fence_ = 0;
     submissions_ = 0;
     ++counters_.resets;
-    VG_TRY(ScrubAperture());
+    if (scrub) VG_TRY(ScrubAperture());
     PublishStatus();
     return Ok();
   }
@@ -522,6 +546,7 @@ class Vgpu::Impl {
   uint32_t kernel_count_ = 0;
   VgpuCounters counters_;
   bool reset_pending_ = false;
+  int32_t scrubs_pending_ = 0;  // deferred aperture scrubs (CancelAndReset), under mu_
 
   UniqueFd bar0_fd_;  // backs the status page (sparse mmap)
   Mapping bar0_map_;
@@ -651,7 +676,9 @@ void Vgpu::WaitIdle() { impl_->exec_->WaitIdle(); }
 void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(messenger); }
 
 void Vgpu::OnDisconnect() {
-  impl_->exec_->CancelAndDrain();  // the guest is gone: its queued work goes with it
+  // The guest is gone: its queued work goes with it, and the running plan stops at its
+  // next submission boundary (its pins keep guest memory mapped until then). No wait.
+  impl_->exec_->Cancel();
   impl_->exec_->DropImports(Gpa{0}, ByteSize{~0ull});
   std::lock_guard lk(impl_->mu_);
   impl_->dma_.SetMessenger(nullptr);
@@ -723,10 +750,8 @@ Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> 
 Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   Result<> r = RegionWriteLocked(index, offset, data);
   if (impl_->reset_pending_) {
-    impl_->exec_->CancelAndDrain();
-    std::lock_guard lk(impl_->mu_);
     impl_->reset_pending_ = false;
-    VG_TRY(impl_->DoReset());
+    VG_TRY(impl_->CancelAndReset(false));
   }
   return r;
 }
@@ -769,10 +794,7 @@ Result<> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
 }
 
 Result<> Vgpu::Reset() {
-  impl_->exec_->CancelAndDrain();  // no work may land in the aperture after the scrub
-  std::lock_guard lk(impl_->mu_);
-  impl_->config_space_.Reset();
-  return impl_->DoReset();
+  return impl_->CancelAndReset(true);  // no work lands in the aperture after the scrub
 }
 
 DeviceSnapshot Vgpu::Snapshot() const {
