@@ -341,6 +341,7 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
   // A transfer of `size` bytes in chunks: `add(offset, n)` packs one chunk.
   auto chunks = [&](uint64_t size, auto&& add) -> Result<> {
     for (uint64_t off = 0; off < size; off += kTransferChunkBytes) {
+      if (Cancelled(epoch)) return CancelledError();
       uint64_t n = std::min(kTransferChunkBytes, size - off);
       if (batch.Full(n)) VG_TRY(Flush(batch, epoch));
       VG_TRY(add(off, n));
@@ -349,6 +350,7 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
     return Ok();
   };
   for (PlanOp& op : ops) {
+    if (Cancelled(epoch)) return CancelledError();
     if (auto* d = std::get_if<PlanDispatch>(&op)) {
       VG_TRY_ASSIGN(DispatchCut cut, DispatchCut::Make(d->kernel, d->groups, d->push));
       std::vector<MatRef> mats;
@@ -360,6 +362,7 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
       }
       bool in_batch = false;  // this dispatch's bindings are held by the batch being packed
       for (uint64_t i = 0; i < cut.pieces(); ++i) {
+        if (Cancelled(epoch)) return CancelledError();
         if (batch.Full(cut.piece_cost())) {
           VG_TRY(Flush(batch, epoch));
           in_batch = false;
