@@ -325,11 +325,12 @@ TEST_CASE("executor: a DISPATCH cut into group ranges computes exactly what it w
     std::array<uint32_t, 3> groups;
     uint32_t iterations;
   };
-  // 32 groups x 256 x 2^16 = 2^29 units: 8 pieces of 4 groups. 4 x 8 groups: 8 row pieces.
-  for (Case c : {Case{{32, 1, 1}, 1u << 16}, Case{{4, 8, 1}, 1u << 16}}) {
-    auto s = shaders::MakeSample(shaders::KernelId::kSpin, 8192, 5);
+  // 128 groups x 256 x 4096 = 2^27 units: 2 pieces of 64 groups; 128 x 8192: 4 pieces of 32;
+  // 64 x 2 groups x 4096: 2 row pieces (LinearIndex reads the grid width).
+  for (Case c : {Case{{1, 1, 1}, 4096}, Case{{128, 1, 1}, 4096}, Case{{128, 1, 1}, 8192}, Case{{64, 2, 1}, 4096}}) {
+    auto s = shaders::MakeSample(shaders::KernelId::kSpin, 32768, 5);
     s.groups = c.groups;
-    shaders::SpinPush p{8192, c.iterations, 5};
+    shaders::SpinPush p{32768, c.iterations, 5};
     s.push.assign(shaders::PushBytes(p).begin(), shaders::PushBytes(p).end());
     auto buf = g.drv->Alloc(s.bindings[0].size());
     REQUIRE(buf.ok());
@@ -343,7 +344,9 @@ TEST_CASE("executor: a DISPATCH cut into group ranges computes exactly what it w
     REQUIRE_MESSAGE(w.ok(), Why(w));
     std::vector<std::vector<std::byte>> out{{buf->host.begin(), buf->host.end()}};
     auto check = shaders::CheckSample(s, out);
-    CHECK_MESSAGE(check.ok(), Why(check));
+    uint32_t first = 0;
+    std::memcpy(&first, s.bindings[0].data(), 4);
+    CHECK_MESSAGE(check.ok(), Why(check) << " (word 0 was " << std::hex << first << " before)");
     REQUIRE(g.drv->Free(*buf).ok());
   }
 }
