@@ -55,7 +55,7 @@ Result<std::vector<GttSpan>> Gtt::Translate(GpuVa va, ByteSize size, GttAccess a
       }
     }
     VG_ERROR_IF(spans.size() >= max_spans, Errc::kLimitExceeded,
-                "GPU VA range {}+{:#x} breaks into more than {} runs (span bound per submission)", va, size.v,
+                "GPU VA range {}+{:#x} breaks into more than {} runs (what is left of the submission's span bound)", va, size.v,
                 max_spans);
     spans.push_back({GpuVa{cur}, t, ByteSize{n}});
     cur += n;

@@ -177,6 +177,7 @@ TEST_CASE("hostile executor: RESET and DEVICE_RESET during the largest legal spi
   CHECK(write_ms <= loop_bound);
   double done_ms = WaitResetComplete(g, reset_bound);
   INFO("reset completed (RESETTING clear) after ", done_ms, " ms more");
+  MESSAGE("RESET write answered in ", write_ms, " ms; complete ", done_ms, " ms later");
   CHECK(done_ms >= 0);
   ExpectWorks(g);
 
@@ -188,12 +189,15 @@ TEST_CASE("hostile executor: RESET and DEVICE_RESET during the largest legal spi
   CHECK(reset_ms <= loop_bound);
   done_ms = WaitResetComplete(g, reset_bound);
   INFO("DEVICE_RESET completed after ", done_ms, " ms more");
+  MESSAGE("DEVICE_RESET answered in ", reset_ms, " ms; complete ", done_ms, " ms later");
   CHECK(done_ms >= 0);
   // The scrub ran after the cancelled work: the aperture reads as zeros.
   auto ap = g.dev->aperture();
   CHECK(std::all_of(ap.begin(), ap.begin() + (1 << 20), [](std::byte b) { return b == std::byte{0}; }));
   ExpectWorks(g);
-  CheckVictim(v.Stop());
+  VictimReport vr = v.Stop();
+  MESSAGE("victim: rounds ", vr.rounds, ", max read ", vr.max_read_ms, " ms, max round ", vr.max_round_ms, " ms");
+  CheckVictim(vr);
   CHECK(daemon.Alive());
 }
 
@@ -212,9 +216,12 @@ TEST_CASE("hostile executor: disconnect during the largest legal spin DISPATCH")
     ExpectWorks(next);
   });
   INFO("reconnect + first FILL after the disconnect took ", ms, " ms");
+  MESSAGE("reconnect + first FILL after the disconnect: ", ms, " ms");
   REQUIRE(ms >= 0);
   CHECK(ms <= bound);
-  CheckVictim(v.Stop());
+  VictimReport vr = v.Stop();
+  MESSAGE("victim: rounds ", vr.rounds, ", max read ", vr.max_read_ms, " ms, max round ", vr.max_round_ms, " ms");
+  CheckVictim(vr);
   CHECK(daemon.Alive());
 }
 
@@ -229,10 +236,13 @@ TEST_CASE("hostile executor: stop during the largest legal spin DISPATCH") {
                               static_cast<int>(bound * 5));
   double ms = MsSince(t0);
   INFO("stop replied after ", ms, " ms: ", reply);
+  MESSAGE("stop answered in ", ms, " ms");
   CHECK(reply.find("\"ok\":true") != std::string::npos);
   CHECK(ms <= bound);
   if (reply.empty()) ::kill(daemon.pid(), SIGKILL);  // stuck: let the victim's reads fail now
-  CheckVictim(v.Stop());
+  VictimReport vr = v.Stop();
+  MESSAGE("victim: rounds ", vr.rounds, ", max read ", vr.max_read_ms, " ms, max round ", vr.max_round_ms, " ms");
+  CheckVictim(vr);
 }
 
 namespace {
@@ -247,7 +257,23 @@ GpuVa MapAlternating(Guest& g, uint64_t pages, uint64_t aperture_pages) {
     uint64_t entry = (ap * kPageSize) | abi::kGttValid | abi::kGttAperture | abi::kGttWritable;
     REQUIRE(g.drv->WriteGtt(static_cast<uint32_t>((va->v >> kPageShift) + p), entry).ok());
   }
+  // The GTT writes are posted: one read orders them before the doorbell (an ioeventfd
+  // kick takes another path) and tells whether any was refused.
+  auto errs = g.dev->Read32(abi::reg::kErrCount);
+  REQUIRE(errs.ok());
+  REQUIRE(*errs == 0);
   return *va;
+}
+
+// One legal FILL over the range, waited for: the aperture pages it touches (device memory,
+// shared, counted in VmRSS) and the engine's first gather buffers belong to the baseline.
+void WarmUp(Guest& g, GpuVa va, uint64_t bytes) {
+  CommandBuilder cb;
+  cb.Fill(va, bytes, 0x5a);
+  auto seq = g.drv->Submit(cb);
+  REQUIRE(seq.ok());
+  auto w = g.drv->Wait(*seq, WaitMode::kIrq, static_cast<int>(30000 * SlowFactor()));
+  REQUIRE_MESSAGE(w.ok(), Why(w));
 }
 
 constexpr uint64_t kAltBytes = 60ull << 20;
@@ -273,6 +299,7 @@ TEST_CASE("hostile executor: FILLs over alternating aperture pages are refused b
   Victim v(daemon.Socket(1));
   Guest g(daemon.Socket(0));
   GpuVa va = MapAlternating(g, kAltBytes / kPageSize, kApertureBytes / kPageSize);
+  WarmUp(g, va, kAltBytes);
   uint64_t before = VmRssKiB(daemon.pid());
   // 16 FILLs of the 60 MiB range in one submission: 245760 spans, and (unbounded) 960 MiB
   // of gather buffers in one engine submission.
@@ -285,10 +312,13 @@ TEST_CASE("hostile executor: FILLs over alternating aperture pages are refused b
   auto err = g.dev->ReadError();
   REQUIRE(err.ok());
   INFO("wait: ", Why(w), "; error ", ErrcName(err->code), "; RSS ", before, " -> peak ", peak, " KiB");
+  MESSAGE("alternating GTT: ", ErrcName(err->code), "; RSS ", before, " -> peak ", peak, " KiB");
   CHECK(w.code() == Errc::kLimitExceeded);
   CHECK(err->code == Errc::kLimitExceeded);
   CHECK(peak - std::min(peak, before) <= kRssGrowthBoundKiB);
-  CheckVictim(v.Stop());
+  VictimReport vr = v.Stop();
+  MESSAGE("victim: rounds ", vr.rounds, ", max read ", vr.max_read_ms, " ms, max round ", vr.max_round_ms, " ms");
+  CheckVictim(vr);
   CHECK(daemon.Alive());
 }
 
@@ -299,6 +329,7 @@ TEST_CASE("hostile executor: a flood of queued FILL plans is refused by name, RS
   trapped.use_ioeventfd = false;  // one ring submission per doorbell: kicks do not coalesce
   Guest g(daemon.Socket(0), 16 << 20, trapped);
   GpuVa va = MapAlternating(g, kAltBytes / kPageSize, kApertureBytes / kPageSize);
+  WarmUp(g, va, kAltBytes);
   uint64_t before = VmRssKiB(daemon.pid());
   // 400 submissions of one legal FILL each (15360 spans, ~600 KiB of plan apiece), rung
   // back to back without waiting: unbounded, 240 MiB of queued plans.
@@ -309,9 +340,12 @@ TEST_CASE("hostile executor: a flood of queued FILL plans is refused by name, RS
   auto err = g.dev->ReadError();
   REQUIRE(err.ok());
   INFO("error ", ErrcName(err->code), "; RSS ", before, " -> peak ", peak, " KiB");
+  MESSAGE("FILL flood: ", ErrcName(err->code), "; RSS ", before, " -> peak ", peak, " KiB");
   CHECK(err->code == Errc::kLimitExceeded);
   CHECK(peak - std::min(peak, before) <= kRssGrowthBoundKiB);
-  CheckVictim(v.Stop());
+  VictimReport vr = v.Stop();
+  MESSAGE("victim: rounds ", vr.rounds, ", max read ", vr.max_read_ms, " ms, max round ", vr.max_round_ms, " ms");
+  CheckVictim(vr);
   CHECK(daemon.Alive());
 }
 
