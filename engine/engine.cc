@@ -64,8 +64,8 @@ std::string DeviceInfo::ToString() const {
 // ---- Submission builders ---------------------------------------------------------------
 
 Submission& Submission::Dispatch(uint32_t kernel, std::array<uint32_t, 3> groups, std::vector<BufferRange> bindings,
-                                 std::span<const std::byte> push) {
-  ops.emplace_back(DispatchOp{kernel, groups, std::move(bindings), {push.begin(), push.end()}});
+                                 std::span<const std::byte> push, std::array<uint32_t, 3> base) {
+  ops.emplace_back(DispatchOp{kernel, groups, std::move(bindings), {push.begin(), push.end()}, base});
   return *this;
 }
 Submission& Submission::Copy(BufferRef src, ByteSize src_offset, BufferRef dst, ByteSize dst_offset, ByteSize size) {
@@ -356,9 +356,14 @@ Result<> EngineImpl::ValidateOp(const DispatchOp& d) const {
   VG_ERROR_IF(d.bindings.size() != k->binding_count, Errc::kBadKernel, "{}: {} bindings, want {}", k->name,
               d.bindings.size(), k->binding_count);
   const DeviceInfo& info = core_->info();
-  for (size_t i = 0; i < 3; ++i)
+  for (size_t i = 0; i < 3; ++i) {
     VG_ERROR_IF(d.groups[i] > info.max_group_count[i], Errc::kLimitExceeded, "{}: group count {} = {} > device {}",
                 k->name, "xyz"[i], d.groups[i], info.max_group_count[i]);
+    // A group range [base, base + groups) must lie where a whole dispatch could reach.
+    uint64_t end = uint64_t{d.base[i]} + d.groups[i];
+    VG_ERROR_IF(end > info.max_group_count[i] || end > k->max_groups[i], Errc::kLimitExceeded,
+                "{}: group range {} ends at {} past the limit", k->name, "xyz"[i], end);
+  }
   uint64_t sizes[shaders::kMaxBindings] = {};
   for (size_t i = 0; i < d.bindings.size(); ++i) {
     const BufferRange& r = d.bindings[i];
@@ -444,6 +449,7 @@ Result<const KernelPipeline*> EngineImpl::GetPipeline(const shaders::KernelDesc&
   cci.stage.module = mod;
   cci.stage.pName = "main";
   cci.layout = layout;
+  cci.flags = VK_PIPELINE_CREATE_DISPATCH_BASE_BIT;  // group ranges (DispatchOp::base)
   VkPipeline pipe;
   VG_VK_TRY(vkCreateComputePipelines(dev, cache_.get(), 1, &cci, nullptr, &pipe), "vkCreateComputePipelines");
   p->pipeline = VkPipelineOwned(dev, pipe);
@@ -544,7 +550,7 @@ Result<> EngineImpl::Record(Slot& slot, const Submission& s, std::span<const Ker
       if (!d->push.empty())
         vkCmdPushConstants(cmd, p->layout.get(), VK_SHADER_STAGE_COMPUTE_BIT, 0,
                            static_cast<uint32_t>(d->push.size()), d->push.data());
-      vkCmdDispatch(cmd, d->groups[0], d->groups[1], d->groups[2]);
+      vkCmdDispatchBase(cmd, d->base[0], d->base[1], d->base[2], d->groups[0], d->groups[1], d->groups[2]);
     } else if (const auto* c = std::get_if<CopyOp>(&op)) {
       const BufferImpl* src = AsOurs(c->src);
       const BufferImpl* dst = AsOurs(c->dst);

@@ -99,6 +99,10 @@ struct DispatchOp {
   std::array<uint32_t, 3> groups{1, 1, 1};
   std::vector<BufferRange> bindings;
   std::vector<std::byte> push;
+  // First group of this dispatch (vkCmdDispatchBase): a caller cuts one large dispatch into
+  // group ranges so that no single submission runs unbounded (docs/device-spec.md, bounds).
+  // base + groups must stay within the kernel's and the device's group limits.
+  std::array<uint32_t, 3> base{0, 0, 0};
 };
 struct CopyOp {
   BufferRef src;
@@ -120,7 +124,7 @@ struct Submission {
   std::vector<Op> ops;
 
   Submission& Dispatch(uint32_t kernel, std::array<uint32_t, 3> groups, std::vector<BufferRange> bindings,
-                       std::span<const std::byte> push);
+                       std::span<const std::byte> push, std::array<uint32_t, 3> base = {0, 0, 0});
   Submission& Copy(BufferRef src, ByteSize src_offset, BufferRef dst, ByteSize dst_offset, ByteSize size);
   Submission& Fill(BufferRef dst, ByteSize offset, ByteSize size, uint32_t value);
 };

@@ -95,6 +95,9 @@ inline constexpr uint32_t kStatusRingEnabled = 1u << 0;
 inline constexpr uint32_t kStatusBusy = 1u << 1;
 inline constexpr uint32_t kStatusErrorLatched = 1u << 2;
 inline constexpr uint32_t kStatusD3 = 1u << 3;
+// A reset found an engine submission in flight: the aperture scrub waits for it (at most
+// one bounded submission). The reset is complete, aperture zeroed, when this bit clears.
+inline constexpr uint32_t kStatusResetting = 1u << 4;
 
 inline constexpr uint32_t kErrSourceNone = 0;
 inline constexpr uint32_t kErrSourceMmio = 1;

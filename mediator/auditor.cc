@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "mediator/abi.h"
+#include "mediator/work_split.h"
 #include "shaders/catalogue.h"
 
 namespace vg::mediator {
@@ -32,6 +33,8 @@ struct Auditor::Ctx {
   uint64_t offset = 0;  // of the command being audited, for the fault report
   uint32_t opcode = 0;
   uint32_t depth = 0;
+  uint64_t pages = 0;  // GTT pages translated so far (upper bound), batches included
+  uint64_t spans = 0;  // spans built so far
 };
 
 bool LoadRegAllowed(uint32_t reg) {
@@ -53,9 +56,15 @@ struct Auditor::CommandTable {
   }
 };
 
-Result<ResolvedRange> Auditor::Resolve(uint64_t va, uint64_t size, bool write) const {
+Result<ResolvedRange> Auditor::Resolve(Ctx& ctx, uint64_t va, uint64_t size, bool write) const {
+  // Charged before the walk: the walk is the cost being bounded.
+  ctx.pages += size / kPageSize + 2;
+  VG_ERROR_IF(ctx.pages > kMaxTranslatedPages, Errc::kLimitExceeded,
+              "submission translates more than {} GTT pages (bound per submission)", kMaxTranslatedPages);
   ResolvedRange r{GpuVa{va}, ByteSize{size}, write, {}};
-  VG_TRY_ASSIGN(r.spans, gtt_.Translate(GpuVa{va}, ByteSize{size}, write ? GttAccess::kReadWrite : GttAccess::kRead));
+  VG_TRY_ASSIGN(r.spans, gtt_.Translate(GpuVa{va}, ByteSize{size}, write ? GttAccess::kReadWrite : GttAccess::kRead,
+                                        kMaxSpansPerSubmission - ctx.spans));
+  ctx.spans += r.spans.size();
   return r;
 }
 
@@ -109,7 +118,7 @@ Result<> Auditor::AuditFence(Ctx& ctx, std::span<const uint32_t> c, uint32_t) co
   uint64_t va = U64(c, 1);
   VG_ERROR_IF(!IsAligned(va, 8), Errc::kMisaligned, "FENCE target {:#x} not 8-byte aligned", va);
   PlanFence f;
-  VG_TRY_ASSIGN(f.target, Resolve(va, 8, true));
+  VG_TRY_ASSIGN(f.target, Resolve(ctx, va, 8, true));
   f.value = U64(c, 3);
   f.irq = flags & abi::cmd::kFenceFlagIrq;
   ctx.plan.ops.emplace_back(std::move(f));
@@ -125,8 +134,8 @@ Result<> Auditor::AuditCopy(Ctx& ctx, std::span<const uint32_t> c, uint32_t) con
   VG_ERROR_IF(!IsAligned(src | dst | size, 4), Errc::kMisaligned, "COPY addresses and size must be dword aligned");
   VG_ERROR_IF(RangesOverlap(src, size, dst, size), Errc::kOverlap, "COPY source and destination overlap");
   PlanCopy p;
-  VG_TRY_ASSIGN(p.src, Resolve(src, size, false));
-  VG_TRY_ASSIGN(p.dst, Resolve(dst, size, true));
+  VG_TRY_ASSIGN(p.src, Resolve(ctx, src, size, false));
+  VG_TRY_ASSIGN(p.dst, Resolve(ctx, dst, size, true));
   ctx.plan.ops.emplace_back(std::move(p));
   return Ok();
 }
@@ -139,7 +148,7 @@ Result<> Auditor::AuditFill(Ctx& ctx, std::span<const uint32_t> c, uint32_t) con
               abi::cmd::kMaxTransferBytes);
   VG_ERROR_IF(!IsAligned(dst | size, 4), Errc::kMisaligned, "FILL address and size must be dword aligned");
   PlanFill p;
-  VG_TRY_ASSIGN(p.dst, Resolve(dst, size, true));
+  VG_TRY_ASSIGN(p.dst, Resolve(ctx, dst, size, true));
   p.value = c[5];
   ctx.plan.ops.emplace_back(std::move(p));
   return Ok();
@@ -180,11 +189,14 @@ Result<> Auditor::AuditDispatch(Ctx& ctx, std::span<const uint32_t> c, uint32_t)
     VG_INVALID_IF(size == 0, "binding {} is empty", b);
     VG_ERROR_IF(!IsAligned(va | size, 4), Errc::kMisaligned, "binding {} not dword aligned", b);
     ResolvedRange r;
-    VG_TRY_ASSIGN(r, Resolve(va, size, shaders::Writes(k->bindings[b].access)));
+    VG_TRY_ASSIGN(r, Resolve(ctx, va, size, shaders::Writes(k->bindings[b].access)));
     d.bindings.push_back(std::move(r));
     sizes.push_back(size);
   }
   VG_TRY(shaders::ValidateKernelArgs(*k, d.push, sizes, groups));
+  // The executor cuts the grid into bounded pieces; a grid whose smallest piece is still
+  // over the bound is refused here, by name, rather than run for hours.
+  VG_TRY(DispatchCut::Make(kernel, groups, d.push));
   ctx.plan.ops.emplace_back(std::move(d));
   return Ok();
 }
@@ -200,7 +212,7 @@ Result<> Auditor::AuditBatch(Ctx& ctx, std::span<const uint32_t> c, uint32_t dep
               abi::cmd::kMaxBatchBytes);
   VG_ERROR_IF(!IsAligned(va | size, 4), Errc::kMisaligned, "BATCH not dword aligned");
   ResolvedRange r;
-  VG_TRY_ASSIGN(r, Resolve(va, size, false));
+  VG_TRY_ASSIGN(r, Resolve(ctx, va, size, false));
   // The batch is copied once; its commands are audited from the copy, so rewriting the
   // batch in guest memory after the doorbell changes nothing.
   std::vector<uint32_t> shadow;
@@ -229,7 +241,7 @@ Result<> Auditor::AuditTimestamp(Ctx& ctx, std::span<const uint32_t> c, uint32_t
   uint64_t va = U64(c, 1);
   VG_ERROR_IF(!IsAligned(va, 8), Errc::kMisaligned, "TIMESTAMP target {:#x} not 8-byte aligned", va);
   PlanTimestamp t;
-  VG_TRY_ASSIGN(t.target, Resolve(va, 8, true));
+  VG_TRY_ASSIGN(t.target, Resolve(ctx, va, 8, true));
   ctx.plan.ops.emplace_back(std::move(t));
   return Ok();
 }

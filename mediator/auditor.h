@@ -83,7 +83,9 @@ class Auditor {
 
  private:
   Result<> AuditStream(Ctx& ctx, std::span<const uint32_t> stream, uint32_t depth) const;
-  Result<ResolvedRange> Resolve(uint64_t va, uint64_t size, bool write) const;
+  // Charges the submission's translation bounds (mediator/work_split.h): GTT pages walked
+  // and spans built, both on the daemon's loop thread. kLimitExceeded past either.
+  Result<ResolvedRange> Resolve(Ctx& ctx, uint64_t va, uint64_t size, bool write) const;
 
 #define VG_CMD(name, op, rule, dw, handler) \
   Result<> handler(Ctx& ctx, std::span<const uint32_t> c, uint32_t depth) const;

@@ -12,6 +12,7 @@ uint32_t Vgpu::Impl::ReadStatus() const {
   if (regs_.ctrl & abi::kCtrlRingEnable) s |= abi::kStatusRingEnabled;
   if (regs_.err_code != 0) s |= abi::kStatusErrorLatched;
   if (regs_.power_state == 3) s |= abi::kStatusD3;
+  if (scrubs_pending_ != 0) s |= abi::kStatusResetting;
   return s;
 }
 

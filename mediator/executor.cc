@@ -48,11 +48,32 @@ Result<> GuestView::Write(const ResolvedRange& r, std::span<const std::byte> in)
 }
 
 // How one resolved range reaches the engine: in place (aperture or a pinned DMA region),
-// or through an engine buffer gathered before and scattered after the work.
+// or through an engine buffer gathered before and scattered after the work. A gather
+// buffer is charged against kMaxGatherBytes until its last user lets go of it.
 struct Executor::Materialized {
   engine::BufferRange range;
   std::shared_ptr<Import> import;  // held until the work completes
-  const ResolvedRange* gathered_from = nullptr;
+  std::optional<ResolvedRange> gathered_from;
+  Executor* owner = nullptr;
+  uint64_t charged = 0;
+  Materialized() = default;
+  Materialized(const Materialized&) = delete;
+  Materialized& operator=(const Materialized&) = delete;
+  ~Materialized() {
+    if (owner) owner->gather_bytes_ -= charged;
+  }
+};
+
+// One engine submission being packed, and what it holds until it has run.
+struct Executor::Batch {
+  engine::Submission sub;
+  std::vector<MatRef> mats;
+  uint64_t cost = 0;
+  // Whether adding an item of `cost` must first send what is packed.
+  bool Full(uint64_t item_cost) const {
+    return !sub.ops.empty() &&
+           (sub.ops.size() >= engine::kMaxOpsPerSubmission || cost + item_cost > kSubmissionCostBudget);
+  }
 };
 
 Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, ByteSize size, bool write) {
@@ -61,7 +82,7 @@ Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, By
     std::lock_guard lk(imports_mu_);
     auto it = imports_.find(key);
     if (it != imports_.end()) {
-      ++counters_.import_hits;
+      counters_.import_hits.fetch_add(1, std::memory_order_relaxed);
       return it->second;
     }
   }
@@ -70,7 +91,7 @@ Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, By
   VG_TRY_ASSIGN(engine::BufferRef buf, engine_->WrapHostMemory(pin.bytes()));
   auto imp = std::make_shared<Import>(Import{std::move(pin), std::move(buf)});
   std::lock_guard lk(imports_mu_);
-  ++counters_.import_misses;
+  counters_.import_misses.fetch_add(1, std::memory_order_relaxed);
   if (imports_.size() >= kMaxImports) imports_.erase(imports_.begin());
   imports_[key] = imp;
   return imp;
@@ -98,26 +119,56 @@ Executor::Executor(engine::Engine* engine, const vu::DmaSpace& dma, std::span<st
 
 Executor::~Executor() {
   {
+    std::lock_guard hk(hook_mu_);
+    epoch_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  {
     std::lock_guard lk(mu_);
     stop_ = true;
     queue_.clear();
   }
   cv_.notify_all();
-  thread_.join();
+  thread_.join();  // the running plan stops after its current (bounded) engine submission
 }
 
-void Executor::Enqueue(Plan plan) {
+Result<> Executor::Enqueue(Plan plan) {
+  uint64_t bytes = PlanBytes(plan);
   {
     std::lock_guard lk(mu_);
-    queue_.push_back(std::move(plan));
+    size_t plans = queue_.size() + (running_ ? 1 : 0);
+    VG_ERROR_IF(plans >= kMaxQueuedPlans, Errc::kLimitExceeded,
+                "executor queue full: {} submissions queued or running (bound {})", plans, kMaxQueuedPlans);
+    VG_ERROR_IF(charged_bytes_ + bytes > kMaxQueuedPlanBytes, Errc::kLimitExceeded,
+                "executor queue full: {} plan bytes queued or running, this one {} (bound {})", charged_bytes_, bytes,
+                kMaxQueuedPlanBytes);
+    charged_bytes_ += bytes;
+    queue_.push_back(Item{std::move(plan), {}, bytes, epoch_.load(std::memory_order_acquire)});
   }
   cv_.notify_one();
+  return Ok();
 }
 
-void Executor::CancelAndDrain() {
-  std::unique_lock lk(mu_);
-  queue_.clear();
-  idle_cv_.wait(lk, [&] { return !running_; });
+bool Executor::Cancel(std::function<void()> after) {
+  {
+    // A hook runs under hook_mu_ after checking its epoch: once this bump is done, no hook
+    // of a plan queued before it can run.
+    std::lock_guard hk(hook_mu_);
+    epoch_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  bool in_flight;
+  {
+    std::lock_guard lk(mu_);
+    for (const Item& it : queue_) {
+      charged_bytes_ -= it.bytes;
+      if (it.plan) counters_.plans_cancelled.fetch_add(1, std::memory_order_relaxed);
+    }
+    // Queued tasks (an earlier reset's scrub) still run: they follow work already running.
+    std::erase_if(queue_, [](const Item& it) { return it.plan.has_value(); });
+    in_flight = running_;
+    if (in_flight && after) queue_.push_front(Item{std::nullopt, std::move(after), 0, 0});
+  }
+  cv_.notify_one();
+  return in_flight;
 }
 
 void Executor::WaitIdle() {
@@ -126,8 +177,16 @@ void Executor::WaitIdle() {
 }
 
 ExecCounters Executor::Counters() const {
-  std::lock_guard lk(mu_);
-  return counters_;
+  auto ld = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  return {ld(counters_.plans),           ld(counters_.import_hits),     ld(counters_.import_misses),
+          ld(counters_.engine_submissions), ld(counters_.bytes_zero_copy), ld(counters_.bytes_gathered),
+          ld(counters_.plans_cancelled)};
+}
+
+template <class Fn>
+void Executor::IfCurrent(uint64_t epoch, Fn&& fn) {
+  std::lock_guard hk(hook_mu_);
+  if (!Cancelled(epoch)) fn();
 }
 
 void Executor::Loop() {
@@ -135,14 +194,21 @@ void Executor::Loop() {
   for (;;) {
     cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
     if (stop_) return;
-    Plan plan = std::move(queue_.front());
+    Item item = std::move(queue_.front());
     queue_.pop_front();
     running_ = true;
     lk.unlock();
-    Result<> r = Run(plan);
-    if (!r.ok()) hooks_.fail(r.error());
+    if (item.task) {
+      item.task();
+    } else {
+      Result<> r = Run(*item.plan, item.epoch);
+      if (!r.ok()) IfCurrent(item.epoch, [&] { hooks_.fail(r.error()); });
+      if (Cancelled(item.epoch)) counters_.plans_cancelled.fetch_add(1, std::memory_order_relaxed);
+      counters_.plans.fetch_add(1, std::memory_order_relaxed);
+      item.plan.reset();  // its memory goes before its charge does
+    }
     lk.lock();
-    ++counters_.plans;
+    charged_bytes_ -= item.bytes;
     running_ = false;
     idle_cv_.notify_all();
   }
@@ -160,39 +226,46 @@ uint64_t CoarseNowNs() {
   // Coarsened so one tenant cannot time another's load through the shared GPU.
   return ns / abi::cmd::kTimestampGranularityNs * abi::cmd::kTimestampGranularityNs;
 }
+Error CancelledError() { return Error{Errc::kBadState, "cancelled (reset, disconnect or stop)"}; }
 }  // namespace
 
-Result<> Executor::Run(Plan& plan) {
+Result<> Executor::Run(Plan& plan, uint64_t epoch) {
   size_t i = 0;
   while (i < plan.ops.size()) {
+    if (Cancelled(epoch)) return CancelledError();
     if (hooks_.may_dma) VG_TRY(hooks_.may_dma());
     if (IsGpuOp(plan.ops[i])) {
       size_t j = i;
-      while (j < plan.ops.size() && IsGpuOp(plan.ops[j]) && j - i < engine::kMaxOpsPerSubmission) ++j;
-      VG_TRY(RunGpuOps(std::span(plan.ops).subspan(i, j - i)));
+      while (j < plan.ops.size() && IsGpuOp(plan.ops[j])) ++j;
+      VG_TRY(RunGpuOps(std::span(plan.ops).subspan(i, j - i), epoch));
       i = j;
       continue;
     }
     PlanOp& op = plan.ops[i++];
+    Result<> r = Ok();
     if (auto* f = std::get_if<PlanFence>(&op)) {
-      VG_TRY_CTX(view_.Write(f->target, std::as_bytes(std::span(&f->value, 1))), "FENCE write at {}", f->target.va);
-      hooks_.fence(f->value, f->irq);
+      IfCurrent(epoch, [&] {
+        r = view_.Write(f->target, std::as_bytes(std::span(&f->value, 1)));
+        if (r.ok()) hooks_.fence(f->value, f->irq);
+      });
+      VG_TRY_CTX(std::move(r), "FENCE write at {}", f->target.va);
     } else if (auto* l = std::get_if<PlanLoadReg>(&op)) {
-      hooks_.load_reg(l->reg, l->value);
+      IfCurrent(epoch, [&] { hooks_.load_reg(l->reg, l->value); });
     } else if (auto* t = std::get_if<PlanTimestamp>(&op)) {
       uint64_t now = CoarseNowNs();
-      VG_TRY_CTX(view_.Write(t->target, std::as_bytes(std::span(&now, 1))), "TIMESTAMP write at {}", t->target.va);
+      IfCurrent(epoch, [&] { r = view_.Write(t->target, std::as_bytes(std::span(&now, 1))); });
+      VG_TRY_CTX(std::move(r), "TIMESTAMP write at {}", t->target.va);
     }
   }
   return Ok();
 }
 
-Result<Executor::Materialized> Executor::Materialize(const ResolvedRange& r) {
-  Materialized m;
+Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& batch, uint64_t epoch) {
+  auto m = std::make_shared<Materialized>();
   if (r.spans.size() == 1) {
     const GttSpan& s = r.spans[0];
     if (s.target.aperture && aperture_buffer_) {
-      m.range = {aperture_buffer_, ByteSize{s.target.page_addr}, r.size};
+      m->range = {aperture_buffer_, ByteSize{s.target.page_addr}, r.size};
       return m;
     }
     if (!s.target.aperture) {
@@ -206,15 +279,15 @@ Result<Executor::Materialized> Executor::Materialize(const ResolvedRange& r) {
       if (gpa - base + r.size.v <= kImportWindow && IsAligned(gpa - base, align)) {
         auto win = ImportGuestRange(Gpa{base}, ByteSize{kImportWindow}, r.write);
         if (win.ok()) {
-          m.range = {(*win)->buffer, ByteSize{gpa - base}, r.size};
-          m.import = std::move(win).value();
+          m->range = {(*win)->buffer, ByteSize{gpa - base}, r.size};
+          m->import = std::move(win).value();
           return m;
         }
       }
       auto imp = ImportGuestRange(Gpa{gpa}, r.size, r.write);
       if (imp.ok()) {
-        m.range = engine::Whole((*imp)->buffer);
-        m.import = std::move(imp).value();
+        m->range = engine::Whole((*imp)->buffer);
+        m->import = std::move(imp).value();
         return m;
       }
       // Memory shared without an fd cannot be imported: gather it. Anything else (the
@@ -222,56 +295,104 @@ Result<Executor::Materialized> Executor::Materialize(const ResolvedRange& r) {
       if (imp.code() != Errc::kUnsupported) return std::move(imp).error();
     }
   }
-  // Scattered pages or memory shared without an fd: gather into an engine buffer.
+  // Scattered pages or memory shared without an fd: gather into an engine buffer, within
+  // the vGPU's gather bound. What the batch packed so far is sent first if that frees room.
+  if (gather_bytes_ + r.size.v > kMaxGatherBytes && !batch.sub.ops.empty()) VG_TRY(Flush(batch, epoch));
+  VG_ERROR_IF(gather_bytes_ + r.size.v > kMaxGatherBytes, Errc::kLimitExceeded,
+              "gathering {} scattered bytes at {} would pass the vGPU's {} byte gather bound ({} held)", r.size.v, r.va,
+              kMaxGatherBytes, gather_bytes_);
   VG_TRY_ASSIGN(engine::BufferRef buf, engine_->CreateBuffer(r.size));
+  m->owner = this;
+  m->charged = r.size.v;
+  gather_bytes_ += r.size.v;
   VG_TRY(view_.Read(r, buf->Map()));
-  m.range = engine::Whole(buf);
-  m.gathered_from = &r;
+  m->range = engine::Whole(buf);
+  m->gathered_from = r;
   return m;
 }
 
-Result<> Executor::RunGpuOps(std::span<PlanOp> ops) {
+Result<> Executor::Flush(Batch& batch, uint64_t epoch) {
+  if (batch.sub.ops.empty()) return Ok();
+  Result<> ran = engine_->SubmitAndWait(std::move(batch.sub));
+  batch.sub = {};
+  batch.cost = 0;
+  std::vector<MatRef> mats = std::move(batch.mats);
+  batch.mats.clear();
+  VG_TRY(std::move(ran));
+  uint64_t zero_copy = 0, gathered = 0;
+  for (const MatRef& m : mats) {
+    if (m->gathered_from) {
+      gathered += m->range.size.v;
+      // Cut at the boundary: a cancelled plan writes nothing more to guest memory.
+      if (m->gathered_from->write && !Cancelled(epoch)) VG_TRY(view_.Write(*m->gathered_from, m->range.buffer->Map()));
+    } else {
+      zero_copy += m->range.size.v;
+    }
+  }
+  counters_.engine_submissions.fetch_add(1, std::memory_order_relaxed);
+  counters_.bytes_zero_copy.fetch_add(zero_copy, std::memory_order_relaxed);
+  counters_.bytes_gathered.fetch_add(gathered, std::memory_order_relaxed);
+  if (Cancelled(epoch)) return CancelledError();
+  return Ok();
+}
+
+Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
   VG_ERROR_IF(!engine_, Errc::kUnsupported, "this vGPU has no engine");
-  std::vector<Materialized> mats;
-  auto use = [&](const ResolvedRange& r) -> Result<engine::BufferRange> {
-    VG_TRY_ASSIGN(Materialized m, Materialize(r));
-    engine::BufferRange range = m.range;
-    mats.push_back(std::move(m));
-    return range;
+  Batch batch;
+  // A transfer of `size` bytes in chunks: `add(offset, n)` packs one chunk.
+  auto chunks = [&](uint64_t size, auto&& add) -> Result<> {
+    for (uint64_t off = 0; off < size; off += kTransferChunkBytes) {
+      if (Cancelled(epoch)) return CancelledError();
+      uint64_t n = std::min(kTransferChunkBytes, size - off);
+      if (batch.Full(n)) VG_TRY(Flush(batch, epoch));
+      VG_TRY(add(off, n));
+      batch.cost += n;
+    }
+    return Ok();
   };
-  engine::Submission sub;
   for (PlanOp& op : ops) {
+    if (Cancelled(epoch)) return CancelledError();
     if (auto* d = std::get_if<PlanDispatch>(&op)) {
+      VG_TRY_ASSIGN(DispatchCut cut, DispatchCut::Make(d->kernel, d->groups, d->push));
+      std::vector<MatRef> mats;
       std::vector<engine::BufferRange> bindings;
       for (const ResolvedRange& b : d->bindings) {
-        VG_TRY_ASSIGN(auto br, use(b));
-        bindings.push_back(std::move(br));
+        VG_TRY_ASSIGN(MatRef m, Materialize(b, batch, epoch));
+        bindings.push_back(m->range);
+        mats.push_back(std::move(m));
       }
-      sub.Dispatch(d->kernel, d->groups, std::move(bindings), d->push);
+      bool in_batch = false;  // this dispatch's bindings are held by the batch being packed
+      for (uint64_t i = 0; i < cut.pieces(); ++i) {
+        if (Cancelled(epoch)) return CancelledError();
+        if (batch.Full(cut.piece_cost())) {
+          VG_TRY(Flush(batch, epoch));
+          in_batch = false;
+        }
+        if (!in_batch) batch.mats.insert(batch.mats.end(), mats.begin(), mats.end());
+        in_batch = true;
+        DispatchPiece p = cut.Piece(i);
+        batch.sub.Dispatch(d->kernel, p.groups, bindings, d->push, p.base);
+        batch.cost += cut.piece_cost();
+      }
     } else if (auto* c = std::get_if<PlanCopy>(&op)) {
-      VG_TRY_ASSIGN(auto src, use(c->src));
-      VG_TRY_ASSIGN(auto dst, use(c->dst));
-      sub.Copy(src.buffer, src.offset, dst.buffer, dst.offset, c->src.size);
+      VG_TRY(chunks(c->src.size.v, [&](uint64_t off, uint64_t n) -> Result<> {
+        VG_TRY_ASSIGN(MatRef src, Materialize(SliceRange(c->src, off, n), batch, epoch));
+        VG_TRY_ASSIGN(MatRef dst, Materialize(SliceRange(c->dst, off, n), batch, epoch));
+        batch.sub.Copy(src->range.buffer, src->range.offset, dst->range.buffer, dst->range.offset, ByteSize{n});
+        batch.mats.push_back(std::move(src));
+        batch.mats.push_back(std::move(dst));
+        return Ok();
+      }));
     } else if (auto* f = std::get_if<PlanFill>(&op)) {
-      VG_TRY_ASSIGN(auto dst, use(f->dst));
-      sub.Fill(dst.buffer, dst.offset, f->dst.size, f->value);
+      VG_TRY(chunks(f->dst.size.v, [&](uint64_t off, uint64_t n) -> Result<> {
+        VG_TRY_ASSIGN(MatRef dst, Materialize(SliceRange(f->dst, off, n), batch, epoch));
+        batch.sub.Fill(dst->range.buffer, dst->range.offset, ByteSize{n}, f->value);
+        batch.mats.push_back(std::move(dst));
+        return Ok();
+      }));
     }
   }
-  VG_TRY(engine_->SubmitAndWait(std::move(sub)));
-  uint64_t zero_copy = 0, gathered = 0;
-  for (const Materialized& m : mats) {
-    if (m.gathered_from) {
-      gathered += m.range.size.v;
-      if (m.gathered_from->write) VG_TRY(view_.Write(*m.gathered_from, m.range.buffer->Map()));
-    } else {
-      zero_copy += m.range.size.v;
-    }
-  }
-  std::lock_guard lk(mu_);
-  ++counters_.engine_submissions;
-  counters_.bytes_zero_copy += zero_copy;
-  counters_.bytes_gathered += gathered;
-  return Ok();
+  return Flush(batch, epoch);
 }
 
 }  // namespace vg::mediator

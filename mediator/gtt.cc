@@ -28,7 +28,7 @@ Result<> Gtt::Write(uint32_t index, uint64_t entry, const GuestPageCheck& check)
   return Ok();
 }
 
-Result<std::vector<GttSpan>> Gtt::Translate(GpuVa va, ByteSize size, GttAccess access) const {
+Result<std::vector<GttSpan>> Gtt::Translate(GpuVa va, ByteSize size, GttAccess access, uint64_t max_spans) const {
   VG_INVALID_IF(size.v == 0, "empty GPU VA range at {}", va);
   VG_TRY_ASSIGN(GpuVa end, CheckedEnd(va, size));
   uint64_t limit = uint64_t{entries_.size()} << kPageShift;
@@ -54,6 +54,9 @@ Result<std::vector<GttSpan>> Gtt::Translate(GpuVa va, ByteSize size, GttAccess a
         continue;
       }
     }
+    VG_ERROR_IF(spans.size() >= max_spans, Errc::kLimitExceeded,
+                "GPU VA range {}+{:#x} breaks into more than {} runs (what is left of the submission's span bound)", va, size.v,
+                max_spans);
     spans.push_back({GpuVa{cur}, t, ByteSize{n}});
     cur += n;
   }

@@ -43,8 +43,10 @@ class Gtt {
   Result<> Write(uint32_t index, uint64_t entry, const GuestPageCheck& check);
 
   // Translates [va, va+size) page by page, merging runs that stay contiguous in the
-  // same target space. Every page must be valid and, for kWrite, writable.
-  Result<std::vector<GttSpan>> Translate(GpuVa va, ByteSize size, GttAccess access) const;
+  // same target space. Every page must be valid and, for kWrite, writable. More than
+  // `max_spans` runs: kLimitExceeded (the caller's per-submission span bound).
+  Result<std::vector<GttSpan>> Translate(GpuVa va, ByteSize size, GttAccess access,
+                                         uint64_t max_spans = UINT64_MAX) const;
 
   // Invalidates every guest-memory entry whose page lies in [gpa, gpa+size): no
   // translation outlives its DMA mapping. Returns how many entries were dropped.

@@ -117,10 +117,15 @@ void Vgpu::Impl::ProcessRing() {
     Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error());
     return;
   }
-  counters_.commands_audited += plan->commands;
+  uint32_t commands = plan->commands;
+  // Bounded per vGPU (count and bytes): past it the submission is refused by name.
+  if (Result<> queued = exec_->Enqueue(std::move(plan).value()); !queued.ok()) {
+    Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error());
+    return;
+  }
+  counters_.commands_audited += commands;
   ++submissions_;
   Store64(abi::status::kSubmissions, submissions_);
-  exec_->Enqueue(std::move(plan).value());
 }
 
 Result<> Vgpu::Impl::CopyRing(uint32_t offset, uint32_t len, std::byte* out) {

@@ -28,7 +28,25 @@ Vgpu::Impl::Impl(const VgpuConfig& cfg, UniqueFd status_fd, Mapping status, Uniq
   PublishStatus();
 }
 
-Result<> Vgpu::Impl::DoReset() {
+Result<> Vgpu::Impl::CancelAndReset(bool function_level) {
+  bool deferred = exec_->Cancel([this] {
+    std::lock_guard lk(mu_);
+    (void)ScrubAperture();
+    --scrubs_pending_;
+    PublishStatus();
+  });
+  std::lock_guard lk(mu_);
+  if (deferred) ++scrubs_pending_;
+  if (function_level) {
+    config_space_.Reset();
+    ResetMsixTable();
+  }
+  VG_TRY(DoReset(!deferred));
+  if (function_level) regs_.msix_pending = 0;
+  return Ok();
+}
+
+Result<> Vgpu::Impl::DoReset(bool scrub) {
   // Per-vGPU reset: registers, GTT and aperture back to creation state. IRQ wiring and
   // DMA mappings belong to the connection, not to the device, and stay.
   // The MSI-X table and PBA are PCI function state: only a function-level reset
@@ -42,7 +60,7 @@ Result<> Vgpu::Impl::DoReset() {
   completed_fence_ = 0;
   submissions_ = 0;
   ++counters_.resets;
-  VG_TRY(ScrubAperture());
+  if (scrub) VG_TRY(ScrubAperture());
   PublishStatus();
   return Ok();
 }
@@ -117,7 +135,9 @@ void Vgpu::WaitIdle() { impl_->exec_->WaitIdle(); }
 void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(messenger); }
 
 void Vgpu::OnDisconnect() {
-  impl_->exec_->CancelAndDrain();  // the guest is gone: its queued work goes with it
+  // The guest is gone: its queued work goes with it, and the running plan stops at its
+  // next submission boundary (its pins keep guest memory mapped until then). No wait.
+  impl_->exec_->Cancel();
   impl_->exec_->DropImports(Gpa{0}, ByteSize{~0ull});
   std::lock_guard lk(impl_->mu_);
   impl_->dma_.SetMessenger(nullptr);
@@ -195,10 +215,8 @@ Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> 
 Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   Result<> r = RegionWriteLocked(index, offset, data);
   if (impl_->reset_pending_) {
-    impl_->exec_->CancelAndDrain();
-    std::lock_guard lk(impl_->mu_);
     impl_->reset_pending_ = false;
-    VG_TRY(impl_->DoReset());
+    VG_TRY(impl_->CancelAndReset(false));
   }
   return r;
 }
@@ -244,13 +262,7 @@ Result<> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
 }
 
 Result<> Vgpu::Reset() {
-  impl_->exec_->CancelAndDrain();  // no work may land in the aperture after the scrub
-  std::lock_guard lk(impl_->mu_);
-  impl_->config_space_.Reset();
-  impl_->ResetMsixTable();
-  VG_TRY(impl_->DoReset());
-  impl_->regs_.msix_pending = 0;
-  return Ok();
+  return impl_->CancelAndReset(true);  // no work lands in the aperture after the scrub
 }
 
 DeviceSnapshot Vgpu::Snapshot() const {

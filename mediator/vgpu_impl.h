@@ -169,7 +169,14 @@ class Vgpu::Impl {
   void OnExecFailure(const Error& e);
 
   // --- vgpu.cc: reset ---
-  Result<> DoReset();
+  // Reset without waiting for the engine (called without mu_): the executor is cancelled
+  // (queued plans dropped, the running one stopped at its next submission boundary, none
+  // of its hooks run), the registers reset at once, and the aperture scrub runs once the
+  // submission in flight has ended: at once when there is none, else on the executor
+  // thread with STATUS.RESETTING set until it has (docs/device-spec.md, reset).
+  // `function_level`: DEVICE_RESET (config space and the MSI-X table too).
+  Result<> CancelAndReset(bool function_level);
+  Result<> DoReset(bool scrub = true);
   Result<> ScrubAperture();
 
   VgpuConfig cfg_;
@@ -184,6 +191,7 @@ class Vgpu::Impl {
   uint32_t kernel_count_ = 0;
   VgpuCounters counters_;
   bool reset_pending_ = false;
+  int32_t scrubs_pending_ = 0;  // deferred aperture scrubs (CancelAndReset), under mu_
 
   UniqueFd bar0_fd_;  // backs the status page (sparse mmap)
   Mapping bar0_map_;

@@ -37,6 +37,7 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(const DaemonOptions& opts) {
 Daemon::Daemon(DaemonOptions opts, event_base* base) : opts_(std::move(opts)), base_(base) {}
 
 Daemon::~Daemon() {
+  for (Reaper& r : reapers_) r.thread.join();
   for (auto& [uuid, inst] : vgpus_) {
     if (inst.doorbell_ev) event_free(inst.doorbell_ev);
     inst.listener.reset();
@@ -83,6 +84,19 @@ Result<> Daemon::StopVgpu(const Uuid& uuid) {
   if (it->second.doorbell_ev) event_free(it->second.doorbell_ev);
   it->second.listener.reset();  // drops the client, unlinks the socket
   it->second.remoting.reset();  // drops its remoting clients, unlinks that socket
+  // The device goes off the loop: its running work stops at the next submission boundary,
+  // which the loop does not wait for.
+  std::erase_if(reapers_, [](Reaper& r) {
+    if (!r.done->load()) return false;
+    r.thread.join();
+    return true;
+  });
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  reapers_.push_back({std::thread([v = std::move(it->second.vgpu), done]() mutable {
+                        v.reset();
+                        done->store(true);
+                      }),
+                      done});
   vgpus_.erase(it);
   VG_LOGI("vGPU {} stopped", uuid);
   return Ok();

@@ -2,9 +2,12 @@
 // The vgpud daemon: one libevent loop that owns every vGPU's device model, its vfio-user
 // listener (<runtime-dir>/<uuid>.sock) and its doorbell ioeventfd.
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "base/base.h"
 #include "engine/engine.h"
@@ -59,6 +62,14 @@ class Daemon {
   event_base* base_;
   std::unique_ptr<engine::Engine> engine_;  // outlives every vGPU (declared before them)
   std::map<Uuid, Instance> vgpus_;
+  // Stopped vGPUs finish off the loop: their executor waits for the engine submission in
+  // flight (bounded, docs/device-spec.md) on a reaper thread, joined at the latest in
+  // ~Daemon, before the engine goes.
+  struct Reaper {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<Reaper> reapers_;
   event* sigint_ = nullptr;
   event* sigterm_ = nullptr;
 };

@@ -1,0 +1,87 @@
+// The executor's cutting rules (mediator/work_split.h), no device: every DISPATCH is cut
+// into group ranges that tile its grid exactly, each within the submission budget (or one
+// unsplittable piece), and a grid whose smallest piece is over the bound is refused by name.
+#include <doctest.h>
+
+#include <set>
+#include <tuple>
+
+#include "mediator/work_split.h"
+#include "shaders/catalogue.h"
+
+using namespace vg;
+using namespace vg::mediator;
+using shaders::KernelId;
+
+namespace {
+
+uint32_t Id(KernelId k) { return static_cast<uint32_t>(k); }
+
+// Checks that the pieces cover [0,gx) x [0,gy) once each; returns the piece count.
+uint64_t CheckTiles(const DispatchCut& cut, std::array<uint32_t, 3> g) {
+  uint64_t covered = 0;
+  std::set<std::tuple<uint32_t, uint32_t>> starts;
+  for (uint64_t i = 0; i < cut.pieces(); ++i) {
+    DispatchPiece p = cut.Piece(i);
+    CHECK(p.groups[0] >= 1);
+    CHECK(p.groups[1] >= 1);
+    CHECK(p.base[0] + p.groups[0] <= g[0]);
+    CHECK(p.base[1] + p.groups[1] <= g[1]);
+    CHECK(starts.insert({p.base[0], p.base[1]}).second);
+    covered += uint64_t{p.groups[0]} * p.groups[1];
+  }
+  CHECK(covered == uint64_t{g[0]} * g[1]);
+  return cut.pieces();
+}
+
+}  // namespace
+
+TEST_CASE("the largest legal spin is cut one workgroup per piece, each at most kMaxPieceCost") {
+  shaders::SpinPush p{61440u * 256, 1u << 20, 1};
+  auto cut = DispatchCut::Make(Id(KernelId::kSpin), {61440, 1, 1}, shaders::PushBytes(p));
+  REQUIRE(cut.ok());
+  CHECK(cut->piece_cost() <= kMaxPieceCost);
+  CHECK(CheckTiles(*cut, {61440, 1, 1}) == 61440);
+}
+
+TEST_CASE("cheap grids are one piece; dear ones are cut along x or by rows") {
+  shaders::SpinPush cheap{4096, 16, 1};
+  auto one = DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(cheap));
+  REQUIRE(one.ok());
+  CHECK(one->pieces() == 1);
+  shaders::SpinPush dear{32768, 4096, 1};  // a group costs 2^20
+  auto x = DispatchCut::Make(Id(KernelId::kSpin), {128, 1, 1}, shaders::PushBytes(dear));
+  REQUIRE(x.ok());
+  CHECK(CheckTiles(*x, {128, 1, 1}) == 2);
+  CHECK(x->piece_cost() <= kSubmissionCostBudget);
+  auto rows = DispatchCut::Make(Id(KernelId::kSpin), {64, 2, 1}, shaders::PushBytes(dear));
+  REQUIRE(rows.ok());
+  CHECK(CheckTiles(*rows, {64, 2, 1}) == 2);
+  CHECK(rows->Piece(1).base[1] == 1);
+  CHECK(rows->Piece(1).groups[0] == 64);  // whole rows: LinearIndex reads the grid width
+  shaders::MatmulPush mm{4096, 4096, 4096};  // tiles: cut anywhere
+  auto tiles = DispatchCut::Make(Id(KernelId::kMatmul), {256, 256, 1}, shaders::PushBytes(mm));
+  REQUIRE(tiles.ok());
+  CheckTiles(*tiles, {256, 256, 1});
+  CHECK(tiles->piece_cost() <= kSubmissionCostBudget);
+}
+
+TEST_CASE("a multi-row spin whose row is over the piece bound is refused kLimitExceeded") {
+  shaders::SpinPush p{65535u * 256 * 2, 1u << 20, 1};
+  auto cut = DispatchCut::Make(Id(KernelId::kSpin), {65535, 2, 1}, shaders::PushBytes(p));
+  CHECK(cut.code() == Errc::kLimitExceeded);
+}
+
+TEST_CASE("SliceRange cuts spans at the slice's edges") {
+  ResolvedRange r{GpuVa{0x1000}, ByteSize{3 * kPageSize}, true, {}};
+  for (uint64_t i = 0; i < 3; ++i)
+    r.spans.push_back({GpuVa{0x1000 + i * kPageSize}, GttTarget{true, 0x10000 * (i + 1), true}, ByteSize{kPageSize}});
+  ResolvedRange s = SliceRange(r, kPageSize - 8, kPageSize + 16);
+  REQUIRE(s.spans.size() == 3);
+  CHECK(s.spans[0].target.page_addr == 0x10000 + kPageSize - 8);
+  CHECK(s.spans[0].size.v == 8);
+  CHECK(s.spans[1].size.v == kPageSize);
+  CHECK(s.spans[2].target.page_addr == 0x30000);
+  CHECK(s.spans[2].size.v == 8);
+  CHECK(s.va.v == 0x1000 + kPageSize - 8);
+}
