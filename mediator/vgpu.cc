@@ -10,6 +10,7 @@
 #include "mediator/config_space.h"
 #include "mediator/executor.h"
 #include "mediator/gtt.h"
+#include "mediator/guest_fetch.h"
 #include "mediator/mediator.h"
 #include "vfio_user/dma.h"
 #include "vfio_user/irqs.h"
@@ -231,12 +232,11 @@ class Vgpu::Impl {
     VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "tail {:#x} not dword aligned", v);
     regs_.ring_tail = v;
     Doorbell();
-    ProcessRing();
-    return Ok();
+    return RingPass(false);
   }
   Result<> WriteKick(uint32_t) {
     Doorbell();
-    return ReadTailShadowAndProcess();
+    return RingPass(true);
   }
   Result<> WriteTailShadowLo(uint32_t v) {
     VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "TAIL_SHADOW {:#x} not dword aligned", v);
@@ -256,20 +256,60 @@ class Vgpu::Impl {
 
   uint64_t RingBase() const { return uint64_t{regs_.ring_base_hi} << 32 | regs_.ring_base_lo; }
 
+  // One pass over the ring: on the loop for a kick (shadow: the tail comes from the tail
+  // shadow; else from RING_TAIL), on the fetch thread for its replay. While a fetch of
+  // fd-less guest memory is under way the kick waits for it and runs after it.
+  Result<> RingPass(bool shadow) {
+    if (!in_replay_ && fetch_.Busy()) {
+      kick_pending_ = true;
+      kick_shadow_ = shadow;
+      return Ok();
+    }
+    replay_shadow_ = shadow;
+    if (shadow) return ReadTailShadowAndProcess();
+    ProcessRing();
+    return Ok();
+  }
+  // The fetch thread has what the last pass wanted: run it again, then any kick that came
+  // meanwhile.
+  void ReplayRing() {
+    std::lock_guard lk(mu_);
+    in_replay_ = true;
+    Result<> r = RingPass(replay_shadow_);
+    if (!r.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
+    in_replay_ = false;
+    if (kick_pending_ && !fetch_.Busy()) {
+      kick_pending_ = false;
+      Result<> k = RingPass(kick_shadow_);
+      if (!k.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(k).error());
+    }
+  }
+  // The pass stopped to fetch fd-less memory off the loop: no effect yet; replayed later.
+  static bool Fetching(const Error& e) { return e.code == Errc::kWouldBlock; }
+
   // A kick carries no value: the tail is read, once, from the guest's tail shadow.
   Result<> ReadTailShadowAndProcess() {
-    VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell kicked with the ring disabled");
+    if (!(regs_.ctrl & abi::kCtrlRingEnable)) {
+      fetch_.Finish();
+      return MakeError(Errc::kBadState, "doorbell kicked with the ring disabled");
+    }
     uint64_t va = uint64_t{regs_.tail_shadow_hi} << 32 | regs_.tail_shadow_lo;
     uint32_t tail = 0;
     auto range = gtt_.Translate(GpuVa{va}, ByteSize{4}, GttAccess::kRead);
     Result<> read = range.ok() ? view_.Read(ResolvedRange{GpuVa{va}, ByteSize{4}, false, *range},
                                             std::as_writable_bytes(std::span(&tail, 1)))
                                : Result<>(range.error());
+    if (!read.ok() && Fetching(read.error())) {
+      fetch_.Start();
+      return Ok();
+    }
     if (!read.ok()) {
+      fetch_.Finish();
       Refuse(abi::kErrSourceRing, va, 0, std::move(read).error());
       return Ok();  // the kick itself was fine; the report names the bad shadow
     }
     if (tail >= regs_.ring_size || !IsAligned(tail, 4)) {
+      fetch_.Finish();
       Refuse(abi::kErrSourceRing, tail, 0,
              Error{Errc::kOutOfBounds, fmt::format("tail shadow {:#x} outside a ring of {:#x}", tail, regs_.ring_size)});
       return Ok();
@@ -284,26 +324,41 @@ class Vgpu::Impl {
   // tail whatever the audit says, so a refused submission never wedges the vGPU.
   void ProcessRing() {
     uint32_t head = regs_.ring_head, tail = regs_.ring_tail, size = regs_.ring_size;
-    if (head == tail) return;
+    if (head == tail) {
+      fetch_.Finish();
+      return;
+    }
     uint32_t bytes = (tail - head) & (size - 1);
     std::vector<uint32_t> shadow(bytes / 4);
     auto* out = reinterpret_cast<std::byte*>(shadow.data());
     uint32_t first = std::min(bytes, size - head);
     Result<> copied = CopyRing(head, first, out);
     if (copied.ok() && first < bytes) copied = CopyRing(0, bytes - first, out + first);
+    if (!copied.ok() && Fetching(copied.error())) {
+      fetch_.Start();  // nothing moved: the replay copies again
+      return;
+    }
+    Result<Plan> plan = MakeError(Errc::kInternal, "not audited");
+    AuditFault fault;
+    if (copied.ok()) {
+      Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
+        std::vector<uint32_t> batch(r.size.v / 4);
+        VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
+        return batch;
+      });
+      plan = auditor.Audit(shadow, head, size, &fault);
+      if (!plan.ok() && Fetching(plan.error())) {
+        fetch_.Start();  // a batch in fd-less memory: the replay audits again
+        return;
+      }
+    }
+    fetch_.Finish();
     regs_.ring_head = tail;
     Store32(abi::status::kRingHead, tail);
     if (!copied.ok()) {
       Refuse(abi::kErrSourceRing, RingBase() + head, 0, std::move(copied).error());
       return;
     }
-    Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
-      std::vector<uint32_t> batch(r.size.v / 4);
-      VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
-      return batch;
-    });
-    AuditFault fault;
-    Result<Plan> plan = auditor.Audit(shadow, head, size, &fault);
     if (!plan.ok()) {
       Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error());
       return;
@@ -348,6 +403,8 @@ class Vgpu::Impl {
     completed_fence_ = 0;
     submissions_ = 0;
     ++counters_.resets;
+    fetch_.Cancel();  // a ring pass waiting for guest memory belongs to the old ring
+    kick_pending_ = false;
     VG_TRY(ScrubAperture());
     PublishStatus();
     return Ok();
@@ -530,9 +587,16 @@ class Vgpu::Impl {
   EventFd doorbell_;
   vu::DmaSpace dma_;
   vu::IrqSet irqs_;
-  GuestView view_{dma_, aperture_.bytes()};
-  // Last: destroyed first, while everything it uses is still alive.
+  // The loop's view of guest memory: never waits on the client (GuestFetch).
+  GuestView view_{dma_, aperture_.bytes(), [this](Gpa gpa, std::span<std::byte> out) { return fetch_.Read(gpa, out); }};
+  bool in_replay_ = false;     // the fetch thread is running a pass (mu_ held)
+  bool replay_shadow_ = false;  // what the pass being fetched for reads its tail from
+  bool kick_pending_ = false;   // a kick came while a fetch was under way
+  bool kick_shadow_ = false;
+  // Last: destroyed first, while everything they use is still alive (the fetch thread
+  // replays into the executor, so it goes first).
   std::unique_ptr<Executor> exec_;
+  GuestFetch fetch_{dma_, [this] { ReplayRing(); }};
 };
 
 // The BAR0 register map (docs/device-spec.md §BAR0). Data, not a switch.
@@ -613,6 +677,7 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
   VG_TRY_ASSIGN(EventFd doorbell, EventFd::Create());
   auto impl = std::make_unique<Impl>(cfg, std::move(status_fd), std::move(status_map), std::move(ap_fd),
                                      std::move(ap_map), std::move(doorbell));
+  impl->dma_.SetLimits(cfg.dma_limits);
   {
     std::lock_guard lk(impl->mu_);
     for (uint32_t v = 0; v < abi::kNumVectors; ++v) impl->msix_table_[v * 4 + 3] = 1;
@@ -642,7 +707,7 @@ const EventFd& Vgpu::doorbell() const { return impl_->doorbell_; }
 void Vgpu::OnDoorbellKick() {
   std::lock_guard lk(impl_->mu_);
   impl_->Doorbell();
-  Result<> r = impl_->ReadTailShadowAndProcess();
+  Result<> r = impl_->RingPass(true);
   if (!r.ok()) impl_->Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
 }
 
@@ -652,10 +717,12 @@ void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(mes
 
 void Vgpu::OnDisconnect() {
   impl_->exec_->CancelAndDrain();  // the guest is gone: its queued work goes with it
+  impl_->dma_.Clear();  // out of translation before out of the import cache (as DmaUnmap)
   impl_->exec_->DropImports(Gpa{0}, ByteSize{~0ull});
   std::lock_guard lk(impl_->mu_);
   impl_->dma_.SetMessenger(nullptr);
-  impl_->dma_.Clear();
+  impl_->fetch_.Cancel();
+  impl_->kick_pending_ = false;
   impl_->irqs_.Clear();
   // Guest memory is gone with the connection; GTT entries into it would dangle.
   impl_->gtt_.InvalidateGuestRange(Gpa{0}, ByteSize{~0ull});
@@ -751,16 +818,16 @@ Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<cons
 
 Result<> Vgpu::DmaMap(const vu::DmaMapArgs& args, UniqueFd fd) { return impl_->dma_.Map(args, std::move(fd)); }
 
-Result<> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
+Result<vu::DmaDrain> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
   // QEMU's unmap-all names no range: everything goes.
   bool all = args.flags & vu::kDmaUnmapAll;
   Gpa from = all ? Gpa{0} : args.iova;
   ByteSize size = all ? ByteSize{~0ull} : args.size;
+  // Out of translation first, then out of every cache of translations (the import cache):
+  // in the other order an import made in between would outlive the mapping. Never waits:
+  // the drain tells the protocol layer when work in flight has let go.
+  VG_TRY_ASSIGN(vu::DmaDrain unmapped, impl_->dma_.Unmap(args));
   impl_->exec_->DropImports(from, size);
-  // kBusy still removed the region from translation (work in flight keeps only its own
-  // pin): the GTT forgets it either way, then the error is reported.
-  Result<> unmapped = impl_->dma_.Unmap(args);
-  if (!unmapped.ok() && unmapped.code() != Errc::kBusy) return unmapped;
   std::lock_guard lk(impl_->mu_);
   uint32_t dropped = impl_->gtt_.InvalidateGuestRange(from, size);
   if (dropped) VG_LOGI("vgpu {}: DMA_UNMAP {}+{:#x} invalidated {} GTT entries", impl_->cfg_.uuid, args.iova,

@@ -88,7 +88,8 @@ class FakeDevice : public DeviceBackend {
     return Ok();
   }
   // A write to BAR0 kDmaKick makes the device read 4 bytes of guest memory at dma_probe
-  // synchronously (in the loop thread) and latch them at BAR0 kDmaKick + 4.
+  // synchronously (in the loop thread: refused with kWouldBlock when that memory has no fd)
+  // and latch them at BAR0 kDmaKick + 4.
   static constexpr uint64_t kDmaKick = 0x100;
   uint64_t dma_probe = 0;
   Result<> RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) override {
@@ -107,7 +108,7 @@ class FakeDevice : public DeviceBackend {
     return Ok();
   }
   Result<> DmaMap(const DmaMapArgs& a, UniqueFd fd) override { return dma.Map(a, std::move(fd)); }
-  Result<> DmaUnmap(const DmaUnmapArgs& a) override { return dma.Unmap(a, 200); }
+  Result<DmaDrain> DmaUnmap(const DmaUnmapArgs& a) override { return dma.Unmap(a); }
   Result<> Reset() override {
     ++resets;
     std::lock_guard lk(mu);

@@ -93,9 +93,12 @@ std::vector<std::byte> Pod(const T& v) {
 }
 
 std::vector<std::byte> Access(uint32_t region, uint64_t off, uint32_t count, std::vector<std::byte> data = {}) {
-  std::vector<std::byte> b;
-  Append(b, RegionAccessPayload{off, region, count});
-  b.insert(b.end(), data.begin(), data.end());
+  // Sized once, then copied: GCC 12 at -O3 takes Append + insert of a possibly empty vector
+  // for an overflow (-Wstringop-overflow false positive, as in EncodeMessage).
+  RegionAccessPayload p{off, region, count};
+  std::vector<std::byte> b(sizeof p + data.size());
+  std::memcpy(b.data(), &p, sizeof p);
+  if (!data.empty()) std::memcpy(b.data() + sizeof p, data.data(), data.size());
   return b;
 }
 
@@ -452,9 +455,10 @@ TEST_CASE("REGION_WRITE_MULTI") {
   Harness h;
   h.Negotiate();
   auto multi = [](std::vector<WriteOne> ws) {
-    std::vector<std::byte> b;
-    Append(b, WriteMultiPayload{ws.size()});
-    for (auto& w : ws) Append(b, w);
+    WriteMultiPayload p{ws.size()};
+    std::vector<std::byte> b(sizeof p + ws.size() * sizeof(WriteOne));  // sized once (see Access)
+    std::memcpy(b.data(), &p, sizeof p);
+    if (!ws.empty()) std::memcpy(b.data() + sizeof p, ws.data(), ws.size() * sizeof(WriteOne));
     return b;
   };
   WriteOne a{0x30, kBar0Region, 4, {1, 2, 3, 4}};
@@ -513,7 +517,7 @@ TEST_CASE("DMA_MAP / DMA_UNMAP validation") {
   CHECK(h.dev.dma.RegionCount() == 1);
   // fd-less mapping is accepted (DMA_READ/WRITE then).
   CHECK(!map(0x300000, 0x1000).is_error());
-  CHECK(h.s->dma_map_count() == 2);
+  CHECK(h.dev.dma.ChargedRegions() == 2);
 
   auto unmap = [&](uint64_t addr, uint64_t size, uint32_t flags = 0) {
     return h.Call(Command::kDmaUnmap, Pod(DmaUnmapPayload{24, flags, addr, size}));
@@ -530,10 +534,9 @@ TEST_CASE("DMA_MAP / DMA_UNMAP validation") {
   CHECK(h.dev.dma.RegionCount() == 0);
 }
 
-TEST_CASE("DMA_MAP: max_dma_maps enforced") {
-  ServerLimits l;
-  l.max_dma_maps = 2;
-  Harness h(l);
+TEST_CASE("DMA_MAP: the device's region limit enforced") {
+  Harness h;
+  h.dev.dma.SetLimits({2, 1ull << 30});
   h.Negotiate();
   for (uint64_t i = 0; i < 2; ++i)
     CHECK(!h.Call(Command::kDmaMap, Pod(DmaMapPayload{32, kDmaRead, 0, i * 0x1000, 0x1000})).is_error());
