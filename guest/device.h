@@ -23,6 +23,7 @@ struct DeviceOptions {
   bool share_ram_fd = true;     // false: DMA_MAP without an fd; the daemon uses DMA_READ/WRITE
   bool twin_socket = true;
   int timeout_ms = 5000;
+  int dma_delay_ms = 0;  // tests: answer each server DMA request this late (a slow client)
 };
 
 struct ErrorReport {

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include "vfio_user/vfio_user.h"
@@ -110,6 +111,9 @@ class FakeDevice : public DeviceBackend {
   Result<> DmaMap(const DmaMapArgs& a, UniqueFd fd) override { return dma.Map(a, std::move(fd)); }
   Result<DmaDrain> DmaUnmap(const DmaUnmapArgs& a) override { return dma.Unmap(a); }
   Result<> Reset() override {
+    // A device model whose allocation fails (the engine, a big vector): the protocol layer
+    // must turn it into kOutOfMemory for this client, not let it unwind the loop.
+    if (reset_throws_bad_alloc) throw std::bad_alloc();
     ++resets;
     std::lock_guard lk(mu);
     std::fill(bar0_.begin(), bar0_.end(), std::byte{0});
@@ -120,6 +124,7 @@ class FakeDevice : public DeviceBackend {
   const EventFd& doorbell() const { return doorbell_; }
   const UniqueFd& bar2_fd() const { return bar2_fd_; }
 
+  bool reset_throws_bad_alloc = false;
   std::mutex mu;
   DmaSpace dma;
   std::vector<WriteRecord> writes;
