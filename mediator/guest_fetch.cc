@@ -41,6 +41,10 @@ Result<> GuestFetch::Read(Gpa gpa, std::span<std::byte> out) {
 void GuestFetch::Start() {
   {
     std::lock_guard lk(mu_);
+    // Nothing wanted (cannot happen: only Read() says kWouldBlock, and it records the range
+    // first): stay idle rather than wait for a fetch that never comes. The head did not
+    // move, so the next kick runs the pass again.
+    if (wanted_.empty()) return;
     started_ = true;
     ++rounds_;
   }
