@@ -1,6 +1,7 @@
 #include "mediator/guest_fetch.h"
 
 #include <cstring>
+#include <new>
 
 namespace vg::mediator {
 
@@ -94,10 +95,15 @@ void GuestFetch::Loop() {
     // range (ServerLimits::dma_timeout_ms), and only this vGPU waits.
     std::map<Key, Fetched> got;
     for (const Key& k : want) {
-      std::vector<std::byte> buf(k.second);
-      Result<> r = dma_.Read(Gpa{k.first}, buf);
-      got.emplace(k, Fetched{r.ok() ? Result<std::vector<std::byte>>(std::move(buf))
-                                    : Result<std::vector<std::byte>>(std::move(r).error())});
+      try {
+        std::vector<std::byte> buf(k.second);
+        Result<> r = dma_.Read(Gpa{k.first}, buf);
+        got.emplace(k, Fetched{r.ok() ? Result<std::vector<std::byte>>(std::move(buf))
+                                      : Result<std::vector<std::byte>>(std::move(r).error())});
+      } catch (const std::bad_alloc&) {
+        got.emplace(k, Fetched{MakeError(Errc::kOutOfMemory, "fetching {:#x}+{:#x}: allocation failed", k.first,
+                                         k.second)});
+      }
     }
     lk.lock();
     if (stop_) return;

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <new>
 
 #include "mediator/auditor.h"
 #include "mediator/config_space.h"
@@ -275,7 +276,14 @@ class Vgpu::Impl {
   void ReplayRing() {
     std::lock_guard lk(mu_);
     in_replay_ = true;
-    Result<> r = RingPass(replay_shadow_);
+    Result<> r = [&]() -> Result<> {
+      try {
+        return RingPass(replay_shadow_);
+      } catch (const std::bad_alloc&) {  // on the fetch thread: nothing above would catch it
+        fetch_.Finish();
+        return MakeError(Errc::kOutOfMemory, "ring pass: allocation failed");
+      }
+    }();
     if (!r.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
     in_replay_ = false;
     if (kick_pending_ && !fetch_.Busy()) {
@@ -707,7 +715,15 @@ const EventFd& Vgpu::doorbell() const { return impl_->doorbell_; }
 void Vgpu::OnDoorbellKick() {
   std::lock_guard lk(impl_->mu_);
   impl_->Doorbell();
-  Result<> r = impl_->RingPass(true);
+  // Called from the loop's doorbell event, outside the vfio-user dispatch boundary: an
+  // allocation failure in the pass is this vGPU's kOutOfMemory, not the daemon's abort.
+  Result<> r = [&]() -> Result<> {
+    try {
+      return impl_->RingPass(true);
+    } catch (const std::bad_alloc&) {
+      return MakeError(Errc::kOutOfMemory, "ring pass: allocation failed");
+    }
+  }();
   if (!r.ok()) impl_->Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
 }
 

@@ -152,8 +152,12 @@ Result<> ServerSession::HandleMessage(Message msg) {
         return Ok();
       }
     }
-    // A reply to nothing outstanding (late after a timeout, or made up): ignored.
-    VG_LOGW("vfio-user: ignoring unsolicited reply id {} command {}", req.msg_id, CommandName(req.command));
+    // A reply to nothing outstanding (late after a timeout, or made up): ignored, and logged
+    // at most 8 times, then once per 1024, so junk cannot become a flood of log lines.
+    ++unsolicited_;
+    if (unsolicited_ <= 8 || unsolicited_ % 1024 == 0)
+      VG_LOGW("vfio-user: ignoring unsolicited reply id {} command {} ({} so far)", req.msg_id,
+              CommandName(req.command), unsolicited_);
     return Ok();
   }
   const CommandSpec* spec = nullptr;

@@ -164,6 +164,7 @@ class ServerSession final : public DmaMessenger {
   uint32_t peer_max_fds_ = kDefaultMaxMsgFds;
   uint32_t peer_max_xfer_ = kDefaultMaxDataXfer;
   uint64_t refusals_ = 0;
+  uint64_t unsolicited_ = 0;  // replies to nothing outstanding (rate-limits their log line)
 
   mutable std::mutex twin_mu_;
   std::unique_ptr<Connection> twin_;
