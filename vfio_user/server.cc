@@ -325,22 +325,24 @@ Result<ServerSession::Reply> ServerSession::HandleDmaUnmap(Message& m) {
   return Reply{{}, {}, true};
 }
 
+// Bounded without a limit of its own: each entry holds at least one busy region that no
+// other entry holds, and busy regions stay charged to the client (DmaLimits::max_regions).
 Result<> ServerSession::PollUnmaps() {
   auto now = std::chrono::steady_clock::now();
-  while (!unmaps_.empty()) {
-    PendingUnmap& u = unmaps_.front();
-    if (u.drain.Idle()) {
-      VG_TRY(SendLocked(ReplyHeader(u.req), u.payload));
-    } else if (now >= u.deadline) {
+  for (auto it = unmaps_.begin(); it != unmaps_.end();) {
+    if (it->drain.Idle()) {
+      VG_TRY(SendLocked(ReplyHeader(it->req), it->payload));
+    } else if (now >= it->deadline) {
       // The region is out of translation already and stays charged to this client until the
       // work ends (it is cut into submissions of bounded duration); the client learns by name
       // that its memory is still in use.
-      VG_TRY(SendError(u.req, Error{Errc::kBusy, fmt::format("DMA_UNMAP: {} regions still in use after {} ms",
-                                                             u.drain.Busy(), limits_.unmap_timeout_ms)}));
+      VG_TRY(SendError(it->req, Error{Errc::kBusy, fmt::format("DMA_UNMAP: {} regions still in use after {} ms",
+                                                               it->drain.Busy(), limits_.unmap_timeout_ms)}));
     } else {
-      break;  // answered in order: a later unmap waits behind an earlier one
+      ++it;
+      continue;
     }
-    unmaps_.pop_front();
+    it = unmaps_.erase(it);
   }
   return Ok();
 }
