@@ -1,5 +1,8 @@
 #include "guest/device.h"
 
+#include <chrono>
+#include <thread>
+
 #include <cstring>
 
 namespace vg::guest {
@@ -16,6 +19,7 @@ Result<std::unique_ptr<Device>> Device::Open(const DeviceOptions& opts) {
 Device::~Device() = default;
 
 Result<> Device::ServeDma(bool is_write, Gpa addr, std::span<std::byte> buf) {
+  if (opts_.dma_delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(opts_.dma_delay_ms));
   uint64_t base = opts_.ram_base.v;
   VG_ERROR_IF(addr.v < base || !RangeWithin(addr.v - base, buf.size(), ram_map_.size().v), Errc::kOutOfBounds,
               "DMA {} at {}+{:#x} outside guest RAM", is_write ? "write" : "read", addr, buf.size());

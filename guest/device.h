@@ -27,6 +27,7 @@ struct DeviceOptions {
   // kQemu: serve DMA_READ/DMA_WRITE in QEMU's layout, as a VM under QEMU does.
   vfio_user::DmaRwLayout dma_rw_layout = vfio_user::DmaRwLayout::kSpec;
   int timeout_ms = 5000;
+  int dma_delay_ms = 0;  // tests: answer each server DMA request this late (a slow client)
 };
 
 class Device final : public DeviceBackend {

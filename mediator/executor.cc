@@ -38,7 +38,7 @@ static Result<> WalkSpans(const ResolvedRange& r, Bytes bytes, std::span<std::by
 Result<> GuestView::Read(const ResolvedRange& r, std::span<std::byte> out) const {
   return WalkSpans(
       r, out, aperture_, [](std::byte* ap, std::span<std::byte> dst) { std::memcpy(dst.data(), ap, dst.size()); },
-      [this](Gpa gpa, std::span<std::byte> dst) { return dma_.Read(gpa, dst); });
+      [this](Gpa gpa, std::span<std::byte> dst) { return reader_ ? reader_(gpa, dst) : dma_.Read(gpa, dst); });
 }
 
 Result<> GuestView::Write(const ResolvedRange& r, std::span<const std::byte> in) const {
@@ -81,10 +81,13 @@ Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, By
   {
     std::lock_guard lk(imports_mu_);
     auto it = imports_.find(key);
-    if (it != imports_.end()) {
+    // A hit is only a hit while its region is still in translation: once DMA_UNMAP removed
+    // it, the guest may already have put other memory at this address.
+    if (it != imports_.end() && it->second->pin.Live()) {
       counters_.import_hits.fetch_add(1, std::memory_order_relaxed);
       return it->second;
     }
+    if (it != imports_.end()) imports_.erase(it);
   }
   // Pinned first: a range unmapped since the audit fails here, by name, and is never used.
   VG_TRY_ASSIGN(vu::Pin pin, dma_.PinRange(gpa, size, vu::kDmaRead | (write ? vu::kDmaWrite : 0)));
@@ -92,6 +95,11 @@ Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, By
   auto imp = std::make_shared<Import>(Import{std::move(pin), std::move(buf)});
   std::lock_guard lk(imports_mu_);
   counters_.import_misses.fetch_add(1, std::memory_order_relaxed);
+  // Cached only while live, checked under imports_mu_: DMA_UNMAP takes the region out of
+  // translation first and then drops the cache under this mutex, so a pin taken just before
+  // the removal is either seen dead here or dropped by that DropImports (the cache never
+  // holds a translation past its mapping, nor keeps the unmap waiting for it).
+  if (!imp->pin.Live()) return imp;  // used by this work only
   if (imports_.size() >= kMaxImports) imports_.erase(imports_.begin());
   imports_[key] = imp;
   return imp;

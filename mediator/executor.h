@@ -28,13 +28,18 @@ namespace vg::mediator {
 // the mediator touches guest memory after an audit.
 class GuestView {
  public:
-  GuestView(const vfio_user::DmaSpace& dma, std::span<std::byte> aperture) : dma_(dma), aperture_(aperture) {}
+  // Reads guest memory outside the aperture; the default reads the DmaSpace and may wait on
+  // the client (worker threads only). The event loop's view reads through a GuestFetch.
+  using GuestReader = std::function<Result<>(Gpa, std::span<std::byte>)>;
+  GuestView(const vfio_user::DmaSpace& dma, std::span<std::byte> aperture, GuestReader reader = {})
+      : dma_(dma), aperture_(aperture), reader_(std::move(reader)) {}
   Result<> Read(const ResolvedRange& r, std::span<std::byte> out) const;
   Result<> Write(const ResolvedRange& r, std::span<const std::byte> in) const;
 
  private:
   const vfio_user::DmaSpace& dma_;
   std::span<std::byte> aperture_;
+  GuestReader reader_;
 };
 
 struct ExecHooks {

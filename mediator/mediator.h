@@ -11,6 +11,7 @@
 #include "engine/engine.h"
 #include "mediator/abi.h"
 #include "vfio_user/device.h"
+#include "vfio_user/dma.h"
 
 namespace vg::mediator {
 
@@ -22,6 +23,9 @@ struct VgpuConfig {
   // Runs audited work; shared by every vGPU of the daemon. Null: commands that need the
   // GPU fail with kUnsupported (device-model tests).
   engine::Engine* engine = nullptr;
+  // What the client may map into the daemon (docs/device-spec.md, "Guest memory: bounds and
+  // blocking").
+  vfio_user::DmaLimits dma_limits;
 };
 
 struct ErrorReport {
@@ -85,7 +89,7 @@ class Vgpu : public vfio_user::DeviceBackend {
   Result<> RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> out) override;
   Result<> RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) override;
   Result<> DmaMap(const vfio_user::DmaMapArgs& args, UniqueFd fd) override;
-  Result<> DmaUnmap(const vfio_user::DmaUnmapArgs& args) override;
+  Result<vfio_user::DmaDrain> DmaUnmap(const vfio_user::DmaUnmapArgs& args) override;
   Result<> Reset() override;
   void OnDisconnect() override;
 

@@ -4,6 +4,8 @@
 // must be visible in one short file.
 #include <algorithm>
 
+#include <new>
+
 #include "mediator/vgpu_impl.h"
 
 namespace vg::mediator {
@@ -46,12 +48,11 @@ Result<> Vgpu::Impl::WriteRingTail(uint32_t v) {
   VG_TRY(CheckDmaAllowed());
   regs_.ring_tail = v;
   Doorbell();
-  ProcessRing();
-  return Ok();
+  return RingPass(false);
 }
 Result<> Vgpu::Impl::WriteKick(uint32_t) {
   Doorbell();
-  return ReadTailShadowAndProcess();
+  return RingPass(true);
 }
 Result<> Vgpu::Impl::WriteTailShadowLo(uint32_t v) {
   VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "TAIL_SHADOW {:#x} not dword aligned", v);
@@ -64,21 +65,70 @@ void Vgpu::Impl::Doorbell() {
   Store64(abi::status::kDoorbells, counters_.doorbells);
 }
 
+// One pass over the ring: on the loop for a kick (shadow: the tail comes from the tail
+// shadow; else from RING_TAIL), on the fetch thread for its replay. While a fetch of
+// fd-less guest memory is under way the kick waits for it and runs after it.
+Result<> Vgpu::Impl::RingPass(bool shadow) {
+  if (!in_replay_ && fetch_.Busy()) {
+    kick_pending_ = true;
+    kick_shadow_ = shadow;
+    return Ok();
+  }
+  replay_shadow_ = shadow;
+  if (shadow) return ReadTailShadowAndProcess();
+  ProcessRing();
+  return Ok();
+}
+
+// The fetch thread has what the last pass wanted: run it again, then any kick that came
+// meanwhile.
+void Vgpu::Impl::ReplayRing() {
+  std::lock_guard lk(mu_);
+  in_replay_ = true;
+  Result<> r = [&]() -> Result<> {
+    try {
+      return RingPass(replay_shadow_);
+    } catch (const std::bad_alloc&) {  // on the fetch thread: nothing above would catch it
+      fetch_.Finish();
+      return MakeError(Errc::kOutOfMemory, "ring pass: allocation failed");
+    }
+  }();
+  if (!r.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
+  in_replay_ = false;
+  if (kick_pending_ && !fetch_.Busy()) {
+    kick_pending_ = false;
+    Result<> k = RingPass(kick_shadow_);
+    if (!k.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(k).error());
+  }
+}
+
 // A kick carries no value: the tail is read, once, from the guest's tail shadow.
 Result<> Vgpu::Impl::ReadTailShadowAndProcess() {
-  VG_ERROR_IF(!(regs_.ctrl & abi::kCtrlRingEnable), Errc::kBadState, "doorbell kicked with the ring disabled");
-  VG_TRY(CheckDmaAllowed());
+  if (!(regs_.ctrl & abi::kCtrlRingEnable)) {
+    fetch_.Finish();
+    return MakeError(Errc::kBadState, "doorbell kicked with the ring disabled");
+  }
+  if (Result<> allowed = CheckDmaAllowed(); !allowed.ok()) {
+    fetch_.Finish();
+    return allowed;
+  }
   uint64_t va = uint64_t{regs_.tail_shadow_hi} << 32 | regs_.tail_shadow_lo;
   uint32_t tail = 0;
   auto range = gtt_.Translate(GpuVa{va}, ByteSize{4}, GttAccess::kRead);
   Result<> read = range.ok() ? view_.Read(ResolvedRange{GpuVa{va}, ByteSize{4}, false, *range},
                                           std::as_writable_bytes(std::span(&tail, 1)))
                              : Result<>(range.error());
+  if (!read.ok() && Fetching(read.error())) {
+    fetch_.Start();
+    return Ok();
+  }
   if (!read.ok()) {
+    fetch_.Finish();
     Refuse(abi::kErrSourceRing, va, 0, std::move(read).error());
     return Ok();  // the kick itself was fine; the report names the bad shadow
   }
   if (tail >= regs_.ring_size || !IsAligned(tail, 4)) {
+    fetch_.Finish();
     Refuse(abi::kErrSourceRing, tail, 0,
            Error{Errc::kOutOfBounds, fmt::format("tail shadow {:#x} outside a ring of {:#x}", tail, regs_.ring_size)});
     return Ok();
@@ -93,26 +143,41 @@ Result<> Vgpu::Impl::ReadTailShadowAndProcess() {
 // tail whatever the audit says, so a refused submission never wedges the vGPU.
 void Vgpu::Impl::ProcessRing() {
   uint32_t head = regs_.ring_head, tail = regs_.ring_tail, size = regs_.ring_size;
-  if (head == tail) return;
+  if (head == tail) {
+    fetch_.Finish();
+    return;
+  }
   uint32_t bytes = (tail - head) & (size - 1);
   std::vector<uint32_t> shadow(bytes / 4);
   auto* out = reinterpret_cast<std::byte*>(shadow.data());
   uint32_t first = std::min(bytes, size - head);
   Result<> copied = CopyRing(head, first, out);
   if (copied.ok() && first < bytes) copied = CopyRing(0, bytes - first, out + first);
+  if (!copied.ok() && Fetching(copied.error())) {
+    fetch_.Start();  // nothing moved: the replay copies again
+    return;
+  }
+  Result<Plan> plan = MakeError(Errc::kInternal, "not audited");
+  AuditFault fault;
+  if (copied.ok()) {
+    Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
+      std::vector<uint32_t> batch(r.size.v / 4);
+      VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
+      return batch;
+    });
+    plan = auditor.Audit(shadow, head, size, &fault);
+    if (!plan.ok() && Fetching(plan.error())) {
+      fetch_.Start();  // a batch in fd-less memory: the replay audits again
+      return;
+    }
+  }
+  fetch_.Finish();
   regs_.ring_head = tail;
   Store32(abi::status::kRingHead, tail);
   if (!copied.ok()) {
     Refuse(abi::kErrSourceRing, RingBase() + head, 0, std::move(copied).error());
     return;
   }
-  Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
-    std::vector<uint32_t> batch(r.size.v / 4);
-    VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
-    return batch;
-  });
-  AuditFault fault;
-  Result<Plan> plan = auditor.Audit(shadow, head, size, &fault);
   if (!plan.ok()) {
     Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error());
     return;

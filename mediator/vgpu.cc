@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <new>
 
 #include "mediator/vgpu_impl.h"
 #include "shaders/catalogue.h"
@@ -60,6 +61,8 @@ Result<> Vgpu::Impl::DoReset(bool scrub) {
   completed_fence_ = 0;
   submissions_ = 0;
   ++counters_.resets;
+  fetch_.Cancel();  // a ring pass waiting for guest memory belongs to the old ring
+  kick_pending_ = false;
   if (scrub) VG_TRY(ScrubAperture());
   PublishStatus();
   return Ok();
@@ -93,6 +96,7 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
   VG_TRY_ASSIGN(EventFd doorbell, EventFd::Create());
   auto impl = std::make_unique<Impl>(cfg, std::move(status_fd), std::move(status_map), std::move(ap_fd),
                                      std::move(ap_map), std::move(doorbell));
+  impl->dma_.SetLimits(cfg.dma_limits);
   {
     std::lock_guard lk(impl->mu_);
     impl->ResetMsixTable();
@@ -126,7 +130,15 @@ const EventFd& Vgpu::doorbell() const { return impl_->doorbell_; }
 void Vgpu::OnDoorbellKick() {
   std::lock_guard lk(impl_->mu_);
   impl_->Doorbell();
-  Result<> r = impl_->ReadTailShadowAndProcess();
+  // Called from the loop's doorbell event, outside the vfio-user dispatch boundary: an
+  // allocation failure in the pass is this vGPU's kOutOfMemory, not the daemon's abort.
+  Result<> r = [&]() -> Result<> {
+    try {
+      return impl_->RingPass(true);
+    } catch (const std::bad_alloc&) {
+      return MakeError(Errc::kOutOfMemory, "ring pass: allocation failed");
+    }
+  }();
   if (!r.ok()) impl_->Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
 }
 
@@ -138,10 +150,12 @@ void Vgpu::OnDisconnect() {
   // The guest is gone: its queued work goes with it, and the running plan stops at its
   // next submission boundary (its pins keep guest memory mapped until then). No wait.
   impl_->exec_->Cancel();
+  impl_->dma_.Clear();  // out of translation before out of the import cache (as DmaUnmap)
   impl_->exec_->DropImports(Gpa{0}, ByteSize{~0ull});
   std::lock_guard lk(impl_->mu_);
   impl_->dma_.SetMessenger(nullptr);
-  impl_->dma_.Clear();
+  impl_->fetch_.Cancel();
+  impl_->kick_pending_ = false;
   impl_->irqs_.Clear();
   impl_->gtt_.DropLatch();  // a half-written entry belongs to the connection that wrote it
   // Guest memory is gone with the connection; GTT entries into it would dangle.
@@ -244,16 +258,16 @@ Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<cons
 
 Result<> Vgpu::DmaMap(const vu::DmaMapArgs& args, UniqueFd fd) { return impl_->dma_.Map(args, std::move(fd)); }
 
-Result<> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
+Result<vu::DmaDrain> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
   // QEMU's unmap-all names no range: everything goes.
   bool all = args.flags & vu::kDmaUnmapAll;
   Gpa from = all ? Gpa{0} : args.iova;
   ByteSize size = all ? ByteSize{~0ull} : args.size;
+  // Out of translation first, then out of every cache of translations (the import cache):
+  // in the other order an import made in between would outlive the mapping. Never waits:
+  // the drain tells the protocol layer when work in flight has let go.
+  VG_TRY_ASSIGN(vu::DmaDrain unmapped, impl_->dma_.Unmap(args));
   impl_->exec_->DropImports(from, size);
-  // kBusy still removed the region from translation (work in flight keeps only its own
-  // pin): the GTT forgets it either way, then the error is reported.
-  Result<> unmapped = impl_->dma_.Unmap(args);
-  if (!unmapped.ok() && unmapped.code() != Errc::kBusy) return unmapped;
   std::lock_guard lk(impl_->mu_);
   uint32_t dropped = impl_->gtt_.InvalidateGuestRange(from, size);
   if (dropped) VG_LOGI("vgpu {}: DMA_UNMAP {}+{:#x} invalidated {} GTT entries", impl_->cfg_.uuid, args.iova,

@@ -19,6 +19,7 @@
 #include "mediator/config_space.h"
 #include "mediator/executor.h"
 #include "mediator/gtt.h"
+#include "mediator/guest_fetch.h"
 #include "mediator/mediator.h"
 #include "vfio_user/dma.h"
 #include "vfio_user/irqs.h"
@@ -161,6 +162,10 @@ class Vgpu::Impl {
   Result<> WriteTailShadowLo(uint32_t v);
   void Doorbell();
   uint64_t RingBase() const { return uint64_t{regs_.ring_base_hi} << 32 | regs_.ring_base_lo; }
+  Result<> RingPass(bool shadow);
+  void ReplayRing();
+  // The pass stopped to fetch fd-less memory off the loop: no effect yet; replayed later.
+  static bool Fetching(const Error& e) { return e.code == Errc::kWouldBlock; }
   Result<> ReadTailShadowAndProcess();
   void ProcessRing();
   Result<> CopyRing(uint32_t offset, uint32_t len, std::byte* out);
@@ -200,9 +205,16 @@ class Vgpu::Impl {
   EventFd doorbell_;
   vu::DmaSpace dma_;
   vu::IrqSet irqs_;
-  GuestView view_{dma_, aperture_.bytes()};
-  // Last: destroyed first, while everything it uses is still alive.
+  // The loop's view of guest memory: never waits on the client (GuestFetch).
+  GuestView view_{dma_, aperture_.bytes(), [this](Gpa gpa, std::span<std::byte> out) { return fetch_.Read(gpa, out); }};
+  bool in_replay_ = false;      // the fetch thread is running a pass (mu_ held)
+  bool replay_shadow_ = false;  // what the pass being fetched for reads its tail from
+  bool kick_pending_ = false;   // a kick came while a fetch was under way
+  bool kick_shadow_ = false;
+  // Last: destroyed first, while everything they use is still alive (the fetch thread
+  // replays into the executor, so it goes first).
   std::unique_ptr<Executor> exec_;
+  GuestFetch fetch_{dma_, [this] { ReplayRing(); }};
 };
 
 }  // namespace vg::mediator

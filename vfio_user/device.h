@@ -6,6 +6,7 @@
 // libvfio-user's split of transport, protocol and device).
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <vector>
@@ -110,6 +111,29 @@ struct DmaUnmapArgs {
 
 class DmaMessenger;
 
+// What a DMA_UNMAP leaves behind: the regions it removed from translation (at once, so no
+// new work can start on them) that work already in flight still uses. The daemon's mapping
+// of a region, and its charge against the client's DMA quota, end with its last use; the
+// server replies to the DMA_UNMAP when Idle(), from the event loop, which never waits for it.
+class DmaDrain {
+ public:
+  DmaDrain() = default;
+  explicit DmaDrain(std::vector<std::weak_ptr<const void>> regions) : regions_(std::move(regions)) {}
+  bool Idle() const {
+    for (const auto& r : regions_)
+      if (!r.expired()) return false;
+    return true;
+  }
+  size_t Busy() const {
+    size_t n = 0;
+    for (const auto& r : regions_) n += !r.expired();
+    return n;
+  }
+
+ private:
+  std::vector<std::weak_ptr<const void>> regions_;
+};
+
 class DeviceBackend {
  public:
   virtual ~DeviceBackend() = default;
@@ -135,7 +159,9 @@ class DeviceBackend {
 
   // fd is invalid when the client shares memory without an fd (DMA_READ/DMA_WRITE then).
   virtual Result<> DmaMap(const DmaMapArgs& args, UniqueFd fd) = 0;
-  virtual Result<> DmaUnmap(const DmaUnmapArgs& args) = 0;
+  // Removes the range from translation at once and never waits: the drain says when the
+  // work still using it has ended.
+  virtual Result<DmaDrain> DmaUnmap(const DmaUnmapArgs& args) = 0;
 
   virtual Result<> Reset() = 0;
 

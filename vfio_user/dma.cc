@@ -3,58 +3,72 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
-#include <chrono>
+#include <atomic>
+#include <cerrno>
 #include <cstring>
 
 #include "vfio_user/messages.h"
 
 namespace vg::vfio_user {
 
-// One DMA_MAP'd range. `uses` counts Pins and in-flight copies; Unmap waits for it to reach
-// zero so no access lands in memory the client has taken back.
+namespace {
+std::atomic<uint64_t> g_budget_total{DmaBudget::kDefaultTotal};
+std::atomic<uint64_t> g_budget_used{0};
+}  // namespace
+
+void DmaBudget::SetTotal(uint64_t bytes) { g_budget_total = bytes; }
+uint64_t DmaBudget::Total() { return g_budget_total.load(); }
+uint64_t DmaBudget::Used() { return g_budget_used.load(); }
+bool DmaBudget::TryCharge(uint64_t bytes) {
+  uint64_t used = g_budget_used.load();
+  do {
+    if (bytes > g_budget_total.load() || used > g_budget_total.load() - bytes) return false;
+  } while (!g_budget_used.compare_exchange_weak(used, used + bytes));
+  return true;
+}
+void DmaBudget::Release(uint64_t bytes) { g_budget_used -= bytes; }
+
+struct DmaLedger {
+  std::atomic<uint32_t> regions{0};
+  std::atomic<uint64_t> bytes{0};
+};
+
+// One DMA_MAP'd range. Held by the translation map, by Pins and by in-flight copies; the
+// mapping and the client's charge for it end with the last holder, whenever that is.
 struct DmaRegion {
+  // Declared first, so destroyed last: a DmaDrain sees the region gone only once its
+  // mapping is unmapped and its charge released (a DMA_MAP right after the DMA_UNMAP reply
+  // must find the quota free).
+  std::shared_ptr<const int> gone_token = std::make_shared<const int>(0);
   uint64_t iova = 0;
   uint64_t size = 0;
   uint32_t prot = 0;
+  std::shared_ptr<DmaLedger> ledger;
+  uint64_t charged_bytes = 0;  // fd-backed bytes, also charged to DmaBudget
+  std::atomic<bool> live{true};  // in translation
   Mapping map;  // invalid for fd-less regions (served by the messenger)
-  std::mutex mu;
-  std::condition_variable idle;
-  uint64_t uses = 0;
 
-  void Acquire() {
-    std::lock_guard lk(mu);
-    ++uses;
-  }
-  void Release() {
-    std::lock_guard lk(mu);
-    if (--uses == 0) idle.notify_all();
+  ~DmaRegion() {
+    map = Mapping();  // unmapped before the charge is released
+    if (ledger) {
+      --ledger->regions;
+      ledger->bytes -= charged_bytes;
+    }
+    if (charged_bytes) DmaBudget::Release(charged_bytes);
   }
 };
 
 struct DmaSpace::Segment {
-  std::shared_ptr<DmaRegion> region;
+  std::shared_ptr<DmaRegion> region;  // keeps the region's memory mapped for the copy
   uint64_t gpa = 0;
   uint64_t offset = 0;  // inside the region
   uint64_t len = 0;
-
-  Segment(std::shared_ptr<DmaRegion> r, uint64_t g, uint64_t o, uint64_t l)
-      : region(std::move(r)), gpa(g), offset(o), len(l) {
-    region->Acquire();
-  }
-  ~Segment() {
-    if (region) region->Release();
-  }
-  Segment(Segment&& o) noexcept : region(std::move(o.region)), gpa(o.gpa), offset(o.offset), len(o.len) {}
-  Segment& operator=(Segment&&) = delete;
 };
 
-Pin::~Pin() {
-  if (region_) region_->Release();
-}
+Pin::~Pin() = default;
 Pin::Pin(Pin&& o) noexcept : region_(std::move(o.region_)), bytes_(o.bytes_), gpa_(o.gpa_) { o.bytes_ = {}; }
 Pin& Pin::operator=(Pin&& o) noexcept {
   if (this != &o) {
-    if (region_) region_->Release();
     region_ = std::move(o.region_);
     bytes_ = o.bytes_;
     gpa_ = o.gpa_;
@@ -62,13 +76,19 @@ Pin& Pin::operator=(Pin&& o) noexcept {
   }
   return *this;
 }
+bool Pin::Live() const { return region_ && region_->live.load(); }
 
-DmaSpace::DmaSpace() = default;
+DmaSpace::DmaSpace() : ledger_(std::make_shared<DmaLedger>()) {}
 DmaSpace::~DmaSpace() = default;
 
 void DmaSpace::SetMessenger(DmaMessenger* m) {
   std::unique_lock lk(messenger_mu_);
   messenger_ = m;
+}
+
+void DmaSpace::SetLimits(const DmaLimits& l) {
+  std::lock_guard lk(mu_);
+  limits_ = l;
 }
 
 Result<> DmaSpace::Map(const DmaMapArgs& args, UniqueFd fd) {
@@ -85,19 +105,48 @@ Result<> DmaSpace::Map(const DmaMapArgs& args, UniqueFd fd) {
   region->iova = args.iova.v;
   region->size = args.size.v;
   region->prot = args.prot;
+  {
+    // Charged before anything is mapped; the region gives the charge back when it dies
+    // (here on a refusal below, or at its last use after DMA_UNMAP).
+    std::lock_guard lk(mu_);
+    VG_ERROR_IF(ledger_->regions.load() >= limits_.max_regions, Errc::kLimitExceeded,
+                "DMA_MAP [{}, +{}): already {} regions charged (limit {}, including regions still in use after "
+                "their DMA_UNMAP)",
+                args.iova, args.size, ledger_->regions.load(), limits_.max_regions);
+    if (fd.Valid()) {
+      uint64_t have = ledger_->bytes.load();
+      VG_ERROR_IF(args.size.v > limits_.max_bytes || have > limits_.max_bytes - args.size.v, Errc::kLimitExceeded,
+                  "DMA_MAP [{}, +{}): {:#x} bytes already mapped for this client (limit {:#x})", args.iova, args.size,
+                  have, limits_.max_bytes);
+      VG_ERROR_IF(!DmaBudget::TryCharge(args.size.v), Errc::kLimitExceeded,
+                  "DMA_MAP [{}, +{}): the daemon already maps {:#x} bytes of guest memory (limit {:#x})", args.iova,
+                  args.size, DmaBudget::Used(), DmaBudget::Total());
+      region->charged_bytes = args.size.v;
+      ledger_->bytes += args.size.v;
+    }
+    ++ledger_->regions;
+    region->ledger = ledger_;
+  }
   if (fd.Valid()) {
     // mmap past the end of a file "succeeds" and then raises SIGBUS on access: check first.
     struct stat st {};
     VG_ERROR_IF(::fstat(fd.Get(), &st) != 0, Errc::kIo, "fstat DMA fd: {}", std::strerror(errno));
     VG_ERROR_IF(!S_ISREG(st.st_mode), Errc::kIo, "DMA fd is not a regular file or memfd");
-    // A client that shrinks the file afterwards would turn our accesses into SIGBUS. Seal a
-    // memfd against shrinking (the client cannot undo a seal); a file that cannot be sealed
-    // (hugetlbfs, a plain file) is accepted as QEMU's file backends need, with that risk logged.
-    if (::fcntl(fd.Get(), F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
-      int seals = ::fcntl(fd.Get(), F_GET_SEALS);
-      if (seals < 0 || !(seals & F_SEAL_SHRINK))
-        VG_LOGW("DMA_MAP {}: fd cannot be sealed against shrinking ({})", args.iova, std::strerror(errno));
-    }
+    // A client that shrinks the file afterwards would turn our next access into SIGBUS, on
+    // the loop, in the executor or inside the engine, where no copy can be made fault-safe.
+    // So only memory the client can no longer shrink is mapped: a memfd sealed against
+    // shrinking (QEMU's memory-backend-memfd seals by default: seal=on), or one that still
+    // allows sealing, which we seal now (the client cannot undo a seal). Anything else (a
+    // memfd without MFD_ALLOW_SEALING, a tmpfs, hugetlbfs or disk file) is refused by name;
+    // memory shared without an fd is served by DMA_READ/DMA_WRITE instead.
+    (void)::fcntl(fd.Get(), F_ADD_SEALS, F_SEAL_SHRINK);
+    int seals = ::fcntl(fd.Get(), F_GET_SEALS);
+    VG_ERROR_IF(seals < 0 || !(seals & F_SEAL_SHRINK), Errc::kUnsupported,
+                "DMA_MAP [{}, +{}): the fd cannot be sealed against shrinking (not a memfd created with "
+                "MFD_ALLOW_SEALING); use memory-backend-memfd",
+                args.iova, args.size);
+    // Sealed: the size checked here can no longer go down.
+    VG_ERROR_IF(::fstat(fd.Get(), &st) != 0, Errc::kIo, "fstat DMA fd: {}", std::strerror(errno));
     VG_TRY_ASSIGN(uint64_t fd_end, CheckedAdd(args.fd_offset, args.size.v));
     VG_ERROR_IF(fd_end > static_cast<uint64_t>(st.st_size), Errc::kOutOfBounds,
                 "DMA_MAP [{:#x}, {:#x}) beyond the fd's {:#x} bytes", args.fd_offset, fd_end, st.st_size);
@@ -119,7 +168,7 @@ Result<> DmaSpace::Map(const DmaMapArgs& args, UniqueFd fd) {
   return Ok();
 }
 
-Result<> DmaSpace::Unmap(const DmaUnmapArgs& args, int timeout_ms) {
+Result<DmaDrain> DmaSpace::Unmap(const DmaUnmapArgs& args) {
   std::vector<std::shared_ptr<DmaRegion>> gone;
   {
     std::lock_guard lk(mu_);
@@ -134,19 +183,18 @@ Result<> DmaSpace::Unmap(const DmaUnmapArgs& args, int timeout_ms) {
       regions_.erase(it);
     }
   }
-  // Removed from translation above; now wait for work already using the memory.
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  // Out of translation above; whoever still holds a region keeps it mapped until done.
+  std::vector<std::weak_ptr<const void>> tokens;
   for (auto& r : gone) {
-    std::unique_lock lk(r->mu);
-    if (!r->idle.wait_until(lk, deadline, [&] { return r->uses == 0; }))
-      return MakeError(Errc::kBusy, "DMA_UNMAP of {:#x}: {} users still hold it after {} ms", r->iova, r->uses,
-                       timeout_ms);
+    r->live = false;
+    tokens.emplace_back(r->gone_token);
   }
-  return Ok();
+  return DmaDrain(std::move(tokens));
 }
 
 void DmaSpace::Clear() {
   std::lock_guard lk(mu_);
+  for (auto& [iova, r] : regions_) r->live = false;
   regions_.clear();
 }
 
@@ -165,14 +213,18 @@ Result<std::vector<DmaSpace::Segment>> DmaSpace::Plan(Gpa addr, uint64_t len, ui
     VG_ERROR_IF((r->prot & prot) != prot, Errc::kAccessDenied, "guest address {:#x} mapped without access {:#x}",
                 at, prot);
     uint64_t n = std::min(end - at, r->size - off);
-    segs.emplace_back(r, at, off, n);
+    segs.push_back(Segment{r, at, off, n});
     at += n;
   }
   return segs;
 }
 
-Result<> DmaSpace::Read(Gpa addr, std::span<std::byte> out) const {
+Result<> DmaSpace::Read(Gpa addr, std::span<std::byte> out, DmaWait wait) const {
   VG_TRY_ASSIGN(auto segs, Plan(addr, out.size(), kDmaRead));
+  if (wait == DmaWait::kNever)
+    for (const auto& s : segs)
+      VG_ERROR_IF(!s.region->map.Valid(), Errc::kWouldBlock,
+                  "guest address {:#x} is shared without an fd: a DMA_READ round trip, never done here", s.gpa);
   size_t done = 0;
   for (const auto& s : segs) {
     auto dst = out.subspan(done, s.len);
@@ -188,8 +240,12 @@ Result<> DmaSpace::Read(Gpa addr, std::span<std::byte> out) const {
   return Ok();
 }
 
-Result<> DmaSpace::Write(Gpa addr, std::span<const std::byte> data) const {
+Result<> DmaSpace::Write(Gpa addr, std::span<const std::byte> data, DmaWait wait) const {
   VG_TRY_ASSIGN(auto segs, Plan(addr, data.size(), kDmaWrite));
+  if (wait == DmaWait::kNever)
+    for (const auto& s : segs)
+      VG_ERROR_IF(!s.region->map.Valid(), Errc::kWouldBlock,
+                  "guest address {:#x} is shared without an fd: a DMA_WRITE round trip, never done here", s.gpa);
   size_t done = 0;
   for (const auto& s : segs) {
     auto src = data.subspan(done, s.len);
@@ -213,7 +269,6 @@ Result<Pin> DmaSpace::PinRange(Gpa addr, ByteSize size, uint32_t prot) const {
   VG_ERROR_IF(!s.region->map.Valid(), Errc::kUnsupported, "pin [{}, +{}) in memory shared without an fd", addr,
               size);
   Pin p;
-  s.region->Acquire();  // the Pin's own use; the Segment's is released when segs dies
   p.region_ = s.region;
   p.bytes_ = {s.region->map.data() + s.offset, s.len};
   p.gpa_ = addr;
@@ -229,5 +284,7 @@ size_t DmaSpace::RegionCount() const {
   std::lock_guard lk(mu_);
   return regions_.size();
 }
+uint32_t DmaSpace::ChargedRegions() const { return ledger_->regions.load(); }
+uint64_t DmaSpace::ChargedBytes() const { return ledger_->bytes.load(); }
 
 }  // namespace vg::vfio_user

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <new>
 #include <nlohmann/json.hpp>
 
 namespace vg::vfio_user {
@@ -109,14 +110,6 @@ Result<> ServerSession::OnReadable() {
   loop_thread_ = std::this_thread::get_id();
   int budget = kMessagesPerWakeup;
   while (!OutputBackedUp()) {
-    // Commands that arrived while a handler waited inline for a DMA reply come first: the
-    // socket may have nothing more to wake us for them.
-    if (!deferred_.empty()) {
-      Message m = std::move(deferred_.front());
-      deferred_.pop_front();
-      VG_TRY(HandleMessage(std::move(m)));
-      continue;
-    }
     if (budget-- == 0) break;
     VG_TRY_ASSIGN(std::optional<Message> m, conn_.Receive());
     if (!m) break;
@@ -159,18 +152,31 @@ Result<> ServerSession::HandleMessage(Message msg) {
         return Ok();
       }
     }
-    // A reply to nothing outstanding (late after a timeout, or made up): ignored.
-    VG_LOGW("vfio-user: ignoring unsolicited reply id {} command {}", req.msg_id, CommandName(req.command));
+    // A reply to nothing outstanding (late after a timeout, or made up): ignored, and logged
+    // at most 8 times, then once per 1024, so junk cannot become a flood of log lines.
+    ++unsolicited_;
+    if (unsolicited_ <= 8 || unsolicited_ % 1024 == 0)
+      VG_LOGW("vfio-user: ignoring unsolicited reply id {} command {} ({} so far)", req.msg_id,
+              CommandName(req.command), unsolicited_);
     return Ok();
   }
   const CommandSpec* spec = nullptr;
   Result<Reply> r = [&]() -> Result<Reply> {
     VG_TRY(Validate(msg, spec));
-    return (this->*(spec->handler))(msg);
+    // The dispatch boundary: an allocation that fails anywhere below (a handler, the device
+    // model, the engine) is this client's kOutOfMemory, never an exception that unwinds the
+    // loop and aborts every tenant.
+    try {
+      return (this->*(spec->handler))(msg);
+    } catch (const std::bad_alloc&) {
+      return MakeError(Errc::kOutOfMemory, "{}: allocation failed", spec->name);
+    }
   }();
   // msg (and any fd a refused request did not consume) is released at the end of this scope.
   if (!r.ok()) {
     VG_TRY(SendError(req, r.error()));
+  } else if (r->later) {
+    // Answered by PollUnmaps.
   } else if (!msg.no_reply()) {
     VG_TRY(SendLocked(ReplyHeader(req), r->payload, r->fds));
   }
@@ -300,11 +306,11 @@ Result<ServerSession::Reply> ServerSession::HandleDmaMap(Message& m) {
               Errc::kMisaligned, "DMA_MAP addr {:#x} size {:#x} offset {:#x} not page aligned", p.addr, p.size,
               p.offset);
   VG_TRY(CheckedAdd(p.addr, p.size));
-  VG_ERROR_IF(dma_maps_ >= limits_.max_dma_maps, Errc::kLimitExceeded, "DMA_MAP: already {} regions", dma_maps_);
+  // The region count and mapped bytes are bounded by the device's DmaSpace, which charges a
+  // region until its last use ends (a count kept here could not see that end).
   UniqueFd fd = m.fds.empty() ? UniqueFd() : std::move(m.fds[0]);
   DmaMapArgs a{Gpa{p.addr}, ByteSize{p.size}, p.offset, p.flags};
   VG_TRY(dev_.DmaMap(a, std::move(fd)));
-  ++dma_maps_;
   return Reply{};
 }
 
@@ -316,11 +322,37 @@ Result<ServerSession::Reply> ServerSession::HandleDmaUnmap(Message& m) {
     VG_INVALID_IF(p.size == 0, "DMA_UNMAP of zero bytes at {:#x}", p.addr);
     VG_TRY(CheckedAdd(p.addr, p.size));
   }
-  VG_TRY(dev_.DmaUnmap(DmaUnmapArgs{Gpa{p.addr}, ByteSize{p.size}, p.flags}));
-  dma_maps_ = (p.flags & kDmaUnmapAll) || dma_maps_ == 0 ? 0 : dma_maps_ - 1;
+  VG_TRY_ASSIGN(DmaDrain drain, dev_.DmaUnmap(DmaUnmapArgs{Gpa{p.addr}, ByteSize{p.size}, p.flags}));
   Reply r;
   Append(r.payload, p);  // spec: the reply carries the original DMA entry
-  return r;
+  if (drain.Idle() || m.no_reply()) return r;
+  // Work in flight still uses the memory. The client may reuse it only after our reply, and
+  // the loop must not wait: answer from PollUnmaps when the last use ends.
+  unmaps_.push_back(PendingUnmap{m.hdr, std::move(r.payload), std::move(drain),
+                                 std::chrono::steady_clock::now() + std::chrono::milliseconds(limits_.unmap_timeout_ms)});
+  return Reply{{}, {}, true};
+}
+
+// Bounded without a limit of its own: each entry holds at least one busy region that no
+// other entry holds, and busy regions stay charged to the client (DmaLimits::max_regions).
+Result<> ServerSession::PollUnmaps() {
+  auto now = std::chrono::steady_clock::now();
+  for (auto it = unmaps_.begin(); it != unmaps_.end();) {
+    if (it->drain.Idle()) {
+      VG_TRY(SendLocked(ReplyHeader(it->req), it->payload));
+    } else if (now >= it->deadline) {
+      // The region is out of translation already and stays charged to this client until the
+      // work ends (it is cut into submissions of bounded duration); the client learns by name
+      // that its memory is still in use.
+      VG_TRY(SendError(it->req, Error{Errc::kBusy, fmt::format("DMA_UNMAP: {} regions still in use after {} ms",
+                                                               it->drain.Busy(), limits_.unmap_timeout_ms)}));
+    } else {
+      ++it;
+      continue;
+    }
+    it = unmaps_.erase(it);
+  }
+  return Ok();
 }
 
 // ---- Device, region and IRQ info ---------------------------------------------------------
@@ -526,24 +558,38 @@ Result<ServerSession::Reply> ServerSession::HandleUnsupported(Message& m) {
 
 // ---- DmaMessenger -------------------------------------------------------------------------
 
-Result<Message> ServerSession::TwinRoundTrip(const Header& h, std::span<const std::byte> body) {
+Result<Message> ServerSession::TwinRoundTrip(const Header& h, std::span<const std::byte> body,
+                                            std::chrono::steady_clock::time_point deadline) {
   std::lock_guard lk(twin_mu_);
   VG_ERROR_IF(twin_broken_, Errc::kDeviceLost, "twin socket lost sync after an earlier failure");
   auto fail = [&](Error e) {
     twin_broken_ = true;  // a lost or late reply would be taken for the next one's
     return Unexpected{std::move(e)};
   };
+  auto left_ms = [&] {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    return static_cast<int>(std::max<int64_t>(left.count(), 0));
+  };
   if (auto r = twin_->Send(h, body); !r.ok()) return fail(std::move(r).error());
-  if (auto r = twin_->FlushBlocking(limits_.dma_timeout_ms); !r.ok()) return fail(std::move(r).error());
+  if (auto r = twin_->FlushBlocking(left_ms()); !r.ok()) return fail(std::move(r).error());
+  // One absolute deadline: junk the client sends meanwhile does not buy it more time.
   for (;;) {
-    auto rr = twin_->ReceiveBlocking(limits_.dma_timeout_ms);
+    int left = left_ms();
+    if (left <= 0)
+      return fail(Error{Errc::kTimeout, fmt::format("no reply to {} within {} ms", CommandName(h.command),
+                                                    limits_.dma_timeout_ms)});
+    auto rr = twin_->ReceiveBlocking(left);
     if (!rr.ok()) return fail(std::move(rr).error());
     if (rr->type() == kTypeReply && rr->hdr.msg_id == h.msg_id) return std::move(rr).value();
-    VG_LOGW("vfio-user: twin socket: dropping unexpected message id {}", rr->hdr.msg_id);
+    ++twin_dropped_;
+    if (twin_dropped_ <= 8 || twin_dropped_ % 1024 == 0)
+      VG_LOGW("vfio-user: twin socket: dropping unexpected message id {} ({} so far)", rr->hdr.msg_id,
+              twin_dropped_);
   }
 }
 
-Result<Message> ServerSession::MainRoundTrip(const Header& h, std::span<const std::byte> body) {
+Result<Message> ServerSession::MainRoundTrip(const Header& h, std::span<const std::byte> body,
+                                             std::chrono::steady_clock::time_point deadline) {
   VG_ERROR_IF(closing_, Errc::kPeerClosed, "session is closing");
   {
     std::lock_guard lk(pend_mu_);
@@ -557,73 +603,33 @@ Result<Message> ServerSession::MainRoundTrip(const Header& h, std::span<const st
     }
   } clear{this};
   {
+    // Queued, not flushed: the loop's write event sends it (a worker never writes the
+    // socket itself, so it never waits on the loop's lock for a slow client).
     std::lock_guard lk(send_mu_);
     VG_TRY(conn_.Send(h, body));
-    VG_TRY(conn_.FlushBlocking(limits_.dma_timeout_ms));
+    (void)conn_.Flush();
   }
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(limits_.dma_timeout_ms);
-  if (std::this_thread::get_id() != loop_thread_.load()) {
-    // A worker thread: the loop reads the socket and hands the reply over.
-    std::unique_lock lk(pend_mu_);
-    bool got = pend_cv_.wait_until(lk, deadline, [&] { return closing_ || pending_->reply.has_value(); });
-    VG_ERROR_IF(closing_, Errc::kPeerClosed, "client went away during {}", CommandName(h.command));
-    VG_ERROR_IF(!got, Errc::kTimeout, "no reply to {} within {} ms", CommandName(h.command),
-                limits_.dma_timeout_ms);
-    return std::move(*pending_->reply);
-  }
-  // The loop thread itself, inside a handler: nobody else reads the socket, so read here.
-  for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    VG_ERROR_IF(left.count() <= 0, Errc::kTimeout, "no reply to {} within {} ms", CommandName(h.command),
-                limits_.dma_timeout_ms);
-    VG_TRY_ASSIGN(Message m, conn_.ReceiveBlocking(static_cast<int>(left.count())));
-    if (m.type() == kTypeReply && m.hdr.msg_id == h.msg_id && m.hdr.command == h.command) return m;
-    VG_TRY(RouteOrDefer(std::move(m)));
-  }
-}
-
-// Loop thread, while it waits for a DMA reply itself: replies go to a waiting worker (or are
-// dropped as stray), client commands wait in deferred_ and keep their order.
-Result<> ServerSession::RouteOrDefer(Message m) {
-  if (m.type() == kTypeReply) {
-    std::lock_guard lk(pend_mu_);
-    if (pending_ && !pending_->reply && pending_->id == m.hdr.msg_id && pending_->command == m.hdr.command) {
-      pending_->reply = std::move(m);
-      pend_cv_.notify_all();
-    }
-    return Ok();
-  }
-  VG_ERROR_IF(deferred_.size() >= 4096, Errc::kLimitExceeded, "client sent {} commands during one DMA request",
-              deferred_.size());
-  deferred_.push_back(std::move(m));
-  return Ok();
+  // The loop reads the socket and hands the reply over (HandleMessage).
+  std::unique_lock lk(pend_mu_);
+  bool got = pend_cv_.wait_until(lk, deadline, [&] { return closing_ || pending_->reply.has_value(); });
+  VG_ERROR_IF(closing_, Errc::kPeerClosed, "client went away during {}", CommandName(h.command));
+  VG_ERROR_IF(!got, Errc::kTimeout, "no reply to {} within {} ms", CommandName(h.command), limits_.dma_timeout_ms);
+  return std::move(*pending_->reply);
 }
 
 Result<> ServerSession::DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> in, std::span<const std::byte> out) {
   VG_ERROR_IF(!negotiated_, Errc::kBadState, "DMA before the client negotiated");
+  // The loop serves every tenant: it never waits for one client's reply. Callers on the loop
+  // read such memory from a worker thread (the mediator's ring fetcher, the executor).
+  VG_ERROR_IF(std::this_thread::get_id() == loop_thread_.load(), Errc::kWouldBlock,
+              "{} at {:#x} requested on the event loop", CommandName(static_cast<uint16_t>(cmd)), addr.v);
   bool twin;
   {
     std::lock_guard lk(twin_mu_);
     twin = twin_ != nullptr;
   }
-  std::unique_lock dma_lk(dma_mu_, std::defer_lock);
-  if (!twin && std::this_thread::get_id() == loop_thread_.load()) {
-    // A worker's request may be in flight on the main socket, waiting for this very thread
-    // to route its reply: keep reading (routing replies, deferring commands) until it is done.
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(limits_.dma_timeout_ms);
-    while (!dma_lk.try_lock()) {
-      VG_ERROR_IF(std::chrono::steady_clock::now() >= deadline, Errc::kTimeout,
-                  "another DMA request stayed in flight for {} ms", limits_.dma_timeout_ms);
-      auto m = conn_.ReceiveBlocking(10);
-      if (!m.ok()) {
-        if (m.code() == Errc::kTimeout) continue;
-        return Unexpected{std::move(m).error()};
-      }
-      VG_TRY(RouteOrDefer(std::move(*m)));
-    }
-  } else {
-    dma_lk.lock();
-  }
+  std::lock_guard dma_lk(dma_mu_);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(limits_.dma_timeout_ms);
   bool is_read = cmd == Command::kDmaRead;
   const DmaRwWire wire = DmaRwWireOf(dma_rw_layout_);
   uint64_t total = is_read ? in.size() : out.size();
@@ -644,7 +650,7 @@ Result<> ServerSession::DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> 
       body.insert(body.end(), out.begin() + static_cast<ptrdiff_t>(done), out.begin() + static_cast<ptrdiff_t>(done + n));
       body.resize(body.size() + wire.trailing);
     }
-    VG_TRY_ASSIGN(Message rep, twin ? TwinRoundTrip(h, body) : MainRoundTrip(h, body));
+    VG_TRY_ASSIGN(Message rep, twin ? TwinRoundTrip(h, body, deadline) : MainRoundTrip(h, body, deadline));
     VG_ERROR_IF(rep.hdr.command != h.command, Errc::kBadMessage, "DMA reply for command {}", rep.hdr.command);
     VG_ERROR_IF(rep.is_error(), Errc::kIo, "client refused {} at {:#x}+{:#x}: errno {}", CommandName(h.command), at,
                 n, rep.hdr.error);
@@ -712,6 +718,9 @@ Listener::~Listener() {
 void Listener::DropClient() {
   if (version_timer_) event_free(version_timer_);
   version_timer_ = nullptr;
+  if (unmap_timer_) event_free(unmap_timer_);
+  unmap_timer_ = nullptr;
+  unmap_armed_ = false;
   if (read_ev_) event_free(read_ev_);
   if (write_ev_) event_free(write_ev_);
   read_ev_ = write_ev_ = nullptr;
@@ -774,7 +783,7 @@ void Listener::OnClient(int, short what, void* arg) {
   if (!self->session_) return;
   Result<> r;
   if (what & EV_WRITE) r = self->session_->OnWritable();
-  if (r.ok() && ((what & EV_READ) || self->session_->HasDeferred())) r = self->session_->OnReadable();
+  if (r.ok() && (what & EV_READ)) r = self->session_->OnReadable();
   if (!r.ok()) {
     if (r.code() == Errc::kPeerClosed)
       VG_LOGI("vfio-user: {}: client disconnected", self->path_);
@@ -786,8 +795,27 @@ void Listener::OnClient(int, short what, void* arg) {
   self->UpdateEvents();
 }
 
+// While a DMA_UNMAP waits for the last use of its memory, the loop looks again every few
+// milliseconds (a drain has no fd to wake us); it never waits for it.
+void Listener::OnUnmapPoll(int, short, void* arg) {
+  auto* self = static_cast<Listener*>(arg);
+  self->unmap_armed_ = false;
+  if (!self->session_) return;
+  if (Result<> r = self->session_->PollUnmaps(); !r.ok()) {
+    VG_LOGW("vfio-user: {}: dropping client: {}", self->path_, r.error().ToString());
+    self->DropClient();
+    return;
+  }
+  self->UpdateEvents();
+}
+
 void Listener::UpdateEvents() {
   if (!session_) return;
+  if (session_->HasPendingUnmaps() && !unmap_armed_) {
+    if (!unmap_timer_) unmap_timer_ = evtimer_new(base_, &Listener::OnUnmapPoll, this);
+    timeval tv{0, 2000};
+    if (unmap_timer_ && evtimer_add(unmap_timer_, &tv) == 0) unmap_armed_ = true;
+  }
   bool want_write = session_->WantsWrite();
   bool want_read = !session_->OutputBackedUp();
   if (want_write != write_armed_) {

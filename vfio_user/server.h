@@ -9,6 +9,7 @@
 // a log line with ErrcName(code); only framing loss or a dead socket ends the session.
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -35,8 +36,15 @@ struct ServerLimits {
   uint32_t max_msg_fds = 16;               // QEMU refuses more than 16
   uint32_t max_data_xfer_size = 1u << 20;  // spec default
   uint64_t pgsizes = kPageSize;
-  uint32_t max_dma_maps = 1024;
-  int dma_timeout_ms = 5000;               // DMA_READ/WRITE reply wait, as QEMU's client does
+  // Advertised in VERSION; the device's DmaSpace enforces it (DmaLimits::max_regions), with
+  // a region charged until its last use ends.
+  uint32_t max_dma_maps = DmaLimits{}.max_regions;
+  // One DMA_READ/DMA_WRITE transfer (all its chunks) waits at most this long for the client,
+  // on the worker thread that asked (never on the loop), as QEMU's client does.
+  int dma_timeout_ms = 5000;
+  // A DMA_UNMAP is answered when the last use of the removed memory ends (the loop never
+  // waits for it); after this long it is answered kBusy instead.
+  int unmap_timeout_ms = 4000;
   size_t max_pending_output = 8u << 20;    // stop reading from a client that does not read
   // A connected client that has not sent VERSION by then is dropped, so an idle connection
   // cannot hold the device's one client slot (0: no limit).
@@ -63,7 +71,10 @@ class ServerSession final : public DmaMessenger {
   Result<> OnWritable();
   bool WantsWrite() const;
   bool OutputBackedUp() const;
-  bool HasDeferred() const { return !deferred_.empty(); }  // loop thread only
+  // DMA_UNMAPs waiting for the last use of the memory they removed (loop thread only).
+  bool HasPendingUnmaps() const { return !unmaps_.empty(); }
+  // Answers the DMA_UNMAPs whose memory is idle now, and kBusy those past unmap_timeout_ms.
+  Result<> PollUnmaps();
 
   // One framed message through validation and dispatch (also the fuzz entry point).
   Result<> HandleMessage(Message msg);
@@ -71,14 +82,14 @@ class ServerSession final : public DmaMessenger {
   bool negotiated() const { return negotiated_; }
   bool twin_socket() const;
   DmaRwLayout dma_rw_layout() const { return dma_rw_layout_; }
-  uint32_t dma_map_count() const { return dma_maps_; }
   uint64_t refusals() const { return refusals_; }  // loop thread only
 
-  // DmaMessenger. Over the twin socket when negotiated. Otherwise over the main socket (QEMU's
-  // client serves server requests there): from another thread the loop routes the reply to
-  // the waiting caller; from the loop thread itself (inside a handler) the reply is read
-  // inline and client commands that arrive meanwhile are deferred, keeping their order.
-  // One server request is outstanding at a time; each waits up to dma_timeout_ms.
+  // DmaMessenger, for worker threads only. Over the twin socket when negotiated, otherwise
+  // over the main socket (QEMU's client serves server requests there), where the loop routes
+  // the reply to the waiting worker. Called on the loop thread it refuses with kWouldBlock:
+  // the loop never waits on a guest. One server request is outstanding at a time; a
+  // transfer waits at most dma_timeout_ms in all, however many chunks or unrelated
+  // messages the client sends meanwhile.
   Result<> DmaRead(Gpa addr, std::span<std::byte> out) override;
   Result<> DmaWrite(Gpa addr, std::span<const std::byte> data) override;
 
@@ -86,6 +97,13 @@ class ServerSession final : public DmaMessenger {
   struct Reply {
     std::vector<std::byte> payload;
     std::vector<int> fds;  // borrowed; dup'ed by the transport
+    bool later = false;    // the handler answers later (a DMA_UNMAP waiting for its drain)
+  };
+  struct PendingUnmap {
+    Header req;
+    std::vector<std::byte> payload;  // the reply: the original DMA entry
+    DmaDrain drain;
+    std::chrono::steady_clock::time_point deadline;
   };
   using Handler = Result<Reply> (ServerSession::*)(Message&);
   enum class FdRule : uint8_t { kNone, kZeroOrOne, kUpToMax };
@@ -116,9 +134,10 @@ class ServerSession final : public DmaMessenger {
 
   Result<RegionInfo> CheckRegionAccess(uint32_t region, uint64_t offset, uint64_t count, uint32_t need) const;
   Result<> DmaTransfer(Command cmd, Gpa addr, std::span<std::byte> in, std::span<const std::byte> out);
-  Result<Message> TwinRoundTrip(const Header& h, std::span<const std::byte> body);
-  Result<Message> MainRoundTrip(const Header& h, std::span<const std::byte> body);
-  Result<> RouteOrDefer(Message m);
+  Result<Message> TwinRoundTrip(const Header& h, std::span<const std::byte> body,
+                                std::chrono::steady_clock::time_point deadline);
+  Result<Message> MainRoundTrip(const Header& h, std::span<const std::byte> body,
+                                std::chrono::steady_clock::time_point deadline);
   Result<> SendLocked(const Header& h, std::span<const std::byte> payload, std::span<const int> fds = {});
 
   DeviceBackend& dev_;
@@ -131,7 +150,7 @@ class ServerSession final : public DmaMessenger {
   std::atomic<bool> closing_{false};
   bool fatal_ = false;
   std::atomic<std::thread::id> loop_thread_{};
-  std::deque<Message> deferred_;  // client commands read while the loop waited for a DMA reply
+  std::deque<PendingUnmap> unmaps_;  // loop thread only
 
   // The one outstanding server -> client request on the main socket.
   struct Pending {
@@ -146,14 +165,15 @@ class ServerSession final : public DmaMessenger {
   uint32_t peer_max_fds_ = kDefaultMaxMsgFds;
   uint32_t peer_max_xfer_ = kDefaultMaxDataXfer;
   DmaRwLayout dma_rw_layout_ = DmaRwLayout::kQemu;  // set once by VERSION
-  uint32_t dma_maps_ = 0;
   uint64_t refusals_ = 0;
+  uint64_t unsolicited_ = 0;  // replies to nothing outstanding (rate-limits their log line)
 
   mutable std::mutex twin_mu_;
   std::unique_ptr<Connection> twin_;
   std::atomic<int> twin_fd_{-1};  // shut down on close to wake a worker blocked on the twin
   uint16_t next_dma_id_ = 0;
   bool twin_broken_ = false;
+  uint64_t twin_dropped_ = 0;  // unexpected messages on the twin socket (rate-limits the log)
 };
 
 // Serves one device on a unix socket path, one client at a time: a second concurrent
@@ -180,6 +200,7 @@ class Listener {
   bool SessionHungUp() const;
   static void OnClient(int fd, short what, void* arg);
   static void OnVersionTimeout(int fd, short what, void* arg);
+  static void OnUnmapPoll(int fd, short what, void* arg);
   void UpdateEvents();
 
   event_base* base_;
@@ -191,6 +212,8 @@ class Listener {
   event* read_ev_ = nullptr;
   event* write_ev_ = nullptr;
   event* version_timer_ = nullptr;
+  event* unmap_timer_ = nullptr;  // armed while a DMA_UNMAP waits for its drain
+  bool unmap_armed_ = false;
   bool write_armed_ = false;
   bool read_armed_ = false;
   std::unique_ptr<ServerSession> session_;

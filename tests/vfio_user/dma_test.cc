@@ -1,5 +1,7 @@
 // DmaSpace: fd-backed and fd-less regions, spans, pins vs unmap, overflow.
 #include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -111,35 +113,106 @@ TEST_CASE("prot is honoured") {
   CHECK(d.PinRange(Gpa{0x1000}, ByteSize{8}, kDmaWrite).code() == Errc::kAccessDenied);
 }
 
-TEST_CASE("a pin blocks unmap until dropped; unmap times out with kBusy otherwise") {
+TEST_CASE("unmap never waits: a pin keeps the region mapped and charged until dropped") {
   DmaSpace d;
   Guest g(0x2000);
   REQUIRE(d.Map({Gpa{0x4000}, ByteSize{0x2000}, 0, kRW}, g.Dup()).ok());
   auto pin = d.PinRange(Gpa{0x4800}, ByteSize{0x100}, kRW);
   REQUIRE(pin.ok());
+  CHECK(pin->Live());
   CHECK(pin->bytes().size() == 0x100);
   pin->bytes()[0] = std::byte{0x42};
   CHECK(g.map.data()[0x800] == std::byte{0x42});
   CHECK(d.PinRange(Gpa{0x5f00}, ByteSize{0x200}, kRW).code() == Errc::kNotMapped);  // beyond the end
 
-  SUBCASE("times out") {
-    auto t0 = std::chrono::steady_clock::now();
-    CHECK(d.Unmap({Gpa{0x4000}, ByteSize{0x2000}, 0}, 50).code() == Errc::kBusy);
-    CHECK(std::chrono::steady_clock::now() - t0 >= std::chrono::milliseconds(50));
-    // Gone from translation anyway; the pin's memory stays valid.
-    CHECK(!d.Contains(Gpa{0x4000}, ByteSize{1}, kDmaRead));
-    pin->bytes()[1] = std::byte{1};
-  }
-  SUBCASE("waits for the pin") {
-    std::atomic<bool> dropped{false};
-    std::thread t([&] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      dropped = true;
-      Pin gone = std::move(*pin);
-    });
-    CHECK(d.Unmap({Gpa{0x4000}, ByteSize{0x2000}, 0}, 4000).ok());
-    CHECK(dropped);
-    t.join();
+  auto t0 = std::chrono::steady_clock::now();
+  auto drain = d.Unmap({Gpa{0x4000}, ByteSize{0x2000}, 0});
+  REQUIRE(drain.ok());
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(20));
+  CHECK(!drain->Idle());
+  CHECK(drain->Busy() == 1);
+  // Gone from translation at once; the pin's memory stays valid, and charged.
+  CHECK(!d.Contains(Gpa{0x4000}, ByteSize{1}, kDmaRead));
+  CHECK(!pin->Live());
+  pin->bytes()[1] = std::byte{1};
+  CHECK(d.ChargedRegions() == 1);
+  CHECK(d.ChargedBytes() == 0x2000);
+  { Pin gone = std::move(*pin); }
+  CHECK(drain->Idle());
+  CHECK(d.ChargedRegions() == 0);
+  CHECK(d.ChargedBytes() == 0);
+}
+
+TEST_CASE("hostile: an fd that cannot be sealed against shrinking is refused by name") {
+  DmaSpace d;
+  // A memfd created without MFD_ALLOW_SEALING: the guest could truncate it under us (SIGBUS).
+  UniqueFd unsealable(::memfd_create("unsealable", MFD_CLOEXEC));
+  REQUIRE(unsealable.Valid());
+  REQUIRE(::ftruncate(unsealable.Get(), 0x4000) == 0);
+  CHECK(d.Map({Gpa{0x1000}, ByteSize{0x4000}, 0, kRW}, std::move(unsealable)).code() == Errc::kUnsupported);
+  // A plain file (tmpfs or disk) cannot be sealed either.
+  char path[] = "/tmp/vgpu-dma-test-XXXXXX";
+  UniqueFd file(::mkstemp(path));
+  REQUIRE(file.Valid());
+  ::unlink(path);
+  REQUIRE(::ftruncate(file.Get(), 0x4000) == 0);
+  CHECK(d.Map({Gpa{0x1000}, ByteSize{0x4000}, 0, kRW}, std::move(file)).code() == Errc::kUnsupported);
+  CHECK(d.ChargedRegions() == 0);
+  // A sealable memfd is sealed by the map, so the guest can no longer shrink it.
+  Guest g(0x4000);
+  REQUIRE(d.Map({Gpa{0x1000}, ByteSize{0x4000}, 0, kRW}, g.Dup()).ok());
+  CHECK((::fcntl(g.fd.Get(), F_GET_SEALS) & F_SEAL_SHRINK) != 0);
+  CHECK(::ftruncate(g.fd.Get(), 0x1000) != 0);
+}
+
+TEST_CASE("hostile: mapped bytes and regions are bounded per client and in total") {
+  DmaSpace d;
+  d.SetLimits({4, 1ull << 40});
+  auto sparse = [](uint64_t size) {
+    UniqueFd fd = std::move(CreateMemFd("sparse", ByteSize{size}).value());
+    return fd;
+  };
+  // 2 TiB sparse: over the client's 1 TiB.
+  CHECK(d.Map({Gpa{0}, ByteSize{2ull << 40}, 0, kDmaRead}, sparse(2ull << 40)).code() == Errc::kLimitExceeded);
+  REQUIRE(d.Map({Gpa{0}, ByteSize{512ull << 30}, 0, kDmaRead}, sparse(512ull << 30)).ok());
+  CHECK(d.Map({Gpa{1ull << 40}, ByteSize{768ull << 30}, 0, kDmaRead}, sparse(768ull << 30)).code() ==
+        Errc::kLimitExceeded);
+  CHECK(d.ChargedBytes() == (512ull << 30));
+  // fd-less regions cost no address space but count.
+  for (uint64_t i = 0; i < 3; ++i) REQUIRE(d.Map({Gpa{(2ull << 40) + i * 0x1000}, ByteSize{0x1000}, 0, kRW}, UniqueFd()).ok());
+  CHECK(d.Map({Gpa{3ull << 40}, ByteSize{0x1000}, 0, kRW}, UniqueFd()).code() == Errc::kLimitExceeded);
+  // The daemon-wide total binds every client together.
+  uint64_t old_total = DmaBudget::Total();
+  DmaBudget::SetTotal(DmaBudget::Used() + (256ull << 30));
+  DmaSpace other;
+  CHECK(other.Map({Gpa{0}, ByteSize{512ull << 30}, 0, kDmaRead}, sparse(512ull << 30)).code() ==
+        Errc::kLimitExceeded);
+  REQUIRE(other.Map({Gpa{0}, ByteSize{256ull << 30}, 0, kDmaRead}, sparse(256ull << 30)).ok());
+  REQUIRE(other.Unmap({Gpa{0}, ByteSize{256ull << 30}, 0})->Idle());
+  DmaBudget::SetTotal(old_total);
+  REQUIRE(d.Unmap({Gpa{0}, ByteSize{0}, kDmaUnmapAll})->Idle());
+  CHECK(d.ChargedBytes() == 0);
+  CHECK(d.ChargedRegions() == 0);
+}
+
+TEST_CASE("the region count is charged until the last use ends, then released (kBusy unmaps do not leak it)") {
+  DmaSpace d;
+  d.SetLimits({2, 1ull << 30});
+  Guest g(0x1000);
+  std::vector<Pin> pins;
+  for (int i = 0; i < 50; ++i) {
+    REQUIRE(d.Map({Gpa{0x1000}, ByteSize{0x1000}, 0, kRW}, g.Dup()).ok());
+    pins.push_back(d.PinRange(Gpa{0x1000}, ByteSize{0x10}, kRW).value());
+    auto drain = d.Unmap({Gpa{0x1000}, ByteSize{0x1000}, 0});
+    REQUIRE(drain.ok());
+    CHECK(!drain->Idle());
+    // Still in use: still charged, so a second one fits and a third does not.
+    REQUIRE(d.Map({Gpa{0x3000}, ByteSize{0x1000}, 0, kRW}, g.Dup()).ok());
+    CHECK(d.Map({Gpa{0x5000}, ByteSize{0x1000}, 0, kRW}, g.Dup()).code() == Errc::kLimitExceeded);
+    REQUIRE(d.Unmap({Gpa{0x3000}, ByteSize{0x1000}, 0})->Idle());
+    pins.clear();  // the work ends
+    CHECK(drain->Idle());
+    CHECK(d.ChargedRegions() == 0);
   }
 }
 
@@ -192,7 +265,7 @@ TEST_CASE("concurrent reads while the loop maps and unmaps") {
   });
   for (int i = 0; i < 500; ++i) {
     REQUIRE(d.Map({Gpa{0x8000}, ByteSize{0x1000}, 0, kRW}, g.Dup()).ok());
-    REQUIRE(d.Unmap({Gpa{0x8000}, ByteSize{0x1000}, 0}).ok());
+    REQUIRE(d.Unmap({Gpa{0x8000}, ByteSize{0x1000}, 0}).ok());  // (the reader's copy may still hold it)
   }
   stop = true;
   t.join();

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include "vfio_user/vfio_user.h"
@@ -88,7 +89,8 @@ class FakeDevice : public DeviceBackend {
     return Ok();
   }
   // A write to BAR0 kDmaKick makes the device read 4 bytes of guest memory at dma_probe
-  // synchronously (in the loop thread) and latch them at BAR0 kDmaKick + 4.
+  // synchronously (in the loop thread: refused with kWouldBlock when that memory has no fd)
+  // and latch them at BAR0 kDmaKick + 4.
   static constexpr uint64_t kDmaKick = 0x100;
   uint64_t dma_probe = 0;
   Result<> RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) override {
@@ -107,8 +109,11 @@ class FakeDevice : public DeviceBackend {
     return Ok();
   }
   Result<> DmaMap(const DmaMapArgs& a, UniqueFd fd) override { return dma.Map(a, std::move(fd)); }
-  Result<> DmaUnmap(const DmaUnmapArgs& a) override { return dma.Unmap(a, 200); }
+  Result<DmaDrain> DmaUnmap(const DmaUnmapArgs& a) override { return dma.Unmap(a); }
   Result<> Reset() override {
+    // A device model whose allocation fails (the engine, a big vector): the protocol layer
+    // must turn it into kOutOfMemory for this client, not let it unwind the loop.
+    if (reset_throws_bad_alloc) throw std::bad_alloc();
     ++resets;
     std::lock_guard lk(mu);
     std::fill(bar0_.begin(), bar0_.end(), std::byte{0});
@@ -119,6 +124,7 @@ class FakeDevice : public DeviceBackend {
   const EventFd& doorbell() const { return doorbell_; }
   const UniqueFd& bar2_fd() const { return bar2_fd_; }
 
+  bool reset_throws_bad_alloc = false;
   std::mutex mu;
   DmaSpace dma;
   std::vector<WriteRecord> writes;

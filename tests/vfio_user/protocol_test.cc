@@ -1,6 +1,9 @@
 // ServerSession validation and dispatch, driven message by message over a socketpair with a
 // raw Connection as the client (no threads: the test pumps the session itself).
 #include <doctest/doctest.h>
+#include <chrono>
+#include <atomic>
+#include <thread>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -453,9 +456,10 @@ TEST_CASE("REGION_WRITE_MULTI") {
   Harness h;
   h.Negotiate();
   auto multi = [](std::vector<WriteOne> ws) {
-    std::vector<std::byte> b;
-    Append(b, WriteMultiPayload{ws.size()});
-    for (auto& w : ws) Append(b, w);
+    WriteMultiPayload p{ws.size()};
+    std::vector<std::byte> b(sizeof p + ws.size() * sizeof(WriteOne));  // sized once (see Access)
+    std::memcpy(b.data(), &p, sizeof p);
+    if (!ws.empty()) std::memcpy(b.data() + sizeof p, ws.data(), ws.size() * sizeof(WriteOne));
     return b;
   };
   WriteOne a{0x30, kBar0Region, 4, {1, 2, 3, 4}};
@@ -514,7 +518,7 @@ TEST_CASE("DMA_MAP / DMA_UNMAP validation") {
   CHECK(h.dev.dma.RegionCount() == 1);
   // fd-less mapping is accepted (DMA_READ/WRITE then).
   CHECK(!map(0x300000, 0x1000).is_error());
-  CHECK(h.s->dma_map_count() == 2);
+  CHECK(h.dev.dma.ChargedRegions() == 2);
 
   auto unmap = [&](uint64_t addr, uint64_t size, uint32_t flags = 0) {
     return h.Call(Command::kDmaUnmap, Pod(DmaUnmapPayload{24, flags, addr, size}));
@@ -531,10 +535,9 @@ TEST_CASE("DMA_MAP / DMA_UNMAP validation") {
   CHECK(h.dev.dma.RegionCount() == 0);
 }
 
-TEST_CASE("DMA_MAP: max_dma_maps enforced") {
-  ServerLimits l;
-  l.max_dma_maps = 2;
-  Harness h(l);
+TEST_CASE("DMA_MAP: the device's region limit enforced") {
+  Harness h;
+  h.dev.dma.SetLimits({2, 1ull << 30});
   h.Negotiate();
   for (uint64_t i = 0; i < 2; ++i)
     CHECK(!h.Call(Command::kDmaMap, Pod(DmaMapPayload{32, kDmaRead, 0, i * 0x1000, 0x1000})).is_error());
@@ -570,6 +573,106 @@ TEST_CASE("disconnect: OnDisconnect drops DMA mappings and IRQ eventfds") {
   CHECK(h->dev.disconnects == 1);
   CHECK(h->dev.dma.RegionCount() == 0);
   CHECK(!h->dev.irqs().HasEventFd(kIrqMsi, 0));
+}
+
+}  // namespace vg::vfio_user::test
+
+namespace vg::vfio_user::test {
+
+TEST_CASE("hostile: an allocation failure in a handler is kOutOfMemory to that client, the session goes on") {
+  Harness h;
+  h.Negotiate();
+  h.dev.reset_throws_bad_alloc = true;
+  CheckError(h.Call(Command::kDeviceReset, {}), Errc::kOutOfMemory);
+  h.dev.reset_throws_bad_alloc = false;
+  CHECK(!h.Call(Command::kDeviceReset, {}).is_error());
+}
+
+TEST_CASE("hostile: DMA_UNMAP of memory in use is answered when the last use ends; the loop never waits") {
+  ServerLimits l;
+  l.unmap_timeout_ms = 300;
+  Harness h(l);
+  h.Negotiate();
+  auto mem = CreateMemFd("g", ByteSize{0x4000}).value();
+  int fd = mem.Get();
+  REQUIRE(!h.Call(Command::kDmaMap, Pod(DmaMapPayload{32, kDmaRead | kDmaWrite, 0, 0x100000, 0x4000}),
+                  std::span<const int>(&fd, 1))
+               .is_error());
+  auto pin = h.dev.dma.PinRange(Gpa{0x100000}, ByteSize{0x100}, kDmaRead);
+  REQUIRE(pin.ok());
+  // In use: the handler returns at once, no reply yet; other commands are served meanwhile.
+  auto t0 = std::chrono::steady_clock::now();
+  uint16_t unmap_id = h.Send(Command::kDmaUnmap, Pod(DmaUnmapPayload{24, 0, 0x100000, 0x4000}));
+  REQUIRE(h.Pump().ok());
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(50));
+  CHECK(h.s->HasPendingUnmaps());
+  CHECK(!h.dev.dma.Contains(Gpa{0x100000}, ByteSize{1}, kDmaRead));  // out of translation at once
+  Message info = h.Call(Command::kDeviceGetInfo, Pod(DeviceInfoPayload{16, 0, 0, 0}));
+  CHECK(!info.is_error());
+  REQUIRE(h.s->PollUnmaps().ok());
+  CHECK(h.s->HasPendingUnmaps());
+  // The work ends: the next poll answers the DMA_UNMAP, successfully.
+  { Pin gone = std::move(*pin); }
+  REQUIRE(h.s->PollUnmaps().ok());
+  Message m = h.Recv();
+  CHECK(m.hdr.msg_id == unmap_id);
+  CHECK(!m.is_error());
+  CHECK(!h.s->HasPendingUnmaps());
+  CHECK(h.dev.dma.ChargedRegions() == 0);
+
+  // Work that outlives the bound: kBusy by name after unmap_timeout_ms; the region stays
+  // charged until the work ends, then is released (no leaked count).
+  mem = CreateMemFd("g", ByteSize{0x4000}).value();
+  fd = mem.Get();
+  REQUIRE(!h.Call(Command::kDmaMap, Pod(DmaMapPayload{32, kDmaRead, 0, 0x100000, 0x4000}), std::span<const int>(&fd, 1))
+               .is_error());
+  pin = h.dev.dma.PinRange(Gpa{0x100000}, ByteSize{0x100}, kDmaRead);
+  REQUIRE(pin.ok());
+  unmap_id = h.Send(Command::kDmaUnmap, Pod(DmaUnmapPayload{24, 0, 0x100000, 0x4000}));
+  REQUIRE(h.Pump().ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(350));
+  REQUIRE(h.s->PollUnmaps().ok());
+  Message busy = h.Recv();
+  CHECK(busy.hdr.msg_id == unmap_id);
+  CheckError(busy, Errc::kBusy);
+  CHECK(h.dev.dma.ChargedRegions() == 1);
+  { Pin gone = std::move(*pin); }
+  CHECK(h.dev.dma.ChargedRegions() == 0);
+}
+
+TEST_CASE("hostile: junk on the twin socket does not extend a DMA_READ's wait past its deadline") {
+  ServerLimits l;
+  l.dma_timeout_ms = 400;
+  Harness h(l);
+  Message m = h.Version(R"({"capabilities":{"twin_socket":{"supported":true}}})");
+  REQUIRE(!m.is_error());
+  REQUIRE(m.fds.size() == 1);
+  Connection twin(std::move(m.fds[0]), 1u << 20, 0);
+  REQUIRE(h.dev.dma.Map({Gpa{0x200000}, ByteSize{0x1000}, 0, kDmaRead}, UniqueFd()).ok());
+  std::atomic<bool> done{false};
+  Result<> got = Ok();
+  auto t0 = std::chrono::steady_clock::now();
+  std::thread worker([&] {
+    std::byte buf[16];
+    got = h.dev.dma.Read(Gpa{0x200000}, buf);
+    done = true;
+  });
+  // The client answers with junk every 100 ms (a reply to another id), never the reply.
+  uint16_t junk_id = 0x7000;
+  while (!done && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5)) {
+    Header j;
+    j.msg_id = junk_id++;
+    j.command = static_cast<uint16_t>(Command::kDmaRead);
+    j.flags = kTypeReply;
+    (void)twin.Send(j, {});
+    (void)twin.FlushBlocking(100);
+    (void)twin.Receive();  // drain what the server sent
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  worker.join();
+  auto took = std::chrono::steady_clock::now() - t0;
+  CHECK(got.code() == Errc::kTimeout);
+  CHECK(took < std::chrono::milliseconds(1500));
 }
 
 }  // namespace vg::vfio_user::test

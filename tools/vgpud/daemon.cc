@@ -64,11 +64,12 @@ Result<std::string> Daemon::StartVgpu(const mediator::VgpuConfig& cfg) {
   Instance inst;
   mediator::VgpuConfig with_engine = cfg;
   with_engine.engine = engine_.get();
+  with_engine.dma_limits = opts_.dma;
   VG_TRY_ASSIGN(inst.vgpu, mediator::Vgpu::Create(with_engine));
   // Remoting first: the e2e harness waits for the vfio-user socket as "ready".
   VG_TRY_ASSIGN(inst.remoting, remoting::Listener::Create(base_, *engine_, RemotingSocketPath(cfg.uuid)));
   std::string path = SocketPath(cfg.uuid);
-  VG_TRY_ASSIGN(inst.listener, vfio_user::Listener::Create(base_, path, *inst.vgpu));
+  VG_TRY_ASSIGN(inst.listener, vfio_user::Listener::Create(base_, path, *inst.vgpu, opts_.vfio));
   inst.doorbell_ev = event_new(base_, inst.vgpu->doorbell().Get(), EV_READ | EV_PERSIST, &Daemon::OnDoorbell,
                                inst.vgpu.get());
   event_add(inst.doorbell_ev, nullptr);

@@ -23,6 +23,8 @@ namespace vg::daemon {
 struct DaemonOptions {
   std::string runtime_dir = "/run/vgpud";
   std::string gpu;  // engine device override (name substring or index); empty: policy
+  vfio_user::ServerLimits vfio;  // per vfio-user client
+  vfio_user::DmaLimits dma;      // per client's DMA space (the total: vfio_user::DmaBudget)
 };
 
 class Daemon {

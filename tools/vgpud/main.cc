@@ -81,6 +81,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> vgpus;
   std::string log_level = "info";
   std::string root, types_file, budget = "4G", control, control_group, parent;
+  std::string dma_client = "4T", dma_total = "32T";
   bool no_tree = false;
   app.add_option("--runtime-dir", opts.runtime_dir, "where <uuid>.sock sockets are created")->capture_default_str();
   app.add_option("--vgpu", vgpus, "UUID[:TYPE] to start at launch, transient (repeatable; TYPE default small)");
@@ -95,11 +96,29 @@ int main(int argc, char** argv) {
   app.add_flag("--no-mdev-tree", no_tree, "do not serve the mdev tree (no FUSE) even with --root");
   app.add_option("--parent", parent, "mdev parent name (default: the GPU's PCI address, else vgpud0)");
   app.add_option("--log-level", log_level, "debug|info|warn|error")->capture_default_str();
+  app.add_option("--dma-max-bytes", dma_client,
+                 "guest memory (fd-backed DMA_MAP bytes) one client may map into the daemon (4T, bytes)")
+      ->capture_default_str();
+  app.add_option("--dma-total-bytes", dma_total, "guest memory all clients together may map into the daemon")
+      ->capture_default_str();
+  app.add_option("--dma-max-regions", opts.dma.max_regions, "DMA regions per client, charged until their last use")
+      ->capture_default_str();
+  app.add_option("--dma-unmap-timeout-ms", opts.vfio.unmap_timeout_ms,
+                 "a DMA_UNMAP whose memory is still in use is answered kBusy after this long")
+      ->capture_default_str();
   app.add_option("--gpu", opts.gpu, "Vulkan device: name substring or index (default: a GPU, else lavapipe)");
   CLI11_PARSE(app, argc, argv);
   if (log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (log_level == "warn") SetLogLevel(LogLevel::kWarn);
   if (log_level == "error") SetLogLevel(LogLevel::kError);
+
+  auto dma_client_bytes = ParseSize(dma_client);
+  if (!dma_client_bytes) return Fail(2, dma_client_bytes.error());
+  auto dma_total_bytes = ParseSize(dma_total);
+  if (!dma_total_bytes) return Fail(2, dma_total_bytes.error());
+  opts.dma.max_bytes = *dma_client_bytes;
+  opts.vfio.max_dma_maps = opts.dma.max_regions;
+  vfio_user::DmaBudget::SetTotal(*dma_total_bytes);
 
   daemon::ServiceOptions so;
   auto budget_bytes = ParseSize(budget);
