@@ -35,11 +35,7 @@ namespace w = wire;
 constexpr int kMaxRefillsPerTurn = 4;
 constexpr int kMaxCommandsPerTurn = 256;
 constexpr uint64_t kMaxCopyBytesPerTurn = 4ull << 20;
-// Connections that have not finished the handshake: each must send its Hello within
-// kHandshakeTimeoutMs, and at most kMaxPendingHandshakes wait at once per listener (the
-// oldest is refused to make room). They never count toward Limits::max_clients.
-constexpr int kHandshakeTimeoutMs = 2000;
-constexpr size_t kMaxPendingHandshakes = 8;
+
 // Backpressure: a client may have this many engine submissions of at most kMaxOpsPerBatch
 // ops queued; past that its ring stops draining (and the client waits for space), so one
 // client cannot fill the engine's queue ahead of everyone else, nor leave minutes of
@@ -181,10 +177,10 @@ class ListenerImpl final : public Listener {
     std::vector<Session*> waiting;
     for (auto& [sid, se] : sessions_)
       if (se->pending()) waiting.push_back(se.get());
-    if (waiting.size() >= kMaxPendingHandshakes) {
+    if (!waiting.empty() && waiting.size() >= limits_.max_pending_handshakes) {
       ++stats_.refused;
-      waiting.front()->Refuse(Errc::kLimitExceeded,
-                              fmt::format("over {} connections waiting for their handshake", kMaxPendingHandshakes));
+      waiting.front()->Refuse(Errc::kLimitExceeded, fmt::format("over {} connections waiting for their handshake",
+                                                                limits_.max_pending_handshakes));
     }
     uint32_t id = next_id_++;
     sessions_.emplace(id, std::make_unique<Session>(*this, id, std::move(sock)));
@@ -252,7 +248,8 @@ Session::Session(ListenerImpl& owner, uint32_t id, UniqueFd sock)
   event_add(sock_ev_, nullptr);
   resume_ev_ = evtimer_new(owner_.base_, &Session::OnResume, this);
   deadline_ev_ = evtimer_new(owner_.base_, &Session::OnHandshakeTimeout, this);
-  timeval tv{kHandshakeTimeoutMs / 1000, (kHandshakeTimeoutMs % 1000) * 1000};
+  const uint32_t ms = owner_.limits_.handshake_timeout_ms;
+  timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>((ms % 1000) * 1000)};
   if (deadline_ev_) evtimer_add(deadline_ev_, &tv);
 }
 
@@ -267,7 +264,7 @@ void Session::OnHandshakeTimeout(int, short, void* arg) {
   auto* s = static_cast<Session*>(arg);
   if (!s->pending()) return;
   ++s->owner_.stats_.refused;
-  s->Refuse(Errc::kTimeout, fmt::format("no Hello within {} ms", kHandshakeTimeoutMs));
+  s->Refuse(Errc::kTimeout, fmt::format("no Hello within {} ms", s->owner_.limits_.handshake_timeout_ms));
 }
 
 void Session::OnResume(int, short, void* arg) { static_cast<Session*>(arg)->Process(); }
