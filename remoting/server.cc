@@ -617,6 +617,7 @@ void Session::Process() {
       // client publishes whole commands, so the tail is always a command boundary).
       cursor_ = d.advance ? cursor_ + d.advance : backlog_.size();
     }
+    copy_done_ = 0;  // the cursor moved on: no WRITE/READ is half copied
     head_ = backlog_pos_ + static_cast<uint32_t>(cursor_);
     PublishHead();
     if (dead_) return;

@@ -333,7 +333,7 @@ TEST_CASE("publishes while the daemon is awake send no wake-up; one after it idl
     REQUIRE(s.ok());
     seq = *s;
   }
-  const RemotingCounters busy = c->counters();
+  const guest::RemotingCounters busy = c->counters();
   const bool still_running = c->completed() < *long_seq;
   MESSAGE("while busy: " << busy.wakes_sent << " wakes, " << busy.wakes_suppressed << " suppressed of "
                          << busy.publishes << " publishes");
