@@ -90,7 +90,7 @@ class Session {
   void Yield();
   // A WRITE or READ, copied at most `budget` bytes per turn; false while bytes remain.
   bool CopyStep(std::span<std::byte> dst, std::span<const std::byte> src, uint64_t& budget);
-  engine::BufferRef Charged(engine::BufferRef raw, uint64_t size);
+  engine::BufferRef Charged(engine::BufferRef raw, uint64_t size, std::shared_ptr<Mapping> memory);
   void PublishHead() { w::StoreShared<uint32_t>(area(), w::kHeadOffset, head_); }
   void SetFlags(uint32_t f) { w::StoreShared<uint32_t>(area(), w::kStatusFlagsOffset, f, std::memory_order_seq_cst); }
   std::byte* area() const { return area_.data(); }
@@ -473,14 +473,16 @@ Result<> Session::ValidateOnEngine(const Command& c) const {
   return owner_.engine_.Validate(one);
 }
 
-engine::BufferRef Session::Charged(engine::BufferRef raw, uint64_t size) {
+engine::BufferRef Session::Charged(engine::BufferRef raw, uint64_t size, std::shared_ptr<Mapping> memory) {
   // The quota holds a buffer's bytes until its last use ends, not until DESTROY: the
   // session's map, a queued submission and an in-flight one each hold this reference, and
   // whichever drops it last (the loop, or the engine's completion thread) refunds the
   // bytes through released_ and wakes the loop, which may have a CREATE waiting for them.
   engine::Buffer* p = raw.get();
-  return engine::BufferRef(p, [raw = std::move(raw), released = released_, done = done_, size](engine::Buffer*) mutable {
+  return engine::BufferRef(p, [raw = std::move(raw), memory = std::move(memory), released = released_, done = done_,
+                               size](engine::Buffer*) mutable {
     raw.reset();
+    memory.reset();  // after the engine's buffer, which points into it
     released->fetch_add(size);
     (void)done->Signal();  // ours, never shared: a plain non-blocking write
   });
@@ -499,9 +501,23 @@ bool Session::CopyStep(std::span<std::byte> dst, std::span<const std::byte> src,
 Result<bool> Session::Execute(const Command& c) {
   const uint32_t pos = backlog_pos_ + static_cast<uint32_t>(cursor_);
   if (const auto* cr = std::get_if<w::CreateBufferCmd>(&c.payload)) {
-    VG_TRY_ASSIGN(auto buf, owner_.engine_.CreateBuffer(ByteSize{cr->size}));
+    // Engine::CreateBuffer zeroes the whole buffer on this thread. A buffer larger than a
+    // turn's copy budget is memfd pages instead: zero by construction, supplied by the
+    // kernel when first touched (by a bounded WRITE turn, or the GPU), so a 256 MiB CREATE
+    // costs the loop an mmap, not a 256 MiB memset. (At most max_bytes / 4 MiB = 128 such
+    // mappings per client; the fd is closed at once.)
+    engine::BufferRef buf;
+    std::shared_ptr<Mapping> memory;
+    if (cr->size > kMaxCopyBytesPerTurn) {
+      VG_TRY_ASSIGN(UniqueFd fd, CreateMemFd("vgpud-remoting-buffer", ByteSize{cr->size}));
+      VG_TRY_ASSIGN(Mapping m, Mapping::Map(fd, ByteSize{cr->size}, 0));
+      memory = std::make_shared<Mapping>(std::move(m));
+      VG_TRY_ASSIGN(buf, owner_.engine_.WrapHostMemory(memory->bytes()));
+    } else {
+      VG_TRY_ASSIGN(buf, owner_.engine_.CreateBuffer(ByteSize{cr->size}));
+    }
     objects_.DoCreate(*cr);
-    buffers_[cr->id] = Charged(std::move(buf), cr->size);
+    buffers_[cr->id] = Charged(std::move(buf), cr->size, std::move(memory));
   } else if (const auto* de = std::get_if<w::DestroyBufferCmd>(&c.payload)) {
     VG_TRY_ASSIGN(const ObjectTable::Object* o, objects_.Lookup(de->id));
     objects_.Retain(o->size);  // still charged until the last reference dies (Charged)

@@ -282,19 +282,23 @@ TEST_CASE("hostile vfio-user: the doorbell ioeventfd made blocking and drained u
 
 TEST_CASE("hostile remoting: 256 MiB WRITE and READ storms are cut into bounded loop turns") {
   TwoVgpus f;
-  Victim v(f.daemon.Socket(1));
   constexpr uint64_t kBig = 256ull << 20;  // Limits::max_buffer, and the heap
   RawRemote r(f.remote, 64 << 10, kBig);
   REQUIRE(r.status() == Errc::kOk);
   for (size_t i = 0; i < kBig; i += 4096) r.heap()[i] = std::byte{static_cast<uint8_t>(i >> 12)};
+  // The buffer first, before the victim starts: CREATE zeroes its 256 MiB in the engine, in
+  // one piece, on the loop (not yet bounded, see docs/remoting-protocol.md section 8);
+  // this test is about the copies.
+  r.Publish(Stream().Cmd(w::Op::kCreateBuffer, w::CreateBufferCmd{1, 0, kBig}).Cmd(w::Op::kFence, w::FenceCmd{1}));
+  REQUIRE(r.WaitFence(1, Scaled(30000)));
+  Victim v(f.daemon.Socket(1));
   Stream s;
-  s.Cmd(w::Op::kCreateBuffer, w::CreateBufferCmd{1, 0, kBig});
   for (int i = 0; i < 12; ++i) s.Cmd(w::Op::kWrite, w::WriteCmd{1, 0, 0, 0, kBig});
   for (int i = 0; i < 4; ++i) s.Cmd(w::Op::kRead, w::ReadCmd{1, 0, 0, 0, kBig, uint64_t(i) + 1});
-  s.Cmd(w::Op::kFence, w::FenceCmd{1});
+  s.Cmd(w::Op::kFence, w::FenceCmd{2});
   auto t0 = Clock::now();
   r.Publish(s);
-  REQUIRE(r.WaitFence(1, Scaled(120000)));
+  REQUIRE(r.WaitFence(2, Scaled(120000)));
   double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   CHECK(r.errors() == 0);
   CHECK(r.heap()[4096 * 77] == std::byte{77});  // the READs brought the bytes back
