@@ -341,7 +341,9 @@ TEST_CASE("publishes while the daemon is awake send no wake-up; one after it idl
   CHECK(busy.publishes == kBusy);
   CHECK(busy.wakes_sent == 0);
   REQUIRE(c->Wait(seq, 120000).ok());
-  // Now idle: the next publish must kick, or it would never run.
+  // Now idle (the daemon stores IDLE just after its last reply: give it time to): the next
+  // publish must kick, or it would never run.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
   c->ResetCounters();
   REQUIRE(c->Fill(*b, 0, 4096, 0xabcd).ok());
   REQUIRE(c->Wait(*c->Submit(), 10000).ok());
