@@ -4,9 +4,15 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstring>
+#include <ctime>
+#include <mutex>
 
 namespace vg {
 
@@ -85,6 +91,135 @@ Result<uint64_t> EventFd::Wait(int timeout_ms) const {
     VG_ERROR_IF(r < 0, Errc::kIo, "poll: {}", std::strerror(errno));
     VG_ERROR_IF(r == 0, Errc::kTimeout, "eventfd not signalled within {} ms", timeout_ms);
     return Drain();
+  }
+}
+
+namespace {
+
+// The guard for a guest-held eventfd's read or write: a per-thread POSIX timer that sends
+// kGuardSignal to this thread every kGuardMs while armed. The handler does nothing and is
+// installed without SA_RESTART, so a read or write the guest made block returns EINTR at
+// the next tick. Periodic, not one-shot: a tick that lands just before the syscall (this
+// thread preempted) is followed by another while the syscall blocks.
+int GuardSignal() { return SIGRTMIN + 7; }
+
+void NoOpHandler(int) {}
+
+class GuardTimer {
+ public:
+  GuardTimer() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      struct sigaction sa {};
+      sa.sa_handler = &NoOpHandler;
+      sigemptyset(&sa.sa_mask);
+      sa.sa_flags = 0;  // no SA_RESTART: the blocked syscall must return EINTR
+      ::sigaction(GuardSignal(), &sa, nullptr);
+    });
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, GuardSignal());
+    ::pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+    sigevent sev{};
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = GuardSignal();
+    sev._sigev_un._tid = static_cast<pid_t>(::syscall(SYS_gettid));
+    ok_ = ::timer_create(CLOCK_MONOTONIC, &sev, &timer_) == 0;
+  }
+  ~GuardTimer() {
+    if (ok_) ::timer_delete(timer_);
+  }
+  GuardTimer(const GuardTimer&) = delete;
+  GuardTimer& operator=(const GuardTimer&) = delete;
+
+  bool ok() const { return ok_; }
+  void Arm(bool on) {
+    itimerspec its{};
+    if (on) its.it_value = its.it_interval = timespec{0, EventFd::kGuardMs * 1'000'000L};
+    ::timer_settime(timer_, 0, &its, nullptr);
+  }
+
+ private:
+  timer_t timer_{};
+  bool ok_ = false;
+};
+
+GuardTimer& ThreadGuard() {
+  thread_local GuardTimer t;
+  return t;
+}
+
+// One read or write of 8 bytes that returns within kGuardMs even on a blocking fd.
+ssize_t GuardedIo(int fd, uint64_t* v, bool write) {
+  GuardTimer& g = ThreadGuard();
+  if (!g.ok()) {
+    errno = EAGAIN;  // no timer, no blocking syscall: report "nothing done"
+    return -1;
+  }
+  g.Arm(true);
+  ssize_t r = write ? ::write(fd, v, sizeof *v) : ::read(fd, v, sizeof *v);
+  const int e = errno;
+  g.Arm(false);
+  errno = e;
+  return r;
+}
+
+}  // namespace
+
+Result<uint64_t> EventFd::TryDrain() const {
+  uint64_t v = 0;
+  iovec iov{&v, sizeof v};
+  ssize_t r = ::preadv2(fd_.Get(), &iov, 1, -1, RWF_NOWAIT);
+  if (r < 0 && errno == EOPNOTSUPP) {
+    // No IOCB_NOWAIT for eventfd on this kernel: poll first (the common empty case costs
+    // no timer), then the guarded read (the guest may drain it between the two).
+    pollfd p{fd_.Get(), POLLIN, 0};
+    if (::poll(&p, 1, 0) <= 0 || !(p.revents & POLLIN)) return uint64_t{0};
+    r = GuardedIo(fd_.Get(), &v, false);
+  }
+  if (r == sizeof v) return v;
+  if (r < 0 && (errno == EAGAIN || errno == EINTR)) return uint64_t{0};
+  return MakeError(Errc::kIo, "eventfd read: {}", r < 0 ? std::strerror(errno) : "short read");
+}
+
+Result<> EventFd::TrySignal() const {
+  // Readable already (counter > 0): the waiter will wake; a write could only add to a
+  // counter the guest may have filled to the brim.
+  pollfd p{fd_.Get(), POLLIN, 0};
+  int n = ::poll(&p, 1, 0);
+  VG_ERROR_IF(n < 0 && errno != EINTR, Errc::kIo, "poll: {}", std::strerror(errno));
+  if (n > 0 && (p.revents & POLLIN)) return Ok();
+  VG_ERROR_IF(n > 0 && (p.revents & (POLLERR | POLLNVAL)), Errc::kIo, "eventfd in error state");
+  uint64_t one = 1;
+  ssize_t r = GuardedIo(fd_.Get(), &one, true);
+  // EINTR/EAGAIN: the guest raced the counter up to its maximum; it is readable.
+  VG_ERROR_IF(r != sizeof one && errno != EAGAIN && errno != EINTR, Errc::kIo, "eventfd write: {}",
+              std::strerror(errno));
+  return Ok();
+}
+
+Result<UniqueFd> AcceptConnection(int listen_fd) {
+  // One spare descriptor per process, taken while the table has room, so that at EMFILE
+  // there is one to give up. The loop thread is the only caller.
+  static UniqueFd reserve;
+  if (!reserve.Valid()) reserve = UniqueFd(::eventfd(0, EFD_CLOEXEC));
+  for (;;) {
+    int c = ::accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (c >= 0) return UniqueFd(c);
+    if (errno == EINTR || errno == ECONNABORTED) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return MakeError(Errc::kBusy, "no connection waiting");
+    if (errno == EMFILE || errno == ENFILE) {
+      const int e = errno;
+      if (reserve.Valid()) {
+        reserve = UniqueFd();
+        UniqueFd shed(::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC));
+        shed = UniqueFd();
+        reserve = UniqueFd(::eventfd(0, EFD_CLOEXEC));
+      }
+      return MakeError(Errc::kLimitExceeded, "accept: {} (one waiting connection shed; backing off {} ms)",
+                       std::strerror(e), kAcceptBackoffMs);
+    }
+    return MakeError(Errc::kIo, "accept: {}", std::strerror(errno));
   }
 }
 

@@ -71,6 +71,22 @@ class EventFd {
   Result<uint64_t> Drain() const;
   // Blocks up to timeout_ms (-1 forever) for the fd to become readable, then drains.
   Result<uint64_t> Wait(int timeout_ms) const;
+
+  // For an eventfd a guest also holds (the remoting wake and reply eventfds, the doorbell
+  // ioeventfd): the guest shares the open file description, so it can clear O_NONBLOCK at
+  // any time (F_SETFL acts on the description) and turn Drain()/Signal() into reads and
+  // writes that block forever. These never block, whatever the fd's flags say:
+  // - TryDrain reads with preadv2(RWF_NOWAIT) (eventfd honours IOCB_NOWAIT, Linux >= 5.12);
+  //   0 when nothing was pending.
+  // - TrySignal makes the fd readable: nothing to write when it already is (counter > 0);
+  //   otherwise one write under a per-thread interval timer whose signal interrupts a
+  //   write the guest made block (eventfd has no write_iter, so RWF_NOWAIT is refused),
+  //   bounding it to kGuardMs. A write that could not land means the guest filled the
+  //   counter, so the fd is readable anyway: still Ok.
+  // Older kernels without RWF_NOWAIT on eventfd take the timer path for reads too.
+  static constexpr int kGuardMs = 2;
+  Result<uint64_t> TryDrain() const;
+  Result<> TrySignal() const;
   int Get() const { return fd_.Get(); }
   bool Valid() const { return fd_.Valid(); }
   const UniqueFd& fd() const { return fd_; }
@@ -80,6 +96,15 @@ class EventFd {
   explicit EventFd(UniqueFd fd) : fd_(std::move(fd)) {}
   UniqueFd fd_;
 };
+
+// accept4(SOCK_NONBLOCK | SOCK_CLOEXEC) for a level-triggered listener on the loop.
+// kBusy: nothing waiting (EAGAIN). kLimitExceeded: the fd table is full (EMFILE/ENFILE):
+// the waiting connection cannot be taken, so the listener stays readable and would spin
+// the loop at full CPU; the oldest waiting connection is shed (a reserve fd is given up,
+// the connection accepted and closed at once, so its peer sees EOF, and the reserve
+// retaken) and the caller stops accepting for kAcceptBackoffMs before it tries again.
+inline constexpr int kAcceptBackoffMs = 100;
+Result<UniqueFd> AcceptConnection(int listen_fd);
 
 // An anonymous shared-memory file (guest RAM, apertures, status pages), sized at creation.
 Result<UniqueFd> CreateMemFd(const std::string& name, ByteSize size);

@@ -133,6 +133,8 @@ Result<> ObjectTable::ValidateCreate(const wire::CreateBufferCmd& c) const {
               limits_.max_buffer);
   VG_ERROR_IF(c.size > limits_.max_bytes - bytes_, Errc::kLimitExceeded, "{} B more than the client's {} B cap",
               c.size, limits_.max_bytes);
+  VG_ERROR_IF(c.size > limits_.max_bytes - bytes_ - std::min(held_, limits_.max_bytes - bytes_), Errc::kBusy,
+              "{} B of destroyed buffers are still in use", held_);
   return Ok();
 }
 

@@ -3,6 +3,7 @@
 // and the fuzz target drive exactly the code the daemon runs. Input is always a private
 // copy of the ring (never the shared mapping): the client may rewrite the ring at any time.
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -84,6 +85,11 @@ class ObjectTable {
   Result<const Object*> Lookup(uint32_t id) const;
   size_t live() const { return live_; }
   uint64_t bytes() const { return bytes_; }
+  // Bytes of destroyed buffers whose last use has not ended (work still holds them):
+  // charged against max_bytes like live ones until Release().
+  uint64_t held() const { return held_; }
+  void Retain(uint64_t bytes) { held_ += bytes; }
+  void Release(uint64_t bytes) { held_ -= std::min(bytes, held_); }
 
   Result<> ValidateCreate(const wire::CreateBufferCmd& c) const;
   void DoCreate(const wire::CreateBufferCmd& c);
@@ -95,12 +101,14 @@ class ObjectTable {
   size_t live_ = 0;
   size_t tombstones_ = 0;
   uint64_t bytes_ = 0;
+  uint64_t held_ = 0;
 };
 
 // Validates one decoded command against the client's objects and heap. No side effects,
 // engine-free (the server adds engine::Engine::Validate for device limits). Codes:
 // kInvalidArgument (id 0, zero sizes, nonzero reserved), kAlreadyExists, kNotFound,
-// kBadState (destroyed id), kLimitExceeded (caps), kOutOfBounds (heap or buffer range),
+// kBadState (destroyed id), kLimitExceeded (caps), kBusy (a CREATE that fits the byte cap
+// only once held() bytes are released: the server waits), kOutOfBounds (heap or buffer range),
 // kMisaligned (fill), kOverlap (copy), kBadKernel / ValidateKernelArgs' codes.
 Result<> ValidateCommand(const Command& c, const ObjectTable& objects, uint64_t heap_size);
 

@@ -23,7 +23,12 @@ struct Limits {
   uint32_t max_objects = 4096;          // live buffers
   uint64_t max_bytes = 512ull << 20;    // sum of live buffer sizes
   uint64_t max_buffer = 256ull << 20;   // one buffer
-  uint32_t max_clients = 16;            // per listener
+  uint32_t max_clients = 16;            // per listener, handshaken clients only
+  // Connections that have not finished the handshake (they hold an fd and a slot, and
+  // never count toward max_clients): each has this long to send its Hello, and at most
+  // this many wait at once (the oldest is refused to make room for a newcomer).
+  uint32_t handshake_timeout_ms = 2000;
+  uint32_t max_pending_handshakes = 8;
 };
 
 struct ListenerStats {

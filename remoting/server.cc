@@ -8,6 +8,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <deque>
@@ -26,8 +28,14 @@ namespace {
 
 namespace w = wire;
 
-// Refills of the private copy per loop callback before yielding to other clients.
-constexpr int kMaxRefillsPerWake = 4;
+// Work one client may do in one loop turn before it yields (re-arms itself for the next
+// turn, after the loop has polled every other fd): refills of the private copy, commands
+// executed, and bytes WRITE/READ copy between the heap and buffers (a 256 MiB WRITE is
+// cut into turns of this many bytes). docs/remoting-protocol.md, "Bounds and blocking".
+constexpr int kMaxRefillsPerTurn = 4;
+constexpr int kMaxCommandsPerTurn = 256;
+constexpr uint64_t kMaxCopyBytesPerTurn = 4ull << 20;
+
 // Backpressure: a client may have this many engine submissions of at most kMaxOpsPerBatch
 // ops queued; past that its ring stops draining (and the client waits for space), so one
 // client cannot fill the engine's queue ahead of everyone else, nor leave minutes of
@@ -55,23 +63,34 @@ class Session {
 
   uint32_t id() const { return id_; }
   bool dead() const { return dead_; }
+  bool pending() const { return !running_ && !dead_; }
+  bool running() const { return running_ && !dead_; }
+  void Refuse(Errc code, const std::string& why);
 
  private:
   static void OnSocket(int fd, short what, void* arg);
   static void OnWake(int fd, short what, void* arg);
   static void OnDone(int fd, short what, void* arg);
+  static void OnResume(int fd, short what, void* arg);
+  static void OnHandshakeTimeout(int fd, short what, void* arg);
 
   Result<> Handshake();
   void SendWelcome(Errc status);
   void Process();
-  // Runs one decoded command (already validated). Returns false when it must wait for the
-  // GPU (ordered op with work in flight): the cursor is not advanced.
-  Result<> Execute(const Command& c);
+  // Runs one decoded command (already validated). False: a WRITE/READ used up this turn's
+  // copy budget with bytes left; the cursor is not advanced and it continues next turn.
+  Result<bool> Execute(const Command& c);
   Result<> ValidateOnEngine(const Command& c) const;
   Result<> Flush();
   void Reap();
   void Report(Errc code, uint32_t pos, const std::string& what);
   void Drop(Errc code, const std::string& what);
+  // Ends this turn and comes back on the next one (a zero timeout: the loop polls every
+  // fd first; event_active would run us again before any other fd is looked at).
+  void Yield();
+  // A WRITE or READ, copied at most `budget` bytes per turn; false while bytes remain.
+  bool CopyStep(std::span<std::byte> dst, std::span<const std::byte> src, uint64_t& budget);
+  engine::BufferRef Charged(engine::BufferRef raw, uint64_t size, std::shared_ptr<Mapping> memory);
   void PublishHead() { w::StoreShared<uint32_t>(area(), w::kHeadOffset, head_); }
   void SetFlags(uint32_t f) { w::StoreShared<uint32_t>(area(), w::kStatusFlagsOffset, f, std::memory_order_seq_cst); }
   std::byte* area() const { return area_.data(); }
@@ -84,8 +103,12 @@ class Session {
   event* sock_ev_ = nullptr;
   event* wake_ev_ = nullptr;
   event* done_ev_ = nullptr;
+  event* resume_ev_ = nullptr;
+  event* deadline_ev_ = nullptr;
   bool running_ = false;
   bool dead_ = false;
+  uint64_t turn_copy_budget_ = 0;
+  uint64_t copy_done_ = 0;          // bytes of the WRITE/READ at cursor_ already copied
 
   Mapping area_;
   uint32_t ring_size_ = 0;
@@ -93,6 +116,9 @@ class Session {
   EventFd wake_;                    // the client's: readable when the client kicks us
   EventFd reply_;                   // ours: signalled on fences, replies, errors, drop
   std::shared_ptr<EventFd> done_;   // engine completion thread -> loop
+  // Bytes of destroyed buffers whose last reference (a queued or in-flight submission) has
+  // died since the loop last looked: the quota holds a destroyed buffer's bytes until then.
+  std::shared_ptr<std::atomic<uint64_t>> released_ = std::make_shared<std::atomic<uint64_t>>(0);
 
   // Copy, then check, then use: [head_, head_ + backlog_.size()) of the ring, copied once.
   uint32_t head_ = 0;               // private; the shared head is only ever written
@@ -115,6 +141,7 @@ class ListenerImpl final : public Listener {
   ~ListenerImpl() override {
     sessions_.clear();
     if (accept_ev_) event_free(accept_ev_);
+    if (backoff_ev_) event_free(backoff_ev_);
     if (reap_ev_) event_free(reap_ev_);
     if (!path_.empty()) ::unlink(path_.c_str());
   }
@@ -135,7 +162,8 @@ class ListenerImpl final : public Listener {
     VG_ERROR_IF(::listen(s.Get(), 16) != 0, Errc::kIo, "listen {}: {}", path_, std::strerror(errno));
     listen_ = std::move(s);
     accept_ev_ = event_new(base_, listen_.Get(), EV_READ | EV_PERSIST, &ListenerImpl::OnAccept, this);
-    VG_ERROR_IF(!accept_ev_, Errc::kInternal, "event_new failed");
+    backoff_ev_ = evtimer_new(base_, &ListenerImpl::OnBackoff, this);
+    VG_ERROR_IF(!accept_ev_ || !backoff_ev_, Errc::kInternal, "event_new failed");
     event_add(accept_ev_, nullptr);
     return Ok();
   }
@@ -144,11 +172,25 @@ class ListenerImpl final : public Listener {
     int fl = ::fcntl(sock.Get(), F_GETFL);
     VG_ERROR_IF(fl < 0 || ::fcntl(sock.Get(), F_SETFL, fl | O_NONBLOCK) != 0, Errc::kIo, "fcntl: {}",
                 std::strerror(errno));
+    // A bounded number of handshakes wait at once: make room by refusing the oldest (a
+    // real client sends its Hello as soon as it connects; an idle one only holds a slot).
+    std::vector<Session*> waiting;
+    for (auto& [sid, se] : sessions_)
+      if (se->pending()) waiting.push_back(se.get());
+    if (!waiting.empty() && waiting.size() >= limits_.max_pending_handshakes) {
+      ++stats_.refused;
+      waiting.front()->Refuse(Errc::kLimitExceeded, fmt::format("over {} connections waiting for their handshake",
+                                                                limits_.max_pending_handshakes));
+    }
     uint32_t id = next_id_++;
     sessions_.emplace(id, std::make_unique<Session>(*this, id, std::move(sock)));
     return Ok();
   }
   size_t clients() const override { return sessions_.size(); }
+  size_t running_clients() const {
+    return static_cast<size_t>(std::count_if(sessions_.begin(), sessions_.end(),
+                                             [](const auto& kv) { return kv.second->running(); }));
+  }
   ListenerStats stats() const override { return stats_; }
   const std::string& path() const override { return path_; }
 
@@ -164,10 +206,26 @@ class ListenerImpl final : public Listener {
   static void OnAccept(int fd, short, void* arg) {
     auto* self = static_cast<ListenerImpl*>(arg);
     for (;;) {
-      int c = ::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (c < 0) return;
-      (void)self->Adopt(UniqueFd(c));
+      auto c = AcceptConnection(fd);
+      if (c.ok()) {
+        (void)self->Adopt(std::move(c).value());
+        continue;
+      }
+      if (c.code() == Errc::kLimitExceeded) {
+        // Out of fds: the listener stays readable, so stop watching it for a while
+        // instead of spinning the loop that serves every tenant.
+        ++self->stats_.refused;
+        VG_LOGW("remoting {}: {}", self->path_, c.error().what);
+        event_del(self->accept_ev_);
+        timeval tv{0, kAcceptBackoffMs * 1000};
+        evtimer_add(self->backoff_ev_, &tv);
+      }
+      return;
     }
+  }
+  static void OnBackoff(int, short, void* arg) {
+    auto* self = static_cast<ListenerImpl*>(arg);
+    event_add(self->accept_ev_, nullptr);
   }
   static void OnReap(int, short, void* arg) {
     auto* self = static_cast<ListenerImpl*>(arg);
@@ -176,6 +234,7 @@ class ListenerImpl final : public Listener {
 
   UniqueFd listen_;
   event* accept_ev_ = nullptr;
+  event* backoff_ev_ = nullptr;
   event* reap_ev_ = nullptr;
   uint32_t next_id_ = 1;
   std::map<uint32_t, std::unique_ptr<Session>> sessions_;
@@ -187,12 +246,40 @@ Session::Session(ListenerImpl& owner, uint32_t id, UniqueFd sock)
     : owner_(owner), id_(id), sock_(std::move(sock)), objects_(owner.limits_) {
   sock_ev_ = event_new(owner_.base_, sock_.Get(), EV_READ | EV_PERSIST, &Session::OnSocket, this);
   event_add(sock_ev_, nullptr);
+  resume_ev_ = evtimer_new(owner_.base_, &Session::OnResume, this);
+  deadline_ev_ = evtimer_new(owner_.base_, &Session::OnHandshakeTimeout, this);
+  const uint32_t ms = owner_.limits_.handshake_timeout_ms;
+  timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>((ms % 1000) * 1000)};
+  if (deadline_ev_) evtimer_add(deadline_ev_, &tv);
+}
+
+void Session::Refuse(Errc code, const std::string& why) {
+  if (dead_) return;
+  VG_LOGW("remoting client {}: handshake refused: {} ({})", id_, ErrcName(code), why);
+  SendWelcome(code);
+  Reap();
+}
+
+void Session::OnHandshakeTimeout(int, short, void* arg) {
+  auto* s = static_cast<Session*>(arg);
+  if (!s->pending()) return;
+  ++s->owner_.stats_.refused;
+  s->Refuse(Errc::kTimeout, fmt::format("no Hello within {} ms", s->owner_.limits_.handshake_timeout_ms));
+}
+
+void Session::OnResume(int, short, void* arg) { static_cast<Session*>(arg)->Process(); }
+
+void Session::Yield() {
+  static const timeval kNextTurn{0, 0};
+  evtimer_add(resume_ev_, &kNextTurn);
 }
 
 Session::~Session() {
   if (sock_ev_) event_free(sock_ev_);
   if (wake_ev_) event_free(wake_ev_);
   if (done_ev_) event_free(done_ev_);
+  if (resume_ev_) event_free(resume_ev_);
+  if (deadline_ev_) event_free(deadline_ev_);
   // In-flight submissions keep their buffers alive (refcounted) and signal done_ through
   // their own shared_ptr, so nothing here waits for the GPU.
 }
@@ -202,6 +289,8 @@ void Session::Reap() {
   if (sock_ev_) event_del(sock_ev_);
   if (wake_ev_) event_del(wake_ev_);
   if (done_ev_) event_del(done_ev_);
+  if (resume_ev_) event_del(resume_ev_);
+  if (deadline_ev_) event_del(deadline_ev_);
   owner_.ScheduleReap();
 }
 
@@ -254,7 +343,7 @@ Result<> Session::Handshake() {
   VG_ERROR_IF(hello.magic != w::kMagic || hello.version != w::kVersion, Errc::kUnsupported,
               "magic {:#x} version {}", hello.magic, hello.version);
   VG_ERROR_IF(fds.size() != 2, Errc::kBadFdCount, "{} fds, want 2 (area memfd, wake eventfd)", fds.size());
-  VG_ERROR_IF(owner_.clients() > owner_.limits_.max_clients, Errc::kLimitExceeded, "over {} clients",
+  VG_ERROR_IF(owner_.running_clients() >= owner_.limits_.max_clients, Errc::kLimitExceeded, "over {} clients",
               owner_.limits_.max_clients);
   VG_ERROR_IF(!IsPowerOfTwo(hello.ring_size) || hello.ring_size < w::kMinRingSize || hello.ring_size > w::kMaxRingSize,
               Errc::kInvalidArgument, "ring size {:#x}", hello.ring_size);
@@ -286,6 +375,7 @@ Result<> Session::Handshake() {
   event_add(wake_ev_, nullptr);
   event_add(done_ev_, nullptr);
   running_ = true;
+  if (deadline_ev_) event_del(deadline_ev_);
   ++owner_.stats_.accepted;
   SendWelcome(Errc::kOk);
   VG_LOGI("remoting client {}: ring {} KiB, heap {} KiB", id_, ring_size_ >> 10, heap_size_ >> 10);
@@ -316,7 +406,9 @@ void Session::SendWelcome(Errc status) {
 void Session::OnWake(int, short, void* arg) {
   auto* s = static_cast<Session*>(arg);
   ++s->owner_.stats_.wakes;
-  (void)s->wake_.Drain();
+  // The wake eventfd is the client's (same open file description): it may be blocking,
+  // and this callback also runs when nothing is pending.
+  (void)s->wake_.TryDrain();
   s->Process();
 }
 
@@ -338,7 +430,7 @@ void Session::Report(Errc code, uint32_t pos, const std::string& what) {
   w::StoreShared<uint32_t>(area(), w::kStatusErrorCodeOffset, static_cast<uint32_t>(code));
   w::StoreShared<uint32_t>(area(), w::kStatusErrorOffsetOffset, pos);
   w::StoreShared<uint32_t>(area(), w::kStatusErrorCountOffset, ++error_count_);
-  (void)reply_.Signal();
+  (void)reply_.TrySignal();
 }
 
 void Session::Drop(Errc code, const std::string& what) {
@@ -381,24 +473,66 @@ Result<> Session::ValidateOnEngine(const Command& c) const {
   return owner_.engine_.Validate(one);
 }
 
-Result<> Session::Execute(const Command& c) {
+engine::BufferRef Session::Charged(engine::BufferRef raw, uint64_t size, std::shared_ptr<Mapping> memory) {
+  // The quota holds a buffer's bytes until its last use ends, not until DESTROY: the
+  // session's map, a queued submission and an in-flight one each hold this reference, and
+  // whichever drops it last (the loop, or the engine's completion thread) refunds the
+  // bytes through released_ and wakes the loop, which may have a CREATE waiting for them.
+  engine::Buffer* p = raw.get();
+  return engine::BufferRef(p, [raw = std::move(raw), memory = std::move(memory), released = released_, done = done_,
+                               size](engine::Buffer*) mutable {
+    raw.reset();
+    memory.reset();  // after the engine's buffer, which points into it
+    released->fetch_add(size);
+    (void)done->Signal();  // ours, never shared: a plain non-blocking write
+  });
+}
+
+bool Session::CopyStep(std::span<std::byte> dst, std::span<const std::byte> src, uint64_t& budget) {
+  const uint64_t n = std::min<uint64_t>(src.size() - copy_done_, budget);
+  std::memcpy(dst.data() + copy_done_, src.data() + copy_done_, n);
+  copy_done_ += n;
+  budget -= n;
+  if (copy_done_ < src.size()) return false;
+  copy_done_ = 0;
+  return true;
+}
+
+Result<bool> Session::Execute(const Command& c) {
   const uint32_t pos = backlog_pos_ + static_cast<uint32_t>(cursor_);
   if (const auto* cr = std::get_if<w::CreateBufferCmd>(&c.payload)) {
-    VG_TRY_ASSIGN(auto buf, owner_.engine_.CreateBuffer(ByteSize{cr->size}));
+    // Engine::CreateBuffer zeroes the whole buffer on this thread. A buffer larger than a
+    // turn's copy budget is memfd pages instead: zero by construction, supplied by the
+    // kernel when first touched (by a bounded WRITE turn, or the GPU), so a 256 MiB CREATE
+    // costs the loop an mmap, not a 256 MiB memset. (At most max_bytes / 4 MiB = 128 such
+    // mappings per client; the fd is closed at once.)
+    engine::BufferRef buf;
+    std::shared_ptr<Mapping> memory;
+    if (cr->size > kMaxCopyBytesPerTurn) {
+      VG_TRY_ASSIGN(UniqueFd fd, CreateMemFd("vgpud-remoting-buffer", ByteSize{cr->size}));
+      VG_TRY_ASSIGN(Mapping m, Mapping::Map(fd, ByteSize{cr->size}, 0));
+      memory = std::make_shared<Mapping>(std::move(m));
+      VG_TRY_ASSIGN(buf, owner_.engine_.WrapHostMemory(memory->bytes()));
+    } else {
+      VG_TRY_ASSIGN(buf, owner_.engine_.CreateBuffer(ByteSize{cr->size}));
+    }
     objects_.DoCreate(*cr);
-    buffers_[cr->id] = std::move(buf);
+    buffers_[cr->id] = Charged(std::move(buf), cr->size, std::move(memory));
   } else if (const auto* de = std::get_if<w::DestroyBufferCmd>(&c.payload)) {
+    VG_TRY_ASSIGN(const ObjectTable::Object* o, objects_.Lookup(de->id));
+    objects_.Retain(o->size);  // still charged until the last reference dies (Charged)
     objects_.DoDestroy(de->id);
     buffers_.erase(de->id);  // pending and in-flight submissions hold their own reference
   } else if (const auto* wr = std::get_if<w::WriteCmd>(&c.payload)) {
-    // The heap is shared: read each byte once, straight into the buffer (no re-read).
+    // The heap is shared: read each byte once, straight into the buffer (no re-read); a
+    // large WRITE spans turns, each byte still copied once.
     auto dst = Buffer(wr->id)->Map().subspan(wr->offset, wr->size);
-    std::memcpy(dst.data(), heap().data() + wr->heap_offset, wr->size);
+    if (!CopyStep(dst, heap().subspan(wr->heap_offset, wr->size), turn_copy_budget_)) return false;
   } else if (const auto* rd = std::get_if<w::ReadCmd>(&c.payload)) {
     auto src = Buffer(rd->id)->Map().subspan(rd->offset, rd->size);
-    std::memcpy(heap().data() + rd->heap_offset, src.data(), rd->size);
+    if (!CopyStep(heap().subspan(rd->heap_offset, rd->size), src, turn_copy_budget_)) return false;
     w::StoreShared<uint64_t>(area(), w::kStatusReplyOffset, rd->seq);
-    (void)reply_.Signal();
+    (void)reply_.TrySignal();
   } else if (const auto* d = std::get_if<DispatchCommand>(&c.payload)) {
     std::vector<engine::BufferRange> binds;
     for (const auto& b : d->bindings) binds.push_back({Buffer(b.id), ByteSize{b.offset}, ByteSize{b.size}});
@@ -414,17 +548,19 @@ Result<> Session::Execute(const Command& c) {
     pending_pos_ = pos;
   } else if (const auto* fe = std::get_if<w::FenceCmd>(&c.payload)) {
     w::StoreShared<uint64_t>(area(), w::kStatusFenceOffset, fe->value);
-    (void)reply_.Signal();
+    (void)reply_.TrySignal();
   }
   ++owner_.stats_.commands;
   if (pending_.ops.size() >= kMaxOpsPerBatch) VG_TRY(Flush());
-  return Ok();
+  return true;
 }
 
 void Session::Process() {
   if (dead_ || !running_) return;
   SetFlags(0);  // awake: the client need not kick until we say idle again
   int refills = 0;
+  int commands = 0;
+  turn_copy_budget_ = kMaxCopyBytesPerTurn;
   for (;;) {
     if (cursor_ == backlog_.size()) {
       // Everything copied so far is done (or queued): look for more.
@@ -447,10 +583,7 @@ void Session::Process() {
         }
         return;
       }
-      if (++refills > kMaxRefillsPerWake) {
-        event_active(wake_ev_, EV_READ, 0);  // yield to other clients; come back next turn
-        return;
-      }
+      if (++refills > kMaxRefillsPerTurn) return Yield();
       // Copy, once, out of the shared ring (it may wrap).
       backlog_.resize(avail);
       const std::byte* ring = area() + w::kRingOffset;
@@ -462,6 +595,7 @@ void Session::Process() {
       cursor_ = 0;
     }
 
+    if (++commands > kMaxCommandsPerTurn || turn_copy_budget_ == 0) return Yield();
     const uint32_t pos = backlog_pos_ + static_cast<uint32_t>(cursor_);
     Decoded d = DecodeCommand(backlog_, cursor_);
     if (d.cmd.ok()) {
@@ -473,9 +607,20 @@ void Session::Process() {
         if (auto r = Flush(); !r.ok()) Report(r.code(), pending_pos_, r.error().what);
         if (!inflight_.empty()) return;  // resumed by OnDone once the GPU caught up
       }
+      if (uint64_t freed = released_->exchange(0)) objects_.Release(freed);
       Result<> r = ValidateCommand(c, objects_, heap_size_);
+      if (r.code() == Errc::kBusy) {
+        // A CREATE that fits once destroyed buffers still in use are let go: wait for the
+        // GPU (queued work first) instead of refusing; their release wakes us (Charged).
+        if (auto f = Flush(); !f.ok()) Report(f.code(), pending_pos_, f.error().what);
+        return;
+      }
       if (r.ok()) r = ValidateOnEngine(c);
-      if (r.ok()) r = Execute(c);
+      if (r.ok()) {
+        auto done = Execute(c);
+        if (done.ok() && !*done) return Yield();  // a WRITE/READ continues next turn
+        if (!done.ok()) r = done.error();
+      }
       if (!r.ok()) {
         // A refused READ publishes no reply_seq (its seq is the client's word, unchecked):
         // the error count and the reply eventfd wake a waiting client instead.
@@ -488,6 +633,7 @@ void Session::Process() {
       // client publishes whole commands, so the tail is always a command boundary).
       cursor_ = d.advance ? cursor_ + d.advance : backlog_.size();
     }
+    copy_done_ = 0;  // the cursor moved on: no WRITE/READ is half copied
     head_ = backlog_pos_ + static_cast<uint32_t>(cursor_);
     PublishHead();
     if (dead_) return;

@@ -702,7 +702,9 @@ Result<std::unique_ptr<Listener>> Listener::Create(event_base* base, const std::
   VG_ERROR_IF(::listen(sock.Get(), 4) != 0, Errc::kIo, "listen {}: {}", path, std::strerror(errno));
   std::unique_ptr<Listener> l(new Listener(base, path, dev, limits, std::move(sock)));
   l->accept_ev_ = event_new(base, l->sock_.Get(), EV_READ | EV_PERSIST, &Listener::OnAccept, l.get());
-  VG_ERROR_IF(!l->accept_ev_ || event_add(l->accept_ev_, nullptr) != 0, Errc::kInternal, "event_add for {}", path);
+  l->accept_backoff_ev_ = evtimer_new(base, &Listener::OnAcceptBackoff, l.get());
+  VG_ERROR_IF(!l->accept_ev_ || !l->accept_backoff_ev_ || event_add(l->accept_ev_, nullptr) != 0, Errc::kInternal,
+              "event_add for {}", path);
   return l;
 }
 
@@ -712,6 +714,7 @@ Listener::Listener(event_base* base, std::string path, DeviceBackend& dev, Serve
 Listener::~Listener() {
   DropClient();
   if (accept_ev_) event_free(accept_ev_);
+  if (accept_backoff_ev_) event_free(accept_backoff_ev_);
   ::unlink(path_.c_str());
 }
 
@@ -728,11 +731,25 @@ void Listener::DropClient() {
   session_.reset();  // OnDisconnect
 }
 
+void Listener::OnAcceptBackoff(int, short, void* arg) {
+  auto* self = static_cast<Listener*>(arg);
+  event_add(self->accept_ev_, nullptr);
+}
+
 void Listener::OnAccept(int fd, short, void* arg) {
   auto* self = static_cast<Listener*>(arg);
-  int c = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-  if (c < 0) return;
-  UniqueFd client(c);
+  auto accepted = AcceptConnection(fd);
+  if (!accepted.ok()) {
+    if (accepted.code() == Errc::kLimitExceeded) {
+      // Out of fds: a level-triggered listener left armed would spin the loop.
+      VG_LOGW("vfio-user: {}: {}", self->path_, accepted.error().what);
+      event_del(self->accept_ev_);
+      timeval tv{0, kAcceptBackoffMs * 1000};
+      evtimer_add(self->accept_backoff_ev_, &tv);
+    }
+    return;
+  }
+  UniqueFd client = std::move(accepted).value();
   if (self->session_ && self->SessionHungUp()) {
     // The previous client is gone but the loop has not seen its EOF yet (a VMM that
     // reconnects at once after a crash): free the slot instead of refusing the newcomer.

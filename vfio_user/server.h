@@ -197,6 +197,7 @@ class Listener {
  private:
   Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock);
   static void OnAccept(int fd, short what, void* arg);
+  static void OnAcceptBackoff(int fd, short what, void* arg);
   bool SessionHungUp() const;
   static void OnClient(int fd, short what, void* arg);
   static void OnVersionTimeout(int fd, short what, void* arg);
@@ -209,6 +210,7 @@ class Listener {
   ServerLimits limits_;
   UniqueFd sock_;
   event* accept_ev_ = nullptr;
+  event* accept_backoff_ev_ = nullptr;  // re-arms accept_ev_ after EMFILE (AcceptConnection)
   event* read_ev_ = nullptr;
   event* write_ev_ = nullptr;
   event* version_timer_ = nullptr;

@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -34,6 +35,28 @@ using Json = nlohmann::json;
 inline std::string Env(const char* name, const char* fallback) {
   const char* v = std::getenv(name);
   return v && *v ? v : fallback;
+}
+
+// vgpuctl as the tests run it: a copy in a fresh directory every user can enter, because
+// some tests run it as nobody and the checkout (so the build) may sit under a directory
+// nobody cannot enter (cloned as root into a 0700 home). Removed when the test exits.
+inline const std::string& StagedVgpuctl() {
+  static const std::string path = [] {
+    const std::string src = Env("VGPUCTL", "tools/vgpuctl");
+    char tmpl[] = "/tmp/vgpuctl-stage-XXXXXX";
+    if (!::mkdtemp(tmpl)) return src;
+    static std::string dir = tmpl;
+    std::atexit([] {
+      std::error_code ec;
+      fs::remove_all(dir, ec);
+    });
+    const std::string dst = dir + "/vgpuctl";
+    std::error_code ec;
+    fs::copy_file(src, dst, ec);
+    if (ec || ::chmod(dir.c_str(), 0755) != 0 || ::chmod(dst.c_str(), 0755) != 0) return src;
+    return dst;
+  }();
+  return path;
 }
 
 struct Ran {
@@ -234,7 +257,7 @@ class DaemonProc {
   }
 
   Ran Ctl(std::vector<std::string> args, const std::function<void()>& setup = {}) const {
-    std::vector<std::string> argv{Env("VGPUCTL", "tools/vgpuctl"), "--control", control()};
+    std::vector<std::string> argv{StagedVgpuctl(), "--control", control()};
     for (auto& a : args) argv.push_back(a);
     return RunCapture(argv, setup);
   }

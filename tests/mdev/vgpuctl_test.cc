@@ -327,6 +327,33 @@ TEST_CASE("control socket: 0660, peer credentials checked, other users refused")
   CHECK(g.Shutdown() == 0);
 }
 
+TEST_CASE("control socket: a member of the control group through its 65th+ supplementary group gets in") {
+  if (geteuid() != 0) {
+    MESSAGE("skipped: setting 100 supplementary groups needs root");
+    return;
+  }
+  DaemonProc g;
+  REQUIRE(g.Start({"--control-group", "nogroup"}));
+  fs::permissions(g.dir(), fs::perms(0755));
+  const std::string path = g.control();
+  pid_t pid = fork();
+  if (pid == 0) {
+    // 100 groups, the control group (65534) sorted last: past the first 64.
+    std::vector<gid_t> groups;
+    for (gid_t i = 0; i < 99; ++i) groups.push_back(40000 + i);
+    groups.push_back(65534);
+    if (setgroups(groups.size(), groups.data()) != 0 || setgid(40500) != 0 || setuid(40501) != 0) _exit(100);
+    int fd = ConnectUnix(path);
+    if (fd < 0) _exit(2);
+    SendAll(fd, "{\"op\":\"types\"}\n");
+    _exit(ReadLines(fd, 1).find("\"ok\":true") != std::string::npos ? 0 : 3);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK_MESSAGE((WIFEXITED(status) && WEXITSTATUS(status) == 0), "child exit " << WEXITSTATUS(status));
+  CHECK(g.Shutdown() == 0);
+}
+
 TEST_CASE("malformed, oversized and pipelined control requests: error replies, the daemon lives") {
   DaemonProc d;
   REQUIRE(d.Start());

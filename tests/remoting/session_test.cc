@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <functional>
+#include <thread>
 
 #include "shaders/samples.h"
 #include "tests/remoting/rig.h"
@@ -302,4 +303,52 @@ TEST_CASE("a minimum-size ring wraps many times; commands split across its end d
     CHECK(shaders::CheckSample(s, *out).ok());
   }
   CHECK(c->LastError().count == 0);
+}
+
+TEST_CASE("publishes while the daemon is awake send no wake-up; one after it idles does") {
+  // wakes_sent + wakes_suppressed == publishes holds whatever the client does; this checks
+  // the rule itself. While the daemon works (here: waits on a long kernel, its IDLE flag
+  // clear), a client that kicked on every publish would send one wake per submission.
+  Rig rig(1);
+  auto c = rig.Connect(0);
+  auto spin = c->CreateBuffer(1 << 20);
+  auto b = c->CreateBuffer(4096);
+  REQUIRE(spin.ok());
+  REQUIRE(b.ok());
+  REQUIRE(c->Wait(*c->Submit()).ok());
+  guest::RemoteBinding bind = guest::Bind(*spin);
+  REQUIRE(c->Dispatch(static_cast<uint32_t>(shaders::KernelId::kSpin), {1024, 1, 1}, std::span(&bind, 1),
+                      shaders::PushBytes(shaders::SpinPush{1 << 18, 40000, 7}))
+              .ok());
+  auto long_seq = c->Submit();
+  REQUIRE(long_seq.ok());
+  // Let the daemon take the kernel and wait on it (awake: its IDLE flag stays clear).
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  c->ResetCounters();
+  constexpr int kBusy = 100;
+  uint64_t seq = 0;
+  for (int i = 0; i < kBusy; ++i) {
+    REQUIRE(c->Fill(*b, 0, 4096, static_cast<uint32_t>(i)).ok());
+    auto s = c->Submit();
+    REQUIRE(s.ok());
+    seq = *s;
+  }
+  const guest::RemotingCounters busy = c->counters();
+  const bool still_running = c->completed() < *long_seq;
+  MESSAGE("while busy: " << busy.wakes_sent << " wakes, " << busy.wakes_suppressed << " suppressed of "
+                         << busy.publishes << " publishes");
+  REQUIRE_MESSAGE(still_running, "the long kernel ended before the publishes: the test needs a longer one");
+  CHECK(busy.publishes == kBusy);
+  CHECK(busy.wakes_sent == 0);
+  REQUIRE(c->Wait(seq, 120000).ok());
+  // Now idle (the daemon stores IDLE just after its last reply: give it time to): the next
+  // publish must kick, or it would never run.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  c->ResetCounters();
+  REQUIRE(c->Fill(*b, 0, 4096, 0xabcd).ok());
+  REQUIRE(c->Wait(*c->Submit(), 10000).ok());
+  CHECK(c->counters().wakes_sent == 1);
+  std::vector<std::byte> back(4);
+  REQUIRE(c->Read(*b, 0, back).ok());
+  CHECK(U32At(back, 0) == 0xabcd);
 }

@@ -98,7 +98,9 @@ Result<std::unique_ptr<ControlServer>> ControlServer::Create(event_base* base, c
     return MakeError(Errc::kIo, "listen {}: {}", path, std::strerror(e));
   }
   s->accept_ev_ = event_new(base, s->listen_fd_.Get(), EV_READ | EV_PERSIST, &ControlServer::OnAccept, s.get());
-  VG_ERROR_IF(!s->accept_ev_ || event_add(s->accept_ev_, nullptr) != 0, Errc::kInternal, "control accept event");
+  s->accept_backoff_ev_ = evtimer_new(base, &ControlServer::OnAcceptBackoff, s.get());
+  VG_ERROR_IF(!s->accept_ev_ || !s->accept_backoff_ev_ || event_add(s->accept_ev_, nullptr) != 0, Errc::kInternal,
+              "control accept event");
   return s;
 }
 
@@ -106,6 +108,7 @@ ControlServer::~ControlServer() {
   *alive_ = false;
   clients_.clear();
   if (accept_ev_) event_free(accept_ev_);
+  if (accept_backoff_ev_) event_free(accept_backoff_ev_);
   if (!path_.empty()) ::unlink(path_.c_str());
 }
 
@@ -119,12 +122,18 @@ bool ControlServer::PeerAllowed(int fd, std::string* why) const {
   if (cred.uid == 0 || cred.uid == ::geteuid()) return true;
   if (group_) {
     if (cred.gid == *group_) return true;
-    // Supplementary groups, as the kernel saw them at connect() (Linux >= 4.13).
+    // Supplementary groups, as the kernel saw them at connect() (Linux >= 4.13), all of
+    // them: a user may be in up to NGROUPS_MAX (65536). ERANGE reports the size needed.
     std::vector<gid_t> groups(64);
-    socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
-    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
-      groups.resize(glen / sizeof(gid_t));
-      if (std::find(groups.begin(), groups.end(), *group_) != groups.end()) return true;
+    for (int tries = 0; tries < 3; ++tries) {
+      socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+      if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
+        groups.resize(glen / sizeof(gid_t));
+        if (std::find(groups.begin(), groups.end(), *group_) != groups.end()) return true;
+        break;
+      }
+      if (errno != ERANGE) break;
+      groups.resize(glen / sizeof(gid_t) + 1);
     }
     *why = fmt::format("uid {} (pid {}) is neither root nor in group {}", cred.uid, cred.pid, *group_);
   } else {
@@ -133,15 +142,26 @@ bool ControlServer::PeerAllowed(int fd, std::string* why) const {
   return false;
 }
 
+void ControlServer::OnAcceptBackoff(int, short, void* arg) {
+  auto* self = static_cast<ControlServer*>(arg);
+  event_add(self->accept_ev_, nullptr);
+}
+
 void ControlServer::OnAccept(int lfd, short, void* arg) {
   auto* self = static_cast<ControlServer*>(arg);
   for (;;) {
-    UniqueFd fd(::accept4(lfd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
-    if (!fd.Valid()) {
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) VG_LOGW("control: accept: {}", std::strerror(errno));
+    auto accepted = AcceptConnection(lfd);
+    if (!accepted.ok()) {
+      if (accepted.code() == Errc::kLimitExceeded) {
+        // Out of fds: a level-triggered listener left armed would spin the loop.
+        event_del(self->accept_ev_);
+        timeval tv{0, kAcceptBackoffMs * 1000};
+        evtimer_add(self->accept_backoff_ev_, &tv);
+      }
+      if (accepted.code() != Errc::kBusy) VG_LOGW("control: {}", accepted.error().what);
       return;
     }
+    UniqueFd fd = std::move(accepted).value();
     std::string why;
     if (!self->PeerAllowed(fd.Get(), &why)) {
       ++self->refused_;

@@ -52,6 +52,7 @@ class ControlServer {
   struct Client;
   ControlServer() = default;
   static void OnAccept(int fd, short what, void* arg);
+  static void OnAcceptBackoff(int fd, short what, void* arg);
   static void OnClientEvent(int fd, short what, void* arg);
   bool PeerAllowed(int fd, std::string* why) const;
   void ReadFrom(Client& c);
@@ -66,6 +67,7 @@ class ControlServer {
   ControlLimits limits_;
   UniqueFd listen_fd_;
   event* accept_ev_ = nullptr;
+  event* accept_backoff_ev_ = nullptr;  // re-arms accept_ev_ after EMFILE (AcceptConnection)
   uint64_t next_id_ = 1;
   uint64_t refused_ = 0;
   std::map<uint64_t, std::unique_ptr<Client>> clients_;

@@ -105,7 +105,10 @@ Result<> Daemon::StopVgpu(const Uuid& uuid) {
 
 void Daemon::OnDoorbell(int, short, void* arg) {
   auto* vgpu = static_cast<mediator::Vgpu*>(arg);
-  uint64_t kicks = vgpu->doorbell().Drain().value_or(0);
+  // The doorbell ioeventfd is shared with the guest (GET_REGION_IO_FDS hands out this very
+  // open file description), which may have made it blocking and drained it first: a read
+  // that cannot block.
+  uint64_t kicks = vgpu->doorbell().TryDrain().value_or(0);
   if (kicks) vgpu->OnDoorbellKick();
 }
 
