@@ -268,7 +268,19 @@ Result<vu::DmaDrain> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
   // the drain tells the protocol layer when work in flight has let go.
   VG_TRY_ASSIGN(vu::DmaDrain unmapped, impl_->dma_.Unmap(args));
   impl_->exec_->DropImports(from, size);
+  // Work in flight still holds the memory: it is cancelled at its next engine submission
+  // boundary (bounded, docs/device-spec.md "Bounds and blocking: the executor"), so the
+  // reply, sent once the drain is idle, really means the device no longer touches it.
+  // Queued work goes too and the error report names why.
+  bool cancelled = false;
+  if (!unmapped.Idle()) {
+    impl_->exec_->Cancel();
+    cancelled = true;
+  }
   std::lock_guard lk(impl_->mu_);
+  if (cancelled)
+    impl_->Refuse(abi::kErrSourceCommand, from.v, 0,
+                  Error{Errc::kBusy, "DMA_UNMAP of memory in use: the vGPU's work in flight was cancelled"});
   uint32_t dropped = impl_->gtt_.InvalidateGuestRange(from, size);
   if (dropped) VG_LOGI("vgpu {}: DMA_UNMAP {}+{:#x} invalidated {} GTT entries", impl_->cfg_.uuid, args.iova,
                        args.size.v, dropped);
