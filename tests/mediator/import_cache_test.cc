@@ -40,7 +40,8 @@ PlanOp Fill(uint32_t value) {
 }  // namespace
 
 TEST_CASE("hostile: an import cached before DMA_UNMAP is never used for memory mapped after it") {
-  auto engine = engine::Engine::Create();
+  // One engine for the process, as the daemon has (tests/remoting/rig.h does the same).
+  static auto engine = engine::Engine::Create();
   REQUIRE_MESSAGE(engine.ok(), engine.error().ToString());
   vu::DmaSpace dma;
   std::vector<std::byte> aperture(1 << 20);
