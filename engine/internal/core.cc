@@ -1,8 +1,13 @@
 #include "engine/internal/core.h"
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cstring>
+#include <fstream>
+#include <set>
+#include <string>
 
 #include "base/log.h"
 #include "engine/internal/vk.h"
@@ -65,9 +70,34 @@ Instance::~Instance() {
   if (instance_ != VK_NULL_HANDLE) vkDestroyInstance(instance_, nullptr);
 }
 
+namespace {
+// Keeps every Vulkan driver and layer the loader has mapped resident for the life of the
+// process: a later vkDestroyInstance makes the loader dlclose them, and Mesa 22.3.6's
+// lavapipe (Debian 12, +deb12u2) leaves a pthread_once allocation behind that only its own
+// globals point to. Unloaded, that memory is lost (and LeakSanitizer reports it with a
+// stack it can no longer read); resident, it stays owned. A driver that is loaded once
+// per process is also what every long-running Vulkan service does in practice.
+void PinLoadedVulkanModules() {
+  std::ifstream maps("/proc/self/maps");
+  std::set<std::string> seen;
+  for (std::string line; std::getline(maps, line);) {
+    size_t slash = line.find('/');
+    if (slash == std::string::npos) continue;
+    std::string path = line.substr(slash);
+    std::string_view base = std::string_view(path).substr(path.rfind('/') + 1);
+    bool vulkan_module = base.starts_with("libvulkan_") || base.starts_with("libVkLayer_");
+    if (!vulkan_module || !seen.insert(path).second) continue;
+    // NOLOAD: only what is already mapped; NODELETE: never unmapped again. The handle is
+    // dropped on purpose: the module stays resident whatever dlclose is called later.
+    (void)::dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+  }
+}
+}  // namespace
+
 Result<std::vector<PhysicalCandidate>> Instance::Enumerate() const {
   uint32_t n = 0;
   VG_VK_TRY(vkEnumeratePhysicalDevices(instance_, &n, nullptr), "vkEnumeratePhysicalDevices");
+  PinLoadedVulkanModules();  // the drivers are loaded by now (the loader loads them lazily)
   std::vector<VkPhysicalDevice> pds(n);
   VG_VK_TRY(vkEnumeratePhysicalDevices(instance_, &n, pds.data()), "vkEnumeratePhysicalDevices");
   std::vector<PhysicalCandidate> out;
