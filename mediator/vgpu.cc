@@ -298,6 +298,12 @@ class Vgpu::Impl {
       Refuse(abi::kErrSourceRing, RingBase() + head, 0, std::move(copied).error());
       return;
     }
+    // A full executor queue refuses before the audit: no span building for work that
+    // could not be queued anyway.
+    if (Result<> room = exec_->Admit(); !room.ok()) {
+      Refuse(abi::kErrSourceRing, head, 0, std::move(room).error());
+      return;
+    }
     Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
       std::vector<uint32_t> batch(r.size.v / 4);
       VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
