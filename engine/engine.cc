@@ -550,7 +550,10 @@ Result<> EngineImpl::Record(Slot& slot, const Submission& s, std::span<const Ker
       if (!d->push.empty())
         vkCmdPushConstants(cmd, p->layout.get(), VK_SHADER_STAGE_COMPUTE_BIT, 0,
                            static_cast<uint32_t>(d->push.size()), d->push.data());
-      vkCmdDispatchBase(cmd, d->base[0], d->base[1], d->base[2], d->groups[0], d->groups[1], d->groups[2]);
+      if (d->base == std::array<uint32_t, 3>{0, 0, 0})  // a whole dispatch: the plain call
+        vkCmdDispatch(cmd, d->groups[0], d->groups[1], d->groups[2]);
+      else
+        vkCmdDispatchBase(cmd, d->base[0], d->base[1], d->base[2], d->groups[0], d->groups[1], d->groups[2]);
     } else if (const auto* c = std::get_if<CopyOp>(&op)) {
       const BufferImpl* src = AsOurs(c->src);
       const BufferImpl* dst = AsOurs(c->dst);

@@ -146,6 +146,7 @@ Result<> Executor::Enqueue(Plan plan) {
     size_t plans = queue_.size() + (running_ ? 1 : 0);
     VG_ERROR_IF(plans >= kMaxQueuedPlans, Errc::kLimitExceeded,
                 "executor queue full: {} submissions queued or running (bound {})", plans, kMaxQueuedPlans);
+    if (charged_bytes_ + bytes > kMaxQueuedPlanBytes) saturated_ = true;
     VG_ERROR_IF(charged_bytes_ + bytes > kMaxQueuedPlanBytes, Errc::kLimitExceeded,
                 "executor queue full: {} plan bytes queued or running, this one {} (bound {})", charged_bytes_, bytes,
                 kMaxQueuedPlanBytes);
@@ -153,6 +154,17 @@ Result<> Executor::Enqueue(Plan plan) {
     queue_.push_back(Item{std::move(plan), {}, bytes, epoch_.load(std::memory_order_acquire)});
   }
   cv_.notify_one();
+  return Ok();
+}
+
+Result<> Executor::Admit() const {
+  std::lock_guard lk(mu_);
+  size_t plans = queue_.size() + (running_ ? 1 : 0);
+  VG_ERROR_IF(plans >= kMaxQueuedPlans, Errc::kLimitExceeded,
+              "executor queue full: {} submissions queued or running (bound {})", plans, kMaxQueuedPlans);
+  VG_ERROR_IF(saturated_, Errc::kLimitExceeded,
+              "executor queue full: {} plan bytes queued or running (bound {}); room returns as queued work completes",
+              charged_bytes_, kMaxQueuedPlanBytes);
   return Ok();
 }
 
@@ -172,6 +184,7 @@ bool Executor::Cancel(std::function<void()> after) {
     }
     // Queued tasks (an earlier reset's scrub) still run: they follow work already running.
     std::erase_if(queue_, [](const Item& it) { return it.plan.has_value(); });
+    saturated_ = false;
     in_flight = running_;
     if (in_flight && after) queue_.push_front(Item{std::nullopt, std::move(after), 0, 0});
   }
@@ -217,6 +230,7 @@ void Executor::Loop() {
     }
     lk.lock();
     charged_bytes_ -= item.bytes;
+    if (item.bytes) saturated_ = false;
     running_ = false;
     idle_cv_.notify_all();
   }

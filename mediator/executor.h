@@ -77,6 +77,11 @@ class Executor {
   // kLimitExceeded, nothing queued, past kMaxQueuedPlans plans or kMaxQueuedPlanBytes
   // bytes queued or running on this vGPU (charged until the plan has finished running).
   Result<> Enqueue(Plan plan);
+  // Whether a new submission may be audited at all: kLimitExceeded while the queue is full
+  // by count, or since a submission was refused for bytes until a queued plan has finished.
+  // The loop checks it before auditing, so a flood of doorbells against a full queue costs
+  // no audit (span building) each.
+  Result<> Admit() const;
   // Forgets cached imports of guest memory overlapping [gpa, gpa+size), so a DMA_UNMAP of
   // it waits only for work actually in flight, not for the cache.
   void DropImports(Gpa gpa, ByteSize size);
@@ -145,6 +150,7 @@ class Executor {
   std::condition_variable idle_cv_;
   std::deque<Item> queue_;
   uint64_t charged_bytes_ = 0;  // queued + running plans (mu_)
+  bool saturated_ = false;      // a submission was refused for bytes; cleared as plans finish (mu_)
   bool running_ = false;
   bool stop_ = false;
   uint64_t gather_bytes_ = 0;   // engine buffers gathering guest ranges (executor thread only)

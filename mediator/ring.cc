@@ -159,7 +159,13 @@ void Vgpu::Impl::ProcessRing() {
   }
   Result<Plan> plan = MakeError(Errc::kInternal, "not audited");
   AuditFault fault;
-  if (copied.ok()) {
+  // A full executor queue refuses before the audit: no span building for work that could
+  // not be queued anyway.
+  Result<> room = copied.ok() ? exec_->Admit() : Ok();
+  if (!room.ok()) {
+    plan = Unexpected{std::move(room).error()};
+    fault = AuditFault{abi::kErrSourceRing, head, 0};
+  } else if (copied.ok()) {
     Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
       std::vector<uint32_t> batch(r.size.v / 4);
       VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
