@@ -56,7 +56,7 @@ TEST_CASE("hostile: an import cached before DMA_UNMAP is never used for memory m
   auto run = [&](uint32_t value) {
     Plan p;
     p.ops.push_back(Fill(value));
-    exec.Enqueue(std::move(p));
+    REQUIRE(exec.Enqueue(std::move(p)).ok());
     exec.WaitIdle();
   };
 
