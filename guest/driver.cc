@@ -254,9 +254,9 @@ Result<> Driver::Wait(uint64_t seq, WaitMode mode, int timeout_ms) {
   auto next_status = std::chrono::steady_clock::now() + status_every;
   for (;;) {
     if (status_every.count() > 0) {
-      // The FENCE command writes seq to fence_ in guest RAM before the status page; a load
-      // here sees completion without a round trip. Errors still come from the status page,
-      // read at the backend's pace.
+      // Every submission's FENCE writes its seq into fence_ in guest RAM as well as into the
+      // status page: a load here sees completion without a round trip. Errors still come
+      // from the status page, read at the backend's pace.
       const uint64_t in_ram = __atomic_load_n(reinterpret_cast<const uint64_t*>(fence_.host.data()), __ATOMIC_ACQUIRE);
       if (in_ram >= seq) return Ok();
       if (std::chrono::steady_clock::now() < next_status) {
