@@ -203,11 +203,15 @@ Result<> Driver::WriteRing(std::span<const uint32_t> dwords) {
               opts_.ring_size);
   // The device consumes the whole span at each doorbell, so space frees as soon as the
   // ring head (published in the status page) reaches our tail.
+  // The head only moves forward, toward our tail, so the copy last read understates the
+  // free space and is safe to use: the status page is read only when that copy says the
+  // commands do not fit (where a status read is a round trip, as through qtest, this keeps
+  // it off the submission path).
+  auto fits = [&] { return opts_.ring_size - ((tail_ - ring_head_) & (opts_.ring_size - 1)) > bytes; };
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  for (;;) {
-    uint32_t head = dev_.Status32(abi::status::kRingHead);
-    uint32_t used = (tail_ - head) & (opts_.ring_size - 1);
-    if (opts_.ring_size - used > bytes) break;
+  while (!fits()) {
+    ring_head_ = dev_.Status32(abi::status::kRingHead);
+    if (fits()) break;
     VG_ERROR_IF(std::chrono::steady_clock::now() > deadline, Errc::kTimeout, "ring full");
     std::this_thread::yield();
   }
