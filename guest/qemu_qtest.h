@@ -177,6 +177,9 @@ class QemuQtest {
     return out;
   }
 
+  // QEMU's process id while it runs (-1 after it exited).
+  pid_t pid() const { return pid_; }
+
   bool Alive() {
     if (pid_ <= 0) return false;
     int st = 0;

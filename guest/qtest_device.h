@@ -60,6 +60,7 @@ class QtestDevice final : public DeviceBackend {
   int status_poll_interval_us() const override { return 1000; }
 
   vm::QemuQtest& qtest() { return *q_; }
+  pid_t qemu_pid() const { return q_->pid(); }
   uint64_t bar0_gpa() const { return kBar0Gpa; }
   // A guest-RAM address outside the driver's window, for floor measurements.
   uint64_t scratch_gpa() const { return kScratchGpa; }

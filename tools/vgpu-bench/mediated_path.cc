@@ -28,11 +28,13 @@ uint32_t AccessOf(shaders::Access a) {
 class MediatedPath final : public Path {
  public:
   MediatedPath(std::string name, std::unique_ptr<DeviceBackend> dev, std::unique_ptr<Driver> drv, pid_t daemon,
-               std::function<uint64_t()> messages, WaitMode wait, std::vector<NamedStats> floors = {})
+               std::function<uint64_t()> messages, WaitMode wait, std::vector<NamedStats> floors = {},
+               pid_t vmm = 0)
       : name_(std::move(name)), dev_(std::move(dev)), drv_(std::move(drv)), daemon_(daemon),
-        messages_(std::move(messages)), wait_(wait), floors_(std::move(floors)) {}
+        messages_(std::move(messages)), wait_(wait), floors_(std::move(floors)), vmm_(vmm) {}
   std::string name() const override { return name_; }
   pid_t host_pid() const override { return daemon_; }
+  pid_t vmm_pid() const override { return vmm_; }
   std::vector<NamedStats> floors() const override { return floors_; }
 
   Result<> Prepare(const Workload& w) override {
@@ -120,6 +122,7 @@ class MediatedPath final : public Path {
   std::function<uint64_t()> messages_;
   WaitMode wait_;
   std::vector<NamedStats> floors_;
+  pid_t vmm_;
   const Workload* w_ = nullptr;
   std::vector<GpuBuffer> bufs_;
   CommandBuilder cmds_;
@@ -187,9 +190,10 @@ Result<std::unique_ptr<Path>> MakeMediatedQemuPath(const PathConfig& c) {
   d.use_ioeventfd = false;
   VG_TRY_ASSIGN(auto drv, Driver::Create(*dev, d));
   const QtestDevice* raw = dev.get();
+  const pid_t qemu = dev->qemu_pid();
   return std::unique_ptr<Path>(new MediatedPath("mediated-qemu", std::move(dev), std::move(drv), c.daemon,
                                                 [raw] { return raw->commands(); }, WaitMode::kPoll,
-                                                std::move(floors)));
+                                                std::move(floors), qemu));
 }
 
 }  // namespace vg::bench

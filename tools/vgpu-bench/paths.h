@@ -56,6 +56,9 @@ class Path {
   virtual Crossings crossings() const = 0;
   // Process whose CPU time is host-side work (the daemon); 0 when it is this process.
   virtual pid_t host_pid() const { return 0; }
+  // The VMM process between this guest and the daemon (QEMU for mediated-qemu), 0 when
+  // none: its CPU time is counted on the guest side, as a VM's exits are.
+  virtual pid_t vmm_pid() const { return 0; }
   // Floors that belong to this path's own transport, measured when it was made (the
   // study reports them beside the machine's floors): e.g. the qtest hop of mediated-qemu.
   virtual std::vector<NamedStats> floors() const { return {}; }

@@ -232,7 +232,8 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
         if (!c.error.empty()) continue;
         Path& path = *live[p];
         pid_t host = path.host_pid();
-        double host0 = host ? ProcessCpuUs(host) : 0, self0 = SelfCpuUs();
+        const pid_t vmm = path.vmm_pid();
+        double host0 = host ? ProcessCpuUs(host) : 0, self0 = SelfCpuUs(), vmm0 = vmm ? ProcessCpuUs(vmm) : 0;
         Crossings c0 = path.crossings();
         std::vector<double> rs;
         uint32_t per = w.stream ? w.stream : 1;
@@ -247,7 +248,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
           rs.push_back(us);
         }
         Crossings c1 = path.crossings();
-        double self = SelfCpuUs() - self0;
+        double self = SelfCpuUs() - self0 + (vmm ? ProcessCpuUs(vmm) - vmm0 : 0);
         host_cpu[p] += host ? ProcessCpuUs(host) - host0 : self;
         guest_cpu[p] += host ? self : 0;
         Crossings& acc = cross[p];
