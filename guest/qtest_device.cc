@@ -29,6 +29,10 @@ Result<std::unique_ptr<QtestDevice>> QtestDevice::Open(const QtestDeviceOptions&
 QtestDevice::~QtestDevice() {
   q_.reset();  // QEMU first: it holds the RAM file open
   if (!ram_path_.empty()) ::unlink(ram_path_.c_str());
+  if (created_work_dir_) {
+    std::error_code ec;
+    std::filesystem::remove_all(opts_.work_dir, ec);  // the qtest socket and QEMU's stderr
+  }
 }
 
 Result<> QtestDevice::Init() {
@@ -41,7 +45,7 @@ Result<> QtestDevice::Init() {
                 "driver window {:#x}+{:#x} is not inside guest RAM {:#x} above the scratch page",
                 opts_.driver_ram_base.v, opts_.driver_ram_size, opts_.qemu_ram);
   std::error_code ec;
-  std::filesystem::create_directories(opts_.work_dir, ec);
+  created_work_dir_ = std::filesystem::create_directories(opts_.work_dir, ec);
   VG_ERROR_IF(ec, Errc::kIo, "mkdir {}: {}", opts_.work_dir, ec.message());
 
   // The RAM file lives in /dev/shm (tmpfs: no disk writeback) when it exists, so the file
@@ -66,8 +70,12 @@ Result<> QtestDevice::Init() {
                                 "-machine", "memory-backend=vgpud-ram", "-device", dev.dump()};
   if (!opts_.firmware.empty()) argv.insert(argv.begin() + 1, {"-L", opts_.firmware});
   q_ = std::make_unique<vm::QemuQtest>(opts_.work_dir);
-  VG_ERROR_IF(!q_->Start(argv, opts_.start_timeout_ms), Errc::kDeviceLost, "QEMU did not attach: {}",
-              Diagnostics());
+  const bool up = q_->Start(argv, opts_.start_timeout_ms);
+  // QEMU opened the file during machine init, before its first qtest answer, and we hold
+  // our mapping: the name is no longer needed, and a crash of either leaves nothing behind.
+  ::unlink(ram_path_.c_str());
+  ram_path_.clear();
+  VG_ERROR_IF(!up, Errc::kDeviceLost, "QEMU did not attach: {}", Diagnostics());
   return Place();
 }
 

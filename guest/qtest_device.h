@@ -26,7 +26,7 @@ struct QtestDeviceOptions {
   std::string qemu;      // qemu-system-x86_64 with vfio-user-pci
   std::string firmware;  // -L dir ("" : QEMU's default)
   std::string socket;    // the vGPU's vfio-user socket
-  std::string work_dir;  // created; holds the qtest socket, QEMU's stderr and the RAM file
+  std::string work_dir;  // qtest socket and QEMU's stderr; removed at the end if Open created it
   uint64_t qemu_ram = 256ull << 20;
   // The part of guest RAM handed to the driver: [driver_ram_base, + driver_ram_size).
   Gpa driver_ram_base{16ull << 20};
@@ -84,6 +84,7 @@ class QtestDevice final : public DeviceBackend {
   Mapping ram_map_;
   std::span<std::byte> driver_ram_;
   std::string ram_path_;
+  bool created_work_dir_ = false;  // removed again on destruction
   uint32_t gtt_entries_ = 0;
   mutable uint64_t commands_ = 0;
 };
