@@ -3,7 +3,8 @@
 #   ./run.sh test    install what is missing, build (normal + ASan/UBSan), run the whole suite
 #   ./run.sh study   install what is missing, build, start vgpud, create vGPUs, run the study
 #   ./run.sh vm      build QEMU >= 10.1 (tools/vm/build-qemu.sh, cached outside the repo), build,
-#                    run the 'vm' suite: a real QEMU's vfio-user-pci attached to vgpud (F14)
+#                    run the 'vm' suite: a real QEMU's vfio-user-pci attached to vgpud (F14),
+#                    then vgpu-bench's empty/small rows on mediated, mediated-mmio, mediated-qemu
 # Extra: ./run.sh build | ./run.sh fuzz [seconds] | ./run.sh soak
 # `./run.sh test` (and CI) leave the 'vm' suite out: it needs that QEMU.
 set -euo pipefail
@@ -92,6 +93,11 @@ case "$cmd" in
     rc=0
     meson test -C build --suite vm --print-errorlogs "${@:2}" || rc=1
     summarize build/meson-logs/testlog.json
+    # F12's "posted MMIO doorbell" through this QEMU, beside the in-process client's two
+    # doorbells (docs/ab-methodology.md: read mediated-qemu against the qtest floor).
+    echo "== vgpu-bench: mediated (ioeventfd), mediated-mmio and mediated-qemu"
+    build/tools/vgpu-bench --smoke --groups empty,small --paths native,mediated,mediated-mmio,mediated-qemu \
+      --out build/vm-bench || rc=1
     exit $rc
     ;;
   fuzz)

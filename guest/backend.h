@@ -49,6 +49,10 @@ class DeviceBackend {
   // The eventfd of an interrupt vector, or nullptr when the backend has no interrupts
   // (the driver then waits by polling the status page).
   virtual const EventFd* irq_eventfd(uint32_t /*vector*/) const { return nullptr; }
+  // How often a polling wait may read the status page, in us (0: every iteration). A
+  // backend whose status read is a round trip (QtestDevice) asks for less; the driver then
+  // watches the fence in guest RAM, a plain load, in between.
+  virtual int status_poll_interval_us() const { return 0; }
 
   Result<ErrorReport> ReadError();
   Result<> ClearError() { return Write32(abi::reg::kErrClear, 0); }

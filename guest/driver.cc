@@ -203,11 +203,15 @@ Result<> Driver::WriteRing(std::span<const uint32_t> dwords) {
               opts_.ring_size);
   // The device consumes the whole span at each doorbell, so space frees as soon as the
   // ring head (published in the status page) reaches our tail.
+  // The head only moves forward, toward our tail, so the copy last read understates the
+  // free space and is safe to use: the status page is read only when that copy says the
+  // commands do not fit (where a status read is a round trip, as through qtest, this keeps
+  // it off the submission path).
+  auto fits = [&] { return opts_.ring_size - ((tail_ - ring_head_) & (opts_.ring_size - 1)) > bytes; };
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  for (;;) {
-    uint32_t head = dev_.Status32(abi::status::kRingHead);
-    uint32_t used = (tail_ - head) & (opts_.ring_size - 1);
-    if (opts_.ring_size - used > bytes) break;
+  while (!fits()) {
+    ring_head_ = dev_.Status32(abi::status::kRingHead);
+    if (fits()) break;
     VG_ERROR_IF(std::chrono::steady_clock::now() > deadline, Errc::kTimeout, "ring full");
     std::this_thread::yield();
   }
@@ -250,7 +254,21 @@ Result<> Driver::SubmitRaw(std::span<const uint32_t> dwords) {
 
 Result<> Driver::Wait(uint64_t seq, WaitMode mode, int timeout_ms) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  const auto status_every = std::chrono::microseconds(dev_.status_poll_interval_us());
+  auto next_status = std::chrono::steady_clock::now() + status_every;
   for (;;) {
+    if (status_every.count() > 0) {
+      // Every submission's FENCE writes its seq into fence_ in guest RAM as well as into the
+      // status page: a load here sees completion without a round trip. Errors still come
+      // from the status page, read at the backend's pace.
+      const uint64_t in_ram = __atomic_load_n(reinterpret_cast<const uint64_t*>(fence_.host.data()), __ATOMIC_ACQUIRE);
+      if (in_ram >= seq) return Ok();
+      if (std::chrono::steady_clock::now() < next_status) {
+        std::this_thread::yield();
+        continue;
+      }
+      next_status = std::chrono::steady_clock::now() + status_every;
+    }
     if (completed() >= seq) return Ok();
     uint32_t errs = dev_.Status32(abi::status::kErrCount);
     if (errs != errors_seen_) {

@@ -121,6 +121,7 @@ class Driver {
   GpuBuffer ring_;
   GpuBuffer fence_;  // u64 fence at +0, u32 tail shadow at +64
   uint32_t tail_ = 0;
+  uint32_t ring_head_ = 0;  // RING_HEAD as last read from the status page (stale is safe)
   uint64_t seq_ = 0;
   uint32_t errors_seen_ = 0;
   DriverCounters counters_;

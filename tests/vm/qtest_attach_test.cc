@@ -191,7 +191,9 @@ uint32_t SubmitAndWait(QemuQtest& q, const DaemonProc& d, uint32_t tail, guest::
   REQUIRE(q.Writel(kBar0Gpa + reg::kRingTail, new_tail));
   const bool done = WaitFor([&] { return q.Readq(kFenceGpa) == fence; });
   CHECK_MESSAGE(done, "fence " << fence << " not written to guest RAM\n" << Diag(d, q));
-  CHECK(q.Readq(kBar0Gpa + abi::kStatusPageOffset + status::kCompletedFence) == fence);
+  // The executor writes the fence into guest RAM first and the status page just after
+  // (mediator/executor.cc): a read between the two sees the old value, so wait for it.
+  CHECK(WaitFor([&] { return q.Readq(kBar0Gpa + abi::kStatusPageOffset + status::kCompletedFence) == fence; }));
   CHECK(q.Readl(kBar0Gpa + reg::kRingHead) == new_tail);
   CHECK(q.Readl(kBar0Gpa + abi::kStatusPageOffset + status::kRingHead) == new_tail);
   return new_tail;

@@ -3,15 +3,25 @@
 // be read against the physical limit: a cross-process eventfd round trip, a shared-memory
 // polling round trip, and memcpy bandwidth.
 
+#include <string>
+#include <vector>
+
 #include "base/base.h"
 #include "tools/bench/stats.h"
 
 namespace vg::bench {
 
+struct NamedStats {
+  std::string name;
+  Stats us;
+};
+
 struct Floors {
   Stats eventfd_rtt_us;
   Stats shm_poll_rtt_us;
   double memcpy_gbps = 0;
+  // A path's own transport floors ("<path>: <what>"), e.g. mediated-qemu's qtest hop.
+  std::vector<NamedStats> path_floors;
 };
 
 Result<Floors> MeasureFloors(int iters, uint64_t memcpy_bytes);

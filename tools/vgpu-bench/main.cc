@@ -1,6 +1,10 @@
 // vgpu-bench: the A/B study of native, mediated and remoting on one engine.
 //   vgpu-bench [--quick|--full|--smoke] [--groups a,b] [--paths native,mediated,remoting]
 //              [--reps N] [--iters N] [--gpu NAME|INDEX] [--out DIR] [--json FILE] [--csv FILE]
+//              [--qemu BIN] [--qemu-firmware DIR]
+// Paths: native, mediated (ioeventfd doorbell), mediated-mmio (RING_TAIL REGION_WRITE),
+// mediated-qemu (a real QEMU's vfio-user-pci under qtest: needs --qemu or VGPUD_QEMU,
+// skipped with a note otherwise), remoting.
 // It starts its own vgpud with the vGPUs it needs, runs every workload on every path side by
 // side (interleaved, rotating order), and removes what it created. docs/ab-methodology.md
 // says what each number means.
@@ -12,9 +16,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include "tools/vgpu-bench/study.h"
@@ -45,14 +51,16 @@ struct DaemonProc {
   std::string RemoteSocket(int i) const { return (dir / (GuestUuid(i) + ".remote.sock")).string(); }
 };
 
-Result<std::unique_ptr<DaemonProc>> StartDaemon(const std::string& vgpud, int guests, const std::string& type0,
+// types[i]: the vGPU type of guest i.
+Result<std::unique_ptr<DaemonProc>> StartDaemon(const std::string& vgpud, const std::vector<std::string>& types,
                                                 const std::string& gpu) {
+  const int guests = static_cast<int>(types.size());
   auto d = std::make_unique<DaemonProc>();
   d->dir = fs::temp_directory_path() / fmt::format("vgpu-bench-{}", ::getpid());
   fs::create_directories(d->dir);
   std::vector<std::string> args{vgpud, "--runtime-dir", d->dir.string(), "--log-level", "error"};
   if (!gpu.empty()) args.insert(args.end(), {"--gpu", gpu});
-  for (int i = 0; i < guests; ++i) args.insert(args.end(), {"--vgpu", GuestUuid(i) + ":" + (i == 0 ? type0 : "small")});
+  for (int i = 0; i < guests; ++i) args.insert(args.end(), {"--vgpu", GuestUuid(i) + ":" + types[static_cast<size_t>(i)]});
   d->pid = ::fork();
   if (d->pid == 0) {
     std::vector<char*> argv;
@@ -75,6 +83,8 @@ Result<std::unique_ptr<DaemonProc>> StartDaemon(const std::string& vgpud, int gu
 Result<std::unique_ptr<Path>> MakePath(const std::string& name, const PathConfig& c) {
   if (name == "native") return MakeNativePath(c);
   if (name == "mediated") return MakeMediatedPath(c);
+  if (name == "mediated-mmio") return MakeMediatedMmioPath(c);
+  if (name == "mediated-qemu") return MakeMediatedQemuPath(c);
   if (name == "remoting") return MakeRemotingPath(c);
   return MakeError(Errc::kInvalidArgument, "unknown path '{}'", name);
 }
@@ -260,6 +270,22 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
                             "because it avoids crossings and marshalling {} on this machine",
                             holds ? "HOLDS" : "does NOT hold"));
   }
+  // mediated-qemu: what a VM under QEMU pays, read against the qtest floor (ab-methodology).
+  const NamedStats* qfloor = nullptr;
+  for (const NamedStats& f : r.floors.path_floors)
+    if (f.name.rfind("mediated-qemu: qtest writel", 0) == 0) qfloor = &f;
+  for (const std::string g : {"empty", "small"}) {
+    const Cell* q = CellOf(r, g, "mediated-qemu");
+    if (!q || !qfloor || !q->us.n) continue;
+    const Cell* m = CellOf(r, g, "mediated");
+    const Cell* mm = CellOf(r, g, "mediated-mmio");
+    s.push_back(fmt::format(
+        "{} submission, p50: mediated (ioeventfd) {}, mediated-mmio {}, mediated-qemu {:.1f} us with {:.2f} qtest "
+        "commands per submission at a floor of {:.1f} us each: {:.1f} us beyond the qtest hops",
+        g, m ? fmt::format("{:.1f} us", m->us.p50) : std::string("-"),
+        mm ? fmt::format("{:.1f} us", mm->us.p50) : std::string("-"), q->us.p50, q->messages, qfloor->us.p50,
+        q->us.p50 - q->messages * qfloor->us.p50));
+  }
   if (!r.all_correct) s.push_back("SOME RESULTS DIFFER FROM THE CPU REFERENCE (see the ok column)");
 }
 
@@ -281,6 +307,9 @@ int main(int argc, char** argv) {
   CLI::App app{"vgpu-bench: native vs mediated vs remoting, side by side"};
   bool quick = false, full = false, smoke = false;
   std::string groups, paths_csv = "native,mediated,remoting", gpu, vgpud, json_file, csv_file;
+  const char* env_qemu = std::getenv("VGPUD_QEMU");
+  const char* env_fw = std::getenv("VGPUD_QEMU_FIRMWARE");
+  std::string qemu = env_qemu ? env_qemu : "", qemu_firmware = env_fw ? env_fw : "";
   StudyOptions o;
   // Worker mode (internal): one guest of a concurrency run.
   std::string worker, socket, remote_socket;
@@ -298,6 +327,8 @@ int main(int argc, char** argv) {
   app.add_option("--out", o.out_dir, "directory for JSON, CSV, plots and the report")->capture_default_str();
   app.add_option("--json", json_file, "also write the JSON here");
   app.add_option("--csv", csv_file, "also write the CSV here");
+  app.add_option("--qemu", qemu, "qemu-system-x86_64 with vfio-user-pci, for mediated-qemu (default: $VGPUD_QEMU)");
+  app.add_option("--qemu-firmware", qemu_firmware, "QEMU's -L firmware dir (default: $VGPUD_QEMU_FIRMWARE)");
   app.add_option("--worker", worker)->group("");
   app.add_option("--socket", socket)->group("");
   app.add_option("--remote-socket", remote_socket)->group("");
@@ -320,22 +351,47 @@ int main(int argc, char** argv) {
   o.groups = Split(groups);
   bool want_concurrency = o.groups.empty() || o.groups.count("concurrency");
   std::vector<std::string> paths{"native"};
-  for (const auto& p : Split(paths_csv))
-    if (p != "native") paths.push_back(p);
+  std::vector<std::string> skipped;
+  for (const auto& p : Split(paths_csv)) {
+    if (p == "native") continue;
+    if (p == "mediated-qemu" && qemu.empty()) {
+      // Loud, in the report too: a run that silently lost a path reads as complete.
+      std::fprintf(stderr,
+                   "vgpu-bench: NOTE: path mediated-qemu SKIPPED: no QEMU (set VGPUD_QEMU or --qemu; ./run.sh vm "
+                   "builds one)\n");
+      skipped.push_back("mediated-qemu SKIPPED: no QEMU (set VGPUD_QEMU or --qemu; ./run.sh vm builds one)");
+      continue;
+    }
+    paths.push_back(p);
+  }
   if (vgpud.empty()) vgpud = (fs::read_symlink("/proc/self/exe").parent_path() / "vgpud").string();
 
   int guests = want_concurrency ? (smoke ? 2 : o.size == StudyOptions::Size::kFull ? 8 : 4) : 1;
   // The first vGPU carries the data workloads: its GTT must map every buffer at once.
   std::string type0 = o.size == StudyOptions::Size::kFull ? "large" : "medium";
+  // Each mediated variant is its own guest (a vGPU takes one client): vGPUs after the
+  // concurrency guests, of the first one's type, since they run the same workloads.
+  std::vector<std::string> types(static_cast<size_t>(guests), "small");
+  types[0] = type0;
+  std::map<std::string, int> guest_of{{"mediated", 0}};
+  for (const auto& p : paths)
+    if (p == "mediated-mmio" || p == "mediated-qemu") {
+      guest_of[p] = static_cast<int>(types.size());
+      types.push_back(type0);
+    }
   uint64_t ram = o.size == StudyOptions::Size::kFull ? (1536ull << 20) : o.size == StudyOptions::Size::kSmoke ? (32ull << 20) : (160ull << 20);
-  auto daemon = StartDaemon(vgpud, guests, type0, gpu);
+  auto daemon = StartDaemon(vgpud, types, gpu);
   if (!daemon.ok()) {
     std::fprintf(stderr, "vgpu-bench: %s\n", daemon.error().ToString().c_str());
     return 3;
   }
   const DaemonProc& d = **daemon;
-  PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram};
-  auto factory = [&](const std::string& name, int) { return MakePath(name, base); };
+  PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram, qemu, qemu_firmware};
+  auto factory = [&](const std::string& name, int) {
+    PathConfig c = base;
+    if (auto it = guest_of.find(name); it != guest_of.end()) c.socket = d.Socket(it->second);
+    return MakePath(name, c);
+  };
 
   std::string device = "unknown";
   if (auto list = engine::Engine::ListDevices(); list.ok()) {
@@ -352,6 +408,9 @@ int main(int argc, char** argv) {
     int iters = smoke ? 10 : o.size == StudyOptions::Size::kFull ? 400 : 150;
     std::vector<int> counts = smoke ? std::vector<int>{1, 2} : o.size == StudyOptions::Size::kFull ? std::vector<int>{1, 2, 4, 8} : std::vector<int>{1, 2, 4};
     for (const auto& p : paths) {
+      // The doorbell variants are ablations of the single-guest rows; concurrency compares
+      // the three designs.
+      if (p == "mediated-mmio" || p == "mediated-qemu") continue;
       double one = 0;
       for (int n : counts) {
         if (o.progress) std::fprintf(stderr, "vgpu-bench: concurrency %s x%d\n", p.c_str(), n);
@@ -367,6 +426,7 @@ int main(int argc, char** argv) {
     }
   }
   Summarize(*report, paths);
+  for (const auto& n : skipped) report->summary.push_back(n);
 
   fs::create_directories(o.out_dir);
   std::string text = FormatReport(*report);

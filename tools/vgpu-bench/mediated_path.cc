@@ -1,4 +1,9 @@
+#include <unistd.h>
+
+#include <chrono>
 #include <cstring>
+#include <filesystem>
+#include <functional>
 
 #include "guest/guest.h"
 #include "tools/vgpu-bench/paths.h"
@@ -13,14 +18,24 @@ uint32_t AccessOf(shaders::Access a) {
          (shaders::Writes(a) ? abi::cmd::kAccessWrite : 0);
 }
 
-// A guest driving its vGPU: buffers in its RAM through the GTT, commands in its ring, the
-// doorbell as one ioeventfd signal, completion by the fence interrupt.
+// A guest driving its vGPU: buffers in its RAM through the GTT, commands in its ring, a
+// doorbell, a fence. Three variants share this code and differ only in the backend and the
+// driver options:
+//   mediated       in-process vfio-user client; doorbell = one ioeventfd signal; fence IRQ
+//   mediated-mmio  the same client; doorbell = RING_TAIL as a REGION_WRITE round trip
+//   mediated-qemu  a real QEMU under qtest (QtestDevice); doorbell = RING_TAIL as an MMIO
+//                  write that QEMU forwards as a synchronous REGION_WRITE; fence polled in RAM
 class MediatedPath final : public Path {
  public:
-  MediatedPath(std::unique_ptr<Device> dev, std::unique_ptr<Driver> drv, pid_t daemon)
-      : dev_(std::move(dev)), drv_(std::move(drv)), daemon_(daemon) {}
-  std::string name() const override { return "mediated"; }
+  MediatedPath(std::string name, std::unique_ptr<DeviceBackend> dev, std::unique_ptr<Driver> drv, pid_t daemon,
+               std::function<uint64_t()> messages, WaitMode wait, std::vector<NamedStats> floors = {},
+               pid_t vmm = 0)
+      : name_(std::move(name)), dev_(std::move(dev)), drv_(std::move(drv)), daemon_(daemon),
+        messages_(std::move(messages)), wait_(wait), floors_(std::move(floors)), vmm_(vmm) {}
+  std::string name() const override { return name_; }
   pid_t host_pid() const override { return daemon_; }
+  pid_t vmm_pid() const override { return vmm_; }
+  std::vector<NamedStats> floors() const override { return floors_; }
 
   Result<> Prepare(const Workload& w) override {
     Release();
@@ -68,21 +83,21 @@ class MediatedPath final : public Path {
     CommandBuilder cb;
     cb.Fill(b.va, w_->churn_bytes, 1);
     VG_TRY_ASSIGN(uint64_t seq, drv_->Submit(cb));
-    VG_TRY(drv_->Wait(seq));
+    VG_TRY(drv_->Wait(seq, wait_));
     VG_TRY(drv_->Free(b));
     return seq;
   }
 
   Result<> RunOnce() override {
     VG_TRY_ASSIGN(uint64_t seq, Submit());
-    return drv_->Wait(seq);
+    return drv_->Wait(seq, wait_);
   }
   Result<> RunStream(uint32_t n) override {
     uint64_t seq = 0;
     for (uint32_t i = 0; i < n; ++i) {
       VG_TRY_ASSIGN(seq, Submit(/*irq=*/i + 1 == n));
     }
-    return drv_->Wait(seq);
+    return drv_->Wait(seq, wait_);
   }
 
   Result<std::vector<std::vector<std::byte>>> ReadBack() override {
@@ -96,29 +111,89 @@ class MediatedPath final : public Path {
   }
   Crossings crossings() const override {
     const DriverCounters& c = drv_->counters();
-    return {dev_->messages(), c.doorbells, c.interrupts, 0, c.ring_bytes};
+    return {messages_(), c.doorbells, c.interrupts, 0, c.ring_bytes};
   }
 
  private:
-  std::unique_ptr<Device> dev_;
+  std::string name_;
+  std::unique_ptr<DeviceBackend> dev_;
   std::unique_ptr<Driver> drv_;
   pid_t daemon_;
+  std::function<uint64_t()> messages_;
+  WaitMode wait_;
+  std::vector<NamedStats> floors_;
+  pid_t vmm_;
   const Workload* w_ = nullptr;
   std::vector<GpuBuffer> bufs_;
   CommandBuilder cmds_;
 };
 
-}  // namespace
+using Clock = std::chrono::steady_clock;
 
-Result<std::unique_ptr<Path>> MakeMediatedPath(const PathConfig& c) {
+// Round trips of one qtest command, in us, after a short warm-up.
+Result<Stats> TimeQtest(vm::QemuQtest& q, const std::string& cmd, int iters) {
+  std::vector<double> us;
+  for (int i = 0; i < iters + 20; ++i) {
+    auto t0 = Clock::now();
+    const std::string r = q.Cmd(cmd);
+    VG_ERROR_IF(r.rfind("OK", 0) != 0, Errc::kDeviceLost, "qtest '{}': '{}'", cmd, r);
+    if (i >= 20) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  return Summarize(std::move(us));
+}
+
+Result<std::unique_ptr<Path>> MakeClientPath(const PathConfig& c, std::string name, bool ioeventfd) {
   DeviceOptions o;
   o.socket = c.socket;
   o.ram_size = c.guest_ram;
   VG_TRY_ASSIGN(auto dev, Device::Open(o));
   DriverOptions d;
   d.ring_size = 256 << 10;  // 4096 FILL commands in one submission
+  d.use_ioeventfd = ioeventfd;
   VG_TRY_ASSIGN(auto drv, Driver::Create(*dev, d));
-  return std::unique_ptr<Path>(new MediatedPath(std::move(dev), std::move(drv), c.daemon));
+  const Device* raw = dev.get();
+  return std::unique_ptr<Path>(new MediatedPath(std::move(name), std::move(dev), std::move(drv), c.daemon,
+                                                [raw] { return raw->messages(); }, WaitMode::kIrq));
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Path>> MakeMediatedPath(const PathConfig& c) { return MakeClientPath(c, "mediated", true); }
+Result<std::unique_ptr<Path>> MakeMediatedMmioPath(const PathConfig& c) {
+  return MakeClientPath(c, "mediated-mmio", false);
+}
+
+Result<std::unique_ptr<Path>> MakeMediatedQemuPath(const PathConfig& c) {
+  VG_ERROR_IF(c.qemu.empty(), Errc::kUnsupported, "mediated-qemu needs QEMU (VGPUD_QEMU or --qemu)");
+  QtestDeviceOptions o;
+  o.qemu = c.qemu;
+  o.firmware = c.qemu_firmware;
+  o.socket = c.socket;
+  o.work_dir = (std::filesystem::temp_directory_path() / fmt::format("vgpu-bench-qemu-{}", ::getpid())).string();
+  o.driver_ram_size = c.guest_ram;
+  constexpr uint64_t k2M = 2ull << 20;
+  o.qemu_ram = (o.driver_ram_base.v + c.guest_ram + k2M - 1) / k2M * k2M;
+  VG_TRY_ASSIGN(auto dev, QtestDevice::Open(o));
+  // The floors of this hop, measured on this QEMU before the study: what a qtest command
+  // costs with no device behind it (a write to plain guest RAM), and a trapped register
+  // read (qtest + QEMU's vfio-user REGION_READ round trip to the daemon).
+  std::vector<NamedStats> floors;
+  VG_TRY_ASSIGN(Stats ram_rtt, TimeQtest(dev->qtest(), fmt::format("writel {:#x} 0x1", dev->scratch_gpa()), 1000));
+  floors.push_back({"qtest writel to guest RAM (the qtest floor)", ram_rtt});
+  VG_TRY_ASSIGN(Stats reg_rtt,
+                TimeQtest(dev->qtest(), fmt::format("readl {:#x}", dev->bar0_gpa() + abi::reg::kId), 1000));
+  floors.push_back({"qtest readl of a BAR0 register (qtest + REGION_READ)", reg_rtt});
+  DriverOptions d;
+  d.ring_size = 256 << 10;
+  // QEMU never wires the doorbell ioeventfd (no DEVICE_GET_REGION_IO_FDS): a VM's doorbell
+  // is the RING_TAIL write.
+  d.use_ioeventfd = false;
+  VG_TRY_ASSIGN(auto drv, Driver::Create(*dev, d));
+  const QtestDevice* raw = dev.get();
+  const pid_t qemu = dev->qemu_pid();
+  return std::unique_ptr<Path>(new MediatedPath("mediated-qemu", std::move(dev), std::move(drv), c.daemon,
+                                                [raw] { return raw->commands(); }, WaitMode::kPoll,
+                                                std::move(floors), qemu));
 }
 
 }  // namespace vg::bench

@@ -1,5 +1,5 @@
 #pragma once
-// The three paths of the A/B study behind one interface, so every workload runs the same
+// The paths of the A/B study behind one interface, so every workload runs the same
 // way on each: native (the engine in this process), mediated (a guest through vfio-user:
 // GTT, ring, doorbell, fence IRQ) and remoting (serialized API calls over shared memory).
 
@@ -13,6 +13,7 @@
 #include "base/base.h"
 #include "engine/engine.h"
 #include "shaders/samples.h"
+#include "tools/vgpu-bench/floors.h"
 
 namespace vg::bench {
 
@@ -55,6 +56,12 @@ class Path {
   virtual Crossings crossings() const = 0;
   // Process whose CPU time is host-side work (the daemon); 0 when it is this process.
   virtual pid_t host_pid() const { return 0; }
+  // The VMM process between this guest and the daemon (QEMU for mediated-qemu), 0 when
+  // none: its CPU time is counted on the guest side, as a VM's exits are.
+  virtual pid_t vmm_pid() const { return 0; }
+  // Floors that belong to this path's own transport, measured when it was made (the
+  // study reports them beside the machine's floors): e.g. the qtest hop of mediated-qemu.
+  virtual std::vector<NamedStats> floors() const { return {}; }
 };
 
 struct PathConfig {
@@ -63,12 +70,19 @@ struct PathConfig {
   pid_t daemon = 0;
   std::string gpu;            // native: engine device override
   uint64_t guest_ram = 256ull << 20;  // mediated: guest RAM shared with the vGPU
+  std::string qemu;                   // mediated-qemu: qemu-system-x86_64 with vfio-user-pci
+  std::string qemu_firmware;          // mediated-qemu: its -L directory ("" : built in)
 };
 
 Result<std::unique_ptr<Path>> MakeNativePath(const PathConfig& c);
 // Native paths sharing one engine (concurrent submitters in one process).
 std::unique_ptr<Path> MakeNativePathOn(std::shared_ptr<engine::Engine> engine);
 Result<std::unique_ptr<Path>> MakeMediatedPath(const PathConfig& c);
+// The mediated path with the doorbell as a RING_TAIL REGION_WRITE (no ioeventfd).
+Result<std::unique_ptr<Path>> MakeMediatedMmioPath(const PathConfig& c);
+// The mediated path through a real QEMU under qtest (F12 "mediated, posted MMIO doorbell,
+// through QEMU"); kUnsupported without c.qemu.
+Result<std::unique_ptr<Path>> MakeMediatedQemuPath(const PathConfig& c);
 Result<std::unique_ptr<Path>> MakeRemotingPath(const PathConfig& c);
 
 }  // namespace vg::bench

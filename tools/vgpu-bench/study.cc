@@ -187,6 +187,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
   std::map<std::string, std::unique_ptr<Path>> live;
   for (const auto& p : paths) {
     VG_TRY_ASSIGN(live[p], make(p, 0));
+    for (const NamedStats& f : live[p]->floors()) rep.floors.path_floors.push_back({p + ": " + f.name, f.us});
   }
   VG_ERROR_IF(!live.count("native"), Errc::kInvalidArgument, "the native path is the baseline and must run");
   VG_TRY_ASSIGN(auto cal, Calibrate(*live["native"]));
@@ -231,7 +232,8 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
         if (!c.error.empty()) continue;
         Path& path = *live[p];
         pid_t host = path.host_pid();
-        double host0 = host ? ProcessCpuUs(host) : 0, self0 = SelfCpuUs();
+        const pid_t vmm = path.vmm_pid();
+        double host0 = host ? ProcessCpuUs(host) : 0, self0 = SelfCpuUs(), vmm0 = vmm ? ProcessCpuUs(vmm) : 0;
         Crossings c0 = path.crossings();
         std::vector<double> rs;
         uint32_t per = w.stream ? w.stream : 1;
@@ -246,7 +248,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
           rs.push_back(us);
         }
         Crossings c1 = path.crossings();
-        double self = SelfCpuUs() - self0;
+        double self = SelfCpuUs() - self0 + (vmm ? ProcessCpuUs(vmm) - vmm0 : 0);
         host_cpu[p] += host ? ProcessCpuUs(host) - host0 : self;
         guest_cpu[p] += host ? self : 0;
         Crossings& acc = cross[p];
@@ -313,20 +315,27 @@ std::string FormatReport(const StudyReport& r) {
                      "memcpy {:.1f} GB/s\n\n",
                      r.floors.eventfd_rtt_us.p50, r.floors.eventfd_rtt_us.p99, r.floors.shm_poll_rtt_us.p50,
                      r.floors.memcpy_gbps);
+  if (!r.floors.path_floors.empty()) {
+    // Printed above the table so the rows of that path are read against them.
+    out.resize(out.size() - 1);
+    for (const NamedStats& f : r.floors.path_floors)
+      out += fmt::format("floor {}: p50 {:.1f} us (p99 {:.1f})\n", f.name, f.us.p50, f.us.p99);
+    out += "\n";
+  }
   std::string group;
   for (const Result_& res : r.results) {
     if (res.workload.group != group) {
       group = res.workload.group;
-      out += fmt::format("== {}\n{:<30} {:<9} {:>9} {:>9} {:>9} {:>10} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} {:>5} {:>8}  {:<24} {}\n",
+      out += fmt::format("== {}\n{:<30} {:<13} {:>9} {:>9} {:>9} {:>10} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} {:>5} {:>8}  {:<24} {}\n",
                          group, "case", "path", "p50 us", "p99 us", "p99.9 us", "thruput", "unit", "host cpu",
                          "gst cpu", "msgs", "dbell", "irqs", "repl", "bytes", "lat ratio [min-max]", "ok");
     }
     for (const Cell& c : res.cells) {
       if (!c.error.empty() && c.us.n == 0) {
-        out += fmt::format("{:<30} {:<9} error: {}\n", res.workload.name, c.path, c.error);
+        out += fmt::format("{:<30} {:<13} error: {}\n", res.workload.name, c.path, c.error);
         continue;
       }
-      out += fmt::format("{:<30} {:<9} {:>9.1f} {:>9.1f} {:>9.1f} {:>10.3g} {:>6} {:>8.1f} {:>8.1f} {:>5.2f} {:>5.2f} "
+      out += fmt::format("{:<30} {:<13} {:>9.1f} {:>9.1f} {:>9.1f} {:>10.3g} {:>6} {:>8.1f} {:>8.1f} {:>5.2f} {:>5.2f} "
                          "{:>5.2f} {:>5.2f} {:>8.0f}  {:<24} {}\n",
                          res.workload.name, c.path, c.us.p50, c.us.p99, c.us.p999, c.throughput, c.unit,
                          c.host_cpu_us, c.guest_cpu_us, c.messages, c.doorbells, c.interrupts, c.replies, c.bytes,
@@ -357,6 +366,7 @@ nlohmann::json ToJson(const StudyReport& r) {
   j["floors"] = {{"eventfd_rtt_us", stats(r.floors.eventfd_rtt_us)},
                  {"shm_poll_rtt_us", stats(r.floors.shm_poll_rtt_us)},
                  {"memcpy_gbps", r.floors.memcpy_gbps}};
+  for (const NamedStats& f : r.floors.path_floors) j["floors"]["path_floors"][f.name] = stats(f.us);
   for (const Result_& res : r.results) {
     json w{{"group", res.workload.group}, {"case", res.workload.name}, {"x", res.workload.x},
            {"bytes_per_submission", res.workload.bytes}};
