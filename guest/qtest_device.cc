@@ -1,6 +1,7 @@
 #include "guest/qtest_device.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -28,7 +29,6 @@ Result<std::unique_ptr<QtestDevice>> QtestDevice::Open(const QtestDeviceOptions&
 
 QtestDevice::~QtestDevice() {
   q_.reset();  // QEMU first: it holds the RAM file open
-  if (!ram_path_.empty()) ::unlink(ram_path_.c_str());
   if (created_work_dir_) {
     std::error_code ec;
     std::filesystem::remove_all(opts_.work_dir, ec);  // the qtest socket and QEMU's stderr
@@ -48,14 +48,17 @@ Result<> QtestDevice::Init() {
   created_work_dir_ = std::filesystem::create_directories(opts_.work_dir, ec);
   VG_ERROR_IF(ec, Errc::kIo, "mkdir {}: {}", opts_.work_dir, ec.message());
 
-  // The RAM file lives in /dev/shm (tmpfs: no disk writeback) when it exists, so the file
-  // backend behaves like the memfd one vgpuctl prints, and this process can map it by name.
-  const std::string shm_dir = std::filesystem::is_directory("/dev/shm") ? "/dev/shm" : opts_.work_dir;
-  ram_path_ = fmt::format("{}/vgpud-qtest-ram-{}-{}", shm_dir, ::getpid(), static_cast<const void*>(this));
-  ram_fd_ = UniqueFd(::open(ram_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
-  VG_ERROR_IF(!ram_fd_.Valid(), Errc::kIo, "create {}: {}", ram_path_, std::strerror(errno));
-  VG_ERROR_IF(::ftruncate(ram_fd_.Get(), static_cast<off_t>(opts_.qemu_ram)) != 0, Errc::kIo, "truncate {}: {}",
-              ram_path_, std::strerror(errno));
+  // Guest RAM is a memfd this process creates and seals against shrinking, as QEMU's
+  // memory-backend-memfd does (vgpud refuses to DMA_MAP memory a client could truncate).
+  // QEMU reaches the same file through this process's /proc fd link with its file backend,
+  // so both sides map one memfd and QEMU's DMA_MAP passes the sealed file on.
+  ram_fd_ = UniqueFd(::memfd_create("vgpud-qtest-ram", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  VG_ERROR_IF(!ram_fd_.Valid(), Errc::kIo, "memfd_create: {}", std::strerror(errno));
+  VG_ERROR_IF(::ftruncate(ram_fd_.Get(), static_cast<off_t>(opts_.qemu_ram)) != 0, Errc::kIo, "truncate RAM: {}",
+              std::strerror(errno));
+  VG_ERROR_IF(::fcntl(ram_fd_.Get(), F_ADD_SEALS, F_SEAL_SHRINK) != 0, Errc::kIo, "seal RAM: {}",
+              std::strerror(errno));
+  ram_path_ = fmt::format("/proc/{}/fd/{}", ::getpid(), ram_fd_.Get());
   VG_TRY_ASSIGN(ram_map_, Mapping::Map(ram_fd_, ByteSize{opts_.qemu_ram}, 0));
   driver_ram_ = ram_map_.bytes().subspan(opts_.driver_ram_base.v, opts_.driver_ram_size);
 
@@ -71,9 +74,7 @@ Result<> QtestDevice::Init() {
   if (!opts_.firmware.empty()) argv.insert(argv.begin() + 1, {"-L", opts_.firmware});
   q_ = std::make_unique<vm::QemuQtest>(opts_.work_dir);
   const bool up = q_->Start(argv, opts_.start_timeout_ms);
-  // QEMU opened the file during machine init, before its first qtest answer, and we hold
-  // our mapping: the name is no longer needed, and a crash of either leaves nothing behind.
-  ::unlink(ram_path_.c_str());
+  // QEMU opened the file during machine init, before its first qtest answer.
   ram_path_.clear();
   VG_ERROR_IF(!up, Errc::kDeviceLost, "QEMU did not attach: {}", Diagnostics());
   return Place();
