@@ -326,16 +326,21 @@ struct Rig {
       auto rep = q.Wait(id);
       CHECK_MESSAGE(!rep.is_error(), "DMA_MAP refused: errno " << rep.hdr.error);
     }
-    // Memory space + bus master, as the guest's driver enables them (written through).
+    irq0 = std::move(EventFd::Create()).value();
+    irq1 = std::move(EventFd::Create()).value();
+    GuestInit();
+  }
+
+  // What the guest's driver does at boot, and QEMU for it: memory space + bus master and the
+  // MSI-X enable with the function masked are written through to the device; QEMU emulates
+  // the table, wires eventfds with SET_IRQS (first vfio_enable_msix_no_vec), then the guest
+  // clears the function mask.
+  void GuestInit() {
     REQUIRE(!q.Write<uint16_t>(vu::kConfigRegion, 4, 0x0006).is_error());
-    // MSI-X: the guest sets enable with the function masked, programs QEMU's emulated table,
-    // clears the mask; QEMU writes the config through and wires eventfds with SET_IRQS.
     uint32_t msix_ctrl = abi::kCapMsixOffset + 2;
     REQUIRE(!q.Write<uint16_t>(vu::kConfigRegion, msix_ctrl, 0xC000 | (abi::kNumVectors - 1)).is_error());
     vu::SetIrqsPayload novec{20, vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, 1};
-    REQUIRE(!q.Call(vu::Command::kDeviceSetIrqs, Pod(novec)).is_error());  // vfio_enable_msix_no_vec
-    irq0 = std::move(EventFd::Create()).value();
-    irq1 = std::move(EventFd::Create()).value();
+    REQUIRE(!q.Call(vu::Command::kDeviceSetIrqs, Pod(novec)).is_error());
     vu::SetIrqsPayload vecs{20, vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, 2};
     int fds[2] = {irq0.Get(), irq1.Get()};
     REQUIRE(!q.Call(vu::Command::kDeviceSetIrqs, Pod(vecs), fds).is_error());
@@ -472,6 +477,9 @@ TEST_CASE("QEMU reboot: DEVICE_RESET answers in time, scrubs the aperture, keeps
   REQUIRE(p != MAP_FAILED);
   std::memset(p, 0xEE, 8192);
   REQUIRE(!g.q.Write<uint32_t>(vu::kBar0Region, abi::reg::kScratch, 7u).is_error());
+  // vfio_pci_pre_reset: QEMU turns the device's interrupts off (DATA_NONE | TRIGGER, count 0).
+  vu::SetIrqsPayload off{20, vu::kIrqSetDataNone | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, 0};
+  REQUIRE(!g.q.Call(vu::Command::kDeviceSetIrqs, Pod(off)).is_error());
   auto t0 = std::chrono::steady_clock::now();
   auto m = g.q.Call(vu::Command::kDeviceReset, {});
   CHECK(!m.is_error());
@@ -480,7 +488,13 @@ TEST_CASE("QEMU reboot: DEVICE_RESET answers in time, scrubs the aperture, keeps
   CHECK(static_cast<std::byte*>(p)[8191] == std::byte{0});
   CHECK(g.Reg(abi::reg::kScratch) == 0u);
   ::munmap(p, ap);
-  // The memory maps and the eventfds survive a reset (they belong to the VMM, not the guest).
+  // A function-level reset leaves config space at power-on: no bus mastering, no MSI-X, so
+  // no interrupt reaches the VMM until the rebooted guest enables them again.
+  REQUIRE(!g.q.Write<uint32_t>(vu::kBar0Region, abi::reg::kIrqTest, abi::kVectorFence).is_error());
+  CHECK(!g.WaitIrq(g.irq0, 200));
+  // The memory maps survive a reset (they belong to the VMM); the rebooted guest enables the
+  // device again and its interrupts arrive.
+  g.GuestInit();
   REQUIRE(!g.q.Write<uint32_t>(vu::kBar0Region, abi::reg::kIrqTest, abi::kVectorFence).is_error());
   CHECK(g.WaitIrq(g.irq0, 5000));
 }
