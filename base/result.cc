@@ -10,7 +10,7 @@ struct ErrcRow {
 };
 constexpr ErrcRow kErrcTable[] = {
 #define VG_ERRC(name, value, err, desc) {Errc::name, #name, err, desc},
-#include "base/errc.def"
+#include "abi/errc.def"
 #undef VG_ERRC
 };
 const ErrcRow* Find(Errc c) {

@@ -16,7 +16,7 @@ namespace vg {
 
 enum class Errc : uint16_t {
 #define VG_ERRC(name, value, err, desc) name = value,
-#include "base/errc.def"
+#include "abi/errc.def"
 #undef VG_ERRC
 };
 

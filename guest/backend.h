@@ -9,7 +9,7 @@
 #include <span>
 
 #include "base/base.h"
-#include "mediator/abi.h"
+#include "abi/device.h"
 
 namespace vg::guest {
 

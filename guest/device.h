@@ -13,7 +13,7 @@
 
 #include "base/base.h"
 #include "guest/backend.h"
-#include "mediator/abi.h"
+#include "abi/device.h"
 #include "vfio_user/client.h"
 
 namespace vg::guest {

@@ -1,5 +1,7 @@
 #include "guest/driver.h"
 
+#include "abi/commands.h"
+
 #include <poll.h>
 
 #include <chrono>
@@ -16,20 +18,20 @@ CommandBuilder& CommandBuilder::Nop(uint32_t dwords) {
   return *this;
 }
 CommandBuilder& CommandBuilder::Fence(GpuVa target, uint64_t value, bool irq) {
-  dw_.push_back(abi::cmd::Header(abi::cmd::kFence, 5, irq ? abi::cmd::kFenceFlagIrq : 0));
+  dw_.push_back(abi::cmd::Header(abi::cmd::kFence, abi::cmd::Dwords(abi::cmd::kFence), irq ? abi::cmd::kFenceFlagIrq : 0));
   U64(target.v);
   U64(value);
   return *this;
 }
 CommandBuilder& CommandBuilder::Copy(GpuVa src, GpuVa dst, uint64_t size) {
-  dw_.push_back(abi::cmd::Header(abi::cmd::kCopy, 7));
+  dw_.push_back(abi::cmd::Header(abi::cmd::kCopy, abi::cmd::Dwords(abi::cmd::kCopy)));
   U64(src.v);
   U64(dst.v);
   U64(size);
   return *this;
 }
 CommandBuilder& CommandBuilder::Fill(GpuVa dst, uint64_t size, uint32_t value) {
-  dw_.push_back(abi::cmd::Header(abi::cmd::kFill, 6));
+  dw_.push_back(abi::cmd::Header(abi::cmd::kFill, abi::cmd::Dwords(abi::cmd::kFill)));
   U64(dst.v);
   U64(size);
   dw_.push_back(value);
@@ -38,7 +40,7 @@ CommandBuilder& CommandBuilder::Fill(GpuVa dst, uint64_t size, uint32_t value) {
 CommandBuilder& CommandBuilder::Dispatch(uint32_t kernel, std::array<uint32_t, 3> groups,
                                          std::span<const Binding> bindings, std::span<const std::byte> push) {
   uint32_t npush = static_cast<uint32_t>((push.size() + 3) / 4);
-  uint32_t len = abi::cmd::kDispatchFixedDwords + static_cast<uint32_t>(bindings.size()) * abi::cmd::kBindingDwords + npush;
+  uint32_t len = abi::cmd::Dwords(abi::cmd::kDispatch) + static_cast<uint32_t>(bindings.size()) * abi::cmd::kBindingDwords + npush;
   dw_.push_back(abi::cmd::Header(abi::cmd::kDispatch, len));
   dw_.push_back(kernel);
   for (uint32_t g : groups) dw_.push_back(g);
@@ -55,19 +57,19 @@ CommandBuilder& CommandBuilder::Dispatch(uint32_t kernel, std::array<uint32_t, 3
   return *this;
 }
 CommandBuilder& CommandBuilder::Batch(GpuVa va, uint32_t size_bytes) {
-  dw_.push_back(abi::cmd::Header(abi::cmd::kBatch, 4));
+  dw_.push_back(abi::cmd::Header(abi::cmd::kBatch, abi::cmd::Dwords(abi::cmd::kBatch)));
   U64(va.v);
   dw_.push_back(size_bytes);
   return *this;
 }
 CommandBuilder& CommandBuilder::LoadReg(uint32_t reg, uint32_t value) {
-  dw_.push_back(abi::cmd::Header(abi::cmd::kLoadReg, 3));
+  dw_.push_back(abi::cmd::Header(abi::cmd::kLoadReg, abi::cmd::Dwords(abi::cmd::kLoadReg)));
   dw_.push_back(reg);
   dw_.push_back(value);
   return *this;
 }
 CommandBuilder& CommandBuilder::Timestamp(GpuVa target) {
-  dw_.push_back(abi::cmd::Header(abi::cmd::kTimestamp, 3));
+  dw_.push_back(abi::cmd::Header(abi::cmd::kTimestamp, abi::cmd::Dwords(abi::cmd::kTimestamp)));
   U64(target.v);
   return *this;
 }

@@ -5,7 +5,7 @@
 // round trip; commands are batched and published by one tail store; the daemon is kicked
 // through an eventfd only when its status line says it is idle; write payloads travel in
 // the shared heap by reference; only Read() and Wait() wait for a reply, which comes back
-// through shared memory. Wire format: remoting/wire.h, docs/remoting-protocol.md.
+// through shared memory. Wire format: abi/remoting.h, docs/remoting-protocol.md.
 
 #include <array>
 #include <cstdint>
@@ -14,7 +14,7 @@
 #include <string>
 
 #include "base/base.h"
-#include "remoting/wire.h"
+#include "abi/remoting.h"
 
 namespace vg::guest {
 

@@ -2,7 +2,7 @@
 
 #include <cstring>
 
-#include "mediator/abi.h"
+#include "abi/device.h"
 #include "mediator/work_split.h"
 #include "shaders/catalogue.h"
 
@@ -44,9 +44,9 @@ bool LoadRegAllowed(uint32_t reg) {
 }
 
 struct Auditor::CommandTable {
-#define VG_CMD(name, op, rule, dw, handler) {op, #name, LengthRule::rule, dw, &Auditor::handler},
+#define VG_CMD(name, op, rule, dw) {op, #name, LengthRule::rule, dw, &Auditor::Audit##name},
   static constexpr CmdSpec kRows[] = {
-#include "mediator/commands.def"
+#include "abi/commands.def"
   };
 #undef VG_CMD
   static const CmdSpec* Find(uint32_t opcode) {

@@ -87,9 +87,9 @@ class Auditor {
   // and spans built, both on the daemon's loop thread. kLimitExceeded past either.
   Result<ResolvedRange> Resolve(Ctx& ctx, uint64_t va, uint64_t size, bool write) const;
 
-#define VG_CMD(name, op, rule, dw, handler) \
-  Result<> handler(Ctx& ctx, std::span<const uint32_t> c, uint32_t depth) const;
-#include "mediator/commands.def"
+#define VG_CMD(name, op, rule, dw) \
+  Result<> Audit##name(Ctx& ctx, std::span<const uint32_t> c, uint32_t depth) const;
+#include "abi/commands.def"
 #undef VG_CMD
 
   const Gtt& gtt_;

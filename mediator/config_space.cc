@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "mediator/abi.h"
+#include "abi/device.h"
 
 namespace vg::mediator {
 namespace {

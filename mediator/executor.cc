@@ -7,7 +7,7 @@
 #include <optional>
 #include <map>
 
-#include "mediator/abi.h"
+#include "abi/device.h"
 
 namespace vg::mediator {
 

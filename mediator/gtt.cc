@@ -1,6 +1,6 @@
 #include "mediator/gtt.h"
 
-#include "mediator/abi.h"
+#include "abi/device.h"
 
 namespace vg::mediator {
 

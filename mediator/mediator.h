@@ -9,7 +9,7 @@
 
 #include "base/base.h"
 #include "engine/engine.h"
-#include "mediator/abi.h"
+#include "abi/device.h"
 #include "vfio_user/device.h"
 #include "vfio_user/dma.h"
 

@@ -14,7 +14,7 @@
 
 #include "base/base.h"
 #include "remoting/remoting.h"
-#include "remoting/wire.h"
+#include "abi/remoting.h"
 
 namespace vg::remoting {
 

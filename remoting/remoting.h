@@ -2,7 +2,7 @@
 // API remoting (F4): the daemon side. A Listener per vGPU accepts remoting clients on a
 // unix SOCK_SEQPACKET socket (<runtime-dir>/<uuid>.remote.sock); each client gets a
 // Session that copies commands out of its shared ring, validates them and replays them on
-// the shared engine. Wire format: remoting/wire.h, docs/remoting-protocol.md.
+// the shared engine. Wire format: abi/remoting.h, docs/remoting-protocol.md.
 
 #include <cstdint>
 #include <memory>

@@ -20,7 +20,7 @@
 #include "engine/engine.h"
 #include "remoting/decoder.h"
 #include "remoting/remoting.h"
-#include "remoting/wire.h"
+#include "abi/remoting.h"
 
 namespace vg::remoting {
 

@@ -22,7 +22,7 @@
 #include <thread>
 
 #include "guest/device.h"
-#include "remoting/wire.h"
+#include "abi/remoting.h"
 #include "shaders/catalogue.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/victim.h"

@@ -8,7 +8,7 @@
 #include <cstring>
 #include <vector>
 
-#include "mediator/abi.h"
+#include "abi/device.h"
 #include "mediator/auditor.h"
 
 using namespace vg;

@@ -4,7 +4,7 @@
 #include <cstring>
 #include <map>
 
-#include "mediator/abi.h"
+#include "abi/device.h"
 #include "mediator/auditor.h"
 #include "shaders/catalogue.h"
 

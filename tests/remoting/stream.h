@@ -7,7 +7,7 @@
 #include <span>
 #include <vector>
 
-#include "remoting/wire.h"
+#include "abi/remoting.h"
 
 namespace vg::remoting::testing {
 

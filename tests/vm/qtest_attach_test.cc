@@ -21,7 +21,7 @@
 
 #include "base/base.h"
 #include "guest/driver.h"
-#include "mediator/abi.h"
+#include "abi/device.h"
 #include "tests/mdev/daemon_harness.h"
 #include "tests/vm/qtest.h"
 

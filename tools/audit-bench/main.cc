@@ -9,7 +9,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "mediator/abi.h"
+#include "abi/device.h"
 #include "mediator/auditor.h"
 #include "mediator/executor.h"
 #include "shaders/catalogue.h"
