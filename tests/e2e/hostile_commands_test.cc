@@ -15,6 +15,7 @@
 
 #include "guest/guest.h"
 #include "shaders/samples.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/e2e/harness.h"
 
 using namespace vg;
@@ -27,8 +28,6 @@ namespace {
 // A spin kernel over 1 MiB (262144 invocations) with this many rounds each runs for
 // several seconds on llvmpipe: longer than any bound the daemon might put on a wait.
 constexpr uint32_t kLongSpinIterations = 60000;
-
-std::string Why(const Result<>& r) { return r.ok() ? std::string() : r.error().ToString(); }
 
 struct Guest {
   std::unique_ptr<Device> dev;
@@ -46,11 +45,6 @@ struct Guest {
     drv = std::move(r).value();
   }
 };
-
-uint32_t AccessOf(shaders::Access a) {
-  return (a != shaders::Access::kWrite ? abi::cmd::kAccessRead : 0) |
-         (shaders::Writes(a) ? abi::cmd::kAccessWrite : 0);
-}
 
 // The victim: a separate process running kernels on vGPU B until `stop` exists. Exit 0:
 // every result matched the reference (and at least one ran); 1: a mismatch or an error.
@@ -123,18 +117,6 @@ void ExpectRefused(Guest& g, const CommandBuilder& cb, Errc code, uint32_t sourc
   REQUIRE(g.dev->ClearError().ok());
 }
 
-// The ring moved on: a good submission right after a refused one works.
-void ExpectStillWorks(Guest& g) {
-  auto buf = g.drv->Alloc(4096);
-  REQUIRE(buf.ok());
-  CommandBuilder cb;
-  cb.Fill(buf->va, 4096, 0x600d);
-  auto seq = g.drv->Submit(cb);
-  REQUIRE(seq.ok());
-  REQUIRE_MESSAGE(g.drv->Wait(*seq).ok(), "the attacker's vGPU stopped working");
-  CHECK(reinterpret_cast<uint32_t*>(buf->host.data())[1023] == 0x600d);
-  REQUIRE(g.drv->Free(*buf).ok());
-}
 
 }  // namespace
 

@@ -15,6 +15,7 @@
 #include <fstream>
 
 #include "guest/guest.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/victim.h"
 
@@ -24,8 +25,6 @@ using namespace vg::guest;
 namespace vu = vg::vfio_user;
 
 namespace {
-
-std::string Why(const Result<>& r) { return r.ok() ? std::string() : r.error().ToString(); }
 
 std::unique_ptr<Device> OpenGuest(const std::string& socket) {
   DeviceOptions o;

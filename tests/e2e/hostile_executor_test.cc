@@ -19,6 +19,7 @@
 
 #include "guest/guest.h"
 #include "shaders/catalogue.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/victim.h"
 
@@ -42,8 +43,6 @@ double SlowFactor() {
 // reset (the aperture scrub) waits for at most one engine submission.
 constexpr double kLoopBoundMs = 100;
 constexpr double kResetCompleteBoundMs = 2000;
-
-std::string Why(const Result<>& r) { return r.ok() ? std::string() : r.error().ToString(); }
 
 struct Guest {
   std::unique_ptr<Device> dev;

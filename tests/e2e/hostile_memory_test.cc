@@ -14,6 +14,7 @@
 
 #include "guest/guest.h"
 #include "shaders/samples.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/victim.h"
 
@@ -23,8 +24,6 @@ using namespace vg::guest;
 namespace vu = vg::vfio_user;
 
 namespace {
-
-std::string Why(const Result<>& r) { return r.ok() ? std::string() : r.error().ToString(); }
 
 struct Guest {
   std::unique_ptr<Device> dev;
@@ -41,18 +40,6 @@ struct Guest {
   }
 };
 
-// The attacker's vGPU still runs work after the attack.
-void ExpectStillWorks(Guest& g) {
-  auto buf = g.drv->Alloc(4096);
-  REQUIRE(buf.ok());
-  CommandBuilder cb;
-  cb.Fill(buf->va, 4096, 0x600d);
-  auto seq = g.drv->Submit(cb);
-  REQUIRE(seq.ok());
-  REQUIRE_MESSAGE(g.drv->Wait(*seq).ok(), "the attacker's vGPU stopped working");
-  CHECK(reinterpret_cast<uint32_t*>(buf->host.data())[1023] == 0x600d);
-  REQUIRE(g.drv->Free(*buf).ok());
-}
 
 double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

@@ -7,6 +7,7 @@
 
 #include "guest/guest.h"
 #include "shaders/samples.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/e2e/harness.h"
 
 using namespace vg;
@@ -14,8 +15,6 @@ using namespace vg::e2e;
 using namespace vg::guest;
 
 namespace {
-
-std::string Why(const Result<>& r) { return r.ok() ? std::string() : r.error().ToString(); }
 
 struct Guest {
   std::unique_ptr<Device> dev;
@@ -33,15 +32,6 @@ struct Guest {
     drv = std::move(r).value();
   }
 };
-
-uint32_t AccessOf(shaders::Access a) {
-  switch (a) {
-    case shaders::Access::kRead: return abi::cmd::kAccessRead;
-    case shaders::Access::kWrite: return abi::cmd::kAccessWrite;
-    case shaders::Access::kReadWrite: return abi::cmd::kAccessRead | abi::cmd::kAccessWrite;
-  }
-  return 0;
-}
 
 // Runs one sample through the mediated path and returns the bindings' final contents.
 std::vector<std::vector<std::byte>> RunMediated(Guest& g, const shaders::KernelSample& s, WaitMode mode) {

@@ -8,6 +8,7 @@
 #include "guest/guest.h"
 #include "guest/remoting_client.h"
 #include "shaders/samples.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/e2e/harness.h"
 #include "tests/remoting/run_sample.h"
 
@@ -17,8 +18,6 @@ using namespace vg::guest;
 using vg::remoting::testing::RunSample;
 
 namespace {
-
-std::string Why(const Result<>& r) { return r.ok() ? std::string() : r.error().ToString(); }
 
 std::string RemoteSocket(const Daemon& d, const char* uuid) {
   return (d.dir() / (std::string(uuid) + ".remote.sock")).string();

@@ -27,6 +27,7 @@
 
 #include "guest/guest.h"
 #include "shaders/samples.h"
+#include "tests/e2e/guest_checks.h"
 
 namespace vg::e2e {
 
@@ -184,9 +185,7 @@ class Victim {
           break;
         }
         std::memcpy(b->host.data(), s.bindings[i].data(), s.bindings[i].size());
-        uint32_t access = (k.bindings[i].access != shaders::Access::kWrite ? abi::cmd::kAccessRead : 0) |
-                          (shaders::Writes(k.bindings[i].access) ? abi::cmd::kAccessWrite : 0);
-        binds.push_back(Bind(*b, access));
+        binds.push_back(Bind(*b, AccessOf(k.bindings[i].access)));
         bufs.push_back(*b);
       }
       if (rc) break;
