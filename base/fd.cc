@@ -5,8 +5,10 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <csignal>
@@ -221,6 +223,50 @@ Result<UniqueFd> AcceptConnection(int listen_fd) {
     }
     return MakeError(Errc::kIo, "accept: {}", std::strerror(errno));
   }
+}
+
+Result<> CheckIsEventFd(int fd) {
+  struct Identity {
+    bool ok = false;
+    dev_t dev = 0;
+    ino_t ino = 0;
+  };
+  static const Identity kEventFd = [] {
+    Identity id;
+    UniqueFd probe(::eventfd(0, EFD_CLOEXEC));
+    struct stat st {};
+    if (probe.Valid() && ::fstat(probe.Get(), &st) == 0) id = {true, st.st_dev, st.st_ino};
+    return id;
+  }();
+  struct stat st {};
+  VG_ERROR_IF(::fstat(fd, &st) != 0, Errc::kNotEventFd, "fd {}: cannot tell what it is: {}", fd, std::strerror(errno));
+  VG_ERROR_IF(!kEventFd.ok || (st.st_mode & S_IFMT) != 0 || st.st_dev != kEventFd.dev || st.st_ino != kEventFd.ino,
+              Errc::kNotEventFd, "an interrupt fd must be an eventfd, not a {}",
+              S_ISFIFO(st.st_mode) ? "pipe" : S_ISSOCK(st.st_mode) ? "socket" : S_ISREG(st.st_mode) ? "file" : "other fd");
+  return Ok();
+}
+
+Result<UniqueFd> ListenUnix(const std::string& path, int type, int backlog) {
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  VG_INVALID_IF(path.empty() || path.size() >= sizeof(sa.sun_path), "socket path '{}' too long", path);
+  std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0) {
+    VG_ERROR_IF(!S_ISSOCK(st.st_mode), Errc::kAlreadyExists, "{} exists and is not a socket", path);
+    UniqueFd probe(::socket(AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    VG_ERROR_IF(!probe.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
+    const int c = ::connect(probe.Get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa);
+    // EAGAIN: a live listener whose backlog is full.
+    VG_ERROR_IF(c == 0 || errno == EAGAIN, Errc::kAlreadyExists, "{} is in use by a live server", path);
+    ::unlink(path.c_str());
+  }
+  UniqueFd sock(::socket(AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  VG_ERROR_IF(!sock.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
+  VG_ERROR_IF(::bind(sock.Get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0, Errc::kIo, "bind {}: {}", path,
+              std::strerror(errno));
+  VG_ERROR_IF(::listen(sock.Get(), backlog) != 0, Errc::kIo, "listen {}: {}", path, std::strerror(errno));
+  return sock;
 }
 
 Result<UniqueFd> CreateMemFd(const std::string& name, ByteSize size) {

@@ -106,6 +106,18 @@ class EventFd {
 inline constexpr int kAcceptBackoffMs = 100;
 Result<UniqueFd> AcceptConnection(int listen_fd);
 
+// kNotEventFd unless `fd` is an anonymous-inode file like an eventfd: its fstat identity
+// (device and inode) is that of an eventfd of our own. Decided by fstat alone, because a
+// sandboxed worker cannot read /proc (docs/isolation.md). The shared anonymous inode also
+// backs timerfd, signalfd and epoll fds: none of them can block a write or a nonblocking
+// read, which is what the check is for; pipes, sockets, memfds and files are refused.
+Result<> CheckIsEventFd(int fd);
+
+// A listening unix socket at `path` (SOCK_STREAM or SOCK_SEQPACKET; nonblocking, cloexec).
+// A socket file there that nobody answers on is left over from a dead process and is
+// replaced; a live one is kAlreadyExists; anything else at the path is not touched.
+Result<UniqueFd> ListenUnix(const std::string& path, int type, int backlog);
+
 // An anonymous shared-memory file (guest RAM, apertures, status pages), sized at creation.
 Result<UniqueFd> CreateMemFd(const std::string& name, ByteSize size);
 

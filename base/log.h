@@ -12,6 +12,8 @@ enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3 };
 void SetLogLevel(LogLevel level);
 LogLevel GetLogLevel();
 void LogLine(LogLevel level, std::string_view line);
+// The name every line starts with ("vgpud"; a worker says which vGPU it serves).
+void SetLogTag(std::string_view tag);
 
 template <class... Args>
 void Log(LogLevel level, fmt::format_string<Args...> f, Args&&... args) {

@@ -66,6 +66,7 @@ struct Manager::Impl {
     VgpuType type;
     Attributes attrs;
     std::string socket;
+    bool starting = false;  // charged, its host still starting it (the lock is not held)
   };
 
   Config cfg;
@@ -127,13 +128,26 @@ struct Manager::Impl {
     return t;
   }
 
-  Result<std::string> StartLocked(const Uuid& u, std::string_view type_id, const Attributes& attrs) {
-    // Never over-commit: the budget is checked and charged under the same lock.
+  // Never over-commit: the budget is checked and charged under the same lock, as a
+  // placeholder entry; the host starts the instance (a worker process: up to seconds) with
+  // the lock released, so other starts, lists and the tree go on meanwhile.
+  Result<std::string> StartLocked(std::unique_lock<std::mutex>& lk, const Uuid& u, std::string_view type_id,
+                                  const Attributes& attrs) {
     VG_TRY_ASSIGN(const VgpuType* t, ValidateStartLocked(u, type_id, attrs));
-    VG_TRY_ASSIGN(std::string sock, host.StartInstance(u, *t, attrs));
-    active.emplace(u, Active{*t, attrs, sock});
-    VG_LOGI("mdev: started {} ({}) at {}", u, t->id, sock);
-    return sock;
+    const VgpuType type = *t;
+    active.emplace(u, Active{type, attrs, "", true});
+    lk.unlock();
+    auto sock = host.StartInstance(u, type, attrs);
+    lk.lock();
+    auto it = active.find(u);
+    if (!sock) {
+      active.erase(it);
+      return std::move(sock).error();
+    }
+    it->second.socket = *sock;
+    it->second.starting = false;
+    VG_LOGI("mdev: started {} ({}) at {}", u, type.id, *sock);
+    return std::move(sock).value();
   }
 };
 
@@ -249,21 +263,22 @@ Result<std::vector<Definition>> Manager::ListDefined() const {
 }
 
 Result<std::string> Manager::Start(const Uuid& uuid) {
-  std::lock_guard lk(impl_->mu);
+  std::unique_lock lk(impl_->mu);
   VG_TRY_ASSIGN(std::optional<Definition> d, impl_->ReadDef(uuid));
   VG_ERROR_IF(!d, Errc::kNotFound, "{} is not defined on {}", uuid, impl_->parent);
-  return impl_->StartLocked(uuid, d->type, d->attrs);
+  return impl_->StartLocked(lk, uuid, d->type, d->attrs);
 }
 
 Result<std::string> Manager::StartTransient(const Uuid& uuid, std::string_view type_id, const Attributes& attrs) {
-  std::lock_guard lk(impl_->mu);
-  return impl_->StartLocked(uuid, type_id, attrs);
+  std::unique_lock lk(impl_->mu);
+  return impl_->StartLocked(lk, uuid, type_id, attrs);
 }
 
 Result<> Manager::Stop(const Uuid& uuid) {
   std::lock_guard lk(impl_->mu);
   auto it = impl_->active.find(uuid);
   VG_ERROR_IF(it == impl_->active.end(), Errc::kNotFound, "{} is not active", uuid);
+  VG_ERROR_IF(it->second.starting, Errc::kBusy, "{} is still starting", uuid);
   VG_TRY_CTX(impl_->host.StopInstance(uuid), "stop {}", uuid);
   impl_->active.erase(it);
   VG_LOGI("mdev: stopped {}", uuid);
@@ -324,9 +339,9 @@ std::vector<Error> Manager::StartAutoInstances() {
   if (!defs) return {std::move(defs).error()};
   for (const Definition& d : *defs) {
     if (d.start != StartMode::kAuto) continue;
-    std::lock_guard lk(impl_->mu);
+    std::unique_lock lk(impl_->mu);
     if (impl_->active.count(d.uuid)) continue;
-    auto r = impl_->StartLocked(d.uuid, d.type, d.attrs);
+    auto r = impl_->StartLocked(lk, d.uuid, d.type, d.attrs);
     if (!r) {
       VG_LOGW("mdev: auto-start of {} failed: {}", d.uuid, r.error().ToString());
       failures.push_back(std::move(r).error());
@@ -338,6 +353,10 @@ std::vector<Error> Manager::StartAutoInstances() {
 void Manager::StopAll() {
   std::lock_guard lk(impl_->mu);
   for (auto it = impl_->active.begin(); it != impl_->active.end();) {
+    if (it->second.starting) {  // its StartInstance fails once the host is shut down
+      ++it;
+      continue;
+    }
     auto r = impl_->host.StopInstance(it->first);
     if (!r) VG_LOGW("mdev: stop {} failed: {}", it->first, r.error().ToString());
     it = impl_->active.erase(it);

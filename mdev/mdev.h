@@ -51,9 +51,12 @@ struct InstanceInfo {
   StartMode start = StartMode::kManual;  // from the definition, when defined
 };
 
-// Implemented by the daemon: brings a vGPU instance up and down. Called with the
-// Manager's lock held, from the FUSE thread or the caller of Manager; it must not
-// call back into the Manager or touch the mdev tree.
+// Implemented by the daemon: brings a vGPU instance up and down. StopInstance and
+// SetAttribute are called with the Manager's lock held and must return promptly;
+// StartInstance is called without it (the instance is charged to the budget beforehand,
+// shown as active, and Stop refuses it kBusy until the start ends), so it may take as long
+// as a worker process needs to come up. Called from the FUSE thread or the caller of
+// Manager; none may call back into the Manager or touch the mdev tree.
 class InstanceHost {
  public:
   virtual ~InstanceHost() = default;

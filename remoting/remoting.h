@@ -46,6 +46,10 @@ class Listener {
   // Binds and listens on `path` (an existing file there is replaced).
   static Result<std::unique_ptr<Listener>> Create(event_base* base, engine::Engine& engine, std::string path,
                                                   Limits limits = {});
+  // Accepts on a SOCK_SEQPACKET socket that already listens and whose path someone else owns
+  // (a vgpud worker serves the socket its supervisor bound); `name` is for the log only.
+  static Result<std::unique_ptr<Listener>> CreateOnSocket(event_base* base, engine::Engine& engine, UniqueFd listening,
+                                                          std::string name, Limits limits = {});
   // Serves over an already-connected SOCK_SEQPACKET socket (tests: a socketpair), with no
   // listening socket (path empty).
   static Result<std::unique_ptr<Listener>> CreateUnbound(event_base* base, engine::Engine& engine,

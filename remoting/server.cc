@@ -43,15 +43,6 @@ constexpr uint64_t kMaxCopyBytesPerTurn = 4ull << 20;
 constexpr size_t kMaxInflightPerClient = 2;
 constexpr size_t kMaxOpsPerBatch = 64;
 
-Result<> CheckIsEventFd(int fd) {
-  char link[64] = {};
-  std::string p = fmt::format("/proc/self/fd/{}", fd);
-  ssize_t n = ::readlink(p.c_str(), link, sizeof(link) - 1);
-  VG_ERROR_IF(n <= 0 || std::string_view(link, static_cast<size_t>(n)) != "anon_inode:[eventfd]", Errc::kBadMessage,
-              "wake fd is not an eventfd");
-  return Ok();
-}
-
 class ListenerImpl;
 
 class Session {
@@ -136,31 +127,31 @@ class Session {
 
 class ListenerImpl final : public Listener {
  public:
-  ListenerImpl(event_base* base, engine::Engine& engine, std::string path, Limits limits)
-      : base_(base), engine_(engine), path_(std::move(path)), limits_(limits) {}
+  ListenerImpl(event_base* base, engine::Engine& engine, std::string path, Limits limits, bool owns_path = true)
+      : base_(base), engine_(engine), path_(std::move(path)), limits_(limits), owns_path_(owns_path) {}
   ~ListenerImpl() override {
     sessions_.clear();
     if (accept_ev_) event_free(accept_ev_);
     if (backoff_ev_) event_free(backoff_ev_);
     if (reap_ev_) event_free(reap_ev_);
-    if (!path_.empty()) ::unlink(path_.c_str());
+    if (!path_.empty() && owns_path_) ::unlink(path_.c_str());
   }
 
-  Result<> Init() {
+  // `listening`: a socket that already listens (CreateOnSocket); otherwise path_ is bound
+  // here, or nothing listens (CreateUnbound).
+  Result<> Init(UniqueFd listening = {}) {
     reap_ev_ = event_new(base_, -1, 0, &ListenerImpl::OnReap, this);
     VG_ERROR_IF(!reap_ev_, Errc::kInternal, "event_new failed");
-    if (path_.empty()) return Ok();
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    VG_ERROR_IF(path_.size() >= sizeof(addr.sun_path), Errc::kInvalidArgument, "socket path too long: {}", path_);
-    std::memcpy(addr.sun_path, path_.c_str(), path_.size());
-    UniqueFd s(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    VG_ERROR_IF(!s.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
-    ::unlink(path_.c_str());
-    VG_ERROR_IF(::bind(s.Get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0, Errc::kIo, "bind {}: {}",
-                path_, std::strerror(errno));
-    VG_ERROR_IF(::listen(s.Get(), 16) != 0, Errc::kIo, "listen {}: {}", path_, std::strerror(errno));
-    listen_ = std::move(s);
+    if (listening.Valid()) {
+      const int fl = ::fcntl(listening.Get(), F_GETFL);
+      VG_ERROR_IF(fl < 0 || ::fcntl(listening.Get(), F_SETFL, fl | O_NONBLOCK) != 0, Errc::kIo, "fcntl {}: {}",
+                  path_, std::strerror(errno));
+      listen_ = std::move(listening);
+    } else if (path_.empty()) {
+      return Ok();
+    } else {
+      VG_TRY_ASSIGN(listen_, ListenUnix(path_, SOCK_SEQPACKET, 16));
+    }
     accept_ev_ = event_new(base_, listen_.Get(), EV_READ | EV_PERSIST, &ListenerImpl::OnAccept, this);
     backoff_ev_ = evtimer_new(base_, &ListenerImpl::OnBackoff, this);
     VG_ERROR_IF(!accept_ev_ || !backoff_ev_, Errc::kInternal, "event_new failed");
@@ -200,6 +191,7 @@ class ListenerImpl final : public Listener {
   engine::Engine& engine_;
   std::string path_;
   Limits limits_;
+  bool owns_path_;
   ListenerStats stats_;
 
  private:
@@ -357,7 +349,7 @@ Result<> Session::Handshake() {
   // A client that shrank the memfd later would turn our loads into SIGBUS: demand the seal.
   int seals = ::fcntl(fds[0].Get(), F_GET_SEALS);
   VG_ERROR_IF(seals < 0 || !(seals & F_SEAL_SHRINK), Errc::kAccessDenied, "area memfd lacks F_SEAL_SHRINK");
-  VG_TRY(CheckIsEventFd(fds[1].Get()));
+  if (auto r = CheckIsEventFd(fds[1].Get()); !r) return MakeError(Errc::kBadMessage, "wake fd: {}", r.error().what);
   VG_TRY_ASSIGN(area_, Mapping::Map(fds[0], ByteSize{area_size}, 0));
   ring_size_ = hello.ring_size;
   heap_size_ = hello.heap_size;
@@ -647,6 +639,14 @@ Result<std::unique_ptr<Listener>> Listener::Create(event_base* base, engine::Eng
   VG_INVALID_IF(path.empty(), "empty socket path");
   auto l = std::make_unique<ListenerImpl>(base, engine, std::move(path), limits);
   VG_TRY(l->Init());
+  return std::unique_ptr<Listener>(std::move(l));
+}
+
+Result<std::unique_ptr<Listener>> Listener::CreateOnSocket(event_base* base, engine::Engine& engine,
+                                                           UniqueFd listening, std::string name, Limits limits) {
+  VG_INVALID_IF(!listening.Valid(), "no listening socket");
+  auto l = std::make_unique<ListenerImpl>(base, engine, std::move(name), limits, /*owns_path=*/false);
+  VG_TRY(l->Init(std::move(listening)));
   return std::unique_ptr<Listener>(std::move(l));
 }
 

@@ -63,18 +63,6 @@ class WriteWatchdog {
 };
 }  // namespace
 
-Result<> CheckIsEventFd(int fd) {
-  char path[48];
-  std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-  char target[64];
-  ssize_t n = ::readlink(path, target, sizeof target);
-  VG_ERROR_IF(n <= 0, Errc::kNotEventFd, "fd {}: cannot tell what it is", fd);
-  std::string_view kind(target, static_cast<size_t>(n));
-  VG_ERROR_IF(kind != "anon_inode:[eventfd]", Errc::kNotEventFd, "an interrupt fd must be an eventfd, not {}",
-              kind.substr(0, 32));
-  return Ok();
-}
-
 IrqSet::IrqSet(std::array<uint32_t, kNumPciIrqs> counts) {
   for (uint32_t i = 0; i < kNumPciIrqs; ++i) vecs_[i].resize(counts[i]);
 }

@@ -27,10 +27,6 @@
 
 namespace vg::vfio_user {
 
-// kNotEventFd unless `fd` is an eventfd (readlink /proc/self/fd/N == "anon_inode:[eventfd]"):
-// the only kind of fd the daemon writes for a guest's interrupts.
-Result<> CheckIsEventFd(int fd);
-
 class IrqSet {
  public:
   static constexpr int kInterruptRetryMs = 10;

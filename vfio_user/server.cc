@@ -681,41 +681,39 @@ Result<> ServerSession::DmaWrite(Gpa addr, std::span<const std::byte> data) {
 
 Result<std::unique_ptr<Listener>> Listener::Create(event_base* base, const std::string& path, DeviceBackend& dev,
                                                    ServerLimits limits) {
-  sockaddr_un sa{};
-  sa.sun_family = AF_UNIX;
-  VG_INVALID_IF(path.empty() || path.size() >= sizeof(sa.sun_path), "socket path '{}' too long", path);
-  std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) == 0) {
-    VG_ERROR_IF(!S_ISSOCK(st.st_mode), Errc::kAlreadyExists, "{} exists and is not a socket", path);
-    // A socket file nobody answers on is left over from a dead daemon: replace it.
-    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    VG_ERROR_IF(!probe.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
-    VG_ERROR_IF(::connect(probe.Get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0, Errc::kAlreadyExists,
-                "{} is in use by a live server", path);
-    ::unlink(path.c_str());
-  }
-  UniqueFd sock(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  VG_ERROR_IF(!sock.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
-  VG_ERROR_IF(::bind(sock.Get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0, Errc::kIo, "bind {}: {}", path,
-              std::strerror(errno));
-  VG_ERROR_IF(::listen(sock.Get(), 4) != 0, Errc::kIo, "listen {}: {}", path, std::strerror(errno));
-  std::unique_ptr<Listener> l(new Listener(base, path, dev, limits, std::move(sock)));
-  l->accept_ev_ = event_new(base, l->sock_.Get(), EV_READ | EV_PERSIST, &Listener::OnAccept, l.get());
-  l->accept_backoff_ev_ = evtimer_new(base, &Listener::OnAcceptBackoff, l.get());
-  VG_ERROR_IF(!l->accept_ev_ || !l->accept_backoff_ev_ || event_add(l->accept_ev_, nullptr) != 0, Errc::kInternal,
-              "event_add for {}", path);
+  VG_TRY_ASSIGN(UniqueFd sock, ListenUnix(path, SOCK_STREAM, 4));
+  std::unique_ptr<Listener> l(new Listener(base, path, dev, limits, std::move(sock), /*owns_path=*/true));
+  VG_TRY(l->Arm());
   return l;
 }
 
-Listener::Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock)
-    : base_(base), path_(std::move(path)), dev_(dev), limits_(limits), sock_(std::move(sock)) {}
+Result<std::unique_ptr<Listener>> Listener::CreateOnSocket(event_base* base, UniqueFd listening, std::string name,
+                                                           DeviceBackend& dev, ServerLimits limits) {
+  const int fl = ::fcntl(listening.Get(), F_GETFL);
+  VG_ERROR_IF(fl < 0 || ::fcntl(listening.Get(), F_SETFL, fl | O_NONBLOCK) != 0, Errc::kIo, "fcntl {}: {}", name,
+              std::strerror(errno));
+  std::unique_ptr<Listener> l(new Listener(base, std::move(name), dev, limits, std::move(listening), false));
+  VG_TRY(l->Arm());
+  return l;
+}
+
+Result<> Listener::Arm() {
+  accept_ev_ = event_new(base_, sock_.Get(), EV_READ | EV_PERSIST, &Listener::OnAccept, this);
+  accept_backoff_ev_ = evtimer_new(base_, &Listener::OnAcceptBackoff, this);
+  VG_ERROR_IF(!accept_ev_ || !accept_backoff_ev_ || event_add(accept_ev_, nullptr) != 0, Errc::kInternal,
+              "event_add for {}", path_);
+  return Ok();
+}
+
+Listener::Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock,
+                   bool owns_path)
+    : base_(base), path_(std::move(path)), dev_(dev), limits_(limits), sock_(std::move(sock)), owns_path_(owns_path) {}
 
 Listener::~Listener() {
   DropClient();
   if (accept_ev_) event_free(accept_ev_);
   if (accept_backoff_ev_) event_free(accept_backoff_ev_);
-  ::unlink(path_.c_str());
+  if (owns_path_) ::unlink(path_.c_str());
 }
 
 void Listener::DropClient() {

@@ -181,8 +181,13 @@ class ServerSession final : public DmaMessenger {
 // the listener keeps accepting.
 class Listener {
  public:
+  // Binds and listens on `path`, unlinked again when the listener goes.
   static Result<std::unique_ptr<Listener>> Create(event_base* base, const std::string& path, DeviceBackend& dev,
                                                   ServerLimits limits = {});
+  // Accepts on a socket that already listens and that someone else owns the path of (a
+  // vgpud worker serves the socket its supervisor bound); `name` is for the log only.
+  static Result<std::unique_ptr<Listener>> CreateOnSocket(event_base* base, UniqueFd listening, std::string name,
+                                                          DeviceBackend& dev, ServerLimits limits = {});
   ~Listener();
   Listener(const Listener&) = delete;
   Listener& operator=(const Listener&) = delete;
@@ -195,7 +200,8 @@ class Listener {
   uint64_t refused() const { return refused_.load(); }
 
  private:
-  Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock);
+  Listener(event_base* base, std::string path, DeviceBackend& dev, ServerLimits limits, UniqueFd sock, bool owns_path);
+  Result<> Arm();
   static void OnAccept(int fd, short what, void* arg);
   static void OnAcceptBackoff(int fd, short what, void* arg);
   bool SessionHungUp() const;
@@ -209,6 +215,7 @@ class Listener {
   DeviceBackend& dev_;
   ServerLimits limits_;
   UniqueFd sock_;
+  bool owns_path_;
   event* accept_ev_ = nullptr;
   event* accept_backoff_ev_ = nullptr;  // re-arms accept_ev_ after EMFILE (AcceptConnection)
   event* read_ev_ = nullptr;

@@ -115,19 +115,19 @@ TEST_CASE("hostile sparse 16 TiB DMA_MAPs: refused by name once past the byte bo
   INFO("accepted ", accepted, " maps of 16 TiB");
   // kLimitExceeded travels as E2BIG, which the client reads back as kMessageTooLarge.
   CHECK(refused == Errc::kMessageTooLarge);
-  CHECK(accepted == 0);  // 16 TiB is over the default 4 TiB per client
+  CHECK(accepted == 0);  // 16 TiB is over the default 64 GiB per client
   // Smaller sparse maps up to the bound are accepted, the one past it refused.
-  UniqueFd tib = std::move(CreateMemFd("sparse1t", ByteSize{1ull << 40}).value());
+  UniqueFd part = std::move(CreateMemFd("sparse16g", ByteSize{16ull << 30}).value());
   int small = 0;
   for (int i = 0; i < 8; ++i) {
-    auto r = g.dev->client().DmaMap({Gpa{(uint64_t(i) + 1) << 41}, ByteSize{1ull << 40}, 0, vu::kDmaRead}, tib);
+    auto r = g.dev->client().DmaMap({Gpa{(uint64_t(i) + 1) << 41}, ByteSize{16ull << 30}, 0, vu::kDmaRead}, part);
     if (!r.ok()) {
       CHECK(r.code() == Errc::kMessageTooLarge);
       break;
     }
     ++small;
   }
-  CHECK(small == 3);  // 16 MiB of guest RAM + 3 TiB fit in 4 TiB; the fourth TiB does not
+  CHECK(small == 3);  // 16 MiB of guest RAM + 48 GiB fit in 64 GiB; the fourth 16 GiB do not
   REQUIRE(daemon.Alive());
   ExpectStillWorks(g);
   CheckVictimReport(v.Stop());

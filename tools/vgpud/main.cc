@@ -1,5 +1,6 @@
-// vgpud: serves vGPUs over vfio-user and manages them by UUID (mdev/): definitions in
-// mdevctl's format, the live mdev tree, and the control socket vgpuctl talks to.
+// vgpud: the supervisor. Manages vGPUs by UUID (mdev/): definitions in mdevctl's format,
+// the live mdev tree and the control socket vgpuctl talks to; serves each running vGPU from
+// its own sandboxed vgpud-worker process (docs/isolation.md).
 
 #include <CLI/CLI.hpp>
 #include <grp.h>
@@ -12,8 +13,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <unistd.h>
 
-#include "tools/vgpud/daemon.h"
+#include "tools/vgpud/supervisor.h"
 #include "tools/vgpud/pci.h"
 #include "tools/vgpud/service.h"
 
@@ -73,15 +75,27 @@ int Fail(int code, const Error& e) {
   return code;
 }
 
+// The worker binary installed beside this one.
+fs::path DefaultWorkerBinary() {
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  return ec ? fs::path("vgpud-worker") : self.parent_path() / "vgpud-worker";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"vgpud: mediated GPU virtualization daemon"};
-  daemon::DaemonOptions opts;
+  CLI::App app{"vgpud: mediated GPU virtualization daemon (supervisor)"};
+  daemon::SupervisorOptions opts;
+  daemon::WorkerPolicy& wp = opts.workers;
+  std::string worker_binary = DefaultWorkerBinary().string(), restart = "on-failure", worker_memory = "2G";
+  std::string gpu;
+  uint32_t dma_max_regions = 1024;
+  int unmap_timeout_ms = 4000;
   std::vector<std::string> vgpus;
   std::string log_level = "info";
   std::string root, types_file, budget = "4G", control, control_group, parent;
-  std::string dma_client = "4T", dma_total = "32T";
+  std::string dma_client = "64G", dma_total = "64G";
   bool no_tree = false;
   app.add_option("--runtime-dir", opts.runtime_dir, "where <uuid>.sock sockets are created")->capture_default_str();
   app.add_option("--vgpu", vgpus, "UUID[:TYPE] to start at launch, transient (repeatable; TYPE default small)");
@@ -97,16 +111,39 @@ int main(int argc, char** argv) {
   app.add_option("--parent", parent, "mdev parent name (default: the GPU's PCI address, else vgpud0)");
   app.add_option("--log-level", log_level, "debug|info|warn|error")->capture_default_str();
   app.add_option("--dma-max-bytes", dma_client,
-                 "guest memory (fd-backed DMA_MAP bytes) one client may map into the daemon (4T, bytes)")
+                 "guest memory (fd-backed DMA_MAP bytes) one client may map into its worker (64G, bytes)")
       ->capture_default_str();
-  app.add_option("--dma-total-bytes", dma_total, "guest memory all clients together may map into the daemon")
+  app.add_option("--dma-total-bytes", dma_total,
+                 "guest memory all clients of one worker together may map (a worker serves one vGPU)")
       ->capture_default_str();
-  app.add_option("--dma-max-regions", opts.dma.max_regions, "DMA regions per client, charged until their last use")
+  app.add_option("--dma-max-regions", dma_max_regions, "DMA regions per client, charged until their last use")
       ->capture_default_str();
-  app.add_option("--dma-unmap-timeout-ms", opts.vfio.unmap_timeout_ms,
+  app.add_option("--dma-unmap-timeout-ms", unmap_timeout_ms,
                  "a DMA_UNMAP whose memory is still in use is answered kBusy after this long")
       ->capture_default_str();
-  app.add_option("--gpu", opts.gpu, "Vulkan device: name substring or index (default: a GPU, else lavapipe)");
+  app.add_option("--gpu", gpu, "Vulkan device: name substring or index (default: a GPU, else lavapipe)");
+  app.add_option("--worker-binary", worker_binary, "the vgpud-worker program")->capture_default_str();
+  app.add_option("--restart", restart, "when a worker ends unasked: on-failure (restart, bounded) or never")
+      ->capture_default_str();
+  app.add_option("--max-restarts", wp.max_restarts, "restarts within --restart-window-s before a vGPU is left failed")
+      ->capture_default_str();
+  app.add_option("--restart-window-s", wp.restart_window_s, "the window --max-restarts counts in")
+      ->capture_default_str();
+  app.add_option("--heartbeat-ms", wp.heartbeat_ms, "how often the supervisor pings each worker")
+      ->capture_default_str();
+  app.add_option("--watchdog-ms", wp.watchdog_ms, "a worker that has not answered a ping for this long is killed")
+      ->capture_default_str();
+  app.add_option("--worker-start-timeout-ms", wp.start_timeout_ms, "spawn to serving, at most")->capture_default_str();
+  app.add_option("--worker-stop-grace-ms", wp.stop_grace_ms, "SIGTERM to SIGKILL when a vGPU stops")
+      ->capture_default_str();
+  app.add_option("--worker-memory", worker_memory,
+                 "a worker's own memory besides its aperture and guest RAM (cgroup v2 memory.max, else RLIMIT_AS)")
+      ->capture_default_str();
+  app.add_option("--worker-cpu-percent", wp.cpu_percent, "cgroup v2 cpu.max of a worker, in % of one CPU (0: none)")
+      ->capture_default_str();
+  app.add_option("--worker-open-files", wp.open_files, "RLIMIT_NOFILE of a worker")->capture_default_str();
+  bool no_seccomp = false;
+  app.add_flag("--no-seccomp", no_seccomp, "workers run without their system-call filter (debugging only)");
   CLI11_PARSE(app, argc, argv);
   if (log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (log_level == "warn") SetLogLevel(LogLevel::kWarn);
@@ -116,9 +153,25 @@ int main(int argc, char** argv) {
   if (!dma_client_bytes) return Fail(2, dma_client_bytes.error());
   auto dma_total_bytes = ParseSize(dma_total);
   if (!dma_total_bytes) return Fail(2, dma_total_bytes.error());
-  opts.dma.max_bytes = *dma_client_bytes;
-  opts.vfio.max_dma_maps = opts.dma.max_regions;
-  vfio_user::DmaBudget::SetTotal(*dma_total_bytes);
+  auto worker_memory_bytes = ParseSize(worker_memory);
+  if (!worker_memory_bytes) return Fail(2, worker_memory_bytes.error());
+  auto policy = daemon::ParseRestartPolicy(restart);
+  if (!policy) return Fail(2, policy.error());
+  if (wp.heartbeat_ms < 10 || wp.watchdog_ms < 2 * wp.heartbeat_ms)
+    return Fail(2, Error{Errc::kInvalidArgument, "--watchdog-ms must be at least twice --heartbeat-ms (>= 10)"});
+  wp.binary = worker_binary;
+  wp.restart = *policy;
+  wp.memory_bytes = *worker_memory_bytes;
+  wp.dma_max_bytes = *dma_client_bytes;
+  wp.seccomp = !no_seccomp;
+  std::vector<std::string> engine_args;
+  if (!gpu.empty()) engine_args = {"--gpu", gpu};
+  wp.worker_args = engine_args;
+  for (std::string a : {std::string("--dma-total-bytes"), std::to_string(*dma_total_bytes),
+                        std::string("--dma-max-regions"), std::to_string(dma_max_regions),
+                        std::string("--dma-unmap-timeout-ms"), std::to_string(unmap_timeout_ms),
+                        std::string("--log-level"), log_level})
+    wp.worker_args.push_back(std::move(a));
 
   daemon::ServiceOptions so;
   auto budget_bytes = ParseSize(budget);
@@ -142,12 +195,22 @@ int main(int argc, char** argv) {
     so.control_group = *g;
   }
 
-  auto d = daemon::Daemon::Create(opts);
-  if (!d) return Fail(1, d.error());
-  if (!parent.empty())
+  // The engine's device, seen from a worker: the supervisor itself never loads a driver.
+  auto probed = daemon::ProbeDevice(wp.binary, engine_args, 60000);
+  if (!probed) return Fail(1, probed.error());
+  VG_LOGI("engine: {}", probed->summary);
+  if (!parent.empty()) {
     so.parent = parent;
-  else
-    so.parent = daemon::FindPciAddress((*d)->engine().Info());
+  } else {
+    engine::DeviceInfo info;
+    info.kind = static_cast<engine::DeviceKind>(probed->kind);
+    info.vendor_id = probed->vendor_id;
+    info.device_id = probed->device_id;
+    so.parent = daemon::FindPciAddress(info);
+  }
+  const std::string runtime_dir = opts.runtime_dir;
+  auto d = daemon::Supervisor::Create(std::move(opts));
+  if (!d) return Fail(1, d.error());
 
   auto svc = daemon::Service::Create(**d, std::move(so));
   if (!svc) return Fail(1, svc.error());
@@ -165,7 +228,7 @@ int main(int argc, char** argv) {
     (*svc)->Shutdown();
     return Fail(1, r.error());
   }
-  VG_LOGI("vgpud ready: {} vGPU(s) under {}, parent {}", (*svc)->manager().ListActive().size(), opts.runtime_dir,
+  VG_LOGI("vgpud ready: {} vGPU(s) under {}, parent {}", (*svc)->manager().ListActive().size(), runtime_dir,
           (*svc)->manager().parent());
   std::fflush(stderr);
   NotifySystemd("READY=1");

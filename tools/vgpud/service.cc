@@ -79,27 +79,73 @@ Json InstanceJson(const mdev::InstanceInfo& i) {
   return j;
 }
 
+Json CountersJson(const std::array<uint64_t, 16>& v) {
+  auto at = [&](channel::Counter c) { return v[static_cast<size_t>(c)]; };
+  using C = channel::Counter;
+  return Json{{"doorbells", at(C::kDoorbells)},
+              {"submissions", at(C::kSubmissions)},
+              {"refusals", at(C::kMmioRefusals) + at(C::kCommandRefusals)},
+              {"mmio_refusals", at(C::kMmioRefusals)},
+              {"command_refusals", at(C::kCommandRefusals)},
+              {"resets", at(C::kResets)},
+              {"irqs", at(C::kIrqs)},
+              {"commands_audited", at(C::kCommandsAudited)},
+              {"plans_executed", at(C::kPlansExecuted)},
+              {"vfio_user_clients", at(C::kVfioClients)},
+              {"remoting_clients", at(C::kRemotingClients)},
+              {"remoting_commands", at(C::kRemotingCommands)},
+              {"remoting_errors", at(C::kRemotingErrors)}};
+}
+
+Json WorkerJson(const WorkerStatus& w, const WorkerPolicy& p) {
+  Json ends = Json::object();
+  uint64_t failures = 0;
+  for (size_t k = 0; k < w.ends.size(); ++k) {
+    ends[std::string(EndKindName(static_cast<EndKind>(k)))] = w.ends[k];
+    failures += w.ends[k];
+  }
+  Json j{{"state", w.state},
+         {"pid", w.pid > 0 ? Json(w.pid) : Json(nullptr)},
+         {"restarts", w.restarts},
+         {"failures", failures},
+         {"ends", ends},
+         {"last_exit", w.last_end.empty() ? Json(nullptr) : Json(w.last_end)},
+         {"last_exit_unix_ms", w.last_end_unix_ms ? Json(w.last_end_unix_ms) : Json(nullptr)},
+         {"heartbeat_age_ms", w.heartbeat_age_ms ? Json(*w.heartbeat_age_ms) : Json(nullptr)},
+         {"start_latency_us", w.start_latency_us},
+         {"restart_policy", std::string(RestartPolicyName(p.restart))},
+         {"watchdog_ms", p.watchdog_ms}};
+  j["limits"] = Json{{"address_space_bytes", w.address_space_limit ? Json(w.address_space_limit) : Json(nullptr)},
+                     {"open_files", w.open_files_limit},
+                     {"cgroup", w.cgroup.empty() ? Json(nullptr) : Json(w.cgroup)},
+                     {"memory_max_bytes", w.memory_max ? Json(w.memory_max) : Json(nullptr)},
+                     {"cpu_max_percent", w.cpu_percent ? Json(w.cpu_percent) : Json(nullptr)}};
+  j["sandbox"] = Json{{"seccomp", w.seccomp}, {"no_new_privs", w.no_new_privs}};
+  j["usage"] = Json{{"rss_bytes", w.rss_bytes}, {"fds", w.fds}, {"threads", w.threads}};
+  return j;
+}
+
 }  // namespace
 
 // ---- VgpuHost -------------------------------------------------------------------------
 
 Result<std::string> VgpuHost::StartInstance(const Uuid& uuid, const mdev::VgpuType& type,
                                             const mdev::Attributes& attrs) {
-  mediator::VgpuConfig cfg;
-  cfg.uuid = uuid;
-  cfg.type_name = type.id;
-  cfg.aperture_size = type.aperture.v;
-  cfg.gtt_entries = type.gtt_entries;
-  // StartVgpu returns once the vfio-user socket listens, which is what the Manager (and a
+  WorkerSpec spec;
+  spec.uuid = uuid;
+  spec.type = type.id;
+  spec.aperture = type.aperture.v;
+  spec.gtt_entries = type.gtt_entries;
+  // Returns once the worker serves the vfio-user socket, which is what the Manager (and a
   // write to the tree's `create`) promises its caller.
-  VG_TRY_ASSIGN(std::string path, loop_.Call<std::string>([this, cfg] { return daemon_.StartVgpu(cfg); }));
+  VG_TRY_ASSIGN(std::string path, pool_.Start(spec));
   std::lock_guard lk(mu_);
   live_[uuid] = Live{attrs, type.sched_weight};
   return path;
 }
 
 Result<> VgpuHost::StopInstance(const Uuid& uuid) {
-  VG_TRY(loop_.Call<void>([this, uuid] { return daemon_.StopVgpu(uuid); }));
+  VG_TRY(pool_.Stop(uuid));
   std::lock_guard lk(mu_);
   live_.erase(uuid);
   return Ok();
@@ -124,14 +170,6 @@ std::optional<VgpuHost::Live> VgpuHost::Get(const Uuid& uuid) const {
   auto it = live_.find(uuid);
   if (it == live_.end()) return std::nullopt;
   return it->second;
-}
-
-Result<mediator::VgpuCounters> VgpuHost::Counters(const Uuid& uuid) {
-  return loop_.Call<mediator::VgpuCounters>([this, uuid]() -> Result<mediator::VgpuCounters> {
-    mediator::Vgpu* v = daemon_.Find(uuid);
-    VG_ERROR_IF(v == nullptr, Errc::kNotFound, "vGPU {} is not running", uuid);
-    return v->Counters();
-  });
 }
 
 // ---- control ops ------------------------------------------------------------------------
@@ -283,25 +321,38 @@ struct ServiceOps {
       if ((k == "sched_weight" || k == "rate_limit") && ec == std::errc() && p == v.data() + v.size()) j[k] = n;
     }
     if (i.active) {
-      j["remoting_socket"] = s.daemon_.RemotingSocketPath(u);
-      auto c = s.host_->Counters(u);
-      if (c) {
-        j["counters"] = Json{{"doorbells", c->doorbells},
-                             {"submissions", c->submissions},
-                             {"refusals", c->mmio_refusals + c->command_refusals},
-                             {"mmio_refusals", c->mmio_refusals},
-                             {"command_refusals", c->command_refusals},
-                             {"resets", c->resets},
-                             {"irqs", c->irqs_raised},
-                             {"commands_audited", c->commands_audited}};
+      j["remoting_socket"] = s.sup_.workers().RemotingSocketPath(u);
+      if (auto w = s.sup_.workers().Status(u)) {
+        j["worker"] = WorkerJson(*w, s.sup_.workers().policy());
+        if (w->counters) j["counters"] = CountersJson(*w->counters);
+        if (w->state != "running") j["state"] = w->state;  // starting, restarting, failed
       }
     }
     return j;
   }
 
+  // Test builds' workers act on it (docs/isolation.md); a production worker logs and ignores it.
+  static Result<Json> Fault(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(Uuid u, ReqUuid(req));
+    VG_TRY_ASSIGN(std::string name, ReqString(req, "fault"));
+    static constexpr std::pair<std::string_view, channel::Fault> kFaults[] = {
+        {"syscall", channel::Fault::kForbiddenSyscall},
+        {"hang", channel::Fault::kHangLoop},
+        {"crash", channel::Fault::kCrash},
+        {"memory", channel::Fault::kExhaustMemory},
+    };
+    for (const auto& [n, f] : kFaults) {
+      if (n != name) continue;
+      VG_TRY(s.sup_.workers().Fault(u, f));
+      return Json{{"uuid", u.ToString()}, {"fault", name}};
+    }
+    return MakeError(Errc::kInvalidArgument, "fault '{}': syscall, hang, crash or memory", name.substr(0, 32));
+  }
+
   static constexpr Op kOps[] = {
       {"ping", &Ping},     {"types", &Types},   {"list", &List},         {"define", &Define}, {"start", &Start},
       {"stop", &Stop},     {"undefine", &Undefine}, {"modify", &Modify}, {"show", &Show},
+      {"fault", &Fault},
   };
 };
 
@@ -334,10 +385,9 @@ std::string Service::Handle(std::string_view request) {
 
 // ---- lifecycle ----------------------------------------------------------------------------
 
-Result<std::unique_ptr<Service>> Service::Create(Daemon& daemon, ServiceOptions opts) {
-  std::unique_ptr<Service> s(new Service(daemon, std::move(opts)));
-  VG_TRY_ASSIGN(s->loop_, LoopTasks::Create(daemon.base()));
-  s->host_ = std::make_unique<VgpuHost>(daemon, *s->loop_);
+Result<std::unique_ptr<Service>> Service::Create(Supervisor& sup, ServiceOptions opts) {
+  std::unique_ptr<Service> s(new Service(sup, std::move(opts)));
+  s->host_ = std::make_unique<VgpuHost>(sup.workers());
   mdev::Config cfg;
   cfg.root = s->opts_.root;
   cfg.types_file = s->opts_.types_file;
@@ -367,7 +417,7 @@ Result<std::string> Service::StartFromSpec(std::string_view spec) {
 }
 
 Result<> Service::Open() {
-  VG_TRY_ASSIGN(control_, ControlServer::Create(daemon_.base(), opts_.control_path, opts_.control_group,
+  VG_TRY_ASSIGN(control_, ControlServer::Create(sup_.base(), opts_.control_path, opts_.control_group,
                                                 [this](std::string req, ControlServer::Reply reply) {
                                                   Submit(std::move(req), std::move(reply));
                                                 }));
@@ -407,7 +457,7 @@ void Service::WorkerMain() {
     }
     std::string reply = Handle(job.first);
     // Replies go back through the loop, which owns the control connections.
-    loop_->Post([r = std::move(job.second), reply = std::move(reply)]() mutable { r(std::move(reply)); });
+    sup_.loop().Post([r = std::move(job.second), reply = std::move(reply)]() mutable { r(std::move(reply)); });
   }
 }
 
@@ -415,7 +465,7 @@ void Service::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
   // 1. The loop has exited: fail whatever waits for it (a worker or FUSE request mid-start).
-  loop_->Stop();
+  sup_.loop().Stop();
   // 2. No more control requests.
   {
     std::lock_guard lk(wmu_);

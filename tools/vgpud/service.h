@@ -2,10 +2,13 @@
 // vGPU management inside the daemon: mdev's Manager with the daemon as its InstanceHost,
 // the live mdev tree, and the control socket's ops (vgpuctl's protocol, docs/management.md).
 //
-// Threads. The libevent loop thread owns every vGPU. The Manager is called from the FUSE
-// thread (mdevctl) and from one management worker (control requests), never from the loop:
-// the Manager holds its lock while it calls InstanceHost, and InstanceHost hands the work to
-// the loop and waits, so a loop that waited for the Manager's lock would deadlock.
+// Threads. The libevent loop thread owns the worker pool (one process per running vGPU).
+// The Manager is called from the FUSE thread (mdevctl) and from one management thread
+// (control requests), never from the loop: the Manager holds its lock while it calls
+// InstanceHost::StopInstance, which hands the work to the loop and waits for it, so a loop
+// that waited for the Manager's lock would deadlock. Nothing here waits on a worker process
+// beyond WorkerPolicy's bounds: a start waits for Ready (start_timeout_ms) without the
+// Manager's lock, a stop only signals, and `show` reads the pool's snapshot.
 
 #include <sys/types.h>
 
@@ -22,15 +25,15 @@
 
 #include "mdev/mdev.h"
 #include "tools/vgpud/control.h"
-#include "tools/vgpud/daemon.h"
+#include "tools/vgpud/supervisor.h"
 #include "tools/vgpud/loop_tasks.h"
 
 namespace vg::daemon {
 
-// The daemon as mdev's InstanceHost. Called with the Manager's lock held, from any thread.
+// The supervisor as mdev's InstanceHost: a running instance is a worker process.
 class VgpuHost : public mdev::InstanceHost {
  public:
-  VgpuHost(Daemon& daemon, LoopTasks& loop) : daemon_(daemon), loop_(loop) {}
+  explicit VgpuHost(WorkerPool& pool) : pool_(pool) {}
   Result<std::string> StartInstance(const Uuid& uuid, const mdev::VgpuType& type, const mdev::Attributes& attrs) override;
   Result<> StopInstance(const Uuid& uuid) override;
   // Kept for the scheduler (weights, rate limits); `show` reports the effective values.
@@ -41,12 +44,9 @@ class VgpuHost : public mdev::InstanceHost {
     uint32_t type_weight = 0;
   };
   std::optional<Live> Get(const Uuid& uuid) const;
-  // Read on the loop thread, which owns the device model.
-  Result<mediator::VgpuCounters> Counters(const Uuid& uuid);
 
  private:
-  Daemon& daemon_;
-  LoopTasks& loop_;
+  WorkerPool& pool_;
   mutable std::mutex mu_;
   std::map<Uuid, Live> live_;
 };
@@ -63,7 +63,7 @@ struct ServiceOptions {
 
 class Service {
  public:
-  static Result<std::unique_ptr<Service>> Create(Daemon& daemon, ServiceOptions opts);
+  static Result<std::unique_ptr<Service>> Create(Supervisor& sup, ServiceOptions opts);
   ~Service();
   Service(const Service&) = delete;
   Service& operator=(const Service&) = delete;
@@ -82,7 +82,7 @@ class Service {
   std::string Handle(std::string_view request);
 
  private:
-  Service(Daemon& daemon, ServiceOptions opts) : daemon_(daemon), opts_(std::move(opts)) {}
+  Service(Supervisor& sup, ServiceOptions opts) : sup_(sup), opts_(std::move(opts)) {}
   void WorkerMain();
   void Submit(std::string request, ControlServer::Reply reply);
   std::string ResolveType(std::string_view name) const;
@@ -90,9 +90,8 @@ class Service {
   // The control ops (a table in service.cc) reach the members directly.
   friend struct ServiceOps;
 
-  Daemon& daemon_;
+  Supervisor& sup_;
   ServiceOptions opts_;
-  std::unique_ptr<LoopTasks> loop_;
   std::unique_ptr<VgpuHost> host_;
   std::unique_ptr<mdev::Manager> manager_;
   std::unique_ptr<mdev::MdevTree> tree_;

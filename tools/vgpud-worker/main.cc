@@ -1,0 +1,322 @@
+// vgpud-worker: serves one vGPU for the vgpud supervisor (docs/isolation.md). It is started
+// by the supervisor only, with the vGPU's two listening sockets and its channel at fixed fd
+// numbers (tools/vgpud/worker_channel.h), creates its own engine instance, the device model
+// and the listeners, enters its sandbox, says Ready and serves until told to stop. Whatever a
+// guest breaks in here ends here.
+//
+//   vgpud-worker --probe [--gpu X]   prints the engine's device as one JSON line and exits
+//                                    (the supervisor names the mdev parent after it)
+
+#include <CLI/CLI.hpp>
+#include <event2/event.h>
+#include <event2/thread.h>
+#include <poll.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/engine.h"
+#include "mediator/mediator.h"
+#include "remoting/remoting.h"
+#include "sandbox/sandbox.h"
+#include "tools/vgpud/worker_channel.h"
+#include "vfio_user/server.h"
+
+using namespace vg;
+namespace ch = vg::daemon::channel;
+
+namespace {
+
+// Exit statuses the supervisor names (docs/isolation.md).
+constexpr int kExitStartup = 1;       // could not create the engine, device or listeners
+constexpr int kExitOutOfMemory = 3;   // an allocation was refused (its address-space limit)
+constexpr int kExitSupervisorGone = 4;
+
+struct Options {
+  Uuid uuid;
+  std::string uuid_text, type = "vgpud-small", socket_name, remoting_name, gpu, log_level = "info";
+  uint64_t aperture = 64ull << 20;
+  uint32_t gtt_entries = 16384;
+  uint64_t dma_max_bytes = 64ull << 30, dma_total_bytes = 64ull << 30;
+  uint32_t dma_max_regions = vfio_user::DmaLimits{}.max_regions;
+  int unmap_timeout_ms = vfio_user::ServerLimits{}.unmap_timeout_ms;
+  uint64_t address_space = 0;
+  uint64_t open_files = 1024;
+  bool seccomp = true;
+};
+
+class Worker {
+ public:
+  static Result<std::unique_ptr<Worker>> Create(const Options& o);
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  Result<> Serve();
+
+ private:
+  explicit Worker(const Options& o) : opts_(o) {}
+  static void OnDoorbell(int, short, void* arg);
+  static void OnChannel(int fd, short, void* arg);
+  static void OnSignal(int, short, void* arg);
+  void Pong(uint64_t seq);
+  void OnFault(ch::Fault f);
+
+  Options opts_;
+  event_base* base_ = nullptr;
+  std::unique_ptr<engine::Engine> engine_;
+  std::unique_ptr<mediator::Vgpu> vgpu_;
+  std::unique_ptr<remoting::Listener> remoting_;
+  std::unique_ptr<vfio_user::Listener> vfio_;
+  std::vector<event*> events_;
+};
+
+Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
+  // Listener and doorbell events are added from this thread only, but the executor's
+  // completion path wakes the loop from its own thread.
+  VG_ERROR_IF(evthread_use_pthreads() != 0, Errc::kInternal, "evthread_use_pthreads failed");
+  std::unique_ptr<Worker> w(new Worker(o));
+  w->base_ = event_base_new();
+  VG_ERROR_IF(!w->base_, Errc::kInternal, "event_base_new failed");
+  vfio_user::DmaBudget::SetTotal(o.dma_total_bytes);
+  engine::EngineOptions eo;
+  eo.gpu = o.gpu;
+  VG_TRY_ASSIGN(w->engine_, engine::Engine::Create(eo));
+  mediator::VgpuConfig cfg;
+  cfg.uuid = o.uuid;
+  cfg.type_name = o.type;
+  cfg.aperture_size = o.aperture;
+  cfg.gtt_entries = o.gtt_entries;
+  cfg.engine = w->engine_.get();
+  cfg.dma_limits.max_bytes = o.dma_max_bytes;
+  cfg.dma_limits.max_regions = o.dma_max_regions;
+  VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
+  VG_TRY_ASSIGN(w->remoting_, remoting::Listener::CreateOnSocket(w->base_, *w->engine_, UniqueFd(ch::kRemotingFd),
+                                                                 o.remoting_name));
+  vfio_user::ServerLimits sl;
+  sl.max_dma_maps = o.dma_max_regions;
+  sl.unmap_timeout_ms = o.unmap_timeout_ms;
+  VG_TRY_ASSIGN(w->vfio_, vfio_user::Listener::CreateOnSocket(w->base_, UniqueFd(ch::kVfioUserFd), o.socket_name,
+                                                              *w->vgpu_, sl));
+  auto add = [&](event* e) -> Result<> {
+    VG_ERROR_IF(!e || event_add(e, nullptr) != 0, Errc::kInternal, "event_add failed");
+    w->events_.push_back(e);
+    return Ok();
+  };
+  VG_TRY(add(event_new(w->base_, w->vgpu_->doorbell().Get(), EV_READ | EV_PERSIST, &Worker::OnDoorbell,
+                       w->vgpu_.get())));
+  VG_TRY(add(event_new(w->base_, ch::kChannelFd, EV_READ | EV_PERSIST, &Worker::OnChannel, w.get())));
+  VG_TRY(add(evsignal_new(w->base_, SIGTERM, &Worker::OnSignal, w.get())));
+  VG_TRY(add(evsignal_new(w->base_, SIGINT, &Worker::OnSignal, w.get())));
+  return w;
+}
+
+Worker::~Worker() {
+  for (event* e : events_) event_free(e);
+  // Clients first, then the device (its executor finishes or cancels the submission in
+  // flight, bounded), then the engine they all used.
+  vfio_.reset();
+  remoting_.reset();
+  vgpu_.reset();
+  engine_.reset();
+  if (base_) event_base_free(base_);
+}
+
+Result<> Worker::Serve() {
+  sandbox::Policy p;
+  p.limits.address_space_bytes = opts_.address_space;
+  p.limits.open_files = opts_.open_files;
+  p.seccomp = opts_.seccomp;
+  VG_TRY_CTX(sandbox::Enter(p), "sandbox");
+  VG_ERROR_IF(!ch::Send(ch::kChannelFd, ch::Make(ch::Kind::kReady)), Errc::kIo, "channel: cannot say Ready");
+  VG_LOGI("serving {} ({}) on {} and {}", opts_.uuid, opts_.type, opts_.socket_name, opts_.remoting_name);
+  VG_ERROR_IF(event_base_dispatch(base_) < 0, Errc::kInternal, "event loop failed");
+  return Ok();
+}
+
+void Worker::OnDoorbell(int, short, void* arg) {
+  auto* vgpu = static_cast<mediator::Vgpu*>(arg);
+  // The guest holds this very eventfd (GET_REGION_IO_FDS) and may have drained it or made
+  // it blocking: a read that cannot block.
+  if (vgpu->doorbell().TryDrain().value_or(0)) vgpu->OnDoorbellKick();
+}
+
+void Worker::OnSignal(int sig, short, void* arg) {
+  VG_LOGI("signal {}: stopping", sig);
+  event_base_loopexit(static_cast<Worker*>(arg)->base_, nullptr);
+}
+
+void Worker::Pong(uint64_t seq) {
+  ch::Record r = ch::Make(ch::Kind::kPong, seq);
+  const mediator::VgpuCounters c = vgpu_->Counters();
+  const remoting::ListenerStats rs = remoting_->stats();
+  auto set = [&](ch::Counter k, uint64_t v) { r.values[static_cast<size_t>(k)] = v; };
+  set(ch::Counter::kDoorbells, c.doorbells);
+  set(ch::Counter::kSubmissions, c.submissions);
+  set(ch::Counter::kMmioRefusals, c.mmio_refusals);
+  set(ch::Counter::kCommandRefusals, c.command_refusals);
+  set(ch::Counter::kResets, c.resets);
+  set(ch::Counter::kIrqs, c.irqs_raised);
+  set(ch::Counter::kCommandsAudited, c.commands_audited);
+  set(ch::Counter::kPlansExecuted, c.plans_executed);
+  set(ch::Counter::kVfioClients, vfio_->HasClient() ? 1 : 0);
+  set(ch::Counter::kRemotingClients, remoting_->clients());
+  set(ch::Counter::kRemotingCommands, rs.commands);
+  set(ch::Counter::kRemotingErrors, rs.errors);
+  (void)ch::Send(ch::kChannelFd, r);  // a full queue: the supervisor pings again
+}
+
+void Worker::OnChannel(int fd, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  for (int i = 0; i < 16; ++i) {
+    ch::Record r;
+    switch (ch::Recv(fd, r)) {
+      case ch::RecvStatus::kEmpty: return;
+      case ch::RecvStatus::kClosed:
+      case ch::RecvStatus::kMalformed:
+        // Without its supervisor nobody watches or stops this worker: it stops itself.
+        VG_LOGW("supervisor channel closed: stopping");
+        event_base_loopexit(self->base_, nullptr);
+        return;
+      case ch::RecvStatus::kRecord: break;
+    }
+    if (r.kind == ch::Kind::kPing) self->Pong(r.seq);
+    if (r.kind == ch::Kind::kFault) self->OnFault(static_cast<ch::Fault>(r.values[0]));
+  }
+}
+
+void Worker::OnFault(ch::Fault f) {
+#ifdef VGPUD_TEST_HOOKS
+  VG_LOGW("test hook: fault {}", static_cast<uint64_t>(f));
+  switch (f) {
+    case ch::Fault::kForbiddenSyscall:
+      // acct(NULL) only switches process accounting off, and nothing a worker does needs it:
+      // outside the filter (root) it returns, inside the filter it kills.
+      (void)::syscall(SYS_acct, nullptr);
+      VG_LOGE("test hook: the forbidden system call returned");
+      return;
+    case ch::Fault::kHangLoop:
+      for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+    case ch::Fault::kCrash:
+      std::raise(SIGSEGV);
+      return;
+    case ch::Fault::kExhaustMemory: {
+      std::vector<std::unique_ptr<std::byte[]>> hog;
+      for (;;) {
+        hog.emplace_back(new std::byte[64u << 20]);
+        std::memset(hog.back().get(), 1, 64u << 20);
+      }
+    }
+  }
+#else
+  VG_LOGW("fault {} asked for, but this worker has no test hooks", static_cast<uint64_t>(f));
+#endif
+}
+
+// The start-up handshake: the supervisor says Go once it has placed this process (its
+// cgroup); nothing is created before that, so every byte is charged to the right place.
+Result<> WaitForGo() {
+  pollfd p{ch::kChannelFd, POLLIN, 0};
+  const int n = ::poll(&p, 1, 30000);
+  VG_ERROR_IF(n <= 0, Errc::kTimeout, "no Go from the supervisor within 30 s");
+  ch::Record r;
+  VG_ERROR_IF(ch::Recv(ch::kChannelFd, r) != ch::RecvStatus::kRecord || r.kind != ch::Kind::kGo, Errc::kBadMessage,
+              "the supervisor's first record is not Go");
+  return Ok();
+}
+
+int Probe(const std::string& gpu) {
+  SetLogTag("vgpud-worker probe");
+  SetLogLevel(LogLevel::kWarn);  // the supervisor logs the device once
+  engine::EngineOptions eo;
+  eo.gpu = gpu;
+  auto e = engine::Engine::Create(eo);
+  if (!e) {
+    std::fprintf(stderr, "vgpud-worker: %s\n", e.error().ToString().c_str());
+    return kExitStartup;
+  }
+  const engine::DeviceInfo& i = (*e)->Info();
+  nlohmann::json j{{"name", i.name},           {"driver", i.driver_name},  {"kind", static_cast<int>(i.kind)},
+                   {"vendor_id", i.vendor_id}, {"device_id", i.device_id}, {"summary", i.ToString()}};
+  std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vgpud-worker: serves one vGPU for the vgpud supervisor (not run by hand)"};
+  Options o;
+  bool probe = false;
+  app.add_flag("--probe", probe, "print the engine's device as JSON and exit");
+  app.add_option("--uuid", o.uuid_text);
+  app.add_option("--type", o.type);
+  app.add_option("--socket-name", o.socket_name);
+  app.add_option("--remoting-name", o.remoting_name);
+  app.add_option("--aperture", o.aperture);
+  app.add_option("--gtt-entries", o.gtt_entries);
+  app.add_option("--gpu", o.gpu);
+  app.add_option("--dma-max-bytes", o.dma_max_bytes);
+  app.add_option("--dma-total-bytes", o.dma_total_bytes);
+  app.add_option("--dma-max-regions", o.dma_max_regions);
+  app.add_option("--dma-unmap-timeout-ms", o.unmap_timeout_ms);
+  app.add_option("--address-space", o.address_space, "RLIMIT_AS in bytes (0: none)");
+  app.add_option("--open-files", o.open_files, "RLIMIT_NOFILE");
+  app.add_flag("!--no-seccomp", o.seccomp, "no system-call filter (debugging only)");
+  app.add_option("--log-level", o.log_level);
+  CLI11_PARSE(app, argc, argv);
+  if (o.log_level == "debug") SetLogLevel(LogLevel::kDebug);
+  if (o.log_level == "warn") SetLogLevel(LogLevel::kWarn);
+  if (o.log_level == "error") SetLogLevel(LogLevel::kError);
+  // Capabilities are per thread: dropped now, while this is the only thread, every thread
+  // the engine starts later has none (sandbox::Enter checks that no thread kept any).
+  if (auto r = sandbox::DropCapabilities(); !r) {
+    std::fprintf(stderr, "vgpud-worker: %s\n", r.error().ToString().c_str());
+    return kExitStartup;
+  }
+  if (probe) return Probe(o.gpu);
+
+  auto uuid = Uuid::Parse(o.uuid_text);
+  if (!uuid) {
+    std::fprintf(stderr, "vgpud-worker: --uuid: %s\n", uuid.error().ToString().c_str());
+    return kExitStartup;
+  }
+  o.uuid = *uuid;
+  SetLogTag("vgpud-worker " + o.uuid_text.substr(0, 8));
+  // Nothing of the supervisor's but the three descriptors it meant to hand over.
+  ::syscall(SYS_close_range, 6u, ~0u, 0u);
+  // A guest that dies mid-write must not kill its worker; an allocation refused by the
+  // address-space limit ends the worker with a status its supervisor names.
+  std::signal(SIGPIPE, SIG_IGN);
+  std::set_new_handler([] {
+    static const char msg[] = "vgpud-worker: an allocation was refused (address-space limit): exiting\n";
+    (void)!::write(2, msg, sizeof msg - 1);
+    ::_exit(kExitOutOfMemory);
+  });
+  if (auto r = WaitForGo(); !r) {
+    VG_LOGE("{}", r.error().ToString());
+    return kExitSupervisorGone;
+  }
+  auto w = Worker::Create(o);
+  if (!w) {
+    VG_LOGE("start-up: {}", w.error().ToString());
+    return kExitStartup;
+  }
+  auto r = (*w)->Serve();
+  w->reset();
+  if (!r) {
+    VG_LOGE("{}", r.error().ToString());
+    return kExitStartup;
+  }
+  return 0;
+}

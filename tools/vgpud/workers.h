@@ -1,0 +1,168 @@
+#pragma once
+// The supervisor's side of the worker processes (docs/isolation.md): one sandboxed
+// vgpud-worker per running vGPU. The pool binds each vGPU's sockets itself and keeps them
+// across restarts (a guest that reconnects finds the same path), hands them to the worker
+// it spawns, watches it through a heartbeat on its channel and through its pidfd, names
+// every end (crash, seccomp kill, missed heartbeat, memory), and restarts it per policy.
+//
+// Threads. Everything here belongs to the supervisor's loop thread; Start/Stop/Fault hand
+// their work to it (LoopTasks) and only Start waits, off the loop, for the worker's Ready,
+// bounded. Status() reads a snapshot under its own lock and never waits on a worker.
+
+#include <sys/types.h>
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/base.h"
+#include "tools/vgpud/loop_tasks.h"
+#include "tools/vgpud/worker_channel.h"
+
+struct event_base;
+struct event;
+
+namespace vg::sandbox {
+class CgroupParent;
+}
+
+namespace vg::daemon {
+
+enum class RestartPolicy { kOnFailure, kNever };
+std::string_view RestartPolicyName(RestartPolicy p);
+Result<RestartPolicy> ParseRestartPolicy(std::string_view s);
+
+struct WorkerPolicy {
+  std::filesystem::path binary;  // vgpud-worker
+  std::string runtime_dir;
+  std::vector<std::string> worker_args;  // every worker gets these (--gpu, --dma-*, --log-level)
+  int heartbeat_ms = 250;
+  int watchdog_ms = 4000;       // no pong for this long: killed, reported, restarted
+  int start_timeout_ms = 20000;  // spawn to Ready
+  int stop_grace_ms = 3000;     // SIGTERM to SIGKILL
+  RestartPolicy restart = RestartPolicy::kOnFailure;
+  uint32_t max_restarts = 3;     // within restart_window_s; then the vGPU is left failed
+  int restart_window_s = 60;
+  // Per worker. Memory: cgroup v2 memory.max where the host delegates one to vgpud, else
+  // RLIMIT_AS of (own allowance + aperture + --dma-max-bytes), since guest RAM mapped by
+  // DMA_MAP is address space of the worker's too.
+  uint64_t memory_bytes = 2ull << 30;
+  uint64_t dma_max_bytes = 64ull << 30;
+  uint32_t cpu_percent = 0;     // cgroup v2 cpu.max; 0: no cap
+  uint64_t open_files = 1024;
+  bool seccomp = true;
+};
+
+struct WorkerSpec {
+  Uuid uuid;
+  std::string type;
+  uint64_t aperture = 0;
+  uint32_t gtt_entries = 0;
+};
+
+// Why worker processes ended, by kind (a counter per kind per vGPU).
+enum class EndKind : uint8_t { kCrash, kSeccomp, kWatchdog, kOutOfMemory, kKilled, kExit, kCount };
+std::string_view EndKindName(EndKind k);
+
+struct WorkerStatus {
+  std::string state;  // starting, running, restarting, failed, stopping
+  pid_t pid = 0;      // 0 when no process runs
+  uint32_t restarts = 0;
+  std::array<uint64_t, static_cast<size_t>(EndKind::kCount)> ends{};
+  std::string last_end;  // the reason, "" when none
+  int64_t last_end_unix_ms = 0;
+  std::optional<uint64_t> heartbeat_age_ms;  // since the last pong, while running
+  std::chrono::steady_clock::time_point last_heartbeat;
+  std::optional<std::array<uint64_t, 16>> counters;  // the last pong's (channel::Counter)
+  uint64_t start_latency_us = 0;  // spawn to Ready, the last start
+  // Limits as applied, and usage as the supervisor reads it from /proc (never the worker).
+  uint64_t address_space_limit = 0;  // 0: none
+  uint64_t open_files_limit = 0;
+  std::string cgroup;  // "" without one
+  uint64_t memory_max = 0;
+  uint32_t cpu_percent = 0;
+  uint64_t rss_bytes = 0;
+  uint32_t fds = 0;
+  uint32_t threads = 0;
+  bool seccomp = false;
+  bool no_new_privs = false;
+};
+
+class WorkerPool {
+ public:
+  static Result<std::unique_ptr<WorkerPool>> Create(event_base* base, LoopTasks& loop, WorkerPolicy policy);
+  ~WorkerPool();
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+
+  // Binds <uuid>.sock and <uuid>.remote.sock, spawns the worker and returns the vfio-user
+  // socket's path once the worker serves it (Ready), or the named reason it did not within
+  // start_timeout_ms. Any thread; on the loop thread only before the loop runs (main).
+  Result<std::string> Start(const WorkerSpec& spec);
+  // Unlinks the sockets (new connections are refused at once), asks the worker to stop and
+  // returns; the worker has stop_grace_ms before SIGKILL. Never waits for the process.
+  Result<> Stop(const Uuid& uuid);
+  // Test builds' workers act on it (docs/isolation.md); others log it.
+  Result<> Fault(const Uuid& uuid, channel::Fault f);
+  std::optional<WorkerStatus> Status(const Uuid& uuid) const;
+  // Shutdown, after the loop has exited: every worker stopped and reaped (bounded).
+  void StopAll();
+
+  std::string SocketPath(const Uuid& uuid) const;
+  std::string RemotingSocketPath(const Uuid& uuid) const;
+  const WorkerPolicy& policy() const { return policy_; }
+  // "" when workers get rlimits only (with the reason in cgroup_note()).
+  std::string cgroup_root() const;
+  const std::string& cgroup_note() const { return cgroup_note_; }
+
+  struct Worker;
+  struct Waiter;
+
+ private:
+  WorkerPool(event_base* base, LoopTasks& loop, WorkerPolicy policy);
+  Result<> BeginStart(const WorkerSpec& spec, std::shared_ptr<Waiter> waiter);
+  Result<> Spawn(Worker& w);
+  void Kill(Worker& w, std::string reason, EndKind kind);
+  void OnExit(Worker& w);
+  void OnRecord(Worker& w, const channel::Record& r);
+  void Forget(Worker& w);  // closes the worker's process-side fds and events
+  void ScheduleRestart(Worker& w);
+  void Fail(Worker& w);
+  void Publish(const Worker& w);
+  static void OnHeartbeat(int, short, void* arg);
+  static void OnChannel(int fd, short, void* arg);
+  static void OnPidfd(int fd, short, void* arg);
+  static void OnRestart(int, short, void* arg);
+  static void OnStopDeadline(int, short, void* arg);
+
+  event_base* base_;
+  LoopTasks& loop_;
+  WorkerPolicy policy_;
+  std::unique_ptr<sandbox::CgroupParent> cgroups_;
+  std::string cgroup_note_;
+  event* heartbeat_ev_ = nullptr;
+  std::map<Uuid, std::unique_ptr<Worker>> workers_;   // loop thread
+  std::vector<std::unique_ptr<Worker>> stopping_;     // loop thread: stopped, not yet reaped
+  mutable std::mutex snap_mu_;
+  std::map<Uuid, WorkerStatus> snaps_;  // under snap_mu_
+};
+
+// `vgpud-worker --probe`: the engine's device as the worker sees it, in a child process, so
+// the supervisor never loads a GPU driver. Bounded by timeout_ms.
+struct ProbedDevice {
+  std::string name, driver, summary;
+  int kind = 0;  // engine::DeviceKind
+  uint32_t vendor_id = 0, device_id = 0;
+};
+Result<ProbedDevice> ProbeDevice(const std::filesystem::path& binary, const std::vector<std::string>& args,
+                                 int timeout_ms);
+
+}  // namespace vg::daemon
