@@ -11,6 +11,7 @@ PACKAGES=(
   libvulkan-dev mesa-vulkan-drivers vulkan-tools   # Vulkan loader + headers, lavapipe
   glslc spirv-tools                                # GLSL -> SPIR-V at build time
   libdrm-dev                                       # host GPU PCI address for the mdev parent name
+  libseccomp-dev                                   # the worker's seccomp allow-list (sandbox/)
   libfuse3-dev fuse3                               # live mdev sysfs tree
   mdevctl util-linux                               # the real mdevctl, unshare for its namespace
   gnuplot-nox                                      # study plots
