@@ -53,6 +53,10 @@ class DeviceBackend {
   // backend whose status read is a round trip (QtestDevice) asks for less; the driver then
   // watches the fence in guest RAM, a plain load, in between.
   virtual int status_poll_interval_us() const { return 0; }
+  // An fd that reports POLLHUP/POLLRDHUP once the device has gone away (the vfio-user socket:
+  // its worker ended or the vGPU was stopped), or -1. A wait watches it, so a guest whose
+  // device disappears gets kPeerClosed at once instead of waiting out its timeout.
+  virtual int hangup_fd() const { return -1; }
 
   Result<ErrorReport> ReadError();
   Result<> ClearError() { return Write32(abi::reg::kErrClear, 0); }

@@ -63,6 +63,7 @@ class Device final : public DeviceBackend {
   // MSI-X vectors wired to eventfds at open.
   Result<uint64_t> WaitIrq(uint32_t vector, int timeout_ms);
   const EventFd& irq(uint32_t vector) const { return irqs_[vector]; }
+  int hangup_fd() const override { return client_->fd(); }
   const EventFd* irq_eventfd(uint32_t vector) const override {
     return vector < abi::kNumVectors ? &irqs_[vector] : nullptr;
   }

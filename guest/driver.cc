@@ -258,6 +258,7 @@ Result<> Driver::Wait(uint64_t seq, WaitMode mode, int timeout_ms) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   const auto status_every = std::chrono::microseconds(dev_.status_poll_interval_us());
   auto next_status = std::chrono::steady_clock::now() + status_every;
+  auto next_hangup_check = std::chrono::steady_clock::now();
   for (;;) {
     if (status_every.count() > 0) {
       // Every submission's FENCE writes its seq into fence_ in guest RAM as well as into the
@@ -282,16 +283,27 @@ Result<> Driver::Wait(uint64_t seq, WaitMode mode, int timeout_ms) {
     VG_ERROR_IF(left.count() <= 0, Errc::kTimeout, "fence {} not reached (completed {})", seq, completed());
     const EventFd* fence_irq = dev_.irq_eventfd(abi::kVectorFence);
     const EventFd* error_irq = dev_.irq_eventfd(abi::kVectorError);
+    const int hangup = dev_.hangup_fd();
     // A backend without interrupts (PciDevice in a VM) is waited on by polling.
     if (mode == WaitMode::kPoll || !fence_irq || !error_irq) {
+      // Every 10 ms: a polling wait spins, and the check is a system call.
+      if (hangup >= 0 && std::chrono::steady_clock::now() >= next_hangup_check) {
+        next_hangup_check = std::chrono::steady_clock::now() + std::chrono::milliseconds(10);
+        pollfd h{hangup, POLLRDHUP, 0};
+        VG_ERROR_IF(::poll(&h, 1, 0) > 0 && (h.revents & (POLLHUP | POLLRDHUP | POLLERR)), Errc::kPeerClosed,
+                    "the device went away before fence {} (completed {})", seq, completed());
+      }
       std::this_thread::yield();
       continue;
     }
-    pollfd fds[2] = {{fence_irq->Get(), POLLIN, 0}, {error_irq->Get(), POLLIN, 0}};
-    int r = ::poll(fds, 2, static_cast<int>(std::min<int64_t>(left.count(), 100)));
+    // The socket is watched for hang-up only: its messages are the client's to read.
+    pollfd fds[3] = {{fence_irq->Get(), POLLIN, 0}, {error_irq->Get(), POLLIN, 0}, {hangup, POLLRDHUP, 0}};
+    int r = ::poll(fds, hangup >= 0 ? 3 : 2, static_cast<int>(std::min<int64_t>(left.count(), 100)));
     if (r > 0) {
       if (fds[0].revents) counters_.interrupts += fence_irq->Drain().value_or(0);
       if (fds[1].revents) (void)error_irq->Drain();
+      if (hangup >= 0 && (fds[2].revents & (POLLHUP | POLLRDHUP | POLLERR)) && completed() < seq)
+        return MakeError(Errc::kPeerClosed, "the device went away before fence {} (completed {})", seq, completed());
     }
   }
 }
