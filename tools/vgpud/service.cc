@@ -434,7 +434,7 @@ Result<> Service::Open() {
     VG_LOGI("mdev tree at {}", tree_->mountpoint().string());
   }
   // Last: the worker reads tree_ (ping), and nothing reaches it before the loop runs anyway.
-  worker_ = std::thread([this] { WorkerMain(); });
+  for (int i = 0; i < kManagementThreads; ++i) workers_.emplace_back([this] { WorkerMain(); });
   return Ok();
 }
 
@@ -473,7 +473,8 @@ void Service::Shutdown() {
     jobs_.clear();
   }
   wcv_.notify_all();
-  if (worker_.joinable()) worker_.join();
+  for (std::thread& t : workers_) t.join();
+  workers_.clear();
   // 3. No more mdevctl requests: unmount before stopping what the tree shows.
   tree_.reset();
   // 4. Every vGPU down (on this thread, the loop's, now that nothing else calls in).

@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "mdev/mdev.h"
 #include "tools/vgpud/control.h"
@@ -101,7 +102,10 @@ class Service {
   std::condition_variable wcv_;
   std::deque<std::pair<std::string, ControlServer::Reply>> jobs_;
   bool wstop_ = false;
-  std::thread worker_;
+  // Management threads: requests of different clients run at once (16 starts wait for
+  // their workers side by side); one client's requests stay in order (ControlServer).
+  static constexpr int kManagementThreads = 4;
+  std::vector<std::thread> workers_;
   bool shut_down_ = false;
 };
 
