@@ -77,7 +77,8 @@ constexpr AllowRule kAllow[] = {
     // Threads and their synchronisation.
     {"clone", Cond::kThreadClone}, {"futex", Cond::kAny}, {"set_robust_list", Cond::kAny},
     {"rseq", Cond::kAny}, {"set_tid_address", Cond::kAny},
-    {"sched_yield", Cond::kAny}, {"sched_getaffinity", Cond::kAny},
+    {"sched_yield", Cond::kAny}, {"sched_getaffinity", Cond::kAny}, {"sched_getscheduler", Cond::kAny},
+    {"sched_getparam", Cond::kAny}, {"sched_getattr", Cond::kAny},
     {"gettid", Cond::kAny}, {"getpid", Cond::kAny}, {"getppid", Cond::kAny},
     {"getuid", Cond::kAny}, {"geteuid", Cond::kAny}, {"getgid", Cond::kAny}, {"getegid", Cond::kAny},
     {"prctl", Cond::kPrctlName},
@@ -118,6 +119,9 @@ constexpr ErrnoRule kErrno[] = {
     // it must not renice or pin the supervisor. Mesa's queues set them on their own threads
     // and ignore a failure.
     {"sched_setaffinity", EPERM}, {"setpriority", EPERM},
+    // Mesa's util_queue threads ask for SCHED_BATCH/SCHED_IDLE when they start, which in a
+    // worker is lazily, inside the sandbox; same-uid pids again, and a failure is ignored.
+    {"sched_setscheduler", EPERM}, {"sched_setparam", EPERM}, {"sched_setattr", EPERM},
     // clone3 passes its flags in memory, where a filter cannot read them: ENOSYS makes
     // glibc (>= 2.34) fall back to clone, whose flags the kThreadClone rule checks.
     {"clone3", ENOSYS},
@@ -130,7 +134,6 @@ constexpr ErrnoRule kErrno[] = {
 // report prints unsymbolized rather than the process dying before it prints).
 constexpr AllowRule kSanitizerExtras[] = {
     {"ptrace", Cond::kAny}, {"wait4", Cond::kAny}, {"waitid", Cond::kAny},
-    {"sched_getparam", Cond::kAny}, {"sched_getscheduler", Cond::kAny},
 };
 
 constexpr size_t kAllowedCount = std::size(kAllow) + (kSanitizerBuild ? std::size(kSanitizerExtras) : 0);

@@ -236,5 +236,10 @@ int main(int argc, char** argv) {
   NotifySystemd("STOPPING=1");
   (*svc)->Shutdown();
   svc->reset();
+  (*d)->workers().StopAll();
+  if (const uint64_t n = (*d)->workers().unclean_stops(); n != 0) {
+    VG_LOGE("{} worker(s) did not stop cleanly (see above)", n);
+    return 1;
+  }
   return r.ok() ? 0 : 1;
 }

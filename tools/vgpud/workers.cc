@@ -425,7 +425,7 @@ void WorkerPool::OnExit(Worker& w) {
   auto [reason, kind] = w.kill_reason ? *w.kill_reason : NameEnd(status);
   Forget(w);
   if (w.state == Worker::State::kStopping) {
-    VG_LOGI("worker for {} (pid {}) stopped", w.spec.uuid, pid);
+    NoteStopped(w.spec.uuid, pid, status);
     std::erase_if(stopping_, [&](const std::unique_ptr<Worker>& p) { return p.get() == &w; });
     return;  // w is gone
   }
@@ -540,6 +540,20 @@ Result<> WorkerPool::Stop(const Uuid& uuid) {
   });
 }
 
+// A worker asked to stop exits 0. Anything else (killed after the grace period, a crash on
+// the way out, a sanitizer's report) is a bug in the worker: logged, and counted so that the
+// supervisor's own exit status says so.
+void WorkerPool::NoteStopped(const Uuid& uuid, pid_t pid, int status) {
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+    VG_LOGI("worker for {} (pid {}) stopped", uuid, pid);
+    return;
+  }
+  ++unclean_stops_;
+  VG_LOGE("worker for {} (pid {}) did not stop cleanly: {}", uuid, pid,
+          WIFSIGNALED(status) ? fmt::format("signal {}", WTERMSIG(status))
+                              : fmt::format("exit status {}", WEXITSTATUS(status)));
+}
+
 void WorkerPool::OnStopDeadline(int, short, void* arg) {
   auto& w = *static_cast<Worker*>(arg);
   VG_LOGW("worker for {} (pid {}) did not stop within {} ms: SIGKILL", w.spec.uuid, w.pid, w.pool->policy_.stop_grace_ms);
@@ -582,8 +596,8 @@ void WorkerPool::StopAll() {
   }
   const auto deadline = Clock::now() + std::chrono::milliseconds(policy_.stop_grace_ms);
   for (auto& w : stopping_) {
+    int status = 0;
     while (w->pid > 0) {
-      int status = 0;
       if (::waitpid(w->pid, &status, WNOHANG) == w->pid) break;
       if (Clock::now() >= deadline) {
         ::kill(w->pid, SIGKILL);
@@ -593,6 +607,7 @@ void WorkerPool::StopAll() {
       pollfd p{w->pidfd.Get(), POLLIN, 0};
       (void)::poll(&p, 1, 50);
     }
+    if (w->pid > 0) NoteStopped(w->spec.uuid, w->pid, status);
     w->pid = 0;
     Forget(*w);
   }

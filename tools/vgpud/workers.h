@@ -115,6 +115,9 @@ class WorkerPool {
   std::optional<WorkerStatus> Status(const Uuid& uuid) const;
   // Shutdown, after the loop has exited: every worker stopped and reaped (bounded).
   void StopAll();
+  // Workers asked to stop that did not exit 0 (killed after the grace period, crashed on
+  // the way out, a sanitizer report): the supervisor's exit status reports them.
+  uint64_t unclean_stops() const { return unclean_stops_; }
 
   std::string SocketPath(const Uuid& uuid) const;
   std::string RemotingSocketPath(const Uuid& uuid) const;
@@ -137,6 +140,7 @@ class WorkerPool {
   void ScheduleRestart(Worker& w);
   void Fail(Worker& w);
   void Publish(const Worker& w);
+  void NoteStopped(const Uuid& uuid, pid_t pid, int status);
   static void OnHeartbeat(int, short, void* arg);
   static void OnChannel(int fd, short, void* arg);
   static void OnPidfd(int fd, short, void* arg);
@@ -151,6 +155,7 @@ class WorkerPool {
   event* heartbeat_ev_ = nullptr;
   std::map<Uuid, std::unique_ptr<Worker>> workers_;   // loop thread
   std::vector<std::unique_ptr<Worker>> stopping_;     // loop thread: stopped, not yet reaped
+  uint64_t unclean_stops_ = 0;  // loop thread
   mutable std::mutex snap_mu_;
   std::map<Uuid, WorkerStatus> snaps_;  // under snap_mu_
 };
