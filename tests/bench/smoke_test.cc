@@ -44,6 +44,23 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   }
   for (const char* g : {"empty", "small", "kernel_time", "cmds", "data", "churn", "stream"}) CHECK(groups.count(g) == 1);
   CHECK(j["concurrency"].size() >= 2);
+  // The lifecycle group (F13): vGPU start/stop cycles and idle worker memory, its own section.
+  REQUIRE(j.contains("lifecycle"));
+  const auto& l = j["lifecycle"];
+  CHECK(l["complete"] == true);
+  CHECK(l["errors"].empty());
+  CHECK(l["cycles_succeeded"].get<int>() == l["cycles_requested"].get<int>());
+  CHECK(l["cycles_succeeded"].get<int>() > 0);
+  for (const char* k : {"start_reply_us", "start_to_version_us", "spawn_to_ready_us", "stop_reply_us", "stop_to_exit_us"})
+    CHECK(l[k]["p50"].get<double>() > 0);
+  // Usable comes after the reply: the client connects only once start has answered.
+  CHECK(l["start_to_version_us"]["p50"].get<double>() >= l["start_reply_us"]["p50"].get<double>());
+  CHECK(l["idle_worker"]["measured"].get<int>() > 0);
+  CHECK(l["idle_worker"]["rss_bytes"]["mean"].get<double>() > 0);
+  CHECK(l["idle_worker"]["pss_bytes"]["mean"].get<double>() > 0);
+  CHECK(l["supervisor"]["rss_bytes"].get<uint64_t>() > 0);
+  CHECK(text.find("== lifecycle") != std::string::npos);
+  CHECK(std::filesystem::exists(out / "lifecycle.csv"));
   std::filesystem::remove_all(out);
   std::filesystem::remove(out.string() + ".txt");
 }

@@ -1,13 +1,14 @@
 // vgpu-bench: the A/B study of native, mediated and remoting on one engine.
 //   vgpu-bench [--quick|--full|--smoke] [--groups a,b] [--paths native,mediated,remoting]
 //              [--reps N] [--iters N] [--gpu NAME|INDEX] [--out DIR] [--json FILE] [--csv FILE]
-//              [--qemu BIN] [--qemu-firmware DIR]
+//              [--qemu BIN] [--qemu-firmware DIR] [--lifecycle-cycles N] [--idle-workers K]
 // Paths: native, mediated (ioeventfd doorbell), mediated-mmio (RING_TAIL REGION_WRITE),
 // mediated-qemu (a real QEMU's vfio-user-pci under qtest: needs --qemu or VGPUD_QEMU,
 // skipped with a note otherwise), remoting.
 // It starts its own vgpud with the vGPUs it needs, runs every workload on every path side by
-// side (interleaved, rotating order), and removes what it created. docs/ab-methodology.md
-// says what each number means.
+// side (interleaved, rotating order), and removes what it created. The lifecycle group
+// (vGPU start/stop latency, idle worker memory) runs first, on a vgpud of its own.
+// docs/ab-methodology.md says what each number means.
 
 #include <CLI/CLI.hpp>
 #include <fcntl.h>
@@ -47,16 +48,18 @@ struct DaemonProc {
     std::error_code ec;
     fs::remove_all(dir, ec);
   }
+  std::string Control() const { return (dir / "control.sock").string(); }
   std::string Socket(int i) const { return (dir / (GuestUuid(i) + ".sock")).string(); }
   std::string RemoteSocket(int i) const { return (dir / (GuestUuid(i) + ".remote.sock")).string(); }
 };
 
-// types[i]: the vGPU type of guest i.
+// types[i]: the vGPU type of guest i (none: a daemon for the lifecycle group, which starts
+// its own). `tag` keeps the runtime dirs of successive daemons apart.
 Result<std::unique_ptr<DaemonProc>> StartDaemon(const std::string& vgpud, const std::vector<std::string>& types,
-                                                const std::string& gpu) {
+                                                const std::string& gpu, const std::string& tag = "") {
   const int guests = static_cast<int>(types.size());
   auto d = std::make_unique<DaemonProc>();
-  d->dir = fs::temp_directory_path() / fmt::format("vgpu-bench-{}", ::getpid());
+  d->dir = fs::temp_directory_path() / fmt::format("vgpu-bench-{}{}", ::getpid(), tag);
   fs::create_directories(d->dir);
   std::vector<std::string> args{vgpud, "--runtime-dir", d->dir.string(), "--log-level", "error"};
   if (!gpu.empty()) args.insert(args.end(), {"--gpu", gpu});
@@ -76,6 +79,12 @@ Result<std::unique_ptr<DaemonProc>> StartDaemon(const std::string& vgpud, const 
                   "vgpud ({}) did not come up", vgpud);
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
+  }
+  // The control socket opens after every --vgpu has started (vgpud/main.cc).
+  while (!fs::is_socket(d->Control())) {
+    VG_ERROR_IF(Clock::now() > deadline || ::waitpid(d->pid, nullptr, WNOHANG) != 0, Errc::kTimeout,
+                "vgpud ({}) did not open its control socket", vgpud);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return d;
 }
@@ -286,6 +295,19 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
         mm ? fmt::format("{:.1f} us", mm->us.p50) : std::string("-"), q->us.p50, q->messages, qfloor->us.p50,
         q->us.p50 - q->messages * qfloor->us.p50));
   }
+  if (r.lifecycle.ran) {
+    const LifecycleReport& l = r.lifecycle;
+    s.push_back(fmt::format("lifecycle: start p50 {:.1f} ms, p99 {:.1f} ms to the reply; {:.1f} ms p50 until VERSION "
+                            "is answered; an idle worker holds {:.1f} MiB RSS, {:.1f} MiB PSS (mean of {}); the "
+                            "supervisor {:.1f} MiB RSS",
+                            l.start_reply_us.p50 / 1e3, l.start_reply_us.p99 / 1e3, l.start_to_version_us.p50 / 1e3,
+                            l.rss.mean / 1048576.0, l.pss.mean / 1048576.0, l.idle.size(),
+                            static_cast<double>(l.supervisor.rss_bytes) / 1048576.0));
+    if (!l.complete())
+      s.push_back(fmt::format("LIFECYCLE INCOMPLETE: {} of {} cycles, {} of {} idle workers; {}", l.succeeded_cycles,
+                              l.requested_cycles, l.idle.size(), l.idle_requested,
+                              l.errors.empty() ? std::string("no error recorded") : l.errors.front()));
+  }
   if (!r.all_correct) s.push_back("SOME RESULTS DIFFER FROM THE CPU REFERENCE (see the ok column)");
 }
 
@@ -300,6 +322,9 @@ std::set<std::string> Split(const std::string& csv) {
   }
   return out;
 }
+
+int Emit(const StudyReport& r, const StudyOptions& o, bool smoke, const std::string& json_file,
+         const std::string& csv_file);
 
 }  // namespace
 
@@ -318,7 +343,8 @@ int main(int argc, char** argv) {
   app.add_flag("--quick", quick, "a few minutes on 2 cores (default)");
   app.add_flag("--full", full, "every size and kernel time");
   app.add_flag("--smoke", smoke, "tiny sizes and few repetitions (the test suite's run)");
-  app.add_option("--groups", groups, "only these workload groups: empty,small,kernel_time,cmds,data,churn,stream,concurrency");
+  app.add_option("--groups", groups,
+                 "only these workload groups: empty,small,kernel_time,cmds,data,churn,stream,concurrency,lifecycle");
   app.add_option("--paths", paths_csv, "paths to run (native is always the baseline)")->capture_default_str();
   app.add_option("--reps", o.reps, "interleaved repetitions per workload")->capture_default_str();
   app.add_option("--iters", o.iters, "submissions per path per repetition (default by size)");
@@ -329,6 +355,10 @@ int main(int argc, char** argv) {
   app.add_option("--csv", csv_file, "also write the CSV here");
   app.add_option("--qemu", qemu, "qemu-system-x86_64 with vfio-user-pci, for mediated-qemu (default: $VGPUD_QEMU)");
   app.add_option("--qemu-firmware", qemu_firmware, "QEMU's -L firmware dir (default: $VGPUD_QEMU_FIRMWARE)");
+  int lifecycle_cycles = 0, idle_workers = -1;
+  app.add_option("--lifecycle-cycles", lifecycle_cycles,
+                 "lifecycle: measured start/stop cycles after 3 warm-up ones (default 5 smoke, 30 quick, 100 full)");
+  app.add_option("--idle-workers", idle_workers, "lifecycle: vGPUs left idle for the memory figures (default 4)");
   app.add_option("--worker", worker)->group("");
   app.add_option("--socket", socket)->group("");
   app.add_option("--remote-socket", remote_socket)->group("");
@@ -350,6 +380,9 @@ int main(int argc, char** argv) {
   if (smoke) o.reps = std::min(o.reps, 2);
   o.groups = Split(groups);
   bool want_concurrency = o.groups.empty() || o.groups.count("concurrency");
+  const bool want_lifecycle = o.groups.empty() || o.groups.count("lifecycle");
+  // Everything but lifecycle needs the study's daemon, its floors and its calibration.
+  const bool want_study = o.groups.empty() || o.groups.size() > o.groups.count("lifecycle");
   std::vector<std::string> paths{"native"};
   std::vector<std::string> skipped;
   for (const auto& p : Split(paths_csv)) {
@@ -365,6 +398,38 @@ int main(int argc, char** argv) {
     paths.push_back(p);
   }
   if (vgpud.empty()) vgpud = (fs::read_symlink("/proc/self/exe").parent_path() / "vgpud").string();
+
+  std::string device = "unknown";
+  if (auto list = engine::Engine::ListDevices(); list.ok()) {
+    engine::EngineOptions eo;
+    eo.gpu = gpu;
+    if (auto e = engine::Engine::Create(eo); e.ok()) device = (*e)->Info().name + " (" + (*e)->Info().driver_name + ")";
+  }
+
+  // Lifecycle first, on a daemon of its own with no vGPU of the study's: the supervisor's
+  // memory is then its own plus the lifecycle vGPUs', and no study worker shares the cores.
+  LifecycleReport lifecycle;
+  if (want_lifecycle) {
+    auto ld = StartDaemon(vgpud, {}, gpu, "-lifecycle");
+    if (!ld.ok()) {
+      std::fprintf(stderr, "vgpu-bench: lifecycle: %s\n", ld.error().ToString().c_str());
+      return 3;
+    }
+    LifecycleOptions lo;
+    lo.control = (*ld)->Control();
+    lo.supervisor = (*ld)->pid;
+    lo.cycles = lifecycle_cycles > 0 ? lifecycle_cycles : smoke ? 5 : full ? 100 : 30;
+    lo.idle_workers = idle_workers >= 0 ? idle_workers : 4;
+    lo.progress = o.progress;
+    lifecycle = MeasureLifecycle(lo);
+  }
+  if (!want_study) {
+    StudyReport report;
+    report.device = device;
+    report.lifecycle = std::move(lifecycle);
+    Summarize(report, {});
+    return Emit(report, o, smoke, json_file, csv_file);
+  }
 
   int guests = want_concurrency ? (smoke ? 2 : o.size == StudyOptions::Size::kFull ? 8 : 4) : 1;
   // The first vGPU carries the data workloads: its GTT must map every buffer at once.
@@ -393,12 +458,6 @@ int main(int argc, char** argv) {
     return MakePath(name, c);
   };
 
-  std::string device = "unknown";
-  if (auto list = engine::Engine::ListDevices(); list.ok()) {
-    engine::EngineOptions eo;
-    eo.gpu = gpu;
-    if (auto e = engine::Engine::Create(eo); e.ok()) device = (*e)->Info().name + " (" + (*e)->Info().driver_name + ")";
-  }
   auto report = RunStudy(o, factory, paths, device);
   if (!report.ok()) {
     std::fprintf(stderr, "vgpu-bench: %s\n", report.error().ToString().c_str());
@@ -425,26 +484,39 @@ int main(int argc, char** argv) {
       }
     }
   }
+  report->lifecycle = std::move(lifecycle);
   Summarize(*report, paths);
   for (const auto& n : skipped) report->summary.push_back(n);
+  return Emit(*report, o, smoke, json_file, csv_file);
+}
 
+namespace {
+
+// Writes the report, JSON, CSVs (and plots unless smoke); the exit status of the run.
+int Emit(const StudyReport& r, const StudyOptions& o, bool smoke, const std::string& json_file,
+         const std::string& csv_file) {
   fs::create_directories(o.out_dir);
-  std::string text = FormatReport(*report);
+  std::string text = FormatReport(r);
   std::printf("%s", text.c_str());
   std::ofstream(o.out_dir + "/report.txt") << text;
-  std::string js = ToJson(*report).dump(2);
+  std::string js = ToJson(r).dump(2);
   std::ofstream(o.out_dir + "/results.json") << js;
   if (!json_file.empty()) std::ofstream(json_file) << js;
-  std::string csv = ToCsv(*report);
+  std::string csv = ToCsv(r);
   std::ofstream(o.out_dir + "/results.csv") << csv;
   if (!csv_file.empty()) std::ofstream(csv_file) << csv;
+  if (r.lifecycle.ran) std::ofstream(o.out_dir + "/lifecycle.csv") << LifecycleCsv(r.lifecycle);
   if (!smoke) {
-    auto plots = WritePlots(*report, o.out_dir);
+    auto plots = WritePlots(r, o.out_dir);
     if (plots.ok())
       for (auto& p : *plots) std::printf("plot: %s\n", p.c_str());
     else
       std::fprintf(stderr, "vgpu-bench: %s\n", plots.error().ToString().c_str());
   }
-  std::printf("results: %s/{report.txt,results.json,results.csv}\n", o.out_dir.c_str());
-  return report->all_correct ? 0 : 1;
+  std::printf("results: %s/{report.txt,results.json,results.csv%s}\n", o.out_dir.c_str(),
+              r.lifecycle.ran ? ",lifecycle.csv" : "");
+  // A lifecycle run that lost cycles or idle workers is a failed run, like a wrong result.
+  return r.all_correct && (!r.lifecycle.ran || r.lifecycle.complete()) ? 0 : 1;
 }
+
+}  // namespace

@@ -311,10 +311,13 @@ std::string RatioText(const Ratio& r) {
 
 std::string FormatReport(const StudyReport& r) {
   std::string out = fmt::format("device: {}\n", r.device);
-  out += fmt::format("floors: eventfd round trip p50 {:.1f} us (p99 {:.1f}), shared-memory poll round trip p50 {:.2f} us, "
-                     "memcpy {:.1f} GB/s\n\n",
-                     r.floors.eventfd_rtt_us.p50, r.floors.eventfd_rtt_us.p99, r.floors.shm_poll_rtt_us.p50,
-                     r.floors.memcpy_gbps);
+  // A lifecycle-only run (--groups lifecycle) measures no floors.
+  if (r.floors.eventfd_rtt_us.n) {
+    out += fmt::format("floors: eventfd round trip p50 {:.1f} us (p99 {:.1f}), shared-memory poll round trip p50 {:.2f} us, "
+                       "memcpy {:.1f} GB/s\n\n",
+                       r.floors.eventfd_rtt_us.p50, r.floors.eventfd_rtt_us.p99, r.floors.shm_poll_rtt_us.p50,
+                       r.floors.memcpy_gbps);
+  }
   if (!r.floors.path_floors.empty()) {
     // Printed above the table so the rows of that path are read against them.
     out.resize(out.size() - 1);
@@ -349,6 +352,7 @@ std::string FormatReport(const StudyReport& r) {
     for (const auto& c : r.concurrency)
       out += fmt::format("{:<9} {:>7} {:>12.0f} {:>8.2f}\n", c.path, c.guests, c.submissions_per_s, c.speedup);
   }
+  out += FormatLifecycle(r.lifecycle);
   out += "\n== summary\n";
   for (const auto& s : r.summary) out += "- " + s + "\n";
   return out;
@@ -392,6 +396,7 @@ nlohmann::json ToJson(const StudyReport& r) {
   for (const auto& c : r.concurrency)
     j["concurrency"].push_back(
         {{"path", c.path}, {"guests", c.guests}, {"submissions_per_s", c.submissions_per_s}, {"speedup", c.speedup}});
+  if (r.lifecycle.ran) j["lifecycle"] = LifecycleJson(r.lifecycle);
   j["summary"] = r.summary;
   j["all_correct"] = r.all_correct;
   return j;

@@ -11,6 +11,7 @@
 #include "base/base.h"
 #include "tools/bench/stats.h"
 #include "tools/vgpu-bench/floors.h"
+#include "tools/vgpu-bench/lifecycle.h"
 #include "tools/vgpu-bench/paths.h"
 
 namespace vg::bench {
@@ -58,6 +59,7 @@ struct StudyReport {
   Floors floors;
   std::vector<Result_> results;
   std::vector<Concurrency> concurrency;
+  LifecycleReport lifecycle;         // its own section: not a path ratio (ran = false: not run)
   std::vector<std::string> summary;  // sentences
   bool all_correct = true;
 };
@@ -70,6 +72,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
 
 std::string FormatReport(const StudyReport& r);
 nlohmann::json ToJson(const StudyReport& r);
+// One row per workload and path; the lifecycle figures go to LifecycleCsv (their own file).
 std::string ToCsv(const StudyReport& r);
 // gnuplot scripts + data under dir; returns the PNG paths written.
 Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::string& dir);
