@@ -540,12 +540,16 @@ Result<> WorkerPool::Stop(const Uuid& uuid) {
   });
 }
 
-// A worker asked to stop exits 0. Anything else (killed after the grace period, a crash on
-// the way out, a sanitizer's report) is a bug in the worker: logged, and counted so that the
-// supervisor's own exit status says so.
+// A worker asked to stop exits 0. A crash on the way out or a sanitizer's report is a bug in
+// the worker: logged, and counted so that the supervisor's own exit status says so. One that
+// was too slow and got SIGKILL after the grace period is only logged: a loaded host is not a bug.
 void WorkerPool::NoteStopped(const Uuid& uuid, pid_t pid, int status) {
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
     VG_LOGI("worker for {} (pid {}) stopped", uuid, pid);
+    return;
+  }
+  if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) {
+    VG_LOGW("worker for {} (pid {}) killed after the {} ms stop grace period", uuid, pid, policy_.stop_grace_ms);
     return;
   }
   ++unclean_stops_;

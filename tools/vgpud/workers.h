@@ -115,8 +115,8 @@ class WorkerPool {
   std::optional<WorkerStatus> Status(const Uuid& uuid) const;
   // Shutdown, after the loop has exited: every worker stopped and reaped (bounded).
   void StopAll();
-  // Workers asked to stop that did not exit 0 (killed after the grace period, crashed on
-  // the way out, a sanitizer report): the supervisor's exit status reports them.
+  // Workers asked to stop that did not exit 0 (crashed on the way out, a sanitizer
+  // report; not those killed after the grace period): the supervisor's exit status reports them.
   uint64_t unclean_stops() const { return unclean_stops_; }
 
   std::string SocketPath(const Uuid& uuid) const;
