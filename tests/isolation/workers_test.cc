@@ -53,6 +53,12 @@ std::vector<std::string> Args(std::vector<std::string> extra = {}) {
   return a;
 }
 
+// The supervisor serving vGPU A (the one things happen to) and vGPU B (the victim's).
+void StartAB(DaemonProc& d, std::vector<std::string> extra = {}) {
+  for (const char* u : {kA, kB}) extra.insert(extra.end(), {"--vgpu", std::string(u) + ":small"});
+  REQUIRE(d.Start(Args(extra)));
+}
+
 // One request on the control socket, and how long the answer took.
 Json Control(const DaemonProc& d, const Json& req, double* took_ms = nullptr) {
   const auto t0 = Clock::now();
@@ -183,7 +189,7 @@ struct ControlProbe {
 
 TEST_CASE("kill -9 of a worker mid-workload: its guest sees a clean error, the other tenant nothing; restarted") {
   DaemonProc d;
-  REQUIRE(d.Start(Args({"--vgpu", std::string(kA) + ":small", "--vgpu", std::string(kB) + ":small"})));
+  StartAB(d);
   Victim v(d.Socket(kB));
   const int64_t victim_worker = WorkerPid(d, kB);
   ControlProbe probe(d, kB);
@@ -240,7 +246,7 @@ TEST_CASE("kill -9 of a worker mid-workload: its guest sees a clean error, the o
 
 TEST_CASE("a worker that makes a forbidden system call is killed by its filter and reported as such") {
   DaemonProc d;
-  REQUIRE(d.Start(Args({"--vgpu", std::string(kA) + ":small", "--vgpu", std::string(kB) + ":small"})));
+  StartAB(d);
   Victim v(d.Socket(kB));
   // The sandbox as the supervisor reports it, and as /proc says it is.
   Json w = Worker(d, kA);
@@ -271,7 +277,7 @@ TEST_CASE("a worker that makes a forbidden system call is killed by its filter a
 
 TEST_CASE("a hung worker loop and a SIGSTOPped worker: only that vGPU stops; the watchdog reports and restarts it") {
   DaemonProc d;
-  REQUIRE(d.Start(Args({"--vgpu", std::string(kA) + ":small", "--vgpu", std::string(kB) + ":small"})));
+  StartAB(d);
   Victim v(d.Socket(kB));
   const int64_t victim_worker = WorkerPid(d, kB);
   ControlProbe probe(d, kB);
@@ -352,8 +358,7 @@ TEST_CASE("a worker past its memory limit ends by name and comes back; the other
 #endif
   DaemonProc d;
   // 512 MiB of its own + the 64 MiB aperture + 256 MiB of guest RAM: RLIMIT_AS ~832 MiB.
-  REQUIRE(d.Start(Args({"--worker-memory", "512M", "--dma-max-bytes", "256M", "--vgpu",
-                        std::string(kA) + ":small", "--vgpu", std::string(kB) + ":small"})));
+  StartAB(d, {"--worker-memory", "512M", "--dma-max-bytes", "256M"});
   Victim v(d.Socket(kB));
   Json w = Worker(d, kA);
   const int64_t pid = w["pid"].get<int64_t>();
