@@ -350,8 +350,10 @@ void WorkerPool::OnHeartbeat(int, short, void* arg) {
                  EndKind::kWatchdog);
       continue;
     }
-    // A full queue (a worker that does not read) is not an error by itself: the missing
-    // pongs are what the watchdog counts.
+    // One ping outstanding at a time: a worker that answers slower than the heartbeat still
+    // gets credit for each answer, and only silence for watchdog_ms counts. A full queue (a
+    // worker that does not read) is not an error by itself: the missing pongs are.
+    if (w.pinged) continue;
     if (ch::Send(w.channel.Get(), ch::Make(ch::Kind::kPing, w.ping_seq + 1))) {
       ++w.ping_seq;
       w.pinged = true;
