@@ -43,6 +43,31 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
     CHECK(w["paths"]["remoting"]["bytes_per_submission"].get<double>() > 0);
   }
   for (const char* g : {"empty", "small", "kernel_time", "cmds", "data", "churn", "stream"}) CHECK(groups.count(g) == 1);
+  // Calibration is a checked precondition (docs/ab-methodology.md, "Calibration check"): every
+  // kernel_time row carries its target with native's measured p50 beside it, and the counts
+  // rise with the target. rc == 0 above already says no check failed.
+  REQUIRE(j.contains("calibration"));
+  CHECK(j["calibration"]["ok"] == true);
+  CHECK(j["calibration"]["failures"].empty());
+  int kernel_rows = 0;
+  double last_target = 0;
+  uint32_t last_iterations = 0;
+  for (const auto& w : j["results"]) {
+    if (w["group"] != "kernel_time") continue;
+    ++kernel_rows;
+    REQUIRE(w.contains("target_us"));
+    REQUIRE(w.contains("native_p50_us"));
+    CHECK(w["native_p50_us"].get<double>() == w["paths"]["native"]["latency_us"]["p50"].get<double>());
+    CHECK(w["native_p50_us"].get<double>() >= 0.5 * w["target_us"].get<double>());
+    CHECK(w["calibration"] == "ok");
+    CHECK(w["target_us"].get<double>() > last_target);
+    CHECK(w["iterations"].get<uint32_t>() > last_iterations);
+    last_target = w["target_us"].get<double>();
+    last_iterations = w["iterations"].get<uint32_t>();
+  }
+  CHECK(kernel_rows >= 2);
+  CHECK(text.find("== calibration") != std::string::npos);
+  CHECK(text.find("CALIBRATION FAILED") == std::string::npos);
   CHECK(j["concurrency"].size() >= 2);
   // The lifecycle group (F13): vGPU start/stop cycles and idle worker memory, its own section.
   REQUIRE(j.contains("lifecycle"));
@@ -61,6 +86,36 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   CHECK(l["supervisor"]["rss_bytes"].get<uint64_t>() > 0);
   CHECK(text.find("== lifecycle") != std::string::npos);
   CHECK(std::filesystem::exists(out / "lifecycle.csv"));
+  std::filesystem::remove_all(out);
+  std::filesystem::remove(out.string() + ".txt");
+}
+
+TEST_CASE("vgpu-bench: a calibration that failed is said loudly and fails the run") {
+  // The run under load of F12 item 5: the fixed cost read as huge, every spin row the same
+  // clamped count, native "spin ~200 us" done in tens of us. The hook does that on purpose.
+  auto out = std::filesystem::temp_directory_path() / ("vgpu-bench-calfail-" + std::to_string(::getpid()));
+  pid_t pid = Spawn({EnvOr("VGPU_BENCH", "tools/vgpu-bench"), "--smoke", "--groups", "kernel_time", "--paths", "native",
+                     "--test-disturb-calibration", "--out", out.string()},
+                    (out.string() + ".txt"));
+  int rc = WaitExit(pid, 120000);
+  std::ifstream report(out / "report.txt");
+  std::string text((std::istreambuf_iterator<char>(report)), {});
+  INFO(text);
+  CHECK(rc == 1);
+  CHECK(text.find("CALIBRATION FAILED: spin ~200 us:") != std::string::npos);
+  CHECK(text.find("calibrated again") != std::string::npos);
+  std::ifstream f(out / "results.json");
+  auto j = nlohmann::json::parse(f);
+  const auto& cal = j["calibration"];
+  CHECK(cal["ok"] == false);
+  CHECK(cal["attempts"].size() == 2);  // retried once, then declared failed
+  CHECK(cal["failures"].size() == cal["rows"].size());
+  for (const auto& w : j["results"]) {
+    if (w["group"] != "kernel_time") continue;
+    CHECK(w["iterations"].get<uint32_t>() == 1);
+    CHECK(w["calibration"].get<std::string>().rfind("calibration failed: ", 0) == 0);
+    CHECK(w["native_p50_us"].get<double>() > 0);
+  }
   std::filesystem::remove_all(out);
   std::filesystem::remove(out.string() + ".txt");
 }

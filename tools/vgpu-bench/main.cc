@@ -24,6 +24,8 @@
 #include <map>
 #include <thread>
 
+#include <fmt/ranges.h>
+
 #include "tools/vgpu-bench/study.h"
 
 using namespace vg;
@@ -218,17 +220,26 @@ const Cell* CellOf(const StudyReport& r, const std::string& group, const std::st
 void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
   auto has = [&](const std::string& p) { return std::find(paths.begin(), paths.end(), p) != paths.end(); };
   std::vector<std::string>& s = r.summary;
-  // Target 1 and 3: throughput ratios for work of 1 ms and more.
+  // Target 1 and 3: throughput ratios for work of 1 ms and more, read only from rows whose
+  // calibration held (docs/ab-methodology.md, "Calibration check").
+  const CalibrationReport& cal = r.calibration;
+  auto calibration_failed = [&](const Result_& res) {
+    const CalibratedRow* row = cal.Row(res.workload.name);
+    return res.workload.group == "kernel_time" && row && !row->ok();
+  };
   for (const std::string p : {"mediated", "remoting"}) {
     if (!has(p)) continue;
     double worst = 1e9;
     int n = 0;
+    std::vector<std::string> left_out;
     for (const Result_& res : r.results) {
       // "Work of 1 ms and more" is what native measured, not what the calibration aimed at.
-      const Cell* native = nullptr;
-      for (const Cell& c : res.cells)
-        if (c.path == "native") native = &c;
+      const Cell* native = FindCell(res, "native");
       if (res.workload.group != "kernel_time" || !native || native->us.p50 < 1000) continue;
+      if (calibration_failed(res)) {
+        left_out.push_back(res.workload.name);
+        continue;
+      }
       for (const Cell& c : res.cells)
         if (c.path == p && c.throughput_ratio.n) {
           worst = std::min(worst, c.throughput_ratio.median);
@@ -236,9 +247,16 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
         }
     }
     double target = p == std::string("mediated") ? 0.98 : 0.90;
+    std::string excluded =
+        left_out.empty() ? "" : fmt::format(" ({} left out: CALIBRATION FAILED)", fmt::join(left_out, ", "));
     if (n)
-      s.push_back(fmt::format("{}/native throughput for work >= 1 ms: worst median {:.3f} (target >= {:.2f}): {}", p,
-                              worst, target, worst >= target ? "MET" : "MISSED"));
+      s.push_back(fmt::format("{}/native throughput for work >= 1 ms: worst median {:.3f} (target >= {:.2f}): {}{}", p,
+                              worst, target, worst >= target ? "MET" : "MISSED", excluded));
+    else if (cal.ran)
+      // Said, not skipped: a run whose rows held no such work has not shown the target either way.
+      s.push_back(fmt::format("{}/native throughput for work >= 1 ms: NOT EVALUATED: no kernel_time row with a native "
+                              "p50 of 1 ms or more and its calibration held{}",
+                              p, excluded));
   }
   // Target 2: mediated empty-submission overhead against the eventfd round trip.
   const Cell* me = CellOf(r, "empty", "mediated");
@@ -260,8 +278,12 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
   }
   // Who wins where, and the common claim.
   if (has("mediated") && has("remoting")) {
-    int med_lat = 0, rem_lat = 0, med_cpu = 0, rem_cpu = 0;
+    int med_lat = 0, rem_lat = 0, med_cpu = 0, rem_cpu = 0, miscalibrated = 0;
     for (const Result_& res : r.results) {
+      if (calibration_failed(res)) {
+        ++miscalibrated;
+        continue;
+      }
       const Cell *m = nullptr, *x = nullptr;
       for (const Cell& c : res.cells) {
         if (c.path == "mediated") m = &c;
@@ -272,8 +294,10 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
       (m->host_cpu_us + m->guest_cpu_us <= x->host_cpu_us + x->guest_cpu_us ? med_cpu : rem_cpu)++;
     }
     s.push_back(fmt::format("lower p50 latency: mediated in {} cases, remoting in {}; lower CPU per submission: "
-                            "mediated in {}, remoting in {}",
-                            med_lat, rem_lat, med_cpu, rem_cpu));
+                            "mediated in {}, remoting in {}{}",
+                            med_lat, rem_lat, med_cpu, rem_cpu,
+                            miscalibrated ? fmt::format(" ({} kernel_time rows left out: CALIBRATION FAILED)", miscalibrated)
+                                          : std::string()));
     bool holds = med_lat > rem_lat && med_cpu > rem_cpu;
     s.push_back(fmt::format("the claim that mediated pass-through beats API remoting on latency and efficiency "
                             "because it avoids crossings and marshalling {} on this machine",
@@ -309,6 +333,11 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
                               l.errors.empty() ? std::string("no error recorded") : l.errors.front()));
   }
   if (!r.all_correct) s.push_back("SOME RESULTS DIFFER FROM THE CPU REFERENCE (see the ok column)");
+  if (!cal.ok())
+    s.push_back(fmt::format("CALIBRATION FAILED: {} of {} kernel_time rows do not hold the work their targets say (see "
+                            "the calibration section): {}",
+                            std::count_if(cal.rows.begin(), cal.rows.end(), [](const CalibratedRow& x) { return !x.ok(); }),
+                            cal.rows.size(), fmt::join(cal.failures, "; ")));
 }
 
 std::set<std::string> Split(const std::string& csv) {
@@ -366,6 +395,7 @@ int main(int argc, char** argv) {
   app.add_option("--go-fd", go_fd)->group("");
   app.add_option("--guest-ram-mib", guest_ram_mib)->group("");
   app.add_option("--worker-iters,--iters-worker", worker_iters)->group("");
+  app.add_flag("--test-disturb-calibration", o.disturb_calibration)->group("");
   CLI11_PARSE(app, argc, argv);
   SetLogLevel(LogLevel::kError);
 
@@ -515,8 +545,9 @@ int Emit(const StudyReport& r, const StudyOptions& o, bool smoke, const std::str
   }
   std::printf("results: %s/{report.txt,results.json,results.csv%s}\n", o.out_dir.c_str(),
               r.lifecycle.ran ? ",lifecycle.csv" : "");
-  // A lifecycle run that lost cycles or idle workers is a failed run, like a wrong result.
-  return r.all_correct && (!r.lifecycle.ran || r.lifecycle.complete()) ? 0 : 1;
+  // A lifecycle run that lost cycles or idle workers is a failed run, like a wrong result, and
+  // so is one whose kernel_time rows do not hold the work their targets say.
+  return StudyExitStatus(r.all_correct, !r.lifecycle.ran || r.lifecycle.complete(), r.calibration);
 }
 
 }  // namespace

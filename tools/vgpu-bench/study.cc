@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -81,9 +82,10 @@ shaders::KernelSample SpinSample(uint32_t iterations) {
   return s;
 }
 
-// Spin iterations per microsecond of kernel time on the native path (two-point fit, so the
+// Native submission time against spin iterations, fitted on two points (so the
 // fixed submission cost does not count as kernel time).
-Result<std::pair<double, double>> Calibrate(Path& native) {
+constexpr uint32_t kCalLoIterations = 2000, kCalHiIterations = 20000;
+Result<SpinFit> Calibrate(Path& native) {
   auto time_of = [&](uint32_t iters) -> Result<double> {
     Workload w;
     w.kind = Kind::kKernel;
@@ -99,15 +101,33 @@ Result<std::pair<double, double>> Calibrate(Path& native) {
     // The minimum is the run least disturbed by the rest of the machine.
     return Summarize(us).min;
   };
-  VG_TRY_ASSIGN(double t1, time_of(2000));
-  VG_TRY_ASSIGN(double t2, time_of(20000));
-  double slope = std::max(1e-6, (t2 - t1) / 18000.0);  // us per iteration
-  double fixed = std::max(0.0, t1 - slope * 2000);
-  return std::pair{slope, fixed};
+  VG_TRY_ASSIGN(double t1, time_of(kCalLoIterations));
+  VG_TRY_ASSIGN(double t2, time_of(kCalHiIterations));
+  return FitSpin(kCalLoIterations, t1, kCalHiIterations, t2);
 }
 
-std::vector<Workload> BuildWorkloads(const StudyOptions& o, const SizePlan& plan, double us_per_iter,
-                                     double fixed_us) {
+// Calibrates, and once more if the plan fails its check: a burst of load during one of the
+// two timings skews the slope, and a second fit a moment later usually does not share it.
+// A second failure is reported, not retried again: the rows run with the second plan and are
+// marked (CheckCalibratedRows), so the run exits 1 with its data.
+Result<std::vector<SpinPoint>> CalibrateChecked(Path& native, const std::vector<double>& targets, bool disturb,
+                                                CalibrationReport& cal) {
+  cal.ran = true;
+  std::vector<SpinPoint> plan;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    if (attempt) std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    VG_TRY_ASSIGN(SpinFit fit, Calibrate(native));
+    if (disturb) fit.us_per_iteration = 1e6;
+    plan = PlanSpin(targets, fit);
+    cal.attempts.push_back(fit);
+    cal.attempt_problems.push_back(CheckSpinPlan(plan, fit));
+    if (cal.attempt_problems.back().empty()) break;
+  }
+  return plan;
+}
+
+std::vector<Workload> BuildWorkloads(const StudyOptions& o, const SizePlan& plan,
+                                     const std::vector<SpinPoint>& spin) {
   std::vector<Workload> ws;
   auto add = [&](Workload w) {
     if (Want(o.groups, w.group)) ws.push_back(std::move(w));
@@ -119,11 +139,10 @@ std::vector<Workload> BuildWorkloads(const StudyOptions& o, const SizePlan& plan
     w.bytes = 8192;
     add(w);
   }
-  for (double target : plan.kernel_us) {
-    uint32_t iters = static_cast<uint32_t>(std::clamp((target - fixed_us) / us_per_iter, 1.0, double(1u << 20)));
-    Workload w{"kernel_time", fmt::format("spin ~{} us", target), Kind::kKernel};
-    w.sample = SpinSample(iters);
-    w.x = target;
+  for (const SpinPoint& p : spin) {
+    Workload w{"kernel_time", fmt::format("spin ~{} us", p.target_us), Kind::kKernel};
+    w.sample = SpinSample(p.iterations);
+    w.x = p.target_us;
     add(w);
   }
   for (uint32_t n : plan.commands) {
@@ -174,6 +193,12 @@ std::vector<Workload> BuildWorkloads(const StudyOptions& o, const SizePlan& plan
 
 }  // namespace
 
+const Cell* FindCell(const Result_& r, const std::string& path) {
+  for (const Cell& c : r.cells)
+    if (c.path == path) return &c;
+  return nullptr;
+}
+
 Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, const std::vector<std::string>& paths,
                              const std::string& device) {
   StudyReport rep;
@@ -190,8 +215,14 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
     for (const NamedStats& f : live[p]->floors()) rep.floors.path_floors.push_back({p + ": " + f.name, f.us});
   }
   VG_ERROR_IF(!live.count("native"), Errc::kInvalidArgument, "the native path is the baseline and must run");
-  VG_TRY_ASSIGN(auto cal, Calibrate(*live["native"]));
-  auto workloads = BuildWorkloads(o, plan, cal.first, cal.second);
+  // Only a run with kernel_time rows calibrates: the plan is checked before they run, the
+  // rows' measured native times after (docs/ab-methodology.md, "Calibration check").
+  std::vector<SpinPoint> spin;
+  if (Want(o.groups, "kernel_time")) {
+    if (o.progress) std::fprintf(stderr, "vgpu-bench: calibrating the spin kernel...\n");
+    VG_TRY_ASSIGN(spin, CalibrateChecked(*live["native"], plan.kernel_us, o.disturb_calibration, rep.calibration));
+  }
+  auto workloads = BuildWorkloads(o, plan, spin);
 
   size_t done = 0;
   for (const Workload& w : workloads) {
@@ -292,17 +323,24 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
     rep.results.push_back(std::move(res));
   }
   if (o.progress) std::fprintf(stderr, "\n");
+  for (const Result_& res : rep.results) {
+    if (res.workload.group != "kernel_time") continue;
+    CalibratedRow row{res.workload.name, res.workload.x};
+    for (const SpinPoint& p : spin)
+      if (p.target_us == res.workload.x) row.iterations = p.iterations;
+    if (const Cell* native = FindCell(res, "native")) {
+      row.native_p50_us = native->us.p50;
+      row.native_n = native->us.n;
+    }
+    rep.calibration.rows.push_back(row);
+  }
+  if (rep.calibration.ran) CheckCalibratedRows(rep.calibration);
   return rep;
 }
 
 // --- reports ---
 
 namespace {
-const Cell* Find(const Result_& r, const std::string& path) {
-  for (const Cell& c : r.cells)
-    if (c.path == path) return &c;
-  return nullptr;
-}
 std::string RatioText(const Ratio& r) {
   if (r.n == 0) return "-";
   return fmt::format("{:.3f} [{:.3f}-{:.3f}]", r.median, r.min, r.max);
@@ -325,6 +363,7 @@ std::string FormatReport(const StudyReport& r) {
       out += fmt::format("floor {}: p50 {:.1f} us (p99 {:.1f})\n", f.name, f.us.p50, f.us.p99);
     out += "\n";
   }
+  out += FormatCalibration(r.calibration);
   std::string group;
   for (const Result_& res : r.results) {
     if (res.workload.group != group) {
@@ -374,6 +413,13 @@ nlohmann::json ToJson(const StudyReport& r) {
   for (const Result_& res : r.results) {
     json w{{"group", res.workload.group}, {"case", res.workload.name}, {"x", res.workload.x},
            {"bytes_per_submission", res.workload.bytes}};
+    // A kernel_time row carries its target next to what native measured for it.
+    if (const CalibratedRow* row = r.calibration.Row(res.workload.name); row && res.workload.group == "kernel_time") {
+      w["target_us"] = row->target_us;
+      w["iterations"] = row->iterations;
+      w["native_p50_us"] = row->native_p50_us;
+      w["calibration"] = row->ok() ? "ok" : "calibration failed: " + row->failure;
+    }
     for (const Cell& c : res.cells) {
       w["paths"][c.path] = {{"latency_us", stats(c.us)},
                             {"throughput", c.throughput},
@@ -397,6 +443,7 @@ nlohmann::json ToJson(const StudyReport& r) {
     j["concurrency"].push_back(
         {{"path", c.path}, {"guests", c.guests}, {"submissions_per_s", c.submissions_per_s}, {"speedup", c.speedup}});
   if (r.lifecycle.ran) j["lifecycle"] = LifecycleJson(r.lifecycle);
+  if (r.calibration.ran) j["calibration"] = CalibrationJson(r.calibration);
   j["summary"] = r.summary;
   j["all_correct"] = r.all_correct;
   return j;
@@ -405,15 +452,22 @@ nlohmann::json ToJson(const StudyReport& r) {
 std::string ToCsv(const StudyReport& r) {
   std::string out =
       "group,case,path,p50_us,p99_us,p999_us,throughput,unit,host_cpu_us,guest_cpu_us,messages,doorbells,interrupts,"
-      "replies,bytes,latency_ratio,latency_ratio_min,latency_ratio_max,throughput_ratio,correct\n";
-  for (const Result_& res : r.results)
+      "replies,bytes,latency_ratio,latency_ratio_min,latency_ratio_max,throughput_ratio,correct,"
+      "target_us,native_p50_us,spin_iterations,calibration\n";
+  for (const Result_& res : r.results) {
+    // kernel_time rows only: the target and native's measured p50 beside it on every path's line.
+    const CalibratedRow* row = res.workload.group == "kernel_time" ? r.calibration.Row(res.workload.name) : nullptr;
+    std::string cal = row ? fmt::format("{:.0f},{:.3f},{},{}", row->target_us, row->native_p50_us, row->iterations,
+                                        row->ok() ? "ok" : "failed")
+                          : std::string(",,,");
     for (const Cell& c : res.cells)
       out += fmt::format("{},\"{}\",{},{:.3f},{:.3f},{:.3f},{:.6g},{},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f},{:.1f},"
-                         "{:.4f},{:.4f},{:.4f},{:.4f},{}\n",
+                         "{:.4f},{:.4f},{:.4f},{:.4f},{},{}\n",
                          res.workload.group, res.workload.name, c.path, c.us.p50, c.us.p99, c.us.p999, c.throughput,
                          c.unit, c.host_cpu_us, c.guest_cpu_us, c.messages, c.doorbells, c.interrupts, c.replies,
                          c.bytes, c.latency_ratio.median, c.latency_ratio.min, c.latency_ratio.max,
-                         c.throughput_ratio.median, c.correct ? 1 : 0);
+                         c.throughput_ratio.median, c.correct ? 1 : 0, cal);
+  }
   return out;
 }
 
@@ -430,10 +484,10 @@ Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::str
     f << "\n";
     for (const Result_& res : r.results) {
       if (res.workload.group != group || res.workload.name.rfind(prefix, 0) != 0) continue;
-      const Cell* native = Find(res, "native");
+      const Cell* native = FindCell(res, "native");
       f << (group == "kernel_time" && native ? native->us.p50 : res.workload.x);
       for (auto& p : paths) {
-        const Cell* c = Find(res, p);
+        const Cell* c = FindCell(res, p);
         f << " " << (c ? (gbps ? c->throughput : c->us.p50) : 0);
       }
       f << "\n";

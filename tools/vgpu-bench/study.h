@@ -10,6 +10,7 @@
 
 #include "base/base.h"
 #include "tools/bench/stats.h"
+#include "tools/vgpu-bench/calibration.h"
 #include "tools/vgpu-bench/floors.h"
 #include "tools/vgpu-bench/lifecycle.h"
 #include "tools/vgpu-bench/paths.h"
@@ -24,6 +25,10 @@ struct StudyOptions {
   int iters = 0;                 // 0: by size
   std::string out_dir = "study-out";
   bool progress = true;
+  // Test hook (tests/bench/smoke_test.cc): every calibration attempt reads a spin iteration
+  // as 1 s, as a burst of load during the long timing would, so every spin row gets the same
+  // clamped count (1) and the calibration check must fail the run.
+  bool disturb_calibration = false;
 };
 
 // One (workload, path) cell.
@@ -57,6 +62,8 @@ struct Concurrency {
 struct StudyReport {
   std::string device;
   Floors floors;
+  // The spin calibration and its check (ran = false: no kernel_time rows in this run).
+  CalibrationReport calibration;
   std::vector<Result_> results;
   std::vector<Concurrency> concurrency;
   LifecycleReport lifecycle;         // its own section: not a path ratio (ran = false: not run)
@@ -69,6 +76,9 @@ using PathFactory = std::function<Result<std::unique_ptr<Path>>(const std::strin
 
 Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, const std::vector<std::string>& paths,
                              const std::string& device);
+
+// The cell of `path` in a result, null when that path did not run it.
+const Cell* FindCell(const Result_& r, const std::string& path);
 
 std::string FormatReport(const StudyReport& r);
 nlohmann::json ToJson(const StudyReport& r);
