@@ -58,6 +58,9 @@ inline constexpr uint32_t kErrAddrHi = 0x06C;       // RO
 inline constexpr uint32_t kErrInfo = 0x070;         // RO  source-specific detail (opcode, register)
 inline constexpr uint32_t kErrCount = 0x074;        // RO  refusals since reset
 inline constexpr uint32_t kErrClear = 0x078;        // WO  any value clears code/source/addr/info
+inline constexpr uint32_t kGttBatchAddrLo = 0x080;  // RW  GPA of a GttBatchRecord array (16-byte aligned)
+inline constexpr uint32_t kGttBatchAddrHi = 0x084;  // RW
+inline constexpr uint32_t kGttBatchGo = 0x088;      // WO  write n: apply n records from GTT_BATCH_ADDR, all or none
 }  // namespace reg
 
 // Privileged globals in page 1: a guest may not own these. Each is either emulated per
@@ -87,6 +90,7 @@ inline constexpr uint32_t kCapDoorbellIoFd = 1u << 1;
 inline constexpr uint32_t kCapMsix = 1u << 2;
 inline constexpr uint32_t kCapMsi = 1u << 3;
 inline constexpr uint32_t kCapRing = 1u << 4;
+inline constexpr uint32_t kCapGttBatch = 1u << 5;  // GTT_BATCH_ADDR / GTT_BATCH_GO
 
 inline constexpr uint32_t kCtrlRingEnable = 1u << 0;
 inline constexpr uint32_t kCtrlKnownBits = kCtrlRingEnable;
@@ -104,6 +108,9 @@ inline constexpr uint32_t kErrSourceMmio = 1;
 inline constexpr uint32_t kErrSourceGtt = 2;
 inline constexpr uint32_t kErrSourceCommand = 3;
 inline constexpr uint32_t kErrSourceRing = 4;
+// A GTT batch (GTT_BATCH_GO): ERR_INFO is the index of the refused record, or
+// kGttBatchWhole when the batch was refused as a whole (count, address, memory).
+inline constexpr uint32_t kErrSourceGttBatch = 5;
 
 // IRQ vectors (MSI-X table entries and MSI vectors alike).
 inline constexpr uint32_t kVectorFence = 0;
@@ -131,6 +138,19 @@ inline constexpr uint64_t kGttWritable = 1u << 1;
 inline constexpr uint64_t kGttAperture = 1u << 2;
 inline constexpr uint64_t kGttFlagMask = 0xFFF;
 inline constexpr uint64_t kGttKnownFlags = kGttValid | kGttWritable | kGttAperture;
+
+// --- GTT batch: one record of the array GTT_BATCH_ADDR points at (guest memory) ---
+// The device copies the whole array once, checks every record as an 8-byte GTT write would
+// be checked, then applies all of them in order, or none (docs/device-spec.md §GTT batch).
+struct GttBatchRecord {
+  uint32_t index;  // GTT entry, < GTT_ENTRIES
+  uint32_t pad;    // must be 0
+  uint64_t entry;  // as written to the GTT window
+};
+static_assert(sizeof(GttBatchRecord) == 16);
+inline constexpr uint32_t kGttBatchMaxRecords = 4096;  // 64 KiB of records per GO
+inline constexpr uint32_t kGttBatchAlign = 16;
+inline constexpr uint32_t kGttBatchWhole = 0xFFFFFFFF;  // ERR_INFO: not about one record
 
 // --- PCI config space layout ---
 inline constexpr uint32_t kConfigSize = 256;

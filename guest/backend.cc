@@ -2,6 +2,12 @@
 
 namespace vg::guest {
 
+Result<> DeviceBackend::WriteGttEntries(std::span<const abi::GttBatchRecord> records) {
+  for (const abi::GttBatchRecord& r : records)
+    VG_TRY(Write64(abi::kGttOffset + r.index * 8, r.entry, /*posted=*/true));
+  return Ok();
+}
+
 Result<ErrorReport> DeviceBackend::ReadError() {
   ErrorReport r;
   VG_TRY_ASSIGN(uint32_t code, Read32(abi::reg::kErrCode));

@@ -31,6 +31,19 @@ class DeviceBackend {
   virtual Result<uint64_t> Read64(uint32_t off) = 0;
   virtual Result<> Write32(uint32_t off, uint32_t v, bool posted = false) = 0;
   virtual Result<> Write64(uint32_t off, uint64_t v, bool posted = false) = 0;
+  // GTT entries as posted 8-byte writes to the GTT window, in order (record.pad ignored).
+  // The default sends them one by one; a backend that can batch posted writes does
+  // (Device: REGION_WRITE_MULTI when the server offered write_multiple). Like any posted
+  // write, a refusal is reported only in the error report.
+  virtual Result<> WriteGttEntries(std::span<const abi::GttBatchRecord> records);
+  // True when a non-posted Write32/Write64 completes only once the device has handled it
+  // and fails with the device's refusal (a vfio-user REGION_WRITE's reply). False for a
+  // real MMIO write, which reports nothing: the driver then reads ERR_COUNT.
+  virtual bool write_reports_refusal() const { return false; }
+  // False when the device cannot read guest RAM without waiting on this side (memory shared
+  // without an fd): the device then refuses a GTT batch (kWouldBlock) and the driver does
+  // not offer it one.
+  virtual bool ram_shared_with_fd() const { return true; }
 
   // Guest RAM the driver may hand to the device: physically contiguous, seen by the device
   // at ram_base() .. ram_base() + ram().size().

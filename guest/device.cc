@@ -1,5 +1,6 @@
 #include "guest/device.h"
 
+#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -130,6 +131,29 @@ Result<uint32_t> Device::Read32(uint32_t off) { return ReadValue<uint32_t>(vu::k
 Result<uint64_t> Device::Read64(uint32_t off) { return ReadValue<uint64_t>(vu::kBar0Region, off); }
 Result<> Device::Write32(uint32_t off, uint32_t v, bool posted) { return WriteValue(vu::kBar0Region, off, v, posted); }
 Result<> Device::Write64(uint32_t off, uint64_t v, bool posted) { return WriteValue(vu::kBar0Region, off, v, posted); }
+// Posted GTT writes: up to kWriteMultiMax (QEMU's VFIO_USER_MULTI_MAX) per REGION_WRITE_MULTI,
+// one message each. The server applies them in order with the same checks as REGION_WRITE;
+// a refused one stops the message there (docs/device-spec.md §GTT, multi-write).
+Result<> Device::WriteGttEntries(std::span<const abi::GttBatchRecord> records) {
+  if (!opts_.write_multi || !client_->caps().write_multiple) return DeviceBackend::WriteGttEntries(records);
+  std::vector<vu::MultiWrite> batch;
+  for (size_t at = 0; at < records.size(); at += vu::kWriteMultiMax) {
+    size_t n = std::min<size_t>(vu::kWriteMultiMax, records.size() - at);
+    batch.clear();
+    for (size_t i = at; i < at + n; ++i) {
+      vu::MultiWrite w;
+      w.region = vu::kBar0Region;
+      w.offset = abi::kGttOffset + uint64_t{records[i].index} * 8;
+      w.data.resize(8);
+      std::memcpy(w.data.data(), &records[i].entry, 8);
+      batch.push_back(std::move(w));
+    }
+    ++messages_;
+    VG_TRY(client_->RegionWriteMulti(batch, /*posted=*/true));
+  }
+  return Ok();
+}
+
 Result<uint32_t> Device::ConfigRead32(uint32_t off) { return ReadValue<uint32_t>(vu::kConfigRegion, off); }
 Result<> Device::ConfigWrite32(uint32_t off, uint32_t v) { return WriteValue(vu::kConfigRegion, off, v, false); }
 

@@ -28,6 +28,9 @@ struct DeviceOptions {
   vfio_user::DmaRwLayout dma_rw_layout = vfio_user::DmaRwLayout::kSpec;
   int timeout_ms = 5000;
   int dma_delay_ms = 0;  // tests: answer each server DMA request this late (a slow client)
+  // Batch posted GTT writes into REGION_WRITE_MULTI when the server offers write_multiple;
+  // false: one REGION_WRITE each (tests, the bench's comparison).
+  bool write_multi = true;
 };
 
 class Device final : public DeviceBackend {
@@ -45,6 +48,9 @@ class Device final : public DeviceBackend {
   Result<uint64_t> Read64(uint32_t off) override;
   Result<> Write32(uint32_t off, uint32_t v, bool posted = false) override;
   Result<> Write64(uint32_t off, uint64_t v, bool posted = false) override;
+  Result<> WriteGttEntries(std::span<const abi::GttBatchRecord> records) override;
+  bool write_reports_refusal() const override { return true; }
+  bool ram_shared_with_fd() const override { return opts_.share_ram_fd; }
   // PCI config space.
   Result<uint32_t> ConfigRead32(uint32_t off);
   Result<> ConfigWrite32(uint32_t off, uint32_t v);

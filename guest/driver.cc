@@ -4,6 +4,8 @@
 
 #include <poll.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <thread>
@@ -91,6 +93,7 @@ Result<> Driver::Init() {
   free_ram_[0] = dev_.ram().size();
   // GPU VA 0 stays unmapped so a null VA always faults.
   free_va_[kPageSize] = (uint64_t{dev_.gtt_entries()} << kPageShift) - kPageSize;
+  VG_TRY(InitGttBatch());
   VG_TRY_ASSIGN(ring_, Alloc(opts_.ring_size, false));
   VG_TRY_ASSIGN(fence_, Alloc(kPageSize, true));
   // A previous driver instance (or a guest that died) may have left the ring running.
@@ -142,33 +145,116 @@ Result<> Driver::WriteGtt(uint32_t index, uint64_t entry) {
   return dev_.Write64(abi::kGttOffset + index * 8, entry, /*posted=*/true);
 }
 
+// The GTT batch array: 64 KiB at the end of guest RAM (so buffers keep the offsets they had
+// before), never GTT-mapped: the device reads it by guest-physical address. Not used when
+// the device cannot read this RAM without waiting on us (shared without an fd), or when the
+// RAM is too small to spare it.
+Result<> Driver::InitGttBatch() {
+  if (!opts_.gtt_batch || !dev_.ram_shared_with_fd()) return Ok();
+  VG_TRY_ASSIGN(uint32_t caps, dev_.Read32(abi::reg::kCaps));
+  if (!(caps & abi::kCapGttBatch)) return Ok();
+  constexpr uint64_t kBytes = uint64_t{abi::kGttBatchMaxRecords} * sizeof(abi::GttBatchRecord);
+  const uint64_t ram = dev_.ram().size();
+  if (ram < 8 * kBytes) return Ok();
+  free_ram_.clear();
+  free_ram_[0] = ram - kBytes;
+  batch_.host = dev_.ram().subspan(ram - kBytes, kBytes);
+  batch_.gpa = Gpa{dev_.ram_base().v + ram - kBytes};
+  batch_.size = ByteSize{kBytes};
+  return dev_.Write64(abi::reg::kGttBatchAddrLo, batch_.gpa.v);
+}
+
+Result<> Driver::ApplyGtt(std::span<const abi::GttBatchRecord> records, bool check) {
+  if (records.empty()) return Ok();
+  if (uses_gtt_batch()) {
+    Result<> r = ApplyGttBatch(records, check);
+    if (r.ok() || r.code() != Errc::kWouldBlock) return r;
+    // The device refused the batch as a whole without changing anything: it cannot read our
+    // RAM without waiting on us. Posted writes from now on.
+    batch_ = GpuBuffer{};
+  }
+  return ApplyGttWrites(records, check);
+}
+
+// One GTT_BATCH_GO per 4096 records: one message each, whatever the page count. Each GO is
+// all or nothing on the device; a refusal names the record (ERR_INFO).
+Result<> Driver::ApplyGttBatch(std::span<const abi::GttBatchRecord> records, bool check) {
+  auto* array = reinterpret_cast<abi::GttBatchRecord*>(batch_.host.data());
+  const size_t cap = batch_.size.v / sizeof(abi::GttBatchRecord);
+  bool readdressed = false;
+  for (size_t at = 0; at < records.size();) {
+    const size_t n = std::min(cap, records.size() - at);
+    std::memcpy(static_cast<void*>(array), records.data() + at, n * sizeof(abi::GttBatchRecord));
+    std::atomic_thread_fence(std::memory_order_release);  // the array before the MMIO write
+    const uint32_t before = dev_.Status32(abi::status::kErrCount);
+    ++counters_.gtt_batches;
+    Result<> w = dev_.Write32(abi::reg::kGttBatchGo, static_cast<uint32_t>(n));
+    bool refused = !w.ok();
+    if (w.ok() && check && !dev_.write_reports_refusal()) {
+      VG_TRY_ASSIGN(uint32_t after, dev_.Read32(abi::reg::kErrCount));
+      refused = after != before;
+    }
+    if (!refused) {
+      at += n;
+      continue;
+    }
+    auto err = dev_.ReadError();
+    if (!err.ok()) return w.ok() ? std::move(err).error() : std::move(w).error();
+    if (err->count == before && !w.ok()) return w;  // not a refusal: the transport failed
+    errors_seen_ = err->count;
+    if (err->source == abi::kErrSourceGttBatch && err->info == abi::kGttBatchWhole && err->addr != batch_.gpa.v &&
+        !readdressed) {
+      // GTT_BATCH_ADDR is not ours any more (a reset returned it to 0): set it again, once.
+      readdressed = true;
+      VG_TRY(dev_.Write64(abi::reg::kGttBatchAddrLo, batch_.gpa.v));
+      continue;
+    }
+    if (err->info == abi::kGttBatchWhole)
+      return MakeError(err->code, "GTT batch of {} records refused as a whole", n);
+    return MakeError(err->code, "GTT batch refused at record {} (GTT[{}] = {:#x}); nothing of it applied",
+                     at + err->info, records[at + std::min<size_t>(err->info, n - 1)].index,
+                     records[at + std::min<size_t>(err->info, n - 1)].entry);
+  }
+  return Ok();
+}
+
+// Posted writes: the backend batches them where it can (REGION_WRITE_MULTI). Each is an
+// independent register write; one read of ERR_COUNT both orders them and says whether any
+// was refused.
+Result<> Driver::ApplyGttWrites(std::span<const abi::GttBatchRecord> records, bool check) {
+  const uint32_t before = dev_.Status32(abi::status::kErrCount);
+  counters_.gtt_writes += records.size();
+  VG_TRY(dev_.WriteGttEntries(records));
+  if (!check) return Ok();
+  VG_TRY_ASSIGN(uint32_t after, dev_.Read32(abi::reg::kErrCount));
+  if (after == before) return Ok();
+  VG_TRY_ASSIGN(auto err, dev_.ReadError());
+  errors_seen_ = after;
+  return MakeError(err.code, "GTT update refused at {:#x} (GTT[{}])", err.addr, err.info);
+}
+
+Result<> Driver::MapRange(GpuVa va, uint64_t first, uint64_t pages, uint64_t flags) {
+  std::vector<abi::GttBatchRecord> records(pages);
+  for (uint64_t p = 0; p < pages; ++p)
+    records[p] = {static_cast<uint32_t>((va.v >> kPageShift) + p), 0, (first + p * kPageSize) | flags};
+  Result<> r = ApplyGtt(records);
+  if (!r.ok()) FreeRange(free_va_, va.v, pages * kPageSize);
+  return r;
+}
+
 Result<GpuVa> Driver::MapPages(Gpa gpa, uint64_t size, bool writable) {
   uint64_t pages = (size + kPageSize - 1) / kPageSize;
   VG_TRY_ASSIGN(GpuVa va, ReserveVa(size));
-  uint32_t before = dev_.Status32(abi::status::kErrCount);
-  for (uint64_t p = 0; p < pages; ++p) {
-    uint64_t entry = (gpa.v + p * kPageSize) | abi::kGttValid | (writable ? abi::kGttWritable : 0);
-    VG_TRY(WriteGtt(static_cast<uint32_t>((va.v >> kPageShift) + p), entry));
-  }
-  // Posted writes report nothing; one read both orders them and tells whether any failed.
-  VG_TRY_ASSIGN(uint32_t after, dev_.Read32(abi::reg::kErrCount));
-  if (after != before) {
-    VG_TRY_ASSIGN(auto err, dev_.ReadError());
-    errors_seen_ = after;
-    return MakeError(err.code, "GTT mapping of {}+{:#x} refused at {:#x}", gpa, size, err.addr);
-  }
+  VG_TRY_CTX(MapRange(va, gpa.v, pages, abi::kGttValid | (writable ? abi::kGttWritable : 0)),
+             "GTT mapping of {}+{:#x}", gpa, size);
   return va;
 }
 
 Result<GpuVa> Driver::MapAperture(uint64_t offset, uint64_t size, bool writable) {
   uint64_t pages = (size + kPageSize - 1) / kPageSize;
   VG_TRY_ASSIGN(GpuVa va, ReserveVa(size));
-  for (uint64_t p = 0; p < pages; ++p) {
-    uint64_t entry = (offset + p * kPageSize) | abi::kGttValid | abi::kGttAperture | (writable ? abi::kGttWritable : 0);
-    VG_TRY(WriteGtt(static_cast<uint32_t>((va.v >> kPageShift) + p), entry));
-  }
-  VG_TRY_ASSIGN(uint32_t errs, dev_.Read32(abi::reg::kErrCount));
-  VG_ERROR_IF(errs != errors_seen_, Errc::kOutOfBounds, "aperture mapping refused");
+  VG_TRY_CTX(MapRange(va, offset, pages, abi::kGttValid | abi::kGttAperture | (writable ? abi::kGttWritable : 0)),
+             "aperture mapping of {:#x}+{:#x}", offset, size);
   return va;
 }
 
@@ -192,8 +278,10 @@ Result<GpuBuffer> Driver::Alloc(uint64_t size, bool writable) {
 
 Result<> Driver::Free(const GpuBuffer& b) {
   uint64_t rounded = (b.size.v + kPageSize - 1) & ~(kPageSize - 1);
-  for (uint64_t p = 0; p < rounded / kPageSize; ++p)
-    VG_TRY(WriteGtt(static_cast<uint32_t>((b.va.v >> kPageShift) + p), 0));
+  std::vector<abi::GttBatchRecord> records(rounded / kPageSize);
+  for (uint64_t p = 0; p < records.size(); ++p) records[p] = {static_cast<uint32_t>((b.va.v >> kPageShift) + p), 0, 0};
+  // Invalid entries are always valid to write: no ERR_COUNT read (as before, posted).
+  VG_TRY(ApplyGtt(records, /*check=*/false));
   FreeRange(free_va_, b.va.v, rounded);
   FreeRange(free_ram_, b.gpa.v - dev_.ram_base().v, rounded);
   return Ok();

@@ -65,6 +65,10 @@ struct DriverOptions {
   // true: publish the tail in the shadow and kick the ioeventfd (one one-way signal);
   // false: write RING_TAIL (a trapped REGION_WRITE round trip).
   bool use_ioeventfd = true;
+  // Update the GTT with one GTT batch (GTT_BATCH_GO, a record array in guest RAM) per
+  // Alloc/Free when the device offers it (CAPS bit 5); false, or not offered: posted GTT
+  // writes, which the backend may batch (REGION_WRITE_MULTI).
+  bool gtt_batch = true;
 };
 
 enum class WaitMode { kIrq, kPoll };
@@ -75,6 +79,8 @@ struct DriverCounters {
   uint64_t doorbells = 0;   // ioeventfd kicks or RING_TAIL writes
   uint64_t interrupts = 0;  // IRQ eventfd wake-ups consumed while waiting
   uint64_t ring_bytes = 0;  // command bytes written to the ring
+  uint64_t gtt_batches = 0;  // GTT_BATCH_GO writes
+  uint64_t gtt_writes = 0;   // GTT entries written through the GTT window
 };
 
 class Driver {
@@ -89,6 +95,12 @@ class Driver {
   Result<GpuVa> MapPages(Gpa gpa, uint64_t size, bool writable);
   Result<GpuVa> MapAperture(uint64_t offset, uint64_t size, bool writable);
   Result<> WriteGtt(uint32_t index, uint64_t entry);
+  // GTT updates the way Alloc/Free make them: one GTT batch per 4096 records when the device
+  // offers it, else posted writes (batched by the backend where it can). `check`: find out
+  // whether the device refused any (an ERR_COUNT read where the write does not say).
+  Result<> ApplyGtt(std::span<const abi::GttBatchRecord> records, bool check = true);
+  bool uses_gtt_batch() const { return batch_.host.size() != 0; }
+  const GpuBuffer& gtt_batch() const { return batch_; }  // the array (tests)
   Result<GpuVa> ReserveVa(uint64_t size);
 
   // Appends FENCE(next seqno) and rings the doorbell. Returns the seqno. Without `irq` the
@@ -109,6 +121,10 @@ class Driver {
  private:
   Driver(DeviceBackend& dev, DriverOptions opts) : dev_(dev), opts_(opts) {}
   Result<> Init();
+  Result<> InitGttBatch();
+  Result<> ApplyGttBatch(std::span<const abi::GttBatchRecord> records, bool check);
+  Result<> ApplyGttWrites(std::span<const abi::GttBatchRecord> records, bool check);
+  Result<> MapRange(GpuVa va, uint64_t first, uint64_t pages, uint64_t flags);
   Result<uint64_t> AllocRange(std::map<uint64_t, uint64_t>& free, uint64_t size);
   void FreeRange(std::map<uint64_t, uint64_t>& free, uint64_t off, uint64_t size);
   Result<> WriteRing(std::span<const uint32_t> dwords);
@@ -120,6 +136,7 @@ class Driver {
   std::map<uint64_t, uint64_t> free_va_;   // GPU VA -> bytes
   GpuBuffer ring_;
   GpuBuffer fence_;  // u64 fence at +0, u32 tail shadow at +64
+  GpuBuffer batch_;  // the GTT batch array (guest RAM, never GTT-mapped); empty: not used
   uint32_t tail_ = 0;
   uint32_t ring_head_ = 0;  // RING_HEAD as last read from the status page (stale is safe)
   uint64_t seq_ = 0;

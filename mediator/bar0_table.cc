@@ -72,9 +72,11 @@ Result<> Vgpu::Impl::RegWrite32(uint32_t off, uint32_t v) {
   if (r->access == Access::kRO)
     return Refuse(abi::kErrSourceMmio, off, v, Error{Errc::kReadOnly, fmt::format("{} is read-only", r->name)});
   if (r->write) {
+    write_fault_.reset();
     Result<> res = (this->*r->write)(v);
     if (!res.ok()) {
       Error e = std::move(res).error();
+      if (write_fault_) return Refuse(write_fault_->source, write_fault_->addr, write_fault_->info, std::move(e));
       e.what = fmt::format("{} <- {:#x}: {}", r->name, v, e.what);
       return Refuse(abi::kErrSourceMmio, off, v, std::move(e));
     }
@@ -116,6 +118,39 @@ Result<> Vgpu::Impl::GttWrite(uint32_t off, std::span<const std::byte> data) {
   Result<> r = gtt_.Write(index, entry, check);
   if (!r.ok()) return Refuse(abi::kErrSourceGtt, entry & ~abi::kGttFlagMask, index, std::move(r).error());
   return Ok();
+}
+
+// --- GTT batch (docs/device-spec.md §GTT batch) ---
+Result<> Vgpu::Impl::WriteGttBatchAddrLo(uint32_t v) {
+  VG_ERROR_IF(!IsAligned(v, abi::kGttBatchAlign), Errc::kMisaligned, "GTT_BATCH_ADDR {:#x} not {}-byte aligned", v,
+              abi::kGttBatchAlign);
+  regs_.gtt_batch_lo = v;
+  return Ok();
+}
+
+// Copy, then check, then use: the array is copied out of guest memory once, into memory of
+// our own, and only that copy is checked and applied; a guest that rewrites its array during
+// or after the write changes nothing. All or nothing: one bad record and no entry changes.
+// Never waits on the guest: the copy is a memcpy from fd-backed memory (sealed, so it cannot
+// SIGBUS); an array in memory shared without an fd would need a DMA_READ round trip to the
+// client, which the loop never waits for, so it is refused (kWouldBlock), not fetched.
+Result<> Vgpu::Impl::WriteGttBatchGo(uint32_t count) {
+  Gpa at{uint64_t{regs_.gtt_batch_hi} << 32 | regs_.gtt_batch_lo};
+  write_fault_ = WriteFault{abi::kErrSourceGttBatch, at.v, abi::kGttBatchWhole};
+  VG_INVALID_IF(count == 0, "GTT batch of 0 records");
+  VG_ERROR_IF(count > abi::kGttBatchMaxRecords, Errc::kLimitExceeded, "GTT batch of {} records (at most {})", count,
+              abi::kGttBatchMaxRecords);
+  VG_TRY(CheckDmaAllowed());  // reading the array is DMA by the function
+  ByteSize bytes{uint64_t{count} * sizeof(abi::GttBatchRecord)};
+  VG_TRY(CheckedEnd(at, bytes));
+  std::vector<abi::GttBatchRecord> records(count);
+  VG_TRY_CTX(dma_.Read(at, std::as_writable_bytes(std::span(records)), vu::DmaWait::kNever),
+             "GTT batch array {}+{:#x}", at, bytes.v);
+  uint32_t bad = 0;
+  auto check = [this](Gpa p, bool w) { return CheckGuestPage(p, w); };
+  Result<> r = gtt_.WriteBatch(records, check, &bad);
+  if (!r.ok()) write_fault_ = WriteFault{abi::kErrSourceGttBatch, records[bad].entry & ~abi::kGttFlagMask, bad};
+  return r;
 }
 
 // --- the BAR0 page table (docs/device-spec.md §BAR0 layout) ---
@@ -236,6 +271,9 @@ const Vgpu::Impl::RegDesc Vgpu::Impl::kRegisters[] = {
     VG_RO(abi::reg::kErrInfo, "ERR_INFO", err_info),
     VG_RO(abi::reg::kErrCount, "ERR_COUNT", err_count),
     VG_WO(abi::reg::kErrClear, "ERR_CLEAR", &Vgpu::Impl::WriteErrClear),
+    VG_RW(abi::reg::kGttBatchAddrLo, "GTT_BATCH_ADDR_LO", gtt_batch_lo, &Vgpu::Impl::WriteGttBatchAddrLo),
+    VG_RW(abi::reg::kGttBatchAddrHi, "GTT_BATCH_ADDR_HI", gtt_batch_hi, nullptr),
+    VG_WO(abi::reg::kGttBatchGo, "GTT_BATCH_GO", &Vgpu::Impl::WriteGttBatchGo),
     VG_REFUSED(abi::priv::kGlobalReset, "GLOBAL_RESET"),
     VG_EMUL(abi::priv::kClockMhz, "CLOCK_MHZ", clock_mhz),
     VG_REFUSED(abi::priv::kGlobalGttBaseLo, "GLOBAL_GTT_BASE_LO"),

@@ -28,6 +28,20 @@ Result<> Gtt::Write(uint32_t index, uint64_t entry, const GuestPageCheck& check)
   return Ok();
 }
 
+Result<> Gtt::WriteBatch(std::span<const abi::GttBatchRecord> records, const GuestPageCheck& check, uint32_t* bad) {
+  for (size_t i = 0; i < records.size(); ++i) {
+    const abi::GttBatchRecord& r = records[i];
+    *bad = static_cast<uint32_t>(i);
+    VG_ERROR_IF(r.index >= entries_.size(), Errc::kOutOfBounds, "record {}: GTT index {} past {}", i, r.index,
+                entries_.size());
+    VG_INVALID_IF(r.pad != 0, "record {}: pad {:#x} is not 0", i, r.pad);
+    VG_TRY_CTX(ValidateEntry(r.entry, check), "record {}: GTT[{}] = {:#x}", i, r.index, r.entry);
+  }
+  // Every record passed: nothing below can fail, so the batch is all or nothing.
+  for (const abi::GttBatchRecord& r : records) entries_[r.index] = r.entry;
+  return Ok();
+}
+
 Result<std::vector<GttSpan>> Gtt::Translate(GpuVa va, ByteSize size, GttAccess access, uint64_t max_spans) const {
   VG_INVALID_IF(size.v == 0, "empty GPU VA range at {}", va);
   VG_TRY_ASSIGN(GpuVa end, CheckedEnd(va, size));

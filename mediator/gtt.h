@@ -4,8 +4,10 @@
 
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <vector>
 
+#include "abi/device.h"
 #include "base/base.h"
 
 namespace vg::mediator {
@@ -41,6 +43,12 @@ class Gtt {
   // kMisaligned, kNotMapped / kAccessDenied (from check), kOutOfBounds (aperture page).
   Result<> ValidateEntry(uint64_t entry, const GuestPageCheck& check) const;
   Result<> Write(uint32_t index, uint64_t entry, const GuestPageCheck& check);
+  // A GTT batch (GTT_BATCH_GO), already copied out of guest memory: every record is checked
+  // as Write checks one entry (index, reserved bits, pad 0, guest page or aperture page),
+  // then all are stored in order; on the first bad record nothing is stored and *bad is its
+  // position. Nothing else caches translations of an entry (the auditor translates at audit
+  // time, plans hold pinned DMA ranges), so storing is all a single write does too.
+  Result<> WriteBatch(std::span<const abi::GttBatchRecord> records, const GuestPageCheck& check, uint32_t* bad);
 
   // Translates [va, va+size) page by page, merging runs that stay contiguous in the
   // same target space. Every page must be valid and, for kWrite, writable. More than

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 
 #include "mediator/auditor.h"
@@ -47,6 +48,7 @@ struct RegState {
            display_enable = 0;
   uint32_t resets = 0;
   uint32_t msix_pending = 0;  // the MSI-X PBA: vectors raised while masked
+  uint32_t gtt_batch_lo = 0, gtt_batch_hi = 0;  // GTT_BATCH_ADDR
 };
 inline constexpr size_t kRegStateDwords = sizeof(RegState) / sizeof(uint32_t);
 static_assert(sizeof(RegState) % sizeof(uint32_t) == 0);
@@ -107,7 +109,8 @@ class Vgpu::Impl {
   uint32_t ReadId() const { return abi::kIdMagic; }
   uint32_t ReadVersion() const { return abi::kAbiVersion; }
   uint32_t ReadCaps() const {
-    return abi::kCapStatusPage | abi::kCapDoorbellIoFd | abi::kCapMsix | abi::kCapMsi | abi::kCapRing;
+    return abi::kCapStatusPage | abi::kCapDoorbellIoFd | abi::kCapMsix | abi::kCapMsi | abi::kCapRing |
+           abi::kCapGttBatch;
   }
   uint32_t ReadApertureLo() const { return static_cast<uint32_t>(cfg_.aperture_size); }
   uint32_t ReadApertureHi() const { return static_cast<uint32_t>(cfg_.aperture_size >> 32); }
@@ -123,6 +126,16 @@ class Vgpu::Impl {
   Result<> RegWrite32(uint32_t off, uint32_t v);
   Result<> CheckGuestPage(Gpa page, bool writable) const;
   Result<> GttWrite(uint32_t off, std::span<const std::byte> data);
+  Result<> WriteGttBatchAddrLo(uint32_t v);
+  Result<> WriteGttBatchGo(uint32_t count);
+  // A write handler whose refusal is not about the MMIO write itself (GTT_BATCH_GO: a record
+  // of the batch) sets this; RegWrite32 then reports it instead of source MMIO.
+  struct WriteFault {
+    uint32_t source;
+    uint64_t addr;
+    uint32_t info;
+  };
+  std::optional<WriteFault> write_fault_;
   // One row of the BAR0 page table: [begin, end) and the handlers that own it. Handlers get
   // the BAR0 offset of an access that lies wholly inside their row.
   struct Bar0Row {

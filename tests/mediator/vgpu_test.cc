@@ -2,7 +2,9 @@
 // (STYLE.md: device state apart from transport).
 #include <doctest.h>
 
+#include <atomic>
 #include <cstring>
+#include <thread>
 
 #include "mediator/mediator.h"
 #include "vfio_user/dma.h"
@@ -434,4 +436,210 @@ TEST_CASE("the GTT latch does not survive a reset, a restore or a disconnect") {
   REQUIRE(Wr32(*v, vu::kBar0Region, abi::kGttOffset + 8, lo).ok());
   REQUIRE(Wr32(*v, vu::kBar0Region, abi::kGttOffset + 12, 0).ok());
   CHECK(Reg(*v, abi::kGttOffset + 8) == lo);
+}
+
+// --- GTT batch (docs/device-spec.md §GTT batch) ---
+namespace {
+struct BatchRig {
+  static constexpr uint64_t kRam = 0x100000, kRamSize = 1 << 20, kRo = 0x400000, kArray = kRam + 0x80000;
+  std::unique_ptr<Vgpu> v = MakeVgpu(1 << 16, 64);
+  Mapping ram;
+  BatchRig() {
+    auto fd = CreateMemFd("ram", ByteSize{kRamSize});
+    REQUIRE(fd.ok());
+    auto m = Mapping::Map(*fd, ByteSize{kRamSize}, 0);
+    REQUIRE(m.ok());
+    ram = std::move(m).value();
+    REQUIRE(v->DmaMap({Gpa{kRam}, ByteSize{kRamSize}, 0, vu::kDmaRead | vu::kDmaWrite}, std::move(fd).value()).ok());
+    auto ro = CreateMemFd("ro", ByteSize{0x10000});
+    REQUIRE(ro.ok());
+    REQUIRE(v->DmaMap({Gpa{kRo}, ByteSize{0x10000}, 0, vu::kDmaRead}, std::move(ro).value()).ok());
+    REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x6).ok());  // memory + bus master: the array is read by DMA
+    REQUIRE(Wr64(*v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, kArray).ok());
+  }
+  abi::GttBatchRecord* array(uint64_t gpa = kArray) {
+    return reinterpret_cast<abi::GttBatchRecord*>(ram.data() + (gpa - kRam));
+  }
+  void Put(std::vector<abi::GttBatchRecord> recs, uint64_t gpa = kArray) {
+    std::memcpy(static_cast<void*>(array(gpa)), recs.data(), recs.size() * sizeof recs[0]);
+  }
+  Result<> Go(uint32_t n) { return Wr32(*v, vu::kBar0Region, abi::reg::kGttBatchGo, n); }
+  uint64_t Entry(uint32_t i) {
+    uint64_t e = 0;
+    REQUIRE(v->RegionRead(vu::kBar0Region, abi::kGttOffset + i * 8, std::as_writable_bytes(std::span(&e, 1))).ok());
+    return e;
+  }
+  std::vector<uint64_t> Gtt() {
+    std::vector<uint64_t> g;
+    for (uint32_t i = 0; i < 64; ++i) g.push_back(Entry(i));
+    return g;
+  }
+};
+constexpr uint64_t kV = abi::kGttValid, kW = abi::kGttWritable, kAp = abi::kGttAperture;
+}  // namespace
+
+TEST_CASE("GTT batch: offered in CAPS; applied in order, all of it") {
+  BatchRig r;
+  CHECK((Reg(*r.v, abi::reg::kCaps) & abi::kCapGttBatch) != 0);
+  CHECK(Reg(*r.v, abi::reg::kGttBatchAddrLo) == BatchRig::kArray);
+  r.Put({{0, 0, 0x101000 | kV | kW}, {1, 0, 0x2000 | kV | kAp}, {2, 0, BatchRig::kRo | kV}, {0, 0, 0x102000 | kV}});
+  REQUIRE(r.Go(4).ok());
+  CHECK(r.Entry(0) == (0x102000 | kV));  // in order: the later record for the same entry wins
+  CHECK(r.Entry(1) == (0x2000 | kV | kAp));
+  CHECK(r.Entry(2) == (BatchRig::kRo | kV));
+  CHECK(Reg(*r.v, abi::reg::kErrCount) == 0);
+  // Entries written as 0 unmap.
+  r.Put({{0, 0, 0}, {1, 0, 0}});
+  REQUIRE(r.Go(2).ok());
+  CHECK(r.Entry(0) == 0);
+  CHECK(r.Entry(1) == 0);
+}
+
+TEST_CASE("GTT batch: one bad record anywhere and nothing changes; the report names the record") {
+  BatchRig r;
+  REQUIRE(Wr64(*r.v, vu::kBar0Region, abi::kGttOffset + 8 * 3, 0x103000 | kV).ok());
+  const std::vector<uint64_t> before = r.Gtt();
+  struct Bad {
+    abi::GttBatchRecord rec;
+    Errc code;
+  };
+  const Bad bads[] = {
+      {{5, 0, 0x900000 | kV}, Errc::kNotMapped},                   // not this guest's memory
+      {{5, 0, BatchRig::kRo | kV | kW}, Errc::kAccessDenied},      // writable into a read-only region
+      {{5, 0, 0x101000 | kV | 0x10}, Errc::kBadFlags},             // reserved bits
+      {{5, 0, 0x101000}, Errc::kBadFlags},                         // invalid but not 0
+      {{5, 0, 0x10000 | kV | kAp}, Errc::kOutOfBounds},            // past the aperture
+      {{64, 0, 0x101000 | kV}, Errc::kOutOfBounds},                // index past GTT_ENTRIES
+      {{5, 7, 0x101000 | kV}, Errc::kInvalidArgument},             // pad not 0
+  };
+  uint32_t errs = 0;
+  for (const Bad& b : bads) {
+    CAPTURE(static_cast<int>(b.code));
+    std::vector<abi::GttBatchRecord> recs;
+    for (uint32_t i = 0; i < 10; ++i) recs.push_back({i, 0, (0x110000 + i * 0x1000) | kV | kW});
+    recs[6] = b.rec;  // in the middle: the five before it were valid
+    r.Put(recs);
+    CHECK(r.Go(10).code() == b.code);
+    CHECK(r.Gtt() == before);
+    CHECK(Reg(*r.v, abi::reg::kErrCode) == static_cast<uint32_t>(b.code));
+    CHECK(Reg(*r.v, abi::reg::kErrSource) == abi::kErrSourceGttBatch);
+    CHECK(Reg(*r.v, abi::reg::kErrInfo) == 6);
+    CHECK(Reg(*r.v, abi::reg::kErrAddrLo) == static_cast<uint32_t>(b.rec.entry & ~abi::kGttFlagMask));
+    CHECK(Reg(*r.v, abi::reg::kErrCount) == ++errs);
+  }
+}
+
+TEST_CASE("GTT batch: the array itself is checked: count, alignment, memory, DMA") {
+  BatchRig r;
+  const std::vector<uint64_t> before = r.Gtt();
+  auto whole = [&](Result<> res, Errc code) {
+    CHECK(res.code() == code);
+    CHECK(Reg(*r.v, abi::reg::kErrCode) == static_cast<uint32_t>(code));
+    CHECK(Reg(*r.v, abi::reg::kErrSource) == abi::kErrSourceGttBatch);
+    CHECK(Reg(*r.v, abi::reg::kErrInfo) == abi::kGttBatchWhole);
+    CHECK(r.Gtt() == before);
+  };
+  std::vector<abi::GttBatchRecord> good(4096, abi::GttBatchRecord{7, 0, 0x101000 | kV});
+  r.Put(good);
+  whole(r.Go(0), Errc::kInvalidArgument);
+  whole(r.Go(abi::kGttBatchMaxRecords + 1), Errc::kLimitExceeded);
+  whole(r.Go(UINT32_MAX), Errc::kLimitExceeded);
+  // Misaligned address: refused at the address write, the old one stays.
+  CHECK(Wr32(*r.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, BatchRig::kArray + 8).code() == Errc::kMisaligned);
+  CHECK(Reg(*r.v, abi::reg::kGttBatchAddrLo) == BatchRig::kArray);
+  // Memory this guest did not map.
+  REQUIRE(Wr64(*r.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, 0x800000).ok());
+  whole(r.Go(1), Errc::kNotMapped);
+  CHECK(Reg(*r.v, abi::reg::kErrAddrLo) == 0x800000);
+  // An array that runs off the end of its DMA region.
+  const uint64_t tail = BatchRig::kRam + BatchRig::kRamSize - 16;
+  r.Put({{7, 0, 0x101000 | kV}}, tail);
+  REQUIRE(Wr64(*r.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, tail).ok());
+  REQUIRE(r.Go(1).ok());  // the last record of the region is fine
+  REQUIRE(Wr64(*r.v, vu::kBar0Region, abi::kGttOffset + 7 * 8, 0).ok());
+  whole(r.Go(2), Errc::kNotMapped);
+  // An address whose array would wrap around.
+  REQUIRE(Wr64(*r.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, ~uint64_t{0xF}).ok());
+  CHECK(r.Go(2).code() != Errc::kOk);
+  CHECK(r.Gtt() == before);
+  // Without bus mastering the function does no DMA.
+  REQUIRE(Wr64(*r.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, BatchRig::kArray).ok());
+  REQUIRE(Wr32(*r.v, vu::kConfigRegion, 0x04, 0x2).ok());
+  whole(r.Go(1), Errc::kDmaDisabled);
+  REQUIRE(Wr32(*r.v, vu::kConfigRegion, 0x04, 0x6).ok());
+  // Memory shared without an fd would need a DMA_READ round trip: refused, never waited for.
+  REQUIRE(r.v->DmaMap({Gpa{0x600000}, ByteSize{0x10000}, 0, vu::kDmaRead | vu::kDmaWrite}, UniqueFd{}).ok());
+  REQUIRE(Wr64(*r.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, 0x600000).ok());
+  whole(r.Go(1), Errc::kWouldBlock);
+  // A reset returns the address to 0.
+  REQUIRE(Wr32(*r.v, vu::kBar0Region, abi::reg::kReset, abi::kResetMagic).ok());
+  CHECK(Reg(*r.v, abi::reg::kGttBatchAddrLo) == 0);
+}
+
+TEST_CASE("GTT batch: copied once; rewriting the array after or during GO changes nothing unchecked") {
+  BatchRig r;
+  r.Put({{0, 0, 0x101000 | kV}, {1, 0, 0x102000 | kV}});
+  REQUIRE(r.Go(2).ok());
+  // After GO: the device kept no pointer into the array.
+  r.Put({{0, 0, 0x900000 | kV}, {1, 0, 0x105000 | kV}});
+  CHECK(r.Entry(0) == (0x101000 | kV));
+  CHECK(r.Entry(1) == (0x102000 | kV));
+  // During GO: another thread flips a record between a valid entry and one into memory the
+  // guest never mapped. Whatever the copy caught, only a checked copy is applied: the GTT
+  // never holds the unmapped page, and a GO either applies the valid one or refuses.
+  auto* rec = r.array();
+  rec[0] = {0, 0, 0x101000 | kV};
+  rec[1] = {1, 0, 0x102000 | kV};
+  std::atomic<bool> stop{false};
+  std::thread flipper([&] {
+    uint64_t* e = &rec[1].entry;
+    for (uint64_t i = 0; !stop.load(std::memory_order_relaxed); ++i)
+      __atomic_store_n(e, (i & 1) ? (0x900000 | kV) : (0x102000 | kV), __ATOMIC_RELAXED);
+  });
+  int applied = 0, refused = 0;
+  for (int i = 0; i < 2000; ++i) {
+    Result<> g = r.Go(2);
+    if (g.ok()) {
+      ++applied;
+    } else {
+      CHECK(g.code() == Errc::kNotMapped);
+      CHECK(Reg(*r.v, abi::reg::kErrInfo) == 1);
+      ++refused;
+    }
+    CHECK(r.Entry(1) == (0x102000 | kV));
+  }
+  stop = true;
+  flipper.join();
+  CHECK(applied + refused == 2000);
+}
+
+TEST_CASE("GTT batch: another vGPU's memory is not this one's, as array or as target") {
+  BatchRig a;
+  auto b = MakeVgpu(1 << 16, 64);
+  auto fd = CreateMemFd("b-ram", ByteSize{1 << 20});
+  REQUIRE(fd.ok());
+  auto bmap = Mapping::Map(*fd, ByteSize{1 << 20}, 0);
+  REQUIRE(bmap.ok());
+  REQUIRE(b->DmaMap({Gpa{0x2000000}, ByteSize{1 << 20}, 0, vu::kDmaRead | vu::kDmaWrite}, std::move(fd).value()).ok());
+  abi::GttBatchRecord valid{0, 0, 0x101000 | kV};
+  std::memcpy(bmap->data(), &valid, sizeof valid);
+  // The array at an address only B mapped.
+  REQUIRE(Wr64(*a.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, 0x2000000).ok());
+  CHECK(a.Go(1).code() == Errc::kNotMapped);
+  CHECK(a.Entry(0) == 0);
+  // A record whose page only B mapped.
+  REQUIRE(Wr64(*a.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, BatchRig::kArray).ok());
+  a.Put({{0, 0, 0x101000 | kV}, {1, 0, 0x2000000 | kV}});
+  CHECK(a.Go(2).code() == Errc::kNotMapped);
+  CHECK(Reg(*a.v, abi::reg::kErrInfo) == 1);
+  CHECK(a.Entry(0) == 0);
+  CHECK(Reg(*b, abi::reg::kErrCount) == 0);
+}
+
+TEST_CASE("GTT batch registers survive a snapshot and restore") {
+  BatchRig r;
+  DeviceSnapshot s = r.v->Snapshot();
+  REQUIRE(Wr64(*r.v, vu::kBar0Region, abi::reg::kGttBatchAddrLo, 0x200000).ok());
+  REQUIRE(r.v->Restore(s).ok());
+  CHECK(Reg(*r.v, abi::reg::kGttBatchAddrLo) == BatchRig::kArray);
 }

@@ -384,6 +384,9 @@ int main(int argc, char** argv) {
   app.add_option("--csv", csv_file, "also write the CSV here");
   app.add_option("--qemu", qemu, "qemu-system-x86_64 with vfio-user-pci, for mediated-qemu (default: $VGPUD_QEMU)");
   app.add_option("--qemu-firmware", qemu_firmware, "QEMU's -L firmware dir (default: $VGPUD_QEMU_FIRMWARE)");
+  std::string gtt = "batch";
+  app.add_option("--gtt", gtt, "mediated paths: GTT updates by batch, multi (REGION_WRITE_MULTI) or per-entry")
+      ->capture_default_str();
   int lifecycle_cycles = 0, idle_workers = -1;
   app.add_option("--lifecycle-cycles", lifecycle_cycles,
                  "lifecycle: measured start/stop cycles after 3 warm-up ones (default 5 smoke, 30 quick, 100 full)");
@@ -481,7 +484,7 @@ int main(int argc, char** argv) {
     return 3;
   }
   const DaemonProc& d = **daemon;
-  PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram, qemu, qemu_firmware};
+  PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram, qemu, qemu_firmware, gtt};
   auto factory = [&](const std::string& name, int) {
     PathConfig c = base;
     if (auto it = guest_of.find(name); it != guest_of.end()) c.socket = d.Socket(it->second);

@@ -146,8 +146,12 @@ Result<std::unique_ptr<Path>> MakeClientPath(const PathConfig& c, std::string na
   DeviceOptions o;
   o.socket = c.socket;
   o.ram_size = c.guest_ram;
+  VG_INVALID_IF(c.gtt != "batch" && c.gtt != "multi" && c.gtt != "per-entry", "--gtt {} is not batch, multi or per-entry",
+                c.gtt);
+  o.write_multi = c.gtt != "per-entry";
   VG_TRY_ASSIGN(auto dev, Device::Open(o));
   DriverOptions d;
+  d.gtt_batch = c.gtt == "batch";
   d.ring_size = 256 << 10;  // 4096 FILL commands in one submission
   d.use_ioeventfd = ioeventfd;
   VG_TRY_ASSIGN(auto drv, Driver::Create(*dev, d));

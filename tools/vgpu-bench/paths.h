@@ -72,6 +72,10 @@ struct PathConfig {
   uint64_t guest_ram = 256ull << 20;  // mediated: guest RAM shared with the vGPU
   std::string qemu;                   // mediated-qemu: qemu-system-x86_64 with vfio-user-pci
   std::string qemu_firmware;          // mediated-qemu: its -L directory ("" : built in)
+  // mediated, mediated-mmio: how the driver updates the GTT. batch: GTT_BATCH_GO when the
+  // device offers it (the default); multi: posted writes batched into REGION_WRITE_MULTI;
+  // per-entry: one posted REGION_WRITE per entry (the F12 study's baseline).
+  std::string gtt = "batch";
 };
 
 Result<std::unique_ptr<Path>> MakeNativePath(const PathConfig& c);
