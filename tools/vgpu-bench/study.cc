@@ -42,6 +42,23 @@ double ProcessCpuUs(pid_t pid) {
   return ns / 1e3;
 }
 
+// The daemon's CPU: the supervisor and its children, the per-vGPU workers (docs/isolation.md)
+// that do the device's work since F13. A child's threads count while it lives, which every
+// worker of a run does.
+double DaemonCpuUs(pid_t pid) {
+  double us = ProcessCpuUs(pid);
+  std::string dir = fmt::format("/proc/{}/task", pid);
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return us;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream f(dir + "/" + e->d_name + "/children");
+    for (pid_t child = 0; f >> child;) us += ProcessCpuUs(child);
+  }
+  ::closedir(d);
+  return us;
+}
+
 struct SizePlan {
   int iters;
   std::vector<double> kernel_us;      // spin kernel targets
@@ -264,7 +281,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
         Path& path = *live[p];
         pid_t host = path.host_pid();
         const pid_t vmm = path.vmm_pid();
-        double host0 = host ? ProcessCpuUs(host) : 0, self0 = SelfCpuUs(), vmm0 = vmm ? ProcessCpuUs(vmm) : 0;
+        double host0 = host ? DaemonCpuUs(host) : 0, self0 = SelfCpuUs(), vmm0 = vmm ? ProcessCpuUs(vmm) : 0;
         Crossings c0 = path.crossings();
         std::vector<double> rs;
         uint32_t per = w.stream ? w.stream : 1;
@@ -280,7 +297,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
         }
         Crossings c1 = path.crossings();
         double self = SelfCpuUs() - self0 + (vmm ? ProcessCpuUs(vmm) - vmm0 : 0);
-        host_cpu[p] += host ? ProcessCpuUs(host) - host0 : self;
+        host_cpu[p] += host ? DaemonCpuUs(host) - host0 : self;
         guest_cpu[p] += host ? self : 0;
         Crossings& acc = cross[p];
         acc.messages += c1.messages - c0.messages;
