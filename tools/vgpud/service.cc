@@ -322,7 +322,8 @@ struct ServiceOps {
     }
     if (i.active) {
       j["remoting_socket"] = s.sup_.workers().RemotingSocketPath(u);
-      if (auto w = s.sup_.workers().Status(u)) {
+      // Counters of now: the worker answers a ping within 250 ms or the last heartbeat's are shown.
+      if (auto w = s.sup_.workers().Status(u, 250)) {
         j["worker"] = WorkerJson(*w, s.sup_.workers().policy());
         if (w->counters) j["counters"] = CountersJson(*w->counters);
         if (w->state != "running") j["state"] = w->state;  // starting, restarting, failed

@@ -402,6 +402,7 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       w.last_pong = Clock::now();
       w.consecutive_failures = 0;
       w.status.counters = r.values;
+      w.status.pong_seq = r.seq;
       break;
     default:
       return Kill(w, fmt::format("sent a record it may not send (kind {})", static_cast<uint32_t>(r.kind)),
@@ -627,11 +628,35 @@ void WorkerPool::Publish(const Worker& w) {
   s.state = std::string(Worker::StateName(w.state));
   s.pid = w.pid;
   if (w.state == Worker::State::kRunning) s.last_heartbeat = w.last_pong;
-  std::lock_guard lk(snap_mu_);
-  snaps_[w.spec.uuid] = std::move(s);
+  {
+    std::lock_guard lk(snap_mu_);
+    snaps_[w.spec.uuid] = std::move(s);
+  }
+  snap_cv_.notify_all();
 }
 
-std::optional<WorkerStatus> WorkerPool::Status(const Uuid& uuid) const {
+std::optional<WorkerStatus> WorkerPool::Status(const Uuid& uuid, int fresh_ms) {
+  if (fresh_ms > 0 && !loop_.OnLoopThread()) {
+    // A ping now (unless one is out already); the loop never waits for its answer, we do.
+    auto asked = loop_.Call<uint64_t>([&]() -> Result<uint64_t> {
+      auto it = workers_.find(uuid);
+      if (it == workers_.end()) return uint64_t{0};
+      Worker& w = *it->second;
+      if (w.state != Worker::State::kRunning || !w.channel.Valid() || w.kill_reason) return uint64_t{0};
+      if (!w.pinged && ch::Send(w.channel.Get(), ch::Make(ch::Kind::kPing, w.ping_seq + 1))) {
+        ++w.ping_seq;
+        w.pinged = true;
+      }
+      return w.pinged ? w.ping_seq : uint64_t{0};
+    });
+    if (asked.ok() && *asked != 0) {
+      std::unique_lock lk(snap_mu_);
+      snap_cv_.wait_for(lk, std::chrono::milliseconds(fresh_ms), [&] {
+        auto it = snaps_.find(uuid);
+        return it == snaps_.end() || it->second.pong_seq >= *asked;
+      });
+    }
+  }
   WorkerStatus s;
   {
     std::lock_guard lk(snap_mu_);

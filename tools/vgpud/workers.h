@@ -13,6 +13,7 @@
 
 #include <array>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <filesystem>
@@ -81,6 +82,7 @@ struct WorkerStatus {
   int64_t last_end_unix_ms = 0;
   std::optional<uint64_t> heartbeat_age_ms;  // since the last pong, while running
   std::chrono::steady_clock::time_point last_heartbeat;
+  uint64_t pong_seq = 0;  // the ping the counters answer
   std::optional<std::array<uint64_t, 16>> counters;  // the last pong's (channel::Counter)
   uint64_t start_latency_us = 0;  // spawn to Ready, the last start
   // Limits as applied, and usage as the supervisor reads it from /proc (never the worker).
@@ -112,7 +114,10 @@ class WorkerPool {
   Result<> Stop(const Uuid& uuid);
   // Test builds' workers act on it (docs/isolation.md); others log it.
   Result<> Fault(const Uuid& uuid, channel::Fault f);
-  std::optional<WorkerStatus> Status(const Uuid& uuid) const;
+  // The pool's snapshot plus /proc. fresh_ms > 0: first asks a running worker for a pong
+  // and waits for it at most that long (never from the loop thread), so the counters are
+  // the worker's of now, not of the last heartbeat; past the bound, the last ones.
+  std::optional<WorkerStatus> Status(const Uuid& uuid, int fresh_ms = 0);
   // Shutdown, after the loop has exited: every worker stopped and reaped (bounded).
   void StopAll();
   // Workers asked to stop that did not exit 0 (crashed on the way out, a sanitizer
@@ -157,6 +162,7 @@ class WorkerPool {
   std::vector<std::unique_ptr<Worker>> stopping_;     // loop thread: stopped, not yet reaped
   uint64_t unclean_stops_ = 0;  // loop thread
   mutable std::mutex snap_mu_;
+  std::condition_variable snap_cv_;  // a snapshot changed
   std::map<Uuid, WorkerStatus> snaps_;  // under snap_mu_
 };
 
