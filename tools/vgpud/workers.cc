@@ -241,15 +241,13 @@ Result<> WorkerPool::BeginStart(const WorkerSpec& spec, std::shared_ptr<Waiter> 
     l.cpu_max_percent = policy_.cpu_percent;
     auto slot = cgroups_->CreateSlot("vgpu-" + spec.uuid.ToString(), l);
     if (!slot) {
-      ::unlink(w->vfio_path.c_str());
-      ::unlink(w->remoting_path.c_str());
+      CloseSockets(*w);
       return std::move(slot).error();
     }
     w->cgroup = std::make_unique<sandbox::CgroupSlot>(std::move(slot).value());
   }
   if (auto r = Spawn(*w); !r) {
-    ::unlink(w->vfio_path.c_str());
-    ::unlink(w->remoting_path.c_str());
+    CloseSockets(*w);
     return r;
   }
   Worker& ref = *w;
@@ -353,12 +351,17 @@ void WorkerPool::OnHeartbeat(int, short, void* arg) {
     // One ping outstanding at a time: a worker that answers slower than the heartbeat still
     // gets credit for each answer, and only silence for watchdog_ms counts. A full queue (a
     // worker that does not read) is not an error by itself: the missing pongs are.
-    if (w.pinged) continue;
-    if (ch::Send(w.channel.Get(), ch::Make(ch::Kind::kPing, w.ping_seq + 1))) {
-      ++w.ping_seq;
-      w.pinged = true;
-    }
+    (void)self->Ping(w);
   }
+}
+
+// One ping outstanding at a time; false when none is (the channel's queue was full).
+bool WorkerPool::Ping(Worker& w) {
+  if (!w.pinged && ch::Send(w.channel.Get(), ch::Make(ch::Kind::kPing, w.ping_seq + 1))) {
+    ++w.ping_seq;
+    w.pinged = true;
+  }
+  return w.pinged;
 }
 
 void WorkerPool::OnChannel(int fd, short, void* arg) {
@@ -442,8 +445,7 @@ void WorkerPool::OnExit(Worker& w) {
     w.waiter->Set(MakeError(Errc::kDeviceLost, "worker for {} {}", w.spec.uuid, reason));
     w.waiter.reset();
     const Uuid u = w.spec.uuid;
-    ::unlink(w.vfio_path.c_str());
-    ::unlink(w.remoting_path.c_str());
+    CloseSockets(w);
     workers_.erase(u);
     std::lock_guard lk(snap_mu_);
     snaps_.erase(u);
@@ -493,13 +495,18 @@ void WorkerPool::OnRestart(int, short, void* arg) {
 void WorkerPool::Fail(Worker& w) {
   w.state = Worker::State::kFailed;
   // Nobody serves the sockets any more: a guest must be refused, not queued forever.
+  CloseSockets(w);
+  VG_LOGE("worker for {}: left failed ({} policy, {} restarts within {} s); `vgpuctl stop` then `start` to retry",
+          w.spec.uuid, RestartPolicyName(policy_.restart), w.restart_times.size(), policy_.restart_window_s);
+  Publish(w);
+}
+
+// New connections are refused at once (a queued guest would wait for nobody).
+void WorkerPool::CloseSockets(Worker& w) {
   ::unlink(w.vfio_path.c_str());
   ::unlink(w.remoting_path.c_str());
   w.vfio_listen = UniqueFd();
   w.remoting_listen = UniqueFd();
-  VG_LOGE("worker for {}: left failed ({} policy, {} restarts within {} s); `vgpuctl stop` then `start` to retry",
-          w.spec.uuid, RestartPolicyName(policy_.restart), w.restart_times.size(), policy_.restart_window_s);
-  Publish(w);
 }
 
 void WorkerPool::Forget(Worker& w) {
@@ -514,31 +521,36 @@ void WorkerPool::Forget(Worker& w) {
 
 // ---- stop -----------------------------------------------------------------------------------
 
+// Out of the pool: sockets closed, no restart, a waiting start failed, and the process (if
+// one runs) asked to stop and moved to stopping_. Null when nothing runs.
+WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
+  auto it = workers_.find(uuid);
+  std::unique_ptr<Worker> w = std::move(it->second);
+  workers_.erase(it);
+  {
+    std::lock_guard lk(snap_mu_);
+    snaps_.erase(uuid);
+  }
+  CloseSockets(*w);
+  if (w->restart_ev) event_free(w->restart_ev);
+  w->restart_ev = nullptr;
+  if (w->waiter) w->waiter->Set(MakeError(Errc::kBadState, "vGPU {} was stopped while starting", uuid));
+  w->waiter.reset();
+  if (w->pid <= 0) return nullptr;  // failed or between restarts: nothing runs
+  w->state = Worker::State::kStopping;
+  ::kill(w->pid, SIGTERM);
+  stopping_.push_back(std::move(w));
+  return stopping_.back().get();
+}
+
 Result<> WorkerPool::Stop(const Uuid& uuid) {
   return loop_.Call<void>([this, uuid]() -> Result<> {
-    auto it = workers_.find(uuid);
-    VG_ERROR_IF(it == workers_.end(), Errc::kNotFound, "vGPU {} has no worker", uuid);
-    std::unique_ptr<Worker> w = std::move(it->second);
-    workers_.erase(it);
-    {
-      std::lock_guard lk(snap_mu_);
-      snaps_.erase(uuid);
+    VG_ERROR_IF(workers_.count(uuid) == 0, Errc::kNotFound, "vGPU {} has no worker", uuid);
+    if (Worker* w = Retire(uuid)) {
+      w->stop_ev = evtimer_new(base_, &WorkerPool::OnStopDeadline, w);
+      const timeval tv = Tv(policy_.stop_grace_ms);
+      if (w->stop_ev) evtimer_add(w->stop_ev, &tv);
     }
-    ::unlink(w->vfio_path.c_str());
-    ::unlink(w->remoting_path.c_str());
-    w->vfio_listen = UniqueFd();
-    w->remoting_listen = UniqueFd();
-    if (w->restart_ev) event_free(w->restart_ev);
-    w->restart_ev = nullptr;
-    if (w->waiter) w->waiter->Set(MakeError(Errc::kBadState, "vGPU {} was stopped while starting", uuid));
-    w->waiter.reset();
-    if (w->pid <= 0) return Ok();  // failed or between restarts: nothing runs
-    w->state = Worker::State::kStopping;
-    ::kill(w->pid, SIGTERM);
-    w->stop_ev = evtimer_new(base_, &WorkerPool::OnStopDeadline, w.get());
-    const timeval tv = Tv(policy_.stop_grace_ms);
-    if (w->stop_ev) evtimer_add(w->stop_ev, &tv);
-    stopping_.push_back(std::move(w));
     return Ok();
   });
 }
@@ -583,24 +595,7 @@ void WorkerPool::StopAll() {
   std::vector<Uuid> ids;
   for (const auto& [u, w] : workers_) ids.push_back(u);
   // The loop has exited: LoopTasks runs nothing any more, so this is done inline.
-  for (const Uuid& u : ids) {
-    auto it = workers_.find(u);
-    std::unique_ptr<Worker> w = std::move(it->second);
-    workers_.erase(it);
-    ::unlink(w->vfio_path.c_str());
-    ::unlink(w->remoting_path.c_str());
-    if (w->restart_ev) event_free(w->restart_ev);
-    w->restart_ev = nullptr;
-    if (w->pid > 0) {
-      ::kill(w->pid, SIGTERM);
-      w->state = Worker::State::kStopping;
-      stopping_.push_back(std::move(w));
-    }
-  }
-  {
-    std::lock_guard lk(snap_mu_);
-    snaps_.clear();
-  }
+  for (const Uuid& u : ids) (void)Retire(u);
   const auto deadline = Clock::now() + std::chrono::milliseconds(policy_.stop_grace_ms);
   for (auto& w : stopping_) {
     int status = 0;
@@ -643,11 +638,7 @@ std::optional<WorkerStatus> WorkerPool::Status(const Uuid& uuid, int fresh_ms) {
       if (it == workers_.end()) return uint64_t{0};
       Worker& w = *it->second;
       if (w.state != Worker::State::kRunning || !w.channel.Valid() || w.kill_reason) return uint64_t{0};
-      if (!w.pinged && ch::Send(w.channel.Get(), ch::Make(ch::Kind::kPing, w.ping_seq + 1))) {
-        ++w.ping_seq;
-        w.pinged = true;
-      }
-      return w.pinged ? w.ping_seq : uint64_t{0};
+      return Ping(w) ? w.ping_seq : uint64_t{0};
     });
     if (asked.ok() && *asked != 0) {
       std::unique_lock lk(snap_mu_);

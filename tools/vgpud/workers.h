@@ -142,6 +142,9 @@ class WorkerPool {
   void OnExit(Worker& w);
   void OnRecord(Worker& w, const channel::Record& r);
   void Forget(Worker& w);  // closes the worker's process-side fds and events
+  void CloseSockets(Worker& w);
+  bool Ping(Worker& w);
+  Worker* Retire(const Uuid& uuid);
   void ScheduleRestart(Worker& w);
   void Fail(Worker& w);
   void Publish(const Worker& w);
