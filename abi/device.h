@@ -91,6 +91,10 @@ inline constexpr uint32_t kCapMsix = 1u << 2;
 inline constexpr uint32_t kCapMsi = 1u << 3;
 inline constexpr uint32_t kCapRing = 1u << 4;
 inline constexpr uint32_t kCapGttBatch = 1u << 5;  // GTT_BATCH_ADDR / GTT_BATCH_GO
+// The status page's DEVICE_IDLE word is maintained for a guest that kicks through the tail
+// shadow: it may skip the kick while the word reads 0 (docs/device-spec.md, "Idle notify").
+// Nothing to enable; a guest that ignores it and kicks every time is served as before.
+inline constexpr uint32_t kCapIdleNotify = 1u << 6;
 
 inline constexpr uint32_t kCtrlRingEnable = 1u << 0;
 inline constexpr uint32_t kCtrlKnownBits = kCtrlRingEnable;
@@ -128,6 +132,12 @@ inline constexpr uint32_t kDoorbells = 0x18;        // u64 doorbells seen (MMIO 
 inline constexpr uint32_t kSubmissions = 0x20;      // u64 submissions accepted
 inline constexpr uint32_t kScratch = 0x28;          // u32 mirror of reg::kScratch
 inline constexpr uint32_t kResets = 0x2C;           // u32 resets since creation
+// u32: 1 when the device will not look at the tail shadow again on its own (no plan queued or
+// running, or nothing it may read), so a guest that published a tail must kick; 0 while the
+// device is busy and will re-read the shadow when its last plan finishes. Ordering rule:
+// the device stores 1, fences, re-reads the tail; the guest stores its tail, fences, reads
+// this word (docs/device-spec.md, "Idle notify").
+inline constexpr uint32_t kDeviceIdle = 0x30;
 }  // namespace status
 
 // --- GTT entry (u64) ---

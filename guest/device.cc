@@ -17,7 +17,10 @@ Result<std::unique_ptr<Device>> Device::Open(const DeviceOptions& opts) {
   return d;
 }
 
-Device::~Device() = default;
+// The client goes first: its twin-socket thread may be serving a DMA_READ of our RAM (the
+// device re-reads the tail shadow on its own when its work runs out), and must be joined
+// before the RAM mapping it copies from is unmapped.
+Device::~Device() { client_.reset(); }
 
 Result<> Device::ServeDma(bool is_write, Gpa addr, std::span<std::byte> buf) {
   if (opts_.dma_delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(opts_.dma_delay_ms));

@@ -93,7 +93,11 @@ Result<> Driver::Init() {
   free_ram_[0] = dev_.ram().size();
   // GPU VA 0 stays unmapped so a null VA always faults.
   free_va_[kPageSize] = (uint64_t{dev_.gtt_entries()} << kPageShift) - kPageSize;
-  VG_TRY(InitGttBatch());
+  VG_TRY_ASSIGN(uint32_t caps, dev_.Read32(abi::reg::kCaps));
+  VG_TRY(InitGttBatch(caps));
+  // Idle notify is about the shadow: a RING_TAIL doorbell carries its tail and is never
+  // skipped.
+  idle_notify_ = opts_.idle_notify && opts_.use_ioeventfd && (caps & abi::kCapIdleNotify);
   VG_TRY_ASSIGN(ring_, Alloc(opts_.ring_size, false));
   VG_TRY_ASSIGN(fence_, Alloc(kPageSize, true));
   // A previous driver instance (or a guest that died) may have left the ring running.
@@ -149,9 +153,8 @@ Result<> Driver::WriteGtt(uint32_t index, uint64_t entry) {
 // before), never GTT-mapped: the device reads it by guest-physical address. Not used when
 // the device cannot read this RAM without waiting on us (shared without an fd), or when the
 // RAM is too small to spare it.
-Result<> Driver::InitGttBatch() {
+Result<> Driver::InitGttBatch(uint32_t caps) {
   if (!opts_.gtt_batch || !dev_.ram_shared_with_fd()) return Ok();
-  VG_TRY_ASSIGN(uint32_t caps, dev_.Read32(abi::reg::kCaps));
   if (!(caps & abi::kCapGttBatch)) return Ok();
   constexpr uint64_t kBytes = uint64_t{abi::kGttBatchMaxRecords} * sizeof(abi::GttBatchRecord);
   const uint64_t ram = dev_.ram().size();
@@ -316,12 +319,33 @@ Result<> Driver::WriteRing(std::span<const uint32_t> dwords) {
   return Ok();
 }
 
-Result<> Driver::Doorbell() {
-  ++counters_.doorbells;
+// Idle notify lets published work pile up while the device is busy, and the device takes
+// the pile as one span, to which the per-submission bounds apply (16384 commands, ...). So
+// the driver kicks anyway once this many bytes went out unkicked: the loop then takes them
+// at once, in spans no bigger than this plus one submission.
+static constexpr uint32_t kMaxUnkickedBytes = 16 << 10;
+
+Result<> Driver::Doorbell(uint32_t bytes) {
   if (opts_.use_ioeventfd) {
+    // Release: the commands before the tail that announces them.
     __atomic_store_n(reinterpret_cast<uint32_t*>(fence_.host.data() + 64), tail_, __ATOMIC_RELEASE);
+    if (idle_notify_) {
+      unkicked_bytes_ += bytes;
+      // Store the tail, full fence, then read DEVICE_IDLE (Dekker with the device, which
+      // stores idle, fences, then re-reads the tail): without the fence the read could pass
+      // the store, and a device going idle meanwhile would miss the tail and we the kick.
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      const bool idle = dev_.Status32(abi::status::kDeviceIdle) != 0;
+      if (!idle && unkicked_bytes_ <= std::min(kMaxUnkickedBytes, opts_.ring_size / 4)) {
+        ++counters_.doorbells_skipped;
+        return Ok();
+      }
+      unkicked_bytes_ = 0;
+    }
+    ++counters_.doorbells;
     return dev_.Kick();
   }
+  ++counters_.doorbells;
   return dev_.Write32(abi::reg::kRingTail, tail_);
 }
 
@@ -331,7 +355,7 @@ Result<uint64_t> Driver::Submit(const CommandBuilder& cmds, bool irq) {
   CommandBuilder all;
   all.Raw(cmds.dwords()).Fence(fence_.va, seq_ + 1, irq);
   VG_TRY(WriteRing(all.dwords()));
-  VG_TRY(Doorbell());
+  VG_TRY(Doorbell(static_cast<uint32_t>(all.size_bytes())));
   ++counters_.submissions;
   return ++seq_;
 }
@@ -339,7 +363,7 @@ Result<uint64_t> Driver::Submit(const CommandBuilder& cmds, bool irq) {
 Result<> Driver::SubmitRaw(std::span<const uint32_t> dwords) {
   errors_seen_ = dev_.Status32(abi::status::kErrCount);
   VG_TRY(WriteRing(dwords));
-  return Doorbell();
+  return Doorbell(static_cast<uint32_t>(dwords.size() * 4));
 }
 
 Result<> Driver::Wait(uint64_t seq, WaitMode mode, int timeout_ms) {

@@ -69,6 +69,11 @@ struct DriverOptions {
   // Alloc/Free when the device offers it (CAPS bit 5); false, or not offered: posted GTT
   // writes, which the backend may batch (REGION_WRITE_MULTI).
   bool gtt_batch = true;
+  // With the ioeventfd doorbell, kick only when the status page says the device is idle
+  // (DEVICE_IDLE) and otherwise let the device find the tail in the shadow when its work
+  // runs out (CAPS bit 6, docs/device-spec.md "Idle notify"). false, or not offered: kick at
+  // every submission (the ablation, and what a guest that ignores the protocol does).
+  bool idle_notify = true;
 };
 
 enum class WaitMode { kIrq, kPoll };
@@ -77,6 +82,7 @@ enum class WaitMode { kIrq, kPoll };
 struct DriverCounters {
   uint64_t submissions = 0;
   uint64_t doorbells = 0;   // ioeventfd kicks or RING_TAIL writes
+  uint64_t doorbells_skipped = 0;  // kicks left out because the device said it was busy
   uint64_t interrupts = 0;  // IRQ eventfd wake-ups consumed while waiting
   uint64_t ring_bytes = 0;  // command bytes written to the ring
   uint64_t gtt_batches = 0;  // GTT_BATCH_GO writes
@@ -100,6 +106,7 @@ class Driver {
   // whether the device refused any (an ERR_COUNT read where the write does not say).
   Result<> ApplyGtt(std::span<const abi::GttBatchRecord> records, bool check = true);
   bool uses_gtt_batch() const { return batch_.host.size() != 0; }
+  bool uses_idle_notify() const { return idle_notify_; }
   const GpuBuffer& gtt_batch() const { return batch_; }  // the array (tests)
   Result<GpuVa> ReserveVa(uint64_t size);
 
@@ -121,14 +128,14 @@ class Driver {
  private:
   Driver(DeviceBackend& dev, DriverOptions opts) : dev_(dev), opts_(opts) {}
   Result<> Init();
-  Result<> InitGttBatch();
+  Result<> InitGttBatch(uint32_t caps);
   Result<> ApplyGttBatch(std::span<const abi::GttBatchRecord> records, bool check);
   Result<> ApplyGttWrites(std::span<const abi::GttBatchRecord> records, bool check);
   Result<> MapRange(GpuVa va, uint64_t first, uint64_t pages, uint64_t flags);
   Result<uint64_t> AllocRange(std::map<uint64_t, uint64_t>& free, uint64_t size);
   void FreeRange(std::map<uint64_t, uint64_t>& free, uint64_t off, uint64_t size);
   Result<> WriteRing(std::span<const uint32_t> dwords);
-  Result<> Doorbell();
+  Result<> Doorbell(uint32_t bytes);
 
   DeviceBackend& dev_;
   DriverOptions opts_;
@@ -141,6 +148,8 @@ class Driver {
   uint32_t ring_head_ = 0;  // RING_HEAD as last read from the status page (stale is safe)
   uint64_t seq_ = 0;
   uint32_t errors_seen_ = 0;
+  bool idle_notify_ = false;
+  uint32_t unkicked_bytes_ = 0;  // published since the last kick (idle notify)
   DriverCounters counters_;
 };
 

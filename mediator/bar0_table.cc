@@ -23,6 +23,9 @@ Result<> Vgpu::Impl::WriteCtrl(uint32_t v) {
     regs_.ring_head = 0;
     regs_.ring_tail = 0;
   }
+  // Started or stopped, the ring's head and tail are no longer what the shadow last said:
+  // no re-read until the guest kicks again, and idle = 1 so that it does (idle notify).
+  if ((v ^ regs_.ctrl) & abi::kCtrlRingEnable) StopShadowRereads();
   regs_.ctrl = v;
   PublishStatus();
   return Ok();
@@ -263,7 +266,7 @@ const Vgpu::Impl::RegDesc Vgpu::Impl::kRegisters[] = {
     VG_RW(abi::reg::kRingTail, "RING_TAIL", ring_tail, &Vgpu::Impl::WriteRingTail),
     VG_WO(abi::reg::kDoorbellKick, "DOORBELL_KICK", &Vgpu::Impl::WriteKick),
     VG_RW(abi::reg::kTailShadowLo, "TAIL_SHADOW_LO", tail_shadow_lo, &Vgpu::Impl::WriteTailShadowLo),
-    VG_RW(abi::reg::kTailShadowHi, "TAIL_SHADOW_HI", tail_shadow_hi, nullptr),
+    VG_RW(abi::reg::kTailShadowHi, "TAIL_SHADOW_HI", tail_shadow_hi, &Vgpu::Impl::WriteTailShadowHi),
     VG_RO(abi::reg::kErrCode, "ERR_CODE", err_code),
     VG_RO(abi::reg::kErrSource, "ERR_SOURCE", err_source),
     VG_RO(abi::reg::kErrAddrLo, "ERR_ADDR_LO", err_addr_lo),

@@ -22,6 +22,7 @@ void Vgpu::Impl::PublishStatus() {
   Store64(abi::status::kSubmissions, submissions_);
   Store32(abi::status::kScratch, regs_.scratch);
   Store32(abi::status::kResets, regs_.resets);
+  Store32(abi::status::kDeviceIdle, device_idle_ ? 1 : 0);
 }
 
 Error Vgpu::Impl::Refuse(uint32_t source, uint64_t addr, uint32_t info, Error e) {

@@ -233,6 +233,11 @@ void Executor::Loop() {
     if (item.bytes) saturated_ = false;
     running_ = false;
     idle_cv_.notify_all();
+    if (!item.task && hooks_.plan_done) {
+      lk.unlock();
+      hooks_.plan_done();
+      lk.lock();
+    }
   }
 }
 

@@ -50,6 +50,12 @@ struct ExecHooks {
   // Master Enable or entered D3hot since the plan was queued (PCI: no DMA then). An error
   // abandons the rest of the plan and is reported through `fail`. Null: always allowed.
   std::function<Result<>()> may_dma;
+  // Called once each plan has finished (ran, failed, or was cancelled after it started) and
+  // its slot and bytes are released, on the executor thread with no executor lock held, so
+  // it may Enqueue. The device uses it to re-read the guest's tail shadow when it runs out of
+  // work (idle notify, docs/device-spec.md). Not called for plans dropped from the queue by
+  // Cancel, nor for Cancel's tasks. Null: nothing to call.
+  std::function<void()> plan_done;
 };
 
 struct ExecCounters {

@@ -58,6 +58,10 @@ struct VgpuCounters {
   uint64_t plans_executed = 0;
   uint64_t bytes_zero_copy = 0;   // guest bytes the engine used in place
   uint64_t bytes_gathered = 0;    // guest bytes copied through engine buffers
+  // Idle notify: times the device re-read the tail shadow on its own after its last plan
+  // finished, and how many of those found a new tail (submissions no kick announced).
+  uint64_t tail_rereads = 0;
+  uint64_t tail_rereads_found = 0;
 };
 
 class Vgpu : public vfio_user::DeviceBackend {

@@ -3,6 +3,7 @@
 // where guest memory is read, and the rule "copy once, check the copy, use only the copy"
 // must be visible in one short file.
 #include <algorithm>
+#include <atomic>
 
 #include <new>
 
@@ -47,16 +48,26 @@ Result<> Vgpu::Impl::WriteRingTail(uint32_t v) {
   VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "tail {:#x} not dword aligned", v);
   VG_TRY(CheckDmaAllowed());
   regs_.ring_tail = v;
+  // The tail came with the write, not through the shadow: whatever the shadow holds is not
+  // this guest's tail, so the device must not re-read it (idle notify).
+  StopShadowRereads();
   Doorbell();
   return RingPass(false);
 }
 Result<> Vgpu::Impl::WriteKick(uint32_t) {
+  shadow_doorbell_ = true;
   Doorbell();
   return RingPass(true);
 }
 Result<> Vgpu::Impl::WriteTailShadowLo(uint32_t v) {
   VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "TAIL_SHADOW {:#x} not dword aligned", v);
   regs_.tail_shadow_lo = v;
+  StopShadowRereads();  // a moved shadow holds no tail until the guest publishes and kicks
+  return Ok();
+}
+Result<> Vgpu::Impl::WriteTailShadowHi(uint32_t v) {
+  regs_.tail_shadow_hi = v;
+  StopShadowRereads();
   return Ok();
 }
 
@@ -194,6 +205,10 @@ void Vgpu::Impl::ProcessRing() {
     Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error());
     return;
   }
+  // Busy from here: this plan's plan_done needs mu_, which this pass holds, so the word
+  // reads 0 before the plan can finish, and the re-read that 0 promises follows it.
+  ++plans_outstanding_;
+  if (ShadowReadable()) SetIdle(false);
   counters_.commands_audited += commands;
   ++submissions_;
   Store64(abi::status::kSubmissions, submissions_);
@@ -203,6 +218,64 @@ Result<> Vgpu::Impl::CopyRing(uint32_t offset, uint32_t len, std::byte* out) {
   VG_TRY_ASSIGN(uint64_t va, CheckedAdd(RingBase(), offset));
   VG_TRY_ASSIGN(auto spans, gtt_.Translate(GpuVa{va}, ByteSize{len}, GttAccess::kRead));
   return view_.Read(ResolvedRange{GpuVa{va}, ByteSize{len}, false, std::move(spans)}, std::span(out, len));
+}
+
+// --- idle notify (docs/device-spec.md, "Idle notify") ---
+// The guest stores its tail in the shadow, fences, then reads DEVICE_IDLE and kicks only if
+// it reads 1. The device publishes 0 only while a plan is outstanding and the doorbell is
+// the shadow, and when its last plan finishes it stores 1, fences, then re-reads the shadow.
+// Either the guest's read sees that 1 (and it kicks), or the device's re-read sees the tail.
+void Vgpu::Impl::SetIdle(bool idle) {
+  device_idle_ = idle;
+  Store32(abi::status::kDeviceIdle, idle ? 1 : 0);
+}
+
+bool Vgpu::Impl::ShadowReadable() const {
+  return shadow_doorbell_ && (regs_.ctrl & abi::kCtrlRingEnable) && CheckDmaAllowed().ok();
+}
+
+void Vgpu::Impl::StopShadowRereads() {
+  shadow_doorbell_ = false;
+  SetIdle(true);
+}
+
+void Vgpu::Impl::ForgetOutstanding() {
+  plans_outstanding_ = 0;
+  SetIdle(true);
+}
+
+// On the executor thread. Ring passes are serialized by mu_, not by thread (the fetch
+// thread's replay runs them too), and a pass never waits on the guest (GuestFetch), so the
+// re-read runs here rather than waking the loop: the executor has nothing else to do.
+void Vgpu::Impl::OnPlanDone() {
+  std::lock_guard lk(mu_);
+  if (dying_) return;  // fetch_ is gone or going
+  if (plans_outstanding_ > 0) --plans_outstanding_;
+  if (plans_outstanding_ > 0) return;  // a later plan_done settles
+  try {
+    SettleIdle();
+  } catch (const std::bad_alloc&) {  // on the executor thread: nothing above would catch it
+    fetch_.Finish();
+    Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0,
+           Error{Errc::kOutOfMemory, "tail shadow re-read: allocation failed"});
+  }
+}
+
+void Vgpu::Impl::SettleIdle() {
+  if (plans_outstanding_ > 0) return;
+  SetIdle(true);
+  // Store idle, then load the tail (Dekker with the guest's store tail, then load idle):
+  // without the full fence the load could pass the store and both sides miss each other.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // Not the guest's doorbell, or no DMA now: nothing to read; idle = 1 tells it to kick.
+  if (!ShadowReadable()) return;
+  ++counters_.tail_rereads;
+  const uint32_t head = regs_.ring_head;
+  // The same pass a kick runs (copy, audit, queue; a fetch off the loop for fd-less memory),
+  // except that it is not a doorbell and is not counted as one.
+  Result<> r = RingPass(true);
+  if (!r.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
+  if (regs_.ring_head != head) ++counters_.tail_rereads_found;
 }
 
 // --- executor hooks: called from the executor thread ---

@@ -29,7 +29,18 @@ Vgpu::Impl::Impl(const VgpuConfig& cfg, UniqueFd status_fd, Mapping status, Uniq
   PublishStatus();
 }
 
+Vgpu::Impl::~Impl() {
+  std::lock_guard lk(mu_);
+  dying_ = true;
+}
+
 Result<> Vgpu::Impl::CancelAndReset(bool function_level) {
+  {
+    // Before the cancel: the running plan's plan_done must not re-read the shadow of a ring
+    // that is being reset (and queue work from before the reset after it).
+    std::lock_guard lk(mu_);
+    StopShadowRereads();
+  }
   bool deferred = exec_->Cancel([this] {
     std::lock_guard lk(mu_);
     (void)ScrubAperture();
@@ -63,6 +74,11 @@ Result<> Vgpu::Impl::DoReset(bool scrub) {
   ++counters_.resets;
   fetch_.Cancel();  // a ring pass waiting for guest memory belongs to the old ring
   kick_pending_ = false;
+  // The executor was cancelled (or is empty): nothing will report plan_done for the plans it
+  // dropped, and the ring is off. Idle, so a guest never waits for a device that won't look.
+  plans_outstanding_ = 0;
+  shadow_doorbell_ = false;
+  device_idle_ = true;
   if (scrub) VG_TRY(ScrubAperture());
   PublishStatus();
   return Ok();
@@ -117,7 +133,8 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                 [raw]() -> Result<> {
                   std::lock_guard lk(raw->mu_);
                   return raw->CheckDmaAllowed();
-                }});
+                },
+                [raw] { raw->OnPlanDone(); }});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 
@@ -129,6 +146,7 @@ const EventFd& Vgpu::doorbell() const { return impl_->doorbell_; }
 
 void Vgpu::OnDoorbellKick() {
   std::lock_guard lk(impl_->mu_);
+  impl_->shadow_doorbell_ = true;
   impl_->Doorbell();
   // Called from the loop's doorbell event, outside the vfio-user dispatch boundary: an
   // allocation failure in the pass is this vGPU's kOutOfMemory, not the daemon's abort.
@@ -149,6 +167,10 @@ void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(mes
 void Vgpu::OnDisconnect() {
   // The guest is gone: its queued work goes with it, and the running plan stops at its
   // next submission boundary (its pins keep guest memory mapped until then). No wait.
+  {
+    std::lock_guard lk(impl_->mu_);
+    impl_->StopShadowRereads();  // the shadow is in memory that is going away
+  }
   impl_->exec_->Cancel();
   impl_->dma_.Clear();  // out of translation before out of the import cache (as DmaUnmap)
   impl_->exec_->DropImports(Gpa{0}, ByteSize{~0ull});
@@ -156,6 +178,7 @@ void Vgpu::OnDisconnect() {
   impl_->dma_.SetMessenger(nullptr);
   impl_->fetch_.Cancel();
   impl_->kick_pending_ = false;
+  impl_->ForgetOutstanding();
   impl_->irqs_.Clear();
   impl_->gtt_.DropLatch();  // a half-written entry belongs to the connection that wrote it
   // Guest memory is gone with the connection; GTT entries into it would dangle.
@@ -284,6 +307,13 @@ Result<vu::DmaDrain> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
   uint32_t dropped = impl_->gtt_.InvalidateGuestRange(from, size);
   if (dropped) VG_LOGI("vgpu {}: DMA_UNMAP {}+{:#x} invalidated {} GTT entries", impl_->cfg_.uuid, args.iova,
                        args.size.v, dropped);
+  if (cancelled) {
+    // The dropped plans never report plan_done. The guest may have published a tail while
+    // it read idle = 0: settle now (idle = 1, re-read), audited against the GTT as it is
+    // after this unmap, as a kick arriving now would be.
+    impl_->plans_outstanding_ = 0;
+    impl_->SettleIdle();
+  }
   return unmapped;
 }
 
@@ -321,6 +351,10 @@ Result<> Vgpu::Restore(const DeviceSnapshot& s) {
   std::memcpy(static_cast<void*>(&impl_->regs_), s.regs.data(), sizeof(RegState));
   std::copy(s.msix_table.begin(), s.msix_table.end(), impl_->msix_table_.begin());
   std::memcpy(impl_->aperture_.data(), s.aperture.data(), s.aperture.size());
+  // The ring registers may be another ring's now: the guest kicks before the device reads
+  // its shadow again.
+  impl_->shadow_doorbell_ = false;
+  impl_->device_idle_ = true;
   impl_->PublishStatus();
   return Ok();
 }

@@ -78,6 +78,9 @@ class Vgpu::Impl {
 
   Impl(const VgpuConfig& cfg, UniqueFd status_fd, Mapping status, UniqueFd aperture_fd, Mapping aperture,
        EventFd doorbell);
+  // Marks the vGPU dying before its members go: the executor's last plan_done may still run
+  // while exec_ joins, after fetch_ is gone, and must then touch nothing.
+  ~Impl();
 
   // --- error_report.cc: status page and refusals ---
   std::byte* StatusPage() const { return bar0_map_.data() + abi::kStatusPageOffset; }
@@ -110,7 +113,7 @@ class Vgpu::Impl {
   uint32_t ReadVersion() const { return abi::kAbiVersion; }
   uint32_t ReadCaps() const {
     return abi::kCapStatusPage | abi::kCapDoorbellIoFd | abi::kCapMsix | abi::kCapMsi | abi::kCapRing |
-           abi::kCapGttBatch;
+           abi::kCapGttBatch | abi::kCapIdleNotify;
   }
   uint32_t ReadApertureLo() const { return static_cast<uint32_t>(cfg_.aperture_size); }
   uint32_t ReadApertureHi() const { return static_cast<uint32_t>(cfg_.aperture_size >> 32); }
@@ -173,6 +176,7 @@ class Vgpu::Impl {
   Result<> WriteRingTail(uint32_t v);
   Result<> WriteKick(uint32_t);
   Result<> WriteTailShadowLo(uint32_t v);
+  Result<> WriteTailShadowHi(uint32_t v);
   void Doorbell();
   uint64_t RingBase() const { return uint64_t{regs_.ring_base_hi} << 32 | regs_.ring_base_lo; }
   Result<> RingPass(bool shadow);
@@ -185,6 +189,25 @@ class Vgpu::Impl {
   void OnFence(uint64_t value, bool irq);
   void OnLoadReg(uint32_t reg, uint32_t value);
   void OnExecFailure(const Error& e);
+
+  // --- ring.cc: idle notify (docs/device-spec.md, "Idle notify"), all under mu_ ---
+  // The status page's DEVICE_IDLE word. 0 is a promise: the device will re-read the tail
+  // shadow when its last plan finishes. So it is 0 only while a plan is outstanding and the
+  // guest's doorbell is the shadow; every path that breaks either half publishes 1 first.
+  void SetIdle(bool idle);
+  // The guest rang through the shadow (a kick) and the device may read it now (ring enabled,
+  // DMA allowed): the re-read reads what the guest publishes, and nothing else.
+  bool ShadowReadable() const;
+  // The doorbell is no longer the shadow (RING_TAIL written, shadow moved, ring enabled or
+  // disabled, reset, disconnect): stop re-reading it and say so (idle = 1).
+  void StopShadowRereads();
+  // Executor hook: one plan finished. When it was the last one, SettleIdle.
+  void OnPlanDone();
+  // No plan outstanding: publish idle = 1, fence, re-read the tail shadow once and process
+  // a new tail as a kick would (the race-free order; the guest stores, fences, then reads).
+  void SettleIdle();
+  // A cancel dropped queued plans (they never report plan_done): forget them, publish idle.
+  void ForgetOutstanding();
 
   // --- vgpu.cc: reset ---
   // Reset without waiting for the engine (called without mu_): the executor is cancelled
@@ -224,6 +247,13 @@ class Vgpu::Impl {
   bool replay_shadow_ = false;  // what the pass being fetched for reads its tail from
   bool kick_pending_ = false;   // a kick came while a fetch was under way
   bool kick_shadow_ = false;
+  // Idle notify (mu_). Outstanding plans are counted here, not asked of the executor: the
+  // count may only under-state them (a cancel zeroes it while the running plan will still
+  // report), which errs toward publishing idle = 1 and an extra kick, never a lost one.
+  uint32_t plans_outstanding_ = 0;
+  bool shadow_doorbell_ = false;  // the last doorbell was a kick: the shadow holds the tail
+  bool device_idle_ = true;       // what DEVICE_IDLE says
+  bool dying_ = false;
   // Last: destroyed first, while everything they use is still alive (the fetch thread
   // replays into the executor, so it goes first).
   std::unique_ptr<Executor> exec_;

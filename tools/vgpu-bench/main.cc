@@ -387,6 +387,9 @@ int main(int argc, char** argv) {
   std::string gtt = "batch";
   app.add_option("--gtt", gtt, "mediated paths: GTT updates by batch, multi (REGION_WRITE_MULTI) or per-entry")
       ->capture_default_str();
+  bool no_idle_notify = false;
+  app.add_flag("--no-idle-notify", no_idle_notify,
+               "mediated path: kick the doorbell at every submission, ignoring DEVICE_IDLE (the ablation)");
   int lifecycle_cycles = 0, idle_workers = -1;
   app.add_option("--lifecycle-cycles", lifecycle_cycles,
                  "lifecycle: measured start/stop cycles after 3 warm-up ones (default 5 smoke, 30 quick, 100 full)");
@@ -484,7 +487,7 @@ int main(int argc, char** argv) {
     return 3;
   }
   const DaemonProc& d = **daemon;
-  PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram, qemu, qemu_firmware, gtt};
+  PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram, qemu, qemu_firmware, gtt, !no_idle_notify};
   auto factory = [&](const std::string& name, int) {
     PathConfig c = base;
     if (auto it = guest_of.find(name); it != guest_of.end()) c.socket = d.Socket(it->second);

@@ -154,6 +154,7 @@ Result<std::unique_ptr<Path>> MakeClientPath(const PathConfig& c, std::string na
   d.gtt_batch = c.gtt == "batch";
   d.ring_size = 256 << 10;  // 4096 FILL commands in one submission
   d.use_ioeventfd = ioeventfd;
+  d.idle_notify = c.idle_notify;
   VG_TRY_ASSIGN(auto drv, Driver::Create(*dev, d));
   const Device* raw = dev.get();
   return std::unique_ptr<Path>(new MediatedPath(std::move(name), std::move(dev), std::move(drv), c.daemon,

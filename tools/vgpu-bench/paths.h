@@ -76,6 +76,9 @@ struct PathConfig {
   // device offers it (the default); multi: posted writes batched into REGION_WRITE_MULTI;
   // per-entry: one posted REGION_WRITE per entry (the F12 study's baseline).
   std::string gtt = "batch";
+  // mediated: kick only when the device says it is idle (DEVICE_IDLE, the default); false
+  // kicks at every submission (the idle-notify ablation).
+  bool idle_notify = true;
 };
 
 Result<std::unique_ptr<Path>> MakeNativePath(const PathConfig& c);
