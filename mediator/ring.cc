@@ -57,7 +57,9 @@ Result<> Vgpu::Impl::WriteRingTail(uint32_t v) {
 Result<> Vgpu::Impl::WriteKick(uint32_t) {
   shadow_doorbell_ = true;
   Doorbell();
-  return RingPass(true);
+  Result<> r = RingPass(true);
+  AfterShadowPass();
+  return r;
 }
 Result<> Vgpu::Impl::WriteTailShadowLo(uint32_t v) {
   VG_ERROR_IF(!IsAligned(v, 4), Errc::kMisaligned, "TAIL_SHADOW {:#x} not dword aligned", v);
@@ -111,6 +113,7 @@ void Vgpu::Impl::ReplayRing() {
     Result<> k = RingPass(kick_shadow_);
     if (!k.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(k).error());
   }
+  AfterShadowPass();
 }
 
 // A kick carries no value: the tail is read, once, from the guest's tail shadow.
@@ -145,6 +148,10 @@ Result<> Vgpu::Impl::ReadTailShadowAndProcess() {
     return Ok();
   }
   regs_.ring_tail = tail;
+  // A new tail: say busy now, before the copy and the audit, so that the guest's submissions
+  // meanwhile need no kick. The pass is followed by a settle (AfterShadowPass) unless it
+  // queues a plan, whose plan_done settles.
+  if (tail != regs_.ring_head && announce_busy_ && ShadowReadable()) SetIdle(false);
   ProcessRing();
   return Ok();
 }
@@ -251,31 +258,52 @@ void Vgpu::Impl::OnPlanDone() {
   std::lock_guard lk(mu_);
   if (dying_) return;  // fetch_ is gone or going
   if (plans_outstanding_ > 0) --plans_outstanding_;
-  if (plans_outstanding_ > 0) return;  // a later plan_done settles
+  SettleGuarded();
+}
+
+void Vgpu::Impl::AfterShadowPass() {
+  // Said busy (a new tail was announced) but queued nothing: the promise is kept by a settle.
+  // Said idle: nothing was promised; a guest that publishes now reads 1 and kicks.
+  if (!device_idle_) SettleGuarded();
+}
+
+void Vgpu::Impl::SettleGuarded() {
   try {
     SettleIdle();
-  } catch (const std::bad_alloc&) {  // on the executor thread: nothing above would catch it
+  } catch (const std::bad_alloc&) {  // off the dispatch boundary: nothing above would catch it
     fetch_.Finish();
+    SetIdle(true);  // no re-read possible now: the guest's next submission kicks
     Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0,
            Error{Errc::kOutOfMemory, "tail shadow re-read: allocation failed"});
   }
 }
 
 void Vgpu::Impl::SettleIdle() {
-  if (plans_outstanding_ > 0) return;
-  SetIdle(true);
-  // Store idle, then load the tail (Dekker with the guest's store tail, then load idle):
-  // without the full fence the load could pass the store and both sides miss each other.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  // Not the guest's doorbell, or no DMA now: nothing to read; idle = 1 tells it to kick.
-  if (!ShadowReadable()) return;
-  ++counters_.tail_rereads;
-  const uint32_t head = regs_.ring_head;
-  // The same pass a kick runs (copy, audit, queue; a fetch off the loop for fd-less memory),
-  // except that it is not a doorbell and is not counted as one.
-  Result<> r = RingPass(true);
-  if (!r.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
-  if (regs_.ring_head != head) ++counters_.tail_rereads_found;
+  // Each round: store 1, fence, re-read. A round that finds a new tail says busy again
+  // before processing it (ReadTailShadowAndProcess), so a 0 is always followed by another
+  // round: the next one here, or the one the queued plan's plan_done runs.
+  for (int round = 0; round < kSettleRounds; ++round) {
+    // A plan outstanding settles at its plan_done; a fetch under way at its replay.
+    if (plans_outstanding_ > 0 || fetch_.Busy()) return;
+    SetIdle(true);
+    // Store idle, then load the tail (Dekker with the guest's store tail, then load idle):
+    // without the full fence the load could pass the store and both sides miss each other.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    // Not the guest's doorbell, or no DMA now: nothing to read; idle = 1 tells it to kick.
+    if (!ShadowReadable()) return;
+    ++counters_.tail_rereads;
+    const uint32_t head = regs_.ring_head;
+    // The same pass a kick runs (copy, audit, queue; a fetch off the loop for fd-less memory),
+    // except that it is not a doorbell and is not counted as one. The last round does not
+    // say busy first: it leaves 1 standing unless it queues a plan, so a guest that keeps
+    // publishing spans the audit refuses cannot hold this thread and mu_ round after round.
+    announce_busy_ = round + 1 < kSettleRounds;
+    Result<> r = RingPass(true);
+    announce_busy_ = true;
+    if (!r.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
+    if (regs_.ring_head != head) ++counters_.tail_rereads_found;
+    if (device_idle_) return;  // 1 stands, and the shadow was read after it was stored
+  }
 }
 
 // --- executor hooks: called from the executor thread ---

@@ -158,6 +158,7 @@ void Vgpu::OnDoorbellKick() {
     }
   }();
   if (!r.ok()) impl_->Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
+  impl_->AfterShadowPass();
 }
 
 void Vgpu::WaitIdle() { impl_->exec_->WaitIdle(); }
@@ -312,7 +313,7 @@ Result<vu::DmaDrain> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
     // it read idle = 0: settle now (idle = 1, re-read), audited against the GTT as it is
     // after this unmap, as a kick arriving now would be.
     impl_->plans_outstanding_ = 0;
-    impl_->SettleIdle();
+    impl_->SettleGuarded();
   }
   return unmapped;
 }

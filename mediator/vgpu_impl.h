@@ -203,9 +203,15 @@ class Vgpu::Impl {
   void StopShadowRereads();
   // Executor hook: one plan finished. When it was the last one, SettleIdle.
   void OnPlanDone();
-  // No plan outstanding: publish idle = 1, fence, re-read the tail shadow once and process
-  // a new tail as a kick would (the race-free order; the guest stores, fences, then reads).
+  // After a pass that read the shadow (kick, replay): a pass that said busy but queued
+  // nothing settles, so the 0 it published is followed by a re-read.
+  void AfterShadowPass();
+  // No plan outstanding: publish idle = 1, fence, re-read the tail shadow and process a new
+  // tail as a kick would (the race-free order; the guest stores, fences, then reads). At
+  // most kSettleRounds rounds, the last one quiet (see ring.cc).
   void SettleIdle();
+  void SettleGuarded();  // SettleIdle, with an allocation failure reported, not thrown
+  static constexpr int kSettleRounds = 2;
   // A cancel dropped queued plans (they never report plan_done): forget them, publish idle.
   void ForgetOutstanding();
 
@@ -253,6 +259,7 @@ class Vgpu::Impl {
   uint32_t plans_outstanding_ = 0;
   bool shadow_doorbell_ = false;  // the last doorbell was a kick: the shadow holds the tail
   bool device_idle_ = true;       // what DEVICE_IDLE says
+  bool announce_busy_ = true;     // a shadow pass that finds a new tail says 0 before its audit
   bool dying_ = false;
   // Last: destroyed first, while everything they use is still alive (the fetch thread
   // replays into the executor, so it goes first).

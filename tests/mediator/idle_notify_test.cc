@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "mediator/mediator.h"
@@ -359,7 +360,7 @@ TEST_CASE("idle notify: a bad tail found by the re-read is refused by name; the 
 
 TEST_CASE("idle notify: reset, DEVICE_RESET, ring stop, a moved shadow and disconnect leave idle = 1") {
   enum Path { kReset, kDeviceReset, kRingStop, kShadowMoved, kDisconnect, kPaths };
-  const char* names[] = {"RESET", "DEVICE_RESET", "CTRL ring stop", "TAIL_SHADOW write", "disconnect"};
+  const std::string names[] = {"RESET", "DEVICE_RESET", "CTRL ring stop", "TAIL_SHADOW write", "disconnect"};
   for (int path = 0; path < kPaths; ++path) {
     CAPTURE(names[path]);
     Rig r;
