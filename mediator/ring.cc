@@ -229,9 +229,10 @@ Result<> Vgpu::Impl::CopyRing(uint32_t offset, uint32_t len, std::byte* out) {
 
 // --- idle notify (docs/device-spec.md, "Idle notify") ---
 // The guest stores its tail in the shadow, fences, then reads DEVICE_IDLE and kicks only if
-// it reads 1. The device publishes 0 only while a plan is outstanding and the doorbell is
-// the shadow, and when its last plan finishes it stores 1, fences, then re-reads the shadow.
-// Either the guest's read sees that 1 (and it kicks), or the device's re-read sees the tail.
+// it reads 1. The device publishes 0 (while the doorbell is the shadow) when a pass finds a
+// new tail or queues a plan, and every 0 is followed by a settle: once nothing is queued or
+// running, it stores 1, fences, then re-reads the shadow. Either the guest's read sees that 1
+// (and it kicks), or the device's re-read sees the tail.
 void Vgpu::Impl::SetIdle(bool idle) {
   device_idle_ = idle;
   Store32(abi::status::kDeviceIdle, idle ? 1 : 0);

@@ -192,8 +192,9 @@ class Vgpu::Impl {
 
   // --- ring.cc: idle notify (docs/device-spec.md, "Idle notify"), all under mu_ ---
   // The status page's DEVICE_IDLE word. 0 is a promise: the device will re-read the tail
-  // shadow when its last plan finishes. So it is 0 only while a plan is outstanding and the
-  // guest's doorbell is the shadow; every path that breaks either half publishes 1 first.
+  // shadow once nothing is queued or running (SettleIdle). So it is 0 only while the
+  // guest's doorbell is the shadow and a plan is outstanding, or a pass that found a new
+  // tail is under way (it settles after); every path that ends the promise publishes 1.
   void SetIdle(bool idle);
   // The guest rang through the shadow (a kick) and the device may read it now (ring enabled,
   // DMA allowed): the re-read reads what the guest publishes, and nothing else.
