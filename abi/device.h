@@ -128,7 +128,8 @@ inline constexpr uint32_t kStateFlags = 0x04;       // u32 mirror of reg::kStatu
 inline constexpr uint32_t kCompletedFence = 0x08;   // u64 last fence value the device completed
 inline constexpr uint32_t kRingHead = 0x10;         // u32 mirror of reg::kRingHead
 inline constexpr uint32_t kErrCount = 0x14;         // u32 mirror of reg::kErrCount
-inline constexpr uint32_t kDoorbells = 0x18;        // u64 doorbells seen (MMIO + ioeventfd)
+inline constexpr uint32_t kDoorbells = 0x18;        // u64 doorbells seen (MMIO + ioeventfd); stored, then a
+                                                    // fence, before the kick's pass reads the tail shadow
 inline constexpr uint32_t kSubmissions = 0x20;      // u64 submissions accepted
 inline constexpr uint32_t kScratch = 0x28;          // u32 mirror of reg::kScratch
 inline constexpr uint32_t kResets = 0x2C;           // u32 resets since creation

@@ -336,11 +336,19 @@ Result<> Driver::Doorbell(uint32_t bytes) {
       // the store, and a device going idle meanwhile would miss the tail and we the kick.
       std::atomic_thread_fence(std::memory_order_seq_cst);
       const bool idle = dev_.Status32(abi::status::kDeviceIdle) != 0;
-      if (!idle && unkicked_bytes_ <= std::min(kMaxUnkickedBytes, opts_.ring_size / 4)) {
+      // Our last kick is still pending when the device's doorbell count has not moved since
+      // we read it before that kick: the device stores the count (and fences) before its
+      // pass reads the shadow, so that pass will see this tail too. This covers the time
+      // between a kick and the device's wake-up, when DEVICE_IDLE still reads 1.
+      const uint64_t seen = dev_.Status64(abi::status::kDoorbells);
+      const bool kick_pending = kicked_ && seen == kick_mark_;
+      if ((!idle || kick_pending) && unkicked_bytes_ <= std::min(kMaxUnkickedBytes, opts_.ring_size / 4)) {
         ++counters_.doorbells_skipped;
         return Ok();
       }
       unkicked_bytes_ = 0;
+      kicked_ = true;
+      kick_mark_ = seen;
     }
     ++counters_.doorbells;
     return dev_.Kick();

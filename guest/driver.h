@@ -150,6 +150,8 @@ class Driver {
   uint32_t errors_seen_ = 0;
   bool idle_notify_ = false;
   uint32_t unkicked_bytes_ = 0;  // published since the last kick (idle notify)
+  bool kicked_ = false;          // kick_mark_ holds the device's doorbell count before our last kick
+  uint64_t kick_mark_ = 0;
   DriverCounters counters_;
 };
 

@@ -4,6 +4,8 @@
 // must be visible in one short file.
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <optional>
 
 #include <new>
 
@@ -76,6 +78,11 @@ Result<> Vgpu::Impl::WriteTailShadowHi(uint32_t v) {
 void Vgpu::Impl::Doorbell() {
   ++counters_.doorbells;
   Store64(abi::status::kDoorbells, counters_.doorbells);
+  // The count is visible before the pass reads the shadow: a guest that still reads the
+  // count it saw before its kick knows that kick's pass has yet to read the shadow, so a
+  // tail it publishes meanwhile needs no kick of its own (idle notify). Store, full fence,
+  // load, as for DEVICE_IDLE.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
 }
 
 // One pass over the ring: on the loop for a kick (shadow: the tail comes from the tail
@@ -279,13 +286,47 @@ void Vgpu::Impl::SettleGuarded() {
   }
 }
 
+std::optional<uint32_t> Vgpu::Impl::PeekTailShadow() const {
+  uint64_t va = uint64_t{regs_.tail_shadow_hi} << 32 | regs_.tail_shadow_lo;
+  auto spans = gtt_.Translate(GpuVa{va}, ByteSize{4}, GttAccess::kRead);
+  if (!spans.ok() || spans->size() != 1) return std::nullopt;
+  const GttTarget& t = (*spans)[0].target;
+  uint32_t tail = 0;
+  auto out = std::as_writable_bytes(std::span(&tail, 1));
+  if (t.aperture) {
+    if (!RangeWithin(t.page_addr, 4, aperture_.size().v)) return std::nullopt;
+    std::memcpy(out.data(), aperture_.data() + t.page_addr, 4);
+    return tail;
+  }
+  // kNever: memory shared without an fd is not peeked at (no fetch, no wait).
+  if (!dma_.Read(Gpa{t.page_addr}, out, vu::DmaWait::kNever).ok()) return std::nullopt;
+  return tail;
+}
+
 void Vgpu::Impl::SettleIdle() {
-  // Each round: store 1, fence, re-read. A round that finds a new tail says busy again
-  // before processing it (ReadTailShadowAndProcess), so a 0 is always followed by another
-  // round: the next one here, or the one the queued plan's plan_done runs.
+  // Each round: peek while still 0 and take a new tail; else store 1, fence, re-read. A
+  // round that finds a new tail says busy again before processing it
+  // (ReadTailShadowAndProcess), so a 0 is always followed by another round: the next one
+  // here, or the one the queued plan's plan_done runs.
   for (int round = 0; round < kSettleRounds; ++round) {
     // A plan outstanding settles at its plan_done; a fetch under way at its replay.
     if (plans_outstanding_ > 0 || fetch_.Busy()) return;
+    const bool last = round + 1 == kSettleRounds;
+    // Still saying 0: look first. A new tail is taken without a 1 in between, which a
+    // guest submitting at that moment would read as "kick" (a kick for nothing). Only when
+    // the shadow holds no new tail is 1 stored and the shadow read again (the race-free
+    // order). Not in the last round (it must leave 1 standing), and not for memory shared
+    // without an fd (a peek there would be a fetch, and a fetch a round of its own).
+    if (!device_idle_ && !last && ShadowReadable()) {
+      if (std::optional<uint32_t> t = PeekTailShadow(); t && *t != regs_.ring_head) {
+        ++counters_.tail_rereads;
+        const uint32_t head = regs_.ring_head;
+        Result<> r = RingPass(true);
+        if (!r.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());
+        if (regs_.ring_head != head) ++counters_.tail_rereads_found;
+        continue;  // queued: the next round returns; refused: store 1 and look again
+      }
+    }
     SetIdle(true);
     // Store idle, then load the tail (Dekker with the guest's store tail, then load idle):
     // without the full fence the load could pass the store and both sides miss each other.
@@ -298,7 +339,7 @@ void Vgpu::Impl::SettleIdle() {
     // except that it is not a doorbell and is not counted as one. The last round does not
     // say busy first: it leaves 1 standing unless it queues a plan, so a guest that keeps
     // publishing spans the audit refuses cannot hold this thread and mu_ round after round.
-    announce_busy_ = round + 1 < kSettleRounds;
+    announce_busy_ = !last;
     Result<> r = RingPass(true);
     announce_busy_ = true;
     if (!r.ok()) Refuse(abi::kErrSourceRing, abi::reg::kDoorbellKick, 0, std::move(r).error());

@@ -212,6 +212,10 @@ class Vgpu::Impl {
   // most kSettleRounds rounds, the last one quiet (see ring.cc).
   void SettleIdle();
   void SettleGuarded();  // SettleIdle, with an allocation failure reported, not thrown
+  // The tail shadow's value when it can be read at once (fd-backed memory or the aperture),
+  // without side effects; nullopt otherwise. Only decides whether to look before storing 1:
+  // what is processed is read again by the pass (copy, then check).
+  std::optional<uint32_t> PeekTailShadow() const;
   static constexpr int kSettleRounds = 2;
   // A cancel dropped queued plans (they never report plan_done): forget them, publish idle.
   void ForgetOutstanding();
