@@ -117,7 +117,8 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                 [raw]() -> Result<> {
                   std::lock_guard lk(raw->mu_);
                   return raw->CheckDmaAllowed();
-                }});
+                }},
+      ExecOptions{cfg.executor_depth});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 
