@@ -219,7 +219,9 @@ void Executor::WaitIdle() {
 
 bool Executor::Idle() const {
   std::lock_guard lk(mu_);
-  return !running_ && queue_.empty() && retiring_.empty() && plans_open_ == 0;
+  // Plans only: a plan_done hook asking this sees its own plan ended even before the submit
+  // thread has let go of it (running_ may still be set) — and tasks are no guest work.
+  return queue_.empty() && plans_open_ == 0;
 }
 
 ExecCounters Executor::Counters() const {

@@ -121,7 +121,8 @@ class Executor {
   bool Cancel(std::function<void()> after = {});
   // Waits until every plan queued so far has run and retired.
   void WaitIdle();
-  // Nothing queued, running or retiring (a snapshot).
+  // No plan queued, running or retiring (a snapshot; true inside the plan_done hook of the
+  // last plan).
   bool Idle() const;
   // Lock-free snapshot: every counter is an atomic written by the executor thread only.
   ExecCounters Counters() const;
