@@ -238,18 +238,48 @@ void Executor::IfCurrent(uint64_t epoch, Fn&& fn) {
 }
 
 void Executor::PushRetire(Retiring r) {
-  {
-    std::lock_guard lk(mu_);
-    if (r.kind == Retiring::Kind::kSubmission) {
-      ++in_flight_;
-      in_flight_cost_ += r.cost;
-      if (in_flight_ > counters_.max_in_flight.load(std::memory_order_relaxed))
-        counters_.max_in_flight.store(in_flight_, std::memory_order_relaxed);
-    }
-    retiring_.push_back(std::move(r));
+  std::unique_lock lk(mu_);
+  if (r.kind != Retiring::Kind::kSubmission && retiring_.empty()) {
+    // Nothing before it is still retiring: a host op (or a plan's end) completes here, on
+    // the submit thread, one thread hop sooner. Only this thread adds entries, so nothing
+    // can overtake it meanwhile.
     ++retire_seq_;
+    lk.unlock();
+    Retire(r);
+    lk.lock();
+    Finished(r, lk);
+    return;
   }
+  if (r.kind == Retiring::Kind::kSubmission) {
+    ++in_flight_;
+    in_flight_cost_ += r.cost;
+    if (in_flight_ > counters_.max_in_flight.load(std::memory_order_relaxed))
+      counters_.max_in_flight.store(in_flight_, std::memory_order_relaxed);
+  }
+  retiring_.push_back(std::move(r));
+  ++retire_seq_;
+  lk.unlock();
   retire_cv_.notify_one();
+}
+
+void Executor::Finished(const Retiring& r, std::unique_lock<std::mutex>& lk) {
+  std::shared_ptr<PlanState> ended;
+  if (r.kind == Retiring::Kind::kSubmission) {
+    --in_flight_;
+    in_flight_cost_ -= r.cost;
+  } else if (r.kind == Retiring::Kind::kPlanEnd) {
+    charged_bytes_ -= r.plan->bytes;
+    if (r.plan->bytes) saturated_ = false;
+    --plans_open_;
+    ended = r.plan;
+  }
+  ++retired_seq_;
+  idle_cv_.notify_all();
+  if (ended && hooks_.plan_done) {
+    lk.unlock();
+    IfCurrent(ended->epoch, [&] { hooks_.plan_done(); });
+    lk.lock();
+  }
 }
 
 void Executor::Drain() {
@@ -306,24 +336,9 @@ void Executor::RetireLoop() {
     lk.unlock();
     Retire(r);
     lk.lock();
-    std::shared_ptr<PlanState> ended;
-    if (r.kind == Retiring::Kind::kSubmission) {
-      --in_flight_;
-      in_flight_cost_ -= r.cost;
-    } else if (r.kind == Retiring::Kind::kPlanEnd) {
-      charged_bytes_ -= r.plan->bytes;
-      if (r.plan->bytes) saturated_ = false;
-      --plans_open_;
-      ended = r.plan;
-    }
+    Retiring done = std::move(r);
     retiring_.pop_front();
-    ++retired_seq_;
-    idle_cv_.notify_all();
-    if (ended && hooks_.plan_done) {
-      lk.unlock();
-      IfCurrent(ended->epoch, [&] { hooks_.plan_done(); });
-      lk.lock();
-    }
+    Finished(done, lk);
   }
 }
 

@@ -182,6 +182,9 @@ class Executor {
   Result<> Flush(Batch& batch, const std::shared_ptr<PlanState>& ps);
   // Hands an entry to the retire thread (in order).
   void PushRetire(Retiring r);
+  // The bookkeeping after an entry has retired (counts, charges, the plan_done hook); mu_
+  // held on entry and on return.
+  void Finished(const Retiring& r, std::unique_lock<std::mutex>& lk);
   // Waits until everything handed to the retire thread so far has retired.
   void Drain();
   bool HostWritePending(std::span<const Extent> touched) const;  // mu_
