@@ -158,7 +158,9 @@ TEST_CASE("pipelined: a FENCE write is seen by the next plan's COPY of the same 
     REQUIRE_MESSAGE(g.At<uint64_t>(kCopyDstOff) == v * 0x1'0000'0001ull, "round ", v,
                     ": the COPY ran before the FENCE it follows had written its bytes");
   }
-  CHECK(exec.Counters().drains >= 40);
+  // How often B actually had to wait depends on whether A's FILL was still running when B
+  // was submitted (timing); the values above are what must hold either way.
+  MESSAGE("submissions that waited for a pending host write: ", exec.Counters().drains, " of 40");
   std::lock_guard lk(rec.mu);
   CHECK(rec.failures.empty());
 }
