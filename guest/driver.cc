@@ -237,12 +237,31 @@ Result<> Driver::ApplyGttWrites(std::span<const abi::GttBatchRecord> records, bo
 }
 
 Result<> Driver::MapRange(GpuVa va, uint64_t first, uint64_t pages, uint64_t flags) {
-  std::vector<abi::GttBatchRecord> records(pages);
+  // The clears Free left pending go first, in the same update: a VA freed and reused here is
+  // cleared and then mapped anew, in record order.
+  std::vector<abi::GttBatchRecord> records = std::move(pending_clears_);
+  pending_clears_.clear();
+  const size_t clears = records.size();
+  records.resize(clears + pages);
   for (uint64_t p = 0; p < pages; ++p)
-    records[p] = {static_cast<uint32_t>((va.v >> kPageShift) + p), 0, (first + p * kPageSize) | flags};
+    records[clears + p] = {static_cast<uint32_t>((va.v >> kPageShift) + p), 0, (first + p * kPageSize) | flags};
   Result<> r = ApplyGtt(records);
-  if (!r.ok()) FreeRange(free_va_, va.v, pages * kPageSize);
+  if (!r.ok()) {
+    FreeRange(free_va_, va.v, pages * kPageSize);
+    // Nothing of a refused update applied (a batch is all or nothing): the clears stay due.
+    // Posted writes may have applied some of them; clearing twice is harmless.
+    records.resize(clears);
+    pending_clears_ = std::move(records);
+  }
   return r;
+}
+
+Result<> Driver::FlushFrees() {
+  if (pending_clears_.empty()) return Ok();
+  std::vector<abi::GttBatchRecord> records = std::move(pending_clears_);
+  pending_clears_.clear();
+  // Invalid entries are always valid to write: no ERR_COUNT read (posted).
+  return ApplyGtt(records, /*check=*/false);
 }
 
 Result<GpuVa> Driver::MapPages(Gpa gpa, uint64_t size, bool writable) {
@@ -281,10 +300,16 @@ Result<GpuBuffer> Driver::Alloc(uint64_t size, bool writable) {
 
 Result<> Driver::Free(const GpuBuffer& b) {
   uint64_t rounded = (b.size.v + kPageSize - 1) & ~(kPageSize - 1);
-  std::vector<abi::GttBatchRecord> records(rounded / kPageSize);
-  for (uint64_t p = 0; p < records.size(); ++p) records[p] = {static_cast<uint32_t>((b.va.v >> kPageShift) + p), 0, 0};
-  // Invalid entries are always valid to write: no ERR_COUNT read (as before, posted).
-  VG_TRY(ApplyGtt(records, /*check=*/false));
+  const uint64_t pages = rounded / kPageSize;
+  std::vector<abi::GttBatchRecord> records(pages);
+  for (uint64_t p = 0; p < pages; ++p) records[p] = {static_cast<uint32_t>((b.va.v >> kPageShift) + p), 0, 0};
+  if (opts_.lazy_free && pending_clears_.size() + pages <= kMaxPendingClears) {
+    pending_clears_.insert(pending_clears_.end(), records.begin(), records.end());
+  } else {
+    VG_TRY(FlushFrees());
+    // Invalid entries are always valid to write: no ERR_COUNT read (as before, posted).
+    VG_TRY(ApplyGtt(records, /*check=*/false));
+  }
   FreeRange(free_va_, b.va.v, rounded);
   FreeRange(free_ram_, b.gpa.v - dev_.ram_base().v, rounded);
   return Ok();

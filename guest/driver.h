@@ -74,6 +74,13 @@ struct DriverOptions {
   // runs out (CAPS bit 6, docs/device-spec.md "Idle notify"). false, or not offered: kick at
   // every submission (the ablation, and what a guest that ignores the protocol does).
   bool idle_notify = true;
+  // Free clears its GTT entries lazily: with the next GTT update (the next Alloc or
+  // mapping), at FlushFrees(), or at once when kMaxPendingClears would be passed, so an
+  // Alloc/use/Free cycle costs one GTT update, not two (what an OS driver does with lazy
+  // unmapping). Until then the freed pages stay reachable through the old VA, by this
+  // guest's own commands only; its VA and RAM are free for reuse at once (a reused VA is
+  // cleared and mapped in one update, in order). false: Free clears at once.
+  bool lazy_free = true;
 };
 
 enum class WaitMode { kIrq, kPoll };
@@ -97,6 +104,10 @@ class Driver {
   // Guest RAM, page granular and contiguous, mapped at a fresh GPU VA.
   Result<GpuBuffer> Alloc(uint64_t size, bool writable = true);
   Result<> Free(const GpuBuffer& b);
+  // Applies the GTT clears lazy Frees left pending (DriverOptions::lazy_free).
+  Result<> FlushFrees();
+  size_t pending_clears() const { return pending_clears_.size(); }
+  static constexpr size_t kMaxPendingClears = 4096;
   // Raw GTT mappings, for tests that need unusual layouts.
   Result<GpuVa> MapPages(Gpa gpa, uint64_t size, bool writable);
   Result<GpuVa> MapAperture(uint64_t offset, uint64_t size, bool writable);
@@ -144,6 +155,7 @@ class Driver {
   GpuBuffer ring_;
   GpuBuffer fence_;  // u64 fence at +0, u32 tail shadow at +64
   GpuBuffer batch_;  // the GTT batch array (guest RAM, never GTT-mapped); empty: not used
+  std::vector<abi::GttBatchRecord> pending_clears_;  // lazy Frees' GTT clears, not yet applied
   uint32_t tail_ = 0;
   uint32_t ring_head_ = 0;  // RING_HEAD as last read from the status page (stale is safe)
   uint64_t seq_ = 0;

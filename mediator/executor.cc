@@ -54,14 +54,23 @@ struct Executor::Materialized {
   engine::BufferRange range;
   std::shared_ptr<Import> import;  // held until the work completes
   std::optional<ResolvedRange> gathered_from;
+  std::vector<Extent> extents;  // the guest or aperture bytes the engine touches through it
   Executor* owner = nullptr;
   uint64_t charged = 0;
   Materialized() = default;
   Materialized(const Materialized&) = delete;
   Materialized& operator=(const Materialized&) = delete;
   ~Materialized() {
-    if (owner) owner->gather_bytes_ -= charged;
+    if (owner) owner->gather_bytes_.fetch_sub(charged, std::memory_order_acq_rel);
   }
+};
+
+// What one plan's entries share on their way through the submit and retire threads.
+struct Executor::PlanState {
+  uint64_t epoch = 0;
+  uint64_t bytes = 0;  // charged against kMaxQueuedPlanBytes until the plan has ended
+  // Set by the first failure (either thread); the rest of the plan is skipped.
+  std::atomic<bool> failed{false};
 };
 
 // One engine submission being packed, and what it holds until it has run.
@@ -116,14 +125,16 @@ void Executor::DropImports(Gpa gpa, ByteSize size) {
 }
 
 Executor::Executor(engine::Engine* engine, const vu::DmaSpace& dma, std::span<std::byte> aperture,
-                   engine::BufferRef aperture_buffer, ExecHooks hooks)
+                   engine::BufferRef aperture_buffer, ExecHooks hooks, ExecOptions options)
     : engine_(engine),
       dma_(dma),
       view_(dma, aperture),
       aperture_(aperture),
       aperture_buffer_(std::move(aperture_buffer)),
       hooks_(std::move(hooks)),
-      thread_([this] { Loop(); }) {}
+      depth_(std::clamp<uint32_t>(options.depth, 1, kMaxExecutorDepth)),
+      retire_thread_([this] { RetireLoop(); }),
+      thread_([this] { SubmitLoop(); }) {}
 
 Executor::~Executor() {
   {
@@ -136,14 +147,21 @@ Executor::~Executor() {
     queue_.clear();
   }
   cv_.notify_all();
-  thread_.join();  // the running plan stops after its current (bounded) engine submission
+  idle_cv_.notify_all();
+  thread_.join();  // the plan being submitted stops at its next submission boundary
+  {
+    std::lock_guard lk(mu_);
+    retire_stop_ = true;
+  }
+  retire_cv_.notify_all();
+  retire_thread_.join();  // waits for the (bounded) engine submissions in flight
 }
 
 Result<> Executor::Enqueue(Plan plan) {
   uint64_t bytes = PlanBytes(plan);
   {
     std::lock_guard lk(mu_);
-    size_t plans = queue_.size() + (running_ ? 1 : 0);
+    size_t plans = queue_.size() + plans_open_;
     VG_ERROR_IF(plans >= kMaxQueuedPlans, Errc::kLimitExceeded,
                 "executor queue full: {} submissions queued or running (bound {})", plans, kMaxQueuedPlans);
     if (charged_bytes_ + bytes > kMaxQueuedPlanBytes) saturated_ = true;
@@ -159,7 +177,7 @@ Result<> Executor::Enqueue(Plan plan) {
 
 Result<> Executor::Admit() const {
   std::lock_guard lk(mu_);
-  size_t plans = queue_.size() + (running_ ? 1 : 0);
+  size_t plans = queue_.size() + plans_open_;
   VG_ERROR_IF(plans >= kMaxQueuedPlans, Errc::kLimitExceeded,
               "executor queue full: {} submissions queued or running (bound {})", plans, kMaxQueuedPlans);
   VG_ERROR_IF(saturated_, Errc::kLimitExceeded,
@@ -185,7 +203,9 @@ bool Executor::Cancel(std::function<void()> after) {
     // Queued tasks (an earlier reset's scrub) still run: they follow work already running.
     std::erase_if(queue_, [](const Item& it) { return it.plan.has_value(); });
     saturated_ = false;
-    in_flight = running_;
+    in_flight = running_ || !retiring_.empty();
+    // The submit thread drains the retire queue before it runs a task: `after` follows
+    // every engine submission in flight now.
     if (in_flight && after) queue_.push_front(Item{std::nullopt, std::move(after), 0, 0});
   }
   cv_.notify_one();
@@ -194,14 +214,21 @@ bool Executor::Cancel(std::function<void()> after) {
 
 void Executor::WaitIdle() {
   std::unique_lock lk(mu_);
-  idle_cv_.wait(lk, [&] { return !running_ && queue_.empty(); });
+  idle_cv_.wait(lk, [&] { return !running_ && queue_.empty() && retiring_.empty() && plans_open_ == 0; });
+}
+
+bool Executor::Idle() const {
+  std::lock_guard lk(mu_);
+  // Plans only: a plan_done hook asking this sees its own plan ended even before the submit
+  // thread has let go of it (running_ may still be set) — and tasks are no guest work.
+  return queue_.empty() && plans_open_ == 0;
 }
 
 ExecCounters Executor::Counters() const {
   auto ld = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
   return {ld(counters_.plans),           ld(counters_.import_hits),     ld(counters_.import_misses),
           ld(counters_.engine_submissions), ld(counters_.bytes_zero_copy), ld(counters_.bytes_gathered),
-          ld(counters_.plans_cancelled)};
+          ld(counters_.plans_cancelled), ld(counters_.drains),          ld(counters_.max_in_flight)};
 }
 
 template <class Fn>
@@ -210,7 +237,66 @@ void Executor::IfCurrent(uint64_t epoch, Fn&& fn) {
   if (!Cancelled(epoch)) fn();
 }
 
-void Executor::Loop() {
+void Executor::PushRetire(Retiring r) {
+  std::unique_lock lk(mu_);
+  if (r.kind != Retiring::Kind::kSubmission && retiring_.empty()) {
+    // Nothing before it is still retiring: a host op (or a plan's end) completes here, on
+    // the submit thread, one thread hop sooner. Only this thread adds entries, so nothing
+    // can overtake it meanwhile.
+    ++retire_seq_;
+    lk.unlock();
+    Retire(r);
+    lk.lock();
+    Finished(r, lk);
+    return;
+  }
+  if (r.kind == Retiring::Kind::kSubmission) {
+    ++in_flight_;
+    in_flight_cost_ += r.cost;
+    if (in_flight_ > counters_.max_in_flight.load(std::memory_order_relaxed))
+      counters_.max_in_flight.store(in_flight_, std::memory_order_relaxed);
+  }
+  retiring_.push_back(std::move(r));
+  ++retire_seq_;
+  lk.unlock();
+  retire_cv_.notify_one();
+}
+
+void Executor::Finished(const Retiring& r, std::unique_lock<std::mutex>& lk) {
+  std::shared_ptr<PlanState> ended;
+  if (r.kind == Retiring::Kind::kSubmission) {
+    --in_flight_;
+    in_flight_cost_ -= r.cost;
+  } else if (r.kind == Retiring::Kind::kPlanEnd) {
+    charged_bytes_ -= r.plan->bytes;
+    if (r.plan->bytes) saturated_ = false;
+    --plans_open_;
+    ended = r.plan;
+  }
+  ++retired_seq_;
+  idle_cv_.notify_all();
+  if (ended && hooks_.plan_done) {
+    lk.unlock();
+    IfCurrent(ended->epoch, [&] { hooks_.plan_done(); });
+    lk.lock();
+  }
+}
+
+void Executor::Drain() {
+  std::unique_lock lk(mu_);
+  const uint64_t target = retire_seq_;
+  idle_cv_.wait(lk, [&] { return retired_seq_ >= target; });
+}
+
+bool Executor::HostWritePending(std::span<const Extent> touched) const {
+  for (const Retiring& r : retiring_)
+    for (const Extent& w : r.writes)
+      for (const Extent& t : touched)
+        if (w.aperture == t.aperture && RangesOverlap(w.addr, w.size, t.addr, t.size)) return true;
+  return false;
+}
+
+void Executor::SubmitLoop() {
   std::unique_lock lk(mu_);
   for (;;) {
     cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
@@ -218,26 +304,41 @@ void Executor::Loop() {
     Item item = std::move(queue_.front());
     queue_.pop_front();
     running_ = true;
+    if (item.plan) ++plans_open_;
     lk.unlock();
     if (item.task) {
+      Drain();  // after every engine submission in flight when it was queued
       item.task();
     } else {
-      Result<> r = Run(*item.plan, item.epoch);
-      if (!r.ok()) IfCurrent(item.epoch, [&] { hooks_.fail(r.error()); });
-      if (Cancelled(item.epoch)) counters_.plans_cancelled.fetch_add(1, std::memory_order_relaxed);
-      counters_.plans.fetch_add(1, std::memory_order_relaxed);
+      auto ps = std::make_shared<PlanState>();
+      ps->epoch = item.epoch;
+      ps->bytes = item.bytes;
+      if (depth_ == 1) Drain();  // serial: nothing of the previous plan is still running
+      Result<> r = Run(*item.plan, ps);
+      if (!r.ok()) PushRetire(Retiring{Retiring::Kind::kFailure, ps, {}, {}, 0, {}, std::move(r).error(), {}});
       item.plan.reset();  // its memory goes before its charge does
+      PushRetire(Retiring{Retiring::Kind::kPlanEnd, ps, {}, {}, 0, {}, {}, {}});
     }
     lk.lock();
-    charged_bytes_ -= item.bytes;
-    if (item.bytes) saturated_ = false;
     running_ = false;
     idle_cv_.notify_all();
-    if (!item.task && hooks_.plan_done) {
-      lk.unlock();
-      hooks_.plan_done();
-      lk.lock();
-    }
+  }
+}
+
+void Executor::RetireLoop() {
+  std::unique_lock lk(mu_);
+  for (;;) {
+    retire_cv_.wait(lk, [&] { return retire_stop_ || !retiring_.empty(); });
+    if (retiring_.empty()) return;  // stopping, and everything submitted has retired
+    // Retired in place: until it is popped, its host writes still count as pending for
+    // the submit thread's hazard check (references into a deque survive push_back).
+    Retiring& r = retiring_.front();
+    lk.unlock();
+    Retire(r);
+    lk.lock();
+    Retiring done = std::move(r);
+    retiring_.pop_front();
+    Finished(done, lk);
   }
 }
 
@@ -256,39 +357,102 @@ uint64_t CoarseNowNs() {
 Error CancelledError() { return Error{Errc::kBadState, "cancelled (reset, disconnect or stop)"}; }
 }  // namespace
 
-Result<> Executor::Run(Plan& plan, uint64_t epoch) {
+template <class Extent>
+static void AppendExtents(const ResolvedRange& r, std::vector<Extent>& out) {
+  for (const GttSpan& sp : r.spans) out.push_back({sp.target.aperture, sp.target.page_addr, sp.size.v});
+}
+
+Result<> Executor::Run(Plan& plan, const std::shared_ptr<PlanState>& ps) {
   size_t i = 0;
   while (i < plan.ops.size()) {
-    if (Cancelled(epoch)) return CancelledError();
+    if (Cancelled(ps->epoch)) return CancelledError();
+    if (ps->failed.load(std::memory_order_acquire)) return Ok();  // reported by the retire thread
     if (hooks_.may_dma) VG_TRY(hooks_.may_dma());
     if (IsGpuOp(plan.ops[i])) {
       size_t j = i;
       while (j < plan.ops.size() && IsGpuOp(plan.ops[j])) ++j;
-      VG_TRY(RunGpuOps(std::span(plan.ops).subspan(i, j - i), epoch));
+      VG_TRY(RunGpuOps(std::span(plan.ops).subspan(i, j - i), ps));
       i = j;
       continue;
     }
-    PlanOp& op = plan.ops[i++];
-    Result<> r = Ok();
-    if (auto* f = std::get_if<PlanFence>(&op)) {
-      IfCurrent(epoch, [&] {
-        r = view_.Write(f->target, std::as_bytes(std::span(&f->value, 1)));
-        if (r.ok()) hooks_.fence(f->value, f->irq);
-      });
-      VG_TRY_CTX(std::move(r), "FENCE write at {}", f->target.va);
-    } else if (auto* l = std::get_if<PlanLoadReg>(&op)) {
-      IfCurrent(epoch, [&] { hooks_.load_reg(l->reg, l->value); });
-    } else if (auto* t = std::get_if<PlanTimestamp>(&op)) {
-      uint64_t now = CoarseNowNs();
-      IfCurrent(epoch, [&] { r = view_.Write(t->target, std::as_bytes(std::span(&now, 1))); });
-      VG_TRY_CTX(std::move(r), "TIMESTAMP write at {}", t->target.va);
-    }
+    // A host op runs once everything before it has retired; what it writes into guest
+    // memory counts as pending until then.
+    Retiring r{Retiring::Kind::kHostOp, ps, {}, {}, 0, std::move(plan.ops[i++]), {}, {}};
+    if (auto* f = std::get_if<PlanFence>(&*r.op)) AppendExtents(f->target, r.writes);
+    if (auto* t = std::get_if<PlanTimestamp>(&*r.op)) AppendExtents(t->target, r.writes);
+    PushRetire(std::move(r));
   }
   return Ok();
 }
 
-Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& batch, uint64_t epoch) {
+void Executor::Retire(Retiring& r) {
+  PlanState& ps = *r.plan;
+  const uint64_t epoch = ps.epoch;
+  auto fail = [&](const Error& e) {
+    // Only a plan's first failure is reported; the rest of it is skipped.
+    if (!ps.failed.exchange(true, std::memory_order_acq_rel)) IfCurrent(epoch, [&] { hooks_.fail(e); });
+  };
+  switch (r.kind) {
+    case Retiring::Kind::kSubmission: {
+      Result<> ran = r.token->Wait();
+      uint64_t zero_copy = 0, gathered = 0;
+      for (const MatRef& m : r.mats) (m->gathered_from ? gathered : zero_copy) += m->range.size.v;
+      counters_.engine_submissions.fetch_add(1, std::memory_order_relaxed);
+      counters_.bytes_zero_copy.fetch_add(zero_copy, std::memory_order_relaxed);
+      counters_.bytes_gathered.fetch_add(gathered, std::memory_order_relaxed);
+      if (!ran.ok()) {
+        fail(ran.error());
+      } else if (!Cancelled(epoch) && !ps.failed.load(std::memory_order_acquire)) {
+        // Cut at the boundary: a cancelled or failed plan writes nothing more to guest memory.
+        for (const MatRef& m : r.mats) {
+          if (!m->gathered_from || !m->gathered_from->write) continue;
+          if (Result<> w = view_.Write(*m->gathered_from, m->range.buffer->Map()); !w.ok()) {
+            fail(w.error());
+            break;
+          }
+        }
+      }
+      r.mats.clear();  // pins and gather buffers go now: a Drain() waiter counts on it
+      r.token.reset();
+      return;
+    }
+    case Retiring::Kind::kHostOp: {
+      if (Cancelled(epoch) || ps.failed.load(std::memory_order_acquire)) return;
+      // Bus mastering or power may have changed since the op was queued.
+      if (hooks_.may_dma) {
+        if (Result<> ok = hooks_.may_dma(); !ok.ok()) return fail(ok.error());
+      }
+      Result<> res = Ok();
+      if (auto* f = std::get_if<PlanFence>(&*r.op)) {
+        IfCurrent(epoch, [&] {
+          res = view_.Write(f->target, std::as_bytes(std::span(&f->value, 1)));
+          if (res.ok()) hooks_.fence(f->value, f->irq);
+        });
+        if (!res.ok()) fail(Error{res.code(), fmt::format("FENCE write at {}: {}", f->target.va, res.error().what)});
+      } else if (auto* l = std::get_if<PlanLoadReg>(&*r.op)) {
+        IfCurrent(epoch, [&] { hooks_.load_reg(l->reg, l->value); });
+      } else if (auto* t = std::get_if<PlanTimestamp>(&*r.op)) {
+        uint64_t now = CoarseNowNs();
+        IfCurrent(epoch, [&] { res = view_.Write(t->target, std::as_bytes(std::span(&now, 1))); });
+        if (!res.ok())
+          fail(Error{res.code(), fmt::format("TIMESTAMP write at {}: {}", t->target.va, res.error().what)});
+      }
+      return;
+    }
+    case Retiring::Kind::kFailure:
+      if (r.error) fail(*r.error);
+      return;
+    case Retiring::Kind::kPlanEnd:
+      if (Cancelled(epoch)) counters_.plans_cancelled.fetch_add(1, std::memory_order_relaxed);
+      counters_.plans.fetch_add(1, std::memory_order_relaxed);
+      return;
+  }
+}
+
+Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& batch,
+                                               const std::shared_ptr<PlanState>& ps) {
   auto m = std::make_shared<Materialized>();
+  AppendExtents(r, m->extents);
   if (r.spans.size() == 1) {
     const GttSpan& s = r.spans[0];
     if (s.target.aperture && aperture_buffer_) {
@@ -324,46 +488,64 @@ Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& ba
   }
   // Scattered pages or memory shared without an fd: gather into an engine buffer, within
   // the vGPU's gather bound. What the batch packed so far is sent first if that frees room.
-  if (gather_bytes_ + r.size.v > kMaxGatherBytes && !batch.sub.ops.empty()) VG_TRY(Flush(batch, epoch));
-  VG_ERROR_IF(gather_bytes_ + r.size.v > kMaxGatherBytes, Errc::kLimitExceeded,
+  if (gather_bytes_.load(std::memory_order_acquire) + r.size.v > kMaxGatherBytes && !batch.sub.ops.empty())
+    VG_TRY(Flush(batch, ps));
+  // The host reads guest memory now: everything submitted before must have retired (its
+  // scatters and fence writes landed, its gather buffers freed).
+  Drain();
+  const uint64_t held = gather_bytes_.load(std::memory_order_acquire);
+  VG_ERROR_IF(held + r.size.v > kMaxGatherBytes, Errc::kLimitExceeded,
               "gathering {} scattered bytes at {} would pass the vGPU's {} byte gather bound ({} held)", r.size.v, r.va,
-              kMaxGatherBytes, gather_bytes_);
+              kMaxGatherBytes, held);
   VG_TRY_ASSIGN(engine::BufferRef buf, engine_->CreateBuffer(r.size));
   m->owner = this;
   m->charged = r.size.v;
-  gather_bytes_ += r.size.v;
+  gather_bytes_.fetch_add(r.size.v, std::memory_order_acq_rel);
   VG_TRY(view_.Read(r, buf->Map()));
   m->range = engine::Whole(buf);
   m->gathered_from = r;
   return m;
 }
 
-Result<> Executor::Flush(Batch& batch, uint64_t epoch) {
+Result<> Executor::Flush(Batch& batch, const std::shared_ptr<PlanState>& ps) {
   if (batch.sub.ops.empty()) return Ok();
-  Result<> ran = engine_->SubmitAndWait(std::move(batch.sub));
+  Retiring r{Retiring::Kind::kSubmission, ps, {}, std::move(batch.mats), batch.cost, {}, {}, {}};
+  engine::Submission sub = std::move(batch.sub);
   batch.sub = {};
-  batch.cost = 0;
-  std::vector<MatRef> mats = std::move(batch.mats);
   batch.mats.clear();
-  VG_TRY(std::move(ran));
-  uint64_t zero_copy = 0, gathered = 0;
-  for (const MatRef& m : mats) {
+  batch.cost = 0;
+  // Hazards: the engine must see every host write that comes before it in the plan order,
+  // and the host must not read (gather, staging) what the engine may still be writing.
+  std::vector<Extent> touched;
+  bool host_copies = false;  // the host copies guest bytes at Submit (staging) or scatters them after
+  for (const MatRef& m : r.mats) {
+    touched.insert(touched.end(), m->extents.begin(), m->extents.end());
+    if (m->range.buffer->path() == engine::MemoryPath::kStaged) host_copies = true;
     if (m->gathered_from) {
-      gathered += m->range.size.v;
-      // Cut at the boundary: a cancelled plan writes nothing more to guest memory.
-      if (m->gathered_from->write && !Cancelled(epoch)) VG_TRY(view_.Write(*m->gathered_from, m->range.buffer->Map()));
-    } else {
-      zero_copy += m->range.size.v;
+      host_copies = true;
+      if (m->gathered_from->write) r.writes.insert(r.writes.end(), m->extents.begin(), m->extents.end());
     }
   }
-  counters_.engine_submissions.fetch_add(1, std::memory_order_relaxed);
-  counters_.bytes_zero_copy.fetch_add(zero_copy, std::memory_order_relaxed);
-  counters_.bytes_gathered.fetch_add(gathered, std::memory_order_relaxed);
-  if (Cancelled(epoch)) return CancelledError();
+  {
+    std::unique_lock lk(mu_);
+    if (!retiring_.empty() && (host_copies || HostWritePending(touched))) {
+      counters_.drains.fetch_add(1, std::memory_order_relaxed);
+      const uint64_t target = retire_seq_;
+      idle_cv_.wait(lk, [&] { return retired_seq_ >= target; });
+    }
+    // Depth and cost in flight: small work pipelines deep, dear work about one piece at a time.
+    idle_cv_.wait(lk, [&] {
+      return in_flight_ == 0 || (in_flight_ < depth_ && in_flight_cost_ + r.cost <= kMaxInFlightCost);
+    });
+  }
+  if (Cancelled(ps->epoch)) return CancelledError();
+  VG_TRY_ASSIGN(r.token, engine_->Submit(std::move(sub)));
+  PushRetire(std::move(r));
   return Ok();
 }
 
-Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
+Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanState>& ps) {
+  const uint64_t epoch = ps->epoch;
   VG_ERROR_IF(!engine_, Errc::kUnsupported, "this vGPU has no engine");
   Batch batch;
   // A transfer of `size` bytes in chunks: `add(offset, n)` packs one chunk.
@@ -371,7 +553,7 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
     for (uint64_t off = 0; off < size; off += kTransferChunkBytes) {
       if (Cancelled(epoch)) return CancelledError();
       uint64_t n = std::min(kTransferChunkBytes, size - off);
-      if (batch.Full(n)) VG_TRY(Flush(batch, epoch));
+      if (batch.Full(n)) VG_TRY(Flush(batch, ps));
       VG_TRY(add(off, n));
       batch.cost += n;
     }
@@ -384,7 +566,7 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
       std::vector<MatRef> mats;
       std::vector<engine::BufferRange> bindings;
       for (const ResolvedRange& b : d->bindings) {
-        VG_TRY_ASSIGN(MatRef m, Materialize(b, batch, epoch));
+        VG_TRY_ASSIGN(MatRef m, Materialize(b, batch, ps));
         bindings.push_back(m->range);
         mats.push_back(std::move(m));
       }
@@ -392,7 +574,7 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
       for (uint64_t i = 0; i < cut.pieces(); ++i) {
         if (Cancelled(epoch)) return CancelledError();
         if (batch.Full(cut.piece_cost())) {
-          VG_TRY(Flush(batch, epoch));
+          VG_TRY(Flush(batch, ps));
           in_batch = false;
         }
         if (!in_batch) batch.mats.insert(batch.mats.end(), mats.begin(), mats.end());
@@ -403,8 +585,8 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
       }
     } else if (auto* c = std::get_if<PlanCopy>(&op)) {
       VG_TRY(chunks(c->src.size.v, [&](uint64_t off, uint64_t n) -> Result<> {
-        VG_TRY_ASSIGN(MatRef src, Materialize(SliceRange(c->src, off, n), batch, epoch));
-        VG_TRY_ASSIGN(MatRef dst, Materialize(SliceRange(c->dst, off, n), batch, epoch));
+        VG_TRY_ASSIGN(MatRef src, Materialize(SliceRange(c->src, off, n), batch, ps));
+        VG_TRY_ASSIGN(MatRef dst, Materialize(SliceRange(c->dst, off, n), batch, ps));
         batch.sub.Copy(src->range.buffer, src->range.offset, dst->range.buffer, dst->range.offset, ByteSize{n});
         batch.mats.push_back(std::move(src));
         batch.mats.push_back(std::move(dst));
@@ -412,14 +594,14 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, uint64_t epoch) {
       }));
     } else if (auto* f = std::get_if<PlanFill>(&op)) {
       VG_TRY(chunks(f->dst.size.v, [&](uint64_t off, uint64_t n) -> Result<> {
-        VG_TRY_ASSIGN(MatRef dst, Materialize(SliceRange(f->dst, off, n), batch, epoch));
+        VG_TRY_ASSIGN(MatRef dst, Materialize(SliceRange(f->dst, off, n), batch, ps));
         batch.sub.Fill(dst->range.buffer, dst->range.offset, ByteSize{n}, f->value);
         batch.mats.push_back(std::move(dst));
         return Ok();
       }));
     }
   }
-  return Flush(batch, epoch);
+  return Flush(batch, ps);
 }
 
 }  // namespace vg::mediator

@@ -1,8 +1,16 @@
 #pragma once
-// Runs audited Plans for one vGPU on the engine, in order, on its own thread. Only Plans
-// reach it: every address in them was translated and checked by the auditor. Guest memory
-// is pinned for the life of the work that uses it, so a DMA_UNMAP of that memory waits for
-// the work (the pin -> map -> unmap -> invalidate contract).
+// Runs audited Plans for one vGPU on the engine, in order. Only Plans reach it: every
+// address in them was translated and checked by the auditor. Guest memory is pinned for the
+// life of the work that uses it, so a DMA_UNMAP of that memory waits for the work (the
+// pin -> map -> unmap -> invalidate contract).
+//
+// Pipelined: a submit thread materializes and submits plan N+1's work while plan N's runs
+// on the engine; a retire thread completes what was submitted strictly in order (waits for
+// each engine submission, scatters gathered ranges back, then runs the host ops that
+// followed it: FENCE, LOAD_REG, TIMESTAMP), so fences complete in order and exactly once.
+// Whatever the host writes into guest memory happens-before any later engine access of the
+// same bytes: a submission that touches bytes a pending host op or scatter will write, or
+// that gathers or stages guest memory, first waits for everything before it to retire.
 
 #include <atomic>
 #include <condition_variable>
@@ -50,12 +58,23 @@ struct ExecHooks {
   // Master Enable or entered D3hot since the plan was queued (PCI: no DMA then). An error
   // abandons the rest of the plan and is reported through `fail`. Null: always allowed.
   std::function<Result<>()> may_dma;
-  // Called once each plan has finished (ran, failed, or was cancelled after it started) and
-  // its slot and bytes are released, on the executor thread with no executor lock held, so
-  // it may Enqueue. The device uses it to re-read the guest's tail shadow when it runs out of
-  // work (idle notify, docs/device-spec.md). Not called for plans dropped from the queue by
-  // Cancel, nor for Cancel's tasks. Null: nothing to call.
+  // After each plan has ended (ran or failed) and stopped counting against the queue, on
+  // the retire thread, under the hook lock like the other hooks (not for a cancelled plan;
+  // must not call Cancel). Null: nothing.
   std::function<void()> plan_done;
+};
+
+// Engine submissions of one vGPU in flight at once, at most.
+inline constexpr uint32_t kMaxExecutorDepth = 16;
+// Cost (work_split.h units) in flight at once when more than one submission is: small work
+// pipelines deep, while dear work goes one submission at a time, so what still runs after
+// a cancel (and holds guest memory a DMA_UNMAP waits for) is what the serial executor left
+// running: one submission of at most kSubmissionCostBudget, or one unsplittable piece.
+inline constexpr uint64_t kMaxInFlightCost = kSubmissionCostBudget;
+
+struct ExecOptions {
+  // 1: serial (each plan starts once the previous one has retired; the study's ablation).
+  uint32_t depth = 4;
 };
 
 struct ExecCounters {
@@ -66,6 +85,8 @@ struct ExecCounters {
   uint64_t bytes_zero_copy = 0;  // guest bytes the engine used in place
   uint64_t bytes_gathered = 0;   // guest bytes copied to or from engine buffers
   uint64_t plans_cancelled = 0;  // dropped from the queue or stopped between submissions
+  uint64_t drains = 0;           // submissions that waited for earlier work to retire (hazards)
+  uint64_t max_in_flight = 0;    // most engine submissions in flight at once
 };
 
 // Runs audited Plans in engine submissions of bounded cost (mediator/work_split.h): a
@@ -74,8 +95,8 @@ struct ExecCounters {
 class Executor {
  public:
   Executor(engine::Engine* engine, const vfio_user::DmaSpace& dma, std::span<std::byte> aperture,
-           engine::BufferRef aperture_buffer, ExecHooks hooks);
-  // Waits for at most the one engine submission in flight (bounded: docs/device-spec.md).
+           engine::BufferRef aperture_buffer, ExecHooks hooks, ExecOptions options = {});
+  // Waits for the engine submissions in flight (bounded by kMaxInFlightCost plus one piece).
   ~Executor();
   Executor(const Executor&) = delete;
   Executor& operator=(const Executor&) = delete;
@@ -98,8 +119,11 @@ class Executor {
   // queued later (a reset's aperture scrub). False: nothing runs; `after` is not called.
   // Must not be called with a lock a hook takes.
   bool Cancel(std::function<void()> after = {});
-  // Waits until every plan queued so far has run.
+  // Waits until every plan queued so far has run and retired.
   void WaitIdle();
+  // No plan queued, running or retiring (a snapshot; true inside the plan_done hook of the
+  // last plan).
+  bool Idle() const;
   // Lock-free snapshot: every counter is an atomic written by the executor thread only.
   ExecCounters Counters() const;
 
@@ -107,6 +131,7 @@ class Executor {
   struct Materialized;
   using MatRef = std::shared_ptr<Materialized>;
   struct Batch;
+  struct PlanState;
   // A guest range imported into the engine, kept for the next submissions that use the
   // same range (a guest reuses its buffers). The Pin keeps the guest memory mapped.
   struct Import {
@@ -124,18 +149,45 @@ class Executor {
     uint64_t bytes = 0;          // charged against kMaxQueuedPlanBytes
     uint64_t epoch = 0;
   };
+  // Bytes of guest memory (guest-physical) or of the aperture, for hazard checks.
+  struct Extent {
+    bool aperture;
+    uint64_t addr, size;
+  };
+  // One entry of the in-order completion queue (the retire thread's).
+  struct Retiring {
+    enum class Kind : uint8_t { kSubmission, kHostOp, kFailure, kPlanEnd };
+    Kind kind;
+    std::shared_ptr<PlanState> plan;
+    engine::TokenRef token;          // kSubmission
+    std::vector<MatRef> mats;        // kSubmission: what it holds until it has run
+    uint64_t cost = 0;               // kSubmission
+    std::optional<PlanOp> op;        // kHostOp
+    std::optional<Error> error;      // kFailure
+    std::vector<Extent> writes;      // bytes the host writes when this retires (hazards)
+  };
   struct Counters_ {
     std::atomic<uint64_t> plans{0}, import_hits{0}, import_misses{0}, engine_submissions{0}, bytes_zero_copy{0},
-        bytes_gathered{0}, plans_cancelled{0};
+        bytes_gathered{0}, plans_cancelled{0}, drains{0}, max_in_flight{0};
   };
   static constexpr size_t kMaxImports = 64;
   static constexpr uint64_t kImportWindow = 2ull << 20;
   Result<std::shared_ptr<Import>> ImportGuestRange(Gpa gpa, ByteSize size, bool write);
-  void Loop();
-  Result<> Run(Plan& plan, uint64_t epoch);
-  Result<> RunGpuOps(std::span<PlanOp> ops, uint64_t epoch);
-  Result<MatRef> Materialize(const ResolvedRange& r, Batch& batch, uint64_t epoch);
-  Result<> Flush(Batch& batch, uint64_t epoch);
+  void SubmitLoop();
+  void RetireLoop();
+  void Retire(Retiring& r);
+  Result<> Run(Plan& plan, const std::shared_ptr<PlanState>& ps);
+  Result<> RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanState>& ps);
+  Result<MatRef> Materialize(const ResolvedRange& r, Batch& batch, const std::shared_ptr<PlanState>& ps);
+  Result<> Flush(Batch& batch, const std::shared_ptr<PlanState>& ps);
+  // Hands an entry to the retire thread (in order).
+  void PushRetire(Retiring r);
+  // The bookkeeping after an entry has retired (counts, charges, the plan_done hook); mu_
+  // held on entry and on return.
+  void Finished(const Retiring& r, std::unique_lock<std::mutex>& lk);
+  // Waits until everything handed to the retire thread so far has retired.
+  void Drain();
+  bool HostWritePending(std::span<const Extent> touched) const;  // mu_
   bool Cancelled(uint64_t epoch) const { return epoch_.load(std::memory_order_acquire) != epoch; }
   // Runs `fn` (a hook and the guest write that goes with it) unless `epoch` was cancelled.
   template <class Fn>
@@ -147,22 +199,32 @@ class Executor {
   std::span<std::byte> aperture_;
   engine::BufferRef aperture_buffer_;
   ExecHooks hooks_;
+  const uint32_t depth_;
 
   // Order: hook_mu_ before any lock a hook takes; mu_ and imports_mu_ are leaves.
   std::mutex hook_mu_;
   std::atomic<uint64_t> epoch_{0};  // bumped under hook_mu_ by Cancel
   mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::condition_variable idle_cv_;
+  std::condition_variable cv_;        // submit thread: queue_ or stop_
+  std::condition_variable retire_cv_; // retire thread: retiring_ or stop_
+  std::condition_variable idle_cv_;   // progress of the retire thread, and idleness
   std::deque<Item> queue_;
+  std::deque<Retiring> retiring_;   // submitted, not yet retired, in order (mu_)
+  uint64_t retire_seq_ = 0;         // entries handed to the retire thread (mu_)
+  uint64_t retired_seq_ = 0;        // entries retired (mu_)
+  uint32_t in_flight_ = 0;          // engine submissions not yet retired (mu_)
+  uint64_t in_flight_cost_ = 0;     // their cost (mu_)
+  uint32_t plans_open_ = 0;         // plans taken by the submit thread, not yet ended (mu_)
   uint64_t charged_bytes_ = 0;  // queued + running plans (mu_)
   bool saturated_ = false;      // a submission was refused for bytes; cleared as plans finish (mu_)
-  bool running_ = false;
+  bool running_ = false;        // the submit thread holds an item (mu_)
   bool stop_ = false;
-  uint64_t gather_bytes_ = 0;   // engine buffers gathering guest ranges (executor thread only)
+  bool retire_stop_ = false;
+  std::atomic<uint64_t> gather_bytes_{0};  // engine buffers gathering guest ranges
   Counters_ counters_;
   std::mutex imports_mu_;
   std::map<ImportKey, std::shared_ptr<Import>> imports_;
+  std::thread retire_thread_;
   std::thread thread_;
 };
 

@@ -26,6 +26,10 @@ struct VgpuConfig {
   // What the client may map into the daemon (docs/device-spec.md, "Guest memory: bounds and
   // blocking").
   vfio_user::DmaLimits dma_limits;
+  // Engine submissions of this vGPU that may be in flight at once (1: each plan's work is
+  // submitted only once the previous submission has completed, the serial executor the
+  // study keeps as an ablation). Clamped to [1, kMaxExecutorDepth].
+  uint32_t executor_depth = 4;
 };
 
 struct ErrorReport {

@@ -259,9 +259,10 @@ void Vgpu::Impl::ForgetOutstanding() {
   SetIdle(true);
 }
 
-// On the executor thread. Ring passes are serialized by mu_, not by thread (the fetch
-// thread's replay runs them too), and a pass never waits on the guest (GuestFetch), so the
-// re-read runs here rather than waking the loop: the executor has nothing else to do.
+// On the executor's retire thread, under its hook lock (hook_mu_ before mu_, as for the
+// other hooks). Ring passes are serialized by mu_, not by thread (the fetch thread's replay
+// runs them too), and a pass never waits on the guest (GuestFetch), so the re-read runs here
+// rather than waking the loop; Enqueue takes only the executor's leaf mutex.
 void Vgpu::Impl::OnPlanDone() {
   std::lock_guard lk(mu_);
   if (dying_) return;  // fetch_ is gone or going

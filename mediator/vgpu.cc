@@ -134,7 +134,8 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                   std::lock_guard lk(raw->mu_);
                   return raw->CheckDmaAllowed();
                 },
-                [raw] { raw->OnPlanDone(); }});
+                [raw] { raw->OnPlanDone(); }},
+      ExecOptions{cfg.executor_depth});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 

@@ -259,8 +259,9 @@ class Vgpu::Impl {
   bool kick_pending_ = false;   // a kick came while a fetch was under way
   bool kick_shadow_ = false;
   // Idle notify (mu_). Outstanding plans are counted here, not asked of the executor: the
-  // count may only under-state them (a cancel zeroes it while the running plan will still
-  // report), which errs toward publishing idle = 1 and an extra kick, never a lost one.
+  // count may only under-state them (a cancel zeroes it, whether or not the plan that was
+  // running still reports plan_done), which errs toward publishing idle = 1 and an extra
+  // kick, never a lost one.
   uint32_t plans_outstanding_ = 0;
   bool shadow_doorbell_ = false;  // the last doorbell was a kick: the shadow holds the tail
   bool device_idle_ = true;       // what DEVICE_IDLE says

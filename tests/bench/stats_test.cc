@@ -34,4 +34,9 @@ TEST_CASE("ratio spread over repetitions") {
   CHECK(r.min == doctest::Approx(0.90));
   CHECK(r.max == doctest::Approx(1.30));
   CHECK(SummarizeRatio({}).n == 0);
+  // Two repetitions (--smoke): the median is between them, not the lower one.
+  Ratio two = SummarizeRatio({1.4, 1.0});
+  CHECK(two.median == doctest::Approx(1.2));
+  CHECK(two.min == doctest::Approx(1.0));
+  CHECK(two.max == doctest::Approx(1.4));
 }

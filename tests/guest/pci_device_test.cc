@@ -205,6 +205,9 @@ TEST_CASE("guest::Driver programs the ring and the GTT through the PCI backend")
   CHECK((*drv)->Wait(42, WaitMode::kIrq, 1000).ok());
 
   REQUIRE((*drv)->Free(*b).ok());
+  // Free clears lazily (with the next GTT update): FlushFrees applies the clears now.
+  CHECK(Peek<uint64_t>(bar0, abi::kGttOffset + 8 * (b->va.v >> kPageShift)) != 0);
+  REQUIRE((*drv)->FlushFrees().ok());
   CHECK(Peek<uint64_t>(bar0, abi::kGttOffset + 8 * (b->va.v >> kPageShift)) == 0);
 }
 

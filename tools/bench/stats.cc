@@ -31,10 +31,14 @@ Ratio SummarizeRatio(std::vector<double> per_rep) {
   Ratio r;
   r.n = per_rep.size();
   if (per_rep.empty()) return r;
-  Stats s = Summarize(std::move(per_rep));
-  r.median = s.p50;
-  r.min = s.min;
-  r.max = s.max;
+  std::sort(per_rep.begin(), per_rep.end());
+  // The true median: with an even count, the midpoint of the middle two. The nearest-rank
+  // p50 would be the lower one, and with the 2 repetitions of --smoke every median would
+  // equal its own minimum.
+  const size_t h = per_rep.size() / 2;
+  r.median = per_rep.size() % 2 ? per_rep[h] : (per_rep[h - 1] + per_rep[h]) / 2;
+  r.min = per_rep.front();
+  r.max = per_rep.back();
   return r;
 }
 

@@ -15,7 +15,8 @@ struct Stats {
 Stats Summarize(std::vector<double> samples);
 
 // A ratio measured once per repetition (path vs native, side by side in that repetition):
-// its median over repetitions and the spread (min, max) around it.
+// its median over repetitions (the midpoint of the middle two for an even count) and the
+// spread (min, max) around it.
 struct Ratio {
   double median = 0, min = 0, max = 0;
   size_t n = 0;

@@ -16,12 +16,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <thread>
 
 #include <fmt/ranges.h>
@@ -56,15 +59,18 @@ struct DaemonProc {
 };
 
 // types[i]: the vGPU type of guest i (none: a daemon for the lifecycle group, which starts
-// its own). `tag` keeps the runtime dirs of successive daemons apart.
+// its own). `tag` keeps the runtime dirs of daemons apart; `extra`: more vgpud flags (the
+// executor and memory ablations' daemon-wide switches).
 Result<std::unique_ptr<DaemonProc>> StartDaemon(const std::string& vgpud, const std::vector<std::string>& types,
-                                                const std::string& gpu, const std::string& tag = "") {
+                                                const std::string& gpu, const std::string& tag = "",
+                                                const std::vector<std::string>& extra = {}) {
   const int guests = static_cast<int>(types.size());
   auto d = std::make_unique<DaemonProc>();
   d->dir = fs::temp_directory_path() / fmt::format("vgpu-bench-{}{}", ::getpid(), tag);
   fs::create_directories(d->dir);
   std::vector<std::string> args{vgpud, "--runtime-dir", d->dir.string(), "--log-level", "error"};
   if (!gpu.empty()) args.insert(args.end(), {"--gpu", gpu});
+  args.insert(args.end(), extra.begin(), extra.end());
   for (int i = 0; i < guests; ++i) args.insert(args.end(), {"--vgpu", GuestUuid(i) + ":" + types[static_cast<size_t>(i)]});
   d->pid = ::fork();
   if (d->pid == 0) {
@@ -100,6 +106,80 @@ Result<std::unique_ptr<Path>> MakePath(const std::string& name, const PathConfig
   return MakeError(Errc::kInvalidArgument, "unknown path '{}'", name);
 }
 
+// The ablations' mediated rows (docs/ab-methodology.md "Ablations"). Each is its own guest
+// (a vGPU takes one client); the executor and memory factors are vgpud-wide flags, so their
+// rows are guests of a vgpud of their own.
+enum class Host { kMain, kSerial, kGathered };
+struct Variant {
+  Host host = Host::kMain;
+  Doorbell doorbell = Doorbell::kDefault;
+  std::string gtt;  // empty: --gtt
+};
+
+const std::vector<std::string> kAblations{"doorbell", "executor", "memory", "gtt"};
+
+// The ablations asked for (`which`), and the variant behind each of their rows but the
+// reference ("mediated", which every ablation shares: one row, not one per ablation).
+std::vector<Ablation> PlanAblations(const std::set<std::string>& which, const std::string& gtt,
+                                    const std::vector<std::string>& paths, std::map<std::string, Variant>& variants) {
+  std::vector<Ablation> out;
+  auto in_paths = [&](const std::string& p) { return std::find(paths.begin(), paths.end(), p) != paths.end(); };
+  if (which.count("doorbell")) {
+    Ablation a{"doorbell", "how the guest tells the device its ring has new work", {"empty", "small", "stream"}};
+    if (DriverHasIdleNotify()) {
+      a.rows.push_back({"mediated", "polled shadow (idle notify): the device re-reads the tail shadow while busy; an "
+                                    "ioeventfd kick only when it says idle (the driver's default)"});
+      a.rows.push_back({"mediated-kick", "ioeventfd: the tail in the shadow and a kick at every submission"});
+      variants["mediated-kick"] = {Host::kMain, Doorbell::kIoeventfd, ""};
+    } else {
+      a.rows.push_back({"mediated", "ioeventfd: the tail in the shadow and a kick at every submission (the driver's "
+                                    "default)"});
+      // A guest driver without DriverOptions::idle_notify (this branch before f12-idle):
+      // kept so the study can be built against one for comparison.
+      a.not_run.push_back("mediated-shadow (polled shadow, idle notify): NOT RUN: this build's guest driver has no "
+                          "DriverOptions::idle_notify (branch f12-idle)");
+    }
+    a.rows.push_back({"mediated-posted", "posted MMIO: RING_TAIL as a REGION_WRITE with no reply awaited (QEMU 10.1)"});
+    variants["mediated-posted"] = {Host::kMain, Doorbell::kPostedMmio, ""};
+    a.rows.push_back({"mediated-mmio", "synchronous MMIO: RING_TAIL as a REGION_WRITE request/reply (QEMU 10.2)"});
+    variants["mediated-mmio"] = {Host::kMain, Doorbell::kSyncMmio, ""};
+    if (in_paths("mediated-qemu"))
+      a.rows.push_back({"mediated-qemu", "through QEMU under qtest: synchronous REGION_WRITE, fence polled in RAM"});
+    out.push_back(std::move(a));
+  }
+  if (which.count("executor")) {
+    Ablation a{"executor", "how many engine submissions of one vGPU are in flight", {"empty", "small", "stream"}};
+    a.rows.push_back({"mediated", "pipelined: --executor-depth 4 (the default)"});
+    a.rows.push_back({"mediated-serial", "serial: --executor-depth 1 (a vgpud of its own)"});
+    variants["mediated-serial"] = {Host::kSerial, Doorbell::kDefault, ""};
+    out.push_back(std::move(a));
+  }
+  if (which.count("memory")) {
+    Ablation a{"memory", "how guest memory reaches the engine", {"data"}};
+    a.rows.push_back({"mediated", "zero-copy: guest pages imported into the engine (the default)"});
+    a.rows.push_back({"mediated-gathered", "gathered: guest memory copied in and out (a vgpud with --no-zero-copy)"});
+    variants["mediated-gathered"] = {Host::kGathered, Doorbell::kDefault, ""};
+    out.push_back(std::move(a));
+  }
+  if (which.count("gtt")) {
+    Ablation a{"gtt", "how the driver updates the GTT on Alloc/Free", {"churn"}};
+    const std::vector<std::array<std::string, 3>> modes{
+        {"batch", "mediated-gtt-batch", "in-memory batch: GTT_BATCH_GO over a record array in guest RAM"},
+        {"multi", "mediated-gtt-multi", "multi-write: posted entries batched in REGION_WRITE_MULTI"},
+        {"per-entry", "mediated-gtt-entry", "per-entry MMIO: one posted REGION_WRITE per entry"}};
+    // The reference is the mode "mediated" runs (--gtt); the other two are rows of their own.
+    for (const auto& [mode, path, label] : modes)
+      if (mode == gtt) a.rows.push_back({"mediated", label + " (--gtt " + mode + ")"});
+    for (const auto& [mode, path, label] : modes)
+      if (mode != gtt) {
+        a.rows.push_back({path, label});
+        variants[path] = {Host::kMain, Doorbell::kDefault, mode};
+      }
+    out.push_back(std::move(a));
+  }
+  return out;
+}
+
 Workload SmallDispatch() {
   Workload w{"small", "copy 4 KiB", Kind::kKernel};
   w.sample = shaders::MakeSample(shaders::KernelId::kCopy, 1024, 3);
@@ -123,14 +203,26 @@ int Worker(const std::string& path, const PathConfig& c, int iters, int ready_fd
   if (!(*p)->Prepare(w).ok() || !(*p)->RunOnce().ok()) return 4;
   char b = 'r';
   if (::write(ready_fd, &b, 1) != 1 || ::read(go_fd, &b, 1) != 1) return 5;
+  const double cpu0 = SelfCpuUs();
   for (int i = 0; i < iters; ++i)
     if (!(*p)->RunOnce().ok()) return 6;
+  // The guest side's CPU of the timed loop, one 8-byte record (atomic on a pipe) after the
+  // ready byte: the parent adds it to the daemon's for the CPU per submission.
+  const double cpu = SelfCpuUs() - cpu0;
+  if (::write(ready_fd, &cpu, sizeof cpu) != sizeof cpu) return 7;
   auto out = (*p)->ReadBack();
   return out.ok() && shaders::CheckSample(w.sample, *out).ok() ? 0 : 1;
 }
 
-Result<double> RunConcurrentProcesses(const std::string& path, const DaemonProc& d, int guests, int iters,
-                                      uint64_t ram) {
+// One concurrency measurement: the aggregate rate and the CPU per submission (host side plus
+// the guests' own timed loops).
+struct ConcurrentRun {
+  double rate = 0;
+  double cpu_us = 0;
+};
+
+Result<ConcurrentRun> RunConcurrentProcesses(const std::string& path, const DaemonProc& d, int guests, int iters,
+                                             uint64_t ram) {
   int ready[2], go[2];
   VG_ERROR_IF(::pipe(ready) != 0 || ::pipe(go) != 0, Errc::kIo, "pipe");
   std::vector<pid_t> kids;
@@ -164,6 +256,7 @@ Result<double> RunConcurrentProcesses(const std::string& path, const DaemonProc&
       return MakeError(Errc::kIo, "a {} worker died before starting", path);
     }
   }
+  const double host0 = DaemonCpuUs(d.pid);
   auto t0 = Clock::now();
   for (int g = 0; g < guests; ++g) VG_ERROR_IF(::write(go[1], "g", 1) != 1, Errc::kIo, "go pipe");
   bool ok = true;
@@ -173,12 +266,22 @@ Result<double> RunConcurrentProcesses(const std::string& path, const DaemonProc&
     ok &= WIFEXITED(st) && WEXITSTATUS(st) == 0;
   }
   double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const double host = DaemonCpuUs(d.pid) - host0;
+  // Every worker has exited: the pipe holds their CPU records, then EOF.
+  double guest = 0, one = 0;
+  int records = 0;
+  while (::read(ready[0], &one, sizeof one) == static_cast<ssize_t>(sizeof one)) {
+    guest += one;
+    ++records;
+  }
   for (int fd : {ready[0], go[0], go[1]}) ::close(fd);
   VG_ERROR_IF(!ok, Errc::kInternal, "a {} worker failed or computed a wrong result", path);
-  return guests * iters / s;
+  VG_ERROR_IF(records != guests, Errc::kInternal, "{} of {} {} workers reported their CPU", records, guests, path);
+  const double subs = static_cast<double>(guests) * iters;
+  return ConcurrentRun{subs / s, (host + guest) / subs};
 }
 
-Result<double> RunConcurrentThreads(const PathConfig& c, int guests, int iters) {
+Result<ConcurrentRun> RunConcurrentThreads(const PathConfig& c, int guests, int iters) {
   engine::EngineOptions eo;
   eo.gpu = c.gpu;
   VG_TRY_ASSIGN(auto e, engine::Engine::Create(eo));
@@ -191,6 +294,7 @@ Result<double> RunConcurrentThreads(const PathConfig& c, int guests, int iters) 
     VG_TRY(paths.back()->RunOnce());  // warm: the pipeline is built before the clock starts
   }
   std::atomic<bool> failed{false};
+  const double cpu0 = SelfCpuUs();
   auto t0 = Clock::now();
   std::vector<std::thread> ts;
   for (auto& p : paths)
@@ -200,8 +304,10 @@ Result<double> RunConcurrentThreads(const PathConfig& c, int guests, int iters) 
     });
   for (auto& t : ts) t.join();
   double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const double cpu = SelfCpuUs() - cpu0;  // the submitters and the engine's threads
   VG_ERROR_IF(failed.load(), Errc::kInternal, "a native submitter failed");
-  return guests * iters / s;
+  const double subs = static_cast<double>(guests) * iters;
+  return ConcurrentRun{subs / s, cpu / subs};
 }
 
 const Cell* CellOf(const StudyReport& r, const std::string& group, const std::string& path, double min_x = -1,
@@ -229,7 +335,8 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
   };
   for (const std::string p : {"mediated", "remoting"}) {
     if (!has(p)) continue;
-    double worst = 1e9;
+    Ratio worst;
+    std::string worst_row;
     int n = 0;
     std::vector<std::string> left_out;
     for (const Result_& res : r.results) {
@@ -242,16 +349,25 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
       }
       for (const Cell& c : res.cells)
         if (c.path == p && c.throughput_ratio.n) {
-          worst = std::min(worst, c.throughput_ratio.median);
+          if (!n || c.throughput_ratio.median < worst.median) {
+            worst = c.throughput_ratio;
+            worst_row = res.workload.name;
+          }
           ++n;
         }
     }
     double target = p == std::string("mediated") ? 0.98 : 0.90;
     std::string excluded =
         left_out.empty() ? "" : fmt::format(" ({} left out: CALIBRATION FAILED)", fmt::join(left_out, ", "));
+    // The key does not depend on which row was worst: two runs compare the target itself.
+    if (cal.ran)
+      AddFigure(r, fmt::format("target.{}/native.throughput.work_1ms", p), worst, "ratio",
+                "the worst kernel_time row >= 1 ms: native time / path time, per repetition");
     if (n)
-      s.push_back(fmt::format("{}/native throughput for work >= 1 ms: worst median {:.3f} (target >= {:.2f}): {}{}", p,
-                              worst, target, worst >= target ? "MET" : "MISSED", excluded));
+      s.push_back(fmt::format("{}/native throughput for work >= 1 ms: worst median {} [min-max over reps] ({}; "
+                              "target >= {:.2f}): {}{}",
+                              p, RatioText(worst), worst_row, target, worst.median >= target ? "MET" : "MISSED",
+                              excluded));
     else if (cal.ran)
       // Said, not skipped: a run whose rows held no such work has not shown the target either way.
       s.push_back(fmt::format("{}/native throughput for work >= 1 ms: NOT EVALUATED: no kernel_time row with a native "
@@ -262,21 +378,27 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
   const Cell* me = CellOf(r, "empty", "mediated");
   const Cell* ne = CellOf(r, "empty", "native");
   if (me && ne) {
-    double over = me->us.p50 - ne->us.p50, limit = 1.2 * r.floors.eventfd_rtt_us.p50;
-    s.push_back(fmt::format("mediated empty-submission latency over native: {:.1f} us; 1.2 x eventfd round trip = "
-                            "{:.1f} us: {}",
-                            over, limit, over <= limit ? "MET" : "MISSED"));
+    const Ratio over = PairedDifference(me->rep_p50_us, ne->rep_p50_us);
+    const double limit = 1.2 * r.floors.eventfd_rtt_us.p50;
+    AddFigure(r, "target.mediated_empty_over_native_us", over, "us", "p50 mediated - p50 native, empty, per repetition");
+    s.push_back(fmt::format("mediated empty-submission latency over native: {} us [min-max over reps]; 1.2 x eventfd "
+                            "round trip = {:.1f} us: {}",
+                            RatioText(over, 1), limit, over.n && over.median <= limit ? "MET" : "MISSED"));
   }
   // Target 3b: crossings per fire-and-forget submission.
   for (const std::string p : {"mediated", "remoting"}) {
     const Cell* c = CellOf(r, "stream", p);
     if (!c) continue;
-    double crossings = c->messages + c->doorbells + c->interrupts + c->replies;
-    s.push_back(fmt::format("{}: {:.3f} boundary crossings per fire-and-forget submission{}", p, crossings,
-                            p == std::string("remoting") ? (crossings <= 1.0 ? " (target <= 1: MET)" : " (target <= 1: MISSED)")
-                                                         : ""));
+    const Ratio crossings = SummarizeRatio(c->rep_crossings);
+    AddFigure(r, fmt::format("stream.{}.crossings_per_submission", p), crossings, "crossings",
+              "messages + doorbells + interrupts + replies per submission, per repetition");
+    s.push_back(fmt::format("{}: {} boundary crossings per fire-and-forget submission [min-max over reps]{}", p,
+                            RatioText(crossings), p == std::string("remoting")
+                                                      ? (crossings.n && crossings.median <= 1.0 ? " (target <= 1: MET)"
+                                                                                                : " (target <= 1: MISSED)")
+                                                      : ""));
   }
-  // Who wins where, and the common claim.
+  // Who wins where, counted over every row (the verdicts below read them per class, with spreads).
   if (has("mediated") && has("remoting")) {
     int med_lat = 0, rem_lat = 0, med_cpu = 0, rem_cpu = 0, miscalibrated = 0;
     for (const Result_& res : r.results) {
@@ -298,10 +420,11 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
                             med_lat, rem_lat, med_cpu, rem_cpu,
                             miscalibrated ? fmt::format(" ({} kernel_time rows left out: CALIBRATION FAILED)", miscalibrated)
                                           : std::string()));
-    bool holds = med_lat > rem_lat && med_cpu > rem_cpu;
-    s.push_back(fmt::format("the claim that mediated pass-through beats API remoting on latency and efficiency "
-                            "because it avoids crossings and marshalling {} on this machine",
-                            holds ? "HOLDS" : "does NOT hold"));
+  }
+  // A lifecycle-only run has no row to judge.
+  if (!r.results.empty() || !r.concurrency.empty()) {
+    SummarizeVerdicts(r, paths);
+    SummarizeAblations(r);
   }
   // mediated-qemu: what a VM under QEMU pays, read against the qtest floor (ab-methodology).
   const NamedStats* qfloor = nullptr;
@@ -387,9 +510,13 @@ int main(int argc, char** argv) {
   std::string gtt = "batch";
   app.add_option("--gtt", gtt, "mediated paths: GTT updates by batch, multi (REGION_WRITE_MULTI) or per-entry")
       ->capture_default_str();
-  bool no_idle_notify = false;
-  app.add_flag("--no-idle-notify", no_idle_notify,
-               "mediated path: kick the doorbell at every submission, ignoring DEVICE_IDLE (the ablation)");
+  std::string ablations_csv = "doorbell,executor,memory,gtt", compare_with;
+  app.add_option("--ablations", ablations_csv,
+                 "ablation row groups to run beside the paths: doorbell,executor,memory,gtt, or none")
+      ->capture_default_str();
+  app.add_option("--compare-with", compare_with,
+                 "an earlier run's results.json: report where this run's summary figures agree with it (exit 1 if "
+                 "the two differ in structure)");
   int lifecycle_cycles = 0, idle_workers = -1;
   app.add_option("--lifecycle-cycles", lifecycle_cycles,
                  "lifecycle: measured start/stop cycles after 3 warm-up ones (default 5 smoke, 30 quick, 100 full)");
@@ -434,6 +561,28 @@ int main(int argc, char** argv) {
     paths.push_back(p);
   }
   if (vgpud.empty()) vgpud = (fs::read_symlink("/proc/self/exe").parent_path() / "vgpud").string();
+  std::set<std::string> which_ablations = Split(ablations_csv);
+  which_ablations.erase("none");
+  for (const auto& a : which_ablations)
+    if (std::find(kAblations.begin(), kAblations.end(), a) == kAblations.end()) {
+      std::fprintf(stderr, "vgpu-bench: --ablations: unknown '%s' (doorbell, executor, memory, gtt, none)\n", a.c_str());
+      return 2;
+    }
+  std::map<std::string, Variant> variants;
+  o.ablations = PlanAblations(which_ablations, gtt, paths, variants);
+  // An ablation whose groups are all filtered out (--groups) makes no rows and needs no vgpud.
+  std::erase_if(o.ablations, [&](const Ablation& a) {
+    return !o.groups.empty() &&
+           std::none_of(a.groups.begin(), a.groups.end(), [&](const std::string& g) { return o.groups.count(g) > 0; });
+  });
+  std::erase_if(variants, [&](const auto& v) {
+    return std::none_of(o.ablations.begin(), o.ablations.end(), [&](const Ablation& a) {
+      return std::any_of(a.rows.begin(), a.rows.end(), [&](const AblationRow& r) { return r.path == v.first; });
+    });
+  });
+  // A base path that is also a variant (mediated-mmio) is one guest, made the variant's way.
+  for (const auto& p : paths)
+    if (p == "mediated-mmio" && !variants.count(p)) variants[p] = {Host::kMain, Doorbell::kSyncMmio, ""};
 
   std::string device = "unknown";
   if (auto list = engine::Engine::ListDevices(); list.ok()) {
@@ -474,12 +623,21 @@ int main(int argc, char** argv) {
   // concurrency guests, of the first one's type, since they run the same workloads.
   std::vector<std::string> types(static_cast<size_t>(guests), "small");
   types[0] = type0;
+  // Every other mediated guest is a vGPU of its own, of the first one's type, since it runs
+  // the same workloads: on the main vgpud after the concurrency guests, or on the vgpud of
+  // its host (the executor and memory ablations' switches are vgpud-wide).
   std::map<std::string, int> guest_of{{"mediated", 0}};
+  std::map<Host, std::vector<std::string>> host_types;
   for (const auto& p : paths)
-    if (p == "mediated-mmio" || p == "mediated-qemu") {
+    if (p == "mediated-qemu") {
       guest_of[p] = static_cast<int>(types.size());
       types.push_back(type0);
     }
+  for (const auto& [name, v] : variants) {
+    std::vector<std::string>& t = v.host == Host::kMain ? types : host_types[v.host];
+    guest_of[name] = static_cast<int>(t.size());
+    t.push_back(type0);
+  }
   uint64_t ram = o.size == StudyOptions::Size::kFull ? (1536ull << 20) : o.size == StudyOptions::Size::kSmoke ? (32ull << 20) : (160ull << 20);
   auto daemon = StartDaemon(vgpud, types, gpu);
   if (!daemon.ok()) {
@@ -487,11 +645,33 @@ int main(int argc, char** argv) {
     return 3;
   }
   const DaemonProc& d = **daemon;
-  PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram, qemu, qemu_firmware, gtt, !no_idle_notify};
-  auto factory = [&](const std::string& name, int) {
+  std::map<Host, std::unique_ptr<DaemonProc>> hosts;
+  for (const auto& [host, t] : host_types) {
+    const bool serial = host == Host::kSerial;
+    auto hd = StartDaemon(vgpud, t, gpu, serial ? "-serial" : "-gathered",
+                          serial ? std::vector<std::string>{"--executor-depth", "1"}
+                                 : std::vector<std::string>{"--no-zero-copy"});
+    if (!hd.ok()) {
+      std::fprintf(stderr, "vgpu-bench: the %s ablation's vgpud: %s\n", serial ? "executor" : "memory",
+                   hd.error().ToString().c_str());
+      return 3;
+    }
+    hosts[host] = std::move(*hd);
+  }
+  PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram, qemu, qemu_firmware, gtt};
+  auto factory = [&](const std::string& name, int) -> Result<std::unique_ptr<Path>> {
     PathConfig c = base;
     if (auto it = guest_of.find(name); it != guest_of.end()) c.socket = d.Socket(it->second);
-    return MakePath(name, c);
+    auto v = variants.find(name);
+    if (v == variants.end()) return MakePath(name, c);
+    if (v->second.host != Host::kMain) {
+      const DaemonProc& h = *hosts.at(v->second.host);
+      c.socket = h.Socket(guest_of.at(name));
+      c.daemon = h.pid;
+    }
+    c.doorbell = v->second.doorbell;
+    if (!v->second.gtt.empty()) c.gtt = v->second.gtt;
+    return MakeMediatedVariantPath(c, name);
   };
 
   auto report = RunStudy(o, factory, paths, device);
@@ -500,30 +680,66 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (want_concurrency) {
-    int iters = smoke ? 10 : o.size == StudyOptions::Size::kFull ? 400 : 150;
+    // Repetitions, interleaved like the rest (every path at every guest count, in an order
+    // that rotates), so each ratio of the verdict has a spread.
+    const int reps = smoke ? 2 : o.size == StudyOptions::Size::kFull ? 5 : 3;
+    const int iters = smoke ? 10 : o.size == StudyOptions::Size::kFull ? 160 : 60;
     std::vector<int> counts = smoke ? std::vector<int>{1, 2} : o.size == StudyOptions::Size::kFull ? std::vector<int>{1, 2, 4, 8} : std::vector<int>{1, 2, 4};
-    for (const auto& p : paths) {
-      // The doorbell variants are ablations of the single-guest rows; concurrency compares
-      // the three designs.
-      if (p == "mediated-mmio" || p == "mediated-qemu") continue;
-      double one = 0;
+    // The variants are ablations of the single-guest rows; concurrency compares the designs.
+    std::vector<std::string> cpaths;
+    for (const auto& p : paths)
+      if (p == "native" || p == "mediated" || p == "remoting") cpaths.push_back(p);
+    std::map<std::pair<std::string, int>, Concurrency> runs;
+    std::set<std::pair<std::string, int>> failed;
+    for (int r = 0; r < reps; ++r)
       for (int n : counts) {
-        if (o.progress) std::fprintf(stderr, "vgpu-bench: concurrency %s x%d\n", p.c_str(), n);
-        auto rate = p == "native" ? RunConcurrentThreads(base, n, iters) : RunConcurrentProcesses(p, d, n, iters, 32ull << 20);
-        if (!rate.ok()) {
-          report->summary.push_back(fmt::format("concurrency {} x{}: {}", p, n, rate.error().ToString()));
-          report->all_correct = false;
-          continue;
+        std::vector<std::string> order = cpaths;
+        std::rotate(order.begin(), order.begin() + (r % order.size()), order.end());
+        for (const auto& p : order) {
+          if (failed.count({p, n})) continue;
+          if (o.progress) std::fprintf(stderr, "\rvgpu-bench: concurrency rep %d: %s x%d   ", r + 1, p.c_str(), n);
+          auto run = p == "native" ? RunConcurrentThreads(base, n, iters) : RunConcurrentProcesses(p, d, n, iters, 32ull << 20);
+          if (!run.ok()) {
+            report->summary.push_back(fmt::format("concurrency {} x{}: {}", p, n, run.error().ToString()));
+            report->all_correct = false;
+            failed.insert({p, n});
+            continue;
+          }
+          Concurrency& c = runs[{p, n}];
+          c.rep_rate.push_back(run->rate);
+          c.rep_cpu_us.push_back(run->cpu_us);
         }
-        if (n == 1) one = *rate;
-        report->concurrency.push_back({p, static_cast<uint32_t>(n), *rate, one > 0 ? *rate / one : 0});
       }
-    }
+    if (o.progress) std::fprintf(stderr, "\n");
+    for (const auto& p : cpaths)
+      for (int n : counts) {
+        if (failed.count({p, n}) || !runs.count({p, n})) continue;
+        Concurrency c = runs[{p, n}];
+        c.path = p;
+        c.guests = static_cast<uint32_t>(n);
+        c.submissions_per_s = SummarizeRatio(c.rep_rate).median;
+        // Over 1 guest of the same path in the same repetition.
+        if (!failed.count({p, 1}) && runs.count({p, 1})) c.speedup = PairedRatio(c.rep_rate, runs[{p, 1}].rep_rate).median;
+        report->concurrency.push_back(std::move(c));
+      }
   }
   report->lifecycle = std::move(lifecycle);
   Summarize(*report, paths);
   for (const auto& n : skipped) report->summary.push_back(n);
-  return Emit(*report, o, smoke, json_file, csv_file);
+  if (!compare_with.empty()) {
+    // Two-run agreement (docs/ab-methodology.md): this run's figures against an earlier one's.
+    std::ifstream f(compare_with);
+    const auto earlier = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+    report->compared = true;
+    report->agreement = CompareRuns(earlier, ToJson(*report));
+    report->agreement.earlier = compare_with;
+    if (earlier.is_discarded())
+      report->agreement.structural.insert(report->agreement.structural.begin(),
+                                          fmt::format("{}: not a JSON file", compare_with));
+  }
+  const int rc = Emit(*report, o, smoke, json_file, csv_file);
+  // Runs that differ in structure are not two runs of one study: said, and the run fails.
+  return rc ? rc : report->compared && !report->agreement.structure_ok() ? 1 : 0;
 }
 
 namespace {

@@ -64,6 +64,20 @@ class Path {
   virtual std::vector<NamedStats> floors() const { return {}; }
 };
 
+// How a mediated guest tells the device its ring has new work: the doorbell ablation's rows
+// (docs/ab-methodology.md "Ablations").
+enum class Doorbell {
+  kDefault,     // the guest driver's own default (DriverOptions untouched): what "mediated" runs
+  kIoeventfd,   // the tail in the shadow and an ioeventfd kick at every submission
+  kShadow,      // idle notify: the device polls the tail shadow while busy; a kick only when idle
+  kPostedMmio,  // RING_TAIL as a posted REGION_WRITE (no reply awaited): what QEMU 10.1 sends
+  kSyncMmio,    // RING_TAIL as a REGION_WRITE request/reply: what QEMU 10.2 sends
+};
+
+// Whether this build's guest driver has the idle-notify switch (DriverOptions::idle_notify):
+// true since f12-idle. Without it the kShadow row cannot run and kIoeventfd is the default.
+bool DriverHasIdleNotify();
+
 struct PathConfig {
   std::string socket;         // mediated: the vGPU's vfio-user socket
   std::string remote_socket;  // remoting: the vGPU's remoting socket
@@ -76,9 +90,8 @@ struct PathConfig {
   // device offers it (the default); multi: posted writes batched into REGION_WRITE_MULTI;
   // per-entry: one posted REGION_WRITE per entry (the F12 study's baseline).
   std::string gtt = "batch";
-  // mediated: kick only when the device says it is idle (DEVICE_IDLE, the default); false
-  // kicks at every submission (the idle-notify ablation).
-  bool idle_notify = true;
+  // mediated variants (MakeMediatedVariantPath): the doorbell.
+  Doorbell doorbell = Doorbell::kDefault;
 };
 
 Result<std::unique_ptr<Path>> MakeNativePath(const PathConfig& c);
@@ -90,6 +103,8 @@ Result<std::unique_ptr<Path>> MakeMediatedMmioPath(const PathConfig& c);
 // The mediated path through a real QEMU under qtest (F12 "mediated, posted MMIO doorbell,
 // through QEMU"); kUnsupported without c.qemu.
 Result<std::unique_ptr<Path>> MakeMediatedQemuPath(const PathConfig& c);
+// A mediated guest named `name` with c.doorbell and c.gtt: the ablations' rows.
+Result<std::unique_ptr<Path>> MakeMediatedVariantPath(const PathConfig& c, const std::string& name);
 Result<std::unique_ptr<Path>> MakeRemotingPath(const PathConfig& c);
 
 }  // namespace vg::bench

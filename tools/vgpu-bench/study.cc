@@ -19,46 +19,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double Us(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
 
-double SelfCpuUs() {
-  rusage ru{};
-  ::getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 +
-         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
-}
-
-// CPU time of every thread of `pid`, from schedstat (ns resolution).
-double ProcessCpuUs(pid_t pid) {
-  std::string dir = fmt::format("/proc/{}/task", pid);
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) return 0;
-  double ns = 0;
-  while (dirent* e = ::readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    std::ifstream f(dir + "/" + e->d_name + "/schedstat");
-    double v = 0;
-    if (f >> v) ns += v;
-  }
-  ::closedir(d);
-  return ns / 1e3;
-}
-
-// The daemon's CPU: the supervisor and its children, the per-vGPU workers (docs/isolation.md)
-// that do the device's work since F13. A child's threads count while it lives, which every
-// worker of a run does.
-double DaemonCpuUs(pid_t pid) {
-  double us = ProcessCpuUs(pid);
-  std::string dir = fmt::format("/proc/{}/task", pid);
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) return us;
-  while (dirent* e = ::readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    std::ifstream f(dir + "/" + e->d_name + "/children");
-    for (pid_t child = 0; f >> child;) us += ProcessCpuUs(child);
-  }
-  ::closedir(d);
-  return us;
-}
-
 struct SizePlan {
   int iters;
   std::vector<double> kernel_us;      // spin kernel targets
@@ -188,7 +148,9 @@ std::vector<Workload> BuildWorkloads(const StudyOptions& o, const SizePlan& plan
     }
   }
   for (uint64_t bytes : plan.copy_cmd_bytes) {
-    Workload w{"data", fmt::format("COPY cmd {} MiB", bytes >> 20), Kind::kCopyCmd};
+    // KiB below 1 MiB: --smoke's 64 KiB read "0 MiB".
+    Workload w{"data", bytes < (1u << 20) ? fmt::format("COPY cmd {} KiB", bytes >> 10) : fmt::format("COPY cmd {} MiB", bytes >> 20),
+               Kind::kCopyCmd};
     w.copy_bytes = bytes;
     w.bytes = 2 * bytes;
     w.x = static_cast<double>(bytes);
@@ -209,6 +171,46 @@ std::vector<Workload> BuildWorkloads(const StudyOptions& o, const SizePlan& plan
 }
 
 }  // namespace
+
+double SelfCpuUs() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
+
+// CPU time of every thread of `pid`, from schedstat (ns resolution).
+double ProcessCpuUs(pid_t pid) {
+  std::string dir = fmt::format("/proc/{}/task", pid);
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return 0;
+  double ns = 0;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream f(dir + "/" + e->d_name + "/schedstat");
+    double v = 0;
+    if (f >> v) ns += v;
+  }
+  ::closedir(d);
+  return ns / 1e3;
+}
+
+// The daemon's CPU: the supervisor and its children, the per-vGPU workers (docs/isolation.md)
+// that do the device's work since F13. A child's threads count while it lives, which every
+// worker of a run does.
+double DaemonCpuUs(pid_t pid) {
+  double us = ProcessCpuUs(pid);
+  std::string dir = fmt::format("/proc/{}/task", pid);
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return us;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream f(dir + "/" + e->d_name + "/children");
+    for (pid_t child = 0; f >> child;) us += ProcessCpuUs(child);
+  }
+  ::closedir(d);
+  return us;
+}
 
 const Cell* FindCell(const Result_& r, const std::string& path) {
   for (const Cell& c : r.cells)
@@ -241,17 +243,51 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
   }
   auto workloads = BuildWorkloads(o, plan, spin);
 
+  // The ablations' rows, made once a workload of their groups is in this run. A row that
+  // cannot be made is the ablation's loss, not the study's: it goes to not_run, named.
+  rep.ablations = o.ablations;
+  for (Ablation& a : rep.ablations) {
+    const bool wanted = std::any_of(workloads.begin(), workloads.end(), [&](const Workload& w) { return a.groups.count(w.group) > 0; });
+    std::vector<AblationRow> kept;
+    for (const AblationRow& row : a.rows) {
+      if (!wanted || live.count(row.path)) {
+        kept.push_back(row);
+        continue;
+      }
+      auto made = make(row.path, 0);
+      if (!made.ok()) {
+        a.not_run.push_back(fmt::format("{} ({}): NOT RUN: {}", row.path, row.label, made.error().ToString()));
+        continue;
+      }
+      live[row.path] = std::move(*made);
+      for (const NamedStats& f : live[row.path]->floors())
+        rep.floors.path_floors.push_back({row.path + ": " + f.name, f.us});
+      kept.push_back(row);
+    }
+    a.rows = std::move(kept);
+  }
+  // The paths of a workload: every base path, then the rows of each ablation of its group.
+  auto paths_of = [&](const Workload& w) {
+    std::vector<std::string> ps = paths;
+    for (const Ablation& a : rep.ablations)
+      if (a.groups.count(w.group))
+        for (const AblationRow& row : a.rows)
+          if (live.count(row.path) && std::find(ps.begin(), ps.end(), row.path) == ps.end()) ps.push_back(row.path);
+    return ps;
+  };
+
   size_t done = 0;
   for (const Workload& w : workloads) {
     if (o.progress)
       std::fprintf(stderr, "\rvgpu-bench: [%zu/%zu] %-32s", ++done, workloads.size(), w.name.c_str());
     Result_ res{w, {}};
-    std::map<std::string, std::vector<double>> samples, rep_p50;
+    const std::vector<std::string> wpaths = paths_of(w);
+    std::map<std::string, std::vector<double>> samples;
     std::map<std::string, double> host_cpu, guest_cpu;
     std::map<std::string, Crossings> cross;
     std::map<std::string, uint64_t> subs;
     std::map<std::string, Cell> cells;
-    for (const auto& p : paths) {
+    for (const auto& p : wpaths) {
       Cell& c = cells[p];
       c.path = p;
       Path& path = *live[p];
@@ -273,7 +309,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
     }
     for (int r = 0; r < o.reps; ++r) {
       // Rotate the order each repetition so drift on the machine hits every path alike.
-      std::vector<std::string> order = paths;
+      std::vector<std::string> order = wpaths;
       std::rotate(order.begin(), order.begin() + (r % order.size()), order.end());
       for (const auto& p : order) {
         Cell& c = cells[p];
@@ -297,20 +333,31 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
         }
         Crossings c1 = path.crossings();
         double self = SelfCpuUs() - self0 + (vmm ? ProcessCpuUs(vmm) - vmm0 : 0);
-        host_cpu[p] += host ? DaemonCpuUs(host) - host0 : self;
-        guest_cpu[p] += host ? self : 0;
+        const double host_d = host ? DaemonCpuUs(host) - host0 : self, guest_d = host ? self : 0;
+        host_cpu[p] += host_d;
+        guest_cpu[p] += guest_d;
+        Crossings d{c1.messages - c0.messages, c1.doorbells - c0.doorbells, c1.interrupts - c0.interrupts,
+                    c1.replies - c0.replies, c1.bytes - c0.bytes};
         Crossings& acc = cross[p];
-        acc.messages += c1.messages - c0.messages;
-        acc.doorbells += c1.doorbells - c0.doorbells;
-        acc.interrupts += c1.interrupts - c0.interrupts;
-        acc.replies += c1.replies - c0.replies;
-        acc.bytes += c1.bytes - c0.bytes;
-        subs[p] += rs.size() * per;
-        rep_p50[p].push_back(Summarize(rs).p50);
+        acc.messages += d.messages;
+        acc.doorbells += d.doorbells;
+        acc.interrupts += d.interrupts;
+        acc.replies += d.replies;
+        acc.bytes += d.bytes;
+        const uint64_t n = rs.size() * per;
+        subs[p] += n;
+        // A repetition cut short by an error is not one the paths can be paired on.
+        if (c.error.empty() && n) {
+          c.rep_p50_us.push_back(Summarize(rs).p50);
+          c.rep_cpu_us.push_back((host_d + guest_d) / static_cast<double>(n));
+          c.rep_crossings.push_back(static_cast<double>(d.messages + d.doorbells + d.interrupts + d.replies) /
+                                    static_cast<double>(n));
+        }
         samples[p].insert(samples[p].end(), rs.begin(), rs.end());
       }
     }
-    for (const auto& p : paths) {
+    const std::vector<double>& native_reps = cells["native"].rep_p50_us;
+    for (const auto& p : wpaths) {
       Path& path = *live[p];
       path.Release();
       Cell& c = cells[p];
@@ -328,13 +375,11 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
         c.throughput = w.bytes ? static_cast<double>(w.bytes) / (c.us.p50 * 1e-6) / 1e9 : 1e6 / c.us.p50;
         c.unit = w.bytes ? "GB/s" : "sub/s";
       }
-      std::vector<double> lr, tr;
-      for (size_t r = 0; r < rep_p50[p].size() && r < rep_p50["native"].size(); ++r) {
-        lr.push_back(rep_p50[p][r] / rep_p50["native"][r]);
-        tr.push_back(rep_p50["native"][r] / rep_p50[p][r]);
+      // Paired only when both ran every repetition: rep r of each is then the same repetition.
+      if (c.rep_p50_us.size() == native_reps.size()) {
+        c.latency_ratio = PairedRatio(c.rep_p50_us, native_reps);
+        c.throughput_ratio = PairedRatio(native_reps, c.rep_p50_us);
       }
-      c.latency_ratio = SummarizeRatio(lr);
-      c.throughput_ratio = SummarizeRatio(tr);
       res.cells.push_back(c);
     }
     rep.results.push_back(std::move(res));
@@ -355,13 +400,54 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
   return rep;
 }
 
+Ratio PairedLatency(const Cell& num, const Cell& den) {
+  // Paired only when both ran every repetition: rep r of each is then the same repetition.
+  if (num.rep_p50_us.size() != den.rep_p50_us.size()) return {};
+  return PairedRatio(num.rep_p50_us, den.rep_p50_us);
+}
+Ratio PairedCpu(const Cell& num, const Cell& den) {
+  if (num.rep_cpu_us.size() != den.rep_cpu_us.size()) return {};
+  return PairedRatio(num.rep_cpu_us, den.rep_cpu_us);
+}
+
 // --- reports ---
 
 namespace {
-std::string RatioText(const Ratio& r) {
-  if (r.n == 0) return "-";
-  return fmt::format("{:.3f} [{:.3f}-{:.3f}]", r.median, r.min, r.max);
+
+// Each ablation's rows side by side per workload: against native and against its reference.
+std::string FormatAblations(const StudyReport& r) {
+  std::string out;
+  for (const Ablation& a : r.ablations) {
+    out += fmt::format("== ablation {}: {}\n", a.name, a.factor);
+    for (const AblationRow& row : a.rows) out += fmt::format("   {:<18} {}\n", row.path, row.label);
+    for (const std::string& n : a.not_run) out += "   " + n + "\n";
+    if (a.rows.size() < 2) continue;
+    out += fmt::format("{:<30} {:<18} {:>9} {:>22} {:>22} {:>9} {:>22} {:>5} {:>5} {:>5}\n", "case", "path", "p50 us",
+                       "x native [min-max]", "x " + a.reference() + " [min-max]", "cpu us", "cpu x ref [min-max]",
+                       "msgs", "dbell", "irqs");
+    for (const Result_& res : r.results) {
+      if (!a.groups.count(res.workload.group)) continue;
+      const Cell* ref = FindCell(res, a.reference());
+      for (const AblationRow& row : a.rows) {
+        const Cell* c = FindCell(res, row.path);
+        if (!c) continue;
+        if (!c->error.empty() && c->us.n == 0) {
+          out += fmt::format("{:<30} {:<18} error: {}\n", res.workload.name, c->path, c->error);
+          continue;
+        }
+        const bool is_ref = row.path == a.reference();
+        out += fmt::format("{:<30} {:<18} {:>9.1f} {:>22} {:>22} {:>9.1f} {:>22} {:>5.2f} {:>5.2f} {:>5.2f}\n",
+                           res.workload.name, c->path, c->us.p50, RatioText(c->latency_ratio),
+                           is_ref ? std::string("1") : ref ? RatioText(PairedLatency(*c, *ref)) : std::string("-"),
+                           c->host_cpu_us + c->guest_cpu_us,
+                           is_ref ? std::string("1") : ref ? RatioText(PairedCpu(*c, *ref)) : std::string("-"),
+                           c->messages, c->doorbells, c->interrupts);
+      }
+    }
+  }
+  return out;
 }
+
 }  // namespace
 
 std::string FormatReport(const StudyReport& r) {
@@ -385,16 +471,16 @@ std::string FormatReport(const StudyReport& r) {
   for (const Result_& res : r.results) {
     if (res.workload.group != group) {
       group = res.workload.group;
-      out += fmt::format("== {}\n{:<30} {:<13} {:>9} {:>9} {:>9} {:>10} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} {:>5} {:>8}  {:<24} {}\n",
+      out += fmt::format("== {}\n{:<30} {:<18} {:>9} {:>9} {:>9} {:>10} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} {:>5} {:>8}  {:<24} {}\n",
                          group, "case", "path", "p50 us", "p99 us", "p99.9 us", "thruput", "unit", "host cpu",
                          "gst cpu", "msgs", "dbell", "irqs", "repl", "bytes", "lat ratio [min-max]", "ok");
     }
     for (const Cell& c : res.cells) {
       if (!c.error.empty() && c.us.n == 0) {
-        out += fmt::format("{:<30} {:<13} error: {}\n", res.workload.name, c.path, c.error);
+        out += fmt::format("{:<30} {:<18} error: {}\n", res.workload.name, c.path, c.error);
         continue;
       }
-      out += fmt::format("{:<30} {:<13} {:>9.1f} {:>9.1f} {:>9.1f} {:>10.3g} {:>6} {:>8.1f} {:>8.1f} {:>5.2f} {:>5.2f} "
+      out += fmt::format("{:<30} {:<18} {:>9.1f} {:>9.1f} {:>9.1f} {:>10.3g} {:>6} {:>8.1f} {:>8.1f} {:>5.2f} {:>5.2f} "
                          "{:>5.2f} {:>5.2f} {:>8.0f}  {:<24} {}\n",
                          res.workload.name, c.path, c.us.p50, c.us.p99, c.us.p999, c.throughput, c.unit,
                          c.host_cpu_us, c.guest_cpu_us, c.messages, c.doorbells, c.interrupts, c.replies, c.bytes,
@@ -402,15 +488,20 @@ std::string FormatReport(const StudyReport& r) {
                          c.correct ? "yes" : "NO " + c.error);
     }
   }
+  out += FormatAblations(r);
   if (!r.concurrency.empty()) {
-    out += fmt::format("== concurrency (small dispatch per guest)\n{:<9} {:>7} {:>12} {:>8}\n", "path", "guests",
-                       "sub/s", "speedup");
+    out += fmt::format("== concurrency (small dispatch per guest; median over repetitions)\n{:<9} {:>7} {:>12} {:>8} "
+                       "{:>10} {:>5}\n",
+                       "path", "guests", "sub/s", "speedup", "cpu us", "reps");
     for (const auto& c : r.concurrency)
-      out += fmt::format("{:<9} {:>7} {:>12.0f} {:>8.2f}\n", c.path, c.guests, c.submissions_per_s, c.speedup);
+      out += fmt::format("{:<9} {:>7} {:>12.0f} {:>8.2f} {:>10.1f} {:>5}\n", c.path, c.guests, c.submissions_per_s,
+                         c.speedup, SummarizeRatio(c.rep_cpu_us).median, c.rep_rate.size());
   }
   out += FormatLifecycle(r.lifecycle);
   out += "\n== summary\n";
-  for (const auto& s : r.summary) out += "- " + s + "\n";
+  // An entry starting with two spaces continues the one before it (a verdict's rows).
+  for (const auto& s : r.summary) out += (s.rfind("  ", 0) == 0 ? "  " + s : "- " + s) + "\n";
+  if (r.compared) out += FormatAgreement(r.agreement);
   return out;
 }
 
@@ -452,13 +543,40 @@ nlohmann::json ToJson(const StudyReport& r) {
                             {"latency_ratio_to_native", ratio(c.latency_ratio)},
                             {"throughput_ratio_to_native", ratio(c.throughput_ratio)},
                             {"correct", c.correct},
-                            {"error", c.error}};
+                            {"error", c.error},
+                            {"per_rep",
+                             {{"p50_us", c.rep_p50_us}, {"cpu_us_per_submission", c.rep_cpu_us},
+                              {"crossings_per_submission", c.rep_crossings}}}};
     }
     j["results"].push_back(w);
   }
   for (const auto& c : r.concurrency)
-    j["concurrency"].push_back(
-        {{"path", c.path}, {"guests", c.guests}, {"submissions_per_s", c.submissions_per_s}, {"speedup", c.speedup}});
+    j["concurrency"].push_back({{"path", c.path},
+                                {"guests", c.guests},
+                                {"submissions_per_s", c.submissions_per_s},
+                                {"speedup", c.speedup},
+                                {"per_rep", {{"submissions_per_s", c.rep_rate}, {"cpu_us_per_submission", c.rep_cpu_us}}}});
+  for (const Ablation& a : r.ablations) {
+    json rows = json::array();
+    for (const AblationRow& row : a.rows) rows.push_back({{"path", row.path}, {"label", row.label}});
+    j["ablations"].push_back({{"name", a.name},
+                              {"factor", a.factor},
+                              {"groups", a.groups},
+                              {"reference", a.rows.empty() ? std::string() : a.reference()},
+                              {"rows", rows},
+                              {"not_run", a.not_run}});
+  }
+  // Every figure the summary reads, with its spread: what two runs are compared on.
+  j["summary_ratios"] = json::object();
+  for (const SummaryFigure& f : r.figures) {
+    json v = ratio(f.value);
+    v["unit"] = f.unit;
+    v["what"] = f.what;
+    j["summary_ratios"][f.key] = v;
+  }
+  j["verdicts"] = json::array();
+  for (const ClassVerdict& v : r.verdicts) j["verdicts"].push_back(VerdictJson(v));
+  if (r.compared) j["agreement"] = AgreementJson(r.agreement);
   if (r.lifecycle.ran) j["lifecycle"] = LifecycleJson(r.lifecycle);
   if (r.calibration.ran) j["calibration"] = CalibrationJson(r.calibration);
   j["summary"] = r.summary;

@@ -53,6 +53,8 @@ struct Options {
   uint64_t address_space = 0;
   uint64_t open_files = 1024;
   bool seccomp = true;
+  uint32_t executor_depth = mediator::VgpuConfig{}.executor_depth;
+  bool zero_copy = true;
 };
 
 class Worker {
@@ -91,6 +93,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   vfio_user::DmaBudget::SetTotal(o.dma_total_bytes);
   engine::EngineOptions eo;
   eo.gpu = o.gpu;
+  eo.allow_zero_copy = o.zero_copy;
   VG_TRY_ASSIGN(w->engine_, engine::Engine::Create(eo));
   mediator::VgpuConfig cfg;
   cfg.uuid = o.uuid;
@@ -100,6 +103,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   cfg.engine = w->engine_.get();
   cfg.dma_limits.max_bytes = o.dma_max_bytes;
   cfg.dma_limits.max_regions = o.dma_max_regions;
+  cfg.executor_depth = o.executor_depth;
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
   VG_TRY_ASSIGN(w->remoting_, remoting::Listener::CreateOnSocket(w->base_, *w->engine_, UniqueFd(ch::kRemotingFd),
                                                                  o.remoting_name));
@@ -274,6 +278,8 @@ int main(int argc, char** argv) {
   app.add_option("--open-files", o.open_files, "RLIMIT_NOFILE");
   app.add_flag("!--no-seccomp", o.seccomp, "no system-call filter (debugging only)");
   app.add_option("--log-level", o.log_level);
+  app.add_option("--executor-depth", o.executor_depth);
+  app.add_flag("!--no-zero-copy", o.zero_copy);
   CLI11_PARSE(app, argc, argv);
   if (o.log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (o.log_level == "warn") SetLogLevel(LogLevel::kWarn);
