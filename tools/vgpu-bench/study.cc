@@ -614,18 +614,25 @@ std::string ToCsv(const StudyReport& r) {
 }
 
 Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::string& dir) {
-  std::vector<std::string> paths;
-  for (const Result_& res : r.results)
-    for (const Cell& c : res.cells)
-      if (std::find(paths.begin(), paths.end(), c.path) == paths.end()) paths.push_back(c.path);
+  // Each plot has the paths that ran its rows: an ablation row runs only on its own
+  // workloads and would be an empty series elsewhere.
+  std::map<std::string, std::vector<std::string>> plot_paths;  // .dat file -> its columns
   auto write_dat = [&](const std::string& file, const std::string& group, const std::string& prefix, bool gbps) {
+    auto mine = [&](const Result_& res) {
+      return res.workload.group == group && res.workload.name.rfind(prefix, 0) == 0;
+    };
+    std::vector<std::string>& paths = plot_paths[file];
+    for (const Result_& res : r.results)
+      if (mine(res))
+        for (const Cell& c : res.cells)
+          if (std::find(paths.begin(), paths.end(), c.path) == paths.end()) paths.push_back(c.path);
     int rows = 0;
     std::ofstream f(dir + "/" + file);
     f << "# x";
     for (auto& p : paths) f << " " << p;
     f << "\n";
     for (const Result_& res : r.results) {
-      if (res.workload.group != group || res.workload.name.rfind(prefix, 0) != 0) continue;
+      if (!mine(res)) continue;
       const Cell* native = FindCell(res, "native");
       f << (group == "kernel_time" && native ? native->us.p50 : res.workload.x);
       for (auto& p : paths) {
@@ -646,6 +653,7 @@ Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::str
                   const std::string& yl) {
     script += fmt::format("set output '{}/{}'\nset title '{}'\nset xlabel '{}'\nset ylabel '{}'\nplot ", dir, png,
                           title, xl, yl);
+    const std::vector<std::string>& paths = plot_paths[dat];
     for (size_t i = 0; i < paths.size(); ++i)
       script += fmt::format("{}'{}/{}' using 1:{} with linespoints title '{}'", i ? ", " : "", dir, dat, i + 2,
                             paths[i]);
