@@ -212,6 +212,12 @@ double DaemonCpuUs(pid_t pid) {
   return us;
 }
 
+bool Ablation::RunsOn(const Workload& w) const {
+  if (!groups.count(w.group)) return false;
+  return cases.empty() ||
+         std::any_of(cases.begin(), cases.end(), [&](const std::string& c) { return w.name.rfind(c, 0) == 0; });
+}
+
 const Cell* FindCell(const Result_& r, const std::string& path) {
   for (const Cell& c : r.cells)
     if (c.path == path) return &c;
@@ -247,7 +253,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
   // cannot be made is the ablation's loss, not the study's: it goes to not_run, named.
   rep.ablations = o.ablations;
   for (Ablation& a : rep.ablations) {
-    const bool wanted = std::any_of(workloads.begin(), workloads.end(), [&](const Workload& w) { return a.groups.count(w.group) > 0; });
+    const bool wanted = std::any_of(workloads.begin(), workloads.end(), [&](const Workload& w) { return a.RunsOn(w); });
     std::vector<AblationRow> kept;
     for (const AblationRow& row : a.rows) {
       if (!wanted || live.count(row.path)) {
@@ -270,7 +276,7 @@ Result<StudyReport> RunStudy(const StudyOptions& o, const PathFactory& make, con
   auto paths_of = [&](const Workload& w) {
     std::vector<std::string> ps = paths;
     for (const Ablation& a : rep.ablations)
-      if (a.groups.count(w.group))
+      if (a.RunsOn(w))
         for (const AblationRow& row : a.rows)
           if (live.count(row.path) && std::find(ps.begin(), ps.end(), row.path) == ps.end()) ps.push_back(row.path);
     return ps;
@@ -426,7 +432,7 @@ std::string FormatAblations(const StudyReport& r) {
                        "x native [min-max]", "x " + a.reference() + " [min-max]", "cpu us", "cpu x ref [min-max]",
                        "msgs", "dbell", "irqs");
     for (const Result_& res : r.results) {
-      if (!a.groups.count(res.workload.group)) continue;
+      if (!a.RunsOn(res.workload)) continue;
       const Cell* ref = FindCell(res, a.reference());
       for (const AblationRow& row : a.rows) {
         const Cell* c = FindCell(res, row.path);
@@ -562,6 +568,7 @@ nlohmann::json ToJson(const StudyReport& r) {
     j["ablations"].push_back({{"name", a.name},
                               {"factor", a.factor},
                               {"groups", a.groups},
+                              {"cases", a.cases},
                               {"reference", a.rows.empty() ? std::string() : a.reference()},
                               {"rows", rows},
                               {"not_run", a.not_run}});
@@ -607,18 +614,25 @@ std::string ToCsv(const StudyReport& r) {
 }
 
 Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::string& dir) {
-  std::vector<std::string> paths;
-  for (const Result_& res : r.results)
-    for (const Cell& c : res.cells)
-      if (std::find(paths.begin(), paths.end(), c.path) == paths.end()) paths.push_back(c.path);
+  // Each plot has the paths that ran its rows: an ablation row runs only on its own
+  // workloads and would be an empty series elsewhere.
+  std::map<std::string, std::vector<std::string>> plot_paths;  // .dat file -> its columns
   auto write_dat = [&](const std::string& file, const std::string& group, const std::string& prefix, bool gbps) {
+    auto mine = [&](const Result_& res) {
+      return res.workload.group == group && res.workload.name.rfind(prefix, 0) == 0;
+    };
+    std::vector<std::string>& paths = plot_paths[file];
+    for (const Result_& res : r.results)
+      if (mine(res))
+        for (const Cell& c : res.cells)
+          if (std::find(paths.begin(), paths.end(), c.path) == paths.end()) paths.push_back(c.path);
     int rows = 0;
     std::ofstream f(dir + "/" + file);
     f << "# x";
     for (auto& p : paths) f << " " << p;
     f << "\n";
     for (const Result_& res : r.results) {
-      if (res.workload.group != group || res.workload.name.rfind(prefix, 0) != 0) continue;
+      if (!mine(res)) continue;
       const Cell* native = FindCell(res, "native");
       f << (group == "kernel_time" && native ? native->us.p50 : res.workload.x);
       for (auto& p : paths) {
@@ -639,6 +653,7 @@ Result<std::vector<std::string>> WritePlots(const StudyReport& r, const std::str
                   const std::string& yl) {
     script += fmt::format("set output '{}/{}'\nset title '{}'\nset xlabel '{}'\nset ylabel '{}'\nplot ", dir, png,
                           title, xl, yl);
+    const std::vector<std::string>& paths = plot_paths[dat];
     for (size_t i = 0; i < paths.size(); ++i)
       script += fmt::format("{}'{}/{}' using 1:{} with linespoints title '{}'", i ? ", " : "", dir, dat, i + 2,
                             paths[i]);

@@ -33,7 +33,10 @@ struct Ablation {
   std::set<std::string> groups;      // the workload groups it runs on
   std::vector<AblationRow> rows;     // the reference row first
   std::vector<std::string> not_run;  // rows this run could not make, each with why
+  // Within those groups, only the workloads whose name starts with one of these (empty: all).
+  std::vector<std::string> cases;
   const std::string& reference() const { return rows.front().path; }
+  bool RunsOn(const Workload& w) const;
 };
 
 struct StudyOptions {

@@ -48,13 +48,13 @@ void SummarizeAblations(StudyReport& r) {
     // One line per workload group, in the order the groups ran.
     std::vector<std::string> groups;
     for (const Result_& res : r.results)
-      if (a.groups.count(res.workload.group) &&
+      if (a.RunsOn(res.workload) &&
           std::find(groups.begin(), groups.end(), res.workload.group) == groups.end())
         groups.push_back(res.workload.group);
     for (const std::string& g : groups) {
       std::vector<std::string> parts;
       for (const Result_& res : r.results) {
-        if (res.workload.group != g) continue;
+        if (res.workload.group != g || !a.RunsOn(res.workload)) continue;
         const Cell* rc = FindCell(res, ref);
         std::vector<std::string> rows;
         for (const AblationRow& row : a.rows) {
