@@ -284,6 +284,10 @@ void Executor::Finished(const Retiring& r, std::unique_lock<std::mutex>& lk) {
 
 void Executor::Drain() {
   std::unique_lock lk(mu_);
+  DrainLocked(lk);
+}
+
+void Executor::DrainLocked(std::unique_lock<std::mutex>& lk) {
   const uint64_t target = retire_seq_;
   idle_cv_.wait(lk, [&] { return retired_seq_ >= target; });
 }
@@ -530,8 +534,7 @@ Result<> Executor::Flush(Batch& batch, const std::shared_ptr<PlanState>& ps) {
     std::unique_lock lk(mu_);
     if (!retiring_.empty() && (host_copies || HostWritePending(touched))) {
       counters_.drains.fetch_add(1, std::memory_order_relaxed);
-      const uint64_t target = retire_seq_;
-      idle_cv_.wait(lk, [&] { return retired_seq_ >= target; });
+      DrainLocked(lk);
     }
     // Depth and cost in flight: small work pipelines deep, dear work about one piece at a time.
     idle_cv_.wait(lk, [&] {

@@ -187,6 +187,7 @@ class Executor {
   void Finished(const Retiring& r, std::unique_lock<std::mutex>& lk);
   // Waits until everything handed to the retire thread so far has retired.
   void Drain();
+  void DrainLocked(std::unique_lock<std::mutex>& lk);  // the same, mu_ held
   bool HostWritePending(std::span<const Extent> touched) const;  // mu_
   bool Cancelled(uint64_t epoch) const { return epoch_.load(std::memory_order_acquire) != epoch; }
   // Runs `fn` (a hook and the guest write that goes with it) unless `epoch` was cancelled.
