@@ -79,22 +79,14 @@ Json InstanceJson(const mdev::InstanceInfo& i) {
   return j;
 }
 
-Json CountersJson(const std::array<uint64_t, 16>& v) {
-  auto at = [&](channel::Counter c) { return v[static_cast<size_t>(c)]; };
-  using C = channel::Counter;
-  return Json{{"doorbells", at(C::kDoorbells)},
-              {"submissions", at(C::kSubmissions)},
-              {"refusals", at(C::kMmioRefusals) + at(C::kCommandRefusals)},
-              {"mmio_refusals", at(C::kMmioRefusals)},
-              {"command_refusals", at(C::kCommandRefusals)},
-              {"resets", at(C::kResets)},
-              {"irqs", at(C::kIrqs)},
-              {"commands_audited", at(C::kCommandsAudited)},
-              {"plans_executed", at(C::kPlansExecuted)},
-              {"vfio_user_clients", at(C::kVfioClients)},
-              {"remoting_clients", at(C::kRemotingClients)},
-              {"remoting_commands", at(C::kRemotingCommands)},
-              {"remoting_errors", at(C::kRemotingErrors)}};
+Json CountersJson(const std::array<uint64_t, std::tuple_size_v<decltype(channel::Record::values)>>& v) {
+  Json j = Json::object();
+  for (const channel::CounterName& c : channel::kCounterNames)
+    j[std::string(c.name)] = v[static_cast<size_t>(c.counter)];
+  // The sum `vgpuctl show` has always printed.
+  j["refusals"] = v[static_cast<size_t>(channel::Counter::kMmioRefusals)] +
+                  v[static_cast<size_t>(channel::Counter::kCommandRefusals)];
+  return j;
 }
 
 Json WorkerJson(const WorkerStatus& w, const WorkerPolicy& p) {

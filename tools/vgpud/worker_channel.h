@@ -15,6 +15,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <optional>
 #include <string_view>
 
@@ -49,8 +50,58 @@ enum class Counter : uint32_t {
   kRemotingClients,
   kRemotingCommands,
   kRemotingErrors,
+  // F7: scheduling, rate limits, fault health (docs/management.md). Times in ns.
+  kGpuTimeNs,         // engine time charged to this vGPU (both paths)
+  kQueueWaitNs,       // time its work waited for the engine (scheduler, rate limits)
+  kBytesRead,         // guest memory the device read for its commands
+  kBytesWritten,      // guest memory the device wrote
+  kRateLimited,       // submissions a rate limit deferred
+  kFaults,            // refused or faulted commands counted by the fault monitor
+  kThrottledNs,       // time spent throttled for faults
+  kQuarantinedNs,     // time spent quarantined
+  kHealth,            // channel::Health
+  kHealthReason,      // channel::HealthReason
   kCount,
 };
+
+// What `vgpuctl show` and the metrics endpoint call each counter: one table, so a counter
+// added here reaches both. kHealth/kHealthReason are states, not counters (gauge).
+struct CounterName {
+  Counter counter;
+  std::string_view name;
+  bool gauge;
+};
+inline constexpr CounterName kCounterNames[] = {
+    {Counter::kDoorbells, "doorbells", false},
+    {Counter::kSubmissions, "submissions", false},
+    {Counter::kMmioRefusals, "mmio_refusals", false},
+    {Counter::kCommandRefusals, "command_refusals", false},
+    {Counter::kResets, "resets", false},
+    {Counter::kIrqs, "irqs", false},
+    {Counter::kCommandsAudited, "commands_audited", false},
+    {Counter::kPlansExecuted, "plans_executed", false},
+    {Counter::kVfioClients, "vfio_user_clients", true},
+    {Counter::kRemotingClients, "remoting_clients", true},
+    {Counter::kRemotingCommands, "remoting_commands", false},
+    {Counter::kRemotingErrors, "remoting_errors", false},
+    {Counter::kGpuTimeNs, "gpu_time_ns", false},
+    {Counter::kQueueWaitNs, "queue_wait_ns", false},
+    {Counter::kBytesRead, "bytes_read", false},
+    {Counter::kBytesWritten, "bytes_written", false},
+    {Counter::kRateLimited, "rate_limited", false},
+    {Counter::kFaults, "faults", false},
+    {Counter::kThrottledNs, "throttled_ns", false},
+    {Counter::kQuarantinedNs, "quarantined_ns", false},
+    {Counter::kHealth, "health", true},
+    {Counter::kHealthReason, "health_reason", true},
+};
+static_assert(std::size(kCounterNames) == static_cast<size_t>(Counter::kCount));
+
+// A vGPU's fault health (F7): ok, throttled for a high fault rate, or quarantined (its
+// submissions refused with kQuarantined until a reset).
+enum class Health : uint64_t { kOk = 0, kThrottled = 1, kQuarantined = 2 };
+// Which fault rate put it there (kNone while ok).
+enum class HealthReason : uint64_t { kNone = 0, kCommandRefusals = 1, kMmioRefusals = 2, kDmaFaults = 3, kRemotingErrors = 4 };
 
 // Test-only faults (a worker built with VGPUD_TEST_HOOKS acts on them; others log and ignore).
 enum class Fault : uint64_t {
@@ -64,10 +115,10 @@ struct Record {
   uint32_t magic = kMagic;
   Kind kind = Kind::kPing;
   uint64_t seq = 0;
-  std::array<uint64_t, 16> values{};
+  std::array<uint64_t, 32> values{};
 };
 static_assert(static_cast<size_t>(Counter::kCount) <= std::tuple_size_v<decltype(Record::values)>);
-static_assert(sizeof(Record) == 144);
+static_assert(sizeof(Record) == 272);
 
 inline Record Make(Kind k, uint64_t seq = 0) {
   Record r;

@@ -83,7 +83,7 @@ struct WorkerStatus {
   std::optional<uint64_t> heartbeat_age_ms;  // since the last pong, while running
   std::chrono::steady_clock::time_point last_heartbeat;
   uint64_t pong_seq = 0;  // the ping the counters answer
-  std::optional<std::array<uint64_t, 16>> counters;  // the last pong's (channel::Counter)
+  std::optional<std::array<uint64_t, std::tuple_size_v<decltype(channel::Record::values)>>> counters;  // the last pong's (channel::Counter)
   uint64_t start_latency_us = 0;  // spawn to Ready, the last start
   // Limits as applied, and usage as the supervisor reads it from /proc (never the worker).
   uint64_t address_space_limit = 0;  // 0: none
