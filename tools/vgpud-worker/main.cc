@@ -55,6 +55,7 @@ struct Options {
   bool seccomp = true;
   uint32_t executor_depth = mediator::VgpuConfig{}.executor_depth;
   bool zero_copy = true;
+  bool coalesce = true;
 };
 
 class Worker {
@@ -104,6 +105,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   cfg.dma_limits.max_bytes = o.dma_max_bytes;
   cfg.dma_limits.max_regions = o.dma_max_regions;
   cfg.executor_depth = o.executor_depth;
+  cfg.executor_coalesce = o.coalesce;
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
   VG_TRY_ASSIGN(w->remoting_, remoting::Listener::CreateOnSocket(w->base_, *w->engine_, UniqueFd(ch::kRemotingFd),
                                                                  o.remoting_name));
@@ -280,6 +282,7 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", o.log_level);
   app.add_option("--executor-depth", o.executor_depth);
   app.add_flag("!--no-zero-copy", o.zero_copy);
+  app.add_flag("!--no-coalesce", o.coalesce);
   CLI11_PARSE(app, argc, argv);
   if (o.log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (o.log_level == "warn") SetLogLevel(LogLevel::kWarn);
