@@ -81,8 +81,11 @@ constexpr const char* kB = "5c4e0000-0000-4000-8000-00000000000b";
 
 // Device time each of two always-busy tenants got over `secs`, weights 100 and 400.
 std::pair<double, double> Shares(Host& h, double secs) {
-  Victim a(h.Start(kA, Json::array({Json{{"sched_weight", "100"}}})), 1 << 16);
-  Victim b(h.Start(kB, Json::array({Json{{"sched_weight", "400"}}})), 1 << 16);
+  // Rounds of a few milliseconds of device work each (the kernels' pieces are far shorter
+  // than the window, as the executor's cost budget keeps them), so the window holds many
+  // grants; a tenant whose pieces are a sizeable part of it shows its debt in lumps.
+  Victim a(h.Start(kA, Json::array({Json{{"sched_weight", "100"}}})), 1 << 14);
+  Victim b(h.Start(kB, Json::array({Json{{"sched_weight", "400"}}})), 1 << 14);
   const uint64_t a0 = h.GpuTimeNs(kA), b0 = h.GpuTimeNs(kB);
   std::this_thread::sleep_for(std::chrono::duration<double>(secs));
   const uint64_t a1 = h.GpuTimeNs(kA), b1 = h.GpuTimeNs(kB);
@@ -100,10 +103,10 @@ TEST_CASE("weights: two busy tenants at 100 and 400 get about 1:4 of the engine'
   REQUIRE(a > 0);
   const double ratio = b / a;
   MESSAGE("device time B / A = ", ratio, " (weights 400 / 100)");
-  // Tolerance from measurement on the loaded 2-core CI machine (lavapipe): 3.3-4.4 seen;
+  // Tolerance from measurement on the loaded 2-core CI machine (lavapipe): 3.6-5.3 seen;
   // without the scheduler (--sched off) the same run gives about 1.
   CHECK(ratio >= 2.5);
-  CHECK(ratio <= 6.0);
+  CHECK(ratio <= 7.0);
   // Both were served: the light one is not starved.
   CHECK(a > 0.05 * (a + b));
 }
