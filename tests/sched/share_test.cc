@@ -130,5 +130,28 @@ TEST_CASE("rate limit: 20 submissions per second hold while the tenant submits a
   CHECK(s["scheduler"]["rate_limit"] == 20);
 }
 
+TEST_CASE("a noisy neighbour cannot starve a quiet one") {
+  // Same weight. The heavy tenant's rounds are big kernels (pieces of tens to hundreds of
+  // ms) back to back; the quiet one submits small kernels and waits for each. It keeps
+  // being served, its results bit-exact, and no round of it waits for more than a bounded
+  // number of the heavy one's pieces.
+  Host h;
+  Victim heavy(h.Start(kB, Json::array({Json{{"sched_weight", "100"}}})), 1 << 16);
+  Victim quiet(h.Start(kA, Json::array({Json{{"sched_weight", "100"}}})), 1024);
+  const uint64_t q0 = quiet.rounds(), h0 = heavy.rounds();
+  std::this_thread::sleep_for(std::chrono::duration<double>(4.0 * SlowFactor()));
+  const uint64_t q1 = quiet.rounds(), h1 = heavy.rounds();
+  Json qs = h.Show(kA)["scheduler"], hs = h.Show(kB)["scheduler"];
+  VictimReport rq = quiet.Stop(), rh = heavy.Stop();
+  CheckVictim(rq);
+  CheckVictim(rh);
+  MESSAGE("quiet: ", q1 - q0, " rounds, slowest ", rq.max_round_ms, " ms, ", qs.dump(), "\nheavy: ", h1 - h0,
+          " rounds, slowest ", rh.max_round_ms, " ms, ", hs.dump());
+  // The quiet tenant is charged only the little it uses, so its virtual time stays behind
+  // and each of its requests is granted after at most the heavy tenant's current piece.
+  CHECK(q1 - q0 >= 10);
+  CHECK(rq.max_round_ms <= 5 * rh.max_round_ms + 100);
+}
+
 }  // namespace
 }  // namespace vg::e2e
