@@ -773,8 +773,10 @@ TEST_CASE("hostile clients of the endpoint: bounded, answered by name, and the d
     }
     stop = true;
     for (auto& t : ts) t.join();
+    // How many depends on the host's load (a full accept queue makes connect() retry its SYN
+    // after a second); well past the server's bound is what matters.
     MESSAGE("many connections: ", made.load(), " made in 3 s");
-    CHECK(made > 100);
+    CHECK(made > 2 * kMaxClients);
   }
   // The daemon's descriptors: at most the client bound above what it had (plus the control
   // probe's clients and a worker's restart, which must not happen: checked below).
