@@ -29,6 +29,7 @@
 #include "mediator/mediator.h"
 #include "remoting/remoting.h"
 #include "sandbox/sandbox.h"
+#include "tools/vgpud-worker/sched_gate.h"
 #include "tools/vgpud/worker_channel.h"
 #include "vfio_user/server.h"
 
@@ -55,6 +56,8 @@ struct Options {
   bool seccomp = true;
   uint32_t executor_depth = mediator::VgpuConfig{}.executor_depth;
   bool zero_copy = true;
+  bool coalesce = true;
+  bool scheduled = false;  // the supervisor's scheduler grants the engine (until kSchedConfig says otherwise)
 };
 
 class Worker {
@@ -76,6 +79,8 @@ class Worker {
 
   Options opts_;
   event_base* base_ = nullptr;
+  // Declared before the engine: destroyed after it (the engine's threads call it).
+  std::unique_ptr<worker::SchedGate> gate_;
   std::unique_ptr<engine::Engine> engine_;
   std::unique_ptr<mediator::Vgpu> vgpu_;
   std::unique_ptr<remoting::Listener> remoting_;
@@ -95,6 +100,15 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   eo.gpu = o.gpu;
   eo.allow_zero_copy = o.zero_copy;
   VG_TRY_ASSIGN(w->engine_, engine::Engine::Create(eo));
+  // Every engine submission of both paths passes the gate (grant, rate limits). A record
+  // that cannot be sent (the channel full) is lost only if the supervisor stopped reading,
+  // and then its watchdog ends this worker anyway.
+  w->gate_ = std::make_unique<worker::SchedGate>([](const ch::Record& r) { (void)ch::Send(ch::kChannelFd, r); });
+  worker::GateConfig gc;
+  gc.scheduled = o.scheduled;
+  w->gate_->Configure(gc);
+  w->engine_->SetGate(w->gate_.get());
+  w->gate_->Start(w->engine_.get());
   mediator::VgpuConfig cfg;
   cfg.uuid = o.uuid;
   cfg.type_name = o.type;
@@ -104,6 +118,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   cfg.dma_limits.max_bytes = o.dma_max_bytes;
   cfg.dma_limits.max_regions = o.dma_max_regions;
   cfg.executor_depth = o.executor_depth;
+  cfg.executor_coalesce = o.coalesce;
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
   VG_TRY_ASSIGN(w->remoting_, remoting::Listener::CreateOnSocket(w->base_, *w->engine_, UniqueFd(ch::kRemotingFd),
                                                                  o.remoting_name));
@@ -132,7 +147,11 @@ Worker::~Worker() {
   vfio_.reset();
   remoting_.reset();
   vgpu_.reset();
+  // The pump thread goes before the engine it pumps; the engine's completion thread may
+  // still call the gate until the engine is gone, and the gate outlives it.
+  if (gate_) gate_->Stop();
   engine_.reset();
+  gate_.reset();
   if (base_) event_base_free(base_);
 }
 
@@ -177,6 +196,10 @@ void Worker::Pong(uint64_t seq) {
   set(ch::Counter::kRemotingClients, remoting_->clients());
   set(ch::Counter::kRemotingCommands, rs.commands);
   set(ch::Counter::kRemotingErrors, rs.errors);
+  const worker::GateStats gs = gate_->Stats();
+  set(ch::Counter::kGpuTimeNs, gs.gpu_time_ns);
+  set(ch::Counter::kQueueWaitNs, gs.queue_wait_ns);
+  set(ch::Counter::kRateLimited, gs.rate_limited);
   (void)ch::Send(ch::kChannelFd, r);  // a full queue: the supervisor pings again
 }
 
@@ -196,6 +219,9 @@ void Worker::OnChannel(int fd, short, void* arg) {
     }
     if (r.kind == ch::Kind::kPing) self->Pong(r.seq);
     if (r.kind == ch::Kind::kFault) self->OnFault(static_cast<ch::Fault>(r.values[0]));
+    if (r.kind == ch::Kind::kSchedConfig) self->gate_->Configure(worker::GateConfig::FromRecord(r));
+    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq);
+    if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
   }
 }
 
@@ -280,6 +306,8 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", o.log_level);
   app.add_option("--executor-depth", o.executor_depth);
   app.add_flag("!--no-zero-copy", o.zero_copy);
+  app.add_flag("!--no-coalesce", o.coalesce);
+  app.add_flag("--scheduled", o.scheduled);
   CLI11_PARSE(app, argc, argv);
   if (o.log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (o.log_level == "warn") SetLogLevel(LogLevel::kWarn);

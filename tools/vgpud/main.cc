@@ -151,7 +151,7 @@ int main(int argc, char** argv) {
   app.add_option("--worker-cpu-percent", wp.cpu_percent, "cgroup v2 cpu.max of a worker, in % of one CPU (0: none)")
       ->capture_default_str();
   app.add_option("--worker-open-files", wp.open_files, "RLIMIT_NOFILE of a worker")->capture_default_str();
-  bool no_seccomp = false, no_zero_copy = false;
+  bool no_seccomp = false, no_zero_copy = false, no_coalesce = false;
   uint32_t executor_depth = 4;
   app.add_option("--executor-depth", executor_depth,
                  "engine submissions of one vGPU in flight at once (1: serial, the study's ablation)")
@@ -159,6 +159,22 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--no-zero-copy", no_zero_copy,
                "the engine copies guest memory instead of importing it (the study's memory ablation)");
+  app.add_flag("--no-coalesce", no_coalesce,
+               "each plan's work gets its own engine submission even while the engine is saturated (the study's "
+               "executor ablation)");
+  std::string sched_mode = "weighted";
+  uint64_t slice_us = 2000, yield_timeout_ms = 60000;
+  app.add_option("--sched", sched_mode,
+                 "how vGPUs share the engine: weighted (by sched_weight, in time slices) or off (first come, first served)")
+      ->check(CLI::IsMember({"weighted", "off"}))
+      ->capture_default_str();
+  app.add_option("--sched-slice-us", slice_us, "time slice: how long a vGPU may keep the engine once another waits")
+      ->check(CLI::Range(100, 1000000))
+      ->capture_default_str();
+  app.add_option("--sched-yield-timeout-ms", yield_timeout_ms,
+                 "a worker that has not yielded the engine this long after a preempt is killed")
+      ->check(CLI::Range(100, 600000))
+      ->capture_default_str();
   app.add_flag("--no-seccomp", no_seccomp, "workers run without their system-call filter (debugging only)");
   CLI11_PARSE(app, argc, argv);
   if (log_level == "debug") SetLogLevel(LogLevel::kDebug);
@@ -198,6 +214,10 @@ int main(int argc, char** argv) {
                         std::to_string(executor_depth)})
     wp.worker_args.push_back(std::move(a));
   if (no_zero_copy) wp.worker_args.push_back("--no-zero-copy");
+  if (no_coalesce) wp.worker_args.push_back("--no-coalesce");
+  wp.sched.enabled = sched_mode == "weighted";
+  wp.sched.slice = std::chrono::microseconds(slice_us);
+  wp.sched.yield_timeout = std::chrono::milliseconds(yield_timeout_ms);
 
   daemon::ServiceOptions so;
   auto budget_bytes = ParseSize(budget);

@@ -42,8 +42,10 @@ class VgpuHost : public mdev::InstanceHost {
 
   struct Live {
     mdev::Attributes attrs;
-    uint32_t type_weight = 0;
+    mdev::VgpuType type;
   };
+  // The type's weight and limits, overridden by the instance's attributes.
+  static SchedParams Effective(const mdev::VgpuType& type, const mdev::Attributes& attrs);
   std::optional<Live> Get(const Uuid& uuid) const;
 
  private:
