@@ -54,6 +54,7 @@ constexpr std::string_view kRejectNames[] = {"too_many_clients", "deadline", "to
                                              "bad_request",      "method",   "not_found"};
 static_assert(std::size(kRejectNames) == static_cast<size_t>(MetricsReject::kCount));
 
+// WorkerStatus::state's values (workers.cc names them); each vGPU gets one sample per state.
 constexpr std::string_view kWorkerStates[] = {"starting", "running", "restarting", "failed", "stopping"};
 
 bool EndsWith(std::string_view s, std::string_view suffix) {
