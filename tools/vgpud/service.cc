@@ -204,8 +204,11 @@ struct ServiceOps {
   };
 
   static Result<Json> Ping(Service& s, const Json&) {
+    // metrics: where `GET /metrics` is served ("HOST:PORT", the real port when --metrics
+    // asked for port 0), null when not.
     return Json{{"parent", s.manager_->parent()}, {"pid", ::getpid()}, {"root", s.opts_.root.string()},
-                {"tree", s.tree_ != nullptr}};
+                {"tree", s.tree_ != nullptr},
+                {"metrics", s.metrics_address_.empty() ? Json(nullptr) : Json(s.metrics_address_)}};
   }
 
   static Result<Json> Types(Service& s, const Json&) {

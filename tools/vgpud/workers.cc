@@ -703,6 +703,7 @@ void WorkerPool::StopAll() {
 
 void WorkerPool::Publish(const Worker& w) {
   WorkerStatus s = w.status;
+  s.type = w.spec.type;
   s.state = std::string(Worker::StateName(w.state));
   s.pid = w.pid;
   if (w.state == Worker::State::kRunning) s.last_heartbeat = w.last_pong;
@@ -752,6 +753,14 @@ std::optional<WorkerStatus> WorkerPool::Status(const Uuid& uuid, int fresh_ms) {
     }
   }
   return s;
+}
+
+std::vector<Uuid> WorkerPool::List() const {
+  std::lock_guard lk(snap_mu_);
+  std::vector<Uuid> out;
+  out.reserve(snaps_.size());
+  for (const auto& [u, s] : snaps_) out.push_back(u);
+  return out;
 }
 
 // ---- probe ----------------------------------------------------------------------------------

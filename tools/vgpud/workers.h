@@ -87,6 +87,7 @@ enum class EndKind : uint8_t { kCrash, kSeccomp, kWatchdog, kOutOfMemory, kKille
 std::string_view EndKindName(EndKind k);
 
 struct WorkerStatus {
+  std::string type;   // the vGPU's type id
   std::string state;  // starting, running, restarting, failed, stopping
   pid_t pid = 0;      // 0 when no process runs
   uint32_t restarts = 0;
@@ -136,6 +137,9 @@ class WorkerPool {
   // and waits for it at most that long (never from the loop thread), so the counters are
   // the worker's of now, not of the last heartbeat; past the bound, the last ones.
   std::optional<WorkerStatus> Status(const Uuid& uuid, int fresh_ms = 0);
+  // The vGPUs the pool holds, in any state, from its snapshot: any thread, never waits on
+  // the loop or on a worker (the metrics endpoint lists them on the loop thread).
+  std::vector<Uuid> List() const;
   // Shutdown, after the loop has exited: every worker stopped and reaped (bounded).
   void StopAll();
   // Workers asked to stop that did not exit 0 (crashed on the way out, a sanitizer
