@@ -24,6 +24,7 @@
 #include <span>
 #include <thread>
 
+#include "abi/device.h"
 #include "base/base.h"
 #include "engine/engine.h"
 #include "mediator/auditor.h"
@@ -75,6 +76,11 @@ inline constexpr uint64_t kMaxInFlightCost = kSubmissionCostBudget;
 struct ExecOptions {
   // 1: serial (each plan starts once the previous one has retired; the study's ablation).
   uint32_t depth = 4;
+  // G: what a plan makes visible to the guest when it completes (FENCE and its interrupt,
+  // TIMESTAMP, LOAD_REG, a failure report, the plan's end) is held until the next multiple
+  // of G of CLOCK_MONOTONIC, and TIMESTAMP writes multiples of G. 0: off (the study).
+  // Clamped to abi::cmd::kMaxTimeGranularityNs.
+  uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs;
 };
 
 struct ExecCounters {
@@ -165,6 +171,7 @@ class Executor {
     std::optional<PlanOp> op;        // kHostOp
     std::optional<Error> error;      // kFailure
     std::vector<Extent> writes;      // bytes the host writes when this retires (hazards)
+    uint64_t ready_ns = 0;           // not kSubmission, coarsened time: when it was handed over
   };
   struct Counters_ {
     std::atomic<uint64_t> plans{0}, import_hits{0}, import_misses{0}, engine_submissions{0}, bytes_zero_copy{0},
@@ -176,6 +183,8 @@ class Executor {
   void SubmitLoop();
   void RetireLoop();
   void Retire(Retiring& r);
+  // Coarsened time: holds a non-submission entry until its tick (retire thread only).
+  void HoldUntilTick(const Retiring& r);
   Result<> Run(Plan& plan, const std::shared_ptr<PlanState>& ps);
   Result<> RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanState>& ps);
   Result<MatRef> Materialize(const ResolvedRange& r, Batch& batch, const std::shared_ptr<PlanState>& ps);
@@ -201,6 +210,10 @@ class Executor {
   engine::BufferRef aperture_buffer_;
   ExecHooks hooks_;
   const uint32_t depth_;
+  const uint64_t granularity_ns_;  // G; 0: time is not coarsened
+  // Coarsened time, retire thread only: the instant by which everything retired so far had
+  // really completed (engine completion stamps, hand-over times), in steady_clock ns.
+  uint64_t frontier_ns_ = 0;
 
   // Order: hook_mu_ before any lock a hook takes; mu_ and imports_mu_ are leaves.
   std::mutex hook_mu_;

@@ -30,6 +30,10 @@ struct VgpuConfig {
   // submitted only once the previous submission has completed, the serial executor the
   // study keeps as an ablation). Clamped to [1, kMaxExecutorDepth].
   uint32_t executor_depth = 4;
+  // The host's time granularity G (vgpud --time-granularity-us): completions become visible
+  // to the guest (fence, fence interrupt, DEVICE_IDLE) at multiples of G of CLOCK_MONOTONIC,
+  // and TIMESTAMP writes multiples of G. 0: off. At most abi::cmd::kMaxTimeGranularityNs.
+  uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs;
 };
 
 struct ErrorReport {
