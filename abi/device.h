@@ -194,7 +194,12 @@ inline constexpr uint32_t kMaxCommandsPerSubmission = 16384;
 inline constexpr uint32_t kMaxBatchDepth = 2;        // ring -> batch -> batch
 inline constexpr uint32_t kMaxBatchBytes = 1u << 20;
 inline constexpr uint64_t kMaxTransferBytes = 256ull << 20;  // one COPY or FILL
-inline constexpr uint64_t kTimestampGranularityNs = 100'000;  // guests read time in 100 us steps
+// Time a guest can read (TIMESTAMP values, when fences, interrupts, DEVICE_IDLE and remoting
+// replies become visible) is coarsened to a granularity G the host sets (vgpud
+// --time-granularity-us; docs/device-spec.md "Time a guest can read"): this is its default,
+// and its upper bound. 0 turns coarsening off (the A/B study).
+inline constexpr uint64_t kDefaultTimeGranularityNs = 100'000;  // 100 us
+inline constexpr uint64_t kMaxTimeGranularityNs = 100'000'000;  // 100 ms
 
 constexpr uint32_t Header(uint32_t opcode, uint32_t len_dw, uint32_t flags = 0) {
   return opcode << 24 | (flags & 0xff) << 16 | (len_dw & 0xffff);

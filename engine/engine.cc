@@ -103,8 +103,14 @@ void SubmitToken::Complete(Result<> r) {
     if (done_) return;
     result_ = std::move(r);
     done_ = true;
+    done_at_ = std::chrono::steady_clock::now();
   }
   cv_.notify_all();
+}
+std::optional<std::chrono::steady_clock::time_point> SubmitToken::DoneAt() const {
+  std::lock_guard lk(mu_);
+  if (!done_) return std::nullopt;
+  return done_at_;
 }
 
 // ---- Buffers ---------------------------------------------------------------------------

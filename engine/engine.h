@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -144,6 +145,10 @@ class SubmitToken {
   Result<> Status() const;
   // Blocks until done or the timeout passes (kTimeout).
   Result<> Wait(std::chrono::milliseconds timeout = std::chrono::milliseconds(-1)) const;
+  // When the engine saw it complete (steady_clock, i.e. CLOCK_MONOTONIC); nullopt while
+  // pending. What the host coarsens a guest-visible completion from (docs/device-spec.md,
+  // "Time a guest can read"): a waiter that comes late still knows when it really ended.
+  std::optional<std::chrono::steady_clock::time_point> DoneAt() const;
 
   explicit SubmitToken(uint64_t serial) : serial_(serial) {}
 
@@ -155,6 +160,7 @@ class SubmitToken {
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   bool done_ = false;
+  std::chrono::steady_clock::time_point done_at_{};
   Result<> result_;
 };
 using TokenRef = std::shared_ptr<SubmitToken>;

@@ -1,8 +1,7 @@
 #include "mediator/executor.h"
 
-#include <time.h>
-
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <optional>
 #include <map>
@@ -150,6 +149,7 @@ Executor::Executor(engine::Engine* engine, const vu::DmaSpace& dma, std::span<st
       hooks_(std::move(hooks)),
       depth_(std::clamp<uint32_t>(options.depth, 1, kMaxExecutorDepth)),
       coalesce_(options.coalesce && depth_ > 1),
+      granularity_ns_(std::min(options.time_granularity_ns, abi::cmd::kMaxTimeGranularityNs)),
       retire_thread_([this] { RetireLoop(); }),
       thread_([this] { SubmitLoop(); }) {}
 
@@ -165,6 +165,7 @@ Executor::~Executor() {
   }
   cv_.notify_all();
   idle_cv_.notify_all();
+  retire_cv_.notify_all();  // an entry held for its tick is cancelled now: no need to wait
   thread_.join();  // the plan being submitted stops at its next submission boundary
   {
     std::lock_guard lk(mu_);
@@ -226,6 +227,7 @@ bool Executor::Cancel(std::function<void()> after) {
     if (in_flight && after) queue_.push_front(Item{std::nullopt, std::move(after), 0, 0});
   }
   cv_.notify_one();
+  retire_cv_.notify_all();  // an entry held for its tick is cancelled now: no need to wait
   return in_flight;
 }
 
@@ -255,9 +257,20 @@ void Executor::IfCurrent(uint64_t epoch, Fn&& fn) {
   if (!Cancelled(epoch)) fn();
 }
 
+namespace {
+uint64_t SteadyNs(std::chrono::steady_clock::time_point t) {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count());
+}
+// steady_clock is CLOCK_MONOTONIC (libstdc++ on Linux): the clock a guest times itself with.
+uint64_t NowNs() { return SteadyNs(std::chrono::steady_clock::now()); }
+}  // namespace
+
 void Executor::PushRetire(Retiring r) {
+  if (granularity_ns_ && r.kind != Retiring::Kind::kSubmission) r.ready_ns = NowNs();
   std::unique_lock lk(mu_);
-  if (r.kind != Retiring::Kind::kSubmission && retiring_.empty()) {
+  // Coarsened time: a host op may be held for its tick, which the retire thread does; this
+  // thread goes on submitting.
+  if (r.kind != Retiring::Kind::kSubmission && retiring_.empty() && !granularity_ns_) {
     // Nothing before it is still retiring: a host op (or a plan's end) completes here, on
     // the submit thread, one thread hop sooner. Only this thread adds entries, so nothing
     // can overtake it meanwhile.
@@ -400,13 +413,6 @@ bool IsGpuOp(const PlanOp& op) {
   return std::holds_alternative<PlanDispatch>(op) || std::holds_alternative<PlanCopy>(op) ||
          std::holds_alternative<PlanFill>(op);
 }
-uint64_t CoarseNowNs() {
-  timespec ts;
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  uint64_t ns = uint64_t(ts.tv_sec) * 1'000'000'000ull + uint64_t(ts.tv_nsec);
-  // Coarsened so one tenant cannot time another's load through the shared GPU.
-  return ns / abi::cmd::kTimestampGranularityNs * abi::cmd::kTimestampGranularityNs;
-}
 Error CancelledError() { return Error{Errc::kBadState, "cancelled (reset, disconnect or stop)"}; }
 }  // namespace
 
@@ -438,16 +444,38 @@ Result<> Executor::Run(Plan& plan, const std::shared_ptr<PlanState>& ps, Batch& 
   return Ok();
 }
 
+void Executor::HoldUntilTick(const Retiring& r) {
+  // It really completed once everything before it had (frontier_ns_) and it had been handed
+  // over. Entries that completed before the same tick go out together at that tick: the hold
+  // is reckoned from when they completed, not from when this thread got to them.
+  const uint64_t real = std::max(frontier_ns_, r.ready_ns);
+  frontier_ns_ = real;
+  const uint64_t due = (real + granularity_ns_ - 1) / granularity_ns_ * granularity_ns_;
+  const std::chrono::steady_clock::time_point deadline{std::chrono::nanoseconds(due)};
+  std::unique_lock lk(mu_);
+  // A worker thread, never the loop; at most G; Cancel and the destructor cut it short.
+  retire_cv_.wait_until(lk, deadline, [&] { return Cancelled(r.plan->epoch) || NowNs() >= due; });
+}
+
 void Executor::Retire(Retiring& r) {
   PlanState& ps = *r.plan;
   const uint64_t epoch = ps.epoch;
+  // Coarsened time (docs/device-spec.md "Time a guest can read"): whatever this entry shows
+  // the guest (fence write and interrupt, TIMESTAMP, LOAD_REG, error report, and through the
+  // plan's end DEVICE_IDLE) shows at a tick, so a tenant timing its own completions learns
+  // their time only to G, and with it the load of its neighbours on the shared engine.
+  if (granularity_ns_ && r.kind != Retiring::Kind::kSubmission) HoldUntilTick(r);
   auto fail = [&](const Error& e) {
     // Only a plan's first failure is reported; the rest of it is skipped.
     if (!ps.failed.exchange(true, std::memory_order_acq_rel)) IfCurrent(epoch, [&] { hooks_.fail(e); });
   };
   switch (r.kind) {
     case Retiring::Kind::kSubmission: {
-      Result<> ran = r.token ? r.token->Wait() : Result<>(Ok());
+      Result<> ran = r.token->Wait();
+      if (granularity_ns_) {
+        const auto at = r.token->DoneAt();
+        frontier_ns_ = std::max(frontier_ns_, at ? SteadyNs(*at) : NowNs());
+      }
       uint64_t zero_copy = 0, gathered = 0;
       for (const MatRef& m : r.mats) (m->gathered_from ? gathered : zero_copy) += m->range.size.v;
       counters_.engine_submissions.fetch_add(1, std::memory_order_relaxed);
@@ -490,7 +518,9 @@ void Executor::Retire(Retiring& r) {
       } else if (auto* l = std::get_if<PlanLoadReg>(&*r.op)) {
         IfCurrent(epoch, [&] { hooks_.load_reg(l->reg, l->value); });
       } else if (auto* t = std::get_if<PlanTimestamp>(&*r.op)) {
-        uint64_t now = CoarseNowNs();
+        // A multiple of G: the tick this op was held to (the hold above).
+        uint64_t now = NowNs();
+        if (granularity_ns_) now = now / granularity_ns_ * granularity_ns_;
         IfCurrent(epoch, [&] { res = view_.Write(t->target, std::as_bytes(std::span(&now, 1))); });
         if (!res.ok())
           fail(Error{res.code(), fmt::format("TIMESTAMP write at {}: {}", t->target.va, res.error().what)});

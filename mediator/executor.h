@@ -24,6 +24,7 @@
 #include <span>
 #include <thread>
 
+#include "abi/device.h"
 #include "base/base.h"
 #include "engine/engine.h"
 #include "mediator/auditor.h"
@@ -81,6 +82,11 @@ struct ExecOptions {
   // of small plans costs one engine round trip per batch, not per plan. Off: one plan's
   // work never shares an engine submission with another's (the study's ablation).
   bool coalesce = true;
+  // G: what a plan makes visible to the guest when it completes (FENCE and its interrupt,
+  // TIMESTAMP, LOAD_REG, a failure report, the plan's end) is held until the next multiple
+  // of G of CLOCK_MONOTONIC, and TIMESTAMP writes multiples of G. 0: off (the study).
+  // Clamped to abi::cmd::kMaxTimeGranularityNs.
+  uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs;
 };
 
 struct ExecCounters {
@@ -174,6 +180,7 @@ class Executor {
     std::optional<PlanOp> op;        // kHostOp
     std::optional<Error> error;      // kFailure
     std::vector<Extent> writes;      // bytes the host writes when this retires (hazards)
+    uint64_t ready_ns = 0;           // not kSubmission, coarsened time: when it was handed over
   };
   struct Counters_ {
     std::atomic<uint64_t> plans{0}, import_hits{0}, import_misses{0}, engine_submissions{0}, bytes_zero_copy{0},
@@ -196,6 +203,8 @@ class Executor {
   // submit it now: the engine is saturated (Flush would wait) and a plan of the same epoch
   // is next. mu_ held.
   bool ShouldCoalesce(const Batch& batch, uint64_t epoch) const;
+  // Coarsened time: holds a non-submission entry until its tick (retire thread only).
+  void HoldUntilTick(const Retiring& r);
   Result<MatRef> Materialize(const ResolvedRange& r, Batch& batch, const std::shared_ptr<PlanState>& ps);
   // Submits what the batch holds (waiting for depth, cost and hazards), then hands the
   // entries that followed it to the retire thread.
@@ -226,6 +235,10 @@ class Executor {
   ExecHooks hooks_;
   const uint32_t depth_;
   const bool coalesce_;
+  const uint64_t granularity_ns_;  // G; 0: time is not coarsened
+  // Coarsened time, retire thread only: the instant by which everything retired so far had
+  // really completed (engine completion stamps, hand-over times), in steady_clock ns.
+  uint64_t frontier_ns_ = 0;
 
   // Order: hook_mu_ before any lock a hook takes; mu_ and imports_mu_ are leaves.
   std::mutex hook_mu_;

@@ -32,6 +32,10 @@ struct VgpuConfig {
   uint32_t executor_depth = 4;
   // Plans queued while the engine is saturated share engine submissions (ExecOptions).
   bool executor_coalesce = true;
+  // The host's time granularity G (vgpud --time-granularity-us): completions become visible
+  // to the guest (fence, fence interrupt, DEVICE_IDLE) at multiples of G of CLOCK_MONOTONIC,
+  // and TIMESTAMP writes multiples of G. 0: off. At most abi::cmd::kMaxTimeGranularityNs.
+  uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs;
 };
 
 struct ErrorReport {

@@ -101,6 +101,8 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                 "aperture size {:#x} must be a power of two >= 4 KiB", cfg.aperture_size);
   VG_INVALID_IF(cfg.gtt_entries == 0 || cfg.gtt_entries > abi::kGttMaxEntries, "GTT of {} entries not in [1, {}]",
                 cfg.gtt_entries, abi::kGttMaxEntries);
+  VG_INVALID_IF(cfg.time_granularity_ns > abi::cmd::kMaxTimeGranularityNs, "time granularity of {} ns over {} ns",
+                cfg.time_granularity_ns, abi::cmd::kMaxTimeGranularityNs);
   std::string tag = cfg.uuid.ToString();
   // BAR0's fd only backs the status page; the pages before it are never offered for mmap.
   ByteSize bar0_backing{abi::kStatusPageOffset + kPageSize};
@@ -135,7 +137,7 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                   return raw->CheckDmaAllowed();
                 },
                 [raw] { raw->OnPlanDone(); }},
-      ExecOptions{cfg.executor_depth, cfg.executor_coalesce});
+      ExecOptions{cfg.executor_depth, cfg.executor_coalesce, cfg.time_granularity_ns});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 

@@ -43,18 +43,22 @@ struct OpDesc {
   SizeRule rule;
   uint32_t payload;  // fixed payload bytes (kExact), minimum (kAtLeast), head (kDispatch)
   OpKind kind;
+  // It answers the client through the status line (completed_fence, reply_seq): with time
+  // coarsened the answer is published only at a tick (docs/remoting-protocol.md).
+  bool replies;
 };
 // Indexed by opcode.
 inline constexpr OpDesc kOpTable[wire::kOpCount] = {
-    {wire::Op::kNop, "NOP", SizeRule::kAtLeast, 0, OpKind::kHost},
-    {wire::Op::kCreateBuffer, "CREATE_BUFFER", SizeRule::kExact, sizeof(wire::CreateBufferCmd), OpKind::kHost},
-    {wire::Op::kDestroyBuffer, "DESTROY_BUFFER", SizeRule::kExact, sizeof(wire::DestroyBufferCmd), OpKind::kHost},
-    {wire::Op::kWrite, "WRITE", SizeRule::kExact, sizeof(wire::WriteCmd), OpKind::kOrdered},
-    {wire::Op::kRead, "READ", SizeRule::kExact, sizeof(wire::ReadCmd), OpKind::kOrdered},
-    {wire::Op::kDispatch, "DISPATCH", SizeRule::kDispatch, sizeof(wire::DispatchCmd), OpKind::kGpu},
-    {wire::Op::kCopy, "COPY", SizeRule::kExact, sizeof(wire::CopyCmd), OpKind::kGpu},
-    {wire::Op::kFill, "FILL", SizeRule::kExact, sizeof(wire::FillCmd), OpKind::kGpu},
-    {wire::Op::kFence, "FENCE", SizeRule::kExact, sizeof(wire::FenceCmd), OpKind::kOrdered},
+    {wire::Op::kNop, "NOP", SizeRule::kAtLeast, 0, OpKind::kHost, false},
+    {wire::Op::kCreateBuffer, "CREATE_BUFFER", SizeRule::kExact, sizeof(wire::CreateBufferCmd), OpKind::kHost, false},
+    {wire::Op::kDestroyBuffer, "DESTROY_BUFFER", SizeRule::kExact, sizeof(wire::DestroyBufferCmd), OpKind::kHost,
+     false},
+    {wire::Op::kWrite, "WRITE", SizeRule::kExact, sizeof(wire::WriteCmd), OpKind::kOrdered, false},
+    {wire::Op::kRead, "READ", SizeRule::kExact, sizeof(wire::ReadCmd), OpKind::kOrdered, true},
+    {wire::Op::kDispatch, "DISPATCH", SizeRule::kDispatch, sizeof(wire::DispatchCmd), OpKind::kGpu, false},
+    {wire::Op::kCopy, "COPY", SizeRule::kExact, sizeof(wire::CopyCmd), OpKind::kGpu, false},
+    {wire::Op::kFill, "FILL", SizeRule::kExact, sizeof(wire::FillCmd), OpKind::kGpu, false},
+    {wire::Op::kFence, "FENCE", SizeRule::kExact, sizeof(wire::FenceCmd), OpKind::kOrdered, true},
 };
 const OpDesc* FindOp(uint16_t opcode);
 

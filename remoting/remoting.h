@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 
+#include "abi/device.h"
 #include "base/base.h"
 
 struct event_base;
@@ -29,6 +30,12 @@ struct Limits {
   // this many wait at once (the oldest is refused to make room for a newcomer).
   uint32_t handshake_timeout_ms = 2000;
   uint32_t max_pending_handshakes = 8;
+  // Not a cap: the host's time granularity G (vgpud --time-granularity-us). A client learns
+  // that its GPU work completed (and the answers that wait for it: FENCE, READ, ring space)
+  // only at multiples of G of CLOCK_MONOTONIC after it did, so it cannot time its
+  // neighbours' load through the shared engine (docs/remoting-protocol.md). 0: off. The
+  // loop never waits for a tick: a timer brings the session back.
+  uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs;
 };
 
 struct ListenerStats {

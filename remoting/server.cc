@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -43,6 +44,13 @@ constexpr uint64_t kMaxCopyBytesPerTurn = 4ull << 20;
 constexpr size_t kMaxInflightPerClient = 2;
 constexpr size_t kMaxOpsPerBatch = 64;
 
+// Coarsened time: steady_clock is CLOCK_MONOTONIC (libstdc++ on Linux), the clock a client
+// times itself with.
+uint64_t SteadyNs(std::chrono::steady_clock::time_point t) {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count());
+}
+uint64_t NowNs() { return SteadyNs(std::chrono::steady_clock::now()); }
+
 class ListenerImpl;
 
 class Session {
@@ -63,6 +71,7 @@ class Session {
   static void OnWake(int fd, short what, void* arg);
   static void OnDone(int fd, short what, void* arg);
   static void OnResume(int fd, short what, void* arg);
+  static void OnTick(int fd, short what, void* arg);
   static void OnHandshakeTimeout(int fd, short what, void* arg);
 
   Result<> Handshake();
@@ -73,6 +82,14 @@ class Session {
   Result<bool> Execute(const Command& c);
   Result<> ValidateOnEngine(const Command& c) const;
   Result<> Flush();
+  // Retires the in-flight submissions that have completed, in order: with time coarsened,
+  // only those whose tick has come (the rest wait for tick_ev_).
+  void RetireDone();
+  // Coarsened time: the first multiple of G at or after `ns`; and the timer that brings the
+  // session back at `due` (the earliest asked for wins).
+  uint64_t Tick(uint64_t ns) const;
+  void ArmTick(uint64_t due);
+  uint64_t granularity() const;  // G, 0: time is not coarsened
   void Reap();
   void Report(Errc code, uint32_t pos, const std::string& what);
   void Drop(Errc code, const std::string& what);
@@ -96,6 +113,10 @@ class Session {
   event* done_ev_ = nullptr;
   event* resume_ev_ = nullptr;
   event* deadline_ev_ = nullptr;
+  event* tick_ev_ = nullptr;
+  uint64_t tick_due_ns_ = 0;        // when tick_ev_ is armed for (while pending)
+  uint64_t gpu_done_ns_ = 0;        // latest completion of a retired submission (steady ns)
+  uint64_t copied_ns_ = 0;          // when the backlog was copied out of the ring
   bool running_ = false;
   bool dead_ = false;
   uint64_t turn_copy_budget_ = 0;
@@ -240,6 +261,7 @@ Session::Session(ListenerImpl& owner, uint32_t id, UniqueFd sock)
   event_add(sock_ev_, nullptr);
   resume_ev_ = evtimer_new(owner_.base_, &Session::OnResume, this);
   deadline_ev_ = evtimer_new(owner_.base_, &Session::OnHandshakeTimeout, this);
+  tick_ev_ = evtimer_new(owner_.base_, &Session::OnTick, this);
   const uint32_t ms = owner_.limits_.handshake_timeout_ms;
   timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>((ms % 1000) * 1000)};
   if (deadline_ev_) evtimer_add(deadline_ev_, &tv);
@@ -261,6 +283,32 @@ void Session::OnHandshakeTimeout(int, short, void* arg) {
 
 void Session::OnResume(int, short, void* arg) { static_cast<Session*>(arg)->Process(); }
 
+uint64_t Session::granularity() const { return owner_.limits_.time_granularity_ns; }
+
+void Session::OnTick(int, short, void* arg) {
+  auto* s = static_cast<Session*>(arg);
+  if (s->dead_) return;
+  s->RetireDone();
+  s->Process();
+}
+
+uint64_t Session::Tick(uint64_t ns) const {
+  const uint64_t g = granularity();
+  return (ns + g - 1) / g * g;
+}
+
+void Session::ArmTick(uint64_t due) {
+  if (!tick_ev_) return;
+  if (evtimer_pending(tick_ev_, nullptr) && tick_due_ns_ <= due) return;
+  const uint64_t now = NowNs();
+  const uint64_t wait_ns = due > now ? due - now : 0;
+  // Rounded up: early is only a second turn (the checks re-arm), late by a microsecond is noise.
+  const uint64_t wait_us = (wait_ns + 999) / 1000;
+  timeval tv{static_cast<time_t>(wait_us / 1'000'000), static_cast<suseconds_t>(wait_us % 1'000'000)};
+  tick_due_ns_ = due;
+  evtimer_add(tick_ev_, &tv);
+}
+
 void Session::Yield() {
   static const timeval kNextTurn{0, 0};
   evtimer_add(resume_ev_, &kNextTurn);
@@ -272,6 +320,7 @@ Session::~Session() {
   if (done_ev_) event_free(done_ev_);
   if (resume_ev_) event_free(resume_ev_);
   if (deadline_ev_) event_free(deadline_ev_);
+  if (tick_ev_) event_free(tick_ev_);
   // In-flight submissions keep their buffers alive (refcounted) and signal done_ through
   // their own shared_ptr, so nothing here waits for the GPU.
 }
@@ -283,6 +332,7 @@ void Session::Reap() {
   if (done_ev_) event_del(done_ev_);
   if (resume_ev_) event_del(resume_ev_);
   if (deadline_ev_) event_del(deadline_ev_);
+  if (tick_ev_) event_del(tick_ev_);
   owner_.ScheduleReap();
 }
 
@@ -407,13 +457,25 @@ void Session::OnWake(int, short, void* arg) {
 void Session::OnDone(int, short, void* arg) {
   auto* s = static_cast<Session*>(arg);
   (void)s->done_->Drain();
-  while (!s->inflight_.empty() && s->inflight_.front().first->Done()) {
-    auto [tok, pos] = s->inflight_.front();
-    s->inflight_.pop_front();
-    auto st = tok->Status();
-    if (!st.ok()) s->Report(st.code(), pos, "submission failed: " + st.error().what);
-  }
+  s->RetireDone();
   s->Process();
+}
+
+void Session::RetireDone() {
+  while (!inflight_.empty() && inflight_.front().first->Done()) {
+    auto [tok, pos] = inflight_.front();
+    if (granularity()) {
+      // What waits for this submission (a FENCE or READ reply, ring space behind the
+      // in-flight bound, a failure report) is seen by the client only from its tick on.
+      const auto at = tok->DoneAt();
+      const uint64_t done = at ? SteadyNs(*at) : NowNs();
+      if (NowNs() < Tick(done)) return ArmTick(Tick(done));
+      gpu_done_ns_ = std::max(gpu_done_ns_, done);
+    }
+    inflight_.pop_front();
+    auto st = tok->Status();
+    if (!st.ok()) Report(st.code(), pos, "submission failed: " + st.error().what);
+  }
 }
 
 void Session::Report(Errc code, uint32_t pos, const std::string& what) {
@@ -586,6 +648,7 @@ void Session::Process() {
       std::memcpy(backlog_.data() + first, ring, avail - first);
       backlog_pos_ = head_;
       cursor_ = 0;
+      copied_ns_ = granularity() ? NowNs() : 0;
     }
 
     if (++commands > kMaxCommandsPerTurn || turn_copy_budget_ == 0) return Yield();
@@ -599,6 +662,13 @@ void Session::Process() {
       if (desc.kind == OpKind::kOrdered) {
         if (auto r = Flush(); !r.ok()) Report(r.code(), pending_pos_, r.error().what);
         if (!inflight_.empty()) return;  // resumed by OnDone once the GPU caught up
+        if (desc.replies && granularity()) {
+          // Its answer shows at the tick after it could first have been given: once the
+          // client published it and the GPU work before it had completed. Commands published
+          // together go out together at that tick; the loop never waits for it.
+          const uint64_t due = Tick(std::max(copied_ns_, gpu_done_ns_));
+          if (NowNs() < due) return ArmTick(due);
+        }
       }
       if (uint64_t freed = released_->exchange(0)) objects_.Release(freed);
       Result<> r = ValidateCommand(c, objects_, heap_size_);

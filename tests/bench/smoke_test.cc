@@ -86,6 +86,21 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   CHECK(l["supervisor"]["rss_bytes"].get<uint64_t>() > 0);
   CHECK(text.find("== lifecycle") != std::string::npos);
   CHECK(std::filesystem::exists(out / "lifecycle.csv"));
+  // The covert group (F7): a channel between two vGPUs, time coarsening off and on.
+  REQUIRE(j.contains("covert"));
+  const auto& cv = j["covert"];
+  CHECK(cv["complete"] == true);
+  std::set<uint64_t> granularities;
+  for (const auto& run : cv["runs"]) {
+    CHECK_FALSE(run.contains("error"));
+    CHECK(run["ber"].get<double>() >= 0);
+    CHECK(run["ber"].get<double>() <= 1);
+    CHECK(run["receiver_rtt_us"]["n"].get<uint64_t>() > 0);
+    granularities.insert(run["granularity_us"].get<uint64_t>());
+  }
+  CHECK(granularities.count(0) == 1);
+  CHECK(granularities.size() >= 2);
+  CHECK(text.find("== covert channel") != std::string::npos);
   std::filesystem::remove_all(out);
   std::filesystem::remove(out.string() + ".txt");
 }

@@ -139,7 +139,7 @@ TEST_CASE("COPY, FILL, BATCH, LOAD_REG, TIMESTAMP; scattered pages; aperture; tr
   uint64_t t;
   std::memcpy(&t, ts->host.data(), 8);
   CHECK(t != 0);
-  CHECK(t % abi::cmd::kTimestampGranularityNs == 0);
+  CHECK(t % abi::cmd::kDefaultTimeGranularityNs == 0);
   CHECK(g.dev->Status64(abi::status::kSubmissions) == 1);
   CHECK(g.dev->Read32(abi::reg::kErrCount).value() == 0);
 }

@@ -3,6 +3,7 @@
 //              [--ablations doorbell,executor,memory,gtt|none] [--compare-with EARLIER.json]
 //              [--reps N] [--iters N] [--gpu NAME|INDEX] [--out DIR] [--json FILE] [--csv FILE]
 //              [--qemu BIN] [--qemu-firmware DIR] [--lifecycle-cycles N] [--idle-workers K]
+//              [--covert-bits N] [--covert-bit-us P] [--covert-granularities-us 0,100]
 // Paths: native, mediated (ioeventfd doorbell), mediated-mmio (RING_TAIL REGION_WRITE),
 // mediated-qemu (a real QEMU's vfio-user-pci under qtest: needs --qemu or VGPUD_QEMU,
 // skipped with a note otherwise), remoting. The ablations run more mediated rows beside
@@ -11,7 +12,10 @@
 // remoting" per workload class, every figure with its spread over the repetitions.
 // It starts its own vgpud with the vGPUs it needs, runs every workload on every path side by
 // side (interleaved, rotating order), and removes what it created. The lifecycle group
-// (vGPU start/stop latency, idle worker memory) runs first, on a vgpud of its own.
+// (vGPU start/stop latency, idle worker memory) runs first, on a vgpud of its own; then the
+// covert group (a covert channel between two vGPUs, time coarsening off and on), on a vgpud
+// of its own per granularity. The study's vgpuds run with --time-granularity-us 0: the A/B
+// study measures the paths, not the timing defence (whose cost the covert group shows).
 // docs/ab-methodology.md says what each number means.
 
 #include <CLI/CLI.hpp>
@@ -22,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <chrono>
 #include <cstdlib>
 #include <cstdio>
@@ -33,6 +38,8 @@
 
 #include <fmt/ranges.h>
 
+#include "abi/device.h"
+#include "tools/vgpu-bench/covert.h"
 #include "tools/vgpu-bench/study.h"
 
 using namespace vg;
@@ -467,6 +474,22 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
                               l.requested_cycles, l.idle.size(), l.idle_requested,
                               l.errors.empty() ? std::string("no error recorded") : l.errors.front()));
   }
+  if (r.covert.ran) {
+    for (const CovertRun& c : r.covert.runs)
+      if (!c.error.empty())
+        s.push_back(fmt::format("COVERT RUN FAILED: {} at granularity {} us, rep {}: {}", c.path, c.granularity_us,
+                                c.rep + 1, c.error));
+    for (const CovertCell& c : r.covert.cells) {
+      if (!c.runs) continue;
+      s.push_back(fmt::format("covert channel, {}, time granularity {}: {:.1f} bit/s raw, BER {:.3f} ({} of {} bits "
+                              "over {} runs), capacity {:.1f} bit/s (per run {:.1f} [{:.1f}-{:.1f}]); receiver p50 "
+                              "round trip {:.1f} us",
+                              c.path, c.granularity_us ? fmt::format("{} us", c.granularity_us) : std::string("off"),
+                              c.raw_bps, c.ber, c.errors, c.payload_bits, c.runs, c.capacity_bps,
+                              c.capacity_per_rep.median, c.capacity_per_rep.min, c.capacity_per_rep.max,
+                              c.rtt_p50_us));
+    }
+  }
   if (!r.all_correct) s.push_back("SOME RESULTS DIFFER FROM THE CPU REFERENCE (see the ok column)");
   if (!cal.ok())
     s.push_back(fmt::format("CALIBRATION FAILED: {} of {} kernel_time rows do not hold the work their targets say (see "
@@ -508,7 +531,8 @@ int main(int argc, char** argv) {
   app.add_flag("--full", full, "every size and kernel time");
   app.add_flag("--smoke", smoke, "tiny sizes and few repetitions (the test suite's run)");
   app.add_option("--groups", groups,
-                 "only these workload groups: empty,small,kernel_time,cmds,data,churn,stream,concurrency,lifecycle");
+                 "only these workload groups: empty,small,kernel_time,cmds,data,churn,stream,concurrency,lifecycle,"
+                 "covert");
   app.add_option("--paths", paths_csv, "paths to run (native is always the baseline)")->capture_default_str();
   app.add_option("--reps", o.reps, "interleaved repetitions per workload")->capture_default_str();
   app.add_option("--iters", o.iters, "submissions per path per repetition (default by size)");
@@ -533,6 +557,24 @@ int main(int argc, char** argv) {
   app.add_option("--lifecycle-cycles", lifecycle_cycles,
                  "lifecycle: measured start/stop cycles after 3 warm-up ones (default 5 smoke, 30 quick, 100 full)");
   app.add_option("--idle-workers", idle_workers, "lifecycle: vGPUs left idle for the memory figures (default 4)");
+  int covert_bits = 0;
+  double covert_bit_us = 10000;
+  std::string covert_granularities =
+      fmt::format("0,{}", abi::cmd::kDefaultTimeGranularityNs / 1000);
+  app.add_option("--covert-bits", covert_bits, "covert: random bits per run (default 16 smoke, 64 quick, 128 full)");
+  int covert_reps = 0;
+  app.add_option("--covert-reps", covert_reps, "covert: runs per path and granularity (default 1 smoke, 3 quick, 5 full)");
+  app.add_option("--covert-bit-us", covert_bit_us, "covert: the bit period in us")->capture_default_str();
+  double covert_probe_us = 0;
+  app.add_option("--covert-probe-us", covert_probe_us,
+                 "covert: the receiver's work, 0: a 4 KiB copy; else a spin of about this many us")
+      ->capture_default_str();
+  app.add_option("--covert-granularities-us", covert_granularities,
+                 "covert: one vgpud per --time-granularity-us value (0: coarsening off)")
+      ->capture_default_str();
+  std::string covert_send, covert_bit_string;
+  app.add_option("--covert-send", covert_send)->group("");
+  app.add_option("--covert-bit-string", covert_bit_string)->group("");
   app.add_option("--worker", worker)->group("");
   app.add_option("--socket", socket)->group("");
   app.add_option("--remote-socket", remote_socket)->group("");
@@ -549,6 +591,11 @@ int main(int argc, char** argv) {
     if (guest_ram_mib) c.guest_ram = guest_ram_mib << 20;
     return Worker(worker, c, o.iters, ready_fd, go_fd);
   }
+  if (!covert_send.empty()) {
+    PathConfig c{socket, remote_socket, 0, gpu};
+    if (guest_ram_mib) c.guest_ram = guest_ram_mib << 20;
+    return CovertSender(covert_send, c, covert_bit_string, covert_bit_us, ready_fd, go_fd);
+  }
   (void)worker_iters;
 
   o.size = smoke ? StudyOptions::Size::kSmoke : full ? StudyOptions::Size::kFull : StudyOptions::Size::kQuick;
@@ -556,8 +603,9 @@ int main(int argc, char** argv) {
   o.groups = Split(groups);
   bool want_concurrency = o.groups.empty() || o.groups.count("concurrency");
   const bool want_lifecycle = o.groups.empty() || o.groups.count("lifecycle");
-  // Everything but lifecycle needs the study's daemon, its floors and its calibration.
-  const bool want_study = o.groups.empty() || o.groups.size() > o.groups.count("lifecycle");
+  const bool want_covert = o.groups.empty() || o.groups.count("covert");
+  // Everything but lifecycle and covert needs the study's daemon, its floors and its calibration.
+  const bool want_study = o.groups.empty() || o.groups.size() > o.groups.count("lifecycle") + o.groups.count("covert");
   std::vector<std::string> paths{"native"};
   std::vector<std::string> skipped;
   for (const auto& p : Split(paths_csv)) {
@@ -624,10 +672,45 @@ int main(int argc, char** argv) {
     lo.progress = o.progress;
     lifecycle = MeasureLifecycle(lo);
   }
+  // Covert next, before the study's daemons exist: per granularity a vgpud of its own with two
+  // vGPUs, the sender's and the receiver's (docs/ab-methodology.md "Covert channel").
+  CovertReport covert;
+  if (want_covert) {
+    CovertOptions co;
+    for (const std::string p : {"mediated", "remoting"})
+      if (std::find(paths.begin(), paths.end(), p) != paths.end()) co.paths.push_back(p);
+    for (const auto& g : Split(covert_granularities)) {
+      uint64_t v = 0;
+      if (std::from_chars(g.data(), g.data() + g.size(), v).ec != std::errc{} ||
+          v > abi::cmd::kMaxTimeGranularityNs / 1000) {
+        std::fprintf(stderr, "vgpu-bench: --covert-granularities-us: '%s' is not a granularity in us\n", g.c_str());
+        return 2;
+      }
+      co.granularities_us.push_back(v);
+    }
+    std::sort(co.granularities_us.begin(), co.granularities_us.end());
+    co.bits = covert_bits > 0 ? covert_bits : smoke ? 16 : full ? 128 : 64;
+    co.reps = covert_reps > 0 ? covert_reps : smoke ? 1 : full ? 5 : 3;
+    co.bit_us = covert_bit_us;
+    co.probe_us = covert_probe_us;
+    co.progress = o.progress;
+    auto make_host = [&](uint64_t g_us) -> Result<CovertHost> {
+      VG_TRY_ASSIGN(auto cd, StartDaemon(vgpud, {"small", "small"}, gpu, fmt::format("-covert-{}", g_us),
+                                         {"--time-granularity-us", std::to_string(g_us)}));
+      std::shared_ptr<DaemonProc> keep(std::move(cd));
+      CovertHost h;
+      h.sender = PathConfig{keep->Socket(0), keep->RemoteSocket(0), keep->pid, gpu, co.guest_ram};
+      h.receiver = PathConfig{keep->Socket(1), keep->RemoteSocket(1), keep->pid, gpu, co.guest_ram};
+      h.keep = keep;
+      return h;
+    };
+    covert = MeasureCovert(co, make_host);
+  }
   if (!want_study) {
     StudyReport report;
     report.device = device;
     report.lifecycle = std::move(lifecycle);
+    report.covert = std::move(covert);
     Summarize(report, {});
     return Emit(report, o, smoke, json_file, csv_file);
   }
@@ -655,7 +738,9 @@ int main(int argc, char** argv) {
     t.push_back(type0);
   }
   uint64_t ram = o.size == StudyOptions::Size::kFull ? (1536ull << 20) : o.size == StudyOptions::Size::kSmoke ? (32ull << 20) : (160ull << 20);
-  auto daemon = StartDaemon(vgpud, types, gpu);
+  // The A/B study measures the paths with time coarsening off (docs/ab-methodology.md).
+  const std::vector<std::string> no_coarsening{"--time-granularity-us", "0"};
+  auto daemon = StartDaemon(vgpud, types, gpu, "", no_coarsening);
   if (!daemon.ok()) {
     std::fprintf(stderr, "vgpu-bench: %s\n", daemon.error().ToString().c_str());
     return 3;
@@ -668,9 +753,9 @@ int main(int argc, char** argv) {
       const char* ablation;
       std::vector<std::string> args;
     };
-    const HostFlags f = host == Host::kSerial        ? HostFlags{"-serial", "executor", {"--executor-depth", "1"}}
-                        : host == Host::kUncoalesced ? HostFlags{"-uncoalesced", "executor", {"--no-coalesce"}}
-                                                     : HostFlags{"-gathered", "memory", {"--no-zero-copy"}};
+    const HostFlags f = host == Host::kSerial        ? HostFlags{"-serial", "executor", {"--executor-depth", "1", "--time-granularity-us", "0"}}
+                        : host == Host::kUncoalesced ? HostFlags{"-uncoalesced", "executor", {"--no-coalesce", "--time-granularity-us", "0"}}
+                                                     : HostFlags{"-gathered", "memory", {"--no-zero-copy", "--time-granularity-us", "0"}};
     auto hd = StartDaemon(vgpud, t, gpu, f.suffix, f.args);
     if (!hd.ok()) {
       std::fprintf(stderr, "vgpu-bench: the %s ablation's vgpud: %s\n", f.ablation, hd.error().ToString().c_str());
@@ -744,6 +829,7 @@ int main(int argc, char** argv) {
       }
   }
   report->lifecycle = std::move(lifecycle);
+  report->covert = std::move(covert);
   Summarize(*report, paths);
   for (const auto& n : skipped) report->summary.push_back(n);
   if (!compare_with.empty()) {
@@ -789,7 +875,9 @@ int Emit(const StudyReport& r, const StudyOptions& o, bool smoke, const std::str
               r.lifecycle.ran ? ",lifecycle.csv" : "");
   // A lifecycle run that lost cycles or idle workers is a failed run, like a wrong result, and
   // so is one whose kernel_time rows do not hold the work their targets say.
-  return StudyExitStatus(r.all_correct, !r.lifecycle.ran || r.lifecycle.complete(), r.calibration);
+  // So is a covert run that failed (a sender or receiver that broke, a wrong result).
+  return StudyExitStatus(r.all_correct, (!r.lifecycle.ran || r.lifecycle.complete()) && r.covert.complete(),
+                         r.calibration);
 }
 
 }  // namespace

@@ -55,6 +55,7 @@ struct Options {
   uint64_t open_files = 1024;
   bool seccomp = true;
   uint32_t executor_depth = mediator::VgpuConfig{}.executor_depth;
+  uint64_t time_granularity_us = abi::cmd::kDefaultTimeGranularityNs / 1000;
   bool zero_copy = true;
   bool coalesce = true;
   bool scheduled = false;  // the supervisor's scheduler grants the engine (until kSchedConfig says otherwise)
@@ -93,7 +94,13 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   // completion path wakes the loop from its own thread.
   VG_ERROR_IF(evthread_use_pthreads() != 0, Errc::kInternal, "evthread_use_pthreads failed");
   std::unique_ptr<Worker> w(new Worker(o));
-  w->base_ = event_base_new();
+  // Precise timers (a timerfd, CLOCK_MONOTONIC): the remoting sessions' ticks of coarsened
+  // time fall on multiples of the granularity, not on the next millisecond of epoll_wait.
+  event_config* ec = event_config_new();
+  VG_ERROR_IF(!ec, Errc::kInternal, "event_config_new failed");
+  event_config_set_flag(ec, EVENT_BASE_FLAG_PRECISE_TIMER);
+  w->base_ = event_base_new_with_config(ec);
+  event_config_free(ec);
   VG_ERROR_IF(!w->base_, Errc::kInternal, "event_base_new failed");
   vfio_user::DmaBudget::SetTotal(o.dma_total_bytes);
   engine::EngineOptions eo;
@@ -119,9 +126,12 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   cfg.dma_limits.max_regions = o.dma_max_regions;
   cfg.executor_depth = o.executor_depth;
   cfg.executor_coalesce = o.coalesce;
+  cfg.time_granularity_ns = o.time_granularity_us * 1000;
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
+  remoting::Limits rl;
+  rl.time_granularity_ns = cfg.time_granularity_ns;
   VG_TRY_ASSIGN(w->remoting_, remoting::Listener::CreateOnSocket(w->base_, *w->engine_, UniqueFd(ch::kRemotingFd),
-                                                                 o.remoting_name));
+                                                                 o.remoting_name, rl));
   vfio_user::ServerLimits sl;
   sl.max_dma_maps = o.dma_max_regions;
   sl.unmap_timeout_ms = o.unmap_timeout_ms;
@@ -305,6 +315,8 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-seccomp", o.seccomp, "no system-call filter (debugging only)");
   app.add_option("--log-level", o.log_level);
   app.add_option("--executor-depth", o.executor_depth);
+  app.add_option("--time-granularity-us", o.time_granularity_us)
+      ->check(CLI::Range(uint64_t{0}, abi::cmd::kMaxTimeGranularityNs / 1000));
   app.add_flag("!--no-zero-copy", o.zero_copy);
   app.add_flag("!--no-coalesce", o.coalesce);
   app.add_flag("--scheduled", o.scheduled);

@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include "tools/vgpud/metrics.h"
+#include "abi/device.h"
+#include "tools/vgpud/supervisor.h"
 #include "tools/vgpud/pci.h"
 #include "tools/vgpud/supervisor.h"
 #include "tools/vgpud/service.h"
@@ -157,6 +159,12 @@ int main(int argc, char** argv) {
                  "engine submissions of one vGPU in flight at once (1: serial, the study's ablation)")
       ->check(CLI::Range(1, 16))
       ->capture_default_str();
+  uint64_t time_granularity_us = abi::cmd::kDefaultTimeGranularityNs / 1000;
+  app.add_option("--time-granularity-us", time_granularity_us,
+                 "time a guest can read (TIMESTAMP, when fences, interrupts and remoting replies show) is "
+                 "coarsened to multiples of this many us of CLOCK_MONOTONIC (0: off, for the study)")
+      ->check(CLI::Range(uint64_t{0}, abi::cmd::kMaxTimeGranularityNs / 1000))
+      ->capture_default_str();
   app.add_flag("--no-zero-copy", no_zero_copy,
                "the engine copies guest memory instead of importing it (the study's memory ablation)");
   app.add_flag("--no-coalesce", no_coalesce,
@@ -211,7 +219,8 @@ int main(int argc, char** argv) {
                         std::string("--dma-max-regions"), std::to_string(dma_max_regions),
                         std::string("--dma-unmap-timeout-ms"), std::to_string(unmap_timeout_ms),
                         std::string("--log-level"), log_level, std::string("--executor-depth"),
-                        std::to_string(executor_depth)})
+                        std::to_string(executor_depth), std::string("--time-granularity-us"),
+                        std::to_string(time_granularity_us)})
     wp.worker_args.push_back(std::move(a));
   if (no_zero_copy) wp.worker_args.push_back("--no-zero-copy");
   if (no_coalesce) wp.worker_args.push_back("--no-coalesce");

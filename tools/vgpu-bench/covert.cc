@@ -1,0 +1,440 @@
+#include "tools/vgpu-bench/covert.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include "shaders/samples.h"
+
+namespace vg::bench {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// steady_clock is CLOCK_MONOTONIC: one time base for the sender and receiver processes.
+uint64_t NowNs() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count());
+}
+void SleepUntilNs(uint64_t t) {
+  std::this_thread::sleep_until(Clock::time_point{std::chrono::nanoseconds(t)});
+}
+
+Result<std::unique_ptr<Path>> MakeCovertPath(const std::string& path, const PathConfig& c) {
+  if (path == "mediated") return MakeMediatedPath(c);
+  if (path == "remoting") return MakeRemotingPath(c);
+  return MakeError(Errc::kInvalidArgument, "covert: no path '{}' (mediated, remoting)", path);
+}
+
+Workload SpinWork(uint32_t iterations) {
+  Workload w{"covert", fmt::format("spin {}", iterations), Kind::kKernel};
+  w.sample = shaders::MakeSample(shaders::KernelId::kSpin, 4096, 1);
+  shaders::SpinPush p{4096, iterations, 1};
+  w.sample.push.assign(shaders::PushBytes(p).begin(), shaders::PushBytes(p).end());
+  return w;
+}
+
+// What the sender reports after its run, on the ready pipe (one write, atomic).
+struct SenderRecord {
+  uint64_t submissions;
+  uint64_t iterations;
+  double chunk_p50_us;
+};
+
+Workload ProbeWork() {
+  Workload w{"covert", "copy 4 KiB", Kind::kKernel};
+  w.sample = shaders::MakeSample(shaders::KernelId::kCopy, 1024, 3);
+  return w;
+}
+
+// The sender's unit of busy work: a spin of about a quarter of a bit period (timed on its own
+// vGPU before the run), so a busy bit is a few submissions back to back and the last one
+// overruns its bit by little.
+Result<uint32_t> SizeChunk(Path& p, double chunk_us, Workload& w) {
+  auto time_of = [&](uint32_t iters) -> Result<double> {
+    w = SpinWork(iters);
+    VG_TRY(p.Prepare(w));
+    double best = 1e30;
+    for (int i = 0; i < 3; ++i) {
+      auto t0 = Clock::now();
+      VG_TRY(p.RunOnce());
+      best = std::min(best, std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    return best;
+  };
+  constexpr uint32_t kLo = 2000, kHi = 20000;
+  VG_TRY_ASSIGN(double lo, time_of(kLo));
+  VG_TRY_ASSIGN(double hi, time_of(kHi));
+  const double per_iter = (hi - lo) / (kHi - kLo);
+  if (per_iter <= 0) return kHi;
+  return static_cast<uint32_t>(std::clamp(chunk_us / per_iter, 16.0, double(1u << 20)));
+}
+
+}  // namespace
+
+double BinaryEntropy(double p) {
+  if (p <= 0 || p >= 1) return 0;
+  return -p * std::log2(p) - (1 - p) * std::log2(1 - p);
+}
+
+double MedianThreshold(std::vector<double> metrics) {
+  if (metrics.empty()) return 0;
+  std::sort(metrics.begin(), metrics.end());
+  const size_t n = metrics.size();
+  return n % 2 ? metrics[n / 2] : (metrics[n / 2 - 1] + metrics[n / 2]) / 2;
+}
+
+int CovertSender(const std::string& path, const PathConfig& c, const std::string& bits, double bit_us, int ready_fd,
+                 int go_fd) {
+  auto p = MakeCovertPath(path, c);
+  for (int i = 0; i < 100 && !p.ok(); ++i) {  // the vGPU's last client may still be leaving
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    p = MakeCovertPath(path, c);
+  }
+  if (!p.ok()) {
+    std::fprintf(stderr, "vgpu-bench covert sender: %s\n", p.error().ToString().c_str());
+    return 3;
+  }
+  Workload w;
+  auto iters = SizeChunk(**p, bit_us / 4, w);
+  if (!iters.ok()) {
+    std::fprintf(stderr, "vgpu-bench covert sender: %s\n", iters.error().ToString().c_str());
+    return 4;
+  }
+  w = SpinWork(*iters);
+  if (!(*p)->Prepare(w).ok() || !(*p)->RunOnce().ok()) return 4;
+  char b = 'r';
+  uint64_t t0 = 0;
+  if (::write(ready_fd, &b, 1) != 1 || ::read(go_fd, &t0, sizeof t0) != static_cast<ssize_t>(sizeof t0)) return 5;
+  const uint64_t period = static_cast<uint64_t>(bit_us * 1000);
+  double chunk_ns = 0;  // the last busy submission's time: stop before one would overrun the bit
+  std::vector<double> chunks_us;
+  for (size_t i = 0; i < bits.size(); ++i) {
+    const uint64_t end = t0 + (i + 1) * period;
+    SleepUntilNs(t0 + i * period);
+    if (bits[i] != '1') continue;
+    while (NowNs() + static_cast<uint64_t>(chunk_ns / 2) < end) {
+      const uint64_t s = NowNs();
+      if (!(*p)->RunOnce().ok()) return 6;
+      chunk_ns = static_cast<double>(NowNs() - s);
+      chunks_us.push_back(chunk_ns / 1000);
+    }
+  }
+  SleepUntilNs(t0 + bits.size() * period);
+  const SenderRecord rec{chunks_us.size(), *iters, Summarize(chunks_us).p50};
+  if (::write(ready_fd, &rec, sizeof rec) != static_cast<ssize_t>(sizeof rec)) return 7;
+  auto out = (*p)->ReadBack();
+  return out.ok() && shaders::CheckSample(w.sample, *out).ok() ? 0 : 1;
+}
+
+namespace {
+
+// One run: a sender process on guest 0, this process the receiver on guest 1.
+CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us, const CovertHost& host,
+                 const std::string& bits) {
+  CovertRun run;
+  run.path = path;
+  run.granularity_us = g_us;
+  run.bits = static_cast<int>(bits.size());
+  run.bit_us = o.bit_us;
+  run.raw_bps = 1e6 / o.bit_us;
+  auto fail = [&](std::string why) {
+    run.error = std::move(why);
+    return run;
+  };
+  auto rx = MakeCovertPath(path, host.receiver);
+  if (!rx.ok()) return fail("receiver: " + rx.error().ToString());
+  Workload probe = ProbeWork();
+  if (o.probe_us > 0) {
+    auto iters = SizeChunk(**rx, o.probe_us, probe);
+    if (!iters.ok()) return fail("receiver: " + iters.error().ToString());
+    probe = SpinWork(*iters);
+  }
+  if (auto r = (*rx)->Prepare(probe); !r.ok()) return fail("receiver: " + r.error().ToString());
+  for (int i = 0; i < 5; ++i)
+    if (auto r = (*rx)->RunOnce(); !r.ok()) return fail("receiver: " + r.error().ToString());
+
+  int ready[2], go[2];
+  if (::pipe(ready) != 0) return fail("pipe");
+  if (::pipe(go) != 0) {
+    ::close(ready[0]);
+    ::close(ready[1]);
+    return fail("pipe");
+  }
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+    const PathConfig& c = host.sender;
+    std::vector<std::string> a{self, "--covert-send", path, "--socket", c.socket, "--remote-socket", c.remote_socket,
+                               "--covert-bit-string", bits, "--covert-bit-us", fmt::format("{}", o.bit_us),
+                               "--ready-fd", std::to_string(ready[1]), "--go-fd", std::to_string(go[0]),
+                               "--guest-ram-mib", std::to_string(o.guest_ram >> 20)};
+    if (!c.gpu.empty()) a.insert(a.end(), {"--gpu", c.gpu});
+    std::vector<char*> argv;
+    for (auto& s : a) argv.push_back(s.data());
+    argv.push_back(nullptr);
+    ::execv(argv[0], argv.data());
+    std::_Exit(127);
+  }
+  // Only the sender writes "ready": if it dies, the read sees EOF instead of hanging.
+  ::close(ready[1]);
+  ::close(go[0]);
+  auto reap = [&](bool kill) {
+    if (kill) ::kill(pid, SIGKILL);
+    int st = 0;
+    ::waitpid(pid, &st, 0);
+    ::close(ready[0]);
+    ::close(go[1]);
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+  };
+  char b;
+  if (::read(ready[0], &b, 1) != 1) {
+    reap(true);
+    return fail("the sender died before starting");
+  }
+  // Both start at the same instant of CLOCK_MONOTONIC, a moment from now.
+  const uint64_t t0 = NowNs() + 50'000'000;
+  if (::write(go[1], &t0, sizeof t0) != static_cast<ssize_t>(sizeof t0)) {
+    reap(true);
+    return fail("go pipe");
+  }
+  const uint64_t period = static_cast<uint64_t>(o.bit_us * 1000);
+  const uint64_t end = t0 + bits.size() * period;
+  struct Sample {
+    uint64_t done_ns;
+    double rtt_us;
+  };
+  std::vector<Sample> samples;
+  samples.reserve(1 << 16);
+  SleepUntilNs(t0);
+  std::string rx_error;
+  while (NowNs() < end) {
+    const uint64_t s = NowNs();
+    if (auto r = (*rx)->RunOnce(); !r.ok()) {
+      rx_error = r.error().ToString();
+      break;
+    }
+    const uint64_t e = NowNs();
+    samples.push_back({e, static_cast<double>(e - s) / 1000.0});
+  }
+  SenderRecord rec{};
+  const bool sent = ::read(ready[0], &rec, sizeof rec) == static_cast<ssize_t>(sizeof rec);
+  const bool sender_ok = reap(!rx_error.empty()) && sent;
+  if (!rx_error.empty()) return fail("receiver: " + rx_error);
+  if (!sender_ok) return fail("the sender failed or computed a wrong result");
+  run.sender_submissions = rec.submissions;
+  run.sender_iterations = rec.iterations;
+  run.sender_chunk_us = rec.chunk_p50_us;
+  if (auto out = (*rx)->ReadBack(); !out.ok() || !shaders::CheckSample(probe.sample, *out).ok())
+    return fail("the receiver's work differs from the CPU reference");
+
+  // Per bit: the median round trip of the receiver's work that completed in the bit's window,
+  // after a guard of a tenth of the period (the sender's last chunk of a busy bit may run
+  // over); the median, so one hiccup of the machine does not decide a bit. A window with no
+  // completion at all reads as the whole window.
+  std::vector<double> metric(bits.size(), 0), rtts;
+  const uint64_t guard = period / 10;
+  size_t k = 0;
+  for (size_t i = 0; i < bits.size(); ++i) {
+    const uint64_t lo = t0 + i * period + guard, hi = t0 + (i + 1) * period;
+    std::vector<double> in;
+    for (; k < samples.size() && samples[k].done_ns < hi; ++k)
+      if (samples[k].done_ns >= lo) in.push_back(samples[k].rtt_us);
+    metric[i] = in.empty() ? static_cast<double>(hi - lo) / 1000.0 : Summarize(std::move(in)).p50;
+  }
+  for (const Sample& s : samples) rtts.push_back(s.rtt_us);
+  run.receiver_rtt_us = Summarize(rtts);
+  run.threshold_us = MedianThreshold(metric);
+  // The polarity from the preamble: a busy sender may make the receiver's work faster, not
+  // slower (a machine whose idle cores sleep deeper), and a receiver that knows the preamble
+  // learns which. Errors count over the payload only.
+  int preamble_wrong = 0;
+  for (size_t i = 0; i < kCovertPreamble.size(); ++i)
+    preamble_wrong += (metric[i] > run.threshold_us) != (bits[i] == '1');
+  run.inverted = 2 * preamble_wrong > static_cast<int>(kCovertPreamble.size());
+  std::vector<double> idle, busy;
+  for (size_t i = 0; i < bits.size(); ++i) {
+    const bool one = bits[i] == '1';
+    (one ? busy : idle).push_back(metric[i]);
+    if (i >= kCovertPreamble.size()) run.errors += ((metric[i] > run.threshold_us) != run.inverted) != one;
+  }
+  run.idle_metric_us = idle.empty() ? 0 : Summarize(idle).p50;
+  run.busy_metric_us = busy.empty() ? 0 : Summarize(busy).p50;
+  run.payload_bits = run.bits - static_cast<int>(kCovertPreamble.size());
+  run.ber = run.payload_bits > 0 ? static_cast<double>(run.errors) / run.payload_bits : 0;
+  // Worse than chance after the preamble chose the polarity: noise, it carries nothing.
+  run.capacity_bps = (1 - BinaryEntropy(std::min(run.ber, 0.5))) * run.raw_bps;
+  return run;
+}
+
+}  // namespace
+
+CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make_host) {
+  CovertReport r;
+  r.ran = true;
+  r.bits = o.bits;
+  r.preamble = static_cast<int>(kCovertPreamble.size());
+  r.bit_us = o.bit_us;
+  std::mt19937 rng(o.seed);
+  std::string bits(kCovertPreamble);
+  for (int i = 0; i < o.bits; ++i) bits.push_back(rng() & 1 ? '1' : '0');
+  r.probe_us = o.probe_us;
+  r.reps = o.reps;
+  // Every host first, then the repetitions, each running every (granularity, path) in an order
+  // that rotates from one to the next: drift of the shared machine falls on all of them alike.
+  std::vector<std::pair<uint64_t, Result<CovertHost>>> hosts;
+  for (uint64_t g : o.granularities_us) hosts.emplace_back(g, make_host(g));
+  std::vector<std::pair<size_t, std::string>> order;
+  for (size_t h = 0; h < hosts.size(); ++h)
+    for (const std::string& p : o.paths) order.emplace_back(h, p);
+  for (int rep = 0; rep < o.reps && !order.empty(); ++rep) {
+    std::rotate(order.begin(), order.begin() + (rep % order.size()), order.end());
+    for (const auto& [h, p] : order) {
+      const uint64_t g = hosts[h].first;
+      if (o.progress)
+        std::fprintf(stderr, "\rvgpu-bench: covert rep %d: %s, granularity %llu us   ", rep + 1, p.c_str(),
+                     static_cast<unsigned long long>(g));
+      CovertRun run;
+      if (!hosts[h].second.ok()) {
+        run.path = p;
+        run.granularity_us = g;
+        run.error = "vgpud: " + hosts[h].second.error().ToString();
+      } else {
+        run = RunOne(o, p, g, *hosts[h].second, bits);
+      }
+      run.rep = rep;
+      r.runs.push_back(std::move(run));
+    }
+  }
+  if (o.progress) std::fprintf(stderr, "\n");
+  for (const auto& [g, host] : hosts)
+    for (const std::string& p : o.paths) {
+      CovertCell c;
+      c.path = p;
+      c.granularity_us = g;
+      std::vector<double> cap, idle, busy, rtt;
+      for (const CovertRun& x : r.runs) {
+        if (x.path != p || x.granularity_us != g || !x.error.empty()) continue;
+        ++c.runs;
+        c.payload_bits += x.payload_bits;
+        c.errors += x.errors;
+        c.raw_bps = x.raw_bps;
+        cap.push_back(x.capacity_bps);
+        idle.push_back(x.idle_metric_us);
+        busy.push_back(x.busy_metric_us);
+        rtt.push_back(x.receiver_rtt_us.p50);
+      }
+      if (c.runs) {
+        c.ber = static_cast<double>(c.errors) / std::max(c.payload_bits, 1);
+        c.capacity_bps = (1 - BinaryEntropy(std::min(c.ber, 0.5))) * c.raw_bps;
+        c.capacity_per_rep = SummarizeRatio(cap);
+        c.idle_metric_us = SummarizeRatio(idle).median;
+        c.busy_metric_us = SummarizeRatio(busy).median;
+        c.rtt_p50_us = SummarizeRatio(rtt).median;
+      }
+      r.cells.push_back(std::move(c));
+    }
+  return r;
+}
+
+std::string FormatCovert(const CovertReport& r) {
+  if (!r.ran) return "";
+  std::string out = fmt::format(
+      "\n== covert channel: {} known + {} random bits at {:.1f} ms a bit, sender busy/idle, receiver timing its own "
+      "work\n",
+      r.preamble, r.bits, r.bit_us / 1000);
+  out += fmt::format("receiver's work: {}; {} repetitions, interleaved\n",
+                     r.probe_us > 0 ? fmt::format("a spin of about {:.0f} us", r.probe_us) : std::string("a 4 KiB copy"),
+                     r.reps);
+  out += fmt::format("{:<9} {:>8} {:>5} {:>6} {:>9} {:>7} {:>9} {:>21} {:>10} {:>10} {:>9}\n", "path", "G us", "runs",
+                     "bits", "raw b/s", "BER", "cap b/s", "cap/rep [min-max]", "idle us", "busy us", "rtt p50");
+  for (const CovertCell& c : r.cells)
+    out += fmt::format("{:<9} {:>8} {:>5} {:>6} {:>9.1f} {:>7.3f} {:>9.1f} {:>21} {:>10.1f} {:>10.1f} {:>9.1f}\n",
+                       c.path, c.granularity_us, c.runs, c.payload_bits, c.raw_bps, c.ber, c.capacity_bps,
+                       fmt::format("{:.1f} [{:.1f}-{:.1f}]", c.capacity_per_rep.median, c.capacity_per_rep.min,
+                                   c.capacity_per_rep.max),
+                       c.idle_metric_us, c.busy_metric_us, c.rtt_p50_us);
+  out += "per run:\n";
+  out += fmt::format("{:<9} {:>8} {:>9} {:>7} {:>9} {:>10} {:>10} {:>10} {:>4} {:>9} {:>7} {:>7} {:>9}\n", "path",
+                     "G us", "raw b/s", "BER", "cap b/s", "idle us", "busy us", "thresh us", "pol", "rtt p50", "rtt n",
+                     "spins", "spin us");
+  for (const CovertRun& c : r.runs) {
+    if (!c.error.empty()) {
+      out += fmt::format("{:<9} {:>8} COVERT RUN FAILED: {}\n", c.path, c.granularity_us, c.error);
+      continue;
+    }
+    out += fmt::format(
+        "{:<9} {:>8} {:>9.1f} {:>7.3f} {:>9.1f} {:>10.1f} {:>10.1f} {:>10.1f} {:>4} {:>9.1f} {:>7} {:>7} {:>9.1f}\n",
+        c.path, c.granularity_us, c.raw_bps, c.ber, c.capacity_bps, c.idle_metric_us, c.busy_metric_us,
+        c.threshold_us, c.inverted ? "inv" : "+", c.receiver_rtt_us.p50, c.receiver_rtt_us.n, c.sender_submissions,
+        c.sender_chunk_us);
+  }
+  out += "(G 0: coarsening off. BER pooled over every payload bit of the repetitions, cap from it; cap/rep: each "
+         "repetition's own. idle/busy: the receiver's median round trip per bit, median over the bits the "
+         "sender idled / was busy. BER over the random bits, with the polarity (pol: inv = a busy sender made "
+         "the receiver faster) the known bits showed. cap: (1 - H(min(BER, 0.5))) x raw. spins: the sender's busy submissions, spin us "
+         "their p50 as it saw them)\n";
+  return out;
+}
+
+nlohmann::json CovertJson(const CovertReport& r) {
+  nlohmann::json j;
+  j["bits"] = r.bits;
+  j["preamble_bits"] = r.preamble;
+  j["bit_us"] = r.bit_us;
+  j["complete"] = r.complete();
+  j["probe_us"] = r.probe_us;
+  j["reps"] = r.reps;
+  j["cells"] = nlohmann::json::array();
+  for (const CovertCell& c : r.cells)
+    j["cells"].push_back({{"path", c.path},
+                          {"granularity_us", c.granularity_us},
+                          {"runs", c.runs},
+                          {"payload_bits", c.payload_bits},
+                          {"errors", c.errors},
+                          {"ber", c.ber},
+                          {"raw_bps", c.raw_bps},
+                          {"capacity_bps", c.capacity_bps},
+                          {"capacity_per_rep", {{"median", c.capacity_per_rep.median},
+                                                {"min", c.capacity_per_rep.min},
+                                                {"max", c.capacity_per_rep.max},
+                                                {"n", c.capacity_per_rep.n}}},
+                          {"idle_metric_us", c.idle_metric_us},
+                          {"busy_metric_us", c.busy_metric_us},
+                          {"receiver_rtt_p50_us", c.rtt_p50_us}});
+  j["runs"] = nlohmann::json::array();
+  for (const CovertRun& c : r.runs) {
+    nlohmann::json x{{"path", c.path}, {"granularity_us", c.granularity_us}, {"rep", c.rep}, {"bits", c.bits}};
+    if (!c.error.empty()) {
+      x["error"] = c.error;
+    } else {
+      x.update({{"errors", c.errors},
+                {"payload_bits", c.payload_bits},
+                {"inverted", c.inverted},
+                {"raw_bps", c.raw_bps},
+                {"ber", c.ber},
+                {"capacity_bps", c.capacity_bps},
+                {"idle_metric_us", c.idle_metric_us},
+                {"busy_metric_us", c.busy_metric_us},
+                {"threshold_us", c.threshold_us},
+                {"receiver_rtt_us", {{"n", c.receiver_rtt_us.n}, {"p50", c.receiver_rtt_us.p50},
+                                     {"p99", c.receiver_rtt_us.p99}, {"min", c.receiver_rtt_us.min}}},
+                {"sender_submissions", c.sender_submissions},
+                {"sender_spin_iterations", c.sender_iterations},
+                {"sender_spin_p50_us", c.sender_chunk_us}});
+    }
+    j["runs"].push_back(std::move(x));
+  }
+  return j;
+}
+
+}  // namespace vg::bench

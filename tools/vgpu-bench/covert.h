@@ -1,0 +1,126 @@
+#pragma once
+// The covert group (F7): how many bits per second one tenant can send another through the
+// shared engine, with the host's time coarsening off and on. A sender vGPU modulates its
+// load bit by bit (busy: heavy work back to back; idle: nothing) and a receiver vGPU on the
+// same vgpud times its own small work, round trip after round trip, with everything it
+// observes (its fence interrupt, its remoting reply), then decodes each bit by a threshold.
+// Not a native/mediated/remoting ratio: its own section in every output
+// (docs/ab-methodology.md, "Covert channel").
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "base/base.h"
+#include "tools/bench/stats.h"
+#include "tools/vgpu-bench/paths.h"
+
+namespace vg::bench {
+
+struct CovertOptions {
+  std::vector<std::string> paths;             // mediated, remoting
+  std::vector<uint64_t> granularities_us;     // one vgpud each; 0: coarsening off
+  int bits = 64;                              // random payload bits per run, after the preamble
+  double bit_us = 10000;                      // bit period
+  // The receiver's unit of work: 0, a 4 KiB copy kernel (a round trip, latency-bound); else a
+  // spin sized to about this many us (compute that shares the engine's time with the sender's).
+  double probe_us = 0;
+  int reps = 3;                               // runs per path and granularity, interleaved
+  uint32_t seed = 1;
+  uint64_t guest_ram = 32ull << 20;
+  bool progress = true;
+};
+
+// Two vGPUs of one vgpud started with --time-granularity-us `granularity_us`: guest 0 sends,
+// guest 1 receives. `keep` holds the daemon for as long as the host is in use.
+struct CovertHost {
+  PathConfig sender, receiver;
+  std::shared_ptr<void> keep;
+};
+using CovertHostFactory = std::function<Result<CovertHost>(uint64_t granularity_us)>;
+
+// Sent before the payload, known to the receiver: it tells which way the sender's load moves
+// the receiver's timing (the decoder's polarity). Both symbols, four times each.
+inline constexpr std::string_view kCovertPreamble = "10110100";
+
+struct CovertRun {
+  std::string path;
+  uint64_t granularity_us = 0;
+  int rep = 0;
+  int bits = 0;              // sent, preamble included
+  int payload_bits = 0;
+  int errors = 0;            // among the payload bits
+  bool inverted = false;     // the preamble said: a busy sender makes the receiver faster
+  double bit_us = 0;
+  double raw_bps = 0;        // bits sent per second: 1 / bit period
+  double ber = 0;            // bit errors / payload bits
+  double capacity_bps = 0;   // (1 - H(min(ber, 0.5))) * raw_bps: what the channel carries after coding
+  // The receiver's metric (median round trip of its work in a bit's window, us): its median
+  // over the bits the sender idled and over those it was busy, and the decision threshold.
+  double idle_metric_us = 0, busy_metric_us = 0, threshold_us = 0;
+  Stats receiver_rtt_us;     // every round trip the receiver timed (its latency, coarsened or not)
+  // The sender's busy work: spins submitted, the spin's iterations (sized to about a quarter
+  // of a bit), and the p50 time of one as the sender saw it.
+  uint64_t sender_submissions = 0;
+  uint64_t sender_iterations = 0;
+  double sender_chunk_us = 0;
+  std::string error;         // empty: the run completed
+};
+
+// One path at one granularity over its repetitions: the errors pooled over every payload bit
+// sent (the BER and capacity the summary reads), and the per-repetition capacity's spread.
+struct CovertCell {
+  std::string path;
+  uint64_t granularity_us = 0;
+  int runs = 0;  // repetitions that completed
+  int payload_bits = 0, errors = 0;
+  double ber = 0, raw_bps = 0, capacity_bps = 0;
+  Ratio capacity_per_rep;                     // median [min, max] over repetitions
+  double idle_metric_us = 0, busy_metric_us = 0;  // medians over repetitions
+  double rtt_p50_us = 0;                      // median over repetitions of the receiver's p50
+};
+
+struct CovertReport {
+  bool ran = false;
+  int bits = 0;      // payload bits per run
+  int preamble = 0;  // known bits before them
+  double bit_us = 0;
+  double probe_us = 0;
+  int reps = 0;
+  std::vector<CovertRun> runs;    // every run, in the order they ran
+  std::vector<CovertCell> cells;  // per granularity, per path
+  bool complete() const {
+    if (!ran) return true;
+    for (const CovertRun& r : runs)
+      if (!r.error.empty()) return false;
+    return true;
+  }
+};
+
+// Binary entropy, in bits.
+double BinaryEntropy(double p);
+// The decision threshold over the per-bit metrics: their median. The bits are random, about
+// half of each symbol, so the median falls between the two symbols' metrics; unlike a
+// two-cluster split it is not pulled by the machine's outliers (one bit whose metric is ten
+// times the rest). Which side reads 1 is the preamble's to say.
+double MedianThreshold(std::vector<double> metrics);
+
+// Runs every granularity (one host each) and every path on it.
+CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& host);
+
+// The sender process (vgpu-bench --covert-send PATH ...): prepares, says ready on `ready_fd`,
+// reads the start instant (steady_clock ns, 8 bytes) from `go_fd`, then sends `bits`.
+int CovertSender(const std::string& path, const PathConfig& c, const std::string& bits, double bit_us, int ready_fd,
+                 int go_fd);
+
+std::string FormatCovert(const CovertReport& r);
+nlohmann::json CovertJson(const CovertReport& r);
+
+}  // namespace vg::bench
