@@ -15,6 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -55,6 +56,22 @@ struct Options {
   bool seccomp = true;
   uint32_t executor_depth = mediator::VgpuConfig{}.executor_depth;
   bool zero_copy = true;
+  mediator::FaultPolicy faults;
+};
+
+// F7: the device model's fault monitor, as the remoting server asks it. One monitor per vGPU,
+// so faults on either path throttle and quarantine both.
+class RemotingGate final : public remoting::FaultGate {
+ public:
+  explicit RemotingGate(mediator::FaultMonitor& m) : m_(m) {}
+  Admission Admit() override {
+    const mediator::Admission a = m_.Admit();
+    return {a.code, a.wait};
+  }
+  void OnFault() override { m_.OnFault(mediator::FaultKind::kRemotingError); }
+
+ private:
+  mediator::FaultMonitor& m_;
 };
 
 class Worker {
@@ -69,6 +86,7 @@ class Worker {
  private:
   explicit Worker(const Options& o) : opts_(o) {}
   static void OnDoorbell(int, short, void* arg);
+  static void OnThrottle(int, short, void* arg);
   static void OnChannel(int fd, short, void* arg);
   static void OnSignal(int, short, void* arg);
   void Pong(uint64_t seq);
@@ -77,7 +95,10 @@ class Worker {
   Options opts_;
   event_base* base_ = nullptr;
   std::unique_ptr<engine::Engine> engine_;
+  // Armed from any thread (VgpuConfig::throttle_timer); freed after vgpu_, whose threads arm it.
+  event* throttle_ev_ = nullptr;
   std::unique_ptr<mediator::Vgpu> vgpu_;
+  std::unique_ptr<RemotingGate> gate_;
   std::unique_ptr<remoting::Listener> remoting_;
   std::unique_ptr<vfio_user::Listener> vfio_;
   std::vector<event*> events_;
@@ -95,6 +116,8 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   eo.gpu = o.gpu;
   eo.allow_zero_copy = o.zero_copy;
   VG_TRY_ASSIGN(w->engine_, engine::Engine::Create(eo));
+  w->throttle_ev_ = evtimer_new(w->base_, &Worker::OnThrottle, w.get());
+  VG_ERROR_IF(!w->throttle_ev_, Errc::kInternal, "evtimer_new failed");
   mediator::VgpuConfig cfg;
   cfg.uuid = o.uuid;
   cfg.type_name = o.type;
@@ -104,9 +127,19 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   cfg.dma_limits.max_bytes = o.dma_max_bytes;
   cfg.dma_limits.max_regions = o.dma_max_regions;
   cfg.executor_depth = o.executor_depth;
+  cfg.faults = o.faults;
+  // evtimer_add is thread-safe (evthread_use_pthreads above) and wakes the loop; re-adding a
+  // pending timer moves it.
+  cfg.throttle_timer = [ev = w->throttle_ev_](std::chrono::nanoseconds wait) {
+    const int64_t us = std::max<int64_t>(std::chrono::duration_cast<std::chrono::microseconds>(wait).count(), 1);
+    const timeval tv{static_cast<time_t>(us / 1000000), static_cast<suseconds_t>(us % 1000000)};
+    evtimer_add(ev, &tv);
+  };
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
+  w->gate_ = std::make_unique<RemotingGate>(w->vgpu_->faults());
   VG_TRY_ASSIGN(w->remoting_, remoting::Listener::CreateOnSocket(w->base_, *w->engine_, UniqueFd(ch::kRemotingFd),
                                                                  o.remoting_name));
+  w->remoting_->SetFaultGate(w->gate_.get());
   vfio_user::ServerLimits sl;
   sl.max_dma_maps = o.dma_max_regions;
   sl.unmap_timeout_ms = o.unmap_timeout_ms;
@@ -131,7 +164,9 @@ Worker::~Worker() {
   // flight, bounded), then the engine they all used.
   vfio_.reset();
   remoting_.reset();
+  gate_.reset();
   vgpu_.reset();
+  if (throttle_ev_) event_free(throttle_ev_);
   engine_.reset();
   if (base_) event_base_free(base_);
 }
@@ -153,6 +188,11 @@ void Worker::OnDoorbell(int, short, void* arg) {
   // The guest holds this very eventfd (GET_REGION_IO_FDS) and may have drained it or made
   // it blocking: a read that cannot block.
   if (vgpu->doorbell().TryDrain().value_or(0)) vgpu->OnDoorbellKick();
+}
+
+void Worker::OnThrottle(int, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  if (self->vgpu_) self->vgpu_->OnThrottleTimer();
 }
 
 void Worker::OnSignal(int sig, short, void* arg) {
@@ -177,6 +217,21 @@ void Worker::Pong(uint64_t seq) {
   set(ch::Counter::kRemotingClients, remoting_->clients());
   set(ch::Counter::kRemotingCommands, rs.commands);
   set(ch::Counter::kRemotingErrors, rs.errors);
+  const mediator::HealthReport h = vgpu_->faults().Report();
+  set(ch::Counter::kFaults, h.faults);
+  set(ch::Counter::kThrottledNs, h.throttled_ns);
+  set(ch::Counter::kQuarantinedNs, h.quarantined_ns);
+  set(ch::Counter::kHealth, static_cast<uint64_t>(h.health));
+  ch::HealthReason why = ch::HealthReason::kNone;
+  if (h.cause == mediator::HealthCause::kQuarantineLifted) why = ch::HealthReason::kQuarantineLifted;
+  if (h.cause == mediator::HealthCause::kFaults) {
+    static constexpr ch::HealthReason kByKind[] = {ch::HealthReason::kCommandRefusals, ch::HealthReason::kMmioRefusals,
+                                                   ch::HealthReason::kDmaFaults, ch::HealthReason::kRemotingErrors};
+    static_assert(std::size(kByKind) == mediator::kFaultKinds);
+    why = kByKind[static_cast<size_t>(h.kind)];
+  }
+  set(ch::Counter::kHealthReason, static_cast<uint64_t>(why));
+  set(ch::Counter::kHealthRate, h.rate_per_s);
   (void)ch::Send(ch::kChannelFd, r);  // a full queue: the supervisor pings again
 }
 
@@ -280,6 +335,11 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", o.log_level);
   app.add_option("--executor-depth", o.executor_depth);
   app.add_flag("!--no-zero-copy", o.zero_copy);
+  app.add_option("--fault-window-ms", o.faults.window_ms)->check(CLI::Range(10, 3600000));
+  app.add_option("--fault-throttle-per-s", o.faults.throttle_per_s);
+  app.add_option("--fault-quarantine-per-s", o.faults.quarantine_per_s);
+  app.add_option("--throttle-rate", o.faults.throttle_rate);
+  app.add_option("--fault-quiet-ms", o.faults.quiet_ms);
   CLI11_PARSE(app, argc, argv);
   if (o.log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (o.log_level == "warn") SetLogLevel(LogLevel::kWarn);
