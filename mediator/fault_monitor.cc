@@ -97,9 +97,16 @@ void FaultMonitor::OnFault(FaultKind kind) {
   if (b.epoch != epoch) b = Bucket{epoch, {}};
   ++b.count[static_cast<size_t>(kind)];
 
-  if (policy_.throttle_per_s == 0 || health_ == Health::kQuarantined) return;
+  if (policy_.throttle_per_s == 0) return;
   std::array<uint64_t, kFaultKinds> k{};
   const uint64_t n = InWindow(now, &k);
+  auto dominant = [&] { return static_cast<FaultKind>(std::max_element(k.begin(), k.end()) - k.begin()); };
+  // The worst rate since the state was entered says more than the threshold it crossed.
+  if (health_ != Health::kOk && cause_ == HealthCause::kFaults && Rate(n) > rate_) {
+    rate_ = Rate(n);
+    kind_ = dominant();
+  }
+  if (health_ == Health::kQuarantined) return;
   uint32_t threshold = 0;
   Health next = health_;
   if (health_ == Health::kOk && n >= Limit(policy_.throttle_per_s)) {
@@ -113,7 +120,7 @@ void FaultMonitor::OnFault(FaultKind kind) {
   }
   if (next == health_) return;
   cause_ = HealthCause::kFaults;
-  kind_ = static_cast<FaultKind>(std::max_element(k.begin(), k.end()) - k.begin());
+  kind_ = dominant();
   rate_ = Rate(n);
   Enter(next, now);
   VG_LOGW("fault health: {}: {} faults/s over {} ms, mostly {} (threshold {}/s)",

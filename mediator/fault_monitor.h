@@ -62,7 +62,9 @@ struct HealthReport {
   Health health = Health::kOk;
   HealthCause cause = HealthCause::kNone;
   FaultKind kind = FaultKind::kCommandRefusal;  // the dominant kind (cause kFaults)
-  uint32_t rate_per_s = 0;                       // faults/s over the window at that transition
+  // The highest faults/s over the window since that transition (cause kFaults), and `kind`
+  // the dominant kind then.
+  uint32_t rate_per_s = 0;
   uint64_t faults = 0;                           // every fault counted since creation
   std::array<uint64_t, kFaultKinds> by_kind{};
   uint64_t throttled_ns = 0;    // time spent throttled (so far, the current stretch included)

@@ -69,6 +69,12 @@ TEST_CASE("fault monitor: an occasional error never throttles; a rate over the t
   CHECK(h.kind == FaultKind::kRemotingError);
   CHECK(h.rate_per_s == 100);
   CHECK(h.by_kind[static_cast<size_t>(FaultKind::kMmioRefusal)] == 30);
+  // Going on faster (register writes are not slowed): the worst rate and its kind are said.
+  r.Faults(300, 1 * kMs, FaultKind::kMmioRefusal);
+  h = r.m.Report();
+  CHECK(h.health == Health::kThrottled);
+  CHECK(h.rate_per_s >= 350);
+  CHECK(h.kind == FaultKind::kMmioRefusal);
 }
 
 TEST_CASE("fault monitor: the window slides (old faults leave it)") {

@@ -274,7 +274,7 @@ TEST_CASE("mediated attacker: throttled, then quarantined (show says why), a res
   // 2. Throttled, and still erring now and then (under the quarantine rate): honest work goes
   //    on, at the throttle rate at most, whatever the machine's speed.
   const int throttled = CountFills(*a.drv, *buf, 1000, 300);
-  INFO("fills per second: ", before, " before, ", throttled, " throttled");
+  MESSAGE("honest fills per second: ", before, " before the attack, ", throttled, " throttled");
   CHECK(throttled > 0);
   CHECK(throttled <= 2 * kThrottleRate);
   CHECK(State(Health(d, kA)) == "throttled");
@@ -315,7 +315,7 @@ TEST_CASE("mediated attacker: throttled, then quarantined (show says why), a res
 
   // The victim completed kernels throughout, bit-exactly (checked at Stop).
   const uint64_t victim_during = v.rounds() - victim_before;
-  INFO("victim rounds during the attack: ", victim_during);
+  MESSAGE("victim kernels completed during the mediated attack: ", victim_during, "; attacker: ", line);
   CHECK(victim_during > 0);
   CHECK(State(Health(d, kB)) == "ok");
 
@@ -369,7 +369,7 @@ TEST_CASE("remoting attacker: throttled, then quarantined; the vGPU's reset lift
   const auto t0 = Clock::now();
   REQUIRE(RemoteNops(*c, 39) == Errc::kOk);
   const double took_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-  INFO("40 commands throttled took ", took_ms, " ms");
+  MESSAGE("40 remoting commands, throttled, took ", took_ms, " ms");
   CHECK(took_ms >= 1500);
   CHECK(State(Health(d, kA)) == "throttled");
 
@@ -394,7 +394,7 @@ TEST_CASE("remoting attacker: throttled, then quarantined; the vGPU's reset lift
   CHECK(RemoteKernel(*c2, 2).code() == Errc::kQuarantined);
 
   const uint64_t victim_during = v.rounds() - victim_before;
-  INFO("victim rounds during the attack: ", victim_during);
+  MESSAGE("victim kernels completed during the remoting attack: ", victim_during, "; attacker: ", line);
   CHECK(victim_during > 0);
 
   // 4. The vGPU's reset (RESET through its vfio-user socket) lifts it for both paths: the

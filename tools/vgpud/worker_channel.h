@@ -61,7 +61,7 @@ enum class Counter : uint32_t {
   kQuarantinedNs,     // time spent quarantined
   kHealth,            // channel::Health
   kHealthReason,      // channel::HealthReason
-  kHealthRate,        // faults/s over the window when the health last changed (0 while ok)
+  kHealthRate,        // the highest faults/s over the window since the health last changed (0 while ok)
   kCount,
 };
 
