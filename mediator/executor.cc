@@ -55,6 +55,8 @@ struct Executor::Materialized {
   std::shared_ptr<Import> import;  // held until the work completes
   std::optional<ResolvedRange> gathered_from;
   std::vector<Extent> extents;  // the guest or aperture bytes the engine touches through it
+  // A gathered range's plan: its scatter is skipped once that plan has failed.
+  std::shared_ptr<PlanState> plan;
   Executor* owner = nullptr;
   uint64_t charged = 0;
   Materialized() = default;
@@ -78,6 +80,17 @@ struct Executor::Batch {
   engine::Submission sub;
   std::vector<MatRef> mats;
   uint64_t cost = 0;
+  // Plans with work packed in `sub`, in order (the first is the Retiring's `plan`).
+  std::vector<std::shared_ptr<PlanState>> plans;
+  // Entries that follow the submission in plan order (host ops and ends of plans whose
+  // work is in it), pushed right after it; their guest writes are checked against what
+  // is packed next (Executor::Materialize).
+  std::vector<Retiring> after;
+  bool Empty() const { return sub.ops.empty(); }
+  // Notes that `ps` has work in the batch.
+  void Holds(const std::shared_ptr<PlanState>& ps) {
+    if (plans.empty() || plans.back() != ps) plans.push_back(ps);
+  }
   // Whether adding an item of `cost` must first send what is packed.
   bool Full(uint64_t item_cost) const {
     return !sub.ops.empty() &&
@@ -133,6 +146,7 @@ Executor::Executor(engine::Engine* engine, const vu::DmaSpace& dma, std::span<st
       aperture_buffer_(std::move(aperture_buffer)),
       hooks_(std::move(hooks)),
       depth_(std::clamp<uint32_t>(options.depth, 1, kMaxExecutorDepth)),
+      coalesce_(options.coalesce && depth_ > 1),
       retire_thread_([this] { RetireLoop(); }),
       thread_([this] { SubmitLoop(); }) {}
 
@@ -228,7 +242,8 @@ ExecCounters Executor::Counters() const {
   auto ld = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
   return {ld(counters_.plans),           ld(counters_.import_hits),     ld(counters_.import_misses),
           ld(counters_.engine_submissions), ld(counters_.bytes_zero_copy), ld(counters_.bytes_gathered),
-          ld(counters_.plans_cancelled), ld(counters_.drains),          ld(counters_.max_in_flight)};
+          ld(counters_.plans_cancelled), ld(counters_.drains),          ld(counters_.max_in_flight),
+          ld(counters_.plans_coalesced)};
 }
 
 template <class Fn>
@@ -301,8 +316,26 @@ bool Executor::HostWritePending(std::span<const Extent> touched) const {
 }
 
 void Executor::SubmitLoop() {
+  // Stays open across plans while the engine is saturated (ShouldCoalesce); sent before
+  // the thread waits for work, takes a task or stops. While it holds work running_ stays
+  // set, so a Cancel meanwhile queues its `after` behind it.
+  Batch batch;
   std::unique_lock lk(mu_);
   for (;;) {
+    if (!batch.Empty() && !ShouldCoalesce(batch, batch.plans.front()->epoch)) {
+      lk.unlock();
+      // A failure to submit is the batch's plans' (Flush reports it to each); cancelled,
+      // nothing of it runs.
+      (void)Flush(batch);
+      lk.lock();
+      continue;
+    }
+    if (batch.Empty()) {
+      running_ = false;
+      idle_cv_.notify_all();
+    }
+    // With a batch open the next item is a plan that joins it (ShouldCoalesce, under this
+    // same hold of mu_).
     cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
     if (stop_) return;
     Item item = std::move(queue_.front());
@@ -318,15 +351,28 @@ void Executor::SubmitLoop() {
       ps->epoch = item.epoch;
       ps->bytes = item.bytes;
       if (depth_ == 1) Drain();  // serial: nothing of the previous plan is still running
-      Result<> r = Run(*item.plan, ps);
-      if (!r.ok()) PushRetire(Retiring{Retiring::Kind::kFailure, ps, {}, {}, 0, {}, std::move(r).error(), {}});
+      if (!batch.Empty()) counters_.plans_coalesced.fetch_add(1, std::memory_order_relaxed);
+      Result<> r = Run(*item.plan, ps, batch);
+      if (!r.ok()) Follow(batch, Retiring{.kind = Retiring::Kind::kFailure, .plan = ps, .error = std::move(r).error()});
       item.plan.reset();  // its memory goes before its charge does
-      PushRetire(Retiring{Retiring::Kind::kPlanEnd, ps, {}, {}, 0, {}, {}, {}});
+      Follow(batch, Retiring{.kind = Retiring::Kind::kPlanEnd, .plan = ps});
     }
     lk.lock();
-    running_ = false;
-    idle_cv_.notify_all();
   }
+}
+
+bool Executor::ShouldCoalesce(const Batch& batch, uint64_t epoch) const {
+  if (!coalesce_ || stop_ || queue_.empty()) return false;
+  const Item& next = queue_.front();
+  if (!next.plan || next.epoch != epoch || Cancelled(epoch)) return false;
+  // Only while the submission would have to wait for the engine anyway: an idle engine
+  // gets the work at once (latency), a busy one gets it in fewer, larger submissions.
+  return !(in_flight_ == 0 || (in_flight_ < depth_ && in_flight_cost_ + batch.cost <= kMaxInFlightCost));
+}
+
+void Executor::Follow(Batch& batch, Retiring r) {
+  if (batch.Empty()) return PushRetire(std::move(r));
+  batch.after.push_back(std::move(r));
 }
 
 void Executor::RetireLoop() {
@@ -366,7 +412,7 @@ static void AppendExtents(const ResolvedRange& r, std::vector<Extent>& out) {
   for (const GttSpan& sp : r.spans) out.push_back({sp.target.aperture, sp.target.page_addr, sp.size.v});
 }
 
-Result<> Executor::Run(Plan& plan, const std::shared_ptr<PlanState>& ps) {
+Result<> Executor::Run(Plan& plan, const std::shared_ptr<PlanState>& ps, Batch& batch) {
   size_t i = 0;
   while (i < plan.ops.size()) {
     if (Cancelled(ps->epoch)) return CancelledError();
@@ -375,16 +421,16 @@ Result<> Executor::Run(Plan& plan, const std::shared_ptr<PlanState>& ps) {
     if (IsGpuOp(plan.ops[i])) {
       size_t j = i;
       while (j < plan.ops.size() && IsGpuOp(plan.ops[j])) ++j;
-      VG_TRY(RunGpuOps(std::span(plan.ops).subspan(i, j - i), ps));
+      VG_TRY(RunGpuOps(std::span(plan.ops).subspan(i, j - i), ps, batch));
       i = j;
       continue;
     }
     // A host op runs once everything before it has retired; what it writes into guest
     // memory counts as pending until then.
-    Retiring r{Retiring::Kind::kHostOp, ps, {}, {}, 0, std::move(plan.ops[i++]), {}, {}};
+    Retiring r{.kind = Retiring::Kind::kHostOp, .plan = ps, .op = std::move(plan.ops[i++])};
     if (auto* f = std::get_if<PlanFence>(&*r.op)) AppendExtents(f->target, r.writes);
     if (auto* t = std::get_if<PlanTimestamp>(&*r.op)) AppendExtents(t->target, r.writes);
-    PushRetire(std::move(r));
+    Follow(batch, std::move(r));
   }
   return Ok();
 }
@@ -398,21 +444,26 @@ void Executor::Retire(Retiring& r) {
   };
   switch (r.kind) {
     case Retiring::Kind::kSubmission: {
-      Result<> ran = r.token->Wait();
+      Result<> ran = r.token ? r.token->Wait() : Result<>(Ok());
       uint64_t zero_copy = 0, gathered = 0;
       for (const MatRef& m : r.mats) (m->gathered_from ? gathered : zero_copy) += m->range.size.v;
       counters_.engine_submissions.fetch_add(1, std::memory_order_relaxed);
       counters_.bytes_zero_copy.fetch_add(zero_copy, std::memory_order_relaxed);
       counters_.bytes_gathered.fetch_add(gathered, std::memory_order_relaxed);
       if (!ran.ok()) {
+        // Every plan with work in the submission failed with it.
         fail(ran.error());
-      } else if (!Cancelled(epoch) && !ps.failed.load(std::memory_order_acquire)) {
+        for (const std::shared_ptr<PlanState>& p : r.also)
+          if (!p->failed.exchange(true, std::memory_order_acq_rel)) IfCurrent(p->epoch, [&] { hooks_.fail(ran.error()); });
+      } else if (!Cancelled(epoch)) {
         // Cut at the boundary: a cancelled or failed plan writes nothing more to guest memory.
         for (const MatRef& m : r.mats) {
           if (!m->gathered_from || !m->gathered_from->write) continue;
+          if (m->plan && m->plan->failed.load(std::memory_order_acquire)) continue;
           if (Result<> w = view_.Write(*m->gathered_from, m->range.buffer->Map()); !w.ok()) {
-            fail(w.error());
-            break;
+            PlanState& owner = m->plan ? *m->plan : ps;
+            if (!owner.failed.exchange(true, std::memory_order_acq_rel))
+              IfCurrent(epoch, [&] { hooks_.fail(w.error()); });
           }
         }
       }
@@ -457,6 +508,10 @@ Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& ba
                                                const std::shared_ptr<PlanState>& ps) {
   auto m = std::make_shared<Materialized>();
   AppendExtents(r, m->extents);
+  // Bytes a host op or scatter that follows the open batch will write: the engine work
+  // that touches them belongs after those writes, so the batch goes first (and Flush's
+  // hazard check then orders this work behind them).
+  if (BatchWrites(batch, m->extents)) VG_TRY(Flush(batch));
   if (r.spans.size() == 1) {
     const GttSpan& s = r.spans[0];
     if (s.target.aperture && aperture_buffer_) {
@@ -491,11 +546,10 @@ Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& ba
     }
   }
   // Scattered pages or memory shared without an fd: gather into an engine buffer, within
-  // the vGPU's gather bound. What the batch packed so far is sent first if that frees room.
-  if (gather_bytes_.load(std::memory_order_acquire) + r.size.v > kMaxGatherBytes && !batch.sub.ops.empty())
-    VG_TRY(Flush(batch, ps));
-  // The host reads guest memory now: everything submitted before must have retired (its
-  // scatters and fence writes landed, its gather buffers freed).
+  // the vGPU's gather bound. The host reads guest memory now, so everything packed or
+  // submitted before must have run and retired (its scatters and fence writes landed, its
+  // gather buffers freed).
+  VG_TRY(Flush(batch));
   Drain();
   const uint64_t held = gather_bytes_.load(std::memory_order_acquire);
   VG_ERROR_IF(held + r.size.v > kMaxGatherBytes, Errc::kLimitExceeded,
@@ -508,12 +562,44 @@ Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& ba
   VG_TRY(view_.Read(r, buf->Map()));
   m->range = engine::Whole(buf);
   m->gathered_from = r;
+  m->plan = ps;
   return m;
 }
 
-Result<> Executor::Flush(Batch& batch, const std::shared_ptr<PlanState>& ps) {
-  if (batch.sub.ops.empty()) return Ok();
-  Retiring r{Retiring::Kind::kSubmission, ps, {}, std::move(batch.mats), batch.cost, {}, {}, {}};
+bool Executor::BatchWrites(const Batch& batch, std::span<const Extent> touched) {
+  auto hits = [&](std::span<const Extent> writes) {
+    for (const Extent& w : writes)
+      for (const Extent& t : touched)
+        if (w.aperture == t.aperture && RangesOverlap(w.addr, w.size, t.addr, t.size)) return true;
+    return false;
+  };
+  for (const Retiring& a : batch.after)
+    if (hits(a.writes)) return true;
+  for (const MatRef& m : batch.mats)
+    if (m->gathered_from && m->gathered_from->write && hits(m->extents)) return true;
+  return false;
+}
+
+Result<> Executor::Flush(Batch& batch) {
+  std::vector<Retiring> after = std::move(batch.after);
+  batch.after.clear();
+  Result<> sent = Submit(batch);
+  // The entries that followed the batch in plan order follow its submission (or its
+  // plans' failures) now, whatever became of it.
+  for (Retiring& r : after) PushRetire(std::move(r));
+  return sent;
+}
+
+Result<> Executor::Submit(Batch& batch) {
+  std::vector<std::shared_ptr<PlanState>> plans = std::move(batch.plans);
+  batch.plans.clear();
+  if (batch.sub.ops.empty()) {
+    batch.mats.clear();
+    batch.cost = 0;
+    return Ok();
+  }
+  Retiring r{.kind = Retiring::Kind::kSubmission, .plan = plans.front(), .mats = std::move(batch.mats),
+             .cost = batch.cost, .also = {plans.begin() + 1, plans.end()}};
   engine::Submission sub = std::move(batch.sub);
   batch.sub = {};
   batch.mats.clear();
@@ -541,22 +627,29 @@ Result<> Executor::Flush(Batch& batch, const std::shared_ptr<PlanState>& ps) {
       return in_flight_ == 0 || (in_flight_ < depth_ && in_flight_cost_ + r.cost <= kMaxInFlightCost);
     });
   }
-  if (Cancelled(ps->epoch)) return CancelledError();
-  VG_TRY_ASSIGN(r.token, engine_->Submit(std::move(sub)));
+  // Cancelled: nothing of it runs, and no hook of its plans will.
+  if (Cancelled(r.plan->epoch)) return CancelledError();
+  Result<engine::TokenRef> token = engine_->Submit(std::move(sub));
+  if (!token.ok()) {
+    // Nothing of it runs: each plan with work in it fails, before any host op of theirs.
+    for (const std::shared_ptr<PlanState>& p : plans)
+      PushRetire(Retiring{.kind = Retiring::Kind::kFailure, .plan = p, .error = token.error()});
+    return std::move(token).error();
+  }
+  r.token = std::move(token).value();
   PushRetire(std::move(r));
   return Ok();
 }
 
-Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanState>& ps) {
+Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanState>& ps, Batch& batch) {
   const uint64_t epoch = ps->epoch;
   VG_ERROR_IF(!engine_, Errc::kUnsupported, "this vGPU has no engine");
-  Batch batch;
   // A transfer of `size` bytes in chunks: `add(offset, n)` packs one chunk.
   auto chunks = [&](uint64_t size, auto&& add) -> Result<> {
     for (uint64_t off = 0; off < size; off += kTransferChunkBytes) {
       if (Cancelled(epoch)) return CancelledError();
       uint64_t n = std::min(kTransferChunkBytes, size - off);
-      if (batch.Full(n)) VG_TRY(Flush(batch, ps));
+      if (batch.Full(n)) VG_TRY(Flush(batch));
       VG_TRY(add(off, n));
       batch.cost += n;
     }
@@ -574,13 +667,17 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanSt
         mats.push_back(std::move(m));
       }
       bool in_batch = false;  // this dispatch's bindings are held by the batch being packed
+      batch.Holds(ps);
       for (uint64_t i = 0; i < cut.pieces(); ++i) {
         if (Cancelled(epoch)) return CancelledError();
         if (batch.Full(cut.piece_cost())) {
-          VG_TRY(Flush(batch, ps));
+          VG_TRY(Flush(batch));
           in_batch = false;
         }
-        if (!in_batch) batch.mats.insert(batch.mats.end(), mats.begin(), mats.end());
+        if (!in_batch) {
+          batch.mats.insert(batch.mats.end(), mats.begin(), mats.end());
+          batch.Holds(ps);
+        }
         in_batch = true;
         DispatchPiece p = cut.Piece(i);
         batch.sub.Dispatch(d->kernel, p.groups, bindings, d->push, p.base);
@@ -590,6 +687,7 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanSt
       VG_TRY(chunks(c->src.size.v, [&](uint64_t off, uint64_t n) -> Result<> {
         VG_TRY_ASSIGN(MatRef src, Materialize(SliceRange(c->src, off, n), batch, ps));
         VG_TRY_ASSIGN(MatRef dst, Materialize(SliceRange(c->dst, off, n), batch, ps));
+        batch.Holds(ps);
         batch.sub.Copy(src->range.buffer, src->range.offset, dst->range.buffer, dst->range.offset, ByteSize{n});
         batch.mats.push_back(std::move(src));
         batch.mats.push_back(std::move(dst));
@@ -598,13 +696,15 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanSt
     } else if (auto* f = std::get_if<PlanFill>(&op)) {
       VG_TRY(chunks(f->dst.size.v, [&](uint64_t off, uint64_t n) -> Result<> {
         VG_TRY_ASSIGN(MatRef dst, Materialize(SliceRange(f->dst, off, n), batch, ps));
+        batch.Holds(ps);
         batch.sub.Fill(dst->range.buffer, dst->range.offset, ByteSize{n}, f->value);
         batch.mats.push_back(std::move(dst));
         return Ok();
       }));
     }
   }
-  return Flush(batch, ps);
+  // Left open: the submit thread sends it at the plan's end unless the next plan joins it.
+  return Ok();
 }
 
 }  // namespace vg::mediator

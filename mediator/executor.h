@@ -75,6 +75,12 @@ inline constexpr uint64_t kMaxInFlightCost = kSubmissionCostBudget;
 struct ExecOptions {
   // 1: serial (each plan starts once the previous one has retired; the study's ablation).
   uint32_t depth = 4;
+  // While the engine is saturated (depth or cost in flight reached), the submit thread packs
+  // the next queued plans' work into the engine submission it holds instead of waiting, and
+  // their host ops (FENCE, LOAD_REG, TIMESTAMP) follow that submission in order: a stream
+  // of small plans costs one engine round trip per batch, not per plan. Off: one plan's
+  // work never shares an engine submission with another's (the study's ablation).
+  bool coalesce = true;
 };
 
 struct ExecCounters {
@@ -87,6 +93,7 @@ struct ExecCounters {
   uint64_t plans_cancelled = 0;  // dropped from the queue or stopped between submissions
   uint64_t drains = 0;           // submissions that waited for earlier work to retire (hazards)
   uint64_t max_in_flight = 0;    // most engine submissions in flight at once
+  uint64_t plans_coalesced = 0;  // plans whose work joined an engine submission already holding another's
 };
 
 // Runs audited Plans in engine submissions of bounded cost (mediator/work_split.h): a
@@ -162,13 +169,15 @@ class Executor {
     engine::TokenRef token;          // kSubmission
     std::vector<MatRef> mats;        // kSubmission: what it holds until it has run
     uint64_t cost = 0;               // kSubmission
+    // kSubmission: every other plan with work in it (coalesced); an engine failure fails each.
+    std::vector<std::shared_ptr<PlanState>> also;
     std::optional<PlanOp> op;        // kHostOp
     std::optional<Error> error;      // kFailure
     std::vector<Extent> writes;      // bytes the host writes when this retires (hazards)
   };
   struct Counters_ {
     std::atomic<uint64_t> plans{0}, import_hits{0}, import_misses{0}, engine_submissions{0}, bytes_zero_copy{0},
-        bytes_gathered{0}, plans_cancelled{0}, drains{0}, max_in_flight{0};
+        bytes_gathered{0}, plans_cancelled{0}, drains{0}, max_in_flight{0}, plans_coalesced{0};
   };
   static constexpr size_t kMaxImports = 64;
   static constexpr uint64_t kImportWindow = 2ull << 20;
@@ -176,10 +185,25 @@ class Executor {
   void SubmitLoop();
   void RetireLoop();
   void Retire(Retiring& r);
-  Result<> Run(Plan& plan, const std::shared_ptr<PlanState>& ps);
-  Result<> RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanState>& ps);
+  // Packs the plan's work into `batch` (which may hold earlier plans' work, and is left
+  // open for the next plan); its host ops and end follow the batch's submission.
+  Result<> Run(Plan& plan, const std::shared_ptr<PlanState>& ps, Batch& batch);
+  Result<> RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanState>& ps, Batch& batch);
+  // An entry in plan order: straight to the retire queue, or after the open batch's
+  // submission when that holds work.
+  void Follow(Batch& batch, Retiring r);
+  // Whether the submit thread should pack the next queued plan into `batch` rather than
+  // submit it now: the engine is saturated (Flush would wait) and a plan of the same epoch
+  // is next. mu_ held.
+  bool ShouldCoalesce(const Batch& batch, uint64_t epoch) const;
   Result<MatRef> Materialize(const ResolvedRange& r, Batch& batch, const std::shared_ptr<PlanState>& ps);
-  Result<> Flush(Batch& batch, const std::shared_ptr<PlanState>& ps);
+  // Submits what the batch holds (waiting for depth, cost and hazards), then hands the
+  // entries that followed it to the retire thread.
+  Result<> Flush(Batch& batch);
+  Result<> Submit(Batch& batch);
+  // Whether `touched` overlaps what is written once the batch has run (its following host
+  // ops, its scatters).
+  static bool BatchWrites(const Batch& batch, std::span<const Extent> touched);
   // Hands an entry to the retire thread (in order).
   void PushRetire(Retiring r);
   // The bookkeeping after an entry has retired (counts, charges, the plan_done hook); mu_
@@ -201,6 +225,7 @@ class Executor {
   engine::BufferRef aperture_buffer_;
   ExecHooks hooks_;
   const uint32_t depth_;
+  const bool coalesce_;
 
   // Order: hook_mu_ before any lock a hook takes; mu_ and imports_mu_ are leaves.
   std::mutex hook_mu_;

@@ -33,6 +33,8 @@ struct VgpuConfig {
   // submitted only once the previous submission has completed, the serial executor the
   // study keeps as an ablation). Clamped to [1, kMaxExecutorDepth].
   uint32_t executor_depth = 4;
+  // Plans queued while the engine is saturated share engine submissions (ExecOptions).
+  bool executor_coalesce = true;
   // F7: when this vGPU is throttled and quarantined for faults (docs/management.md, "Fault
   // health"). The worker shares the monitor with its remoting server (Vgpu::faults()).
   FaultPolicy faults;
@@ -73,6 +75,8 @@ struct VgpuCounters {
   uint64_t plans_executed = 0;
   uint64_t bytes_zero_copy = 0;   // guest bytes the engine used in place
   uint64_t bytes_gathered = 0;    // guest bytes copied through engine buffers
+  uint64_t engine_submissions = 0;
+  uint64_t plans_coalesced = 0;   // plans whose work joined another's engine submission
   // Idle notify: times the device re-read the tail shadow on its own after its last plan
   // finished, and how many of those found a new tail (submissions no kick announced).
   uint64_t tail_rereads = 0;

@@ -139,7 +139,7 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                   return raw->CheckDmaAllowed();
                 },
                 [raw] { raw->OnPlanDone(); }},
-      ExecOptions{cfg.executor_depth});
+      ExecOptions{cfg.executor_depth, cfg.executor_coalesce});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 
@@ -401,6 +401,8 @@ VgpuCounters Vgpu::Counters() const {
   c.plans_executed = ec.plans;
   c.bytes_zero_copy = ec.bytes_zero_copy;
   c.bytes_gathered = ec.bytes_gathered;
+  c.engine_submissions = ec.engine_submissions;
+  c.plans_coalesced = ec.plans_coalesced;
   return c;
 }
 

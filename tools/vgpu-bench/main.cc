@@ -113,7 +113,7 @@ Result<std::unique_ptr<Path>> MakePath(const std::string& name, const PathConfig
 // The ablations' mediated rows (docs/ab-methodology.md "Ablations"). Each is its own guest
 // (a vGPU takes one client); the executor and memory factors are vgpud-wide flags, so their
 // rows are guests of a vgpud of their own.
-enum class Host { kMain, kSerial, kGathered };
+enum class Host { kMain, kSerial, kUncoalesced, kGathered };
 struct Variant {
   Host host = Host::kMain;
   Doorbell doorbell = Doorbell::kDefault;
@@ -153,7 +153,11 @@ std::vector<Ablation> PlanAblations(const std::set<std::string>& which, const st
   }
   if (which.count("executor")) {
     Ablation a{"executor", "how many engine submissions of one vGPU are in flight", {"empty", "small", "stream"}};
-    a.rows.push_back({"mediated", "pipelined: --executor-depth 4 (the default)"});
+    a.rows.push_back({"mediated", "pipelined and coalescing: --executor-depth 4, plans queued while the engine is "
+                                  "saturated share engine submissions (the default)"});
+    a.rows.push_back({"mediated-uncoalesced",
+                      "pipelined, one engine submission per plan: --no-coalesce (a vgpud of its own)"});
+    variants["mediated-uncoalesced"] = {Host::kUncoalesced, Doorbell::kDefault, ""};
     a.rows.push_back({"mediated-serial", "serial: --executor-depth 1 (a vgpud of its own)"});
     variants["mediated-serial"] = {Host::kSerial, Doorbell::kDefault, ""};
     out.push_back(std::move(a));
@@ -659,13 +663,17 @@ int main(int argc, char** argv) {
   const DaemonProc& d = **daemon;
   std::map<Host, std::unique_ptr<DaemonProc>> hosts;
   for (const auto& [host, t] : host_types) {
-    const bool serial = host == Host::kSerial;
-    auto hd = StartDaemon(vgpud, t, gpu, serial ? "-serial" : "-gathered",
-                          serial ? std::vector<std::string>{"--executor-depth", "1"}
-                                 : std::vector<std::string>{"--no-zero-copy"});
+    struct HostFlags {
+      const char* suffix;
+      const char* ablation;
+      std::vector<std::string> args;
+    };
+    const HostFlags f = host == Host::kSerial        ? HostFlags{"-serial", "executor", {"--executor-depth", "1"}}
+                        : host == Host::kUncoalesced ? HostFlags{"-uncoalesced", "executor", {"--no-coalesce"}}
+                                                     : HostFlags{"-gathered", "memory", {"--no-zero-copy"}};
+    auto hd = StartDaemon(vgpud, t, gpu, f.suffix, f.args);
     if (!hd.ok()) {
-      std::fprintf(stderr, "vgpu-bench: the %s ablation's vgpud: %s\n", serial ? "executor" : "memory",
-                   hd.error().ToString().c_str());
+      std::fprintf(stderr, "vgpu-bench: the %s ablation's vgpud: %s\n", f.ablation, hd.error().ToString().c_str());
       return 3;
     }
     hosts[host] = std::move(*hd);

@@ -56,6 +56,7 @@ struct Options {
   bool seccomp = true;
   uint32_t executor_depth = mediator::VgpuConfig{}.executor_depth;
   bool zero_copy = true;
+  bool coalesce = true;
   mediator::FaultPolicy faults;
 };
 
@@ -127,6 +128,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   cfg.dma_limits.max_bytes = o.dma_max_bytes;
   cfg.dma_limits.max_regions = o.dma_max_regions;
   cfg.executor_depth = o.executor_depth;
+  cfg.executor_coalesce = o.coalesce;
   cfg.faults = o.faults;
   // evtimer_add is thread-safe (evthread_use_pthreads above) and wakes the loop; re-adding a
   // pending timer moves it.
@@ -335,6 +337,7 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", o.log_level);
   app.add_option("--executor-depth", o.executor_depth);
   app.add_flag("!--no-zero-copy", o.zero_copy);
+  app.add_flag("!--no-coalesce", o.coalesce);
   app.add_option("--fault-window-ms", o.faults.window_ms)->check(CLI::Range(10, 3600000));
   app.add_option("--fault-throttle-per-s", o.faults.throttle_per_s);
   app.add_option("--fault-quarantine-per-s", o.faults.quarantine_per_s);

@@ -142,7 +142,7 @@ int main(int argc, char** argv) {
   app.add_option("--worker-cpu-percent", wp.cpu_percent, "cgroup v2 cpu.max of a worker, in % of one CPU (0: none)")
       ->capture_default_str();
   app.add_option("--worker-open-files", wp.open_files, "RLIMIT_NOFILE of a worker")->capture_default_str();
-  bool no_seccomp = false, no_zero_copy = false;
+  bool no_seccomp = false, no_zero_copy = false, no_coalesce = false;
   uint32_t executor_depth = 4;
   app.add_option("--executor-depth", executor_depth,
                  "engine submissions of one vGPU in flight at once (1: serial, the study's ablation)")
@@ -150,6 +150,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--no-zero-copy", no_zero_copy,
                "the engine copies guest memory instead of importing it (the study's memory ablation)");
+  app.add_flag("--no-coalesce", no_coalesce,
+               "each plan's work gets its own engine submission even while the engine is saturated (the study's "
+               "executor ablation)");
   app.add_flag("--no-seccomp", no_seccomp, "workers run without their system-call filter (debugging only)");
   // F7 (docs/management.md, "Fault health"): faults are refused or faulting commands, MMIO
   // refusals and remoting errors, counted per vGPU over a sliding window.
@@ -199,6 +202,7 @@ int main(int argc, char** argv) {
                         std::to_string(executor_depth)})
     wp.worker_args.push_back(std::move(a));
   if (no_zero_copy) wp.worker_args.push_back("--no-zero-copy");
+  if (no_coalesce) wp.worker_args.push_back("--no-coalesce");
 
   daemon::ServiceOptions so;
   auto budget_bytes = ParseSize(budget);
