@@ -252,11 +252,24 @@ struct Device {
   }
   // NOPs written straight into the aperture (where the ring is), then RING_TAIL.
   Result<> SubmitNops(uint32_t head, uint32_t n) {
+    WriteNops(head, n);
+    return Wr32(abi::reg::kRingTail, (head + 4 * n) % 4096);
+  }
+  void WriteNops(uint32_t head, uint32_t n) {
     for (uint32_t i = 0; i < n; ++i) {
       uint32_t nop = abi::cmd::Header(abi::cmd::kNop, 1);
       REQUIRE(v->RegionWrite(vu::kBar2Region, (head + 4 * i) % 4096, std::as_bytes(std::span(&nop, 1))).ok());
     }
-    return Wr32(abi::reg::kRingTail, (head + 4 * n) % 4096);
+  }
+  // The ioeventfd doorbell: the tail published in a shadow (GPU page 1 = aperture page 1).
+  void KickNops(uint32_t head, uint32_t n) {
+    WriteNops(head, n);
+    uint64_t entry = 0x1000 | abi::kGttAperture | abi::kGttWritable | abi::kGttValid;
+    REQUIRE(v->RegionWrite(vu::kBar0Region, abi::kGttOffset + 8, std::as_bytes(std::span(&entry, 1))).ok());
+    REQUIRE(Wr32(abi::reg::kTailShadowLo, 0x1000).ok());
+    const uint32_t tail = (head + 4 * n) % 4096;
+    REQUIRE(v->RegionWrite(vu::kBar2Region, 0x1000, std::as_bytes(std::span(&tail, 1))).ok());
+    v->OnDoorbellKick();
   }
 };
 
@@ -291,6 +304,13 @@ TEST_CASE("device: MMIO refusals throttle, a throttled doorbell waits for the ti
   std::this_thread::sleep_for(d.last_wait);
   d.v->OnThrottleTimer();
   CHECK(d.Reg(abi::reg::kRingHead) == 28);
+  // The ioeventfd doorbell too: before its turn it waits for the timer, then is taken.
+  d.KickNops(28, 1);
+  CHECK(d.Reg(abi::reg::kRingHead) == 28);
+  CHECK(d.timers == 2);
+  std::this_thread::sleep_for(d.last_wait);
+  d.v->OnThrottleTimer();
+  CHECK(d.Reg(abi::reg::kRingHead) == 32);
 
   // A whole window throttled with faults at over 100/s: quarantined.
   std::this_thread::sleep_for(120ms);
@@ -298,11 +318,17 @@ TEST_CASE("device: MMIO refusals throttle, a throttled doorbell waits for the ti
   REQUIRE(d.v->faults().Report().health == Health::kQuarantined);
   const uint32_t errs = d.Reg(abi::reg::kErrCount);
   const uint64_t faults = d.v->faults().Report().faults;
-  // Its doorbell is refused by name; the ring does not move; the refusal is no new fault.
-  CHECK(d.SubmitNops(28, 1).code() == Errc::kQuarantined);
+  // Its doorbells are refused by name (RING_TAIL in the write's reply, source MMIO; the
+  // ioeventfd's in the report, source ring); the ring does not move; no new fault.
+  CHECK(d.SubmitNops(32, 1).code() == Errc::kQuarantined);
   CHECK(d.Reg(abi::reg::kErrCode) == static_cast<uint32_t>(Errc::kQuarantined));
+  CHECK(d.Reg(abi::reg::kErrSource) == abi::kErrSourceMmio);
   CHECK(d.Reg(abi::reg::kErrCount) == errs + 1);
-  CHECK(d.Reg(abi::reg::kRingHead) == 28);
+  d.KickNops(32, 1);
+  CHECK(d.Reg(abi::reg::kErrCode) == static_cast<uint32_t>(Errc::kQuarantined));
+  CHECK(d.Reg(abi::reg::kErrSource) == abi::kErrSourceRing);
+  CHECK(d.Reg(abi::reg::kErrCount) == errs + 2);
+  CHECK(d.Reg(abi::reg::kRingHead) == 32);
   CHECK(d.v->faults().Report().faults == faults);
   // Registers other than the doorbell still work.
   REQUIRE(d.Wr32(abi::reg::kScratch, 7).ok());
