@@ -68,6 +68,7 @@ void FaultMonitor::Enter(Health h, int64_t now) {
   if (health_ == Health::kThrottled) throttled_ns_ += stretch;
   if (health_ == Health::kQuarantined) quarantined_ns_ += stretch;
   health_ = h;
+  health_seen_.store(h, std::memory_order_relaxed);
   since_ = now;
   next_admit_ = now;
   if (h == Health::kOk) {
@@ -129,6 +130,10 @@ void FaultMonitor::OnFault(FaultKind kind) {
 }
 
 Admission FaultMonitor::Admit() {
+  // ok is left only in OnFault. The same path's faults are ordered before this load (the
+  // loop thread for remoting, the vGPU's lock for the ring); the other path's become visible
+  // a moment later at worst, which admits a submission or so more, no more.
+  if (health_seen_.load(std::memory_order_relaxed) == Health::kOk) return {};
   const int64_t now = now_();
   std::lock_guard lk(mu_);
   Advance(now);

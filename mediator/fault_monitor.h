@@ -18,6 +18,7 @@
 // lock is a leaf: nothing is called while it is held.
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -116,6 +117,9 @@ class FaultMonitor {
   std::mutex mu_;
   std::array<Bucket, kBuckets> buckets_{};
   Health health_ = Health::kOk;
+  // health_ for Admit's fast path: a healthy vGPU's submission costs one load, no lock and no
+  // clock read (every mediated ring pass and every remoting command asks). Written under mu_.
+  std::atomic<Health> health_seen_{Health::kOk};
   HealthCause cause_ = HealthCause::kNone;
   FaultKind kind_ = FaultKind::kCommandRefusal;
   uint32_t rate_ = 0;
