@@ -69,7 +69,7 @@ case "$cmd" in
     build_sanitize
     rc=0
     meson test -C build --print-errorlogs --num-processes "$JOBS" --no-suite vm || rc=1
-    VG_SLOW_FACTOR=3 meson test -C build-san --print-errorlogs --num-processes "$JOBS" --no-suite bench --no-suite vm || rc=1
+    VG_SLOW_FACTOR=3 meson test -C build-san --print-errorlogs --num-processes "$JOBS" --no-suite bench --no-suite vm --no-suite sched-timing || rc=1
     if [ -f tests/fuzz/meson.build ]; then
       build_fuzz
       meson test -C build-fuzz --no-rebuild --print-errorlogs --suite fuzz || rc=1

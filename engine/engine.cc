@@ -159,6 +159,8 @@ struct InFlight {
   std::vector<BufferImpl*> staged;  // distinct kStaged buffers the ops touch
   std::vector<StagedRange> stage_out;
   bool queued = false;    // handed to vkQueueSubmit (or failed trying: submit_error)
+  bool gated = false;     // admitted by the SubmitGate (it hears when it has run)
+  std::chrono::steady_clock::time_point queued_at;
   bool notified = false;  // token/callback/eventfd already told
   Result<> submit_error;
 };
@@ -179,6 +181,17 @@ class EngineImpl {
   Result<TokenRef> Submit(Submission s, Completion c);
   Result<> WaitIdle();
   void SimulateDeviceLost();
+  void SetGate(SubmitGate* gate) {
+    std::lock_guard lk(queue_mu_);
+    gate_ = gate;
+  }
+  void Pump() {
+    {
+      std::lock_guard lk(queue_mu_);
+      PumpLocked();
+    }
+    queue_cv_.notify_all();
+  }
   EngineCounters Counters() const;
 
   std::shared_ptr<Core> core_;  // first: destroyed last
@@ -215,6 +228,9 @@ class EngineImpl {
   bool stop_ = false;
   bool lost_notify_pending_ = false;
   std::atomic<bool> lost_{false};
+  SubmitGate* gate_ = nullptr;  // set before the first Submit
+  uint32_t gated_on_device_ = 0;  // admitted by the gate, not yet completed (queue_mu_)
+  std::chrono::steady_clock::time_point last_done_;  // the last gated completion (queue_mu_)
   std::thread completion_thread_;
 
   std::atomic<uint64_t> next_serial_{1};
@@ -652,6 +668,12 @@ void EngineImpl::PumpLocked() {
     if (lost_.load()) return;
     if (std::any_of(f.staged.begin(), f.staged.end(), [](const BufferImpl* b) { return b->staged_uses_ > 0; }))
       return;
+    if (gate_ && !gate_->Admit(f.sub)) return;  // held, and everything behind it (order)
+    if (gate_) {
+      f.gated = true;
+      ++gated_on_device_;
+    }
+    f.queued_at = std::chrono::steady_clock::now();
     StageIn(f.sub, f.stage_out);
     VkSubmitInfo si{VK_STRUCTURE_TYPE_SUBMIT_INFO};
     si.commandBufferCount = 1;
@@ -737,18 +759,36 @@ void EngineImpl::CompletionLoop() {
       if (completion.eventfd) (void)completion.eventfd->Signal(1);
     }
     if (unrun) {
+      if (unrun->gated) {
+        bool device_idle;
+        {
+          std::lock_guard lk(queue_mu_);
+          device_idle = --gated_on_device_ == 0;
+        }
+        gate_->Ran(0, device_idle);
+      }
       Result<> err = unrun->queued ? unrun->submit_error : lost_err;
       Finish(*unrun, err, !lost_.load());
     } else if (fence != VK_NULL_HANDLE) {
       VkResult r = vkWaitForFences(dev, 1, &fence, VK_TRUE, kFencePollNs);
       if (r == VK_TIMEOUT) continue;
       InFlight f;
+      uint64_t busy_ns = 0;
+      bool device_idle = false;
       {
         std::lock_guard lk(queue_mu_);
         f = std::move(inflight_.front());
         inflight_.pop_front();
         if (r == VK_ERROR_DEVICE_LOST && !lost_.exchange(true)) lost_notify_pending_ = true;
+        if (f.gated) {
+          const auto now = std::chrono::steady_clock::now();
+          busy_ns = static_cast<uint64_t>(
+              std::chrono::duration_cast<std::chrono::nanoseconds>(now - std::max(f.queued_at, last_done_)).count());
+          last_done_ = now;
+          device_idle = --gated_on_device_ == 0;
+        }
       }
+      if (f.gated) gate_->Ran(busy_ns, device_idle);
       if (r == VK_SUCCESS)
         Finish(f, lost_.load() ? lost_err : Ok(), true);
       else
@@ -823,5 +863,7 @@ Result<> Engine::SubmitAndWait(Submission s) {
 }
 Result<> Engine::WaitIdle() { return impl_->WaitIdle(); }
 void Engine::SimulateDeviceLost() { impl_->SimulateDeviceLost(); }
+void Engine::SetGate(SubmitGate* gate) { impl_->SetGate(gate); }
+void Engine::Pump() { impl_->Pump(); }
 
 }  // namespace vg::engine

@@ -122,6 +122,9 @@ using Op = std::variant<DispatchOp, CopyOp, FillOp>;
 // Ops run in order: the engine puts a full memory barrier between consecutive ops.
 struct Submission {
   std::vector<Op> ops;
+  // How many guest submissions this one carries (a rate limit counts them; 0: none, the
+  // engine's own work). Not validated: the SubmitGate reads it.
+  uint32_t guest_submissions = 0;
 
   Submission& Dispatch(uint32_t kernel, std::array<uint32_t, 3> groups, std::vector<BufferRange> bindings,
                        std::span<const std::byte> push, std::array<uint32_t, 3> base = {0, 0, 0});
@@ -176,6 +179,24 @@ struct EngineCounters {
   uint64_t device_lost_reports = 0;  // pending submissions completed with kDeviceLost
 };
 
+// An arbiter of the device outside this engine: a worker's share of the host's GPU time
+// (the supervisor's scheduler) and its rate limits (docs/management.md, F7). Queued work
+// reaches the device only while the gate admits it; held work keeps its place (FIFO) and
+// nobody who submits it waits: Engine::Pump() retries once the gate may have opened.
+class SubmitGate {
+ public:
+  virtual ~SubmitGate() = default;
+  // May `s` go to the device now? False holds it and everything queued behind it. Called
+  // with the engine's queue lock held: must not block nor call the engine.
+  virtual bool Admit(const Submission& s) = 0;
+  // A submission the gate admitted has completed on the device. `busy_ns` is the device
+  // time it is charged: from when it reached the device, or from when the previous one
+  // completed if that was later (the device was busy with earlier work), to its
+  // completion. `device_idle`: no admitted work is left on the device. Called on the
+  // completion thread without engine locks; may not wait on the engine.
+  virtual void Ran(uint64_t busy_ns, bool device_idle) = 0;
+};
+
 class Engine {
  public:
   static Result<std::unique_ptr<Engine>> Create(const EngineOptions& options = {});
@@ -214,6 +235,12 @@ class Engine {
   Result<> SubmitAndWait(Submission s);
   // Waits for every submission queued so far.
   Result<> WaitIdle();
+  // Puts `gate` in front of the device (before the first Submit; it must outlive the
+  // engine). Null: everything goes to the device at once.
+  void SetGate(SubmitGate* gate);
+  // Hands held work to the device as far as the gate now admits. Any thread but one
+  // holding a lock the gate takes.
+  void Pump();
 
   // Test hook: behave as if vkWaitForFences returned VK_ERROR_DEVICE_LOST.
   void SimulateDeviceLost();

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <fstream>
 #include <set>
+#include <tuple>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -34,6 +35,9 @@ struct AttrDesc {
 constexpr AttrDesc kAttrs[] = {
     {"sched_weight", 1, 1000, "scheduler weight override (1..1000)"},
     {"rate_limit", 0, 1000000, "submissions per second, 0 = unlimited"},
+    {"rate_burst", 0, 1000000, "submissions a burst may take at once, 0 = rate_limit / 10"},
+    {"gpu_time_limit", 0, 1000, "GPU milliseconds per second, 0 = unlimited"},
+    {"gpu_time_burst", 0, 10000, "GPU milliseconds a burst may take at once, 0 = gpu_time_limit / 10"},
 };
 
 bool ValidTypeName(std::string_view n) {
@@ -88,6 +92,15 @@ Result<std::vector<VgpuType>> ParseTypes(std::string_view text) {
     vt.gtt_entries = static_cast<uint32_t>(gtt);
     vt.sched_weight = static_cast<uint32_t>(weight);
     vt.max_instances = static_cast<uint32_t>(maxi);
+    // Optional defaults for the instances' limits (the attributes of the same names).
+    for (auto [key, field, max] : {std::tuple{"rate_limit", &vt.rate_limit, uint64_t{1000000}},
+                                   std::tuple{"rate_burst", &vt.rate_burst, uint64_t{1000000}},
+                                   std::tuple{"gpu_time_limit", &vt.gpu_time_limit, uint64_t{1000}},
+                                   std::tuple{"gpu_time_burst", &vt.gpu_time_burst, uint64_t{10000}}}) {
+      if (t.find(key) == t.end()) continue;
+      VG_TRY_ASSIGN(uint64_t v, GetUint(t, key, 0, max));
+      *field = static_cast<uint32_t>(v);
+    }
     vt.name = "vgpud " + name->get<std::string>();
     if (auto d = t.find("description"); d != t.end()) {
       VG_INVALID_IF(!d->is_string(), "type '{}': description is not a string", vt.id);

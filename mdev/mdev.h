@@ -30,6 +30,11 @@ struct VgpuType {
   uint32_t gtt_entries = 0;
   uint32_t sched_weight = 0;
   uint32_t max_instances = 0;  // per-type cap, on top of the aperture budget
+  // Defaults of the instances' limits (attributes of the same names override them).
+  uint32_t rate_limit = 0;      // submissions per second; 0: none
+  uint32_t rate_burst = 0;
+  uint32_t gpu_time_limit = 0;  // GPU ms per second; 0: none
+  uint32_t gpu_time_burst = 0;  // GPU ms
 };
 
 enum class StartMode { kManual, kAuto };

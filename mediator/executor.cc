@@ -89,7 +89,10 @@ struct Executor::Batch {
   bool Empty() const { return sub.ops.empty(); }
   // Notes that `ps` has work in the batch.
   void Holds(const std::shared_ptr<PlanState>& ps) {
-    if (plans.empty() || plans.back() != ps) plans.push_back(ps);
+    if (plans.empty() || plans.back() != ps) {
+      plans.push_back(ps);
+      ++sub.guest_submissions;  // what a rate limit counts (F7)
+    }
   }
   // Whether adding an item of `cost` must first send what is packed.
   bool Full(uint64_t item_cost) const {

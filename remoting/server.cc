@@ -466,6 +466,7 @@ Result<> Session::Flush() {
   if (pending_.ops.empty()) return Ok();
   engine::Submission s = std::move(pending_);
   pending_ = {};
+  s.guest_submissions = 1;  // one client Submit: what a rate limit counts (F7)
   std::shared_ptr<EventFd> done = done_;
   engine::Completion comp;
   comp.callback = [done](const Result<>&) { (void)done->Signal(); };

@@ -15,6 +15,7 @@ PACKAGES=(
   libfuse3-dev fuse3                               # live mdev sysfs tree
   mdevctl util-linux                               # the real mdevctl, unshare for its namespace
   gnuplot-nox                                      # study plots
+  prometheus                                       # tests: the real server scrapes vgpud --metrics
 )
 
 missing=()

@@ -128,7 +128,10 @@ std::optional<Json> ParseAttrs(const std::vector<std::string>& kvs, Failure* f) 
 }
 
 void PrintHuman(const std::string& cmd, const Json& r) {
-  if (cmd == "types") {
+  if (cmd == "status") {
+    for (const char* k : {"parent", "pid", "root", "tree", "metrics"})
+      std::printf("%-16s %s\n", k, Str(r, k).c_str());
+  } else if (cmd == "types") {
     std::printf("parent %s\n", Str(r, "parent").c_str());
     std::printf("%-16s %9s %9s %8s %6s %4s  %s\n", "TYPE", "AVAILABLE", "APERTURE", "GTT", "WEIGHT", "MAX", "DESCRIPTION");
     for (const Json& t : r["types"])
@@ -174,6 +177,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> attrs, addattrs, delattrs;
   bool autostart = false, manual = false, defined = false;
 
+  auto* status = app.add_subcommand("status", "the daemon: pid, parent, mdev root and tree, metrics address");
   auto* types = app.add_subcommand("types", "vGPU types and how many instances of each are left");
   auto* list = app.add_subcommand("list", "running vGPUs (--defined: persistent definitions)");
   list->add_flag("--defined,-d", defined, "list definitions, running or not");
@@ -221,7 +225,10 @@ int main(int argc, char** argv) {
   Json req;
   std::string cmd;
   auto attrs_json = [&](const std::vector<std::string>& kvs) -> std::optional<Json> { return ParseAttrs(kvs, &f); };
-  if (*types) {
+  if (*status) {
+    cmd = "status";
+    req = {{"op", "ping"}};
+  } else if (*types) {
     cmd = "types";
     req = {{"op", "types"}};
   } else if (*list) {

@@ -30,6 +30,7 @@
 #include "mediator/mediator.h"
 #include "remoting/remoting.h"
 #include "sandbox/sandbox.h"
+#include "tools/vgpud-worker/sched_gate.h"
 #include "tools/vgpud/worker_channel.h"
 #include "vfio_user/server.h"
 
@@ -57,6 +58,7 @@ struct Options {
   uint32_t executor_depth = mediator::VgpuConfig{}.executor_depth;
   bool zero_copy = true;
   bool coalesce = true;
+  bool scheduled = false;  // the supervisor's scheduler grants the engine (until kSchedConfig says otherwise)
   mediator::FaultPolicy faults;
 };
 
@@ -95,11 +97,13 @@ class Worker {
 
   Options opts_;
   event_base* base_ = nullptr;
+  // Declared before the engine: destroyed after it (the engine's threads call it).
+  std::unique_ptr<worker::SchedGate> gate_;
   std::unique_ptr<engine::Engine> engine_;
   // Armed from any thread (VgpuConfig::throttle_timer); freed after vgpu_, whose threads arm it.
   event* throttle_ev_ = nullptr;
   std::unique_ptr<mediator::Vgpu> vgpu_;
-  std::unique_ptr<RemotingGate> gate_;
+  std::unique_ptr<RemotingGate> fault_gate_;
   std::unique_ptr<remoting::Listener> remoting_;
   std::unique_ptr<vfio_user::Listener> vfio_;
   std::vector<event*> events_;
@@ -117,6 +121,15 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   eo.gpu = o.gpu;
   eo.allow_zero_copy = o.zero_copy;
   VG_TRY_ASSIGN(w->engine_, engine::Engine::Create(eo));
+  // Every engine submission of both paths passes the gate (grant, rate limits). A record
+  // that cannot be sent (the channel full) is lost only if the supervisor stopped reading,
+  // and then its watchdog ends this worker anyway.
+  w->gate_ = std::make_unique<worker::SchedGate>([](const ch::Record& r) { (void)ch::Send(ch::kChannelFd, r); });
+  worker::GateConfig gc;
+  gc.scheduled = o.scheduled;
+  w->gate_->Configure(gc);
+  w->engine_->SetGate(w->gate_.get());
+  w->gate_->Start(w->engine_.get());
   w->throttle_ev_ = evtimer_new(w->base_, &Worker::OnThrottle, w.get());
   VG_ERROR_IF(!w->throttle_ev_, Errc::kInternal, "evtimer_new failed");
   mediator::VgpuConfig cfg;
@@ -138,10 +151,10 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
     evtimer_add(ev, &tv);
   };
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
-  w->gate_ = std::make_unique<RemotingGate>(w->vgpu_->faults());
+  w->fault_gate_ = std::make_unique<RemotingGate>(w->vgpu_->faults());
   VG_TRY_ASSIGN(w->remoting_, remoting::Listener::CreateOnSocket(w->base_, *w->engine_, UniqueFd(ch::kRemotingFd),
                                                                  o.remoting_name));
-  w->remoting_->SetFaultGate(w->gate_.get());
+  w->remoting_->SetFaultGate(w->fault_gate_.get());
   vfio_user::ServerLimits sl;
   sl.max_dma_maps = o.dma_max_regions;
   sl.unmap_timeout_ms = o.unmap_timeout_ms;
@@ -166,10 +179,14 @@ Worker::~Worker() {
   // flight, bounded), then the engine they all used.
   vfio_.reset();
   remoting_.reset();
-  gate_.reset();
+  fault_gate_.reset();
   vgpu_.reset();
   if (throttle_ev_) event_free(throttle_ev_);
+  // The pump thread goes before the engine it pumps; the engine's completion thread may
+  // still call the gate until the engine is gone, and the gate outlives it.
+  if (gate_) gate_->Stop();
   engine_.reset();
+  gate_.reset();
   if (base_) event_base_free(base_);
 }
 
@@ -234,6 +251,10 @@ void Worker::Pong(uint64_t seq) {
   }
   set(ch::Counter::kHealthReason, static_cast<uint64_t>(why));
   set(ch::Counter::kHealthRate, h.rate_per_s);
+  const worker::GateStats gs = gate_->Stats();
+  set(ch::Counter::kGpuTimeNs, gs.gpu_time_ns);
+  set(ch::Counter::kQueueWaitNs, gs.queue_wait_ns);
+  set(ch::Counter::kRateLimited, gs.rate_limited);
   (void)ch::Send(ch::kChannelFd, r);  // a full queue: the supervisor pings again
 }
 
@@ -253,6 +274,9 @@ void Worker::OnChannel(int fd, short, void* arg) {
     }
     if (r.kind == ch::Kind::kPing) self->Pong(r.seq);
     if (r.kind == ch::Kind::kFault) self->OnFault(static_cast<ch::Fault>(r.values[0]));
+    if (r.kind == ch::Kind::kSchedConfig) self->gate_->Configure(worker::GateConfig::FromRecord(r));
+    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq);
+    if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
   }
 }
 
@@ -343,6 +367,7 @@ int main(int argc, char** argv) {
   app.add_option("--fault-quarantine-per-s", o.faults.quarantine_per_s);
   app.add_option("--throttle-rate", o.faults.throttle_rate);
   app.add_option("--fault-quiet-ms", o.faults.quiet_ms);
+  app.add_flag("--scheduled", o.scheduled);
   CLI11_PARSE(app, argc, argv);
   if (o.log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (o.log_level == "warn") SetLogLevel(LogLevel::kWarn);

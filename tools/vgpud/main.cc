@@ -15,8 +15,9 @@
 #include <filesystem>
 #include <unistd.h>
 
-#include "tools/vgpud/supervisor.h"
+#include "tools/vgpud/metrics.h"
 #include "tools/vgpud/pci.h"
+#include "tools/vgpud/supervisor.h"
 #include "tools/vgpud/service.h"
 
 using namespace vg;
@@ -97,6 +98,8 @@ int main(int argc, char** argv) {
   std::string root, types_file, budget = "4G", control, control_group, parent;
   std::string dma_client = "64G", dma_total = "64G";
   bool no_tree = false;
+  std::string metrics;
+  bool metrics_allow_remote = false;
   app.add_option("--runtime-dir", opts.runtime_dir, "where <uuid>.sock sockets are created")->capture_default_str();
   app.add_option("--vgpu", vgpus, "UUID[:TYPE] to start at launch, transient (repeatable; TYPE default small)");
   app.add_option("--root", root,
@@ -110,6 +113,12 @@ int main(int argc, char** argv) {
   app.add_flag("--no-mdev-tree", no_tree, "do not serve the mdev tree (no FUSE) even with --root");
   app.add_option("--parent", parent, "mdev parent name (default: the GPU's PCI address, else vgpud0)");
   app.add_option("--log-level", log_level, "debug|info|warn|error")->capture_default_str();
+  app.add_option("--metrics", metrics,
+                 "serve Prometheus metrics (GET /metrics) on PORT (127.0.0.1), HOST:PORT or [V6]:PORT; "
+                 "port 0: any free port, see `vgpuctl status` (default: off)");
+  app.add_flag("--metrics-allow-remote", metrics_allow_remote,
+               "allow --metrics on a non-loopback address (the counters show every tenant's activity, "
+               "unauthenticated: docs/management.md)");
   app.add_option("--dma-max-bytes", dma_client,
                  "guest memory (fd-backed DMA_MAP bytes) one client may map into its worker (64G, bytes)")
       ->capture_default_str();
@@ -153,6 +162,19 @@ int main(int argc, char** argv) {
   app.add_flag("--no-coalesce", no_coalesce,
                "each plan's work gets its own engine submission even while the engine is saturated (the study's "
                "executor ablation)");
+  std::string sched_mode = "weighted";
+  uint64_t slice_us = 2000, yield_timeout_ms = 60000;
+  app.add_option("--sched", sched_mode,
+                 "how vGPUs share the engine: weighted (by sched_weight, in time slices) or off (first come, first served)")
+      ->check(CLI::IsMember({"weighted", "off"}))
+      ->capture_default_str();
+  app.add_option("--sched-slice-us", slice_us, "time slice: how long a vGPU may keep the engine once another waits")
+      ->check(CLI::Range(100, 1000000))
+      ->capture_default_str();
+  app.add_option("--sched-yield-timeout-ms", yield_timeout_ms,
+                 "a worker that has not yielded the engine this long after a preempt is killed")
+      ->check(CLI::Range(100, 600000))
+      ->capture_default_str();
   app.add_flag("--no-seccomp", no_seccomp, "workers run without their system-call filter (debugging only)");
   // F7 (docs/management.md, "Fault health"): faults are refused or faulting commands, MMIO
   // refusals and remoting errors, counted per vGPU over a sliding window.
@@ -177,6 +199,14 @@ int main(int argc, char** argv) {
   if (log_level == "warn") SetLogLevel(LogLevel::kWarn);
   if (log_level == "error") SetLogLevel(LogLevel::kError);
 
+  std::optional<daemon::MetricsEndpoint> metrics_endpoint;
+  if (!metrics.empty()) {
+    auto e = daemon::ParseMetricsAddress(metrics, metrics_allow_remote);
+    if (!e) return Fail(2, e.error());
+    metrics_endpoint = *e;
+  } else if (metrics_allow_remote) {
+    return Fail(2, Error{Errc::kInvalidArgument, "--metrics-allow-remote needs --metrics"});
+  }
   auto dma_client_bytes = ParseSize(dma_client);
   if (!dma_client_bytes) return Fail(2, dma_client_bytes.error());
   auto dma_total_bytes = ParseSize(dma_total);
@@ -203,6 +233,9 @@ int main(int argc, char** argv) {
     wp.worker_args.push_back(std::move(a));
   if (no_zero_copy) wp.worker_args.push_back("--no-zero-copy");
   if (no_coalesce) wp.worker_args.push_back("--no-coalesce");
+  wp.sched.enabled = sched_mode == "weighted";
+  wp.sched.slice = std::chrono::microseconds(slice_us);
+  wp.sched.yield_timeout = std::chrono::milliseconds(yield_timeout_ms);
 
   daemon::ServiceOptions so;
   auto budget_bytes = ParseSize(budget);
@@ -255,6 +288,25 @@ int main(int argc, char** argv) {
       return Fail(code, Error{started.code(), "--vgpu " + spec + ": " + started.error().what});
     }
   }
+  std::unique_ptr<daemon::MetricsServer> metrics_server;
+  if (metrics_endpoint) {
+    daemon::MetricsServer::Options mo;
+    mo.endpoint = *metrics_endpoint;
+    mo.parent = (*svc)->manager().parent();
+    mdev::Manager& mgr = (*svc)->manager();
+    mo.count_defined = [&mgr]() -> Result<uint64_t> {
+      VG_TRY_ASSIGN(std::vector<mdev::Definition> defs, mgr.ListDefined());
+      return static_cast<uint64_t>(defs.size());
+    };
+    auto m = daemon::MetricsServer::Create((*d)->base(), (*d)->workers(), std::move(mo));
+    if (!m) {
+      (*svc)->Shutdown();
+      return Fail(1, m.error());
+    }
+    metrics_server = std::move(m).value();
+    (*svc)->set_metrics_address(metrics_server->address());
+    VG_LOGI("metrics at http://{}/metrics", metrics_server->address());
+  }
   if (auto r = (*svc)->Open(); !r) {
     (*svc)->Shutdown();
     return Fail(1, r.error());
@@ -266,6 +318,9 @@ int main(int argc, char** argv) {
   auto r = (*d)->Run();
   NotifySystemd("STOPPING=1");
   (*svc)->Shutdown();
+  // After the Service's shutdown: the definitions counter may be waiting for the Manager's
+  // lock, which a management thread holds only until Shutdown has joined it.
+  metrics_server.reset();
   svc->reset();
   (*d)->workers().StopAll();
   if (const uint64_t n = (*d)->workers().unclean_stops(); n != 0) {

@@ -182,12 +182,36 @@ Result<std::string> VgpuHost::StartInstance(const Uuid& uuid, const mdev::VgpuTy
   spec.type = type.id;
   spec.aperture = type.aperture.v;
   spec.gtt_entries = type.gtt_entries;
+  spec.sched = Effective(type, attrs);
   // Returns once the worker serves the vfio-user socket, which is what the Manager (and a
   // write to the tree's `create`) promises its caller.
   VG_TRY_ASSIGN(std::string path, pool_.Start(spec));
   std::lock_guard lk(mu_);
-  live_[uuid] = Live{attrs, type.sched_weight};
+  live_[uuid] = Live{attrs, type};
   return path;
+}
+
+SchedParams VgpuHost::Effective(const mdev::VgpuType& type, const mdev::Attributes& attrs) {
+  SchedParams p;
+  p.weight = type.sched_weight ? type.sched_weight : 100;
+  p.rate_limit = type.rate_limit;
+  p.rate_burst = type.rate_burst;
+  uint64_t gpu_ms = type.gpu_time_limit, gpu_burst_ms = type.gpu_time_burst;
+  // Values were checked against their ranges when set (mdev/config.cc); a definition file
+  // edited by hand is checked again here, and a bad value keeps the type's.
+  for (const auto& [k, v] : attrs) {
+    uint64_t n = 0;
+    auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+    if (ec != std::errc() || end != v.data() + v.size()) continue;
+    if (k == "sched_weight" && n >= 1 && n <= 1000) p.weight = static_cast<uint32_t>(n);
+    if (k == "rate_limit" && n <= 1000000) p.rate_limit = n;
+    if (k == "rate_burst" && n <= 1000000) p.rate_burst = n;
+    if (k == "gpu_time_limit" && n <= 1000) gpu_ms = n;
+    if (k == "gpu_time_burst" && n <= 10000) gpu_burst_ms = n;
+  }
+  p.gpu_time_limit_ns = gpu_ms * 1'000'000;
+  p.gpu_time_burst_ns = gpu_burst_ms * 1'000'000;
+  return p;
 }
 
 Result<> VgpuHost::StopInstance(const Uuid& uuid) {
@@ -198,17 +222,23 @@ Result<> VgpuHost::StopInstance(const Uuid& uuid) {
 }
 
 Result<> VgpuHost::SetAttribute(const Uuid& uuid, std::string_view name, std::string_view value) {
-  std::lock_guard lk(mu_);
-  auto it = live_.find(uuid);
-  VG_ERROR_IF(it == live_.end(), Errc::kNotFound, "vGPU {} is not running", uuid);
-  for (auto& [k, v] : it->second.attrs) {
-    if (k == name) {
-      v = std::string(value);
-      return Ok();
+  SchedParams p;
+  {
+    std::lock_guard lk(mu_);
+    auto it = live_.find(uuid);
+    VG_ERROR_IF(it == live_.end(), Errc::kNotFound, "vGPU {} is not running", uuid);
+    bool found = false;
+    for (auto& [k, v] : it->second.attrs) {
+      if (k == name) {
+        v = std::string(value);
+        found = true;
+      }
     }
+    if (!found) it->second.attrs.emplace_back(std::string(name), std::string(value));
+    p = Effective(it->second.type, it->second.attrs);
   }
-  it->second.attrs.emplace_back(std::string(name), std::string(value));
-  return Ok();
+  // Weight and limits change while it runs (F7).
+  return pool_.Reconfigure(uuid, p);
 }
 
 std::optional<VgpuHost::Live> VgpuHost::Get(const Uuid& uuid) const {
@@ -228,8 +258,11 @@ struct ServiceOps {
   };
 
   static Result<Json> Ping(Service& s, const Json&) {
+    // metrics: where `GET /metrics` is served ("HOST:PORT", the real port when --metrics
+    // asked for port 0), null when not.
     return Json{{"parent", s.manager_->parent()}, {"pid", ::getpid()}, {"root", s.opts_.root.string()},
-                {"tree", s.tree_ != nullptr}};
+                {"tree", s.tree_ != nullptr},
+                {"metrics", s.metrics_address_.empty() ? Json(nullptr) : Json(s.metrics_address_)}};
   }
 
   static Result<Json> Types(Service& s, const Json&) {
@@ -375,6 +408,25 @@ struct ServiceOps {
           j["counters"] = CountersJson(*w->counters);
           j["health"] = HealthJson(*w->counters, s.sup_.workers().policy().faults);
         }
+        const SchedParams& sp = w->sched_params;
+        Json sj{{"weight", sp.weight},
+                {"rate_limit", sp.rate_limit},
+                {"rate_burst", sp.rate_burst},
+                {"gpu_time_limit_ms", sp.gpu_time_limit_ns / 1'000'000},
+                {"gpu_time_burst_ms", sp.gpu_time_burst_ns / 1'000'000},
+                {"scheduling", s.sup_.workers().policy().sched.enabled ? "weighted" : "off"}};
+        if (w->sched) {
+          sj["state"] = SchedStateName(w->sched->state);
+          sj["grants"] = w->sched->grants;
+          sj["preemptions"] = w->sched->preemptions;
+          sj["used_ms"] = w->sched->used_ns / 1e6;
+          sj["charged_ms"] = w->sched->charged_ns / 1e6;
+          sj["wait_ms"] = w->sched->wait_ns / 1e6;
+          sj["vruntime_ms"] = w->sched->vruntime / 1e6;
+        }
+        j["scheduler"] = std::move(sj);
+        j["sched_weight"] = sp.weight;  // effective
+        j["rate_limit"] = sp.rate_limit;
         if (w->state != "running") j["state"] = w->state;  // starting, restarting, failed
       }
     }

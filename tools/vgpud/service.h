@@ -42,8 +42,10 @@ class VgpuHost : public mdev::InstanceHost {
 
   struct Live {
     mdev::Attributes attrs;
-    uint32_t type_weight = 0;
+    mdev::VgpuType type;
   };
+  // The type's weight and limits, overridden by the instance's attributes.
+  static SchedParams Effective(const mdev::VgpuType& type, const mdev::Attributes& attrs);
   std::optional<Live> Get(const Uuid& uuid) const;
 
  private:
@@ -79,6 +81,8 @@ class Service {
   void Shutdown();
 
   mdev::Manager& manager() { return *manager_; }
+  // The metrics endpoint's bound address (vgpud --metrics), reported by `ping`; before Open().
+  void set_metrics_address(std::string address) { metrics_address_ = std::move(address); }
   // One control request line in, one reply line out (no newline). Runs on the worker.
   std::string Handle(std::string_view request);
 
@@ -97,6 +101,7 @@ class Service {
   std::unique_ptr<mdev::Manager> manager_;
   std::unique_ptr<mdev::MdevTree> tree_;
   std::unique_ptr<ControlServer> control_;
+  std::string metrics_address_;  // "" when not serving metrics
 
   std::mutex wmu_;
   std::condition_variable wcv_;

@@ -6,8 +6,12 @@
 // that costs the worker its life, never the supervisor anything.
 //
 //   supervisor → worker   kGo (after the worker is placed in its cgroup), kPing (seq),
-//                         kFault (test builds only act on it)
-//   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters)
+//                         kFault (test builds only act on it), kSchedConfig (scheduling and
+//                         rate limits, at start and when changed), kSchedGrant and
+//                         kSchedPreempt (seq: the grant)
+//   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
+//                         kSchedRequest (it has work held for want of a grant),
+//                         kSchedRelease (seq: the grant; device ns used, still wants)
 
 #include <sys/socket.h>
 
@@ -34,7 +38,23 @@ enum class Kind : uint32_t {
   kPong = 3,
   kReady = 4,
   kFault = 5,
+  kSchedConfig = 6,
+  kSchedRequest = 7,
+  kSchedGrant = 8,
+  kSchedPreempt = 9,
+  kSchedRelease = 10,
 };
+
+// kSchedConfig's values, by slot.
+enum class SchedConfigSlot : uint32_t {
+  kScheduled,        // 1: hand work to the device only under a grant; 0: always
+  kRateLimit,        // guest submissions per second, 0: none
+  kRateBurst,        // bucket size in submissions
+  kGpuTimeLimitNs,   // device ns per second, 0: none
+  kGpuTimeBurstNs,   // bucket size in ns
+};
+// kSchedRelease's values, by slot.
+enum class SchedReleaseSlot : uint32_t { kUsedNs, kWants };
 
 // What a pong reports, by slot in Record::values.
 enum class Counter : uint32_t {
@@ -161,7 +181,9 @@ inline RecvStatus Recv(int fd, Record& out) {
   if (n == 0) return RecvStatus::kClosed;
   if (n != static_cast<ssize_t>(sizeof r) || r.magic != kMagic) return RecvStatus::kMalformed;
   switch (r.kind) {
-    case Kind::kGo: case Kind::kPing: case Kind::kPong: case Kind::kReady: case Kind::kFault: break;
+    case Kind::kGo: case Kind::kPing: case Kind::kPong: case Kind::kReady: case Kind::kFault:
+    case Kind::kSchedConfig: case Kind::kSchedRequest: case Kind::kSchedGrant: case Kind::kSchedPreempt:
+    case Kind::kSchedRelease: break;
     default: return RecvStatus::kMalformed;
   }
   out = r;

@@ -174,6 +174,23 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
     p->cgroup_note_ = cg.error().what;
     VG_LOGI("workers: no cgroup v2 ({}); memory bounded by RLIMIT_AS, CPU not capped", cg.error().what);
   }
+  WorkerPool* raw = p.get();
+  p->sched_ = std::make_unique<Scheduler>(
+      p->policy_.sched,
+      SchedActions{[raw](const Uuid& u, uint64_t grant) {
+                     if (Worker* w = raw->Find(u); w && w->channel.Valid())
+                       if (!ch::Send(w->channel.Get(), ch::Make(ch::Kind::kSchedGrant, grant)))
+                         VG_LOGW("worker for {}: channel full, grant {} not sent", u, grant);
+                   },
+                   [raw](const Uuid& u, uint64_t grant) {
+                     if (Worker* w = raw->Find(u); w && w->channel.Valid())
+                       (void)ch::Send(w->channel.Get(), ch::Make(ch::Kind::kSchedPreempt, grant));
+                   },
+                   [raw](const Uuid& u, std::string why) {
+                     if (Worker* w = raw->Find(u)) raw->Kill(*w, std::move(why), EndKind::kWatchdog);
+                   }});
+  p->sched_ev_ = event_new(base, -1, 0, &WorkerPool::OnSchedTimer, p.get());
+  VG_ERROR_IF(!p->sched_ev_, Errc::kInternal, "scheduler timer");
   p->heartbeat_ev_ = event_new(base, -1, EV_PERSIST, &WorkerPool::OnHeartbeat, p.get());
   const timeval hb = Tv(p->policy_.heartbeat_ms);
   VG_ERROR_IF(!p->heartbeat_ev_ || event_add(p->heartbeat_ev_, &hb) != 0, Errc::kInternal, "heartbeat timer");
@@ -186,6 +203,53 @@ WorkerPool::WorkerPool(event_base* base, LoopTasks& loop, WorkerPolicy policy)
 WorkerPool::~WorkerPool() {
   StopAll();
   if (heartbeat_ev_) event_free(heartbeat_ev_);
+  if (sched_ev_) event_free(sched_ev_);
+}
+
+WorkerPool::Worker* WorkerPool::Find(const Uuid& uuid) {
+  auto it = workers_.find(uuid);
+  return it == workers_.end() ? nullptr : it->second.get();
+}
+
+void WorkerPool::ArmSched() {
+  event_del(sched_ev_);
+  if (auto at = sched_->NextDeadline()) {
+    const auto us = std::max<int64_t>(
+        0, std::chrono::duration_cast<std::chrono::microseconds>(*at - Clock::now()).count());
+    timeval tv{static_cast<time_t>(us / 1'000'000), static_cast<suseconds_t>(us % 1'000'000)};
+    event_add(sched_ev_, &tv);
+  }
+}
+
+void WorkerPool::OnSchedTimer(int, short, void* arg) {
+  auto* self = static_cast<WorkerPool*>(arg);
+  self->sched_->OnTimer(Clock::now());
+  self->ArmSched();
+}
+
+void WorkerPool::SendSchedConfig(Worker& w) {
+  if (!w.channel.Valid()) return;
+  ch::Record r = ch::Make(ch::Kind::kSchedConfig);
+  auto set = [&](ch::SchedConfigSlot s, uint64_t v) { r.values[static_cast<size_t>(s)] = v; };
+  set(ch::SchedConfigSlot::kScheduled, policy_.sched.enabled ? 1 : 0);
+  set(ch::SchedConfigSlot::kRateLimit, w.spec.sched.rate_limit);
+  set(ch::SchedConfigSlot::kRateBurst, w.spec.sched.rate_burst);
+  set(ch::SchedConfigSlot::kGpuTimeLimitNs, w.spec.sched.gpu_time_limit_ns);
+  set(ch::SchedConfigSlot::kGpuTimeBurstNs, w.spec.sched.gpu_time_burst_ns);
+  if (!ch::Send(w.channel.Get(), r)) VG_LOGW("worker for {}: channel full, scheduling config not sent", w.spec.uuid);
+}
+
+Result<> WorkerPool::Reconfigure(const Uuid& uuid, const SchedParams& p) {
+  return loop_.Call<void>([&]() -> Result<> {
+    Worker* w = Find(uuid);
+    VG_ERROR_IF(!w, Errc::kNotFound, "vGPU {} has no worker", uuid);
+    w->spec.sched = p;
+    w->status.sched_params = p;
+    sched_->SetWeight(uuid, p.weight);
+    SendSchedConfig(*w);
+    Publish(*w);
+    return Ok();
+  });
 }
 
 std::string WorkerPool::SocketPath(const Uuid& uuid) const {
@@ -289,6 +353,8 @@ Result<> WorkerPool::Spawn(Worker& w) {
     argv.emplace_back(flag);
     argv.push_back(std::to_string(v));
   }
+  // Held from its first submission until the scheduler grants it the engine.
+  if (policy_.sched.enabled) argv.push_back("--scheduled");
   argv.insert(argv.end(), policy_.worker_args.begin(), policy_.worker_args.end());
   VG_TRY_ASSIGN(pid_t pid, SpawnProcess(argv, fds));
   w.pid = pid;
@@ -318,6 +384,7 @@ Result<> WorkerPool::Spawn(Worker& w) {
     }
   }
   (void)ch::Send(w.channel.Get(), ch::Make(ch::Kind::kGo));
+  SendSchedConfig(w);  // read once its loop runs, before it says Ready
   w.pid_ev = event_new(base_, w.pidfd.Get(), EV_READ, &WorkerPool::OnPidfd, &w);
   w.channel_ev = event_new(base_, w.channel.Get(), EV_READ | EV_PERSIST, &WorkerPool::OnChannel, &w);
   if (!w.pid_ev || !w.channel_ev || event_add(w.pid_ev, nullptr) != 0 || event_add(w.channel_ev, nullptr) != 0) {
@@ -403,6 +470,7 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       w.status.start_latency_us = static_cast<uint64_t>(
           std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - w.spawned_at).count());
       VG_LOGI("worker for {} ready in {} ms (pid {})", w.spec.uuid, w.status.start_latency_us / 1000, w.pid);
+      if (policy_.sched.enabled) sched_->Add(w.spec.uuid, w.spec.sched.weight, Clock::now());
       if (w.waiter) {
         w.waiter->Set(Ok());
         w.waiter.reset();
@@ -417,6 +485,17 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       w.status.counters = r.values;
       w.status.pong_seq = r.seq;
       break;
+    case ch::Kind::kSchedRequest:
+      if (w.state != Worker::State::kRunning || !policy_.sched.enabled) return;
+      sched_->OnRequest(w.spec.uuid, Clock::now());
+      return ArmSched();
+    case ch::Kind::kSchedRelease: {
+      if (w.state != Worker::State::kRunning || !policy_.sched.enabled) return;
+      auto at = [&](ch::SchedReleaseSlot s) { return r.values[static_cast<size_t>(s)]; };
+      sched_->OnRelease(w.spec.uuid, r.seq, at(ch::SchedReleaseSlot::kUsedNs), at(ch::SchedReleaseSlot::kWants) != 0,
+                        Clock::now());
+      return ArmSched();
+    }
     default:
       return Kill(w, fmt::format("sent a record it may not send (kind {})", static_cast<uint32_t>(r.kind)),
                   EndKind::kCrash);
@@ -520,6 +599,10 @@ void WorkerPool::CloseSockets(Worker& w) {
 }
 
 void WorkerPool::Forget(Worker& w) {
+  // Its grant (if it held one) goes to the next vGPU; a restarted worker is added again
+  // when it says Ready.
+  sched_->Remove(w.spec.uuid, Clock::now());
+  ArmSched();
   for (event** e : {&w.pid_ev, &w.channel_ev, &w.stop_ev}) {
     if (*e) event_free(*e);
     *e = nullptr;
@@ -630,9 +713,12 @@ void WorkerPool::StopAll() {
 
 void WorkerPool::Publish(const Worker& w) {
   WorkerStatus s = w.status;
+  s.type = w.spec.type;
   s.state = std::string(Worker::StateName(w.state));
   s.pid = w.pid;
   if (w.state == Worker::State::kRunning) s.last_heartbeat = w.last_pong;
+  s.sched_params = w.spec.sched;
+  s.sched = sched_->Status(w.spec.uuid);
   {
     std::lock_guard lk(snap_mu_);
     snaps_[w.spec.uuid] = std::move(s);
@@ -677,6 +763,14 @@ std::optional<WorkerStatus> WorkerPool::Status(const Uuid& uuid, int fresh_ms) {
     }
   }
   return s;
+}
+
+std::vector<Uuid> WorkerPool::List() const {
+  std::lock_guard lk(snap_mu_);
+  std::vector<Uuid> out;
+  out.reserve(snaps_.size());
+  for (const auto& [u, s] : snaps_) out.push_back(u);
+  return out;
 }
 
 // ---- probe ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@
 
 #include "base/base.h"
 #include "tools/vgpud/loop_tasks.h"
+#include "tools/vgpud/scheduler.h"
 #include "tools/vgpud/worker_channel.h"
 
 struct event_base;
@@ -72,6 +73,17 @@ struct WorkerPolicy {
   uint64_t open_files = 1024;
   bool seccomp = true;
   FaultThresholds faults;
+  SchedOptions sched;
+};
+
+// A vGPU's share and limits (type, overridden per instance; changeable while it runs).
+struct SchedParams {
+  uint32_t weight = 100;
+  uint64_t rate_limit = 0;         // guest submissions per second; 0: none
+  uint64_t rate_burst = 0;         // 0: rate_limit / 10, at least 1
+  uint64_t gpu_time_limit_ns = 0;  // device ns per second; 0: none
+  uint64_t gpu_time_burst_ns = 0;  // 0: a tenth of a second's worth, at least 1 ms
+  bool operator==(const SchedParams&) const = default;
 };
 
 struct WorkerSpec {
@@ -79,6 +91,7 @@ struct WorkerSpec {
   std::string type;
   uint64_t aperture = 0;
   uint32_t gtt_entries = 0;
+  SchedParams sched;
 };
 
 // Why worker processes ended, by kind (a counter per kind per vGPU).
@@ -86,6 +99,7 @@ enum class EndKind : uint8_t { kCrash, kSeccomp, kWatchdog, kOutOfMemory, kKille
 std::string_view EndKindName(EndKind k);
 
 struct WorkerStatus {
+  std::string type;   // the vGPU's type id
   std::string state;  // starting, running, restarting, failed, stopping
   pid_t pid = 0;      // 0 when no process runs
   uint32_t restarts = 0;
@@ -108,6 +122,8 @@ struct WorkerStatus {
   uint32_t threads = 0;
   bool seccomp = false;
   bool no_new_privs = false;
+  SchedParams sched_params;
+  std::optional<SchedEntryStatus> sched;  // while the scheduler knows it (running)
 };
 
 class WorkerPool {
@@ -126,10 +142,16 @@ class WorkerPool {
   Result<> Stop(const Uuid& uuid);
   // Test builds' workers act on it (docs/isolation.md); others log it.
   Result<> Fault(const Uuid& uuid, channel::Fault f);
+  // New weight and limits for a vGPU, applied to its running worker at once and kept for
+  // its restarts. Any thread.
+  Result<> Reconfigure(const Uuid& uuid, const SchedParams& p);
   // The pool's snapshot plus /proc. fresh_ms > 0: first asks a running worker for a pong
   // and waits for it at most that long (never from the loop thread), so the counters are
   // the worker's of now, not of the last heartbeat; past the bound, the last ones.
   std::optional<WorkerStatus> Status(const Uuid& uuid, int fresh_ms = 0);
+  // The vGPUs the pool holds, in any state, from its snapshot: any thread, never waits on
+  // the loop or on a worker (the metrics endpoint lists them on the loop thread).
+  std::vector<Uuid> List() const;
   // Shutdown, after the loop has exited: every worker stopped and reaped (bounded).
   void StopAll();
   // Workers asked to stop that did not exit 0 (crashed on the way out, a sanitizer
@@ -166,6 +188,10 @@ class WorkerPool {
   static void OnPidfd(int fd, short, void* arg);
   static void OnRestart(int, short, void* arg);
   static void OnStopDeadline(int, short, void* arg);
+  static void OnSchedTimer(int, short, void* arg);
+  void SendSchedConfig(Worker& w);
+  void ArmSched();
+  Worker* Find(const Uuid& uuid);
 
   event_base* base_;
   LoopTasks& loop_;
@@ -173,6 +199,8 @@ class WorkerPool {
   std::unique_ptr<sandbox::CgroupParent> cgroups_;
   std::string cgroup_note_;
   event* heartbeat_ev_ = nullptr;
+  event* sched_ev_ = nullptr;
+  std::unique_ptr<Scheduler> sched_;  // loop thread
   std::map<Uuid, std::unique_ptr<Worker>> workers_;   // loop thread
   std::vector<std::unique_ptr<Worker>> stopping_;     // loop thread: stopped, not yet reaped
   uint64_t unclean_stops_ = 0;  // loop thread

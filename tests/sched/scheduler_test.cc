@@ -1,0 +1,197 @@
+// The host scheduler's logic (tools/vgpud/scheduler.h) against a simulated engine: who
+// gets the grant, how device time is charged, and what a worker that will not yield costs
+// it. The real daemon's behaviour is tests/sched/share_test.cc.
+#include <doctest/doctest.h>
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tools/vgpud/scheduler.h"
+
+namespace vg::daemon {
+namespace {
+
+using Clock = Scheduler::Clock;
+using namespace std::chrono_literals;
+
+Uuid U(int i) { return *Uuid::Parse(fmt::format("00000000-0000-0000-0000-{:012d}", i)); }
+
+struct Sim {
+  std::optional<Uuid> granted;
+  uint64_t grant = 0;
+  int preempts = 0;
+  std::vector<std::string> kills;
+  Scheduler s;
+  explicit Sim(SchedOptions o = {})
+      : s(o, SchedActions{[this](const Uuid& u, uint64_t g) {
+                            granted = u;
+                            grant = g;
+                          },
+                          [this](const Uuid&, uint64_t) { ++preempts; },
+                          [this](const Uuid& u, std::string why) { kills.push_back(u.ToString() + ": " + why); }}) {}
+};
+
+TEST_CASE("busy vGPUs share the engine by weight (1:2:4), always-busy, pieces shorter than the slice") {
+  Sim sim;
+  auto now = Clock::time_point{} + 1s;
+  const std::map<int, uint32_t> weights{{1, 100}, {2, 200}, {3, 400}};
+  for (auto [i, w] : weights) sim.s.Add(U(i), w, now);
+  for (auto [i, w] : weights) sim.s.OnRequest(U(i), now);
+  REQUIRE(sim.granted);
+  std::map<Uuid, uint64_t> used;
+  // Each holder runs pieces of 0.5 ms; once preempted it releases after its piece, and
+  // still wants the engine.
+  for (int step = 0; step < 20000; ++step) {
+    const Uuid holder = *sim.granted;
+    const uint64_t g = sim.grant;
+    const int before = sim.preempts;
+    uint64_t ran = 0;
+    while (sim.preempts == before) {
+      now += 500us;
+      ran += 500'000;
+      sim.s.OnTimer(now);
+    }
+    used[holder] += ran;
+    sim.s.OnRelease(holder, g, ran, /*wants=*/true, now);
+  }
+  const double total = used[U(1)] + used[U(2)] + used[U(3)];
+  for (auto [i, w] : weights) {
+    const double share = used[U(i)] / total, want = w / 700.0;
+    CAPTURE(i);
+    CHECK(share == doctest::Approx(want).epsilon(0.02));
+  }
+}
+
+TEST_CASE("work-conserving: a vGPU alone keeps its grant and is charged nothing") {
+  Sim sim;
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(1), now);
+  REQUIRE(sim.granted == U(1));
+  now += 5s;
+  sim.s.OnTimer(now);
+  CHECK(sim.preempts == 0);
+  CHECK_FALSE(sim.s.NextDeadline());
+  // Another asks: the holder, far past its slice, is preempted at once.
+  sim.s.OnRequest(U(2), now);
+  CHECK(sim.preempts == 1);
+  sim.s.OnRelease(U(1), sim.grant, 5'000'000'000ull, false, now + 1ms);
+  CHECK(sim.granted == U(2));
+  auto st = sim.s.Status(U(1));
+  REQUIRE(st);
+  CHECK(st->used_ns == 5'000'000'000ull);
+  CHECK(st->charged_ns <= 1'000'000ull);  // only the millisecond after U(2) asked
+}
+
+TEST_CASE("a piece longer than the slice is charged in full: debt delays the next grant") {
+  Sim sim;
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(1), now);
+  sim.s.OnRequest(U(2), now);
+  REQUIRE(sim.granted == U(1));
+  // U(1) is preempted after 2 ms but its unsplittable piece runs 50 ms.
+  now += 2ms;
+  sim.s.OnTimer(now);
+  REQUIRE(sim.preempts == 1);
+  now += 48ms;
+  sim.s.OnRelease(U(1), sim.grant, 50'000'000, true, now);
+  REQUIRE(sim.granted == U(2));
+  // U(2) now runs 2 ms slices; U(1) waits until U(2) has had about as much.
+  int u2_grants = 0;
+  while (sim.granted == U(2)) {
+    ++u2_grants;
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
+  }
+  CHECK(u2_grants >= 20);
+  CHECK(u2_grants <= 26);
+}
+
+TEST_CASE("a release of a grant it does not hold changes nothing") {
+  Sim sim;
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(1), now);
+  sim.s.OnRequest(U(2), now);
+  REQUIRE(sim.granted == U(1));
+  sim.s.OnRelease(U(2), 12345, 1, false, now);       // not the holder
+  sim.s.OnRelease(U(1), sim.grant + 1, 1, false, now);  // not its grant
+  CHECK(sim.s.holder() == U(1));
+}
+
+TEST_CASE("a worker that does not yield within the timeout is killed; the engine moves on") {
+  SchedOptions o;
+  o.yield_timeout = 100ms;
+  Sim sim(o);
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(1), now);
+  sim.s.OnRequest(U(2), now);
+  now += 2ms;
+  sim.s.OnTimer(now);
+  REQUIRE(sim.preempts == 1);
+  now += 99ms;
+  sim.s.OnTimer(now);
+  CHECK(sim.kills.empty());
+  now += 2ms;
+  sim.s.OnTimer(now);
+  REQUIRE(sim.kills.size() == 1);
+  CHECK(sim.kills[0].find("did not yield") != std::string::npos);
+  CHECK(sim.granted == U(2));
+}
+
+TEST_CASE("a vGPU back from idle banks no credit") {
+  Sim sim;
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(1), now);
+  sim.s.OnRequest(U(2), now);
+  // Alternate for a while, then U(2) goes idle for a long time while U(1) runs alone.
+  for (int i = 0; i < 10; ++i) {
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(*sim.granted, sim.grant, 2'000'000, true, now);
+  }
+  if (sim.granted == U(2)) {
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(U(2), sim.grant, 2'000'000, false, now);
+  } else {
+    // U(2) waits: let U(1) finish its slice, then U(2) runs once and leaves.
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(U(1), sim.grant, 2'000'000, true, now);
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(U(2), sim.grant, 2'000'000, false, now);
+  }
+  REQUIRE(sim.granted == U(1));
+  now += 10s;  // U(1) alone: not charged
+  sim.s.OnRequest(U(2), now);
+  // U(2) comes back: it gets the engine within a slice, and then they alternate again
+  // rather than U(2) holding it for the 10 s U(1) ran alone.
+  now += 2ms;
+  sim.s.OnTimer(now);
+  sim.s.OnRelease(U(1), sim.grant, 10'002'000'000ull, true, now);
+  REQUIRE(sim.granted == U(2));
+  int u2_in_a_row = 0;
+  while (sim.granted == U(2) && u2_in_a_row < 100) {
+    ++u2_in_a_row;
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
+  }
+  CHECK(u2_in_a_row <= 3);
+}
+
+}  // namespace
+}  // namespace vg::daemon

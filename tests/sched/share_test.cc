@@ -1,0 +1,161 @@
+// The host scheduler and rate limits against the real daemon (F7): busy tenants on the
+// mediated path, each checking its results bit for bit (tests/e2e/victim.h), and the
+// device time each got as the daemon reports it (`show`, counters.gpu_time_ns).
+#include <doctest/doctest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <chrono>
+#include <filesystem>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/e2e/harness.h"
+#include "tests/e2e/victim.h"
+
+namespace vg::e2e {
+namespace {
+
+using Json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double SlowFactor() {
+  const char* f = std::getenv("VG_SLOW_FACTOR");
+  return f ? std::max(1.0, std::atof(f)) : 1.0;
+}
+
+// One request on the control socket, one JSON line back.
+Json Control(const std::string& path, const Json& req) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  std::string line = req.dump() + "\n";
+  REQUIRE(::send(fd, line.data(), line.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(line.size()));
+  std::string got;
+  char buf[4096];
+  while (got.find('\n') == std::string::npos) {
+    ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    got.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  Json j = Json::parse(got, nullptr, false);
+  REQUIRE_MESSAGE(!j.is_discarded(), got);
+  return j;
+}
+
+struct Host {
+  Daemon daemon;
+  std::string control;
+  explicit Host(std::vector<std::string> extra = {}) : daemon({}, std::move(extra)) {
+    control = (std::filesystem::path(daemon.Socket("x")).parent_path() / "control.sock").string();
+    auto deadline = Clock::now() + std::chrono::seconds(20);
+    while (!SocketExists(control) && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    REQUIRE(SocketExists(control));
+  }
+  // A transient vGPU of the small type with these attributes; its vfio-user socket.
+  std::string Start(const std::string& uuid, Json attrs) {
+    Json r = Control(control, Json{{"op", "start"}, {"uuid", uuid}, {"type", "small"}, {"attrs", attrs}});
+    REQUIRE_MESSAGE(r.value("ok", false), r.dump());
+    return daemon.Socket(uuid);
+  }
+  Json Show(const std::string& uuid) {
+    Json r = Control(control, Json{{"op", "show"}, {"uuid", uuid}});
+    REQUIRE_MESSAGE(r.value("ok", false), r.dump());
+    return r.contains("result") ? r["result"] : r;
+  }
+  uint64_t GpuTimeNs(const std::string& uuid) {
+    Json s = Show(uuid);
+    REQUIRE_MESSAGE(s.contains("counters"), s.dump());
+    return s["counters"]["gpu_time_ns"].get<uint64_t>();
+  }
+};
+
+constexpr const char* kA = "5c4e0000-0000-4000-8000-00000000000a";
+constexpr const char* kB = "5c4e0000-0000-4000-8000-00000000000b";
+
+// Device time each of two always-busy tenants got over `secs`, weights 100 and 400.
+std::pair<double, double> Shares(Host& h, double secs) {
+  // Rounds of a few milliseconds of device work each (the kernels' pieces are far shorter
+  // than the window, as the executor's cost budget keeps them), so the window holds many
+  // grants; a tenant whose pieces are a sizeable part of it shows its debt in lumps.
+  Victim a(h.Start(kA, Json::array({Json{{"sched_weight", "100"}}})), 1 << 14);
+  Victim b(h.Start(kB, Json::array({Json{{"sched_weight", "400"}}})), 1 << 14);
+  const uint64_t a0 = h.GpuTimeNs(kA), b0 = h.GpuTimeNs(kB);
+  std::this_thread::sleep_for(std::chrono::duration<double>(secs));
+  const uint64_t a1 = h.GpuTimeNs(kA), b1 = h.GpuTimeNs(kB);
+  MESSAGE("scheduler A ", h.Show(kA)["scheduler"].dump(), "\nscheduler B ", h.Show(kB)["scheduler"].dump());
+  VictimReport ra = a.Stop(), rb = b.Stop();
+  CheckVictim(ra);  // bit-exact results throughout, and answered
+  CheckVictim(rb);
+  MESSAGE("rounds: A ", ra.rounds, ", B ", rb.rounds, "; device ms: A ", (a1 - a0) / 1e6, ", B ", (b1 - b0) / 1e6);
+  return {static_cast<double>(a1 - a0), static_cast<double>(b1 - b0)};
+}
+
+TEST_CASE("weights: two busy tenants at 100 and 400 get about 1:4 of the engine's time") {
+  Host h;
+  auto [a, b] = Shares(h, 4.0 * SlowFactor());
+  REQUIRE(a > 0);
+  // The premise: both were engine-bound, so the engine was busy most of the window (it
+  // was 3.6 of 4 s here); an idle engine gives every tenant what it asks, whatever the
+  // weights.
+  REQUIRE_MESSAGE(a + b >= 0.6 * 4.0 * SlowFactor() * 1e9, "the engine was not the bottleneck: weights untestable");
+  const double ratio = b / a;
+  MESSAGE("device time B / A = ", ratio, " (weights 400 / 100)");
+  // Tolerance from measurement on the loaded 2-core CI machine (lavapipe): 3.6-5.3 seen;
+  // without the scheduler (--sched off) the same run gives about 1.
+  CHECK(ratio >= 2.5);
+  CHECK(ratio <= 7.0);
+  // Both were served: the light one is not starved.
+  CHECK(a > 0.05 * (a + b));
+}
+
+TEST_CASE("rate limit: 20 submissions per second hold while the tenant submits as fast as it can") {
+  Host h;
+  const std::string socket = h.Start(kA, Json::array({Json{{"rate_limit", "20"}}, Json{{"rate_burst", "2"}}}));
+  Victim v(socket, 256);
+  const uint64_t r0 = v.rounds();
+  const auto t0 = Clock::now();
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  const uint64_t r1 = v.rounds();
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  Json s = h.Show(kA);
+  CheckVictim(v.Stop());
+  const double rate = (r1 - r0) / secs;
+  MESSAGE("submissions per second under rate_limit 20: ", rate, "; rate_limited ", s["counters"]["rate_limited"]);
+  CHECK(rate <= 20 * 1.15 + 2 / secs);
+  CHECK(rate >= 20 * 0.5);  // limited, not stopped
+  CHECK(s["counters"]["rate_limited"].get<uint64_t>() > 0);
+  CHECK(s["scheduler"]["rate_limit"] == 20);
+}
+
+TEST_CASE("a noisy neighbour cannot starve a quiet one") {
+  // Same weight. The heavy tenant's rounds are big kernels (pieces of tens to hundreds of
+  // ms) back to back; the quiet one submits small kernels and waits for each. It keeps
+  // being served, its results bit-exact, and no round of it waits for more than a bounded
+  // number of the heavy one's pieces.
+  Host h;
+  Victim heavy(h.Start(kB, Json::array({Json{{"sched_weight", "100"}}})), 1 << 16);
+  Victim quiet(h.Start(kA, Json::array({Json{{"sched_weight", "100"}}})), 1024);
+  const uint64_t q0 = quiet.rounds(), h0 = heavy.rounds();
+  std::this_thread::sleep_for(std::chrono::duration<double>(4.0 * SlowFactor()));
+  const uint64_t q1 = quiet.rounds(), h1 = heavy.rounds();
+  Json qs = h.Show(kA)["scheduler"], hs = h.Show(kB)["scheduler"];
+  VictimReport rq = quiet.Stop(), rh = heavy.Stop();
+  CheckVictim(rq);
+  CheckVictim(rh);
+  MESSAGE("quiet: ", q1 - q0, " rounds, slowest ", rq.max_round_ms, " ms, ", qs.dump(), "\nheavy: ", h1 - h0,
+          " rounds, slowest ", rh.max_round_ms, " ms, ", hs.dump());
+  // The quiet tenant is charged only the little it uses, so its virtual time stays behind
+  // and each of its requests is granted after at most the heavy tenant's current piece.
+  CHECK(q1 - q0 >= 10);
+  CHECK(rq.max_round_ms <= 5 * rh.max_round_ms + 100);
+}
+
+}  // namespace
+}  // namespace vg::e2e

@@ -1,0 +1,202 @@
+#include "tools/vgpud-worker/sched_gate.h"
+
+#include <algorithm>
+
+namespace vg::worker {
+
+namespace ch = daemon::channel;
+
+namespace {
+uint64_t Ns(std::chrono::steady_clock::duration d) {
+  return static_cast<uint64_t>(std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()));
+}
+}  // namespace
+
+GateConfig GateConfig::FromRecord(const ch::Record& r) {
+  auto at = [&](ch::SchedConfigSlot s) { return r.values[static_cast<size_t>(s)]; };
+  GateConfig c;
+  c.scheduled = at(ch::SchedConfigSlot::kScheduled) != 0;
+  c.rate_limit = at(ch::SchedConfigSlot::kRateLimit);
+  c.rate_burst = at(ch::SchedConfigSlot::kRateBurst);
+  c.gpu_time_limit_ns = at(ch::SchedConfigSlot::kGpuTimeLimitNs);
+  c.gpu_time_burst_ns = at(ch::SchedConfigSlot::kGpuTimeBurstNs);
+  return c;
+}
+
+SchedGate::SchedGate(Send send) : send_(std::move(send)) {}
+
+SchedGate::~SchedGate() { Stop(); }
+
+void SchedGate::Start(engine::Engine* engine) {
+  engine_ = engine;
+  thread_ = std::thread([this] { PumpLoop(); });
+}
+
+void SchedGate::Stop() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void SchedGate::Configure(const GateConfig& c) {
+  std::lock_guard lk(mu_);
+  const Clock::time_point now = Clock::now();
+  RefillLocked(now);
+  const bool was_scheduled = cfg_.scheduled;
+  cfg_ = c;
+  if (cfg_.rate_limit && !cfg_.rate_burst) cfg_.rate_burst = std::max<uint64_t>(1, cfg_.rate_limit / 10);
+  if (cfg_.gpu_time_limit_ns && !cfg_.gpu_time_burst_ns)
+    cfg_.gpu_time_burst_ns = std::max<uint64_t>(1'000'000, cfg_.gpu_time_limit_ns / 10);
+  // A bucket starts full and never holds more than its burst.
+  sub_tokens_ = cfg_.rate_limit ? std::min<double>(cfg_.rate_burst, sub_tokens_ == 0 ? cfg_.rate_burst : sub_tokens_) : 0;
+  gpu_tokens_ns_ = cfg_.gpu_time_limit_ns
+                       ? std::min<double>(cfg_.gpu_time_burst_ns, gpu_tokens_ns_ == 0 ? cfg_.gpu_time_burst_ns : gpu_tokens_ns_)
+                       : 0;
+  if (cfg_.scheduled && !was_scheduled) {
+    granted_ = false;
+    requested_ = false;
+    preempting_ = false;
+  }
+  WakePumpLocked(std::nullopt);  // limits may have been lifted
+}
+
+void SchedGate::OnGrant(uint64_t grant) {
+  std::lock_guard lk(mu_);
+  if (!cfg_.scheduled) return;
+  granted_ = true;
+  grant_ = grant;
+  requested_ = false;
+  preempting_ = false;
+  grant_used_ns_ = 0;
+  ++stats_.grants;
+  WakePumpLocked(std::nullopt);
+}
+
+void SchedGate::OnPreempt(uint64_t grant) {
+  std::lock_guard lk(mu_);
+  if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
+  ++stats_.preempts;
+  preempting_ = true;  // nothing more goes to the device under this grant
+  if (on_device_ == 0) ReleaseLocked();
+}
+
+GateStats SchedGate::Stats() const {
+  std::lock_guard lk(mu_);
+  GateStats s = stats_;
+  s.holding = cfg_.scheduled && granted_;
+  if (held_since_) s.queue_wait_ns += Ns(Clock::now() - *held_since_);
+  return s;
+}
+
+void SchedGate::RefillLocked(Clock::time_point now) {
+  if (refilled_at_ != Clock::time_point{}) {
+    const double secs = std::chrono::duration<double>(now - refilled_at_).count();
+    if (cfg_.rate_limit)
+      sub_tokens_ = std::min<double>(cfg_.rate_burst, sub_tokens_ + secs * static_cast<double>(cfg_.rate_limit));
+    if (cfg_.gpu_time_limit_ns)
+      gpu_tokens_ns_ = std::min<double>(cfg_.gpu_time_burst_ns,
+                                        gpu_tokens_ns_ + secs * static_cast<double>(cfg_.gpu_time_limit_ns));
+  }
+  refilled_at_ = now;
+}
+
+void SchedGate::HoldLocked(Clock::time_point now) {
+  if (!held_since_) held_since_ = now;
+}
+
+bool SchedGate::Admit(const engine::Submission& s) {
+  std::lock_guard lk(mu_);
+  const Clock::time_point now = Clock::now();
+  RefillLocked(now);
+  if (cfg_.scheduled && (!granted_ || preempting_)) {
+    if (!granted_ && !requested_) {
+      requested_ = true;
+      send_(ch::Make(ch::Kind::kSchedRequest));
+    }
+    HoldLocked(now);
+    return false;
+  }
+  const bool counts = cfg_.rate_limit && s.guest_submissions > 0;
+  std::optional<Clock::duration> refill_in;
+  if (counts && sub_tokens_ < 1.0)
+    refill_in = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>((1.0 - sub_tokens_) / static_cast<double>(cfg_.rate_limit)));
+  else if (cfg_.gpu_time_limit_ns && gpu_tokens_ns_ <= 0)
+    refill_in = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>((1.0 - gpu_tokens_ns_) / static_cast<double>(cfg_.gpu_time_limit_ns)));
+  if (refill_in) {
+    if (!rate_held_) {
+      rate_held_ = true;
+      ++stats_.rate_limited;
+    }
+    HoldLocked(now);
+    WakePumpLocked(now + *refill_in + std::chrono::microseconds(10));
+    return false;
+  }
+  if (counts) sub_tokens_ -= s.guest_submissions;  // a coalesced batch may go into debt
+  rate_held_ = false;
+  if (held_since_) {
+    stats_.queue_wait_ns += Ns(now - *held_since_);
+    held_since_.reset();
+  }
+  ++on_device_;
+  return true;
+}
+
+void SchedGate::Ran(uint64_t busy_ns, bool) {
+  std::lock_guard lk(mu_);
+  stats_.gpu_time_ns += busy_ns;
+  grant_used_ns_ += busy_ns;
+  if (cfg_.gpu_time_limit_ns) {
+    RefillLocked(Clock::now());
+    gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
+  }
+  if (on_device_) --on_device_;
+  if (cfg_.scheduled && preempting_ && on_device_ == 0) ReleaseLocked();
+}
+
+void SchedGate::ReleaseLocked() {
+  ch::Record r = ch::Make(ch::Kind::kSchedRelease, grant_);
+  r.values[static_cast<size_t>(ch::SchedReleaseSlot::kUsedNs)] = grant_used_ns_;
+  r.values[static_cast<size_t>(ch::SchedReleaseSlot::kWants)] = held_since_ ? 1 : 0;
+  granted_ = false;
+  preempting_ = false;
+  grant_used_ns_ = 0;
+  // Work still held: the release is its request.
+  requested_ = held_since_.has_value();
+  send_(r);
+}
+
+void SchedGate::WakePumpLocked(std::optional<Clock::time_point> at) {
+  if (!at) {
+    pump_now_ = true;
+  } else if (!pump_at_ || *at < *pump_at_) {
+    pump_at_ = at;
+  }
+  cv_.notify_one();
+}
+
+void SchedGate::PumpLoop() {
+  std::unique_lock lk(mu_);
+  for (;;) {
+    if (stop_) return;
+    // Re-read each turn: a nearer refill time may have been set while waiting.
+    if (!pump_now_ && !(pump_at_ && Clock::now() >= *pump_at_)) {
+      if (pump_at_)
+        cv_.wait_until(lk, *pump_at_);
+      else
+        cv_.wait(lk);
+      continue;
+    }
+    pump_now_ = false;
+    pump_at_.reset();
+    lk.unlock();
+    engine_->Pump();  // takes the engine's queue lock, then ours (Admit): never with ours held
+    lk.lock();
+  }
+}
+
+}  // namespace vg::worker

@@ -1,0 +1,105 @@
+#pragma once
+// The worker's side of the host scheduler and of its vGPU's rate limits (F7,
+// docs/management.md "Scheduling"): an engine::SubmitGate in front of the worker's engine,
+// so both paths (the mediated ring's executor and the remoting server) are held by it,
+// and neither ever waits for it: held work stays queued in the engine, in order, and a
+// pump thread hands it to the device when the gate opens (a grant arrives, a bucket
+// refills).
+//
+// - Grant: with scheduling on, work reaches the device only while this worker holds the
+//   supervisor's grant. Held work sends one kSchedRequest. A preempt closes the gate at
+//   once; the release goes when the work already on the device has completed, with the
+//   device time the grant used and whether work is still held.
+// - Rate limits: token buckets on guest submissions per second and on device time per
+//   second, each with a burst. A submission needs one token per guest submission it
+//   carries; device time is charged after it ran (so a long piece goes into debt and the
+//   next work waits until the bucket is positive again).
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "engine/engine.h"
+#include "tools/vgpud/worker_channel.h"
+
+namespace vg::worker {
+
+struct GateConfig {
+  bool scheduled = false;
+  uint64_t rate_limit = 0;      // guest submissions per second; 0: none
+  uint64_t rate_burst = 0;      // 0: rate_limit / 10, at least 1
+  uint64_t gpu_time_limit_ns = 0;  // device ns per second; 0: none
+  uint64_t gpu_time_burst_ns = 0;  // 0: gpu_time_limit_ns / 10, at least 1 ms
+  static GateConfig FromRecord(const daemon::channel::Record& r);
+};
+
+struct GateStats {
+  uint64_t gpu_time_ns = 0;    // device time of this vGPU's work
+  uint64_t queue_wait_ns = 0;  // time work was held (grant or rate limits)
+  uint64_t rate_limited = 0;   // times a rate limit held work
+  uint64_t grants = 0;
+  uint64_t preempts = 0;
+  bool holding = false;
+};
+
+class SchedGate final : public engine::SubmitGate {
+ public:
+  using Send = std::function<void(const daemon::channel::Record&)>;
+  explicit SchedGate(Send send);
+  ~SchedGate() override;
+  SchedGate(const SchedGate&) = delete;
+  SchedGate& operator=(const SchedGate&) = delete;
+
+  // Starts the pump thread (before the sandbox forbids new threads? threads are allowed;
+  // before serving, in any case). The engine must outlive the gate's use.
+  void Start(engine::Engine* engine);
+  void Stop();
+
+  // From the worker's loop (channel records).
+  void Configure(const GateConfig& c);
+  void OnGrant(uint64_t grant);
+  void OnPreempt(uint64_t grant);
+
+  GateStats Stats() const;
+
+  // engine::SubmitGate
+  bool Admit(const engine::Submission& s) override;
+  void Ran(uint64_t busy_ns, bool device_idle) override;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  void RefillLocked(Clock::time_point now);
+  void HoldLocked(Clock::time_point now);
+  void ReleaseLocked();
+  void PumpLoop();
+  void WakePumpLocked(std::optional<Clock::time_point> at);
+
+  Send send_;
+  engine::Engine* engine_ = nullptr;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  GateConfig cfg_;
+  bool granted_ = false;
+  bool requested_ = false;
+  bool preempting_ = false;
+  uint64_t grant_ = 0;
+  uint64_t grant_used_ns_ = 0;
+  uint32_t on_device_ = 0;
+  std::optional<Clock::time_point> held_since_;
+  bool rate_held_ = false;
+  double sub_tokens_ = 0;
+  double gpu_tokens_ns_ = 0;
+  Clock::time_point refilled_at_{};
+  // The pump thread: runs engine->Pump() when asked, or at a refill time.
+  bool pump_now_ = false;
+  std::optional<Clock::time_point> pump_at_;
+  bool stop_ = false;
+  GateStats stats_;
+  std::thread thread_;
+};
+
+}  // namespace vg::worker

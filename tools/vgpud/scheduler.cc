@@ -1,0 +1,182 @@
+#include "tools/vgpud/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace vg::daemon {
+
+namespace {
+// Virtual time is device time scaled to weight 100 (a vGPU of weight 200 advances half as fast).
+constexpr double kWeightScale = 100.0;
+uint64_t Ns(std::chrono::steady_clock::duration d) {
+  return static_cast<uint64_t>(std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()));
+}
+}  // namespace
+
+std::string_view SchedStateName(SchedState s) {
+  switch (s) {
+    case SchedState::kIdle: return "idle";
+    case SchedState::kWaiting: return "waiting";
+    case SchedState::kRunning: return "running";
+  }
+  return "?";
+}
+
+void Scheduler::Add(const Uuid& u, uint32_t weight, Clock::time_point) {
+  Entry e;
+  e.weight = std::max<uint32_t>(1, weight);
+  e.vruntime = Floor();
+  entries_[u] = e;
+}
+
+void Scheduler::Remove(const Uuid& u, Clock::time_point now) {
+  if (!entries_.erase(u)) return;
+  if (holder_ == u) {
+    holder_.reset();
+    contended_since_.reset();
+    Dispatch(now);
+  }
+}
+
+void Scheduler::SetWeight(const Uuid& u, uint32_t weight) {
+  if (auto it = entries_.find(u); it != entries_.end()) it->second.weight = std::max<uint32_t>(1, weight);
+}
+
+double Scheduler::Floor() const {
+  double least = std::numeric_limits<double>::infinity();
+  for (const auto& [u, e] : entries_)
+    if (e.state != SchedState::kIdle) least = std::min(least, e.vruntime);
+  // Monotonic: a vGPU that comes back from idle is placed no earlier than where the busy
+  // ones were when it left, so idle time is never banked as credit.
+  return std::isinf(least) ? floor_ : std::max(floor_, least);
+}
+
+void Scheduler::Wait(const Uuid&, Entry& e, Clock::time_point now) {
+  e.vruntime = std::max(e.vruntime, Floor());
+  e.state = SchedState::kWaiting;
+  e.waiting_since = now;
+}
+
+void Scheduler::OnRequest(const Uuid& u, Clock::time_point now) {
+  auto it = entries_.find(u);
+  if (it == entries_.end() || it->second.state != SchedState::kIdle) return;
+  Wait(u, it->second, now);
+  if (!holder_) return Dispatch(now);
+  if (!contended_since_) contended_since_ = now;
+  MaybePreempt(now);
+}
+
+void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now) {
+  auto it = entries_.find(u);
+  if (it == entries_.end() || holder_ != u || it->second.grant != grant) return;
+  Entry& e = it->second;
+  // Only the device time used while someone else waited is charged: before that the
+  // engine would have idled (work-conserving), and nobody was owed it.
+  uint64_t charge = 0;
+  if (contended_since_) charge = std::min(used_ns, Ns(now - std::max(e.granted_at, *contended_since_)));
+  e.stats.used_ns += used_ns;
+  e.stats.charged_ns += charge;
+  e.vruntime += static_cast<double>(charge) * kWeightScale / e.weight;
+  e.state = SchedState::kIdle;
+  e.preempted = false;
+  holder_.reset();
+  contended_since_.reset();
+  floor_ = Floor();
+  if (wants) {
+    // Still busy: it queues at its own virtual time. (Placement at the floor is for a vGPU
+    // coming back from idle; here it would forgive what the vGPU just used.)
+    e.state = SchedState::kWaiting;
+    e.waiting_since = now;
+  }
+  Dispatch(now);
+}
+
+void Scheduler::Dispatch(Clock::time_point now) {
+  if (holder_) return;
+  Entry* next = nullptr;
+  const Uuid* next_u = nullptr;
+  for (auto& [u, e] : entries_) {
+    if (e.state != SchedState::kWaiting) continue;
+    if (!next || e.vruntime < next->vruntime ||
+        (e.vruntime == next->vruntime && e.waiting_since < next->waiting_since)) {
+      next = &e;
+      next_u = &u;
+    }
+  }
+  if (!next) return;
+  next->state = SchedState::kRunning;
+  next->grant = next_grant_++;
+  next->granted_at = now;
+  next->preempted = false;
+  next->stats.grants++;
+  next->stats.wait_ns += Ns(now - next->waiting_since);
+  holder_ = *next_u;
+  floor_ = Floor();
+  bool others = std::any_of(entries_.begin(), entries_.end(),
+                            [](const auto& kv) { return kv.second.state == SchedState::kWaiting; });
+  if (others) contended_since_ = now;
+  a_.grant(*next_u, next->grant);
+}
+
+std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt() const {
+  if (!holder_ || !contended_since_) return std::nullopt;
+  const Entry& e = entries_.at(*holder_);
+  double least = std::numeric_limits<double>::infinity();
+  for (const auto& [u, w] : entries_)
+    if (w.state == SchedState::kWaiting) least = std::min(least, w.vruntime);
+  if (std::isinf(least)) return std::nullopt;
+  // The holder's virtual time if it had used the engine all along since others waited (it
+  // is charged what it really used when it releases): it keeps the grant until that passes
+  // the least waiting one's, and at least for a slice. So a heavy-weight tenant that
+  // thinks between submissions keeps its share, and a light one is cut at the slice.
+  const double ahead_ns = std::max(0.0, (least - e.vruntime) * e.weight / kWeightScale);
+  const Clock::time_point cross =
+      std::max(e.granted_at, *contended_since_) +
+      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::nano>(ahead_ns));
+  return std::max(e.granted_at + o_.slice, cross);
+}
+
+void Scheduler::MaybePreempt(Clock::time_point now) {
+  auto at = PreemptAt();
+  if (!at || now < *at) return;
+  Entry& e = entries_.at(*holder_);
+  if (e.preempted) return;
+  e.preempted = true;
+  e.preempted_at = now;
+  e.stats.preemptions++;
+  a_.preempt(*holder_, e.grant);
+}
+
+void Scheduler::OnTimer(Clock::time_point now) {
+  if (!holder_) return;
+  Entry& e = entries_.at(*holder_);
+  if (e.preempted && now - e.preempted_at >= o_.yield_timeout) {
+    const Uuid u = *holder_;
+    const auto held_ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - e.preempted_at).count();
+    Remove(u, now);
+    a_.kill(u, fmt::format("scheduler: did not yield the engine within {} ms of a preempt",
+                           held_ms));
+    return;
+  }
+  MaybePreempt(now);
+}
+
+std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
+  if (!holder_) return std::nullopt;
+  const Entry& e = entries_.at(*holder_);
+  if (e.preempted) return e.preempted_at + o_.yield_timeout;
+  return PreemptAt();
+}
+
+std::optional<SchedEntryStatus> Scheduler::Status(const Uuid& u) const {
+  auto it = entries_.find(u);
+  if (it == entries_.end()) return std::nullopt;
+  SchedEntryStatus s = it->second.stats;
+  s.weight = it->second.weight;
+  s.state = it->second.state;
+  s.vruntime = it->second.vruntime - Floor();
+  return s;
+}
+
+}  // namespace vg::daemon

@@ -1,0 +1,112 @@
+#pragma once
+// The host's GPU time shared between running vGPUs by weight (F7, docs/management.md
+// "Scheduling"). One vGPU at a time holds the engine (a grant), as a time-sliced GPU runs
+// one context at a time: its worker's engine hands work to the device only while it holds
+// the grant. Who gets it next is the waiting vGPU with the least virtual time, which
+// advances by the device time a vGPU used divided by its weight (stride scheduling), so
+// over time each busy vGPU gets weight / sum-of-busy-weights of the engine.
+//
+// - Work-conserving: a vGPU alone keeps its grant as long as nobody else asks (no message
+//   per submission), and time used while nobody else wanted the engine is not charged.
+// - Bounded slice: once another vGPU waits, the holder is asked to yield (preempted) when
+//   its grant is `slice` old; it stops handing new work to the device at once and
+//   releases when its device work has drained. Work already on the device cannot be cut,
+//   so it is charged in full: a long piece is debt that delays the vGPU's next grant.
+// - A worker that does not release within `yield_timeout` of a preempt is killed (a
+//   worker is hostile as its guest's puppet; a cooperative one cannot miss it, since its
+//   mediated device work is bounded by the executor's cost budget).
+//
+// Pure logic on the supervisor's loop thread: the caller feeds events with the time, arms
+// one timer at NextDeadline() and carries out the actions it is given.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/base.h"
+
+namespace vg::daemon {
+
+struct SchedOptions {
+  bool enabled = true;  // off: every vGPU always holds the engine (first come, first served)
+  std::chrono::nanoseconds slice{std::chrono::milliseconds(2)};
+  // Long: a remoting DISPATCH is one engine submission, not cut into pieces (yet), and a
+  // legal one may run for many seconds on a software device.
+  std::chrono::nanoseconds yield_timeout{std::chrono::milliseconds(60000)};
+};
+
+struct SchedActions {
+  std::function<void(const Uuid&, uint64_t grant)> grant;
+  std::function<void(const Uuid&, uint64_t grant)> preempt;
+  std::function<void(const Uuid&, std::string why)> kill;
+};
+
+enum class SchedState : uint8_t { kIdle, kWaiting, kRunning };
+std::string_view SchedStateName(SchedState s);
+
+struct SchedEntryStatus {
+  uint32_t weight = 0;
+  SchedState state = SchedState::kIdle;
+  uint64_t charged_ns = 0;     // device time charged (contended time only)
+  uint64_t used_ns = 0;        // device time reported, all of it
+  uint64_t grants = 0;
+  uint64_t preemptions = 0;
+  uint64_t wait_ns = 0;        // time spent waiting for a grant
+  double vruntime = 0;         // ns / weight, relative to the scheduler's floor
+};
+
+class Scheduler {
+ public:
+  using Clock = std::chrono::steady_clock;
+  Scheduler(SchedOptions o, SchedActions a) : o_(o), a_(std::move(a)) {}
+
+  void Add(const Uuid& u, uint32_t weight, Clock::time_point now);
+  void Remove(const Uuid& u, Clock::time_point now);
+  void SetWeight(const Uuid& u, uint32_t weight);
+  // The worker has work its engine holds back for want of a grant.
+  void OnRequest(const Uuid& u, Clock::time_point now);
+  // The worker gave its grant back: `used_ns` device time during it; `wants`: it still has
+  // work held back (it waits again at once). A release of a grant it does not hold is
+  // ignored (it crossed a preempt of an older grant, or the worker lies: harmless).
+  void OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now);
+  void OnTimer(Clock::time_point now);
+  std::optional<Clock::time_point> NextDeadline() const;
+
+  std::optional<SchedEntryStatus> Status(const Uuid& u) const;
+  std::optional<Uuid> holder() const { return holder_; }
+  const SchedOptions& options() const { return o_; }
+
+ private:
+  struct Entry {
+    uint32_t weight = 100;
+    SchedState state = SchedState::kIdle;
+    double vruntime = 0;
+    uint64_t grant = 0;                  // the grant it holds (kRunning)
+    Clock::time_point granted_at{};      // kRunning
+    Clock::time_point waiting_since{};   // kWaiting
+    bool preempted = false;              // kRunning: asked to yield
+    Clock::time_point preempted_at{};
+    SchedEntryStatus stats;
+  };
+  double Floor() const;  // the least virtual time of a busy vGPU (or the last one's)
+  void Wait(const Uuid& u, Entry& e, Clock::time_point now);
+  void Dispatch(Clock::time_point now);
+  void MaybePreempt(Clock::time_point now);
+  std::optional<Clock::time_point> PreemptAt() const;
+
+  SchedOptions o_;
+  SchedActions a_;
+  std::map<Uuid, Entry> entries_;
+  std::optional<Uuid> holder_;
+  // When some vGPU other than the holder began waiting during the current grant: the
+  // holder's device time before it is free (nobody else wanted the engine).
+  std::optional<Clock::time_point> contended_since_;
+  uint64_t next_grant_ = 1;
+  double floor_ = 0;  // monotonic
+};
+
+}  // namespace vg::daemon
