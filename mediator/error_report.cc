@@ -25,18 +25,32 @@ void Vgpu::Impl::PublishStatus() {
   Store32(abi::status::kDeviceIdle, device_idle_ ? 1 : 0);
 }
 
-Error Vgpu::Impl::Refuse(uint32_t source, uint64_t addr, uint32_t info, Error e) {
+// Errors that are not the guest's doing: the quarantine's own refusals, and the host's
+// engine failing. They never count toward the guest's fault rate.
+static bool HostOrQuarantine(Errc c) {
+  return c == Errc::kQuarantined || c == Errc::kDeviceLost || c == Errc::kInternal;
+}
+
+Error Vgpu::Impl::Refuse(uint32_t source, uint64_t addr, uint32_t info, Error e, FaultClass fault) {
   regs_.err_code = static_cast<uint32_t>(e.code);
   regs_.err_source = source;
   regs_.err_addr_lo = static_cast<uint32_t>(addr);
   regs_.err_addr_hi = static_cast<uint32_t>(addr >> 32);
   regs_.err_info = info;
   ++regs_.err_count;
+  const bool mmio = source == abi::kErrSourceMmio || source == abi::kErrSourceGtt || source == abi::kErrSourceGttBatch;
   if (source == abi::kErrSourceMmio || source == abi::kErrSourceGtt)
     ++counters_.mmio_refusals;
   else
     ++counters_.command_refusals;
-  VG_LOGW("vgpu {}: refused ({}) at {:#x}: {}", cfg_.uuid, ErrcName(e.code), addr, e.what);
+  if (fault != FaultClass::kFlowControl && !HostOrQuarantine(e.code))
+    faults_.OnFault(fault == FaultClass::kExecution ? FaultKind::kDmaFault
+                    : mmio                          ? FaultKind::kMmioRefusal
+                                                    : FaultKind::kCommandRefusal);
+  // A quarantined guest that keeps ringing gets one line when it was quarantined (the
+  // monitor's), not one per doorbell.
+  Log(e.code == Errc::kQuarantined ? LogLevel::kDebug : LogLevel::kWarn, "vgpu {}: refused ({}) at {:#x}: {}",
+      cfg_.uuid, ErrcName(e.code), addr, e.what);
   RaiseIrq(abi::kVectorError);
   if (e.code == Errc::kDeviceLost) (void)irqs_.Trigger(vu::kIrqErr, 0);  // unrecoverable: tell the VMM
   PublishStatus();

@@ -2,7 +2,9 @@
 // Public header of mediator/: one vGPU as a vfio-user device model. Device state lives
 // here, apart from the transport (vfio_user/) and from the daemon that wires the two.
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -10,6 +12,7 @@
 #include "base/base.h"
 #include "engine/engine.h"
 #include "abi/device.h"
+#include "mediator/fault_monitor.h"
 #include "vfio_user/device.h"
 #include "vfio_user/dma.h"
 
@@ -36,6 +39,14 @@ struct VgpuConfig {
   // to the guest (fence, fence interrupt, DEVICE_IDLE) at multiples of G of CLOCK_MONOTONIC,
   // and TIMESTAMP writes multiples of G. 0: off. At most abi::cmd::kMaxTimeGranularityNs.
   uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs;
+  // F7: when this vGPU is throttled and quarantined for faults (docs/management.md, "Fault
+  // health"). The worker shares the monitor with its remoting server (Vgpu::faults()).
+  FaultPolicy faults;
+  // Asks the daemon's loop to call OnThrottleTimer() once this long has passed: a throttled
+  // vGPU's doorbell waits for its turn on a timer, never in a sleep. Called from any thread,
+  // with the vGPU's lock held: it must only arm the timer. Null (tests without a loop):
+  // a throttled vGPU's ring passes are not deferred.
+  std::function<void(std::chrono::nanoseconds)> throttle_timer;
 };
 
 struct ErrorReport {
@@ -86,6 +97,10 @@ class Vgpu : public vfio_user::DeviceBackend {
   // calls OnDoorbellKick() when it fires.
   const EventFd& doorbell() const;
   void OnDoorbellKick();
+  // F7: this vGPU's fault monitor (thread-safe), and the turn of a doorbell the throttle
+  // deferred (VgpuConfig::throttle_timer; on the daemon's loop).
+  FaultMonitor& faults();
+  void OnThrottleTimer();
 
   // Waits until every submission queued so far has executed (tests, snapshot).
   void WaitIdle();

@@ -94,10 +94,40 @@ Result<> Vgpu::Impl::RingPass(bool shadow) {
     kick_shadow_ = shadow;
     return Ok();
   }
+  // A replay finishes a pass that was admitted already.
+  if (!in_replay_) {
+    std::optional<Error> refusal;
+    if (!AdmitPass(shadow, refusal)) return refusal ? Result<>(std::move(*refusal)) : Ok();
+  }
   replay_shadow_ = shadow;
   if (shadow) return ReadTailShadowAndProcess();
   ProcessRing();
   return Ok();
+}
+
+// F7. Each pass is one submission to the fault monitor. Throttled, a pass that comes before
+// its turn is remembered (one pending pass covers every doorbell until it runs: it takes
+// [head, tail) as it finds it) and the throttle timer brings it back on the loop
+// (Vgpu::OnThrottleTimer). RING_TAIL's write is answered at once then; the guest learns
+// when its span was taken from RING_HEAD (docs/device-spec.md, "Fault health").
+bool Vgpu::Impl::AdmitPass(bool shadow, std::optional<Error>& refusal) {
+  const Admission a = faults_.Admit();
+  if (a.code != Errc::kOk) {
+    throttle_pending_ = false;
+    refusal = Error{a.code, "the vGPU is quarantined for its fault rate; a reset lifts it"};
+    return false;
+  }
+  if (a.go() || !cfg_.throttle_timer) {
+    throttle_pending_ = false;  // this pass takes whatever the deferred one would have
+    return true;
+  }
+  throttle_pending_ = true;
+  throttle_shadow_ = shadow;
+  if (!throttle_armed_) {
+    throttle_armed_ = true;
+    cfg_.throttle_timer(a.wait);
+  }
+  return false;
 }
 
 // The fetch thread has what the last pass wanted: run it again, then any kick that came
@@ -187,9 +217,11 @@ void Vgpu::Impl::ProcessRing() {
   // A full executor queue refuses before the audit: no span building for work that could
   // not be queued anyway.
   Result<> room = copied.ok() ? exec_->Admit() : Ok();
+  bool flow_control = false;  // a full queue: not the guest's fault (F7)
   if (!room.ok()) {
     plan = Unexpected{std::move(room).error()};
     fault = AuditFault{abi::kErrSourceRing, head, 0};
+    flow_control = true;
   } else if (copied.ok()) {
     Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
       std::vector<uint32_t> batch(r.size.v / 4);
@@ -210,13 +242,14 @@ void Vgpu::Impl::ProcessRing() {
     return;
   }
   if (!plan.ok()) {
-    Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error());
+    Refuse(fault.source, fault.addr, fault.opcode, std::move(plan).error(),
+           flow_control ? FaultClass::kFlowControl : FaultClass::kBySource);
     return;
   }
   uint32_t commands = plan->commands;
   // Bounded per vGPU (count and bytes): past it the submission is refused by name.
   if (Result<> queued = exec_->Enqueue(std::move(plan).value()); !queued.ok()) {
-    Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error());
+    Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error(), FaultClass::kFlowControl);
     return;
   }
   // Busy from here: this plan's plan_done needs mu_, which this pass holds, so the word
@@ -362,7 +395,7 @@ void Vgpu::Impl::OnLoadReg(uint32_t reg, uint32_t value) {
 }
 void Vgpu::Impl::OnExecFailure(const Error& e) {
   std::lock_guard lk(mu_);
-  Refuse(abi::kErrSourceCommand, 0, 0, e);
+  Refuse(abi::kErrSourceCommand, 0, 0, e, FaultClass::kExecution);
 }
 
 }  // namespace vg::mediator

@@ -79,6 +79,10 @@ Result<> Vgpu::Impl::DoReset(bool scrub) {
   plans_outstanding_ = 0;
   shadow_doorbell_ = false;
   device_idle_ = true;
+  // F7: a reset is what lifts a quarantine (to probation); a doorbell the throttle deferred
+  // belonged to the old ring.
+  throttle_pending_ = false;
+  faults_.OnReset();
   if (scrub) VG_TRY(ScrubAperture());
   PublishStatus();
   return Ok();
@@ -164,6 +168,32 @@ void Vgpu::OnDoorbellKick() {
   impl_->AfterShadowPass();
 }
 
+FaultMonitor& Vgpu::faults() { return impl_->faults_; }
+
+void Vgpu::OnThrottleTimer() {
+  std::lock_guard lk(impl_->mu_);
+  impl_->throttle_armed_ = false;
+  if (!impl_->throttle_pending_ || impl_->dying_) return;
+  impl_->throttle_pending_ = false;
+  const bool shadow = impl_->throttle_shadow_;
+  // The ring was stopped, or DMA turned off, since that doorbell: as for a doorbell now, the
+  // span waits for the first doorbell once both allow it again.
+  if (!(impl_->regs_.ctrl & abi::kCtrlRingEnable) || !impl_->CheckDmaAllowed().ok()) return;
+  // As OnDoorbellKick: on the loop, outside the vfio-user dispatch boundary. A pass that is
+  // still early (another submission took the turn) is deferred again.
+  Result<> r = [&]() -> Result<> {
+    try {
+      return impl_->RingPass(shadow);
+    } catch (const std::bad_alloc&) {
+      return MakeError(Errc::kOutOfMemory, "ring pass: allocation failed");
+    }
+  }();
+  if (!r.ok())
+    impl_->Refuse(abi::kErrSourceRing, shadow ? abi::reg::kDoorbellKick : abi::reg::kRingTail, 0,
+                  std::move(r).error());
+  if (shadow) impl_->AfterShadowPass();
+}
+
 void Vgpu::WaitIdle() { impl_->exec_->WaitIdle(); }
 
 void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(messenger); }
@@ -182,6 +212,7 @@ void Vgpu::OnDisconnect() {
   impl_->dma_.SetMessenger(nullptr);
   impl_->fetch_.Cancel();
   impl_->kick_pending_ = false;
+  impl_->throttle_pending_ = false;
   impl_->ForgetOutstanding();
   impl_->irqs_.Clear();
   impl_->gtt_.DropLatch();  // a half-written entry belongs to the connection that wrote it
@@ -307,7 +338,8 @@ Result<vu::DmaDrain> Vgpu::DmaUnmap(const vu::DmaUnmapArgs& args) {
   std::lock_guard lk(impl_->mu_);
   if (cancelled)
     impl_->Refuse(abi::kErrSourceCommand, from.v, 0,
-                  Error{Errc::kBusy, "DMA_UNMAP of memory in use: the vGPU's work in flight was cancelled"});
+                  Error{Errc::kBusy, "DMA_UNMAP of memory in use: the vGPU's work in flight was cancelled"},
+                  FaultClass::kFlowControl);  // a VMM unmaps at its own reset too
   uint32_t dropped = impl_->gtt_.InvalidateGuestRange(from, size);
   if (dropped) VG_LOGI("vgpu {}: DMA_UNMAP {}+{:#x} invalidated {} GTT entries", impl_->cfg_.uuid, args.iova,
                        args.size.v, dropped);

@@ -54,6 +54,11 @@ inline constexpr size_t kRegStateDwords = sizeof(RegState) / sizeof(uint32_t);
 static_assert(sizeof(RegState) % sizeof(uint32_t) == 0);
 
 enum class Access : uint8_t { kRO, kRW, kWO, kRW1C };
+// What a refusal tells the fault monitor (F7). kBySource: a guest fault of the kind its
+// error source names (MMIO, GTT and GTT batch: MMIO refusals; ring and command: command
+// refusals). kExecution: guest memory faulted while a plan ran. kFlowControl: not a fault
+// (a full queue, an unmap of memory in use): a busy, honest guest gets these too.
+enum class FaultClass : uint8_t { kBySource, kExecution, kFlowControl };
 // kNormal: a vGPU register. kEmulated: a privileged global shadowed per vGPU. kRefused:
 // a privileged global no guest may write.
 enum class Policy : uint8_t { kNormal, kEmulated, kRefused };
@@ -87,7 +92,7 @@ class Vgpu::Impl {
   void Store32(uint32_t off, uint32_t v) const;
   void Store64(uint32_t off, uint64_t v) const;
   void PublishStatus();
-  Error Refuse(uint32_t source, uint64_t addr, uint32_t info, Error e);
+  Error Refuse(uint32_t source, uint64_t addr, uint32_t info, Error e, FaultClass fault = FaultClass::kBySource);
   Result<> WriteErrClear(uint32_t);
 
   // --- msix.cc: interrupts ---
@@ -178,6 +183,10 @@ class Vgpu::Impl {
   Result<> WriteTailShadowLo(uint32_t v);
   Result<> WriteTailShadowHi(uint32_t v);
   void Doorbell();
+  // F7: a quarantined vGPU's doorbell is refused before guest memory is read; a throttled
+  // one's pass waits for its turn (the pass is remembered, the throttle timer armed). False:
+  // the pass is not to run now (`refusal` set when it is refused).
+  bool AdmitPass(bool shadow, std::optional<Error>& refusal);
   uint64_t RingBase() const { return uint64_t{regs_.ring_base_hi} << 32 | regs_.ring_base_lo; }
   Result<> RingPass(bool shadow);
   void ReplayRing();
@@ -267,6 +276,12 @@ class Vgpu::Impl {
   bool device_idle_ = true;       // what DEVICE_IDLE says
   bool announce_busy_ = true;     // a shadow pass that finds a new tail says 0 before its audit
   bool dying_ = false;
+  // F7 (mu_): a doorbell the throttle deferred, what its pass reads the tail from, and
+  // whether the throttle timer is armed.
+  bool throttle_pending_ = false;
+  bool throttle_shadow_ = false;
+  bool throttle_armed_ = false;
+  FaultMonitor faults_{cfg_.faults};
   // Last: destroyed first, while everything they use is still alive (the fetch thread
   // replays into the executor, so it goes first).
   std::unique_ptr<Executor> exec_;

@@ -4,6 +4,7 @@
 // Session that copies commands out of its shared ring, validates them and replays them on
 // the shared engine. Wire format: abi/remoting.h, docs/remoting-protocol.md.
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -48,6 +49,22 @@ struct ListenerStats {
   uint64_t wakes = 0;            // wake eventfd events
 };
 
+// F7: the vGPU's fault monitor as the remoting server sees it (the worker adapts the one
+// its device model owns, so both paths count toward one health; docs/management.md, "Fault
+// health"). Called on the loop.
+class FaultGate {
+ public:
+  struct Admission {
+    Errc code = Errc::kOk;              // kQuarantined: refuse the command
+    std::chrono::nanoseconds wait{0};   // throttled: run it after this long, not now
+  };
+  virtual ~FaultGate() = default;
+  // Before each command (a command continued over several turns asks once).
+  virtual Admission Admit() = 0;
+  // A refused command, a failed submission, a dropped client, a malformed handshake.
+  virtual void OnFault() = 0;
+};
+
 class Listener {
  public:
   // Binds and listens on `path` (an existing file there is replaced).
@@ -64,6 +81,9 @@ class Listener {
   // Adopts a connected socket; the handshake runs on the loop.
   virtual Result<> Adopt(UniqueFd sock) = 0;
   virtual ~Listener() = default;  // drops every client, unlinks the socket
+
+  // Null (the default): no fault monitor. The gate must outlive the listener.
+  virtual void SetFaultGate(FaultGate* gate) = 0;
 
   virtual size_t clients() const = 0;
   virtual ListenerStats stats() const = 0;

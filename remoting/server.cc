@@ -50,6 +50,7 @@ uint64_t SteadyNs(std::chrono::steady_clock::time_point t) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count());
 }
 uint64_t NowNs() { return SteadyNs(std::chrono::steady_clock::now()); }
+constexpr const char* kQuarantinedWhy = "the vGPU is quarantined for its fault rate; a reset lifts it";
 
 class ListenerImpl;
 
@@ -96,6 +97,9 @@ class Session {
   // Ends this turn and comes back on the next one (a zero timeout: the loop polls every
   // fd first; event_active would run us again before any other fd is looked at).
   void Yield();
+  // F7, throttled: ends this turn and comes back once `wait` has passed (a timer, never a
+  // sleep); the command at the cursor runs then.
+  void Defer(std::chrono::nanoseconds wait);
   // A WRITE or READ, copied at most `budget` bytes per turn; false while bytes remain.
   bool CopyStep(std::span<std::byte> dst, std::span<const std::byte> src, uint64_t& budget);
   engine::BufferRef Charged(engine::BufferRef raw, uint64_t size, std::shared_ptr<Mapping> memory);
@@ -198,6 +202,14 @@ class ListenerImpl final : public Listener {
     sessions_.emplace(id, std::make_unique<Session>(*this, id, std::move(sock)));
     return Ok();
   }
+  void SetFaultGate(FaultGate* gate) override { gate_ = gate; }
+  FaultGate::Admission Admit() { return gate_ ? gate_->Admit() : FaultGate::Admission{}; }
+  // Errors that are the client's doing count toward its vGPU's fault rate; the quarantine's
+  // own refusals and the host's engine failing do not.
+  void CountFault(Errc code) {
+    if (gate_ && code != Errc::kQuarantined && code != Errc::kDeviceLost && code != Errc::kInternal)
+      gate_->OnFault();
+  }
   size_t clients() const override { return sessions_.size(); }
   size_t running_clients() const {
     return static_cast<size_t>(std::count_if(sessions_.begin(), sessions_.end(),
@@ -214,6 +226,7 @@ class ListenerImpl final : public Listener {
   Limits limits_;
   bool owns_path_;
   ListenerStats stats_;
+  FaultGate* gate_ = nullptr;
 
  private:
   static void OnAccept(int fd, short, void* arg) {
@@ -314,6 +327,14 @@ void Session::Yield() {
   evtimer_add(resume_ev_, &kNextTurn);
 }
 
+void Session::Defer(std::chrono::nanoseconds wait) {
+  // What is batched already goes to the GPU meanwhile.
+  if (auto f = Flush(); !f.ok()) Report(f.code(), pending_pos_, f.error().what);
+  const int64_t us = std::max<int64_t>(std::chrono::duration_cast<std::chrono::microseconds>(wait).count(), 1);
+  const timeval tv{static_cast<time_t>(us / 1000000), static_cast<suseconds_t>(us % 1000000)};
+  evtimer_add(resume_ev_, &tv);
+}
+
 Session::~Session() {
   if (sock_ev_) event_free(sock_ev_);
   if (wake_ev_) event_free(wake_ev_);
@@ -344,6 +365,9 @@ void Session::OnSocket(int fd, short, void* arg) {
     if (!r.ok()) {
       VG_LOGW("remoting client {}: handshake refused: {}", s->id_, r.error().ToString());
       ++s->owner_.stats_.refused;
+      // A malformed Hello is a fault; a full listener, a hang-up or an i/o error is not.
+      if (r.code() != Errc::kLimitExceeded && r.code() != Errc::kPeerClosed && r.code() != Errc::kIo)
+        s->owner_.CountFault(r.code());
       s->SendWelcome(r.code());
       s->Reap();
     }
@@ -480,7 +504,10 @@ void Session::RetireDone() {
 
 void Session::Report(Errc code, uint32_t pos, const std::string& what) {
   ++owner_.stats_.errors;
-  VG_LOGW("remoting client {}: command at {:#x} refused: {} ({})", id_, pos, ErrcName(code), what);
+  owner_.CountFault(code);
+  // A quarantined client that keeps sending gets one line (the monitor's), not one per command.
+  Log(code == Errc::kQuarantined ? LogLevel::kDebug : LogLevel::kWarn, "remoting client {}: command at {:#x} refused: {} ({})",
+      id_, pos, ErrcName(code), what);
   w::StoreShared<uint32_t>(area(), w::kStatusErrorCodeOffset, static_cast<uint32_t>(code));
   w::StoreShared<uint32_t>(area(), w::kStatusErrorOffsetOffset, pos);
   w::StoreShared<uint32_t>(area(), w::kStatusErrorCountOffset, ++error_count_);
@@ -670,8 +697,13 @@ void Session::Process() {
           if (NowNs() < due) return ArmTick(due);
         }
       }
+      // F7: each command is one submission to the vGPU's fault monitor (a WRITE/READ continued
+      // from an earlier turn was admitted then).
+      const FaultGate::Admission admitted = copy_done_ == 0 ? owner_.Admit() : FaultGate::Admission{};
+      if (admitted.code == Errc::kOk && admitted.wait.count() > 0) return Defer(admitted.wait);
       if (uint64_t freed = released_->exchange(0)) objects_.Release(freed);
-      Result<> r = ValidateCommand(c, objects_, heap_size_);
+      Result<> r = admitted.code == Errc::kOk ? ValidateCommand(c, objects_, heap_size_)
+                                              : Result<>(MakeError(admitted.code, "{}", kQuarantinedWhy));
       if (r.code() == Errc::kBusy) {
         // A CREATE that fits once destroyed buffers still in use are let go: wait for the
         // GPU (queued work first) instead of refusing; their release wakes us (Charged).
@@ -691,7 +723,12 @@ void Session::Process() {
       }
       cursor_ += c.size;
     } else {
-      Report(d.cmd.code(), pos, d.cmd.error().what);
+      const FaultGate::Admission admitted = owner_.Admit();
+      if (admitted.code == Errc::kOk && admitted.wait.count() > 0) return Defer(admitted.wait);
+      if (admitted.code != Errc::kOk)
+        Report(admitted.code, pos, kQuarantinedWhy);
+      else
+        Report(d.cmd.code(), pos, d.cmd.error().what);
       // Resynchronise: skip a framed command, or everything up to the published tail (the
       // client publishes whole commands, so the tail is always a command boundary).
       cursor_ = d.advance ? cursor_ + d.advance : backlog_.size();

@@ -152,6 +152,9 @@ void PrintHuman(const std::string& cmd, const Json& r) {
                           "aperture_mib", "gtt_entries", "sched_weight", "rate_limit"})
       if (r.contains(k)) std::printf("%-16s %s\n", k, Str(r, k).c_str());
     std::printf("%-16s %s\n", "attrs", AttrsText(r["attrs"]).c_str());
+    // F7: the fault health, the state and why, as the daemon words it.
+    if (r.contains("health") && r["health"].is_object())
+      std::printf("%-16s %s\n", "health", Str(r["health"], "message").c_str());
     if (r.contains("counters"))
       for (auto& [k, v] : r["counters"].items()) std::printf("%-16s %s\n", k.c_str(), v.dump().c_str());
   }

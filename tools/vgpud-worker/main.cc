@@ -15,6 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -59,6 +60,22 @@ struct Options {
   bool zero_copy = true;
   bool coalesce = true;
   bool scheduled = false;  // the supervisor's scheduler grants the engine (until kSchedConfig says otherwise)
+  mediator::FaultPolicy faults;
+};
+
+// F7: the device model's fault monitor, as the remoting server asks it. One monitor per vGPU,
+// so faults on either path throttle and quarantine both.
+class RemotingGate final : public remoting::FaultGate {
+ public:
+  explicit RemotingGate(mediator::FaultMonitor& m) : m_(m) {}
+  Admission Admit() override {
+    const mediator::Admission a = m_.Admit();
+    return {a.code, a.wait};
+  }
+  void OnFault() override { m_.OnFault(mediator::FaultKind::kRemotingError); }
+
+ private:
+  mediator::FaultMonitor& m_;
 };
 
 class Worker {
@@ -73,6 +90,7 @@ class Worker {
  private:
   explicit Worker(const Options& o) : opts_(o) {}
   static void OnDoorbell(int, short, void* arg);
+  static void OnThrottle(int, short, void* arg);
   static void OnChannel(int fd, short, void* arg);
   static void OnSignal(int, short, void* arg);
   void Pong(uint64_t seq);
@@ -83,7 +101,10 @@ class Worker {
   // Declared before the engine: destroyed after it (the engine's threads call it).
   std::unique_ptr<worker::SchedGate> gate_;
   std::unique_ptr<engine::Engine> engine_;
+  // Armed from any thread (VgpuConfig::throttle_timer); freed after vgpu_, whose threads arm it.
+  event* throttle_ev_ = nullptr;
   std::unique_ptr<mediator::Vgpu> vgpu_;
+  std::unique_ptr<RemotingGate> fault_gate_;
   std::unique_ptr<remoting::Listener> remoting_;
   std::unique_ptr<vfio_user::Listener> vfio_;
   std::vector<event*> events_;
@@ -116,6 +137,8 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   w->gate_->Configure(gc);
   w->engine_->SetGate(w->gate_.get());
   w->gate_->Start(w->engine_.get());
+  w->throttle_ev_ = evtimer_new(w->base_, &Worker::OnThrottle, w.get());
+  VG_ERROR_IF(!w->throttle_ev_, Errc::kInternal, "evtimer_new failed");
   mediator::VgpuConfig cfg;
   cfg.uuid = o.uuid;
   cfg.type_name = o.type;
@@ -127,11 +150,21 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   cfg.executor_depth = o.executor_depth;
   cfg.executor_coalesce = o.coalesce;
   cfg.time_granularity_ns = o.time_granularity_us * 1000;
+  cfg.faults = o.faults;
+  // evtimer_add is thread-safe (evthread_use_pthreads above) and wakes the loop; re-adding a
+  // pending timer moves it.
+  cfg.throttle_timer = [ev = w->throttle_ev_](std::chrono::nanoseconds wait) {
+    const int64_t us = std::max<int64_t>(std::chrono::duration_cast<std::chrono::microseconds>(wait).count(), 1);
+    const timeval tv{static_cast<time_t>(us / 1000000), static_cast<suseconds_t>(us % 1000000)};
+    evtimer_add(ev, &tv);
+  };
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
+  w->fault_gate_ = std::make_unique<RemotingGate>(w->vgpu_->faults());
   remoting::Limits rl;
   rl.time_granularity_ns = cfg.time_granularity_ns;
   VG_TRY_ASSIGN(w->remoting_, remoting::Listener::CreateOnSocket(w->base_, *w->engine_, UniqueFd(ch::kRemotingFd),
                                                                  o.remoting_name, rl));
+  w->remoting_->SetFaultGate(w->fault_gate_.get());
   vfio_user::ServerLimits sl;
   sl.max_dma_maps = o.dma_max_regions;
   sl.unmap_timeout_ms = o.unmap_timeout_ms;
@@ -156,7 +189,9 @@ Worker::~Worker() {
   // flight, bounded), then the engine they all used.
   vfio_.reset();
   remoting_.reset();
+  fault_gate_.reset();
   vgpu_.reset();
+  if (throttle_ev_) event_free(throttle_ev_);
   // The pump thread goes before the engine it pumps; the engine's completion thread may
   // still call the gate until the engine is gone, and the gate outlives it.
   if (gate_) gate_->Stop();
@@ -184,6 +219,11 @@ void Worker::OnDoorbell(int, short, void* arg) {
   if (vgpu->doorbell().TryDrain().value_or(0)) vgpu->OnDoorbellKick();
 }
 
+void Worker::OnThrottle(int, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  if (self->vgpu_) self->vgpu_->OnThrottleTimer();
+}
+
 void Worker::OnSignal(int sig, short, void* arg) {
   VG_LOGI("signal {}: stopping", sig);
   event_base_loopexit(static_cast<Worker*>(arg)->base_, nullptr);
@@ -206,6 +246,21 @@ void Worker::Pong(uint64_t seq) {
   set(ch::Counter::kRemotingClients, remoting_->clients());
   set(ch::Counter::kRemotingCommands, rs.commands);
   set(ch::Counter::kRemotingErrors, rs.errors);
+  const mediator::HealthReport h = vgpu_->faults().Report();
+  set(ch::Counter::kFaults, h.faults);
+  set(ch::Counter::kThrottledNs, h.throttled_ns);
+  set(ch::Counter::kQuarantinedNs, h.quarantined_ns);
+  set(ch::Counter::kHealth, static_cast<uint64_t>(h.health));
+  ch::HealthReason why = ch::HealthReason::kNone;
+  if (h.cause == mediator::HealthCause::kQuarantineLifted) why = ch::HealthReason::kQuarantineLifted;
+  if (h.cause == mediator::HealthCause::kFaults) {
+    static constexpr ch::HealthReason kByKind[] = {ch::HealthReason::kCommandRefusals, ch::HealthReason::kMmioRefusals,
+                                                   ch::HealthReason::kDmaFaults, ch::HealthReason::kRemotingErrors};
+    static_assert(std::size(kByKind) == mediator::kFaultKinds);
+    why = kByKind[static_cast<size_t>(h.kind)];
+  }
+  set(ch::Counter::kHealthReason, static_cast<uint64_t>(why));
+  set(ch::Counter::kHealthRate, h.rate_per_s);
   const worker::GateStats gs = gate_->Stats();
   set(ch::Counter::kGpuTimeNs, gs.gpu_time_ns);
   set(ch::Counter::kQueueWaitNs, gs.queue_wait_ns);
@@ -319,6 +374,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(uint64_t{0}, abi::cmd::kMaxTimeGranularityNs / 1000));
   app.add_flag("!--no-zero-copy", o.zero_copy);
   app.add_flag("!--no-coalesce", o.coalesce);
+  app.add_option("--fault-window-ms", o.faults.window_ms)->check(CLI::Range(10, 3600000));
+  app.add_option("--fault-throttle-per-s", o.faults.throttle_per_s);
+  app.add_option("--fault-quarantine-per-s", o.faults.quarantine_per_s);
+  app.add_option("--throttle-rate", o.faults.throttle_rate);
+  app.add_option("--fault-quiet-ms", o.faults.quiet_ms);
   app.add_flag("--scheduled", o.scheduled);
   CLI11_PARSE(app, argc, argv);
   if (o.log_level == "debug") SetLogLevel(LogLevel::kDebug);

@@ -184,6 +184,24 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(100, 600000))
       ->capture_default_str();
   app.add_flag("--no-seccomp", no_seccomp, "workers run without their system-call filter (debugging only)");
+  // F7 (docs/management.md, "Fault health"): faults are refused or faulting commands, MMIO
+  // refusals and remoting errors, counted per vGPU over a sliding window.
+  daemon::FaultThresholds& ft = wp.faults;
+  app.add_option("--fault-window-ms", ft.window_ms, "the sliding window fault rates are measured over")
+      ->check(CLI::Range(10, 3600000))
+      ->capture_default_str();
+  app.add_option("--fault-throttle-per-s", ft.throttle_per_s,
+                 "a vGPU at this many faults/s is throttled (0: never throttled nor quarantined)")
+      ->capture_default_str();
+  app.add_option("--fault-quarantine-per-s", ft.quarantine_per_s,
+                 "a vGPU throttled for a whole window and still at this many faults/s is quarantined: its "
+                 "submissions are refused (kQuarantined) until it is reset (0: never quarantined)")
+      ->capture_default_str();
+  app.add_option("--throttle-rate", ft.throttle_rate,
+                 "submissions/s (mediated ring passes, remoting commands) a throttled vGPU gets (0: not slowed)")
+      ->capture_default_str();
+  app.add_option("--fault-quiet-ms", ft.quiet_ms, "a throttled vGPU is ok again after this long without a fault")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (log_level == "warn") SetLogLevel(LogLevel::kWarn);

@@ -47,7 +47,10 @@ constexpr std::pair<std::string_view, std::string_view> kCounterHelp[] = {
     {"throttled_ns", "Time spent throttled for faults."},
     {"quarantined_ns", "Time spent quarantined."},
     {"health", "Fault health: 0 ok, 1 throttled, 2 quarantined."},
-    {"health_reason", "Why not ok: 0 none, 1 command refusals, 2 MMIO refusals, 3 DMA faults, 4 remoting errors."},
+    {"health_reason",
+     "Why not ok: 0 none, 1 command refusals, 2 MMIO refusals, 3 DMA faults, 4 remoting errors, 5 on probation "
+     "after a reset lifted a quarantine."},
+    {"health_fault_rate", "The highest faults per second over the fault window since the health last changed."},
 };
 
 constexpr std::string_view kRejectNames[] = {"too_many_clients", "deadline", "too_large",

@@ -89,6 +89,60 @@ Json CountersJson(const std::array<uint64_t, std::tuple_size_v<decltype(channel:
   return j;
 }
 
+// F7: the vGPU's fault health in words, the state and why (docs/management.md, "Fault
+// health"). The numbers come from the worker's pong, which the supervisor reads as hostile:
+// a state or reason it does not know is shown as "unknown", never indexed with.
+Json HealthJson(const std::array<uint64_t, std::tuple_size_v<decltype(channel::Record::values)>>& v,
+                const FaultThresholds& f) {
+  auto at = [&](channel::Counter c) { return v[static_cast<size_t>(c)]; };
+  static constexpr std::string_view kStates[] = {"ok", "throttled", "quarantined"};
+  // channel::HealthReason, in order: its name, and what its faults are called in a sentence.
+  static constexpr std::pair<std::string_view, std::string_view> kReasons[] = {
+      {"none", ""},
+      {"command_refusals", "command refusals"},
+      {"mmio_refusals", "MMIO refusals"},
+      {"dma_faults", "DMA faults"},
+      {"remoting_errors", "remoting errors"},
+      {"quarantine_lifted", ""},
+  };
+  const uint64_t state = at(channel::Counter::kHealth), reason = at(channel::Counter::kHealthReason);
+  const uint64_t rate = at(channel::Counter::kHealthRate);
+  const bool known = state < std::size(kStates) && reason < std::size(kReasons);
+  Json j;
+  j["state"] = state < std::size(kStates) ? kStates[state] : "unknown";
+  j["reason"] = reason < std::size(kReasons) ? kReasons[reason].first : "unknown";
+  j["fault_rate_per_s"] = rate;
+  j["faults"] = at(channel::Counter::kFaults);
+  j["throttled_ms"] = at(channel::Counter::kThrottledNs) / 1000000;
+  j["quarantined_ms"] = at(channel::Counter::kQuarantinedNs) / 1000000;
+  j["thresholds"] = Json{{"window_ms", f.window_ms},
+                         {"throttle_per_s", f.throttle_per_s},
+                         {"quarantine_per_s", f.quarantine_per_s},
+                         {"throttle_rate", f.throttle_rate},
+                         {"quiet_ms", f.quiet_ms}};
+  const std::string slowed =
+      f.throttle_rate ? fmt::format("at most {} submissions/s", f.throttle_rate) : std::string("not slowed");
+  const std::string until = fmt::format("until {} ms pass without a fault", f.quiet_ms);
+  std::string m;
+  if (!known) {
+    m = fmt::format("unknown (the worker reported state {} reason {})", state, reason);
+  } else if (state == 0) {
+    m = "ok";
+  } else if (static_cast<channel::HealthReason>(reason) == channel::HealthReason::kQuarantineLifted) {
+    m = fmt::format("{}: on probation since a reset lifted its quarantine; {} {}", kStates[state], slowed, until);
+  } else if (state == 1) {
+    m = fmt::format("throttled: {} faults/s over {} ms, mostly {} (threshold {}/s); {} {}", rate, f.window_ms,
+                    kReasons[reason].second, f.throttle_per_s, slowed, until);
+  } else {
+    m = fmt::format(
+        "quarantined: {} faults/s over {} ms while throttled, mostly {} (threshold {}/s); every submission is "
+        "refused with kQuarantined until the vGPU is reset",
+        rate, f.window_ms, kReasons[reason].second, f.quarantine_per_s);
+  }
+  j["message"] = m;
+  return j;
+}
+
 Json WorkerJson(const WorkerStatus& w, const WorkerPolicy& p) {
   Json ends = Json::object();
   uint64_t failures = 0;
@@ -350,7 +404,10 @@ struct ServiceOps {
       // Counters of now: the worker answers a ping within 250 ms or the last heartbeat's are shown.
       if (auto w = s.sup_.workers().Status(u, 250)) {
         j["worker"] = WorkerJson(*w, s.sup_.workers().policy());
-        if (w->counters) j["counters"] = CountersJson(*w->counters);
+        if (w->counters) {
+          j["counters"] = CountersJson(*w->counters);
+          j["health"] = HealthJson(*w->counters, s.sup_.workers().policy().faults);
+        }
         const SchedParams& sp = w->sched_params;
         Json sj{{"weight", sp.weight},
                 {"rate_limit", sp.rate_limit},

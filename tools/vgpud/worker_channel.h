@@ -81,6 +81,7 @@ enum class Counter : uint32_t {
   kQuarantinedNs,     // time spent quarantined
   kHealth,            // channel::Health
   kHealthReason,      // channel::HealthReason
+  kHealthRate,        // the highest faults/s over the window since the health last changed (0 while ok)
   kCount,
 };
 
@@ -114,14 +115,24 @@ inline constexpr CounterName kCounterNames[] = {
     {Counter::kQuarantinedNs, "quarantined_ns", false},
     {Counter::kHealth, "health", true},
     {Counter::kHealthReason, "health_reason", true},
+    {Counter::kHealthRate, "health_fault_rate", true},
 };
 static_assert(std::size(kCounterNames) == static_cast<size_t>(Counter::kCount));
 
 // A vGPU's fault health (F7): ok, throttled for a high fault rate, or quarantined (its
 // submissions refused with kQuarantined until a reset).
 enum class Health : uint64_t { kOk = 0, kThrottled = 1, kQuarantined = 2 };
-// Which fault rate put it there (kNone while ok).
-enum class HealthReason : uint64_t { kNone = 0, kCommandRefusals = 1, kMmioRefusals = 2, kDmaFaults = 3, kRemotingErrors = 4 };
+// Which fault rate put it there: the kind with the most faults in the window that moved it
+// (kNone while ok), or kQuarantineLifted: a reset lifted its quarantine and it is throttled
+// on probation.
+enum class HealthReason : uint64_t {
+  kNone = 0,
+  kCommandRefusals = 1,
+  kMmioRefusals = 2,
+  kDmaFaults = 3,
+  kRemotingErrors = 4,
+  kQuarantineLifted = 5,
+};
 
 // Test-only faults (a worker built with VGPUD_TEST_HOOKS acts on them; others log and ignore).
 enum class Fault : uint64_t {

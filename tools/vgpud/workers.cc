@@ -343,6 +343,16 @@ Result<> WorkerPool::Spawn(Worker& w) {
                                    "--address-space", std::to_string(address_space),
                                    "--open-files", std::to_string(policy_.open_files)};
   if (!policy_.seccomp) argv.push_back("--no-seccomp");
+  const FaultThresholds& f = policy_.faults;
+  const std::pair<const char*, uint32_t> fault_args[] = {{"--fault-window-ms", f.window_ms},
+                                                         {"--fault-throttle-per-s", f.throttle_per_s},
+                                                         {"--fault-quarantine-per-s", f.quarantine_per_s},
+                                                         {"--throttle-rate", f.throttle_rate},
+                                                         {"--fault-quiet-ms", f.quiet_ms}};
+  for (const auto& [flag, v] : fault_args) {
+    argv.emplace_back(flag);
+    argv.push_back(std::to_string(v));
+  }
   // Held from its first submission until the scheduler grants it the engine.
   if (policy_.sched.enabled) argv.push_back("--scheduled");
   argv.insert(argv.end(), policy_.worker_args.begin(), policy_.worker_args.end());

@@ -42,6 +42,17 @@ enum class RestartPolicy { kOnFailure, kNever };
 std::string_view RestartPolicyName(RestartPolicy p);
 Result<RestartPolicy> ParseRestartPolicy(std::string_view s);
 
+// F7: when a vGPU is throttled and quarantined for its fault rate (docs/management.md, "Fault
+// health"). Every worker gets these (--fault-*, --throttle-rate); the defaults are the
+// device model's (mediator::FaultPolicy), which the supervisor does not link.
+struct FaultThresholds {
+  uint32_t window_ms = 1000;
+  uint32_t throttle_per_s = 100;   // 0: the monitor only counts
+  uint32_t quarantine_per_s = 25;  // 0: never quarantined
+  uint32_t throttle_rate = 50;     // submissions/s while throttled; 0: not slowed
+  uint32_t quiet_ms = 2000;
+};
+
 struct WorkerPolicy {
   std::filesystem::path binary;  // vgpud-worker
   std::string runtime_dir;
@@ -61,6 +72,7 @@ struct WorkerPolicy {
   uint32_t cpu_percent = 0;     // cgroup v2 cpu.max; 0: no cap
   uint64_t open_files = 1024;
   bool seccomp = true;
+  FaultThresholds faults;
   SchedOptions sched;
 };
 
