@@ -504,6 +504,7 @@ std::string FormatReport(const StudyReport& r) {
                          c.speedup, SummarizeRatio(c.rep_cpu_us).median, c.rep_rate.size());
   }
   out += FormatLifecycle(r.lifecycle);
+  out += FormatSched(r.sched);
   out += "\n== summary\n";
   // An entry starting with two spaces continues the one before it (a verdict's rows).
   for (const auto& s : r.summary) out += (s.rfind("  ", 0) == 0 ? "  " + s : "- " + s) + "\n";
@@ -585,6 +586,7 @@ nlohmann::json ToJson(const StudyReport& r) {
   for (const ClassVerdict& v : r.verdicts) j["verdicts"].push_back(VerdictJson(v));
   if (r.compared) j["agreement"] = AgreementJson(r.agreement);
   if (r.lifecycle.ran) j["lifecycle"] = LifecycleJson(r.lifecycle);
+  AddSchedJson(r.sched, j);
   if (r.calibration.ran) j["calibration"] = CalibrationJson(r.calibration);
   j["summary"] = r.summary;
   j["all_correct"] = r.all_correct;
