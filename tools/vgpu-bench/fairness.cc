@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -56,6 +57,7 @@ enum class TenantKind : uint32_t {
   kBacklog = 1,     // keeps in_flight spin dispatches submitted, resubmits each as it completes
   kClosedLoop = 2,  // one small dispatch, waits for its fence, again: the light tenant
 };
+constexpr int kTenantNice = -5;
 enum Phase : uint32_t { kStarting = 0, kReady = 1, kFinished = 2, kFailed = 3 };
 
 struct alignas(64) SharedControl {
@@ -76,6 +78,7 @@ struct alignas(64) TenantState {
   std::atomic<uint64_t> records{0};   // records written, at most capacity
   std::atomic<uint64_t> observed{0};  // completions seen after go, past the capacity too
   std::atomic<uint64_t> dry{0};       // completions seen with nothing else of this tenant's queued
+  std::atomic<uint32_t> niced{0};     // the tenant runs at kTenantNice
   char why[256] = {};
 };
 struct TenantRecord {
@@ -168,6 +171,11 @@ class Tenant {
 
   int Body() {
     using namespace vg::guest;
+    // On lavapipe the "GPU" is the CPU the guests run on: a guest process that waits behind
+    // the engines' threads for its turn on a core resubmits late and runs dry, which a guest
+    // on its own vCPU does not. Its priority a little above them (it runs for microseconds
+    // per completion) keeps the queue full; best effort (needs CAP_SYS_NICE), said in the report.
+    st_.niced.store(::setpriority(PRIO_PROCESS, 0, kTenantNice) == 0 ? 1 : 0);
     const std::string socket(cfg_.socket, strnlen(cfg_.socket, sizeof cfg_.socket));
     DeviceOptions o;
     o.socket = socket;
@@ -398,8 +406,10 @@ struct Shown {
   std::string scheduling;
   double weight = 0;
   uint64_t gpu_time_ns = 0;
-  uint64_t restarts = 0;
   std::string state;
+  // The scheduler's view (weighted only): grants, preemptions, device and waiting time.
+  uint64_t grants = 0, preemptions = 0;
+  double used_ms = 0, wait_ms = 0;
 };
 Result<Shown> Show(const Host& h, const std::string& uuid) {
   VG_TRY_ASSIGN(Json r, ControlRequest(h.d.control, Json{{"op", "show"}, {"uuid", uuid}}, 10000));
@@ -408,6 +418,10 @@ Result<Shown> Show(const Host& h, const std::string& uuid) {
   if (r.contains("scheduler") && r["scheduler"].is_object()) {
     s.scheduling = r["scheduler"].value("scheduling", std::string());
     s.weight = r["scheduler"].value("weight", 0.0);
+    s.grants = r["scheduler"].value("grants", uint64_t{0});
+    s.preemptions = r["scheduler"].value("preemptions", uint64_t{0});
+    s.used_ms = r["scheduler"].value("used_ms", 0.0);
+    s.wait_ms = r["scheduler"].value("wait_ms", 0.0);
   }
   if (r.contains("counters") && r["counters"].is_object()) s.gpu_time_ns = r["counters"].value("gpu_time_ns", uint64_t{0});
   return s;
@@ -426,6 +440,7 @@ struct Ran {
   uint64_t go_ns = 0, begin_ns = 0, end_ns = 0;
   std::vector<std::vector<TenantRecord>> records;
   std::vector<uint64_t> observed, dry;
+  uint32_t niced = 0;  // tenants that ran at kTenantNice
   std::vector<Shown> at_begin, at_end;
   std::vector<std::string> errors;
 };
@@ -564,6 +579,7 @@ Ran RunTenants(const Host& h, const std::vector<TenantSpec>& specs, double warmu
     out.records.emplace_back(v.records(i), v.records(i) + recs);
     out.observed.push_back(s.observed.load());
     out.dry.push_back(s.dry.load());
+    out.niced += s.niced.load();
   }
   ::munmap(base, bytes);
   return out;
@@ -573,12 +589,14 @@ Ran RunTenants(const Host& h, const std::vector<TenantSpec>& specs, double warmu
 // longer than its queue lasted (the machine's other load), or a grant completed all of it.
 // More than this fraction of its completions and the tenant was not busy.
 constexpr double kMaxDry = 0.05;
+// The noisy group's heavy tenants, each: the part of the interval it had work.
+constexpr double kMinHeavyBusy = 0.8;
 
 // Per tenant: completions in the interval, device time from the snapshots, and the checks
 // every configuration shares (the daemon's mode and weight as asked, every tenant completed
 // work, none ran dry more than rarely, no record lost).
 std::vector<TenantFigures> TenantFiguresOf(const Host& h, const std::vector<TenantSpec>& specs, const Ran& ran,
-                                           uint32_t capacity, std::vector<std::string>& errors) {
+                                           uint32_t capacity, bool check_dry, std::vector<std::string>& errors) {
   std::vector<TenantFigures> out;
   for (size_t i = 0; i < specs.size(); ++i) {
     TenantFigures t;
@@ -587,6 +605,10 @@ std::vector<TenantFigures> TenantFiguresOf(const Host& h, const std::vector<Tena
       const Shown &a = ran.at_begin[i], &b = ran.at_end[i];
       t.weight = b.weight;
       t.device_ms = static_cast<double>(b.gpu_time_ns - std::min(a.gpu_time_ns, b.gpu_time_ns)) / 1e6;
+      t.grants = b.grants - std::min(a.grants, b.grants);
+      t.preemptions = b.preemptions - std::min(a.preemptions, b.preemptions);
+      t.sched_used_ms = std::max(0.0, b.used_ms - a.used_ms);
+      t.wait_ms = std::max(0.0, b.wait_ms - a.wait_ms);
       if (b.scheduling != ModeName(h.weighted))
         errors.push_back(fmt::format("{}: the daemon says scheduling '{}', the run asked for '{}'", t.uuid,
                                      b.scheduling, ModeName(h.weighted)));
@@ -609,8 +631,9 @@ std::vector<TenantFigures> TenantFiguresOf(const Host& h, const std::vector<Tena
     if (ran.begin_ns && t.completions == 0)
       errors.push_back(fmt::format("{}: completed no work in the measured interval", t.uuid));
     // Backlogged: a tenant seen with nothing queued more than now and then was not busy, and
-    // a share of a tenant that was not busy is not the scheduler's doing.
-    if (specs[i].kind == TenantKind::kBacklog && t.observed &&
+    // a share of a tenant that was not busy is not the scheduler's doing. (The noisy group's
+    // heavy tenants are checked as a whole instead: that they kept the engine busy.)
+    if (check_dry && specs[i].kind == TenantKind::kBacklog && t.observed &&
         static_cast<double>(t.dry) > kMaxDry * static_cast<double>(t.observed) + 1)
       errors.push_back(fmt::format("{}: NOT BACKLOGGED: {} of {} completions seen with nothing else queued", t.uuid,
                                    t.dry, t.observed));
@@ -644,8 +667,16 @@ FairnessRun RunFairness(Host& h, const std::string& weights, int n, const SchedO
       static_cast<uint32_t>(std::max(4096.0, 4 * total_s * 1e6 / std::max(spin.target_us, 10.0)));
   Ran ran = RunTenants(h, specs, o.warmup_s, o.measure_s, capacity, o.guest_ram);
   run.errors = ran.errors;
-  run.tenant = TenantFiguresOf(h, specs, ran, capacity, run.errors);
+  run.tenant = TenantFiguresOf(h, specs, ran, capacity, /*check_dry=*/true, run.errors);
+  run.niced = ran.niced;
   if (!ran.begin_ns) return run;
+  uint64_t grants = 0;
+  double used = 0;
+  for (const TenantFigures& t : run.tenant) {
+    grants += t.grants;
+    used += t.sched_used_ms;
+  }
+  run.grant_ms = grants ? used / static_cast<double>(grants) : 0;
   run.measured_s = Seconds(ran.end_ns - ran.begin_ns);
   std::vector<std::vector<double>> done(specs.size());
   std::vector<double> w;
@@ -680,8 +711,34 @@ NoisyRun RunNoisy(Host& h, int heavy, const SchedOptions& o, const SchedSpin& sp
   const auto capacity = static_cast<uint32_t>(std::max(16384.0, (o.warmup_s + o.noisy_s + 2) * 20000));
   Ran ran = RunTenants(h, specs, o.warmup_s, o.noisy_s, capacity, o.guest_ram);
   run.errors = ran.errors;
-  run.tenant = TenantFiguresOf(h, specs, ran, capacity, run.errors);
+  run.tenant = TenantFiguresOf(h, specs, ran, capacity, /*check_dry=*/false, run.errors);
+  run.niced = ran.niced;
   if (!ran.begin_ns) return run;
+  const double interval_ms = static_cast<double>(ran.end_ns - ran.begin_ns) / 1e6;
+  uint64_t grants = 0;
+  double used = 0, device = 0;
+  for (size_t i = 1; i < run.tenant.size(); ++i) {
+    grants += run.tenant[i].grants;
+    used += run.tenant[i].sched_used_ms;
+    device += run.tenant[i].device_ms;
+  }
+  run.heavy_grant_ms = grants ? used / static_cast<double>(grants) : 0;
+  run.heavy_busy = interval_ms > 0 ? device / interval_ms : 0;
+  const TenantFigures& light = run.tenant.front();
+  run.light_wait_per_grant_ms = light.grants ? light.wait_ms / static_cast<double>(light.grants) : 0;
+  // Each neighbour must have had work all along, or the light tenant's latency beside it says
+  // nothing about it: on the device or waiting for a grant (the scheduler's view), with
+  // --sched off on its own engine (device time; the engines overlap). Whether the engine was
+  // busy is a figure (heavy_busy), not a precondition: a scheduler that idles the engine while
+  // a busy neighbour waits is what the group is there to show.
+  for (size_t i = 1; i < run.tenant.size(); ++i) {
+    const TenantFigures& t = run.tenant[i];
+    const double busy = (h.weighted ? t.wait_ms + t.sched_used_ms : t.device_ms) / interval_ms;
+    if (busy < kMinHeavyBusy)
+      run.errors.push_back(fmt::format("{}: NOT BACKLOGGED: {} only {:.0f}% of the interval (needs >= {:.0f}%)", t.uuid,
+                                       h.weighted ? "waiting for or holding the engine" : "work on its engine",
+                                       busy * 100, kMinHeavyBusy * 100));
+  }
   std::vector<double> us;
   for (const TenantRecord& r : ran.records[0])
     if (r.done_ns >= ran.begin_ns && r.done_ns < ran.end_ns) us.push_back(static_cast<double>(r.latency_ns) / 1e3);
@@ -690,6 +747,19 @@ NoisyRun RunNoisy(Host& h, int heavy, const SchedOptions& o, const SchedSpin& sp
 }
 
 std::string Pct(double x) { return fmt::format("{:.0f}%", x * 100); }
+
+bool NotNiced(const SchedReport& r) {
+  for (const FairnessRun& f : r.fairness)
+    if (f.niced < static_cast<uint32_t>(f.tenants)) return true;
+  for (const NoisyRun& n : r.noisy)
+    if (n.niced < n.tenant.size()) return true;
+  return false;
+}
+std::string NotNicedNote() {
+  return fmt::format("NOTE: some tenants could not run at nice {} (no CAP_SYS_NICE): they compete with the "
+                     "engines' threads for the cores, and may run dry (see the dry column)",
+                     kTenantNice);
+}
 
 const NoisyRun* FindNoisy(const SchedReport& r, bool weighted, int heavy) {
   for (const NoisyRun& n : r.noisy)
@@ -834,9 +904,9 @@ std::string FormatSched(const SchedReport& r) {
         "entitled share; within = windows with every tenant within ±{:.0f})\n",
         fmt::join(o.tenant_counts, "/"), o.in_flight, o.kernel_us, o.window_s * 1e3, o.tolerance_pct);
     out += fmt::format("{:<7} {:>3} {:<8} {:>5} {:>9} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8} {:>9} {:>8} "
-                       "{:>6}  {}\n",
+                       "{:>6} {:>8}  {}\n",
                        "weights", "N", "sched", "wins", "n/win", "mean pp", "max pp", "within pp", "mean rel",
-                       "max rel", "within rel", "Jain", "dev Jain", "disp/s", "dev us", "dry", "ok");
+                       "max rel", "within rel", "Jain", "dev Jain", "disp/s", "dev us", "dry", "grant ms", "ok");
     for (const FairnessRun& f : r.fairness) {
       uint64_t done = 0, dry = 0, observed = 0;
       double dev_us = 0;
@@ -850,13 +920,13 @@ std::string FormatSched(const SchedReport& r) {
       const ShareFigures& s = f.shares;
       out += fmt::format(
           "{:<7} {:>3} {:<8} {:>5} {:>9} {:>8.1f} {:>8.1f} {:>9} {:>8.1f}% {:>9.1f}% {:>10} {:>8.4f} {:>8.4f} "
-          "{:>9.0f} {:>8.0f} {:>5.1f}%  {}\n",
+          "{:>9.0f} {:>8.0f} {:>5.1f}% {:>8}  {}\n",
           f.weights, f.tenants, ModeName(f.weighted), s.windows,
           fmt::format("{}/{}", s.min_window_total, s.median_window_total), s.mean_abs_pp, s.max_abs_pp,
           Pct(s.within_pp), s.mean_abs_rel_pct, s.max_abs_rel_pct, Pct(s.within_rel), s.jain, f.device_jain,
           f.measured_s > 0 ? static_cast<double>(done) / f.measured_s : 0.0, dev_us,
           observed ? 100.0 * static_cast<double>(dry) / static_cast<double>(observed) : 0.0,
-          f.ok() ? "yes" : "NO (see below)");
+          f.weighted ? fmt::format("{:.1f}", f.grant_ms) : std::string("-"), f.ok() ? "yes" : "NO (see below)");
     }
     out += "per tenant (weighted and off): weight, share of completions [entitled], share of device time\n";
     for (const FairnessRun& f : r.fairness) {
@@ -878,25 +948,31 @@ std::string FormatSched(const SchedReport& r) {
         "== noisy neighbours (light tenant: closed-loop copy 4 KiB; heavy: {} spin dispatches of ~{:.0f} us in flight "
         "each; target: p99 with - p99 alone <= 2 x slice = {:.1f} ms)\n",
         o.heavy_in_flight, o.heavy_kernel_us, 2.0 * static_cast<double>(o.slice_us) / 1e3);
-    out += fmt::format("{:>5} {:<8} {:>7} {:>10} {:>10} {:>10} {:>9} {:>12} {:>8}  {}\n", "heavy", "sched", "n",
-                       "p50 us", "p99 us", "max us", "p99/alone", "p99-alone us", "heavy/s", "ok");
+    out += fmt::format("{:>5} {:<8} {:>7} {:>10} {:>10} {:>10} {:>9} {:>12} {:>8} {:>6} {:>10} {:>11}  {}\n",
+                       "heavy", "sched", "n", "p50 us", "p99 us", "max us", "p99/alone", "p99-alone us", "heavy/s",
+                       "busy", "wait/grant", "heavy grant", "ok");
     for (const NoisyRun& n : r.noisy) {
       const NoisyRun* alone = FindNoisy(r, n.weighted, 0);
       const bool have = alone && alone->light_us.n && n.light_us.n;
       double heavy_rate = 0;
       for (size_t i = 1; i < n.tenant.size(); ++i) heavy_rate += static_cast<double>(n.tenant[i].completions);
       heavy_rate /= o.noisy_s;
-      out += fmt::format("{:>5} {:<8} {:>7} {:>10.0f} {:>10.0f} {:>10.0f} {:>9} {:>12} {:>8.1f}  {}{}\n", n.heavy,
-                         ModeName(n.weighted), n.light_us.n, n.light_us.p50, n.light_us.p99, n.light_us.max,
+      out += fmt::format("{:>5} {:<8} {:>7} {:>10.0f} {:>10.0f} {:>10.0f} {:>9} {:>12} {:>8.1f} {:>5.0f}% {:>10} {:>11}  "
+                         "{}{}\n",
+                         n.heavy, ModeName(n.weighted), n.light_us.n, n.light_us.p50, n.light_us.p99, n.light_us.max,
                          have && n.heavy ? fmt::format("{:.2f}", n.light_us.p99 / alone->light_us.p99) : "-",
                          have && n.heavy ? fmt::format("{:.0f}", n.light_us.p99 - alone->light_us.p99) : "-",
-                         heavy_rate, n.ok() ? "yes" : "NO (see below)",
+                         heavy_rate, n.heavy_busy * 100,
+                         n.weighted && n.heavy ? fmt::format("{:.2f} ms", n.light_wait_per_grant_ms) : "-",
+                         n.weighted && n.heavy ? fmt::format("{:.1f} ms", n.heavy_grant_ms) : "-",
+                         n.ok() ? "yes" : "NO (see below)",
                          n.light_us.n && n.light_us.n < 100 ? " (p99 of < 100 samples: the max)" : "");
     }
     for (const NoisyRun& n : r.noisy)
       for (const std::string& e : n.errors)
         out += fmt::format("NOISY PRECONDITION FAILED: {} heavy, sched {}: {}\n", n.heavy, ModeName(n.weighted), e);
   }
+  if (NotNiced(r)) out += NotNicedNote() + "\n";
   for (const std::string& e : r.errors) out += fmt::format("SCHEDULER GROUPS FAILED: {}\n", e);
   return out;
 }
@@ -917,7 +993,11 @@ void AddSchedJson(const SchedReport& r, nlohmann::json& j) {
                    {"observed", t.observed},
                    {"dry", t.dry},
                    {"device_ms", t.device_ms},
-                   {"device_per_dispatch_us", t.device_per_dispatch_us}});
+                   {"device_per_dispatch_us", t.device_per_dispatch_us},
+                   {"grants", t.grants},
+                   {"preemptions", t.preemptions},
+                   {"sched_used_ms", t.sched_used_ms},
+                   {"wait_ms", t.wait_ms}});
     return a;
   };
   if (o.fairness) {
@@ -941,10 +1021,12 @@ void AddSchedJson(const SchedReport& r, nlohmann::json& j) {
                       {"median_window_completions", s.median_window_total},
                       {"per_window", s.per_window},
                       {"device_jain", f.device_jain},
+                      {"grant_ms", f.grant_ms},
                       {"share", s.share},
                       {"entitled", s.entitled},
                       {"device_share", f.device_share},
                       {"tenant", tenants(f.tenant)},
+                      {"tenants_niced", f.niced},
                       {"errors", f.errors},
                       {"ok", f.ok()}});
     }
@@ -972,7 +1054,11 @@ void AddSchedJson(const SchedReport& r, nlohmann::json& j) {
                {"p99", n.light_us.p99},
                {"max", n.light_us.max},
                {"mean", n.light_us.mean}}},
+             {"light_wait_per_grant_ms", n.light_wait_per_grant_ms},
+             {"heavy_grant_ms", n.heavy_grant_ms},
+             {"heavy_busy", n.heavy_busy},
              {"tenant", tenants(n.tenant)},
+             {"tenants_niced", n.niced},
              {"errors", n.errors},
              {"ok", n.ok()}};
       if (n.heavy && alone && alone->light_us.n && n.light_us.n) {
@@ -1022,6 +1108,8 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
           tol, pp_met ? "MET" : "MISSED", a.mean_abs_rel_pct, a.max_abs_rel_pct, Pct(a.within_rel), tol,
           rel_met ? "MET" : "MISSED", a.jain,
           weights == "equal" ? fmt::format(" (target >= 0.99: {})", jain_met ? "MET" : "MISSED") : " (of completions / weight)");
+      line += fmt::format("; {:.1f} ms of device time per grant (slice {:.1f} ms)", on->grant_ms,
+                          static_cast<double>(o.slice_us) / 1e3);
       if (off)
         line += fmt::format("; sched off: mean {:.1f} pp, max {:.1f} pp, {} within ±{:.0f} pp, Jain {:.4f}",
                             off->shares.mean_abs_pp, off->shares.max_abs_pp, Pct(off->shares.within_pp), tol,
@@ -1042,6 +1130,11 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
         "{:.0f} us, p99 {:.0f} us; p99 ratio {:.2f}, p99 over alone {:.0f} us (target <= 2 x slice = {:.0f} us): {}",
         n.heavy, n.light_us.p50, n.light_us.p99, alone->light_us.p50, alone->light_us.p99,
         n.light_us.p99 / alone->light_us.p99, over, limit, over <= limit ? "MET" : "MISSED");
+    line += fmt::format(
+        " (it waited {:.1f} ms per grant; the heavy ones used {:.1f} ms of device time per grant and kept the device "
+        "busy {:.0f}% of the time{})",
+        n.light_wait_per_grant_ms, n.heavy_grant_ms, n.heavy_busy * 100,
+        off ? fmt::format(", {:.0f}% with sched off", off->heavy_busy * 100) : std::string());
     if (off && off_alone && off->light_us.n && off_alone->light_us.n)
       line += fmt::format("; sched off: p50 {:.0f} us, p99 {:.0f} us, ratio {:.2f}, over alone {:.0f} us",
                           off->light_us.p50, off->light_us.p99, off->light_us.p99 / off_alone->light_us.p99,
@@ -1061,6 +1154,7 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
     s.push_back(fmt::format("SCHEDULER GROUPS: {} configuration(s) failed a precondition (tenant not backlogged, no "
                             "work, wrong result, mode or weight not as asked): their figures are not evidence",
                             failed));
+  if (NotNiced(r)) s.push_back("SCHEDULER GROUPS: " + NotNicedNote());
   for (const std::string& e : r.errors) s.push_back("SCHEDULER GROUPS FAILED: " + e);
 }
 

@@ -80,9 +80,10 @@ struct SchedOptions {
   double window_s = 0.1;
   double tolerance_pct = 5;
   double kernel_us = 1000;        // fairness: the spin dispatch each tenant keeps in flight
-  // fairness: dispatches each tenant keeps submitted: more than one grant completes, so a
-  // tenant is still busy when it is preempted (a grant is a slice plus the work admitted).
-  uint32_t in_flight = 24;
+  // fairness: dispatches each tenant keeps submitted (vgpu-bench --fairness-in-flight): a
+  // queue of several slices, so the tenant is still busy when it is preempted. The work a
+  // grant admits to the device grows with it (docs/ab-methodology.md).
+  uint32_t in_flight = 8;
   std::vector<int> heavy_counts{0, 1, 7};  // noisy: heavy neighbours of the light tenant
   double noisy_s = 3.0;           // noisy: the measured interval
   double heavy_kernel_us = 10000;  // noisy: each heavy tenant's spin dispatch
@@ -112,6 +113,10 @@ struct TenantFigures {
   uint64_t dry = 0;          // of those, seen with nothing of this tenant's still queued
   double device_ms = 0;      // show: counters.gpu_time_ns, over the measured interval
   double device_per_dispatch_us = 0;  // device_ms / completions
+  // The scheduler's view over the interval (show: scheduler; --sched weighted only).
+  uint64_t grants = 0, preemptions = 0;
+  double sched_used_ms = 0;  // device time reported at the releases of its grants
+  double wait_ms = 0;        // time waiting for a grant
 };
 
 struct FairnessRun {
@@ -121,8 +126,10 @@ struct FairnessRun {
   double measured_s = 0;
   ShareFigures shares;
   double device_jain = 0;                // Jain of device time / weight (the daemon's accounting)
+  double grant_ms = 0;                   // weighted: device time per grant (sum used / sum grants)
   std::vector<double> device_share;      // per tenant: device time / all tenants' device time
   std::vector<TenantFigures> tenant;
+  uint32_t niced = 0;                    // tenants that ran at nice -5 (fairness.cc kTenantNice)
   std::vector<std::string> errors;       // failed preconditions of this run, loudly
   bool ok() const { return errors.empty(); }
 };
@@ -131,7 +138,11 @@ struct NoisyRun {
   bool weighted = false;
   int heavy = 0;
   Stats light_us;                     // the light tenant's submit -> fence seen, in the interval
+  double light_wait_per_grant_ms = 0;  // weighted: the light tenant's wait for a grant, per grant
+  double heavy_grant_ms = 0;           // weighted: the heavy tenants' device time per grant
+  double heavy_busy = 0;               // the heavy tenants' device time / the interval
   std::vector<TenantFigures> tenant;  // the light tenant first, then the heavy ones
+  uint32_t niced = 0;
   std::vector<std::string> errors;
   bool ok() const { return errors.empty(); }
 };

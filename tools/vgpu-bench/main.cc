@@ -535,6 +535,9 @@ int main(int argc, char** argv) {
   app.add_option("--compare-with", compare_with,
                  "an earlier run's results.json: report where this run's summary figures agree with it (exit 1 if "
                  "the two differ in structure)");
+  uint32_t fairness_in_flight = 0;
+  app.add_option("--fairness-in-flight", fairness_in_flight,
+                 "fairness: spin dispatches each busy tenant keeps submitted (default 8)");
   int lifecycle_cycles = 0, idle_workers = -1;
   app.add_option("--lifecycle-cycles", lifecycle_cycles,
                  "lifecycle: measured start/stop cycles after 3 warm-up ones (default 5 smoke, 30 quick, 100 full)");
@@ -642,6 +645,7 @@ int main(int argc, char** argv) {
     so.noisy = want_noisy;
     so.gpu = gpu;
     so.progress = o.progress;
+    if (fairness_in_flight) so.in_flight = fairness_in_flight;
     if (smoke) {
       so.tenant_counts = {2, 4};
       so.heavy_counts = {0, 1};
