@@ -117,6 +117,9 @@ struct TenantFigures {
   uint64_t grants = 0, preemptions = 0;
   double sched_used_ms = 0;  // device time reported at the releases of its grants
   double wait_ms = 0;        // time waiting for a grant
+  // The part of the interval it had work: weighted (wait_ms + sched_used_ms) / interval, off
+  // device_ms / interval (fairness.cc kMinBusy: the backlog check).
+  double busy = 0;
 };
 
 struct FairnessRun {
