@@ -116,9 +116,11 @@ struct TenantFigures {
   // The scheduler's view over the interval (show: scheduler; --sched weighted only).
   uint64_t grants = 0, preemptions = 0;
   double sched_used_ms = 0;  // device time reported at the releases of its grants
-  double wait_ms = 0;        // time waiting for a grant
-  // The part of the interval it had work: weighted (wait_ms + sched_used_ms) / interval, off
-  // device_ms / interval (fairness.cc kMinBusy: the backlog check).
+  double wait_ms = 0;        // time waiting for a grant (added up when the grant comes)
+  double held_ms = 0;        // counters.queue_wait_ns: its work held back by the gate (grant, limits)
+  std::string sched_state_at_end;
+  // The part of the interval it had work: (held_ms + device_ms) / interval (fairness.cc
+  // kMinBusy: the backlog check).
   double busy = 0;
 };
 
