@@ -271,6 +271,10 @@ void MeasureIdle(const LifecycleOptions& o, LifecycleReport& r) {
 
 }  // namespace
 
+Result<nlohmann::json> ControlRequest(const std::string& path, const nlohmann::json& req, int timeout_ms) {
+  return Control(path, req, timeout_ms);
+}
+
 LifecycleReport MeasureLifecycle(const LifecycleOptions& o) {
   LifecycleReport r;
   r.ran = true;

@@ -69,6 +69,11 @@ struct LifecycleReport {
   }
 };
 
+// One request on a daemon's control socket and its reply line, on a fresh connection, all of
+// it bounded by timeout_ms; a refusal ({"ok": false}) is an error with the daemon's words.
+// (The scheduler groups start, show and stop their vGPUs with it too.)
+Result<nlohmann::json> ControlRequest(const std::string& path, const nlohmann::json& req, int timeout_ms);
+
 // Runs the cycles, then the idle measurement, on a running daemon. Failures of single
 // cycles are recorded in the report (errors) rather than returned: the caller decides.
 LifecycleReport MeasureLifecycle(const LifecycleOptions& o);

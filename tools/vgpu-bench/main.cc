@@ -14,8 +14,10 @@
 // side (interleaved, rotating order), and removes what it created. The lifecycle group
 // (vGPU start/stop latency, idle worker memory) runs first, on a vgpud of its own; then the
 // covert group (a covert channel between two vGPUs, time coarsening off and on), on a vgpud
-// of its own per granularity. The study's vgpuds run with --time-granularity-us 0: the A/B
-// study measures the paths, not the timing defence (whose cost the covert group shows).
+// of its own per granularity. The scheduler groups (fairness, noisy; opt-in with --groups)
+// run next on two vgpuds of their own, --sched weighted and --sched off (fairness.h). The
+// study's vgpuds run with --time-granularity-us 0: the A/B study measures the paths, not the
+// timing defence (whose cost the covert group shows).
 // docs/ab-methodology.md says what each number means.
 
 #include <CLI/CLI.hpp>
@@ -461,6 +463,7 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
         mm ? fmt::format("{:.1f} us", mm->us.p50) : std::string("-"), q->us.p50, q->messages, qfloor->us.p50,
         q->us.p50 - q->messages * qfloor->us.p50));
   }
+  SummarizeSched(r.sched, s);
   if (r.lifecycle.ran) {
     const LifecycleReport& l = r.lifecycle;
     s.push_back(fmt::format("lifecycle: start p50 {:.1f} ms, p99 {:.1f} ms to the reply; {:.1f} ms p50 until VERSION "
@@ -516,6 +519,8 @@ int Emit(const StudyReport& r, const StudyOptions& o, bool smoke, const std::str
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A tenant of the scheduler groups (fairness.h), started by this program itself.
+  if (IsSchedTenant(argc, argv)) return SchedTenantMain(argc, argv);
   CLI::App app{"vgpu-bench: native vs mediated vs remoting, side by side"};
   bool quick = false, full = false, smoke = false;
   std::string groups, paths_csv = "native,mediated,remoting", gpu, vgpud, json_file, csv_file;
@@ -532,7 +537,7 @@ int main(int argc, char** argv) {
   app.add_flag("--smoke", smoke, "tiny sizes and few repetitions (the test suite's run)");
   app.add_option("--groups", groups,
                  "only these workload groups: empty,small,kernel_time,cmds,data,churn,stream,concurrency,lifecycle,"
-                 "covert");
+                 "covert; fairness,noisy only when named here");
   app.add_option("--paths", paths_csv, "paths to run (native is always the baseline)")->capture_default_str();
   app.add_option("--reps", o.reps, "interleaved repetitions per workload")->capture_default_str();
   app.add_option("--iters", o.iters, "submissions per path per repetition (default by size)");
@@ -553,6 +558,9 @@ int main(int argc, char** argv) {
   app.add_option("--compare-with", compare_with,
                  "an earlier run's results.json: report where this run's summary figures agree with it (exit 1 if "
                  "the two differ in structure)");
+  uint32_t fairness_in_flight = 0;
+  app.add_option("--fairness-in-flight", fairness_in_flight,
+                 "fairness: spin dispatches each busy tenant keeps submitted (default 8)");
   int lifecycle_cycles = 0, idle_workers = -1;
   app.add_option("--lifecycle-cycles", lifecycle_cycles,
                  "lifecycle: measured start/stop cycles after 3 warm-up ones (default 5 smoke, 30 quick, 100 full)");
@@ -604,8 +612,12 @@ int main(int argc, char** argv) {
   bool want_concurrency = o.groups.empty() || o.groups.count("concurrency");
   const bool want_lifecycle = o.groups.empty() || o.groups.count("lifecycle");
   const bool want_covert = o.groups.empty() || o.groups.count("covert");
-  // Everything but lifecycle and covert needs the study's daemon, its floors and its calibration.
-  const bool want_study = o.groups.empty() || o.groups.size() > o.groups.count("lifecycle") + o.groups.count("covert");
+  // The scheduler groups cost minutes and daemons of their own: only when named.
+  const bool want_fairness = o.groups.count("fairness") > 0, want_noisy = o.groups.count("noisy") > 0;
+  // Everything but lifecycle, covert and the scheduler groups needs the study's daemon, its
+  // floors and its calibration.
+  const bool want_study = o.groups.empty() || o.groups.size() > o.groups.count("lifecycle") + o.groups.count("covert") +
+                                                                     want_fairness + want_noisy;
   std::vector<std::string> paths{"native"};
   std::vector<std::string> skipped;
   for (const auto& p : Split(paths_csv)) {
@@ -706,11 +718,38 @@ int main(int argc, char** argv) {
     };
     covert = MeasureCovert(co, make_host);
   }
+  // The scheduler groups next, before the study's daemons exist: two vgpuds of their own,
+  // --sched weighted and --sched off, whose vGPUs they start and stop (fairness.h).
+  SchedReport sched;
+  if (want_fairness || want_noisy) {
+    SchedOptions so;
+    so.fairness = want_fairness;
+    so.noisy = want_noisy;
+    so.gpu = gpu;
+    so.progress = o.progress;
+    if (fairness_in_flight) so.in_flight = fairness_in_flight;
+    if (smoke) {
+      so.tenant_counts = {2, 4};
+      so.heavy_counts = {0, 1};
+      so.warmup_s = 0.3;
+      so.measure_s = so.noisy_s = 1.0;
+    } else if (full) {
+      so.measure_s = so.noisy_s = 10.0;
+    }
+    sched = MeasureSched(so, [&](bool weighted, uint64_t slice_us) -> Result<SchedDaemon> {
+      std::vector<std::string> flags{"--sched", weighted ? "weighted" : "off"};
+      if (weighted) flags.insert(flags.end(), {"--sched-slice-us", std::to_string(slice_us)});
+      VG_TRY_ASSIGN(auto sd, StartDaemon(vgpud, {}, gpu, weighted ? "-sched-weighted" : "-sched-off", flags));
+      std::shared_ptr<DaemonProc> keep(std::move(sd));
+      return SchedDaemon{keep->Control(), keep->pid, keep};
+    });
+  }
   if (!want_study) {
     StudyReport report;
     report.device = device;
     report.lifecycle = std::move(lifecycle);
     report.covert = std::move(covert);
+    report.sched = std::move(sched);
     Summarize(report, {});
     return Emit(report, o, smoke, json_file, csv_file);
   }
@@ -830,6 +869,7 @@ int main(int argc, char** argv) {
   }
   report->lifecycle = std::move(lifecycle);
   report->covert = std::move(covert);
+  report->sched = std::move(sched);
   Summarize(*report, paths);
   for (const auto& n : skipped) report->summary.push_back(n);
   if (!compare_with.empty()) {
@@ -875,8 +915,10 @@ int Emit(const StudyReport& r, const StudyOptions& o, bool smoke, const std::str
               r.lifecycle.ran ? ",lifecycle.csv" : "");
   // A lifecycle run that lost cycles or idle workers is a failed run, like a wrong result, and
   // so is one whose kernel_time rows do not hold the work their targets say.
-  // So is a covert run that failed (a sender or receiver that broke, a wrong result).
-  return StudyExitStatus(r.all_correct, (!r.lifecycle.ran || r.lifecycle.complete()) && r.covert.complete(),
+  // So is a covert run that failed (a sender or receiver that broke, a wrong result), and a
+  // scheduler group with a failed precondition (fairness.h): their figures are not evidence.
+  return StudyExitStatus(r.all_correct,
+                         (!r.lifecycle.ran || r.lifecycle.complete()) && r.covert.complete() && r.sched.complete(),
                          r.calibration);
 }
 

@@ -505,6 +505,7 @@ std::string FormatReport(const StudyReport& r) {
   }
   out += FormatLifecycle(r.lifecycle);
   out += FormatCovert(r.covert);
+  out += FormatSched(r.sched);
   out += "\n== summary\n";
   // An entry starting with two spaces continues the one before it (a verdict's rows).
   for (const auto& s : r.summary) out += (s.rfind("  ", 0) == 0 ? "  " + s : "- " + s) + "\n";
@@ -587,6 +588,7 @@ nlohmann::json ToJson(const StudyReport& r) {
   if (r.compared) j["agreement"] = AgreementJson(r.agreement);
   if (r.lifecycle.ran) j["lifecycle"] = LifecycleJson(r.lifecycle);
   if (r.covert.ran) j["covert"] = CovertJson(r.covert);
+  AddSchedJson(r.sched, j);
   if (r.calibration.ran) j["calibration"] = CalibrationJson(r.calibration);
   j["summary"] = r.summary;
   j["all_correct"] = r.all_correct;
