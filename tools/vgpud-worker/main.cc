@@ -12,10 +12,14 @@
 #include <event2/thread.h>
 #include <poll.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <fcntl.h>
+
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -60,6 +64,7 @@ struct Options {
   bool zero_copy = true;
   bool coalesce = true;
   bool scheduled = false;  // the supervisor's scheduler grants the engine (until kSchedConfig says otherwise)
+  uint32_t orphan_grace_s = 60;  // orphaned and without a client this long: exit
   mediator::FaultPolicy faults;
 };
 
@@ -78,9 +83,11 @@ class RemotingGate final : public remoting::FaultGate {
   mediator::FaultMonitor& m_;
 };
 
+using Token = std::array<uint64_t, ch::kTokenWords>;
+
 class Worker {
  public:
-  static Result<std::unique_ptr<Worker>> Create(const Options& o);
+  static Result<std::unique_ptr<Worker>> Create(const Options& o, const Token& token);
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -93,8 +100,25 @@ class Worker {
   static void OnThrottle(int, short, void* arg);
   static void OnChannel(int fd, short, void* arg);
   static void OnSignal(int, short, void* arg);
+  static void OnAdoptConnect(int fd, short, void* arg);
+  static void OnAdoptRecord(int fd, short what, void* arg);
+  static void OnOrphanTick(int, short, void* arg);
   void Pong(uint64_t seq);
   void OnFault(ch::Fault f);
+  // The supervisor is gone (docs/isolation.md, "Supervisor restart"): keep serving the
+  // guest, ungated by a scheduler nobody runs, and wait for a new supervisor to adopt us.
+  void Orphan();
+  void DropAdopter();
+
+  Token token_{};
+  bool orphaned_ = false;
+  worker::GateConfig gate_cfg_;  // as the supervisor last configured it
+  event* channel_ev_ = nullptr;
+  event* adopt_ev_ = nullptr;    // the adoption socket, watched only while orphaned
+  UniqueFd adopter_;             // one connection at a time, until its kAdopt or a timeout
+  event* adopter_ev_ = nullptr;
+  event* orphan_ev_ = nullptr;   // once a second while orphaned
+  std::chrono::steady_clock::time_point idle_since_;
 
   Options opts_;
   event_base* base_ = nullptr;
@@ -110,11 +134,12 @@ class Worker {
   std::vector<event*> events_;
 };
 
-Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
+Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& token) {
   // Listener and doorbell events are added from this thread only, but the executor's
   // completion path wakes the loop from its own thread.
   VG_ERROR_IF(evthread_use_pthreads() != 0, Errc::kInternal, "evthread_use_pthreads failed");
   std::unique_ptr<Worker> w(new Worker(o));
+  w->token_ = token;
   // Precise timers (a timerfd, CLOCK_MONOTONIC): the remoting sessions' ticks of coarsened
   // time fall on multiples of the granularity, not on the next millisecond of epoll_wait.
   event_config* ec = event_config_new();
@@ -134,6 +159,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   w->gate_ = std::make_unique<worker::SchedGate>([](const ch::Record& r) { (void)ch::Send(ch::kChannelFd, r); });
   worker::GateConfig gc;
   gc.scheduled = o.scheduled;
+  w->gate_cfg_ = gc;
   w->gate_->Configure(gc);
   w->engine_->SetGate(w->gate_.get());
   w->gate_->Start(w->engine_.get());
@@ -178,6 +204,13 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
   VG_TRY(add(event_new(w->base_, w->vgpu_->doorbell().Get(), EV_READ | EV_PERSIST, &Worker::OnDoorbell,
                        w->vgpu_.get())));
   VG_TRY(add(event_new(w->base_, ch::kChannelFd, EV_READ | EV_PERSIST, &Worker::OnChannel, w.get())));
+  w->channel_ev_ = w->events_.back();
+  // The adoption socket: listen() here, so that a supervisor connecting to it reads this
+  // process's pid and uid as the listener's SO_PEERCRED (the sandbox forbids listen later).
+  VG_ERROR_IF(::listen(ch::kAdoptFd, 1) != 0, Errc::kIo, "listen on the adoption socket: {}", std::strerror(errno));
+  w->adopt_ev_ = event_new(w->base_, ch::kAdoptFd, EV_READ | EV_PERSIST, &Worker::OnAdoptConnect, w.get());
+  w->orphan_ev_ = event_new(w->base_, -1, EV_PERSIST, &Worker::OnOrphanTick, w.get());
+  VG_ERROR_IF(!w->adopt_ev_ || !w->orphan_ev_, Errc::kInternal, "event_new failed");
   VG_TRY(add(evsignal_new(w->base_, SIGTERM, &Worker::OnSignal, w.get())));
   VG_TRY(add(evsignal_new(w->base_, SIGINT, &Worker::OnSignal, w.get())));
   return w;
@@ -185,6 +218,9 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
 
 Worker::~Worker() {
   for (event* e : events_) event_free(e);
+  if (adopt_ev_) event_free(adopt_ev_);
+  if (adopter_ev_) event_free(adopter_ev_);
+  if (orphan_ev_) event_free(orphan_ev_);
   // Clients first, then the device (its executor finishes or cancels the submission in
   // flight, bounded), then the engine they all used.
   vfio_.reset();
@@ -276,18 +312,110 @@ void Worker::OnChannel(int fd, short, void* arg) {
       case ch::RecvStatus::kEmpty: return;
       case ch::RecvStatus::kClosed:
       case ch::RecvStatus::kMalformed:
-        // Without its supervisor nobody watches or stops this worker: it stops itself.
-        VG_LOGW("supervisor channel closed: stopping");
-        event_base_loopexit(self->base_, nullptr);
+        self->Orphan();
         return;
       case ch::RecvStatus::kRecord: break;
     }
     if (r.kind == ch::Kind::kPing) self->Pong(r.seq);
     if (r.kind == ch::Kind::kFault) self->OnFault(static_cast<ch::Fault>(r.values[0]));
-    if (r.kind == ch::Kind::kSchedConfig) self->gate_->Configure(worker::GateConfig::FromRecord(r));
+    if (r.kind == ch::Kind::kSchedConfig) {
+      self->gate_cfg_ = worker::GateConfig::FromRecord(r);
+      self->gate_->Configure(self->gate_cfg_);
+    }
     if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq);
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
   }
+}
+
+void Worker::Orphan() {
+  if (orphaned_) return;
+  orphaned_ = true;
+  // A guest under a VMM does not reconnect: a supervisor that dies (kill -9, a crash, an
+  // upgrade) must not cost it its vGPU. This worker keeps its guest, its sandbox and its
+  // limits; only the scheduler's grants stop coming, so it runs ungated (rate limits stay)
+  // until a new supervisor adopts it and sends its configuration again. A stop signal
+  // (SIGTERM) still ends it.
+  event_del(channel_ev_);
+  // fd 3 stays open (its peer gone, sends fail): closed, the number could be reused by a
+  // guest's connection, and the gate's and pong's records would go to the guest.
+  worker::GateConfig c = gate_cfg_;
+  c.scheduled = false;
+  gate_->Configure(c);
+  event_add(adopt_ev_, nullptr);
+  idle_since_ = std::chrono::steady_clock::now();
+  const timeval tick{1, 0};
+  event_add(orphan_ev_, &tick);
+  VG_LOGW("supervisor channel closed: serving on, waiting to be adopted on {}.adopt.sock", opts_.uuid);
+}
+
+// Bounded: an orphan without a guest serves nobody. After the grace it exits; its state file
+// stays, so a new supervisor still brings the vGPU back (with a fresh worker).
+void Worker::OnOrphanTick(int, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  const auto now = std::chrono::steady_clock::now();
+  if (self->vfio_->HasClient() || self->remoting_->clients() > 0) {
+    self->idle_since_ = now;
+    return;
+  }
+  if (now - self->idle_since_ >= std::chrono::seconds(self->opts_.orphan_grace_s)) {
+    VG_LOGW("orphaned and without a client for {} s: exiting", self->opts_.orphan_grace_s);
+    event_base_loopexit(self->base_, nullptr);
+  }
+}
+
+void Worker::DropAdopter() {
+  if (adopter_ev_) event_free(adopter_ev_);
+  adopter_ev_ = nullptr;
+  adopter_ = UniqueFd();
+  if (orphaned_) event_add(adopt_ev_, nullptr);
+}
+
+// A connection on the adoption socket (mode 0600 in the private runtime directory): one at
+// a time, and only while orphaned, so a worker with a live supervisor cannot be taken over.
+void Worker::OnAdoptConnect(int fd, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  UniqueFd c(::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+  if (!c.Valid() || !self->orphaned_ || self->adopter_.Valid()) return;
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  // Only the daemon's own user may adopt (root's processes can do anything anyway).
+  if (::getsockopt(c.Get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || (cred.uid != ::geteuid() && cred.uid != 0)) {
+    VG_LOGW("adoption refused: peer uid {} is not ours", cred.uid);
+    return;
+  }
+  self->adopter_ = std::move(c);
+  self->adopter_ev_ = event_new(self->base_, self->adopter_.Get(), EV_READ, &Worker::OnAdoptRecord, self);
+  const timeval tv{2, 0};  // its kAdopt within 2 s, or the next one may try
+  if (!self->adopter_ev_ || event_add(self->adopter_ev_, &tv) != 0) return self->DropAdopter();
+  event_del(self->adopt_ev_);
+}
+
+void Worker::OnAdoptRecord(int fd, short what, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  ch::Record r;
+  if ((what & EV_TIMEOUT) || ch::Recv(fd, r) != ch::RecvStatus::kRecord || r.kind != ch::Kind::kAdopt) {
+    VG_LOGW("adoption refused: no adoption record in time");
+    return self->DropAdopter();
+  }
+  uint64_t diff = 0;  // compared whole, not to the first difference
+  for (size_t i = 0; i < ch::kTokenWords; ++i) diff |= r.values[i] ^ self->token_[i];
+  if (diff != 0) {
+    VG_LOGW("adoption refused: wrong token");
+    return self->DropAdopter();
+  }
+  // The adopter's connection becomes the channel at fd 3, where everything sends to.
+  if (::dup3(fd, ch::kChannelFd, O_CLOEXEC) != ch::kChannelFd) {
+    VG_LOGE("adoption: dup3: {}", std::strerror(errno));
+    return self->DropAdopter();
+  }
+  self->orphaned_ = false;
+  event_del(self->orphan_ev_);
+  self->DropAdopter();
+  event_add(self->channel_ev_, nullptr);
+  // Ready again: the new supervisor sends its scheduling configuration next (queued behind
+  // kAdopt), which gives the gate a fresh grant state.
+  (void)ch::Send(ch::kChannelFd, ch::Make(ch::Kind::kReady));
+  VG_LOGI("adopted by a new supervisor");
 }
 
 void Worker::OnFault(ch::Fault f) {
@@ -320,14 +448,16 @@ void Worker::OnFault(ch::Fault f) {
 
 // The start-up handshake: the supervisor says Go once it has placed this process (its
 // cgroup); nothing is created before that, so every byte is charged to the right place.
-Result<> WaitForGo() {
+Result<Token> WaitForGo() {
   pollfd p{ch::kChannelFd, POLLIN, 0};
   const int n = ::poll(&p, 1, 30000);
   VG_ERROR_IF(n <= 0, Errc::kTimeout, "no Go from the supervisor within 30 s");
   ch::Record r;
   VG_ERROR_IF(ch::Recv(ch::kChannelFd, r) != ch::RecvStatus::kRecord || r.kind != ch::Kind::kGo, Errc::kBadMessage,
               "the supervisor's first record is not Go");
-  return Ok();
+  Token t{};
+  for (size_t i = 0; i < t.size(); ++i) t[i] = r.values[i];
+  return t;
 }
 
 int Probe(const std::string& gpu) {
@@ -380,6 +510,7 @@ int main(int argc, char** argv) {
   app.add_option("--throttle-rate", o.faults.throttle_rate);
   app.add_option("--fault-quiet-ms", o.faults.quiet_ms);
   app.add_flag("--scheduled", o.scheduled);
+  app.add_option("--orphan-grace-s", o.orphan_grace_s);
   CLI11_PARSE(app, argc, argv);
   if (o.log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (o.log_level == "warn") SetLogLevel(LogLevel::kWarn);
@@ -399,8 +530,8 @@ int main(int argc, char** argv) {
   }
   o.uuid = *uuid;
   SetLogTag("vgpud-worker " + o.uuid_text.substr(0, 8));
-  // Nothing of the supervisor's but the three descriptors it meant to hand over.
-  ::syscall(SYS_close_range, 6u, ~0u, 0u);
+  // Nothing of the supervisor's but the four descriptors it meant to hand over.
+  ::syscall(SYS_close_range, 7u, ~0u, 0u);
   // A guest that dies mid-write must not kill its worker; an allocation refused by the
   // address-space limit ends the worker with a status its supervisor names.
   std::signal(SIGPIPE, SIG_IGN);
@@ -409,11 +540,12 @@ int main(int argc, char** argv) {
     (void)!::write(2, msg, sizeof msg - 1);
     ::_exit(kExitOutOfMemory);
   });
-  if (auto r = WaitForGo(); !r) {
-    VG_LOGE("{}", r.error().ToString());
+  auto token = WaitForGo();
+  if (!token) {
+    VG_LOGE("{}", token.error().ToString());
     return kExitSupervisorGone;
   }
-  auto w = Worker::Create(o);
+  auto w = Worker::Create(o, *token);
   if (!w) {
     VG_LOGE("start-up: {}", w.error().ToString());
     return kExitStartup;

@@ -183,6 +183,11 @@ int main(int argc, char** argv) {
                  "a worker that has not yielded the engine this long after a preempt is killed")
       ->check(CLI::Range(100, 600000))
       ->capture_default_str();
+  app.add_option("--orphan-grace-s", wp.orphan_grace_s,
+                 "a worker whose supervisor died serves its guest on and waits to be adopted by a new vgpud; "
+                 "without a client for this long it exits (the vGPU still comes back with the new vgpud)")
+      ->check(CLI::Range(1u, 86400u))
+      ->capture_default_str();
   app.add_flag("--no-seccomp", no_seccomp, "workers run without their system-call filter (debugging only)");
   // F7 (docs/management.md, "Fault health"): faults are refused or faulting commands, MMIO
   // refusals and remoting errors, counted per vGPU over a sliding window.
@@ -287,7 +292,9 @@ int main(int argc, char** argv) {
 
   auto svc = daemon::Service::Create(**d, std::move(so));
   if (!svc) return Fail(1, svc.error());
-  // Before any other thread can call in: definitions marked auto first, then --vgpu.
+  // Before any other thread can call in: what an earlier supervisor left running first (its
+  // workers adopted), then definitions marked auto, then --vgpu.
+  for (const Error& e : (*svc)->RestoreRunning()) VG_LOGW("restore: {}", e.ToString());
   for (const Error& e : (*svc)->StartAutoInstances()) VG_LOGW("auto-start: {}", e.ToString());
   for (const std::string& spec : vgpus) {
     auto started = (*svc)->StartFromSpec(spec);

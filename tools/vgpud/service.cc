@@ -183,6 +183,7 @@ Result<std::string> VgpuHost::StartInstance(const Uuid& uuid, const mdev::VgpuTy
   spec.aperture = type.aperture.v;
   spec.gtt_entries = type.gtt_entries;
   spec.sched = Effective(type, attrs);
+  spec.attrs = attrs;
   // Returns once the worker serves the vfio-user socket, which is what the Manager (and a
   // write to the tree's `create`) promises its caller.
   VG_TRY_ASSIGN(std::string path, pool_.Start(spec));
@@ -223,6 +224,7 @@ Result<> VgpuHost::StopInstance(const Uuid& uuid) {
 
 Result<> VgpuHost::SetAttribute(const Uuid& uuid, std::string_view name, std::string_view value) {
   SchedParams p;
+  mdev::Attributes attrs;
   {
     std::lock_guard lk(mu_);
     auto it = live_.find(uuid);
@@ -236,9 +238,10 @@ Result<> VgpuHost::SetAttribute(const Uuid& uuid, std::string_view name, std::st
     }
     if (!found) it->second.attrs.emplace_back(std::string(name), std::string(value));
     p = Effective(it->second.type, it->second.attrs);
+    attrs = it->second.attrs;
   }
-  // Weight and limits change while it runs (F7).
-  return pool_.Reconfigure(uuid, p);
+  // Weight and limits change while it runs (F7); the attributes go to its state file.
+  return pool_.Reconfigure(uuid, p, std::move(attrs));
 }
 
 std::optional<VgpuHost::Live> VgpuHost::Get(const Uuid& uuid) const {
@@ -511,10 +514,30 @@ std::string Service::ResolveType(std::string_view name) const {
 
 std::vector<Error> Service::StartAutoInstances() { return manager_->StartAutoInstances(); }
 
+std::vector<Error> Service::RestoreRunning() {
+  std::vector<Error> failures;
+  WorkerPool& pool = sup_.workers();
+  for (const WorkerSpec& s : pool.Adoptable()) {
+    // Through the Manager, as any start: it charges the budget and lists the instance; the
+    // pool's Start adopts the live worker instead of spawning one. A defined vGPU comes back
+    // from its definition, a transient one as it ran.
+    const bool defined = manager_->GetDefinition(s.uuid).ok();
+    auto r = defined ? manager_->Start(s.uuid) : manager_->StartTransient(s.uuid, s.type, s.attrs);
+    if (!r) {
+      VG_LOGW("restore of {}: {}", s.uuid, r.error().ToString());
+      failures.push_back(std::move(r).error());
+    }
+  }
+  pool.DropAdoptable();
+  return failures;
+}
+
 Result<std::string> Service::StartFromSpec(std::string_view spec) {
   const size_t colon = spec.find(':');
   VG_TRY_ASSIGN(Uuid u, Uuid::Parse(spec.substr(0, colon)));
   const std::string type = colon == std::string_view::npos ? "vgpud-small" : ResolveType(spec.substr(colon + 1));
+  // Restored from an earlier supervisor (RestoreRunning) already: the same instance.
+  if (auto i = manager_->Show(u); i && i->active && i->type == type) return i->socket_path;
   return manager_->StartTransient(u, type, {});
 }
 

@@ -73,6 +73,9 @@ class Service {
 
   // Before the loop runs (single-threaded): brings back every `start: auto` definition.
   std::vector<Error> StartAutoInstances();
+  // Before StartAutoInstances: every vGPU an earlier supervisor left running (it was killed,
+  // it crashed) comes back, its live worker adopted (docs/isolation.md). Returns the failures.
+  std::vector<Error> RestoreRunning();
   // --vgpu UUID[:TYPE]: a transient start; TYPE may omit the "vgpud-" prefix.
   Result<std::string> StartFromSpec(std::string_view spec);
   // Opens the control socket and mounts the tree; from here on other threads call in.

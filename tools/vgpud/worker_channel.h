@@ -5,7 +5,9 @@
 // of another size, magic or kind, or a pong for a ping never sent, is a protocol violation
 // that costs the worker its life, never the supervisor anything.
 //
-//   supervisor → worker   kGo (after the worker is placed in its cgroup), kPing (seq),
+//   supervisor → worker   kGo (after the worker is placed in its cgroup; values[0..3]: the
+//                         worker's adoption token), kAdopt (a new supervisor's first record
+//                         on the adoption socket, values[0..3]: the token), kPing (seq),
 //                         kFault (test builds only act on it), kSchedConfig (scheduling and
 //                         rate limits, at start and when changed), kSchedGrant and
 //                         kSchedPreempt (seq: the grant)
@@ -29,6 +31,12 @@ namespace vg::daemon::channel {
 inline constexpr int kChannelFd = 3;
 inline constexpr int kVfioUserFd = 4;   // listening SOCK_STREAM, <uuid>.sock
 inline constexpr int kRemotingFd = 5;   // listening SOCK_SEQPACKET, <uuid>.remote.sock
+// Bound, not listening, SOCK_SEQPACKET <uuid>.adopt.sock (mode 0600): the worker calls
+// listen() itself, so that a connecting supervisor's SO_PEERCRED names the worker's pid.
+inline constexpr int kAdoptFd = 6;
+// The adoption token: 256 random bits the supervisor hands its worker in kGo and records
+// in the worker's state file (0600, in the private runtime directory).
+inline constexpr size_t kTokenWords = 4;
 
 inline constexpr uint32_t kMagic = 0x76677731;  // "vgw1"
 
@@ -43,6 +51,7 @@ enum class Kind : uint32_t {
   kSchedGrant = 8,
   kSchedPreempt = 9,
   kSchedRelease = 10,
+  kAdopt = 11,
 };
 
 // kSchedConfig's values, by slot.
@@ -183,7 +192,7 @@ inline RecvStatus Recv(int fd, Record& out) {
   switch (r.kind) {
     case Kind::kGo: case Kind::kPing: case Kind::kPong: case Kind::kReady: case Kind::kFault:
     case Kind::kSchedConfig: case Kind::kSchedRequest: case Kind::kSchedGrant: case Kind::kSchedPreempt:
-    case Kind::kSchedRelease: break;
+    case Kind::kSchedRelease: case Kind::kAdopt: break;
     default: return RecvStatus::kMalformed;
   }
   out = r;

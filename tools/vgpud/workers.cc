@@ -4,16 +4,23 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <spawn.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <condition_variable>
 #include <csignal>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -81,6 +88,46 @@ Result<pid_t> SpawnProcess(const std::vector<std::string>& argv, const SpawnFds&
   return pid;
 }
 
+using Token = std::array<uint64_t, ch::kTokenWords>;
+
+Result<Token> NewToken() {
+  Token t{};
+  VG_ERROR_IF(::getrandom(t.data(), sizeof t, 0) != static_cast<ssize_t>(sizeof t), Errc::kIo, "getrandom: {}",
+              std::strerror(errno));
+  return t;
+}
+
+// The adoption socket: bound (mode 0600), not listening; the worker calls listen() itself so
+// that SO_PEERCRED of a connection to it names the worker (the listener's credentials are
+// those of whoever called listen()).
+Result<UniqueFd> BindAdoptSocket(const std::string& path) {
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  VG_INVALID_IF(path.size() >= sizeof(sa.sun_path), "socket path '{}' too long", path);
+  std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
+  // Whatever is there is a leftover: a live worker of this vGPU would hold its vfio-user
+  // socket, which the caller bound first.
+  ::unlink(path.c_str());
+  UniqueFd sock(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  VG_ERROR_IF(!sock.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
+  const mode_t old = ::umask(0177);
+  const int rc = ::bind(sock.Get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa);
+  ::umask(old);
+  VG_ERROR_IF(rc != 0, Errc::kIo, "bind {}: {}", path, std::strerror(errno));
+  VG_ERROR_IF(::chmod(path.c_str(), 0600) != 0, Errc::kIo, "chmod {}: {}", path, std::strerror(errno));
+  return sock;
+}
+
+int PidfdSignal(int pidfd, int sig) { return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0)); }
+
+bool PidfdExited(int pidfd, int timeout_ms) {
+  pollfd p{pidfd, POLLIN, 0};
+  return ::poll(&p, 1, timeout_ms) > 0;
+}
+
+// How long a new supervisor waits for an adopted worker's Ready.
+constexpr int kAdoptTimeoutMs = 3000;
+
 // The reason a worker ended, from its wait status (and what the supervisor did to it).
 std::pair<std::string, EndKind> NameEnd(int status) {
   if (WIFSIGNALED(status)) {
@@ -128,10 +175,24 @@ struct WorkerPool::Waiter {
   }
 };
 
+// A worker an earlier supervisor left running, from its state file.
+struct WorkerPool::Adoptee {
+  WorkerSpec spec;
+  pid_t pid = 0;
+  Token token{};
+  std::string binary;
+  uint32_t restarts = 0;
+  std::array<uint64_t, static_cast<size_t>(EndKind::kCount)> ends{};
+};
+
 struct WorkerPool::Worker {
   enum class State { kStarting, kRunning, kRestarting, kFailed, kStopping };
   WorkerPool* pool = nullptr;
   WorkerSpec spec;
+  Token token{};
+  // Adopted from an earlier supervisor: not our child, so its exit status cannot be read
+  // (waitpid); the pidfd still says when it ends.
+  bool adopted = false;
   std::string vfio_path, remoting_path;
   UniqueFd vfio_listen, remoting_listen;  // the supervisor's copies, kept across restarts
   State state = State::kStarting;
@@ -189,6 +250,7 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
                    [raw](const Uuid& u, std::string why) {
                      if (Worker* w = raw->Find(u)) raw->Kill(*w, std::move(why), EndKind::kWatchdog);
                    }});
+  p->LoadStates();
   p->sched_ev_ = event_new(base, -1, 0, &WorkerPool::OnSchedTimer, p.get());
   VG_ERROR_IF(!p->sched_ev_, Errc::kInternal, "scheduler timer");
   p->heartbeat_ev_ = event_new(base, -1, EV_PERSIST, &WorkerPool::OnHeartbeat, p.get());
@@ -239,11 +301,16 @@ void WorkerPool::SendSchedConfig(Worker& w) {
   if (!ch::Send(w.channel.Get(), r)) VG_LOGW("worker for {}: channel full, scheduling config not sent", w.spec.uuid);
 }
 
-Result<> WorkerPool::Reconfigure(const Uuid& uuid, const SchedParams& p) {
+Result<> WorkerPool::Reconfigure(const Uuid& uuid, const SchedParams& p,
+                                 std::optional<std::vector<std::pair<std::string, std::string>>> attrs) {
   return loop_.Call<void>([&]() -> Result<> {
     Worker* w = Find(uuid);
     VG_ERROR_IF(!w, Errc::kNotFound, "vGPU {} has no worker", uuid);
     w->spec.sched = p;
+    if (attrs) {
+      w->spec.attrs = std::move(*attrs);
+      WriteState(*w);
+    }
     w->status.sched_params = p;
     sched_->SetWeight(uuid, p.weight);
     SendSchedConfig(*w);
@@ -257,6 +324,12 @@ std::string WorkerPool::SocketPath(const Uuid& uuid) const {
 }
 std::string WorkerPool::RemotingSocketPath(const Uuid& uuid) const {
   return policy_.runtime_dir + "/" + uuid.ToString() + ".remote.sock";
+}
+std::string WorkerPool::StatePath(const Uuid& uuid) const {
+  return policy_.runtime_dir + "/" + uuid.ToString() + ".worker";
+}
+std::string WorkerPool::AdoptPath(const Uuid& uuid) const {
+  return policy_.runtime_dir + "/" + uuid.ToString() + ".adopt.sock";
 }
 std::string WorkerPool::cgroup_root() const { return cgroups_ ? cgroups_->path().string() : std::string(); }
 
@@ -286,6 +359,15 @@ Result<std::string> WorkerPool::Start(const WorkerSpec& spec) {
 
 Result<> WorkerPool::BeginStart(const WorkerSpec& spec, std::shared_ptr<Waiter> waiter) {
   VG_ERROR_IF(workers_.count(spec.uuid) != 0, Errc::kAlreadyExists, "vGPU {} already has a worker", spec.uuid);
+  if (auto it = adoptable_.find(spec.uuid); it != adoptable_.end()) {
+    std::unique_ptr<Adoptee> a = std::move(it->second);
+    adoptable_.erase(it);
+    auto r = BeginAdopt(spec, *a, waiter);
+    if (r) return Ok();
+    // Not adopted: a fresh worker below (the sockets of a dead one are stale and rebound).
+    VG_LOGW("vGPU {}: worker pid {} not adopted ({}); starting a new one", spec.uuid, a->pid, r.error().what);
+    RemoveState(spec.uuid);
+  }
   auto w = std::make_unique<Worker>();
   w->pool = this;
   w->spec = spec;
@@ -321,6 +403,14 @@ Result<> WorkerPool::BeginStart(const WorkerSpec& spec, std::shared_ptr<Waiter> 
 }
 
 Result<> WorkerPool::Spawn(Worker& w) {
+  if (!w.vfio_listen.Valid()) {
+    // An adopted worker that ended: the earlier supervisor's copies of its sockets died with
+    // it, so they are bound afresh (the paths stay the same for a guest that reconnects).
+    VG_TRY_ASSIGN(w.remoting_listen, ListenUnix(w.remoting_path, SOCK_SEQPACKET, 16));
+    VG_TRY_ASSIGN(w.vfio_listen, ListenUnix(w.vfio_path, SOCK_STREAM, 4));
+  }
+  VG_TRY_ASSIGN(w.token, NewToken());
+  VG_TRY_ASSIGN(UniqueFd adopt, BindAdoptSocket(AdoptPath(w.spec.uuid)));
   int sv[2];
   VG_ERROR_IF(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0, Errc::kIo, "socketpair: {}",
               std::strerror(errno));
@@ -328,8 +418,12 @@ Result<> WorkerPool::Spawn(Worker& w) {
   VG_TRY_ASSIGN(UniqueFd c3, HighCopy(theirs.Get()));
   VG_TRY_ASSIGN(UniqueFd c4, HighCopy(w.vfio_listen.Get()));
   VG_TRY_ASSIGN(UniqueFd c5, HighCopy(w.remoting_listen.Get()));
+  VG_TRY_ASSIGN(UniqueFd c6, HighCopy(adopt.Get()));
   SpawnFds fds;
-  fds.dup2s = {{c3.Get(), ch::kChannelFd}, {c4.Get(), ch::kVfioUserFd}, {c5.Get(), ch::kRemotingFd}};
+  fds.dup2s = {{c3.Get(), ch::kChannelFd},
+               {c4.Get(), ch::kVfioUserFd},
+               {c5.Get(), ch::kRemotingFd},
+               {c6.Get(), ch::kAdoptFd}};
   const uint64_t address_space =
       cgroups_ ? 0 : policy_.memory_bytes + w.spec.aperture + policy_.dma_max_bytes;
   std::vector<std::string> argv = {policy_.binary.string(),
@@ -343,6 +437,8 @@ Result<> WorkerPool::Spawn(Worker& w) {
                                    "--address-space", std::to_string(address_space),
                                    "--open-files", std::to_string(policy_.open_files)};
   if (!policy_.seccomp) argv.push_back("--no-seccomp");
+  argv.emplace_back("--orphan-grace-s");
+  argv.push_back(std::to_string(policy_.orphan_grace_s));
   const FaultThresholds& f = policy_.faults;
   const std::pair<const char*, uint32_t> fault_args[] = {{"--fault-window-ms", f.window_ms},
                                                          {"--fault-throttle-per-s", f.throttle_per_s},
@@ -362,6 +458,7 @@ Result<> WorkerPool::Spawn(Worker& w) {
   w.last_pong = w.spawned_at;
   w.pinged = false;
   w.kill_reason.reset();
+  w.adopted = false;
   w.state = Worker::State::kStarting;
   // A pidfd: readable once the process ends; the pid cannot be reused before it is reaped.
   w.pidfd = UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
@@ -383,7 +480,9 @@ Result<> WorkerPool::Spawn(Worker& w) {
       w.status.cpu_percent = policy_.cpu_percent;
     }
   }
-  (void)ch::Send(w.channel.Get(), ch::Make(ch::Kind::kGo));
+  ch::Record go = ch::Make(ch::Kind::kGo);
+  std::copy(w.token.begin(), w.token.end(), go.values.begin());
+  (void)ch::Send(w.channel.Get(), go);
   SendSchedConfig(w);  // read once its loop runs, before it says Ready
   w.pid_ev = event_new(base_, w.pidfd.Get(), EV_READ, &WorkerPool::OnPidfd, &w);
   w.channel_ev = event_new(base_, w.channel.Get(), EV_READ | EV_PERSIST, &WorkerPool::OnChannel, &w);
@@ -395,7 +494,208 @@ Result<> WorkerPool::Spawn(Worker& w) {
     Forget(w);
     return MakeError(Errc::kInternal, "event_add for worker {}", w.spec.uuid);
   }
+  WriteState(w);
   VG_LOGI("worker {} for {}: pid {}", w.status.restarts ? "restarted" : "started", w.spec.uuid, pid);
+  return Ok();
+}
+
+// ---- adoption (docs/isolation.md, "Supervisor restart") ---------------------------------------
+
+namespace {
+
+std::string TokenHex(const Token& t) {
+  std::string s;
+  for (uint64_t v : t) s += fmt::format("{:016x}", v);
+  return s;
+}
+
+Result<Token> ParseToken(const std::string& s) {
+  Token t{};
+  VG_ERROR_IF(s.size() != 16 * t.size(), Errc::kBadMessage, "token of {} characters", s.size());
+  for (size_t i = 0; i < t.size(); ++i) {
+    auto [p, ec] = std::from_chars(s.data() + 16 * i, s.data() + 16 * (i + 1), t[i], 16);
+    VG_ERROR_IF(ec != std::errc() || p != s.data() + 16 * (i + 1), Errc::kBadMessage, "token is not hex");
+  }
+  return t;
+}
+
+// The process at pid, checked to be the worker the state file names: a pidfd (so the pid
+// cannot be reused under us from here on), its executable, its owner. A pid reused by
+// another process fails here or, at the latest, at the adoption socket's SO_PEERCRED.
+Result<UniqueFd> OpenVerified(pid_t pid, const std::string& binary) {
+  VG_ERROR_IF(pid <= 1, Errc::kBadMessage, "pid {}", pid);
+  UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  VG_ERROR_IF(!pidfd.Valid(), Errc::kNotFound, "pid {} is gone", pid);
+  struct stat st {};
+  VG_ERROR_IF(::stat(fmt::format("/proc/{}", pid).c_str(), &st) != 0 || st.st_uid != ::geteuid(), Errc::kAccessDenied,
+              "pid {} is not ours", pid);
+  std::error_code ec;
+  std::string exe = std::filesystem::read_symlink(fmt::format("/proc/{}/exe", pid), ec).string();
+  VG_ERROR_IF(ec, Errc::kAccessDenied, "pid {}: its executable: {}", pid, ec.message());
+  constexpr std::string_view kDeleted = " (deleted)";  // the binary was replaced (an upgrade) since
+  if (exe.size() > kDeleted.size() && exe.ends_with(kDeleted)) exe.resize(exe.size() - kDeleted.size());
+  VG_ERROR_IF(exe != binary, Errc::kAccessDenied, "pid {} runs {}, not {}", pid, exe, binary);
+  VG_ERROR_IF(PidfdExited(pidfd.Get(), 0), Errc::kNotFound, "pid {} has ended", pid);
+  return pidfd;
+}
+
+}  // namespace
+
+void WorkerPool::WriteState(const Worker& w) {
+  nlohmann::json attrs = nlohmann::json::array();
+  for (const auto& [k, v] : w.spec.attrs) attrs.push_back({k, v});
+  nlohmann::json ends = nlohmann::json::array();
+  for (uint64_t e : w.status.ends) ends.push_back(e);
+  const nlohmann::json j{{"uuid", w.spec.uuid.ToString()},
+                         {"type", w.spec.type},
+                         {"aperture", w.spec.aperture},
+                         {"gtt_entries", w.spec.gtt_entries},
+                         {"attrs", attrs},
+                         {"pid", w.pid},
+                         {"binary", policy_.binary.string()},
+                         {"token", TokenHex(w.token)},
+                         {"restarts", w.status.restarts},
+                         {"ends", ends}};
+  const std::string path = StatePath(w.spec.uuid), tmp = path + ".tmp";
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
+  const std::string text = j.dump();
+  if (!fd.Valid() || ::write(fd.Get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()) ||
+      ::rename(tmp.c_str(), path.c_str()) != 0) {
+    VG_LOGW("worker for {}: state file {}: {} (a new supervisor could not adopt it)", w.spec.uuid, path,
+            std::strerror(errno));
+    ::unlink(tmp.c_str());
+  }
+}
+
+void WorkerPool::RemoveState(const Uuid& uuid) {
+  ::unlink(StatePath(uuid).c_str());
+  ::unlink(AdoptPath(uuid).c_str());
+}
+
+void WorkerPool::LoadStates() {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(policy_.runtime_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (!name.ends_with(".worker")) continue;
+    auto uuid = Uuid::Parse(name.substr(0, name.size() - 7));
+    struct stat st {};
+    UniqueFd fd(::open(e.path().c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    auto drop = [&](std::string_view why) {
+      VG_LOGW("state file {}: {}: removed", e.path().string(), why);
+      ::unlink(e.path().c_str());
+    };
+    if (!uuid) { drop("not a vGPU's"); continue; }
+    if (!fd.Valid() || ::fstat(fd.Get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid() ||
+        st.st_size > 64 * 1024) {
+      drop("not a state file of ours");
+      continue;
+    }
+    std::string text(static_cast<size_t>(st.st_size), '\0');
+    if (::read(fd.Get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) { drop("unreadable"); continue; }
+    auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    auto a = std::make_unique<Adoptee>();
+    try {
+      if (j.is_discarded() || j.value("uuid", "") != uuid->ToString()) throw std::runtime_error("not its vGPU's");
+      a->spec.uuid = *uuid;
+      a->spec.type = j.at("type").get<std::string>();
+      a->spec.aperture = j.at("aperture").get<uint64_t>();
+      a->spec.gtt_entries = j.at("gtt_entries").get<uint32_t>();
+      for (const auto& kv : j.at("attrs")) a->spec.attrs.emplace_back(kv.at(0).get<std::string>(), kv.at(1).get<std::string>());
+      a->pid = j.at("pid").get<pid_t>();
+      a->binary = j.at("binary").get<std::string>();
+      auto t = ParseToken(j.at("token").get<std::string>());
+      if (!t) throw std::runtime_error(t.error().what);
+      a->token = *t;
+      a->restarts = j.value("restarts", 0u);
+      const auto& ends = j.at("ends");
+      for (size_t k = 0; k < a->ends.size() && k < ends.size(); ++k) a->ends[k] = ends[k].get<uint64_t>();
+    } catch (const std::exception& ex) {
+      drop(ex.what());
+      continue;
+    }
+    VG_LOGI("vGPU {} ({}) was running under an earlier supervisor (worker pid {})", *uuid, a->spec.type, a->pid);
+    adoptable_.emplace(*uuid, std::move(a));
+  }
+}
+
+std::vector<WorkerSpec> WorkerPool::Adoptable() const {
+  std::vector<WorkerSpec> out;
+  for (const auto& [u, a] : adoptable_) out.push_back(a->spec);
+  return out;
+}
+
+void WorkerPool::DropAdoptable() {
+  for (auto& [u, a] : adoptable_) {
+    if (auto pidfd = OpenVerified(a->pid, a->binary)) {
+      VG_LOGW("vGPU {}: not restored; stopping its worker pid {}", u, a->pid);
+      (void)PidfdSignal(pidfd->Get(), SIGKILL);
+      (void)PidfdExited(pidfd->Get(), 2000);
+    }
+    RemoveState(u);
+  }
+  adoptable_.clear();
+}
+
+Result<> WorkerPool::BeginAdopt(const WorkerSpec& spec, Adoptee& a, std::shared_ptr<Waiter> waiter) {
+  VG_TRY_ASSIGN(UniqueFd pidfd, OpenVerified(a.pid, a.binary));
+  if (a.spec.type != spec.type || a.spec.aperture != spec.aperture || a.spec.gtt_entries != spec.gtt_entries) {
+    // Its definition changed while no supervisor ran: the worker serves the old one. It
+    // goes (verified to be ours), and a new one serves what is defined now.
+    (void)PidfdSignal(pidfd.Get(), SIGKILL);
+    (void)PidfdExited(pidfd.Get(), 2000);
+    return MakeError(Errc::kBadState, "it serves type {}, the vGPU is now {}", a.spec.type, spec.type);
+  }
+  // The adoption socket: only the worker listens on it (it called listen()), so the
+  // listener's SO_PEERCRED pid must be the one the state file names.
+  UniqueFd c(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  VG_ERROR_IF(!c.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  const std::string path = AdoptPath(spec.uuid);
+  VG_ERROR_IF(path.size() >= sizeof(sa.sun_path), Errc::kInvalidArgument, "{} too long", path);
+  std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
+  VG_ERROR_IF(::connect(c.Get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0, Errc::kNotFound,
+              "connect {}: {}", path, std::strerror(errno));
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  VG_ERROR_IF(::getsockopt(c.Get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0, Errc::kIo, "SO_PEERCRED: {}",
+              std::strerror(errno));
+  VG_ERROR_IF(cred.pid != a.pid || cred.uid != ::geteuid(), Errc::kAccessDenied,
+              "{} is served by pid {} uid {}, not the worker's pid {}", path, cred.pid, cred.uid, a.pid);
+  VG_ERROR_IF(PidfdExited(pidfd.Get(), 0), Errc::kNotFound, "pid {} has ended", a.pid);
+  ch::Record adopt = ch::Make(ch::Kind::kAdopt);
+  std::copy(a.token.begin(), a.token.end(), adopt.values.begin());
+  VG_ERROR_IF(!ch::Send(c.Get(), adopt), Errc::kIo, "{}: cannot send", path);
+
+  auto w = std::make_unique<Worker>();
+  w->pool = this;
+  w->spec = spec;
+  w->vfio_path = SocketPath(spec.uuid);
+  w->remoting_path = RemotingSocketPath(spec.uuid);
+  w->token = a.token;
+  w->adopted = true;
+  w->pid = a.pid;
+  w->pidfd = std::move(pidfd);
+  w->channel = std::move(c);
+  w->state = Worker::State::kStarting;
+  w->spawned_at = w->last_pong = Clock::now();
+  w->status.restarts = a.restarts;
+  w->status.ends = a.ends;
+  w->status.open_files_limit = policy_.open_files;
+  w->waiter = std::move(waiter);
+  // Queued behind kAdopt: the gate switches from ungated (orphaned) to scheduled, which
+  // gives it a fresh grant state; the scheduler adds it when it says Ready.
+  SendSchedConfig(*w);
+  Worker& ref = *w;
+  ref.pid_ev = event_new(base_, ref.pidfd.Get(), EV_READ, &WorkerPool::OnPidfd, &ref);
+  ref.channel_ev = event_new(base_, ref.channel.Get(), EV_READ | EV_PERSIST, &WorkerPool::OnChannel, &ref);
+  VG_ERROR_IF(!ref.pid_ev || !ref.channel_ev || event_add(ref.pid_ev, nullptr) != 0 ||
+                  event_add(ref.channel_ev, nullptr) != 0,
+              Errc::kInternal, "event_add for worker {}", spec.uuid);
+  workers_.emplace(spec.uuid, std::move(w));
+  WriteState(ref);  // this supervisor's binary from now on
+  Publish(ref);
+  VG_LOGI("vGPU {}: adopting worker pid {}", spec.uuid, ref.pid);
   return Ok();
 }
 
@@ -404,7 +704,18 @@ Result<> WorkerPool::Spawn(Worker& w) {
 void WorkerPool::Kill(Worker& w, std::string reason, EndKind kind) {
   if (w.pid <= 0) return;
   if (!w.kill_reason) w.kill_reason = std::make_pair(std::move(reason), kind);
-  ::kill(w.pid, SIGKILL);  // not yet reaped: the pid is still this worker's
+  Signal(w, SIGKILL);
+}
+
+// Through the pidfd: an adopted worker is not our child, so only the pidfd guarantees the
+// pid still names it. A child is not reaped yet either way.
+void WorkerPool::Signal(Worker& w, int sig) {
+  if (w.pid <= 0) return;
+  if (w.pidfd.Valid()) {
+    (void)PidfdSignal(w.pidfd.Get(), sig);
+  } else if (!w.adopted) {
+    ::kill(w.pid, sig);
+  }
 }
 
 void WorkerPool::OnHeartbeat(int, short, void* arg) {
@@ -413,8 +724,9 @@ void WorkerPool::OnHeartbeat(int, short, void* arg) {
     Worker& w = *wp;
     if (w.pid <= 0 || w.kill_reason) continue;
     if (w.state == Worker::State::kStarting) {
-      if (MsSince(w.spawned_at) > self->policy_.start_timeout_ms)
-        self->Kill(w, fmt::format("not ready within {} ms of its start", self->policy_.start_timeout_ms),
+      const int bound = w.adopted ? kAdoptTimeoutMs : self->policy_.start_timeout_ms;
+      if (MsSince(w.spawned_at) > bound)
+        self->Kill(w, fmt::format("not ready within {} ms of its {}", bound, w.adopted ? "adoption" : "start"),
                    EndKind::kWatchdog);
       continue;
     }
@@ -469,7 +781,8 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       w.last_pong = Clock::now();
       w.status.start_latency_us = static_cast<uint64_t>(
           std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - w.spawned_at).count());
-      VG_LOGI("worker for {} ready in {} ms (pid {})", w.spec.uuid, w.status.start_latency_us / 1000, w.pid);
+      VG_LOGI("worker for {} {} in {} ms (pid {})", w.spec.uuid, w.adopted ? "adopted" : "ready",
+              w.status.start_latency_us / 1000, w.pid);
       if (policy_.sched.enabled) sched_->Add(w.spec.uuid, w.spec.sched.weight, Clock::now());
       if (w.waiter) {
         w.waiter->Set(Ok());
@@ -510,17 +823,27 @@ void WorkerPool::OnPidfd(int, short, void* arg) {
 
 void WorkerPool::OnExit(Worker& w) {
   int status = 0;
-  const pid_t got = ::waitpid(w.pid, &status, WNOHANG);
-  if (got == 0) {  // spurious: not ended yet
-    event_add(w.pid_ev, nullptr);
-    return;
+  // An adopted worker's parent is init (or a subreaper), which reaps it: its pidfd said it
+  // ended, and that is all this supervisor can know.
+  const bool known = !w.adopted;
+  if (known) {
+    const pid_t got = ::waitpid(w.pid, &status, WNOHANG);
+    if (got == 0) {  // spurious: not ended yet
+      event_add(w.pid_ev, nullptr);
+      return;
+    }
   }
   const pid_t pid = w.pid;
   w.pid = 0;
-  auto [reason, kind] = w.kill_reason ? *w.kill_reason : NameEnd(status);
+  auto [reason, kind] = w.kill_reason ? *w.kill_reason
+                        : known       ? NameEnd(status)
+                                      : std::make_pair(std::string("ended (adopted from an earlier supervisor: its exit "
+                                                                   "status is not ours to read)"),
+                                                       EndKind::kExit);
   Forget(w);
   if (w.state == Worker::State::kStopping) {
-    NoteStopped(w.spec.uuid, pid, status);
+    if (known) NoteStopped(w.spec.uuid, pid, status);
+    else VG_LOGI("worker for {} (pid {}, adopted) stopped", w.spec.uuid, pid);
     std::erase_if(stopping_, [&](const std::unique_ptr<Worker>& p) { return p.get() == &w; });
     return;  // w is gone
   }
@@ -529,12 +852,24 @@ void WorkerPool::OnExit(Worker& w) {
   w.status.last_end_unix_ms = UnixMs();
   w.status.counters.reset();
   VG_LOGE("worker for {} (pid {}) {}", w.spec.uuid, pid, reason);
+  if (w.waiter && w.adopted) {
+    // The adoption failed after all: the vGPU is still brought back, by a new worker (its
+    // guest reconnects, or its VM loses the device: logged above).
+    w.adopted = false;
+    if (auto r = Spawn(w); r) {
+      Publish(w);
+      return;
+    } else {
+      reason = "adoption failed, and a new worker could not start: " + r.error().what;
+    }
+  }
   if (w.waiter) {
     // A start that never got Ready fails by name; the Manager records nothing.
     w.waiter->Set(MakeError(Errc::kDeviceLost, "worker for {} {}", w.spec.uuid, reason));
     w.waiter.reset();
     const Uuid u = w.spec.uuid;
     CloseSockets(w);
+    RemoveState(u);
     workers_.erase(u);
     std::lock_guard lk(snap_mu_);
     snaps_.erase(u);
@@ -625,13 +960,14 @@ WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
     snaps_.erase(uuid);
   }
   CloseSockets(*w);
+  RemoveState(uuid);  // stopped on purpose: a new supervisor does not bring it back
   if (w->restart_ev) event_free(w->restart_ev);
   w->restart_ev = nullptr;
   if (w->waiter) w->waiter->Set(MakeError(Errc::kBadState, "vGPU {} was stopped while starting", uuid));
   w->waiter.reset();
   if (w->pid <= 0) return nullptr;  // failed or between restarts: nothing runs
   w->state = Worker::State::kStopping;
-  ::kill(w->pid, SIGTERM);
+  Signal(*w, SIGTERM);
   stopping_.push_back(std::move(w));
   return stopping_.back().get();
 }
@@ -669,7 +1005,7 @@ void WorkerPool::NoteStopped(const Uuid& uuid, pid_t pid, int status) {
 void WorkerPool::OnStopDeadline(int, short, void* arg) {
   auto& w = *static_cast<Worker*>(arg);
   VG_LOGW("worker for {} (pid {}) did not stop within {} ms: SIGKILL", w.spec.uuid, w.pid, w.pool->policy_.stop_grace_ms);
-  if (w.pid > 0) ::kill(w.pid, SIGKILL);
+  w.pool->Signal(w, SIGKILL);
 }
 
 Result<> WorkerPool::Fault(const Uuid& uuid, ch::Fault f) {
@@ -693,16 +1029,17 @@ void WorkerPool::StopAll() {
   for (auto& w : stopping_) {
     int status = 0;
     while (w->pid > 0) {
-      if (::waitpid(w->pid, &status, WNOHANG) == w->pid) break;
+      if (w->adopted ? PidfdExited(w->pidfd.Get(), 0) : ::waitpid(w->pid, &status, WNOHANG) == w->pid) break;
       if (Clock::now() >= deadline) {
-        ::kill(w->pid, SIGKILL);
-        ::waitpid(w->pid, &status, 0);
+        Signal(*w, SIGKILL);
+        if (w->adopted) (void)PidfdExited(w->pidfd.Get(), 1000);
+        else ::waitpid(w->pid, &status, 0);
         break;
       }
       pollfd p{w->pidfd.Get(), POLLIN, 0};
       (void)::poll(&p, 1, 50);
     }
-    if (w->pid > 0) NoteStopped(w->spec.uuid, w->pid, status);
+    if (w->pid > 0 && !w->adopted) NoteStopped(w->spec.uuid, w->pid, status);
     w->pid = 0;
     Forget(*w);
   }

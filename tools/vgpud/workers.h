@@ -72,6 +72,9 @@ struct WorkerPolicy {
   uint32_t cpu_percent = 0;     // cgroup v2 cpu.max; 0: no cap
   uint64_t open_files = 1024;
   bool seccomp = true;
+  // A worker whose supervisor died serves on; without a client for this long it exits
+  // (docs/isolation.md, "Supervisor restart").
+  uint32_t orphan_grace_s = 60;
   FaultThresholds faults;
   SchedOptions sched;
 };
@@ -92,6 +95,9 @@ struct WorkerSpec {
   uint64_t aperture = 0;
   uint32_t gtt_entries = 0;
   SchedParams sched;
+  // The instance's attributes as applied (mdev::Attributes), kept in the worker's state file
+  // so that a new supervisor brings a transient vGPU back as it was. Opaque to the pool.
+  std::vector<std::pair<std::string, std::string>> attrs;
 };
 
 // Why worker processes ended, by kind (a counter per kind per vGPU).
@@ -126,6 +132,13 @@ struct WorkerStatus {
   std::optional<SchedEntryStatus> sched;  // while the scheduler knows it (running)
 };
 
+// Supervisor restart (docs/isolation.md, "Supervisor restart"). For each vGPU it runs, the
+// pool keeps a state file <runtime_dir>/<uuid>.worker (0600): the spec, the worker's pid and
+// binary, a random adoption token, its restart and end counts. A worker whose supervisor
+// dies keeps serving and listens on <uuid>.adopt.sock; a new supervisor reads the state
+// files at start-up and, for each, adopts the live worker (its identity checked: pidfd,
+// /proc/PID/exe, owner, SO_PEERCRED pid of the adoption socket, the token) or starts a
+// fresh one. A clean stop removes the state file; a crash leaves it.
 class WorkerPool {
  public:
   static Result<std::unique_ptr<WorkerPool>> Create(event_base* base, LoopTasks& loop, WorkerPolicy policy);
@@ -144,7 +157,15 @@ class WorkerPool {
   Result<> Fault(const Uuid& uuid, channel::Fault f);
   // New weight and limits for a vGPU, applied to its running worker at once and kept for
   // its restarts. Any thread.
-  Result<> Reconfigure(const Uuid& uuid, const SchedParams& p);
+  Result<> Reconfigure(const Uuid& uuid, const SchedParams& p,
+                       std::optional<std::vector<std::pair<std::string, std::string>>> attrs = std::nullopt);
+  // The vGPUs an earlier supervisor left running (their state files), before the loop runs.
+  // Start() with the same uuid adopts the worker if it is alive, verified and of the same
+  // spec; else it stops a verified one of another spec and starts afresh.
+  std::vector<WorkerSpec> Adoptable() const;
+  // After the restore: what no Start() took is dropped (a verified live worker is stopped,
+  // the state file removed). Before the loop runs.
+  void DropAdoptable();
   // The pool's snapshot plus /proc. fresh_ms > 0: first asks a running worker for a pong
   // and waits for it at most that long (never from the loop thread), so the counters are
   // the worker's of now, not of the last heartbeat; past the bound, the last ones.
@@ -167,10 +188,18 @@ class WorkerPool {
 
   struct Worker;
   struct Waiter;
+  struct Adoptee;
 
  private:
   WorkerPool(event_base* base, LoopTasks& loop, WorkerPolicy policy);
   Result<> BeginStart(const WorkerSpec& spec, std::shared_ptr<Waiter> waiter);
+  Result<> BeginAdopt(const WorkerSpec& spec, Adoptee& a, std::shared_ptr<Waiter> waiter);
+  void LoadStates();
+  void WriteState(const Worker& w);
+  void RemoveState(const Uuid& uuid);
+  std::string StatePath(const Uuid& uuid) const;
+  std::string AdoptPath(const Uuid& uuid) const;
+  void Signal(Worker& w, int sig);
   Result<> Spawn(Worker& w);
   void Kill(Worker& w, std::string reason, EndKind kind);
   void OnExit(Worker& w);
@@ -207,6 +236,7 @@ class WorkerPool {
   mutable std::mutex snap_mu_;
   std::condition_variable snap_cv_;  // a snapshot changed
   std::map<Uuid, WorkerStatus> snaps_;  // under snap_mu_
+  std::map<Uuid, std::unique_ptr<Adoptee>> adoptable_;  // loop thread (main, before the loop runs)
 };
 
 // `vgpud-worker --probe`: the engine's device as the worker sees it, in a child process, so
