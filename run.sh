@@ -5,7 +5,10 @@
 #   ./run.sh vm      build QEMU >= 10.1 (tools/vm/build-qemu.sh, cached outside the repo), build,
 #                    run the 'vm' suite: a real QEMU's vfio-user-pci attached to vgpud (F14),
 #                    then vgpu-bench's empty/small rows on mediated, mediated-mmio, mediated-qemu
-# Extra: ./run.sh build | ./run.sh fuzz [seconds] | ./run.sh soak
+# Extra: ./run.sh build | ./run.sh fuzz [seconds] | ./run.sh soak [seconds]
+#   soak: the full resource-hygiene test (1,000 connect/work/disconnect cycles, 1,000 guest
+#   kills) and the soak (SOAK_SECONDS, default 600: random workloads and random faults,
+#   kill -9 of vgpud included), each printing its figures (docs/isolation.md, "Soak")
 # `./run.sh test` (and CI) leave the 'vm' suite out: it needs that QEMU.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -110,5 +113,17 @@ case "$cmd" in
       "$f" -max_total_time="$secs" -rss_limit_mb=4096 "tests/fuzz/corpus/$(basename "$f")" || exit 1
     done
     ;;
-  *) echo "usage: $0 test|study|vm|build|fuzz [seconds]" >&2; exit 2 ;;
+  soak)
+    tools/install-deps.sh
+    build_main
+    export VGPUD=$ROOT/build/tools/vgpud VGPU_GUEST=$ROOT/build/tools/vgpu-guest
+    rc=0
+    echo "== resource hygiene: ${LIFECYCLE_CYCLES:-1000} cycles and guest kills"
+    LIFECYCLE_CYCLES=${LIFECYCLE_CYCLES:-1000} build/tests/lifecycle_restart/lifecycle_hygiene || rc=1
+    secs=${2:-${SOAK_SECONDS:-600}}
+    echo "== soak: ${secs} s, ${SOAK_GUESTS:-3} guests"
+    SOAK_SECONDS=$secs build/tests/lifecycle_restart/lifecycle_soak || rc=1
+    exit $rc
+    ;;
+  *) echo "usage: $0 test|study|vm|build|fuzz [seconds]|soak [seconds]" >&2; exit 2 ;;
 esac

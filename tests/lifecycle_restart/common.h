@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -149,6 +150,7 @@ inline Result<> RunOne(guest::Driver& drv, uint32_t round, int timeout_ms = 3000
 struct Usage {
   size_t fds = 0;
   uint64_t rss_kib = 0;
+  size_t maps = 0;  // lines of /proc/PID/maps: a guest's DMA mapping left behind shows here
 };
 inline Usage UsageOf(int64_t pid) {
   Usage u;
@@ -158,6 +160,8 @@ inline Usage UsageOf(int64_t pid) {
     ++u.fds;
   const std::string status = mgmt::ReadFile("/proc/" + std::to_string(pid) + "/status");
   if (auto at = status.find("VmRSS:"); at != std::string::npos) u.rss_kib = std::stoull(status.substr(at + 6));
+  const std::string maps = mgmt::ReadFile("/proc/" + std::to_string(pid) + "/maps");
+  u.maps = static_cast<size_t>(std::count(maps.begin(), maps.end(), '\n'));
   return u;
 }
 

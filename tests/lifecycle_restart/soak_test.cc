@@ -265,8 +265,8 @@ TEST_CASE("soak: random workloads and random faults; every result checked agains
       "supervisor_kill9 {}\n"
       "  workers not re-adopted after a supervisor kill: {}\n"
       "  guest errors (faulted guests' operations that failed): {}, reconnects {}; victim: {} ops, {} errors\n"
-      "  supervisor: {} fds, {} KiB at the start; {} fds, {} KiB at the end (a new process after each kill -9)\n"
-      "  workers (sum): {} fds, {} KiB at the start; {} fds, {} KiB at the end\n",
+      "  supervisor: {} fds, {} KiB at the start (guests attached); {} fds, {} KiB at the end (guests gone; a new process after each kill -9)\n"
+      "  workers (sum): {} fds, {} KiB at the start (guests attached); {} fds, {} KiB at the end (guests gone)\n",
       seconds, guests, guests, ops, wrong, faults["guest_kill"], faults["reset"], done_resets, faults["unmap"],
       done_unmaps, faults["malformed"], done_malformed, faults["supervisor_kill9"], readopt_mismatch, errors,
       reconnects, shared->slots[0].ops.load(), shared->slots[0].errors.load(), start.supervisor.fds,

@@ -183,6 +183,7 @@ struct WorkerPool::Adoptee {
   std::string binary;
   uint32_t restarts = 0;
   std::array<uint64_t, static_cast<size_t>(EndKind::kCount)> ends{};
+  uint64_t address_space = 0;  // its RLIMIT_AS as applied at spawn
 };
 
 struct WorkerPool::Worker {
@@ -555,6 +556,7 @@ void WorkerPool::WriteState(const Worker& w) {
                          {"binary", policy_.binary.string()},
                          {"token", TokenHex(w.token)},
                          {"restarts", w.status.restarts},
+                         {"address_space", w.status.address_space_limit},
                          {"ends", ends}};
   const std::string path = StatePath(w.spec.uuid), tmp = path + ".tmp";
   UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
@@ -607,6 +609,7 @@ void WorkerPool::LoadStates() {
       if (!t) throw std::runtime_error(t.error().what);
       a->token = *t;
       a->restarts = j.value("restarts", 0u);
+      a->address_space = j.value("address_space", uint64_t{0});
       const auto& ends = j.at("ends");
       for (size_t k = 0; k < a->ends.size() && k < ends.size(); ++k) a->ends[k] = ends[k].get<uint64_t>();
     } catch (const std::exception& ex) {
@@ -682,6 +685,7 @@ Result<> WorkerPool::BeginAdopt(const WorkerSpec& spec, Adoptee& a, std::shared_
   w->status.restarts = a.restarts;
   w->status.ends = a.ends;
   w->status.open_files_limit = policy_.open_files;
+  w->status.address_space_limit = a.address_space;
   w->waiter = std::move(waiter);
   // Queued behind kAdopt: the gate switches from ungated (orphaned) to scheduled, which
   // gives it a fresh grant state; the scheduler adds it when it says Ready.
