@@ -287,6 +287,7 @@ void Worker::OnChannel(int fd, short, void* arg) {
     if (r.kind == ch::Kind::kSchedConfig) self->gate_->Configure(worker::GateConfig::FromRecord(r));
     if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq);
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
+    if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
   }
 }
 
