@@ -50,10 +50,10 @@ TEST_CASE("vgpu-bench --smoke --groups fairness,noisy: the scheduler groups, wei
     for (const auto& t : run["tenant"]) CHECK(t["completions"].get<uint64_t>() > 0);
     for (const auto& s : run["share"]) shares += s.get<double>();
     CHECK(shares == doctest::Approx(1.0));
-    if (run["sched"] == "weighted") CHECK(run["grant_ms"].get<double>() > 0);
+    if (run["sched"] == "best-effort") CHECK(run["grant_ms"].get<double>() > 0);
   }
   for (const char* w : {"equal", "mixed"})
-    for (const char* m : {"weighted", "off"})
+    for (const char* m : {"best-effort", "off"})
       for (int n : {2, 4}) CHECK(seen.count(std::string(w) + "/" + m + "/" + std::to_string(n)) == 1);
   const auto& no = j["noisy"];
   CHECK(no["complete"] == true);

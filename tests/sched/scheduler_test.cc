@@ -22,6 +22,7 @@ struct Sim {
   std::optional<Uuid> granted;
   uint64_t grant = 0;
   int preempts = 0;
+  std::vector<std::pair<Uuid, uint64_t>> contended;
   std::vector<std::string> kills;
   Scheduler s;
   explicit Sim(SchedOptions o = {})
@@ -30,7 +31,8 @@ struct Sim {
                             grant = g;
                           },
                           [this](const Uuid&, uint64_t) { ++preempts; },
-                          [this](const Uuid& u, std::string why) { kills.push_back(u.ToString() + ": " + why); }}) {}
+                          [this](const Uuid& u, std::string why) { kills.push_back(u.ToString() + ": " + why); },
+                          [this](const Uuid& u, uint64_t g) { contended.emplace_back(u, g); }}) {}
 };
 
 TEST_CASE("busy vGPUs share the engine by weight (1:2:4), always-busy, pieces shorter than the slice") {
@@ -191,6 +193,67 @@ TEST_CASE("a vGPU back from idle banks no credit") {
     sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
   }
   CHECK(u2_in_a_row <= 3);
+}
+
+}  // namespace
+}  // namespace vg::daemon
+
+namespace vg::daemon {
+namespace {
+
+TEST_CASE("the holder is told once when another vGPU waits, and an idle release hands the engine on at once") {
+  Sim sim;
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(1), now);
+  REQUIRE(sim.granted == U(1));
+  const uint64_t g1 = sim.grant;
+  CHECK(sim.contended.empty());  // alone: nobody to tell
+  now += 100us;
+  sim.s.OnRequest(U(2), now);
+  REQUIRE(sim.contended.size() == 1);
+  CHECK(sim.contended[0] == std::pair{U(1), g1});
+  sim.s.OnRequest(U(2), now);  // a repeated request tells nobody again
+  CHECK(sim.contended.size() == 1);
+  // U(1) runs out of work well before its slice: it gives the grant back unasked, and U(2)
+  // gets it at once (no preempt was needed).
+  now += 200us;
+  sim.s.OnRelease(U(1), g1, 150'000, /*wants=*/false, now);
+  CHECK(sim.preempts == 0);
+  REQUIRE(sim.granted == U(2));
+  CHECK(sim.s.Status(U(1))->idle_releases == 1);
+  // U(2) is owed what U(1) was charged (150 us at equal weights): while it is, it is not
+  // told (it keeps the grant between submissions); then it is, once.
+  const uint64_t g2 = sim.grant;
+  sim.s.OnRequest(U(1), now);
+  CHECK(sim.contended.size() == 1);
+  REQUIRE(sim.s.NextDeadline());
+  CHECK(*sim.s.NextDeadline() == now + 150us);
+  now += 149us;
+  sim.s.OnTimer(now);
+  CHECK(sim.contended.size() == 1);
+  now += 1us;
+  sim.s.OnTimer(now);
+  REQUIRE(sim.contended.size() == 2);
+  CHECK(sim.contended[1] == std::pair{U(2), g2});
+  sim.s.OnTimer(now);
+  CHECK(sim.contended.size() == 2);
+  now += 150us;
+  sim.s.OnRelease(U(2), g2, 300'000, /*wants=*/true, now);  // charged 300 us: U(1) is next
+  REQUIRE(sim.granted == U(1));
+  CHECK(sim.contended.size() == 2);  // U(1) is owed 150 us: not told yet
+}
+
+TEST_CASE("policies parse by name; 'weighted' is best-effort") {
+  CHECK(ParseSchedPolicy("weighted") == SchedPolicy::kBestEffort);
+  CHECK(ParseSchedPolicy("best-effort") == SchedPolicy::kBestEffort);
+  CHECK(ParseSchedPolicy("equal-share") == SchedPolicy::kEqualShare);
+  CHECK(ParseSchedPolicy("fixed-share") == SchedPolicy::kFixedShare);
+  CHECK(ParseSchedPolicy("off") == SchedPolicy::kOff);
+  CHECK_FALSE(ParseSchedPolicy("fair").has_value());
+  for (auto p : {SchedPolicy::kOff, SchedPolicy::kBestEffort, SchedPolicy::kEqualShare, SchedPolicy::kFixedShare})
+    CHECK(ParseSchedPolicy(SchedPolicyName(p)) == p);
 }
 
 }  // namespace

@@ -369,7 +369,7 @@ struct Host {
   std::vector<uint32_t> weights;
 };
 
-std::string ModeName(bool weighted) { return weighted ? "weighted" : "off"; }
+std::string ModeName(bool weighted) { return weighted ? "best-effort" : "off"; }
 
 std::string SetUuid(int set, size_t i) { return fmt::format("5c4ed000-0000-4000-8{:03x}-{:012x}", set, i); }
 

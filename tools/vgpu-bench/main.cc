@@ -737,7 +737,7 @@ int main(int argc, char** argv) {
       so.measure_s = so.noisy_s = 10.0;
     }
     sched = MeasureSched(so, [&](bool weighted, uint64_t slice_us) -> Result<SchedDaemon> {
-      std::vector<std::string> flags{"--sched", weighted ? "weighted" : "off"};
+      std::vector<std::string> flags{"--sched", weighted ? "best-effort" : "off"};
       if (weighted) flags.insert(flags.end(), {"--sched-slice-us", std::to_string(slice_us)});
       VG_TRY_ASSIGN(auto sd, StartDaemon(vgpud, {}, gpu, weighted ? "-sched-weighted" : "-sched-off", flags));
       std::shared_ptr<DaemonProc> keep(std::move(sd));

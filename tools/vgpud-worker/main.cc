@@ -324,6 +324,7 @@ void Worker::OnChannel(int fd, short, void* arg) {
     }
     if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq);
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
+    if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
   }
 }
 

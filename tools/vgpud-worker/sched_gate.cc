@@ -70,6 +70,7 @@ void SchedGate::OnGrant(uint64_t grant) {
   grant_ = grant;
   requested_ = false;
   preempting_ = false;
+  contended_ = false;
   grant_used_ns_ = 0;
   ++stats_.grants;
   WakePumpLocked(std::nullopt);
@@ -81,6 +82,19 @@ void SchedGate::OnPreempt(uint64_t grant) {
   ++stats_.preempts;
   preempting_ = true;  // nothing more goes to the device under this grant
   if (on_device_ == 0) ReleaseLocked();
+}
+
+void SchedGate::OnContended(uint64_t grant) {
+  std::lock_guard lk(mu_);
+  if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
+  contended_ = true;
+  MaybeIdleReleaseLocked();
+}
+
+void SchedGate::MaybeIdleReleaseLocked() {
+  if (!cfg_.scheduled || !granted_ || !contended_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) return;
+  ++stats_.idle_releases;
+  ReleaseLocked();
 }
 
 GateStats SchedGate::Stats() const {
@@ -111,14 +125,8 @@ bool SchedGate::Admit(const engine::Submission& s) {
   std::lock_guard lk(mu_);
   const Clock::time_point now = Clock::now();
   RefillLocked(now);
-  if (cfg_.scheduled && (!granted_ || preempting_)) {
-    if (!granted_ && !requested_) {
-      requested_ = true;
-      send_(ch::Make(ch::Kind::kSchedRequest));
-    }
-    HoldLocked(now);
-    return false;
-  }
+  // Rate limits first: work a bucket holds back does not want the engine yet, so it neither
+  // asks for a grant nor keeps one another vGPU waits for.
   const bool counts = cfg_.rate_limit && s.guest_submissions > 0;
   std::optional<Clock::duration> refill_in;
   if (counts && sub_tokens_ < 1.0)
@@ -134,6 +142,18 @@ bool SchedGate::Admit(const engine::Submission& s) {
     }
     HoldLocked(now);
     WakePumpLocked(now + *refill_in + std::chrono::microseconds(10));
+    MaybeIdleReleaseLocked();
+    return false;
+  }
+  rate_held_ = false;
+  // Contended: one piece on the device at a time (the next goes when it completes: Ran
+  // wakes the pump).
+  if (cfg_.scheduled && (!granted_ || preempting_ || (contended_ && on_device_ > 0))) {
+    if (!granted_ && !requested_) {
+      requested_ = true;
+      send_(ch::Make(ch::Kind::kSchedRequest));
+    }
+    HoldLocked(now);
     return false;
   }
   if (counts) sub_tokens_ -= s.guest_submissions;  // a coalesced batch may go into debt
@@ -155,18 +175,29 @@ void SchedGate::Ran(uint64_t busy_ns, bool) {
     gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
   }
   if (on_device_) --on_device_;
-  if (cfg_.scheduled && preempting_ && on_device_ == 0) ReleaseLocked();
+  if (!cfg_.scheduled || !granted_) return;
+  if (preempting_) {
+    if (on_device_ == 0) ReleaseLocked();
+    return;
+  }
+  if (contended_ && on_device_ == 0) {
+    if (WantsDeviceLocked())
+      WakePumpLocked(std::nullopt);  // the next piece, held while this one ran
+    else
+      MaybeIdleReleaseLocked();
+  }
 }
 
 void SchedGate::ReleaseLocked() {
   ch::Record r = ch::Make(ch::Kind::kSchedRelease, grant_);
   r.values[static_cast<size_t>(ch::SchedReleaseSlot::kUsedNs)] = grant_used_ns_;
-  r.values[static_cast<size_t>(ch::SchedReleaseSlot::kWants)] = held_since_ ? 1 : 0;
+  r.values[static_cast<size_t>(ch::SchedReleaseSlot::kWants)] = WantsDeviceLocked() ? 1 : 0;
   granted_ = false;
   preempting_ = false;
+  contended_ = false;
   grant_used_ns_ = 0;
-  // Work still held: the release is its request.
-  requested_ = held_since_.has_value();
+  // Work still held (not by a bucket): the release is its request.
+  requested_ = WantsDeviceLocked();
   send_(r);
 }
 

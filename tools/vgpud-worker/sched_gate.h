@@ -10,6 +10,10 @@
 //   supervisor's grant. Held work sends one kSchedRequest. A preempt closes the gate at
 //   once; the release goes when the work already on the device has completed, with the
 //   device time the grant used and whether work is still held.
+// - Contended (another vGPU waits, the supervisor says): at most one submission is on the
+//   device at a time, so a preempt waits for one piece, not for a pipeline of them; and the
+//   grant goes back as soon as nothing is on the device and nothing is held (the engine
+//   would idle under this grant while another vGPU has work: not work-conserving).
 // - Rate limits: token buckets on guest submissions per second and on device time per
 //   second, each with a burst. A submission needs one token per guest submission it
 //   carries; device time is charged after it ran (so a long piece goes into debt and the
@@ -43,6 +47,7 @@ struct GateStats {
   uint64_t rate_limited = 0;   // times a rate limit held work
   uint64_t grants = 0;
   uint64_t preempts = 0;
+  uint64_t idle_releases = 0;  // grants given back because it had nothing to run while another waited
   bool holding = false;
 };
 
@@ -63,6 +68,7 @@ class SchedGate final : public engine::SubmitGate {
   void Configure(const GateConfig& c);
   void OnGrant(uint64_t grant);
   void OnPreempt(uint64_t grant);
+  void OnContended(uint64_t grant);
 
   GateStats Stats() const;
 
@@ -75,6 +81,9 @@ class SchedGate final : public engine::SubmitGate {
   void RefillLocked(Clock::time_point now);
   void HoldLocked(Clock::time_point now);
   void ReleaseLocked();
+  void MaybeIdleReleaseLocked();
+  // Work is held for want of the grant (not by a rate limit's bucket).
+  bool WantsDeviceLocked() const { return held_since_.has_value() && !rate_held_; }  // contended, nothing on the device, nothing held: give it back
   void PumpLoop();
   void WakePumpLocked(std::optional<Clock::time_point> at);
 
@@ -86,6 +95,7 @@ class SchedGate final : public engine::SubmitGate {
   bool granted_ = false;
   bool requested_ = false;
   bool preempting_ = false;
+  bool contended_ = false;
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
   uint32_t on_device_ = 0;

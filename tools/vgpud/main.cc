@@ -170,11 +170,13 @@ int main(int argc, char** argv) {
   app.add_flag("--no-coalesce", no_coalesce,
                "each plan's work gets its own engine submission even while the engine is saturated (the study's "
                "executor ablation)");
-  std::string sched_mode = "weighted";
+  std::string sched_mode = "best-effort";
   uint64_t slice_us = 2000, yield_timeout_ms = 60000;
   app.add_option("--sched", sched_mode,
-                 "how vGPUs share the engine: weighted (by sched_weight, in time slices) or off (first come, first served)")
-      ->check(CLI::IsMember({"weighted", "off"}))
+                 "how vGPUs share the engine, in time slices: best-effort (busy vGPUs by sched_weight; "
+                 "'weighted' is the same), equal-share (1/N each of N running, never more), fixed-share (1/the "
+                 "type's max_instances each, never more) or off (first come, first served)")
+      ->check(CLI::IsMember({"best-effort", "weighted", "equal-share", "fixed-share", "off"}))
       ->capture_default_str();
   app.add_option("--sched-slice-us", slice_us, "time slice: how long a vGPU may keep the engine once another waits")
       ->check(CLI::Range(100, 1000000))
@@ -247,7 +249,7 @@ int main(int argc, char** argv) {
     wp.worker_args.push_back(std::move(a));
   if (no_zero_copy) wp.worker_args.push_back("--no-zero-copy");
   if (no_coalesce) wp.worker_args.push_back("--no-coalesce");
-  wp.sched.enabled = sched_mode == "weighted";
+  wp.sched.policy = *daemon::ParseSchedPolicy(sched_mode);
   wp.sched.slice = std::chrono::microseconds(slice_us);
   wp.sched.yield_timeout = std::chrono::milliseconds(yield_timeout_ms);
 

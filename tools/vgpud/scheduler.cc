@@ -23,6 +23,24 @@ std::string_view SchedStateName(SchedState s) {
   return "?";
 }
 
+std::string_view SchedPolicyName(SchedPolicy p) {
+  switch (p) {
+    case SchedPolicy::kOff: return "off";
+    case SchedPolicy::kBestEffort: return "best-effort";
+    case SchedPolicy::kEqualShare: return "equal-share";
+    case SchedPolicy::kFixedShare: return "fixed-share";
+  }
+  return "?";
+}
+
+std::optional<SchedPolicy> ParseSchedPolicy(std::string_view s) {
+  if (s == "off") return SchedPolicy::kOff;
+  if (s == "best-effort" || s == "weighted") return SchedPolicy::kBestEffort;
+  if (s == "equal-share") return SchedPolicy::kEqualShare;
+  if (s == "fixed-share") return SchedPolicy::kFixedShare;
+  return std::nullopt;
+}
+
 void Scheduler::Add(const Uuid& u, uint32_t weight, Clock::time_point) {
   Entry e;
   e.weight = std::max<uint32_t>(1, weight);
@@ -64,13 +82,25 @@ void Scheduler::OnRequest(const Uuid& u, Clock::time_point now) {
   Wait(u, it->second, now);
   if (!holder_) return Dispatch(now);
   if (!contended_since_) contended_since_ = now;
+  MaybeContend(now);
   MaybePreempt(now);
+}
+
+void Scheduler::MaybeContend(Clock::time_point now) {
+  if (!holder_) return;
+  Entry& e = entries_.at(*holder_);
+  if (e.told_contended) return;
+  auto at = CrossAt();
+  if (!at || now < *at) return;
+  e.told_contended = true;
+  if (a_.contended) a_.contended(*holder_, e.grant);
 }
 
 void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now) {
   auto it = entries_.find(u);
   if (it == entries_.end() || holder_ != u || it->second.grant != grant) return;
   Entry& e = it->second;
+  if (!e.preempted) e.stats.idle_releases++;
   // Only the device time used while someone else waited is charged: before that the
   // engine would have idled (work-conserving), and nobody was owed it.
   uint64_t charge = 0;
@@ -113,28 +143,39 @@ void Scheduler::Dispatch(Clock::time_point now) {
   next->stats.wait_ns += Ns(now - next->waiting_since);
   holder_ = *next_u;
   floor_ = Floor();
+  next->told_contended = false;
+  a_.grant(*next_u, next->grant);
   bool others = std::any_of(entries_.begin(), entries_.end(),
                             [](const auto& kv) { return kv.second.state == SchedState::kWaiting; });
-  if (others) contended_since_ = now;
-  a_.grant(*next_u, next->grant);
+  if (others) {
+    contended_since_ = now;
+    MaybeContend(now);
+  }
 }
 
 std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt() const {
+  auto cross = CrossAt();
+  if (!cross) return std::nullopt;
+  // At least a slice, so that vGPUs of equal virtual time do not trade the engine per piece.
+  return std::max(entries_.at(*holder_).granted_at + o_.slice, *cross);
+}
+
+std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt() const {
   if (!holder_ || !contended_since_) return std::nullopt;
   const Entry& e = entries_.at(*holder_);
   double least = std::numeric_limits<double>::infinity();
   for (const auto& [u, w] : entries_)
     if (w.state == SchedState::kWaiting) least = std::min(least, w.vruntime);
   if (std::isinf(least)) return std::nullopt;
-  // The holder's virtual time if it had used the engine all along since others waited (it
-  // is charged what it really used when it releases): it keeps the grant until that passes
-  // the least waiting one's, and at least for a slice. So a heavy-weight tenant that
-  // thinks between submissions keeps its share, and a light one is cut at the slice.
+  // When the holder's virtual time would pass the least waiting one's had it used the
+  // engine all along since others waited (it is charged what it really used when it
+  // releases). Until then it is owed engine time: it keeps the grant even between its
+  // submissions, so a heavy-weight tenant that thinks between them keeps its share. From
+  // then on it is told it is contended (it gives the grant back when idle), and preempted
+  // once it has also had a slice.
   const double ahead_ns = std::max(0.0, (least - e.vruntime) * e.weight / kWeightScale);
-  const Clock::time_point cross =
-      std::max(e.granted_at, *contended_since_) +
-      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::nano>(ahead_ns));
-  return std::max(e.granted_at + o_.slice, cross);
+  return std::max(e.granted_at, *contended_since_) +
+         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::nano>(ahead_ns));
 }
 
 void Scheduler::MaybePreempt(Clock::time_point now) {
@@ -159,6 +200,7 @@ void Scheduler::OnTimer(Clock::time_point now) {
                            held_ms));
     return;
   }
+  MaybeContend(now);
   MaybePreempt(now);
 }
 
@@ -166,7 +208,7 @@ std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
   if (!holder_) return std::nullopt;
   const Entry& e = entries_.at(*holder_);
   if (e.preempted) return e.preempted_at + o_.yield_timeout;
-  return PreemptAt();
+  return e.told_contended ? PreemptAt() : CrossAt();
 }
 
 std::optional<SchedEntryStatus> Scheduler::Status(const Uuid& u) const {

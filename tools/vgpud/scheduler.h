@@ -8,6 +8,12 @@
 //
 // - Work-conserving: a vGPU alone keeps its grant as long as nobody else asks (no message
 //   per submission), and time used while nobody else wanted the engine is not charged.
+//   Once another vGPU waits and the holder is no longer owed engine time (its virtual time,
+//   counting the time since, has passed the waiter's), the holder is told (contended): from
+//   then on it keeps at most one submission on the device, and gives the grant back as soon
+//   as it has nothing left to run, so the engine does not idle under an idle holder while
+//   another vGPU has work. Before that point it keeps the grant between its submissions: a
+//   tenant that thinks between them still gets its weight's share.
 // - Bounded slice: once another vGPU waits, the holder is asked to yield (preempted) when
 //   its grant is `slice` old; it stops handing new work to the device at once and
 //   releases when its device work has drained. Work already on the device cannot be cut,
@@ -31,8 +37,22 @@
 
 namespace vg::daemon {
 
+// The host's policy (vgpud --sched), as production vGPU schedulers offer them:
+// - off: no grants; every vGPU hands work to the engine when it has it (first come, first served).
+// - best-effort: busy vGPUs share the engine by weight; what idle ones leave goes to busy ones.
+// - equal-share: every running vGPU is entitled to 1/N of the engine (N: running vGPUs,
+//   busy or not) and never gets more: an idle vGPU's share is kept for it, not given away.
+// - fixed-share: every running vGPU gets a share set by its type (1 / the type's
+//   max_instances), whatever else runs; never more.
+// The shares of the last two are caps the worker's GPU-time bucket enforces (the pool
+// computes them); the grant order among busy vGPUs is by weight (equal-share: equal).
+enum class SchedPolicy : uint8_t { kOff, kBestEffort, kEqualShare, kFixedShare };
+std::string_view SchedPolicyName(SchedPolicy p);
+std::optional<SchedPolicy> ParseSchedPolicy(std::string_view s);  // "weighted": best-effort
+
 struct SchedOptions {
-  bool enabled = true;  // off: every vGPU always holds the engine (first come, first served)
+  SchedPolicy policy = SchedPolicy::kBestEffort;
+  bool enabled() const { return policy != SchedPolicy::kOff; }
   std::chrono::nanoseconds slice{std::chrono::milliseconds(2)};
   // Long: a remoting DISPATCH is one engine submission, not cut into pieces (yet), and a
   // legal one may run for many seconds on a software device.
@@ -43,6 +63,8 @@ struct SchedActions {
   std::function<void(const Uuid&, uint64_t grant)> grant;
   std::function<void(const Uuid&, uint64_t grant)> preempt;
   std::function<void(const Uuid&, std::string why)> kill;
+  // Another vGPU waits while `grant` is held: give it back once idle (may be null).
+  std::function<void(const Uuid&, uint64_t grant)> contended;
 };
 
 enum class SchedState : uint8_t { kIdle, kWaiting, kRunning };
@@ -55,6 +77,7 @@ struct SchedEntryStatus {
   uint64_t used_ns = 0;        // device time reported, all of it
   uint64_t grants = 0;
   uint64_t preemptions = 0;
+  uint64_t idle_releases = 0;  // grants given back unused-up because it had nothing to run
   uint64_t wait_ns = 0;        // time spent waiting for a grant
   double vruntime = 0;         // ns / weight, relative to the scheduler's floor
 };
@@ -89,6 +112,7 @@ class Scheduler {
     Clock::time_point granted_at{};      // kRunning
     Clock::time_point waiting_since{};   // kWaiting
     bool preempted = false;              // kRunning: asked to yield
+    bool told_contended = false;         // kRunning: told to give the grant back once idle
     Clock::time_point preempted_at{};
     SchedEntryStatus stats;
   };
@@ -96,6 +120,8 @@ class Scheduler {
   void Wait(const Uuid& u, Entry& e, Clock::time_point now);
   void Dispatch(Clock::time_point now);
   void MaybePreempt(Clock::time_point now);
+  void MaybeContend(Clock::time_point now);  // tell the holder once it is no longer owed time
+  std::optional<Clock::time_point> CrossAt() const;
   std::optional<Clock::time_point> PreemptAt() const;
 
   SchedOptions o_;

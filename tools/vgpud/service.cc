@@ -184,6 +184,7 @@ Result<std::string> VgpuHost::StartInstance(const Uuid& uuid, const mdev::VgpuTy
   spec.gtt_entries = type.gtt_entries;
   spec.sched = Effective(type, attrs);
   spec.attrs = attrs;
+  spec.fixed_share_of = std::max<uint32_t>(1, type.max_instances);
   // Returns once the worker serves the vfio-user socket, which is what the Manager (and a
   // write to the tree's `create`) promises its caller.
   VG_TRY_ASSIGN(std::string path, pool_.Start(spec));
@@ -417,11 +418,13 @@ struct ServiceOps {
                 {"rate_burst", sp.rate_burst},
                 {"gpu_time_limit_ms", sp.gpu_time_limit_ns / 1'000'000},
                 {"gpu_time_burst_ms", sp.gpu_time_burst_ns / 1'000'000},
-                {"scheduling", s.sup_.workers().policy().sched.enabled ? "weighted" : "off"}};
+                {"scheduling", SchedPolicyName(s.sup_.workers().policy().sched.policy)}};
+        if (w->share_cap_ns) sj["share_cap_ms_per_s"] = w->share_cap_ns / 1e6;
         if (w->sched) {
           sj["state"] = SchedStateName(w->sched->state);
           sj["grants"] = w->sched->grants;
           sj["preemptions"] = w->sched->preemptions;
+          sj["idle_releases"] = w->sched->idle_releases;
           sj["used_ms"] = w->sched->used_ns / 1e6;
           sj["charged_ms"] = w->sched->charged_ns / 1e6;
           sj["wait_ms"] = w->sched->wait_ns / 1e6;

@@ -10,7 +10,8 @@
 //                         on the adoption socket, values[0..3]: the token), kPing (seq),
 //                         kFault (test builds only act on it), kSchedConfig (scheduling and
 //                         rate limits, at start and when changed), kSchedGrant and
-//                         kSchedPreempt (seq: the grant)
+//                         kSchedPreempt (seq: the grant), kSchedContended (seq: the grant;
+//                         another vGPU waits: release once idle)
 //   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
 //                         kSchedRequest (it has work held for want of a grant),
 //                         kSchedRelease (seq: the grant; device ns used, still wants)
@@ -51,7 +52,8 @@ enum class Kind : uint32_t {
   kSchedGrant = 8,
   kSchedPreempt = 9,
   kSchedRelease = 10,
-  kAdopt = 11,
+  kSchedContended = 11,
+  kAdopt = 12,
 };
 
 // kSchedConfig's values, by slot.
@@ -192,7 +194,7 @@ inline RecvStatus Recv(int fd, Record& out) {
   switch (r.kind) {
     case Kind::kGo: case Kind::kPing: case Kind::kPong: case Kind::kReady: case Kind::kFault:
     case Kind::kSchedConfig: case Kind::kSchedRequest: case Kind::kSchedGrant: case Kind::kSchedPreempt:
-    case Kind::kSchedRelease: case Kind::kAdopt: break;
+    case Kind::kSchedRelease: case Kind::kSchedContended: case Kind::kAdopt: break;
     default: return RecvStatus::kMalformed;
   }
   out = r;

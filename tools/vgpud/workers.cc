@@ -250,6 +250,10 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
                    },
                    [raw](const Uuid& u, std::string why) {
                      if (Worker* w = raw->Find(u)) raw->Kill(*w, std::move(why), EndKind::kWatchdog);
+                   },
+                   [raw](const Uuid& u, uint64_t grant) {
+                     if (Worker* w = raw->Find(u); w && w->channel.Valid())
+                       (void)ch::Send(w->channel.Get(), ch::Make(ch::Kind::kSchedContended, grant));
                    }});
   p->LoadStates();
   p->sched_ev_ = event_new(base, -1, 0, &WorkerPool::OnSchedTimer, p.get());
@@ -294,12 +298,45 @@ void WorkerPool::SendSchedConfig(Worker& w) {
   if (!w.channel.Valid()) return;
   ch::Record r = ch::Make(ch::Kind::kSchedConfig);
   auto set = [&](ch::SchedConfigSlot s, uint64_t v) { r.values[static_cast<size_t>(s)] = v; };
-  set(ch::SchedConfigSlot::kScheduled, policy_.sched.enabled ? 1 : 0);
+  set(ch::SchedConfigSlot::kScheduled, policy_.sched.enabled() ? 1 : 0);
   set(ch::SchedConfigSlot::kRateLimit, w.spec.sched.rate_limit);
   set(ch::SchedConfigSlot::kRateBurst, w.spec.sched.rate_burst);
-  set(ch::SchedConfigSlot::kGpuTimeLimitNs, w.spec.sched.gpu_time_limit_ns);
-  set(ch::SchedConfigSlot::kGpuTimeBurstNs, w.spec.sched.gpu_time_burst_ns);
+  // equal-share and fixed-share cap the vGPU at its share: the GPU-time bucket enforces it,
+  // together with the vGPU's own gpu_time_limit (the lower of the two).
+  uint64_t limit = w.spec.sched.gpu_time_limit_ns, burst = w.spec.sched.gpu_time_burst_ns;
+  w.status.share_cap_ns = ShareCap(w);
+  if (w.status.share_cap_ns && (!limit || w.status.share_cap_ns < limit)) {
+    limit = w.status.share_cap_ns;
+    burst = 0;  // the gate's default: a tenth of a second's worth
+  }
+  set(ch::SchedConfigSlot::kGpuTimeLimitNs, limit);
+  set(ch::SchedConfigSlot::kGpuTimeBurstNs, burst);
   if (!ch::Send(w.channel.Get(), r)) VG_LOGW("worker for {}: channel full, scheduling config not sent", w.spec.uuid);
+}
+
+uint64_t WorkerPool::ShareCap(const Worker& w) const {
+  constexpr uint64_t kSecondNs = 1'000'000'000;
+  switch (policy_.sched.policy) {
+    case SchedPolicy::kEqualShare: {
+      // The running vGPUs and those on their way (a starting one is asked its share before
+      // it says Ready; everyone's is sent again when it does).
+      const auto running = std::count_if(workers_.begin(), workers_.end(), [](const auto& kv) {
+        return kv.second->state == Worker::State::kRunning || kv.second->state == Worker::State::kStarting;
+      });
+      return kSecondNs / static_cast<uint64_t>(std::max<std::ptrdiff_t>(1, running));
+    }
+    case SchedPolicy::kFixedShare: return kSecondNs / std::max<uint32_t>(1, w.spec.fixed_share_of);
+    default: return 0;
+  }
+}
+
+void WorkerPool::ResendShares() {
+  if (policy_.sched.policy != SchedPolicy::kEqualShare) return;
+  for (auto& [u, w] : workers_)
+    if (w->state == Worker::State::kRunning) {
+      SendSchedConfig(*w);
+      Publish(*w);
+    }
 }
 
 Result<> WorkerPool::Reconfigure(const Uuid& uuid, const SchedParams& p,
@@ -313,7 +350,7 @@ Result<> WorkerPool::Reconfigure(const Uuid& uuid, const SchedParams& p,
       WriteState(*w);
     }
     w->status.sched_params = p;
-    sched_->SetWeight(uuid, p.weight);
+    if (policy_.sched.policy != SchedPolicy::kEqualShare) sched_->SetWeight(uuid, p.weight);
     SendSchedConfig(*w);
     Publish(*w);
     return Ok();
@@ -451,7 +488,7 @@ Result<> WorkerPool::Spawn(Worker& w) {
     argv.push_back(std::to_string(v));
   }
   // Held from its first submission until the scheduler grants it the engine.
-  if (policy_.sched.enabled) argv.push_back("--scheduled");
+  if (policy_.sched.enabled()) argv.push_back("--scheduled");
   argv.insert(argv.end(), policy_.worker_args.begin(), policy_.worker_args.end());
   VG_TRY_ASSIGN(pid_t pid, SpawnProcess(argv, fds));
   w.pid = pid;
@@ -787,7 +824,10 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
           std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - w.spawned_at).count());
       VG_LOGI("worker for {} {} in {} ms (pid {})", w.spec.uuid, w.adopted ? "adopted" : "ready",
               w.status.start_latency_us / 1000, w.pid);
-      if (policy_.sched.enabled) sched_->Add(w.spec.uuid, w.spec.sched.weight, Clock::now());
+      if (policy_.sched.enabled())
+        sched_->Add(w.spec.uuid, policy_.sched.policy == SchedPolicy::kEqualShare ? 100 : w.spec.sched.weight,
+                    Clock::now());
+      ResendShares();  // equal-share: one more running vGPU, a smaller share each
       if (w.waiter) {
         w.waiter->Set(Ok());
         w.waiter.reset();
@@ -803,11 +843,11 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       w.status.pong_seq = r.seq;
       break;
     case ch::Kind::kSchedRequest:
-      if (w.state != Worker::State::kRunning || !policy_.sched.enabled) return;
+      if (w.state != Worker::State::kRunning || !policy_.sched.enabled()) return;
       sched_->OnRequest(w.spec.uuid, Clock::now());
       return ArmSched();
     case ch::Kind::kSchedRelease: {
-      if (w.state != Worker::State::kRunning || !policy_.sched.enabled) return;
+      if (w.state != Worker::State::kRunning || !policy_.sched.enabled()) return;
       auto at = [&](ch::SchedReleaseSlot s) { return r.values[static_cast<size_t>(s)]; };
       sched_->OnRelease(w.spec.uuid, r.seq, at(ch::SchedReleaseSlot::kUsedNs), at(ch::SchedReleaseSlot::kWants) != 0,
                         Clock::now());
@@ -922,6 +962,7 @@ void WorkerPool::OnRestart(int, short, void* arg) {
 
 void WorkerPool::Fail(Worker& w) {
   w.state = Worker::State::kFailed;
+  ResendShares();
   // Nobody serves the sockets any more: a guest must be refused, not queued forever.
   CloseSockets(w);
   VG_LOGE("worker for {}: left failed ({} policy, {} restarts within {} s); `vgpuctl stop` then `start` to retry",
@@ -979,7 +1020,9 @@ WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
 Result<> WorkerPool::Stop(const Uuid& uuid) {
   return loop_.Call<void>([this, uuid]() -> Result<> {
     VG_ERROR_IF(workers_.count(uuid) == 0, Errc::kNotFound, "vGPU {} has no worker", uuid);
-    if (Worker* w = Retire(uuid)) {
+    Worker* w = Retire(uuid);
+    ResendShares();  // equal-share: one fewer running vGPU (a restarting one still counts)
+    if (w) {
       w->stop_ev = evtimer_new(base_, &WorkerPool::OnStopDeadline, w);
       const timeval tv = Tv(policy_.stop_grace_ms);
       if (w->stop_ev) evtimer_add(w->stop_ev, &tv);

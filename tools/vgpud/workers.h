@@ -98,6 +98,8 @@ struct WorkerSpec {
   // The instance's attributes as applied (mdev::Attributes), kept in the worker's state file
   // so that a new supervisor brings a transient vGPU back as it was. Opaque to the pool.
   std::vector<std::pair<std::string, std::string>> attrs;
+  // fixed-share: the vGPU's share of the engine is 1 / this (its type's max_instances).
+  uint32_t fixed_share_of = 1;
 };
 
 // Why worker processes ended, by kind (a counter per kind per vGPU).
@@ -130,6 +132,7 @@ struct WorkerStatus {
   bool no_new_privs = false;
   SchedParams sched_params;
   std::optional<SchedEntryStatus> sched;  // while the scheduler knows it (running)
+  uint64_t share_cap_ns = 0;              // equal-/fixed-share: engine ns per second it may use
 };
 
 // Supervisor restart (docs/isolation.md, "Supervisor restart"). For each vGPU it runs, the
@@ -219,6 +222,8 @@ class WorkerPool {
   static void OnStopDeadline(int, short, void* arg);
   static void OnSchedTimer(int, short, void* arg);
   void SendSchedConfig(Worker& w);
+  uint64_t ShareCap(const Worker& w) const;  // ns per second; 0: no cap (best-effort, off)
+  void ResendShares();                       // equal-share: the running set changed
   void ArmSched();
   Worker* Find(const Uuid& uuid);
 
