@@ -258,3 +258,55 @@ TEST_CASE("an orphaned worker without a guest exits after its grace; its vGPU st
   CHECK(d.Shutdown() == 0);
   ReapOrphans({pid_a});
 }
+
+TEST_CASE("a second vgpud on the same runtime directory refuses to start and touches nothing of the first's") {
+  BecomeSubreaper();
+  DaemonProc d;
+  REQUIRE(d.Start(Args({"--vgpu", std::string(kA) + ":small"})));
+  const int64_t pid_a = WorkerPid(d, kA);
+  Tenant t(d.Socket(kA));
+  REQUIRE(WaitFor([&] { return t.rounds >= 2 || t.failed; }, Ms(30000)));
+  // The second one, as an operator's mistake would start it: it must not adopt (nor, when the
+  // busy worker does not answer, kill) the first one's workers.
+  mgmt::Ran second = mgmt::RunCapture({mgmt::Env("VGPUD", "tools/vgpud"), "--runtime-dir", d.runtime().string(),
+                                       "--heartbeat-ms", "100"});
+  INFO("second vgpud: ", second.out, second.err);
+  CHECK(second.code != 0);
+  CHECK((second.out + second.err).find("another vgpud runs on") != std::string::npos);
+  const uint64_t before = t.rounds;
+  REQUIRE(WaitFor([&] { return t.rounds >= before + 3 || t.failed; }, Ms(20000)));
+  CHECK_MESSAGE(!t.failed, t.why);
+  CHECK(WorkerPid(d, kA) == pid_a);
+  CHECK(Worker(d, kA)["state"] == "running");
+  t.Stop();
+  CHECK(d.Shutdown() == 0);
+  ReapOrphans({pid_a});
+}
+
+TEST_CASE("kill -9 with the mdev tree mounted (--root): the stale FUSE mount does not block the restart") {
+  if (!mgmt::fs::exists("/dev/fuse")) {
+    MESSAGE("skipped: no /dev/fuse here");
+    return;
+  }
+  BecomeSubreaper();
+  DaemonProc d;
+  const mgmt::fs::path root = d.dir() / "root";
+  mgmt::fs::create_directories(root);
+  const std::vector<std::string> args = Args({"--root", root.string()});
+  REQUIRE(d.Start(args));
+  REQUIRE(Answered(Control(d, {{"op", "define"}, {"uuid", kA}, {"type", "small"}})));
+  REQUIRE(Answered(Control(d, {{"op", "start"}, {"uuid", kA}})));
+  const int64_t pid_a = WorkerPid(d, kA);
+  Tenant t(d.Socket(kA));
+  REQUIRE(WaitFor([&] { return t.rounds >= 2 || t.failed; }, Ms(30000)));
+  REQUIRE(d.Shutdown(SIGKILL) == 128 + SIGKILL);
+  REQUIRE(d.Start(args));
+  CHECK(WorkerPid(d, kA) == pid_a);
+  CHECK(mgmt::fs::exists(root / "sys/bus/mdev/devices" / kA));
+  const uint64_t before = t.rounds;
+  REQUIRE(WaitFor([&] { return t.rounds >= before + 3 || t.failed; }, Ms(20000)));
+  t.Stop();
+  CHECK_MESSAGE(!t.failed, t.why);
+  CHECK(d.Shutdown() == 0);
+  ReapOrphans({pid_a});
+}

@@ -2,6 +2,8 @@
 
 #include <event2/event.h>
 #include <event2/thread.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -13,6 +15,15 @@ namespace vg::daemon {
 Result<std::unique_ptr<Supervisor>> Supervisor::Create(SupervisorOptions opts) {
   if (::mkdir(opts.runtime_dir.c_str(), 0755) != 0 && errno != EEXIST)
     return MakeError(Errc::kIo, "mkdir {}: {}", opts.runtime_dir, std::strerror(errno));
+  // One supervisor per runtime directory, for its life: a second one must not adopt (or, when
+  // the adoption handshake gets no answer, kill) workers a live supervisor runs. flock's lock
+  // belongs to this open file description, which no worker inherits (O_CLOEXEC), and the
+  // kernel drops it when this process dies, however it dies.
+  const std::string lock_path = opts.runtime_dir + "/vgpud.lock";
+  UniqueFd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+  VG_ERROR_IF(!lock.Valid(), Errc::kIo, "{}: {}", lock_path, std::strerror(errno));
+  VG_ERROR_IF(::flock(lock.Get(), LOCK_EX | LOCK_NB) != 0, Errc::kAlreadyExists,
+              "another vgpud runs on {} ({} is locked)", opts.runtime_dir, lock_path);
   // Other threads (the mdev tree's FUSE thread, the management thread) wake the loop with
   // event_active() to hand it work (LoopTasks): libevent's locking must be on before the base exists.
   static const int threads_ok = evthread_use_pthreads();
@@ -21,6 +32,7 @@ Result<std::unique_ptr<Supervisor>> Supervisor::Create(SupervisorOptions opts) {
   VG_ERROR_IF(!base, Errc::kInternal, "event_base_new failed");
   opts.workers.runtime_dir = opts.runtime_dir;
   std::unique_ptr<Supervisor> s(new Supervisor(std::move(opts), base));
+  s->lock_ = std::move(lock);
   VG_TRY_ASSIGN(s->loop_, LoopTasks::Create(base));
   VG_TRY_ASSIGN(s->workers_, WorkerPool::Create(base, *s->loop_, s->opts_.workers));
   // A control client dying mid-reply must not kill the supervisor.

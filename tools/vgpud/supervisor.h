@@ -40,6 +40,7 @@ class Supervisor {
   static void OnSignal(int sig, short what, void* arg);
 
   SupervisorOptions opts_;
+  UniqueFd lock_;  // <runtime_dir>/vgpud.lock, flock'd for this supervisor's life
   event_base* base_;
   std::unique_ptr<LoopTasks> loop_;
   std::unique_ptr<WorkerPool> workers_;
