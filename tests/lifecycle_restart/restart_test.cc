@@ -310,3 +310,32 @@ TEST_CASE("kill -9 with the mdev tree mounted (--root): the stale FUSE mount doe
   CHECK(d.Shutdown() == 0);
   ReapOrphans({pid_a});
 }
+
+TEST_CASE("an adopted worker that dies is restarted on the same socket paths, its end named and counted") {
+  BecomeSubreaper();
+  DaemonProc d;
+  REQUIRE(d.Start(Args({"--vgpu", std::string(kA) + ":small"})));
+  const int64_t pid_a = WorkerPid(d, kA);
+  REQUIRE(d.Shutdown(SIGKILL) == 128 + SIGKILL);
+  REQUIRE(d.Start(Args()));
+  REQUIRE(WorkerPid(d, kA) == pid_a);
+  REQUIRE(::kill(static_cast<pid_t>(pid_a), SIGKILL) == 0);
+  REQUIRE(WaitFor(
+      [&] {
+        Json w = Worker(d, kA);
+        return w.is_object() && w["state"] == "running" && w["pid"].is_number() && w["pid"] != pid_a;
+      },
+      Ms(15000)));
+  Json w = Worker(d, kA);
+  INFO("worker: ", w.dump());
+  CHECK(w["restarts"] == 1);
+  CHECK(w["ends"]["exit"] == 1);
+  CHECK(w["last_exit"].get<std::string>().find("adopted") != std::string::npos);
+  CHECK(WaitFor([&] { return ProcessGone(pid_a); }, Ms(5000)));
+  {
+    Guest g(d.Socket(kA));
+    CHECK(RunOne(*g.drv, 4).ok());
+  }
+  CHECK(d.Shutdown() == 0);
+  ReapOrphans({pid_a});
+}
