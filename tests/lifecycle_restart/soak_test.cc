@@ -211,7 +211,9 @@ TEST_CASE("soak: random workloads and random faults; every result checked agains
   uint64_t readopt_mismatch = 0;
   std::mt19937 rng(0x50a6);
   const auto t0 = Clock::now();
-  auto next_supervisor_kill = t0 + std::chrono::seconds(std::max(5, seconds / 3));
+  // A kill -9 of the supervisor every third of the run, at least every 30 s, at most every 5 s.
+  const auto kill_every = std::chrono::seconds(std::clamp(seconds / 3, 5, 30));
+  auto next_supervisor_kill = t0 + kill_every;
   while (MsSince(t0) < seconds * 1000.0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100 + rng() % 300));
     if (Clock::now() >= next_supervisor_kill && MsSince(t0) < (seconds - 3) * 1000.0) {
@@ -223,7 +225,7 @@ TEST_CASE("soak: random workloads and random faults; every result checked agains
         if (WorkerPid(d, UuidOf(i)) != workers[i]) ++readopt_mismatch;
       for (int i = 0; i < guests; ++i) workers[i] = WorkerPid(d, UuidOf(i));
       ++faults["supervisor_kill9"];
-      next_supervisor_kill = Clock::now() + std::chrono::seconds(std::max(5, seconds / 3));
+      next_supervisor_kill = Clock::now() + kill_every;
       continue;
     }
     if (guests < 2) continue;
