@@ -285,9 +285,9 @@ void Worker::OnChannel(int fd, short, void* arg) {
     if (r.kind == ch::Kind::kPing) self->Pong(r.seq);
     if (r.kind == ch::Kind::kFault) self->OnFault(static_cast<ch::Fault>(r.values[0]));
     if (r.kind == ch::Kind::kSchedConfig) self->gate_->Configure(worker::GateConfig::FromRecord(r));
-    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq);
+    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq, r.values[0] != 0, r.values[1] != 0);
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
-    if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
+    if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq, r.values[0] != 0);
   }
 }
 

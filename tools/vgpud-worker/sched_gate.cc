@@ -20,6 +20,7 @@ GateConfig GateConfig::FromRecord(const ch::Record& r) {
   c.rate_burst = at(ch::SchedConfigSlot::kRateBurst);
   c.gpu_time_limit_ns = at(ch::SchedConfigSlot::kGpuTimeLimitNs);
   c.gpu_time_burst_ns = at(ch::SchedConfigSlot::kGpuTimeBurstNs);
+  c.idle_grace_ns = std::min<uint64_t>(at(ch::SchedConfigSlot::kIdleGraceNs), 100'000'000);
   return c;
 }
 
@@ -63,17 +64,20 @@ void SchedGate::Configure(const GateConfig& c) {
   WakePumpLocked(std::nullopt);  // limits may have been lifted
 }
 
-void SchedGate::OnGrant(uint64_t grant) {
+void SchedGate::OnGrant(uint64_t grant, bool contended, bool release_idle) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled) return;
   granted_ = true;
   grant_ = grant;
   requested_ = false;
   preempting_ = false;
-  contended_ = false;
+  contended_ = contended || release_idle;
+  release_idle_ = release_idle;
+  idle_since_.reset();
   grant_used_ns_ = 0;
   ++stats_.grants;
   WakePumpLocked(std::nullopt);
+  MaybeIdleReleaseLocked();  // what it asked for may be gone (cancelled)
 }
 
 void SchedGate::OnPreempt(uint64_t grant) {
@@ -84,15 +88,23 @@ void SchedGate::OnPreempt(uint64_t grant) {
   if (on_device_ == 0) ReleaseLocked();
 }
 
-void SchedGate::OnContended(uint64_t grant) {
+void SchedGate::OnContended(uint64_t grant, bool release_idle) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
   contended_ = true;
+  release_idle_ = release_idle_ || release_idle;
   MaybeIdleReleaseLocked();
 }
 
 void SchedGate::MaybeIdleReleaseLocked() {
-  if (!cfg_.scheduled || !granted_ || !contended_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) return;
+  if (!cfg_.scheduled || !granted_ || !release_idle_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) {
+    idle_since_.reset();
+    return;
+  }
+  const Clock::time_point now = Clock::now();
+  if (!idle_since_) idle_since_ = now;
+  const Clock::time_point due = *idle_since_ + std::chrono::nanoseconds(cfg_.idle_grace_ns);
+  if (now < due) return WakePumpLocked(due);  // the pump thread looks again then
   ++stats_.idle_releases;
   ReleaseLocked();
 }
@@ -146,6 +158,12 @@ bool SchedGate::Admit(const engine::Submission& s) {
     return false;
   }
   rate_held_ = false;
+  // A GPU-time limit charges a piece after it ran: one piece on the device at a time, so
+  // the bucket's debt is at most one piece (Ran wakes the pump for the next).
+  if (cfg_.gpu_time_limit_ns && on_device_ > 0) {
+    HoldLocked(now);
+    return false;
+  }
   // Contended: one piece on the device at a time (the next goes when it completes: Ran
   // wakes the pump).
   if (cfg_.scheduled && (!granted_ || preempting_ || (contended_ && on_device_ > 0))) {
@@ -157,6 +175,7 @@ bool SchedGate::Admit(const engine::Submission& s) {
     return false;
   }
   if (counts) sub_tokens_ -= s.guest_submissions;  // a coalesced batch may go into debt
+  idle_since_.reset();
   rate_held_ = false;
   if (held_since_) {
     stats_.queue_wait_ns += Ns(now - *held_since_);
@@ -175,6 +194,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool) {
     gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
   }
   if (on_device_) --on_device_;
+  if (on_device_ == 0 && held_since_ && !preempting_) WakePumpLocked(std::nullopt);  // the next piece
   if (!cfg_.scheduled || !granted_) return;
   if (preempting_) {
     if (on_device_ == 0) ReleaseLocked();
@@ -195,6 +215,8 @@ void SchedGate::ReleaseLocked() {
   granted_ = false;
   preempting_ = false;
   contended_ = false;
+  release_idle_ = false;
+  idle_since_.reset();
   grant_used_ns_ = 0;
   // Work still held (not by a bucket): the release is its request.
   requested_ = WantsDeviceLocked();
@@ -224,6 +246,7 @@ void SchedGate::PumpLoop() {
     }
     pump_now_ = false;
     pump_at_.reset();
+    if (idle_since_) MaybeIdleReleaseLocked();  // an idle grace may have run out
     lk.unlock();
     engine_->Pump();  // takes the engine's queue lock, then ours (Admit): never with ours held
     lk.lock();

@@ -8,8 +8,10 @@
 //   supervisor → worker   kGo (after the worker is placed in its cgroup), kPing (seq),
 //                         kFault (test builds only act on it), kSchedConfig (scheduling and
 //                         rate limits, at start and when changed), kSchedGrant and
-//                         kSchedPreempt (seq: the grant), kSchedContended (seq: the grant;
-//                         another vGPU waits: release once idle)
+//                         kSchedPreempt (seq: the grant; a grant's values[0]: 1 when another
+//                         vGPU already waits; values[1]: 1 when it is not owed engine time),
+//                         kSchedContended (seq: the grant; another vGPU waits; values[0]: 1
+//                         when the holder is no longer owed engine time: release once idle)
 //   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
 //                         kSchedRequest (it has work held for want of a grant),
 //                         kSchedRelease (seq: the grant; device ns used, still wants)
@@ -54,6 +56,7 @@ enum class SchedConfigSlot : uint32_t {
   kRateBurst,        // bucket size in submissions
   kGpuTimeLimitNs,   // device ns per second, 0: none
   kGpuTimeBurstNs,   // bucket size in ns
+  kIdleGraceNs,      // contended and idle this long: the grant goes back
 };
 // kSchedRelease's values, by slot.
 enum class SchedReleaseSlot : uint32_t { kUsedNs, kWants };

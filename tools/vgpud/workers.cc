@@ -177,9 +177,12 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
   WorkerPool* raw = p.get();
   p->sched_ = std::make_unique<Scheduler>(
       p->policy_.sched,
-      SchedActions{[raw](const Uuid& u, uint64_t grant) {
+      SchedActions{[raw](const Uuid& u, uint64_t grant, bool contended, bool release_idle) {
+                     ch::Record r = ch::Make(ch::Kind::kSchedGrant, grant);
+                     r.values[0] = contended ? 1 : 0;
+                     r.values[1] = release_idle ? 1 : 0;
                      if (Worker* w = raw->Find(u); w && w->channel.Valid())
-                       if (!ch::Send(w->channel.Get(), ch::Make(ch::Kind::kSchedGrant, grant)))
+                       if (!ch::Send(w->channel.Get(), r))
                          VG_LOGW("worker for {}: channel full, grant {} not sent", u, grant);
                    },
                    [raw](const Uuid& u, uint64_t grant) {
@@ -189,9 +192,10 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
                    [raw](const Uuid& u, std::string why) {
                      if (Worker* w = raw->Find(u)) raw->Kill(*w, std::move(why), EndKind::kWatchdog);
                    },
-                   [raw](const Uuid& u, uint64_t grant) {
-                     if (Worker* w = raw->Find(u); w && w->channel.Valid())
-                       (void)ch::Send(w->channel.Get(), ch::Make(ch::Kind::kSchedContended, grant));
+                   [raw](const Uuid& u, uint64_t grant, bool release_idle) {
+                     ch::Record r = ch::Make(ch::Kind::kSchedContended, grant);
+                     r.values[0] = release_idle ? 1 : 0;
+                     if (Worker* w = raw->Find(u); w && w->channel.Valid()) (void)ch::Send(w->channel.Get(), r);
                    }});
   p->sched_ev_ = event_new(base, -1, 0, &WorkerPool::OnSchedTimer, p.get());
   VG_ERROR_IF(!p->sched_ev_, Errc::kInternal, "scheduler timer");
@@ -248,6 +252,7 @@ void WorkerPool::SendSchedConfig(Worker& w) {
   }
   set(ch::SchedConfigSlot::kGpuTimeLimitNs, limit);
   set(ch::SchedConfigSlot::kGpuTimeBurstNs, burst);
+  set(ch::SchedConfigSlot::kIdleGraceNs, static_cast<uint64_t>(policy_.sched.idle_grace.count()));
   if (!ch::Send(w.channel.Get(), r)) VG_LOGW("worker for {}: channel full, scheduling config not sent", w.spec.uuid);
 }
 
