@@ -187,6 +187,31 @@ TEST_CASE("policies: best-effort gives a lone busy vGPU the engine; equal-share 
   }
 }
 
+TEST_CASE("modify --live reaches the running worker; a plain modify of a transient vGPU is refused") {
+  Host h;
+  h.Start(kA, Json::array({Json{{"sched_weight", "100"}}}));
+  CHECK(h.Show(kA)["scheduler"]["weight"] == 100);
+  Json r = Control(h.control, Json{{"op", "modify"},
+                                   {"uuid", kA},
+                                   {"live", true},
+                                   {"addattrs", Json::array({Json{{"sched_weight", "300"}}, Json{{"rate_limit", "50"}}})}});
+  REQUIRE_MESSAGE(r.value("ok", false), r.dump());
+  Json s = h.Show(kA);
+  CHECK(s["scheduler"]["weight"] == 300);
+  CHECK(s["scheduler"]["rate_limit"] == 50);
+  // Checked like the attribute file: a value out of range changes nothing.
+  r = Control(h.control, Json{{"op", "modify"},
+                              {"uuid", kA},
+                              {"live", true},
+                              {"addattrs", Json::array({Json{{"sched_weight", "0"}}})}});
+  CHECK_FALSE(r.value("ok", true));
+  CHECK(h.Show(kA)["scheduler"]["weight"] == 300);
+  // Without --live, modify changes a definition, and a transient vGPU has none.
+  r = Control(h.control, Json{{"op", "modify"}, {"uuid", kA}, {"addattrs", Json::array({Json{{"sched_weight", "200"}}})}});
+  CHECK_FALSE(r.value("ok", true));
+  CHECK(h.Show(kA)["scheduler"]["weight"] == 300);
+}
+
 TEST_CASE("a noisy neighbour cannot starve a quiet one") {
   // Same weight. The heavy tenant's rounds are big kernels (pieces of tens to hundreds of
   // ms) back to back; the quiet one submits small kernels and waits for each. It keeps
