@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <deque>
+#include <map>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -62,15 +63,19 @@ inline void CheckVictim(const VictimReport& r, double read_bound_ms = VictimRead
 class Victim {
  public:
   // in_flight: rounds submitted before the oldest is waited for (1: closed loop, one at a
-  // time; more keeps the vGPU backlogged, as a tenant that queues work does).
-  explicit Victim(const std::string& socket, uint32_t elements = 4096, uint32_t in_flight = 1) {
+  // time; more keeps the vGPU backlogged, as a tenant that queues work does). reuse: the
+  // inputs and reference results of each (kernel, size) are made once and submitted again
+  // and again (still checked bit for bit every round), so the guest's own CPU work per
+  // round is a copy and a compare and it stays ahead of the device (on a CPU device the
+  // reference costs as much as the kernel).
+  explicit Victim(const std::string& socket, uint32_t elements = 4096, uint32_t in_flight = 1, bool reuse = false) {
     shared_ = static_cast<Shared*>(
         ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
     REQUIRE(shared_ != MAP_FAILED);
     new (shared_) Shared();
     pid_ = ::fork();
     REQUIRE(pid_ >= 0);
-    if (pid_ == 0) std::_Exit(Run(socket, elements, std::max<uint32_t>(1, in_flight)));
+    if (pid_ == 0) std::_Exit(Run(socket, elements, std::max<uint32_t>(1, in_flight), reuse));
     // Ready once a first round is checked: the attack then runs beside a working tenant.
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
     while (shared_->rounds.load() == 0 && std::chrono::steady_clock::now() < deadline) {
@@ -146,7 +151,7 @@ class Victim {
     return code;
   }
 
-  int Run(const std::string& socket, uint32_t elements, uint32_t in_flight) {
+  int Run(const std::string& socket, uint32_t elements, uint32_t in_flight, bool reuse) {
     using namespace vg::guest;
     DeviceOptions o;
     o.socket = socket;
@@ -183,6 +188,7 @@ class Victim {
       std::chrono::steady_clock::time_point t0;
     };
     std::deque<Pending> pending;
+    std::map<std::pair<size_t, uint32_t>, Sample> made;  // reuse: by (kernel, size step)
     // Waits for the oldest round, checks it bit for bit and frees its buffers.
     auto finish = [&]() -> int {
       Pending p = std::move(pending.front());
@@ -200,8 +206,18 @@ class Victim {
     };
     for (uint64_t round = 0; !shared_->stop.load() && probe_failed.load() == 0; ++round) {
       const auto& k = kernels[round % kernels.size()];
-      Pending p{shaders::MakeSample(k.id, elements + static_cast<uint32_t>(round % 7), static_cast<uint32_t>(round)),
-                {}, 0, std::chrono::steady_clock::now()};
+      const uint32_t step = static_cast<uint32_t>(round % 7);
+      auto make = [&] { return shaders::MakeSample(k.id, elements + step, static_cast<uint32_t>(round)); };
+      auto t0 = std::chrono::steady_clock::now();
+      Pending p{{}, {}, 0, t0};
+      if (reuse) {
+        auto key = std::pair{static_cast<size_t>(round % kernels.size()), step};
+        auto it = made.find(key);
+        if (it == made.end()) it = made.emplace(key, make()).first;
+        p.s = it->second;
+      } else {
+        p.s = make();
+      }
       std::vector<Binding> binds;
       for (size_t i = 0; i < p.s.bindings.size(); ++i) {
         auto b = (*drv)->Alloc(p.s.bindings[i].size());

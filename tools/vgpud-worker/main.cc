@@ -159,6 +159,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o) {
     evtimer_add(ev, &tv);
   };
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
+  w->gate_->SetBacklogProbe([v = w->vgpu_.get()] { return v->HasBacklog(); });
   w->fault_gate_ = std::make_unique<RemotingGate>(w->vgpu_->faults());
   remoting::Limits rl;
   rl.time_granularity_ns = cfg.time_granularity_ns;
@@ -190,6 +191,7 @@ Worker::~Worker() {
   vfio_.reset();
   remoting_.reset();
   fault_gate_.reset();
+  if (gate_) gate_->SetBacklogProbe(nullptr);  // it reads the device model
   vgpu_.reset();
   if (throttle_ev_) event_free(throttle_ev_);
   // The pump thread goes before the engine it pumps; the engine's completion thread may
@@ -285,9 +287,9 @@ void Worker::OnChannel(int fd, short, void* arg) {
     if (r.kind == ch::Kind::kPing) self->Pong(r.seq);
     if (r.kind == ch::Kind::kFault) self->OnFault(static_cast<ch::Fault>(r.values[0]));
     if (r.kind == ch::Kind::kSchedConfig) self->gate_->Configure(worker::GateConfig::FromRecord(r));
-    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq, r.values[0] != 0, r.values[1] != 0);
+    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq, r.values[0] != 0);
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
-    if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq, r.values[0] != 0);
+    if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
   }
 }
 

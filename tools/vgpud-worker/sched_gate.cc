@@ -64,15 +64,14 @@ void SchedGate::Configure(const GateConfig& c) {
   WakePumpLocked(std::nullopt);  // limits may have been lifted
 }
 
-void SchedGate::OnGrant(uint64_t grant, bool contended, bool release_idle) {
+void SchedGate::OnGrant(uint64_t grant, bool contended) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled) return;
   granted_ = true;
   grant_ = grant;
   requested_ = false;
   preempting_ = false;
-  contended_ = contended || release_idle;
-  release_idle_ = release_idle;
+  contended_ = contended;
   idle_since_.reset();
   grant_used_ns_ = 0;
   ++stats_.grants;
@@ -88,20 +87,30 @@ void SchedGate::OnPreempt(uint64_t grant) {
   if (on_device_ == 0) ReleaseLocked();
 }
 
-void SchedGate::OnContended(uint64_t grant, bool release_idle) {
+void SchedGate::SetBacklogProbe(std::function<bool()> probe) {
+  std::lock_guard lk(mu_);
+  backlog_ = std::move(probe);
+}
+
+void SchedGate::OnContended(uint64_t grant) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
   contended_ = true;
-  release_idle_ = release_idle_ || release_idle;
   MaybeIdleReleaseLocked();
 }
 
 void SchedGate::MaybeIdleReleaseLocked() {
-  if (!cfg_.scheduled || !granted_ || !release_idle_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) {
+  if (!cfg_.scheduled || !granted_ || !contended_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) {
     idle_since_.reset();
     return;
   }
   const Clock::time_point now = Clock::now();
+  if (backlog_ && backlog_()) {
+    // Work on its way to the engine (no event tells when it drains without reaching the
+    // engine: look again after a grace). Not idle.
+    idle_since_.reset();
+    return WakePumpLocked(now + std::chrono::nanoseconds(std::max<uint64_t>(cfg_.idle_grace_ns, 50'000)));
+  }
   if (!idle_since_) idle_since_ = now;
   const Clock::time_point due = *idle_since_ + std::chrono::nanoseconds(cfg_.idle_grace_ns);
   if (now < due) return WakePumpLocked(due);  // the pump thread looks again then
@@ -215,7 +224,6 @@ void SchedGate::ReleaseLocked() {
   granted_ = false;
   preempting_ = false;
   contended_ = false;
-  release_idle_ = false;
   idle_since_.reset();
   grant_used_ns_ = 0;
   // Work still held (not by a bucket): the release is its request.
@@ -246,7 +254,7 @@ void SchedGate::PumpLoop() {
     }
     pump_now_ = false;
     pump_at_.reset();
-    if (idle_since_) MaybeIdleReleaseLocked();  // an idle grace may have run out
+    MaybeIdleReleaseLocked();  // an idle grace may have run out, a backlog drained
     lk.unlock();
     engine_->Pump();  // takes the engine's queue lock, then ours (Admit): never with ours held
     lk.lock();

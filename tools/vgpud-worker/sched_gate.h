@@ -12,10 +12,9 @@
 //   device time the grant used and whether work is still held.
 // - Contended (another vGPU waits, the supervisor says): at most one submission is on the
 //   device at a time, so a preempt waits for one piece, not for a pipeline of them; and the
-//   grant goes back once nothing has been on the device nor held for the idle grace (the
-//   engine would idle under this grant while another vGPU has work) — once the supervisor
-//   says this vGPU is no longer owed engine time (release_idle); until then it keeps the
-//   grant through gaps in its work, and is charged for them.
+//   grant goes back once the vGPU has had no work for the idle grace: nothing on the device,
+//   nothing held, nothing queued in the device model (the backlog probe). The engine would
+//   otherwise idle under this grant while another vGPU has work.
 // - Rate limits: token buckets on guest submissions per second and on device time per
 //   second, each with a burst. A submission needs one token per guest submission it
 //   carries; device time is charged after it ran (so a long piece goes into debt and the
@@ -69,11 +68,16 @@ class SchedGate final : public engine::SubmitGate {
 
   // From the worker's loop (channel records).
   void Configure(const GateConfig& c);
-  // contended: another vGPU waits (one piece on the device at a time); release_idle: and
-  // this one is not owed engine time: give the grant back once idle for the grace.
-  void OnGrant(uint64_t grant, bool contended, bool release_idle);
+  // contended: another vGPU waits (one piece on the device at a time; the grant goes back
+  // once the vGPU has had no work for the idle grace).
+  void OnGrant(uint64_t grant, bool contended);
   void OnPreempt(uint64_t grant);
-  void OnContended(uint64_t grant, bool release_idle);
+  void OnContended(uint64_t grant);
+  // Whether the vGPU has work queued that has not reached the engine yet (the device
+  // model's queued and running plans). Called with the gate's lock held, from any thread:
+  // must be lock-free. Null: none; once this returns the old probe is not called again
+  // (clear it before what it reads goes away).
+  void SetBacklogProbe(std::function<bool()> probe);
 
   GateStats Stats() const;
 
@@ -101,8 +105,8 @@ class SchedGate final : public engine::SubmitGate {
   bool requested_ = false;
   bool preempting_ = false;
   bool contended_ = false;
-  bool release_idle_ = false;
-  std::optional<Clock::time_point> idle_since_;  // release_idle_, nothing to run, since
+  std::optional<Clock::time_point> idle_since_;  // contended, nothing on the device nor held, since
+  std::function<bool()> backlog_;
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
   uint32_t on_device_ = 0;

@@ -86,15 +86,12 @@ void Scheduler::OnRequest(const Uuid& u, Clock::time_point now) {
   MaybePreempt(now);
 }
 
-void Scheduler::MaybeContend(Clock::time_point now) {
+void Scheduler::MaybeContend(Clock::time_point) {
   if (!holder_ || !contended_since_) return;
   Entry& e = entries_.at(*holder_);
-  const auto cross = CrossAt();
-  const bool release_idle = cross && now >= *cross;
-  if (e.told_contended && (e.told_release_idle || !release_idle)) return;
+  if (e.told_contended) return;
   e.told_contended = true;
-  e.told_release_idle = release_idle;
-  if (a_.contended) a_.contended(*holder_, e.grant, release_idle);
+  if (a_.contended) a_.contended(*holder_, e.grant);
 }
 
 void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now) {
@@ -149,10 +146,8 @@ void Scheduler::Dispatch(Clock::time_point now) {
   const bool others = std::any_of(entries_.begin(), entries_.end(),
                                   [](const auto& kv) { return kv.second.state == SchedState::kWaiting; });
   if (others) contended_since_ = now;
-  const auto cross = CrossAt();
   next->told_contended = others;
-  next->told_release_idle = others && cross && now >= *cross;
-  a_.grant(*next_u, next->grant, others, next->told_release_idle);
+  a_.grant(*next_u, next->grant, others);
 }
 
 std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt() const {
@@ -169,10 +164,9 @@ std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt() const {
   for (const auto& [u, w] : entries_)
     if (w.state == SchedState::kWaiting) least = std::min(least, w.vruntime);
   if (std::isinf(least)) return std::nullopt;
-  // When the holder's virtual time would pass the least waiting one's had it used the
-  // engine all along since others waited (it is charged what it really used when it
-  // releases). Until then it is owed engine time and is not preempted while it has work;
-  // it is preempted once that has passed and it has had a slice.
+  // When the holder's virtual time passes the least waiting one's, counting all the time
+  // since others waited (what it is charged when it releases). Until then it is owed
+  // engine time and is not preempted; it is once that has passed and it has had a slice.
   const double ahead_ns = std::max(0.0, (least - e.vruntime) * e.weight / kWeightScale);
   return std::max(e.granted_at, *contended_since_) +
          std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::nano>(ahead_ns));
@@ -208,7 +202,7 @@ std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
   if (!holder_) return std::nullopt;
   const Entry& e = entries_.at(*holder_);
   if (e.preempted) return e.preempted_at + o_.yield_timeout;
-  return e.told_release_idle ? PreemptAt() : CrossAt();
+  return PreemptAt();
 }
 
 std::optional<SchedEntryStatus> Scheduler::Status(const Uuid& u) const {

@@ -9,12 +9,13 @@
 // - Work-conserving: a vGPU alone keeps its grant as long as nobody else asks (no message
 //   per submission), and time used while nobody else wanted the engine is not charged.
 //   Once another vGPU waits, the holder is told (contended): from then on it keeps at most
-//   one submission on the device. While it is still owed engine time (its virtual time,
-//   counting the time since, is below the waiter's) it keeps the grant through gaps in its
-//   work (anticipation, as CFQ/BFQ's slice_idle: a tenant backlogged but for short gaps
-//   between pieces — a plan materialized, a hazard drained, a guest resubmitting — keeps
-//   its share); from then on it is told to give the grant back once it has had nothing to
-//   run for `idle_grace`. So the engine idles under a holder only for time it is owed.
+//   one submission on the device, and gives the grant back once its vGPU has had no work
+//   at all for `idle_grace` — nothing on the device, nothing held, and nothing queued in
+//   its device model (a plan being materialized or waiting for a hazard to drain is work:
+//   a backlogged tenant keeps its share across such gaps). A tenant that thinks between
+//   submissions gives the engine up while it thinks, and its lower virtual time gets it
+//   back first when it returns. A holder that says it has work but leaves the engine idle
+//   is preempted at the slice like any other, and releases at once.
 // - Charge: the time a vGPU held the grant while another waited, device time or not (a
 //   holder that keeps the grant through a gap keeps the others out just the same).
 // - Bounded slice: once another vGPU waits, the holder is asked to yield (preempted) when
@@ -65,16 +66,14 @@ struct SchedOptions {
 };
 
 struct SchedActions {
-  // `contended`: another vGPU already waits (the holder keeps one piece on the device from
-  // the start; told with the grant, so no piece can slip past in between). `release_idle`:
-  // and the holder is not owed engine time (it gives the grant back once idle).
-  std::function<void(const Uuid&, uint64_t grant, bool contended, bool release_idle)> grant;
+  // `contended`: another vGPU already waits (told with the grant, so no piece can slip past
+  // before the holder knows).
+  std::function<void(const Uuid&, uint64_t grant, bool contended)> grant;
   std::function<void(const Uuid&, uint64_t grant)> preempt;
   std::function<void(const Uuid&, std::string why)> kill;
-  // Another vGPU waits while `grant` is held (one piece on the device at a time);
-  // `release_idle`: the holder is no longer owed engine time, give it back once idle. At
-  // most twice per grant (may be null).
-  std::function<void(const Uuid&, uint64_t grant, bool release_idle)> contended;
+  // Another vGPU began to wait while `grant` is held: keep one piece on the device, give the
+  // grant back once idle. Once per grant (may be null).
+  std::function<void(const Uuid&, uint64_t grant)> contended;
 };
 
 enum class SchedState : uint8_t { kIdle, kWaiting, kRunning };
@@ -123,7 +122,6 @@ class Scheduler {
     Clock::time_point waiting_since{};   // kWaiting
     bool preempted = false;              // kRunning: asked to yield
     bool told_contended = false;         // kRunning: told another waits
-    bool told_release_idle = false;      // kRunning: told to give the grant back once idle
     Clock::time_point preempted_at{};
     SchedEntryStatus stats;
   };

@@ -9,9 +9,8 @@
 //                         kFault (test builds only act on it), kSchedConfig (scheduling and
 //                         rate limits, at start and when changed), kSchedGrant and
 //                         kSchedPreempt (seq: the grant; a grant's values[0]: 1 when another
-//                         vGPU already waits; values[1]: 1 when it is not owed engine time),
-//                         kSchedContended (seq: the grant; another vGPU waits; values[0]: 1
-//                         when the holder is no longer owed engine time: release once idle)
+//                         vGPU already waits), kSchedContended (seq: the grant; another vGPU
+//                         began to wait: one piece on the device, release once idle)
 //   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
 //                         kSchedRequest (it has work held for want of a grant),
 //                         kSchedRelease (seq: the grant; device ns used, still wants)

@@ -177,10 +177,9 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
   WorkerPool* raw = p.get();
   p->sched_ = std::make_unique<Scheduler>(
       p->policy_.sched,
-      SchedActions{[raw](const Uuid& u, uint64_t grant, bool contended, bool release_idle) {
+      SchedActions{[raw](const Uuid& u, uint64_t grant, bool contended) {
                      ch::Record r = ch::Make(ch::Kind::kSchedGrant, grant);
                      r.values[0] = contended ? 1 : 0;
-                     r.values[1] = release_idle ? 1 : 0;
                      if (Worker* w = raw->Find(u); w && w->channel.Valid())
                        if (!ch::Send(w->channel.Get(), r))
                          VG_LOGW("worker for {}: channel full, grant {} not sent", u, grant);
@@ -192,10 +191,9 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
                    [raw](const Uuid& u, std::string why) {
                      if (Worker* w = raw->Find(u)) raw->Kill(*w, std::move(why), EndKind::kWatchdog);
                    },
-                   [raw](const Uuid& u, uint64_t grant, bool release_idle) {
-                     ch::Record r = ch::Make(ch::Kind::kSchedContended, grant);
-                     r.values[0] = release_idle ? 1 : 0;
-                     if (Worker* w = raw->Find(u); w && w->channel.Valid()) (void)ch::Send(w->channel.Get(), r);
+                   [raw](const Uuid& u, uint64_t grant) {
+                     if (Worker* w = raw->Find(u); w && w->channel.Valid())
+                       (void)ch::Send(w->channel.Get(), ch::Make(ch::Kind::kSchedContended, grant));
                    }});
   p->sched_ev_ = event_new(base, -1, 0, &WorkerPool::OnSchedTimer, p.get());
   VG_ERROR_IF(!p->sched_ev_, Errc::kInternal, "scheduler timer");
