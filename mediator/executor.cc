@@ -188,6 +188,7 @@ Result<> Executor::Enqueue(Plan plan) {
                 kMaxQueuedPlanBytes);
     charged_bytes_ += bytes;
     queue_.push_back(Item{std::move(plan), {}, bytes, epoch_.load(std::memory_order_acquire)});
+    backlog_.fetch_add(1, std::memory_order_relaxed);
   }
   cv_.notify_one();
   return Ok();
@@ -219,7 +220,8 @@ bool Executor::Cancel(std::function<void()> after) {
       if (it.plan) counters_.plans_cancelled.fetch_add(1, std::memory_order_relaxed);
     }
     // Queued tasks (an earlier reset's scrub) still run: they follow work already running.
-    std::erase_if(queue_, [](const Item& it) { return it.plan.has_value(); });
+    backlog_.fetch_sub(static_cast<uint32_t>(std::erase_if(queue_, [](const Item& it) { return it.plan.has_value(); })),
+                       std::memory_order_relaxed);
     saturated_ = false;
     in_flight = running_ || !retiring_.empty();
     // The submit thread drains the retire queue before it runs a task: `after` follows
@@ -302,6 +304,7 @@ void Executor::Finished(const Retiring& r, std::unique_lock<std::mutex>& lk) {
     charged_bytes_ -= r.plan->bytes;
     if (r.plan->bytes) saturated_ = false;
     --plans_open_;
+    backlog_.fetch_sub(1, std::memory_order_relaxed);
     ended = r.plan;
   }
   ++retired_seq_;

@@ -137,6 +137,9 @@ class Executor {
   // No plan queued, running or retiring (a snapshot; true inside the plan_done hook of the
   // last plan).
   bool Idle() const;
+  // Plans queued or running (not yet retired): lock-free, for the scheduler's gate, which
+  // asks it under its own lock (docs/management.md "Scheduling").
+  bool HasBacklog() const { return backlog_.load(std::memory_order_relaxed) > 0; }
   // Lock-free snapshot: every counter is an atomic written by the executor thread only.
   ExecCounters Counters() const;
 
@@ -254,6 +257,7 @@ class Executor {
   uint32_t in_flight_ = 0;          // engine submissions not yet retired (mu_)
   uint64_t in_flight_cost_ = 0;     // their cost (mu_)
   uint32_t plans_open_ = 0;         // plans taken by the submit thread, not yet ended (mu_)
+  std::atomic<uint32_t> backlog_{0};  // plans queued + open; written under mu_, read anywhere
   uint64_t charged_bytes_ = 0;  // queued + running plans (mu_)
   bool saturated_ = false;      // a submission was refused for bytes; cleared as plans finish (mu_)
   bool running_ = false;        // the submit thread holds an item (mu_)

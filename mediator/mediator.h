@@ -104,6 +104,8 @@ class Vgpu : public vfio_user::DeviceBackend {
 
   // Waits until every submission queued so far has executed (tests, snapshot).
   void WaitIdle();
+  // Plans queued or running in the executor (lock-free; the scheduler's gate asks).
+  bool HasBacklog() const;
 
   DeviceSnapshot Snapshot() const;
   Result<> Restore(const DeviceSnapshot& snap);

@@ -195,6 +195,7 @@ void Vgpu::OnThrottleTimer() {
 }
 
 void Vgpu::WaitIdle() { impl_->exec_->WaitIdle(); }
+bool Vgpu::HasBacklog() const { return impl_->exec_->HasBacklog(); }
 
 void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(messenger); }
 

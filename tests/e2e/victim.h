@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
+#include <map>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -60,14 +62,20 @@ inline void CheckVictim(const VictimReport& r, double read_bound_ms = VictimRead
 
 class Victim {
  public:
-  explicit Victim(const std::string& socket, uint32_t elements = 4096) {
+  // in_flight: rounds submitted before the oldest is waited for (1: closed loop, one at a
+  // time; more keeps the vGPU backlogged, as a tenant that queues work does). reuse: the
+  // inputs and reference results of each (kernel, size) are made once and submitted again
+  // and again (still checked bit for bit every round), so the guest's own CPU work per
+  // round is a copy and a compare and it stays ahead of the device (on a CPU device the
+  // reference costs as much as the kernel).
+  explicit Victim(const std::string& socket, uint32_t elements = 4096, uint32_t in_flight = 1, bool reuse = false) {
     shared_ = static_cast<Shared*>(
         ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
     REQUIRE(shared_ != MAP_FAILED);
     new (shared_) Shared();
     pid_ = ::fork();
     REQUIRE(pid_ >= 0);
-    if (pid_ == 0) std::_Exit(Run(socket, elements));
+    if (pid_ == 0) std::_Exit(Run(socket, elements, std::max<uint32_t>(1, in_flight), reuse));
     // Ready once a first round is checked: the attack then runs beside a working tenant.
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
     while (shared_->rounds.load() == 0 && std::chrono::steady_clock::now() < deadline) {
@@ -143,7 +151,7 @@ class Victim {
     return code;
   }
 
-  int Run(const std::string& socket, uint32_t elements) {
+  int Run(const std::string& socket, uint32_t elements, uint32_t in_flight, bool reuse) {
     using namespace vg::guest;
     DeviceOptions o;
     o.socket = socket;
@@ -172,43 +180,68 @@ class Victim {
 
     int rc = 0;
     auto kernels = shaders::AllKernels();
+    using Sample = decltype(shaders::MakeSample(kernels[0].id, 1, 0));
+    struct Pending {
+      Sample s;
+      std::vector<GpuBuffer> bufs;
+      uint64_t seq = 0;
+      std::chrono::steady_clock::time_point t0;
+    };
+    std::deque<Pending> pending;
+    std::map<std::pair<size_t, uint32_t>, Sample> made;  // reuse: by (kernel, size step)
+    // Waits for the oldest round, checks it bit for bit and frees its buffers.
+    auto finish = [&]() -> int {
+      Pending p = std::move(pending.front());
+      pending.pop_front();
+      if (Result<> w = (*drv)->Wait(p.seq, WaitMode::kIrq, 30000); !w.ok()) return Fail(5, w.error().ToString());
+      std::vector<std::vector<std::byte>> out;
+      for (auto& b : p.bufs) {
+        out.emplace_back(b.host.begin(), b.host.end());
+        (void)(*drv)->Free(b);
+      }
+      if (auto c = shaders::CheckSample(p.s, out); !c.ok()) return Fail(1, c.error().ToString());
+      Max(shared_->max_round_us, Us(p.t0));
+      shared_->rounds.fetch_add(1);
+      return 0;
+    };
     for (uint64_t round = 0; !shared_->stop.load() && probe_failed.load() == 0; ++round) {
       const auto& k = kernels[round % kernels.size()];
-      auto s = shaders::MakeSample(k.id, elements + static_cast<uint32_t>(round % 7), static_cast<uint32_t>(round));
+      const uint32_t step = static_cast<uint32_t>(round % 7);
+      auto make = [&] { return shaders::MakeSample(k.id, elements + step, static_cast<uint32_t>(round)); };
       auto t0 = std::chrono::steady_clock::now();
-      std::vector<GpuBuffer> bufs;
+      Pending p{{}, {}, 0, t0};
+      if (reuse) {
+        auto key = std::pair{static_cast<size_t>(round % kernels.size()), step};
+        auto it = made.find(key);
+        if (it == made.end()) it = made.emplace(key, make()).first;
+        p.s = it->second;
+      } else {
+        p.s = make();
+      }
       std::vector<Binding> binds;
-      for (size_t i = 0; i < s.bindings.size(); ++i) {
-        auto b = (*drv)->Alloc(s.bindings[i].size());
+      for (size_t i = 0; i < p.s.bindings.size(); ++i) {
+        auto b = (*drv)->Alloc(p.s.bindings[i].size());
         if (!b.ok()) {
           rc = Fail(4, b.error().ToString());
           break;
         }
-        std::memcpy(b->host.data(), s.bindings[i].data(), s.bindings[i].size());
+        std::memcpy(b->host.data(), p.s.bindings[i].data(), p.s.bindings[i].size());
         binds.push_back(Bind(*b, AccessOf(k.bindings[i].access)));
-        bufs.push_back(*b);
+        p.bufs.push_back(*b);
       }
       if (rc) break;
       CommandBuilder cb;
-      cb.Dispatch(s.kernel, s.groups, binds, s.push);
+      cb.Dispatch(p.s.kernel, p.s.groups, binds, p.s.push);
       auto seq = (*drv)->Submit(cb);
-      Result<> w = seq.ok() ? (*drv)->Wait(*seq, WaitMode::kIrq, 30000) : Result<>(seq.error());
-      if (!w.ok()) {
-        rc = Fail(5, w.error().ToString());
+      if (!seq.ok()) {
+        rc = Fail(5, seq.error().ToString());
         break;
       }
-      std::vector<std::vector<std::byte>> out;
-      for (auto& b : bufs) {
-        out.emplace_back(b.host.begin(), b.host.end());
-        (void)(*drv)->Free(b);
-      }
-      if (auto c = shaders::CheckSample(s, out); !c.ok()) {
-        rc = Fail(1, c.error().ToString());
-        break;
-      }
-      Max(shared_->max_round_us, Us(t0));
-      shared_->rounds.fetch_add(1);
+      p.seq = *seq;
+      pending.push_back(std::move(p));
+      if (pending.size() >= in_flight && (rc = finish()) != 0) break;
     }
+    while (rc == 0 && !pending.empty()) rc = finish();
     shared_->stop.store(true);
     prober.join();
     if (rc == 0 && probe_failed.load()) rc = Fail(6, "register read failed");

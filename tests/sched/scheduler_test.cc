@@ -6,6 +6,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "tools/vgpud/scheduler.h"
@@ -22,13 +23,14 @@ struct Sim {
   std::optional<Uuid> granted;
   uint64_t grant = 0;
   int preempts = 0;
-  std::vector<std::pair<Uuid, uint64_t>> contended;
+  std::vector<std::pair<Uuid, uint64_t>> contended;  // holder, grant
   std::vector<std::string> kills;
   Scheduler s;
   explicit Sim(SchedOptions o = {})
-      : s(o, SchedActions{[this](const Uuid& u, uint64_t g) {
+      : s(o, SchedActions{[this](const Uuid& u, uint64_t g, bool c) {
                             granted = u;
                             grant = g;
+                            if (c) contended.emplace_back(u, g);
                           },
                           [this](const Uuid&, uint64_t) { ++preempts; },
                           [this](const Uuid& u, std::string why) { kills.push_back(u.ToString() + ": " + why); },
@@ -215,34 +217,30 @@ TEST_CASE("the holder is told once when another vGPU waits, and an idle release 
   REQUIRE(sim.contended.size() == 1);
   CHECK(sim.contended[0] == std::pair{U(1), g1});
   sim.s.OnRequest(U(2), now);  // a repeated request tells nobody again
+  sim.s.OnTimer(now);
   CHECK(sim.contended.size() == 1);
   // U(1) runs out of work well before its slice: it gives the grant back unasked, and U(2)
-  // gets it at once (no preempt was needed).
+  // gets it at once (no preempt was needed). U(1) is charged the 200 us it held the
+  // engine while U(2) waited, device time or not.
   now += 200us;
   sim.s.OnRelease(U(1), g1, 150'000, /*wants=*/false, now);
   CHECK(sim.preempts == 0);
   REQUIRE(sim.granted == U(2));
   CHECK(sim.s.Status(U(1))->idle_releases == 1);
-  // U(2) is owed what U(1) was charged (150 us at equal weights): while it is, it is not
-  // told (it keeps the grant between submissions); then it is, once.
+  CHECK(sim.s.Status(U(1))->charged_ns == 200'000);
+  // A grant made while another already waits says so itself (values[0] of the record).
   const uint64_t g2 = sim.grant;
   sim.s.OnRequest(U(1), now);
-  CHECK(sim.contended.size() == 1);
-  REQUIRE(sim.s.NextDeadline());
-  CHECK(*sim.s.NextDeadline() == now + 150us);
-  now += 149us;
-  sim.s.OnTimer(now);
-  CHECK(sim.contended.size() == 1);
-  now += 1us;
-  sim.s.OnTimer(now);
   REQUIRE(sim.contended.size() == 2);
   CHECK(sim.contended[1] == std::pair{U(2), g2});
-  sim.s.OnTimer(now);
-  CHECK(sim.contended.size() == 2);
-  now += 150us;
+  // U(2) is owed the 200 us U(1) was charged, and a slice: preempted no earlier.
+  REQUIRE(sim.s.NextDeadline());
+  CHECK(*sim.s.NextDeadline() == now + 2ms);
+  now += 300us;
   sim.s.OnRelease(U(2), g2, 300'000, /*wants=*/true, now);  // charged 300 us: U(1) is next
   REQUIRE(sim.granted == U(1));
-  CHECK(sim.contended.size() == 2);  // U(1) is owed 150 us: not told yet
+  REQUIRE(sim.contended.size() == 3);  // granted with U(2) waiting: contended from the start
+  CHECK(sim.contended[2].first == U(1));
 }
 
 TEST_CASE("policies parse by name; 'weighted' is best-effort") {

@@ -195,13 +195,16 @@ int main(int argc, char** argv) {
   stop->add_option("uuid", uuid, "UUID")->required();
   auto* undefine = app.add_subcommand("undefine", "remove a definition");
   undefine->add_option("uuid", uuid, "UUID")->required();
-  auto* modify = app.add_subcommand("modify", "change a definition");
+  auto* modify = app.add_subcommand("modify", "change a definition (with --live: the running vGPU's attributes)");
   modify->add_option("uuid", uuid, "UUID")->required();
   modify->add_option("--type,-t", set_type, "new type");
   auto* auto_flag = modify->add_flag("--auto", autostart, "start when the daemon starts");
   modify->add_flag("--manual", manual, "start only when asked")->excludes(auto_flag);
   modify->add_option("--addattr", addattrs, "append attribute name=value (repeatable)");
   modify->add_option("--delattr", delattrs, "remove attribute by name (repeatable)");
+  bool live = false, live_defined = false;
+  modify->add_flag("--live", live, "apply --addattr to the running vGPU at once (not to the definition, unless --defined)");
+  modify->add_flag("--defined", live_defined, "with --live: change the definition too");
   auto* show = app.add_subcommand("show", "state, sockets, attributes and counters of one vGPU");
   show->add_option("uuid", uuid, "UUID")->required();
   auto* qemu = app.add_subcommand("qemu-args", "QEMU options that attach a running vGPU");
@@ -271,6 +274,8 @@ int main(int argc, char** argv) {
     if (manual) req["start"] = "manual";
     if (!a->empty()) req["addattrs"] = *a;
     if (!delattrs.empty()) req["delattrs"] = delattrs;
+    if (live) req["live"] = true;
+    if (live && live_defined) req["defined"] = true;
     if (req.size() == 2) {
       f = {kExitUsage, "modify: nothing to change (--type, --auto, --manual, --addattr, --delattr)"};
       goto fail;

@@ -185,6 +185,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
     evtimer_add(ev, &tv);
   };
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
+  w->gate_->SetBacklogProbe([v = w->vgpu_.get()] { return v->HasBacklog(); });
   w->fault_gate_ = std::make_unique<RemotingGate>(w->vgpu_->faults());
   remoting::Limits rl;
   rl.time_granularity_ns = cfg.time_granularity_ns;
@@ -226,6 +227,7 @@ Worker::~Worker() {
   vfio_.reset();
   remoting_.reset();
   fault_gate_.reset();
+  if (gate_) gate_->SetBacklogProbe(nullptr);  // it reads the device model
   vgpu_.reset();
   if (throttle_ev_) event_free(throttle_ev_);
   // The pump thread goes before the engine it pumps; the engine's completion thread may
@@ -322,7 +324,7 @@ void Worker::OnChannel(int fd, short, void* arg) {
       self->gate_cfg_ = worker::GateConfig::FromRecord(r);
       self->gate_->Configure(self->gate_cfg_);
     }
-    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq);
+    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq, r.values[0] != 0);
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
     if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
   }

@@ -20,6 +20,7 @@ GateConfig GateConfig::FromRecord(const ch::Record& r) {
   c.rate_burst = at(ch::SchedConfigSlot::kRateBurst);
   c.gpu_time_limit_ns = at(ch::SchedConfigSlot::kGpuTimeLimitNs);
   c.gpu_time_burst_ns = at(ch::SchedConfigSlot::kGpuTimeBurstNs);
+  c.idle_grace_ns = std::min<uint64_t>(at(ch::SchedConfigSlot::kIdleGraceNs), 100'000'000);
   return c;
 }
 
@@ -63,17 +64,19 @@ void SchedGate::Configure(const GateConfig& c) {
   WakePumpLocked(std::nullopt);  // limits may have been lifted
 }
 
-void SchedGate::OnGrant(uint64_t grant) {
+void SchedGate::OnGrant(uint64_t grant, bool contended) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled) return;
   granted_ = true;
   grant_ = grant;
   requested_ = false;
   preempting_ = false;
-  contended_ = false;
+  contended_ = contended;
+  idle_since_.reset();
   grant_used_ns_ = 0;
   ++stats_.grants;
   WakePumpLocked(std::nullopt);
+  MaybeIdleReleaseLocked();  // what it asked for may be gone (cancelled)
 }
 
 void SchedGate::OnPreempt(uint64_t grant) {
@@ -84,6 +87,11 @@ void SchedGate::OnPreempt(uint64_t grant) {
   if (on_device_ == 0) ReleaseLocked();
 }
 
+void SchedGate::SetBacklogProbe(std::function<bool()> probe) {
+  std::lock_guard lk(mu_);
+  backlog_ = std::move(probe);
+}
+
 void SchedGate::OnContended(uint64_t grant) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
@@ -92,7 +100,20 @@ void SchedGate::OnContended(uint64_t grant) {
 }
 
 void SchedGate::MaybeIdleReleaseLocked() {
-  if (!cfg_.scheduled || !granted_ || !contended_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) return;
+  if (!cfg_.scheduled || !granted_ || !contended_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) {
+    idle_since_.reset();
+    return;
+  }
+  const Clock::time_point now = Clock::now();
+  if (backlog_ && backlog_()) {
+    // Work on its way to the engine (no event tells when it drains without reaching the
+    // engine: look again after a grace). Not idle.
+    idle_since_.reset();
+    return WakePumpLocked(now + std::chrono::nanoseconds(std::max<uint64_t>(cfg_.idle_grace_ns, 50'000)));
+  }
+  if (!idle_since_) idle_since_ = now;
+  const Clock::time_point due = *idle_since_ + std::chrono::nanoseconds(cfg_.idle_grace_ns);
+  if (now < due) return WakePumpLocked(due);  // the pump thread looks again then
   ++stats_.idle_releases;
   ReleaseLocked();
 }
@@ -146,6 +167,12 @@ bool SchedGate::Admit(const engine::Submission& s) {
     return false;
   }
   rate_held_ = false;
+  // A GPU-time limit charges a piece after it ran: one piece on the device at a time, so
+  // the bucket's debt is at most one piece (Ran wakes the pump for the next).
+  if (cfg_.gpu_time_limit_ns && on_device_ > 0) {
+    HoldLocked(now);
+    return false;
+  }
   // Contended: one piece on the device at a time (the next goes when it completes: Ran
   // wakes the pump).
   if (cfg_.scheduled && (!granted_ || preempting_ || (contended_ && on_device_ > 0))) {
@@ -157,6 +184,7 @@ bool SchedGate::Admit(const engine::Submission& s) {
     return false;
   }
   if (counts) sub_tokens_ -= s.guest_submissions;  // a coalesced batch may go into debt
+  idle_since_.reset();
   rate_held_ = false;
   if (held_since_) {
     stats_.queue_wait_ns += Ns(now - *held_since_);
@@ -175,6 +203,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool) {
     gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
   }
   if (on_device_) --on_device_;
+  if (on_device_ == 0 && held_since_ && !preempting_) WakePumpLocked(std::nullopt);  // the next piece
   if (!cfg_.scheduled || !granted_) return;
   if (preempting_) {
     if (on_device_ == 0) ReleaseLocked();
@@ -195,6 +224,7 @@ void SchedGate::ReleaseLocked() {
   granted_ = false;
   preempting_ = false;
   contended_ = false;
+  idle_since_.reset();
   grant_used_ns_ = 0;
   // Work still held (not by a bucket): the release is its request.
   requested_ = WantsDeviceLocked();
@@ -224,6 +254,7 @@ void SchedGate::PumpLoop() {
     }
     pump_now_ = false;
     pump_at_.reset();
+    MaybeIdleReleaseLocked();  // an idle grace may have run out, a backlog drained
     lk.unlock();
     engine_->Pump();  // takes the engine's queue lock, then ours (Admit): never with ours held
     lk.lock();

@@ -12,8 +12,9 @@
 //   device time the grant used and whether work is still held.
 // - Contended (another vGPU waits, the supervisor says): at most one submission is on the
 //   device at a time, so a preempt waits for one piece, not for a pipeline of them; and the
-//   grant goes back as soon as nothing is on the device and nothing is held (the engine
-//   would idle under this grant while another vGPU has work: not work-conserving).
+//   grant goes back once the vGPU has had no work for the idle grace: nothing on the device,
+//   nothing held, nothing queued in the device model (the backlog probe). The engine would
+//   otherwise idle under this grant while another vGPU has work.
 // - Rate limits: token buckets on guest submissions per second and on device time per
 //   second, each with a burst. A submission needs one token per guest submission it
 //   carries; device time is charged after it ran (so a long piece goes into debt and the
@@ -38,6 +39,7 @@ struct GateConfig {
   uint64_t rate_burst = 0;      // 0: rate_limit / 10, at least 1
   uint64_t gpu_time_limit_ns = 0;  // device ns per second; 0: none
   uint64_t gpu_time_burst_ns = 0;  // 0: gpu_time_limit_ns / 10, at least 1 ms
+  uint64_t idle_grace_ns = 0;      // contended with nothing to run this long: release
   static GateConfig FromRecord(const daemon::channel::Record& r);
 };
 
@@ -66,9 +68,16 @@ class SchedGate final : public engine::SubmitGate {
 
   // From the worker's loop (channel records).
   void Configure(const GateConfig& c);
-  void OnGrant(uint64_t grant);
+  // contended: another vGPU waits (one piece on the device at a time; the grant goes back
+  // once the vGPU has had no work for the idle grace).
+  void OnGrant(uint64_t grant, bool contended);
   void OnPreempt(uint64_t grant);
   void OnContended(uint64_t grant);
+  // Whether the vGPU has work queued that has not reached the engine yet (the device
+  // model's queued and running plans). Called with the gate's lock held, from any thread:
+  // must be lock-free. Null: none; once this returns the old probe is not called again
+  // (clear it before what it reads goes away).
+  void SetBacklogProbe(std::function<bool()> probe);
 
   GateStats Stats() const;
 
@@ -96,6 +105,8 @@ class SchedGate final : public engine::SubmitGate {
   bool requested_ = false;
   bool preempting_ = false;
   bool contended_ = false;
+  std::optional<Clock::time_point> idle_since_;  // contended, nothing on the device nor held, since
+  std::function<bool()> backlog_;
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
   uint32_t on_device_ = 0;

@@ -171,7 +171,7 @@ int main(int argc, char** argv) {
                "each plan's work gets its own engine submission even while the engine is saturated (the study's "
                "executor ablation)");
   std::string sched_mode = "best-effort";
-  uint64_t slice_us = 2000, yield_timeout_ms = 60000;
+  uint64_t slice_us = 2000, yield_timeout_ms = 60000, idle_grace_us = 200;
   app.add_option("--sched", sched_mode,
                  "how vGPUs share the engine, in time slices: best-effort (busy vGPUs by sched_weight; "
                  "'weighted' is the same), equal-share (1/N each of N running, never more), fixed-share (1/the "
@@ -180,6 +180,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--sched-slice-us", slice_us, "time slice: how long a vGPU may keep the engine once another waits")
       ->check(CLI::Range(100, 1000000))
+      ->capture_default_str();
+  app.add_option("--sched-idle-grace-us", idle_grace_us,
+                 "a vGPU holding the engine while another waits gives it back after this long with nothing to run")
+      ->check(CLI::Range(0, 100000))
       ->capture_default_str();
   app.add_option("--sched-yield-timeout-ms", yield_timeout_ms,
                  "a worker that has not yielded the engine this long after a preempt is killed")
@@ -251,6 +255,7 @@ int main(int argc, char** argv) {
   if (no_coalesce) wp.worker_args.push_back("--no-coalesce");
   wp.sched.policy = *daemon::ParseSchedPolicy(sched_mode);
   wp.sched.slice = std::chrono::microseconds(slice_us);
+  wp.sched.idle_grace = std::chrono::microseconds(idle_grace_us);
   wp.sched.yield_timeout = std::chrono::milliseconds(yield_timeout_ms);
 
   daemon::ServiceOptions so;

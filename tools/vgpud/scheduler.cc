@@ -86,12 +86,10 @@ void Scheduler::OnRequest(const Uuid& u, Clock::time_point now) {
   MaybePreempt(now);
 }
 
-void Scheduler::MaybeContend(Clock::time_point now) {
-  if (!holder_) return;
+void Scheduler::MaybeContend(Clock::time_point) {
+  if (!holder_ || !contended_since_) return;
   Entry& e = entries_.at(*holder_);
   if (e.told_contended) return;
-  auto at = CrossAt();
-  if (!at || now < *at) return;
   e.told_contended = true;
   if (a_.contended) a_.contended(*holder_, e.grant);
 }
@@ -101,10 +99,12 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
   if (it == entries_.end() || holder_ != u || it->second.grant != grant) return;
   Entry& e = it->second;
   if (!e.preempted) e.stats.idle_releases++;
-  // Only the device time used while someone else waited is charged: before that the
-  // engine would have idled (work-conserving), and nobody was owed it.
+  // Charged: the time it held the engine while someone else waited, device time or not
+  // (a holder that keeps the grant through a gap in its work keeps the others out just the
+  // same). Before anyone waited the engine would have idled (work-conserving), and nobody
+  // was owed it.
   uint64_t charge = 0;
-  if (contended_since_) charge = std::min(used_ns, Ns(now - std::max(e.granted_at, *contended_since_)));
+  if (contended_since_) charge = Ns(now - std::max(e.granted_at, *contended_since_));
   e.stats.used_ns += used_ns;
   e.stats.charged_ns += charge;
   e.vruntime += static_cast<double>(charge) * kWeightScale / e.weight;
@@ -143,14 +143,11 @@ void Scheduler::Dispatch(Clock::time_point now) {
   next->stats.wait_ns += Ns(now - next->waiting_since);
   holder_ = *next_u;
   floor_ = Floor();
-  next->told_contended = false;
-  a_.grant(*next_u, next->grant);
-  bool others = std::any_of(entries_.begin(), entries_.end(),
-                            [](const auto& kv) { return kv.second.state == SchedState::kWaiting; });
-  if (others) {
-    contended_since_ = now;
-    MaybeContend(now);
-  }
+  const bool others = std::any_of(entries_.begin(), entries_.end(),
+                                  [](const auto& kv) { return kv.second.state == SchedState::kWaiting; });
+  if (others) contended_since_ = now;
+  next->told_contended = others;
+  a_.grant(*next_u, next->grant, others);
 }
 
 std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt() const {
@@ -167,12 +164,9 @@ std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt() const {
   for (const auto& [u, w] : entries_)
     if (w.state == SchedState::kWaiting) least = std::min(least, w.vruntime);
   if (std::isinf(least)) return std::nullopt;
-  // When the holder's virtual time would pass the least waiting one's had it used the
-  // engine all along since others waited (it is charged what it really used when it
-  // releases). Until then it is owed engine time: it keeps the grant even between its
-  // submissions, so a heavy-weight tenant that thinks between them keeps its share. From
-  // then on it is told it is contended (it gives the grant back when idle), and preempted
-  // once it has also had a slice.
+  // When the holder's virtual time passes the least waiting one's, counting all the time
+  // since others waited (what it is charged when it releases). Until then it is owed
+  // engine time and is not preempted; it is once that has passed and it has had a slice.
   const double ahead_ns = std::max(0.0, (least - e.vruntime) * e.weight / kWeightScale);
   return std::max(e.granted_at, *contended_since_) +
          std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::nano>(ahead_ns));
@@ -208,7 +202,7 @@ std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
   if (!holder_) return std::nullopt;
   const Entry& e = entries_.at(*holder_);
   if (e.preempted) return e.preempted_at + o_.yield_timeout;
-  return e.told_contended ? PreemptAt() : CrossAt();
+  return PreemptAt();
 }
 
 std::optional<SchedEntryStatus> Scheduler::Status(const Uuid& u) const {

@@ -8,12 +8,16 @@
 //
 // - Work-conserving: a vGPU alone keeps its grant as long as nobody else asks (no message
 //   per submission), and time used while nobody else wanted the engine is not charged.
-//   Once another vGPU waits and the holder is no longer owed engine time (its virtual time,
-//   counting the time since, has passed the waiter's), the holder is told (contended): from
-//   then on it keeps at most one submission on the device, and gives the grant back as soon
-//   as it has nothing left to run, so the engine does not idle under an idle holder while
-//   another vGPU has work. Before that point it keeps the grant between its submissions: a
-//   tenant that thinks between them still gets its weight's share.
+//   Once another vGPU waits, the holder is told (contended): from then on it keeps at most
+//   one submission on the device, and gives the grant back once its vGPU has had no work
+//   at all for `idle_grace` — nothing on the device, nothing held, and nothing queued in
+//   its device model (a plan being materialized or waiting for a hazard to drain is work:
+//   a backlogged tenant keeps its share across such gaps). A tenant that thinks between
+//   submissions gives the engine up while it thinks, and its lower virtual time gets it
+//   back first when it returns. A holder that says it has work but leaves the engine idle
+//   is preempted at the slice like any other, and releases at once.
+// - Charge: the time a vGPU held the grant while another waited, device time or not (a
+//   holder that keeps the grant through a gap keeps the others out just the same).
 // - Bounded slice: once another vGPU waits, the holder is asked to yield (preempted) when
 //   its grant is `slice` old; it stops handing new work to the device at once and
 //   releases when its device work has drained. Work already on the device cannot be cut,
@@ -54,16 +58,21 @@ struct SchedOptions {
   SchedPolicy policy = SchedPolicy::kBestEffort;
   bool enabled() const { return policy != SchedPolicy::kOff; }
   std::chrono::nanoseconds slice{std::chrono::milliseconds(2)};
+  // A contended holder with nothing to run gives the grant back after this long.
+  std::chrono::nanoseconds idle_grace{std::chrono::microseconds(200)};
   // Long: a remoting DISPATCH is one engine submission, not cut into pieces (yet), and a
   // legal one may run for many seconds on a software device.
   std::chrono::nanoseconds yield_timeout{std::chrono::milliseconds(60000)};
 };
 
 struct SchedActions {
-  std::function<void(const Uuid&, uint64_t grant)> grant;
+  // `contended`: another vGPU already waits (told with the grant, so no piece can slip past
+  // before the holder knows).
+  std::function<void(const Uuid&, uint64_t grant, bool contended)> grant;
   std::function<void(const Uuid&, uint64_t grant)> preempt;
   std::function<void(const Uuid&, std::string why)> kill;
-  // Another vGPU waits while `grant` is held: give it back once idle (may be null).
+  // Another vGPU began to wait while `grant` is held: keep one piece on the device, give the
+  // grant back once idle. Once per grant (may be null).
   std::function<void(const Uuid&, uint64_t grant)> contended;
 };
 
@@ -112,7 +121,7 @@ class Scheduler {
     Clock::time_point granted_at{};      // kRunning
     Clock::time_point waiting_since{};   // kWaiting
     bool preempted = false;              // kRunning: asked to yield
-    bool told_contended = false;         // kRunning: told to give the grant back once idle
+    bool told_contended = false;         // kRunning: told another waits
     Clock::time_point preempted_at{};
     SchedEntryStatus stats;
   };
@@ -120,7 +129,7 @@ class Scheduler {
   void Wait(const Uuid& u, Entry& e, Clock::time_point now);
   void Dispatch(Clock::time_point now);
   void MaybePreempt(Clock::time_point now);
-  void MaybeContend(Clock::time_point now);  // tell the holder once it is no longer owed time
+  void MaybeContend(Clock::time_point now);  // someone waits: tell the holder, once per grant
   std::optional<Clock::time_point> CrossAt() const;
   std::optional<Clock::time_point> PreemptAt() const;
 

@@ -359,6 +359,23 @@ struct ServiceOps {
     }
     VG_INVALID_IF(start && *start != "auto" && *start != "manual", "'start' must be \"auto\" or \"manual\"");
     VG_INVALID_IF(!type && !start && add.empty() && del.empty(), "modify: nothing to change");
+    // `live` (mdevctl modify --live): the running instance's attributes change at once, as
+    // a write to its attribute file in the mdev tree does (the scheduler's weight and
+    // limits reach its worker); the definition changes only with `defined` too.
+    const bool live = req.value("live", false), defined = !live || req.value("defined", false);
+    if (live) {
+      VG_INVALID_IF(type || start || !del.empty(),
+                    "modify --live changes attributes only (--addattr); the type, start mode and removals apply "
+                    "to the definition");
+      VG_TRY_ASSIGN(mdev::InstanceInfo running, s.manager_->Show(u));
+      VG_ERROR_IF(!running.active, Errc::kBadState, "{} is not running: modify --live needs a running vGPU", u);
+      if (defined) VG_TRY(s.manager_->GetDefinition(u));  // both or neither
+      for (const auto& [name, value] : add) VG_TRY(s.manager_->SetAttribute(u, name, value));
+      if (!defined) {
+        VG_TRY_ASSIGN(mdev::InstanceInfo i, s.manager_->Show(u));
+        return InstanceJson(i);
+      }
+    }
     VG_TRY(s.manager_->GetDefinition(u));  // kNotFound before anything else
     if (type || start) {
       mdev::ModifyRequest r;

@@ -10,8 +10,9 @@
 //                         on the adoption socket, values[0..3]: the token), kPing (seq),
 //                         kFault (test builds only act on it), kSchedConfig (scheduling and
 //                         rate limits, at start and when changed), kSchedGrant and
-//                         kSchedPreempt (seq: the grant), kSchedContended (seq: the grant;
-//                         another vGPU waits: release once idle)
+//                         kSchedPreempt (seq: the grant; a grant's values[0]: 1 when another
+//                         vGPU already waits), kSchedContended (seq: the grant; another vGPU
+//                         began to wait: one piece on the device, release once idle)
 //   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
 //                         kSchedRequest (it has work held for want of a grant),
 //                         kSchedRelease (seq: the grant; device ns used, still wants)
@@ -63,6 +64,7 @@ enum class SchedConfigSlot : uint32_t {
   kRateBurst,        // bucket size in submissions
   kGpuTimeLimitNs,   // device ns per second, 0: none
   kGpuTimeBurstNs,   // bucket size in ns
+  kIdleGraceNs,      // contended and idle this long: the grant goes back
 };
 // kSchedRelease's values, by slot.
 enum class SchedReleaseSlot : uint32_t { kUsedNs, kWants };

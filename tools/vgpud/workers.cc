@@ -239,9 +239,11 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
   WorkerPool* raw = p.get();
   p->sched_ = std::make_unique<Scheduler>(
       p->policy_.sched,
-      SchedActions{[raw](const Uuid& u, uint64_t grant) {
+      SchedActions{[raw](const Uuid& u, uint64_t grant, bool contended) {
+                     ch::Record r = ch::Make(ch::Kind::kSchedGrant, grant);
+                     r.values[0] = contended ? 1 : 0;
                      if (Worker* w = raw->Find(u); w && w->channel.Valid())
-                       if (!ch::Send(w->channel.Get(), ch::Make(ch::Kind::kSchedGrant, grant)))
+                       if (!ch::Send(w->channel.Get(), r))
                          VG_LOGW("worker for {}: channel full, grant {} not sent", u, grant);
                    },
                    [raw](const Uuid& u, uint64_t grant) {
@@ -311,6 +313,7 @@ void WorkerPool::SendSchedConfig(Worker& w) {
   }
   set(ch::SchedConfigSlot::kGpuTimeLimitNs, limit);
   set(ch::SchedConfigSlot::kGpuTimeBurstNs, burst);
+  set(ch::SchedConfigSlot::kIdleGraceNs, static_cast<uint64_t>(policy_.sched.idle_grace.count()));
   if (!ch::Send(w.channel.Get(), r)) VG_LOGW("worker for {}: channel full, scheduling config not sent", w.spec.uuid);
 }
 
