@@ -196,6 +196,15 @@ void Vgpu::OnThrottleTimer() {
 
 void Vgpu::WaitIdle() { impl_->exec_->WaitIdle(); }
 
+Result<> Vgpu::HostReset() { return impl_->CancelAndReset(false); }
+
+bool Vgpu::RequestRelease() {
+  // Not an MSI: VFIO signals REQ to the VMM itself, whatever the PCI state (a guest in
+  // D3hot or with bus mastering off is still asked to let go). Queued for the signaller
+  // thread; never a write on the caller's thread.
+  return impl_->irqs_.Trigger(vu::kIrqReq, 0).value_or(false);
+}
+
 void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(messenger); }
 
 void Vgpu::OnDisconnect() {
@@ -299,6 +308,7 @@ Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<cons
     case vu::kConfigRegion: {
       VG_TRY(impl_->config_space_.Write(static_cast<uint32_t>(offset), data));
       impl_->DeliverUnmaskedPending();  // the write may have unmasked, enabled BME or left D3hot
+      impl_->PublishStatus();           // STATUS bit3 follows PMCSR too
       return Ok();
     }
     case vu::kBar0Region:

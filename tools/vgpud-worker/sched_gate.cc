@@ -65,7 +65,7 @@ void SchedGate::Configure(const GateConfig& c) {
 
 void SchedGate::OnGrant(uint64_t grant) {
   std::lock_guard lk(mu_);
-  if (!cfg_.scheduled) return;
+  if (!cfg_.scheduled || revoked_) return;
   granted_ = true;
   grant_ = grant;
   requested_ = false;
@@ -81,6 +81,23 @@ void SchedGate::OnPreempt(uint64_t grant) {
   ++stats_.preempts;
   preempting_ = true;  // nothing more goes to the device under this grant
   if (on_device_ == 0) ReleaseLocked();
+}
+
+void SchedGate::Revoke() {
+  std::lock_guard lk(mu_);
+  revoked_ = true;
+  granted_ = false;
+  preempting_ = false;
+  requested_ = true;  // asks no more: nobody would answer
+}
+
+void SchedGate::OpenForExit() {
+  std::lock_guard lk(mu_);
+  cfg_.scheduled = false;
+  cfg_.rate_limit = 0;
+  cfg_.gpu_time_limit_ns = 0;
+  preempting_ = false;
+  WakePumpLocked(std::nullopt);
 }
 
 GateStats SchedGate::Stats() const {

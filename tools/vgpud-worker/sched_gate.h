@@ -63,6 +63,14 @@ class SchedGate final : public engine::SubmitGate {
   void Configure(const GateConfig& c);
   void OnGrant(uint64_t grant);
   void OnPreempt(uint64_t grant);
+  // F8: the vGPU is being stopped and the supervisor's scheduler has forgotten it. Under
+  // scheduling, no more work reaches the device (what is on it completes; what waits for a
+  // grant stays held until the worker exits); without scheduling, nothing changes.
+  void Revoke();
+  // The worker is exiting: what the gate still holds goes to the device unscheduled and
+  // unlimited, so the engine can drain and be destroyed (the plans behind it are cancelled;
+  // what remains is bounded engine submissions). Nothing is held afterwards.
+  void OpenForExit();
 
   GateStats Stats() const;
 
@@ -86,6 +94,7 @@ class SchedGate final : public engine::SubmitGate {
   bool granted_ = false;
   bool requested_ = false;
   bool preempting_ = false;
+  bool revoked_ = false;
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
   uint32_t on_device_ = 0;

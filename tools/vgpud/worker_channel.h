@@ -8,7 +8,8 @@
 //   supervisor → worker   kGo (after the worker is placed in its cgroup), kPing (seq),
 //                         kFault (test builds only act on it), kSchedConfig (scheduling and
 //                         rate limits, at start and when changed), kSchedGrant and
-//                         kSchedPreempt (seq: the grant)
+//                         kSchedPreempt (seq: the grant), kStopRequest (F8: values[0] the
+//                         ms its client has to let go after REQ), kReset (F8: vgpuctl reset)
 //   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
 //                         kSchedRequest (it has work held for want of a grant),
 //                         kSchedRelease (seq: the grant; device ns used, still wants)
@@ -43,6 +44,8 @@ enum class Kind : uint32_t {
   kSchedGrant = 8,
   kSchedPreempt = 9,
   kSchedRelease = 10,
+  kStopRequest = 11,
+  kReset = 12,
 };
 
 // kSchedConfig's values, by slot.
@@ -183,7 +186,7 @@ inline RecvStatus Recv(int fd, Record& out) {
   switch (r.kind) {
     case Kind::kGo: case Kind::kPing: case Kind::kPong: case Kind::kReady: case Kind::kFault:
     case Kind::kSchedConfig: case Kind::kSchedRequest: case Kind::kSchedGrant: case Kind::kSchedPreempt:
-    case Kind::kSchedRelease: break;
+    case Kind::kSchedRelease: case Kind::kStopRequest: case Kind::kReset: break;
     default: return RecvStatus::kMalformed;
   }
   out = r;

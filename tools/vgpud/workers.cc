@@ -145,6 +145,7 @@ struct WorkerPool::Worker {
   Clock::time_point spawned_at, last_pong;
   uint64_t ping_seq = 0;
   bool pinged = false;
+  bool stop_asked_client = false;  // Stop() sent kStopRequest instead of SIGTERM
   // Set when the supervisor kills the worker, so the exit is named after the cause.
   std::optional<std::pair<std::string, EndKind>> kill_reason;
   std::deque<Clock::time_point> restart_times;
@@ -600,9 +601,12 @@ void WorkerPool::CloseSockets(Worker& w) {
 
 void WorkerPool::Forget(Worker& w) {
   // Its grant (if it held one) goes to the next vGPU; a restarted worker is added again
-  // when it says Ready.
-  sched_->Remove(w.spec.uuid, Clock::now());
-  ArmSched();
+  // when it says Ready. A stopping worker left the scheduler when it was retired: the
+  // entry of its UUID now, if any, is a new worker's.
+  if (w.state != Worker::State::kStopping) {
+    sched_->Remove(w.spec.uuid, Clock::now());
+    ArmSched();
+  }
   for (event** e : {&w.pid_ev, &w.channel_ev, &w.stop_ev}) {
     if (*e) event_free(*e);
     *e = nullptr;
@@ -616,10 +620,15 @@ void WorkerPool::Forget(Worker& w) {
 
 // Out of the pool: sockets closed, no restart, a waiting start failed, and the process (if
 // one runs) asked to stop and moved to stopping_. Null when nothing runs.
-WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
+WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid, bool ask_client) {
   auto it = workers_.find(uuid);
   std::unique_ptr<Worker> w = std::move(it->second);
   workers_.erase(it);
+  // Out of the scheduler now, not when the process is reaped: a stop that waits for its
+  // client (REQ) must not hold the engine grant meanwhile, and the same UUID may be started
+  // again before the old process is gone.
+  sched_->Remove(uuid, Clock::now());
+  ArmSched();
   {
     std::lock_guard lk(snap_mu_);
     snaps_.erase(uuid);
@@ -630,8 +639,15 @@ WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
   if (w->waiter) w->waiter->Set(MakeError(Errc::kBadState, "vGPU {} was stopped while starting", uuid));
   w->waiter.reset();
   if (w->pid <= 0) return nullptr;  // failed or between restarts: nothing runs
+  // A serving worker asks its client to let go first (REQ, bounded); one still starting, or
+  // whose channel is full, gets SIGTERM (it stops at once, disconnecting its client).
+  ch::Record req = ch::Make(ch::Kind::kStopRequest);
+  req.values[0] = static_cast<uint64_t>(std::max(0, policy_.stop_request_timeout_ms));
+  const bool asked = ask_client && w->state == Worker::State::kRunning && w->channel.Valid() &&
+                     ch::Send(w->channel.Get(), req);
   w->state = Worker::State::kStopping;
-  ::kill(w->pid, SIGTERM);
+  if (!asked) ::kill(w->pid, SIGTERM);
+  w->stop_asked_client = asked;
   stopping_.push_back(std::move(w));
   return stopping_.back().get();
 }
@@ -639,9 +655,10 @@ WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
 Result<> WorkerPool::Stop(const Uuid& uuid) {
   return loop_.Call<void>([this, uuid]() -> Result<> {
     VG_ERROR_IF(workers_.count(uuid) == 0, Errc::kNotFound, "vGPU {} has no worker", uuid);
-    if (Worker* w = Retire(uuid)) {
+    if (Worker* w = Retire(uuid, /*ask_client=*/true)) {
       w->stop_ev = evtimer_new(base_, &WorkerPool::OnStopDeadline, w);
-      const timeval tv = Tv(policy_.stop_grace_ms);
+      const timeval tv =
+          Tv(policy_.stop_grace_ms + (w->stop_asked_client ? std::max(0, policy_.stop_request_timeout_ms) : 0));
       if (w->stop_ev) evtimer_add(w->stop_ev, &tv);
     }
     return Ok();
@@ -672,6 +689,18 @@ void WorkerPool::OnStopDeadline(int, short, void* arg) {
   if (w.pid > 0) ::kill(w.pid, SIGKILL);
 }
 
+Result<> WorkerPool::Reset(const Uuid& uuid) {
+  return loop_.Call<void>([&]() -> Result<> {
+    Worker* w = Find(uuid);
+    VG_ERROR_IF(!w, Errc::kNotFound, "vGPU {} has no worker", uuid);
+    VG_ERROR_IF(w->state != Worker::State::kRunning || !w->channel.Valid(), Errc::kBadState,
+                "vGPU {} is {}, not running", uuid, Worker::StateName(w->state));
+    VG_ERROR_IF(!ch::Send(w->channel.Get(), ch::Make(ch::Kind::kReset)), Errc::kBusy, "worker channel full");
+    VG_LOGI("vGPU {}: host reset asked", uuid);
+    return Ok();
+  });
+}
+
 Result<> WorkerPool::Fault(const Uuid& uuid, ch::Fault f) {
   return loop_.Call<void>([&]() -> Result<> {
     auto it = workers_.find(uuid);
@@ -689,6 +718,10 @@ void WorkerPool::StopAll() {
   for (const auto& [u, w] : workers_) ids.push_back(u);
   // The loop has exited: LoopTasks runs nothing any more, so this is done inline.
   for (const Uuid& u : ids) (void)Retire(u);
+  // Workers still waiting for their client to release the device (REQ) stop now: the daemon
+  // is going away, its shutdown is bounded by the grace period alone.
+  for (auto& w : stopping_)
+    if (w->stop_asked_client && w->pid > 0) ::kill(w->pid, SIGTERM);
   const auto deadline = Clock::now() + std::chrono::milliseconds(policy_.stop_grace_ms);
   for (auto& w : stopping_) {
     int status = 0;
