@@ -15,47 +15,6 @@ using namespace vg::guest;
 
 namespace {
 
-constexpr int kReleased = 10, kDisconnected = 20, kNoReq = 3, kOpenFailed = 4, kOtherError = 5;
-
-// A guest that runs rounds until it is told to let go (REQ) or loses the device. `listen`:
-// it watches REQ and releases the device (exit kReleased); else it ignores REQ and works on
-// until the device goes (exit kDisconnected with the error's name in the note).
-int WorkingGuest(GuestProc::Shared& s, const std::string& socket, bool listen) {
-  auto dev = Device::Open(GuestOptions(socket));
-  if (!dev.ok()) {
-    GuestProc::Note(s, dev.error().ToString());
-    return kOpenFailed;
-  }
-  if (!(*dev)->release_request()) {
-    GuestProc::Note(s, "the device offers no REQ");
-    return kNoReq;
-  }
-  auto drv = Driver::Create(**dev);
-  if (!drv.ok()) {
-    GuestProc::Note(s, drv.error().ToString());
-    return kOpenFailed;
-  }
-  bool asked = false;
-  auto stop = [&] {
-    if (!asked) asked = (*dev)->ReleaseRequested();
-    return listen && asked;
-  };
-  for (uint32_t seed = 0;; ++seed) {
-    Result<> r = RunRounds(**drv, 1, seed, stop);
-    if (listen && asked) {
-      drv->reset();
-      dev->reset();  // closes the connection: the device is released
-      GuestProc::Note(s, "released");
-      return kReleased;
-    }
-    if (!r.ok()) {
-      GuestProc::Note(s, std::string(ErrcName(r.code())) + (asked ? " after REQ: " : " without REQ: ") + r.error().what);
-      return r.code() == Errc::kPeerClosed ? kDisconnected : kOtherError;
-    }
-    s.rounds.fetch_add(1);
-  }
-}
-
 bool WaitForLog(const mgmt::DaemonProc& d, const std::string& what, int timeout_ms) {
   auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
   while (Clock::now() < deadline) {
