@@ -80,6 +80,9 @@ class Device final : public DeviceBackend {
   uint64_t messages() const { return messages_; }
   // DEVICE_RESET, then the PCI bring-up again (as a driver does after an FLR).
   Result<> Reset();
+  // The PCI bring-up alone: memory and bus mastering on, MSI-X enabled and unmasked (after
+  // an FLR the guest started itself, e.g. through the Advanced Features capability).
+  Result<> EnablePci();
 
   // F8, power states: Sleep puts the function in D3hot (PMCSR); the device then fetches no
   // ring and sends no interrupt. Wake returns it to D0 and treats the wake-up as a cold
@@ -100,7 +103,6 @@ class Device final : public DeviceBackend {
  private:
   Device() = default;
   Result<> Init();
-  Result<> EnablePci();
   Result<> ServeDma(bool is_write, Gpa addr, std::span<std::byte> buf);
   template <class T>
   Result<T> ReadValue(uint32_t region, uint32_t off);

@@ -295,6 +295,12 @@ Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> 
 
 Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   Result<> r = RegionWriteLocked(index, offset, data);
+  if (impl_->flr_pending_) {
+    // AF_CTRL Initiate FLR (F8): the function-level reset DEVICE_RESET is.
+    impl_->flr_pending_ = false;
+    impl_->reset_pending_ = false;
+    VG_TRY(impl_->CancelAndReset(true));
+  }
   if (impl_->reset_pending_) {
     impl_->reset_pending_ = false;
     VG_TRY(impl_->CancelAndReset(false));
@@ -309,6 +315,7 @@ Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<cons
       VG_TRY(impl_->config_space_.Write(static_cast<uint32_t>(offset), data));
       impl_->DeliverUnmaskedPending();  // the write may have unmasked, enabled BME or left D3hot
       impl_->PublishStatus();           // STATUS bit3 follows PMCSR too
+      if (impl_->config_space_.TakeFlrRequest()) impl_->flr_pending_ = true;  // run by RegionWrite, unlocked
       return Ok();
     }
     case vu::kBar0Region:

@@ -89,7 +89,7 @@ TEST_CASE("config space: identity, BAR sizing, read-only fields, capabilities") 
     ids.push_back(hdr & 0xFF);
     ptr = (hdr >> 8) & 0xFF;
   }
-  CHECK(ids == std::vector<uint32_t>{0x01, 0x05, 0x11});
+  CHECK(ids == std::vector<uint32_t>{0x01, 0x05, 0x11, 0x13});  // PM, MSI, MSI-X, Advanced Features (FLR)
   CHECK(((Cfg32(*v, 0x04) >> 16) & 0x10) != 0);  // capability list bit
   // Out-of-range config access is refused.
   uint32_t x;
@@ -216,6 +216,18 @@ TEST_CASE("F8: REQ fires only with an eventfd, whatever the PCI state; a host re
   CHECK(Reg(*v, abi::reg::kScratch) == 0);
   CHECK((Cfg32(*v, 0x04) & 0x6) == 0x6);
   CHECK(v->Counters().resets == resets + 1);
+  // PCI FLR through the Advanced Features capability (chained after MSI-X): the
+  // function-level reset, config space included (the command register clears).
+  CHECK((Cfg32(*v, abi::kCapMsixOffset) >> 8 & 0xFF) == abi::kCapAfOffset);
+  const uint32_t af = Cfg32(*v, abi::kCapAfOffset);
+  CHECK((af & 0xFF) == 0x13);
+  CHECK((af >> 24 & 0x2) != 0);  // FLR capable
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kScratch, 0x5EC2E7A5).ok());
+  REQUIRE(Wr32(*v, vu::kConfigRegion, abi::kCapAfOffset + 4, 0x1).ok());
+  CHECK(Reg(*v, abi::reg::kScratch) == 0);
+  CHECK((Cfg32(*v, 0x04) & 0x6) == 0);
+  CHECK((Cfg32(*v, abi::kCapAfOffset + 4) & 0xFF) == 0);  // Initiate FLR reads 0
+  CHECK(v->Counters().resets == resets + 2);
 }
 
 TEST_CASE("ring registers validate and lock while the ring runs") {
