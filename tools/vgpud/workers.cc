@@ -146,6 +146,7 @@ struct WorkerPool::Worker {
   uint64_t ping_seq = 0;
   bool pinged = false;
   bool stop_asked_client = false;  // Stop() sent kStopRequest instead of SIGTERM
+  bool late_sigterm = false;       // and the shutdown sent SIGTERM after it (StopAll)
   // Set when the supervisor kills the worker, so the exit is named after the cause.
   std::optional<std::pair<std::string, EndKind>> kill_reason;
   std::deque<Clock::time_point> restart_times;
@@ -521,7 +522,7 @@ void WorkerPool::OnExit(Worker& w) {
   auto [reason, kind] = w.kill_reason ? *w.kill_reason : NameEnd(status);
   Forget(w);
   if (w.state == Worker::State::kStopping) {
-    NoteStopped(w.spec.uuid, pid, status);
+    NoteStopped(w.spec.uuid, pid, status, w.late_sigterm);
     std::erase_if(stopping_, [&](const std::unique_ptr<Worker>& p) { return p.get() == &w; });
     return;  // w is gone
   }
@@ -668,9 +669,15 @@ Result<> WorkerPool::Stop(const Uuid& uuid) {
 // A worker asked to stop exits 0. A crash on the way out or a sanitizer's report is a bug in
 // the worker: logged, and counted so that the supervisor's own exit status says so. One that
 // was too slow and got SIGKILL after the grace period is only logged: a loaded host is not a bug.
-void WorkerPool::NoteStopped(const Uuid& uuid, pid_t pid, int status) {
+void WorkerPool::NoteStopped(const Uuid& uuid, pid_t pid, int status, bool late_sigterm) {
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
     VG_LOGI("worker for {} (pid {}) stopped", uuid, pid);
+    return;
+  }
+  // Shutdown's SIGTERM to a worker that was asked to stop on its channel may land while it is
+  // already exiting (its handler gone): our own signal, not a bug in the worker.
+  if (late_sigterm && WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) {
+    VG_LOGW("worker for {} (pid {}) ended by the shutdown's SIGTERM while stopping", uuid, pid);
     return;
   }
   if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) {
@@ -721,7 +728,10 @@ void WorkerPool::StopAll() {
   // Workers still waiting for their client to release the device (REQ) stop now: the daemon
   // is going away, its shutdown is bounded by the grace period alone.
   for (auto& w : stopping_)
-    if (w->stop_asked_client && w->pid > 0) ::kill(w->pid, SIGTERM);
+    if (w->stop_asked_client && w->pid > 0) {
+      w->late_sigterm = true;
+      ::kill(w->pid, SIGTERM);
+    }
   const auto deadline = Clock::now() + std::chrono::milliseconds(policy_.stop_grace_ms);
   for (auto& w : stopping_) {
     int status = 0;
@@ -735,7 +745,7 @@ void WorkerPool::StopAll() {
       pollfd p{w->pidfd.Get(), POLLIN, 0};
       (void)::poll(&p, 1, 50);
     }
-    if (w->pid > 0) NoteStopped(w->spec.uuid, w->pid, status);
+    if (w->pid > 0) NoteStopped(w->spec.uuid, w->pid, status, w->late_sigterm);
     w->pid = 0;
     Forget(*w);
   }

@@ -191,7 +191,7 @@ class WorkerPool {
   void ScheduleRestart(Worker& w);
   void Fail(Worker& w);
   void Publish(const Worker& w);
-  void NoteStopped(const Uuid& uuid, pid_t pid, int status);
+  void NoteStopped(const Uuid& uuid, pid_t pid, int status, bool late_sigterm = false);
   static void OnHeartbeat(int, short, void* arg);
   static void OnChannel(int fd, short, void* arg);
   static void OnPidfd(int fd, short, void* arg);
