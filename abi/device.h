@@ -168,6 +168,9 @@ inline constexpr uint32_t kConfigSize = 256;
 inline constexpr uint8_t kCapPmOffset = 0x40;
 inline constexpr uint8_t kCapMsiOffset = 0x48;
 inline constexpr uint8_t kCapMsixOffset = 0x60;
+// Advanced Features (PCI Conventional AF ECN): FLR capable; writing bit0 of AF_CTRL (+4)
+// resets the function as DEVICE_RESET does (F8).
+inline constexpr uint8_t kCapAfOffset = 0x70;
 
 // --- Commands: dword streams in the ring and in batch buffers ---
 // Header dword: opcode in bits 31..24, flags in 23..16, total length in dwords (header

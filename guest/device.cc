@@ -79,6 +79,13 @@ Result<> Device::Init() {
   }
   vu::SetIrqsArgs irq{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, abi::kNumVectors};
   VG_TRY_CTX(client_->SetIrqs(irq, fds), "SET_IRQS MSI-X");
+  // REQ: the host's request to release the device (a stop), when the device offers it.
+  if (auto ri = client_->GetIrqInfo(vu::kIrqReq); ri.ok() && ri->count >= 1) {
+    VG_TRY_ASSIGN(req_, EventFd::Create());
+    const int rfd = req_.Get();
+    vu::SetIrqsArgs rq{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqReq, 0, 1};
+    VG_TRY_CTX(client_->SetIrqs(rq, std::span<const int>(&rfd, 1)), "SET_IRQS REQ");
+  }
   VG_TRY(EnablePci());
 
   VG_TRY_ASSIGN(auto io, client_->GetRegionIoFds(vu::kBar0Region));
@@ -112,6 +119,18 @@ Result<> Device::EnablePci() {
 Result<> Device::Reset() {
   VG_TRY(client_->Reset());
   return EnablePci();  // a function-level reset clears the command register and MSI-X enable
+}
+
+// PCI PM: PMCSR is the word at +4 of the PM capability; power state in bits 1:0.
+Result<> Device::Sleep() {
+  VG_TRY_ASSIGN(uint32_t pm, ConfigRead32(abi::kCapPmOffset + 4));
+  return ConfigWrite32(abi::kCapPmOffset + 4, (pm & ~0x3u & ~0x8000u) | 0x3u);  // PME_Status (RW1C) written 0
+}
+
+Result<> Device::Wake() {
+  VG_TRY_ASSIGN(uint32_t pm, ConfigRead32(abi::kCapPmOffset + 4));
+  VG_TRY(ConfigWrite32(abi::kCapPmOffset + 4, pm & ~0x3u & ~0x8000u));
+  return Reset();
 }
 
 // Every register and config access is one request (a reply unless posted) on the socket.

@@ -80,11 +80,29 @@ class Device final : public DeviceBackend {
   uint64_t messages() const { return messages_; }
   // DEVICE_RESET, then the PCI bring-up again (as a driver does after an FLR).
   Result<> Reset();
+  // The PCI bring-up alone: memory and bus mastering on, MSI-X enabled and unmasked (after
+  // an FLR the guest started itself, e.g. through the Advanced Features capability).
+  Result<> EnablePci();
+
+  // F8, power states: Sleep puts the function in D3hot (PMCSR); the device then fetches no
+  // ring and sends no interrupt. Wake returns it to D0 and treats the wake-up as a cold
+  // start: the host may have reset the device while it slept, so nothing of before is
+  // trusted (DEVICE_RESET and the PCI bring-up again); the caller creates a new Driver and
+  // uploads its data again.
+  Result<> Sleep();
+  Result<> Wake();
+
+  // F8, the host's device request (REQ, docs/device-spec.md "Stop"): signalled when the
+  // host wants the device back (a vgpuctl or mdevctl stop). A guest that sees it finishes
+  // or abandons its work and closes the Device; one that does not is disconnected when the
+  // host's timeout passes. Null when the device offers no REQ.
+  const EventFd* release_request() const { return req_.Valid() ? &req_ : nullptr; }
+  // Non-blocking: whether REQ fired since the last call.
+  bool ReleaseRequested() const { return req_.Valid() && req_.TryDrain().value_or(0) != 0; }
 
  private:
   Device() = default;
   Result<> Init();
-  Result<> EnablePci();
   Result<> ServeDma(bool is_write, Gpa addr, std::span<std::byte> buf);
   template <class T>
   Result<T> ReadValue(uint32_t region, uint32_t off);
@@ -102,6 +120,7 @@ class Device final : public DeviceBackend {
   Mapping aperture_map_;
   std::array<EventFd, abi::kNumVectors> irqs_;
   EventFd doorbell_;
+  EventFd req_;  // REQ (F8), when offered
   uint32_t gtt_entries_ = 0;
   uint64_t messages_ = 0;
 };

@@ -11,7 +11,8 @@ uint32_t Vgpu::Impl::ReadStatus() const {
   uint32_t s = 0;
   if (regs_.ctrl & abi::kCtrlRingEnable) s |= abi::kStatusRingEnabled;
   if (regs_.err_code != 0) s |= abi::kStatusErrorLatched;
-  if (regs_.power_state == 3) s |= abi::kStatusD3;
+  // In D3hot by either door: POWER_STATE or the PM capability's PMCSR (F8).
+  if (regs_.power_state == 3 || config_space_.PowerState() == 3) s |= abi::kStatusD3;
   if (scrubs_pending_ != 0) s |= abi::kStatusResetting;
   return s;
 }

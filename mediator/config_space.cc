@@ -82,10 +82,21 @@ void ConfigSpace::BuildPowerOn() {
   // MSI-X: table and PBA in BAR0.
   constexpr uint32_t msix = abi::kCapMsixOffset;
   Set8(msix + 0, 0x11);
-  Set8(msix + 1, 0x00);
+  Set8(msix + 1, abi::kCapAfOffset);
   Set16(msix + 2, abi::kNumVectors - 1, 0xC000);  // enable, function mask RW
   Set32(msix + 4, abi::kMsixTableOffset | 0);     // BIR 0
   Set32(msix + 8, abi::kMsixPbaOffset | 0);
+
+  // Advanced Features: TP and FLR capable. AF_CTRL bit0 (Initiate FLR) reads 0 and is taken
+  // by Write(); AF_STATUS TP reads 0: a reset never waits for the engine (the aperture
+  // scrub's wait shows in the vGPU's STATUS bit4 instead).
+  constexpr uint32_t af = abi::kCapAfOffset;
+  Set8(af + 0, 0x13);
+  Set8(af + 1, 0x00);
+  Set8(af + 2, 0x06);
+  Set8(af + 3, 0x03);
+  Set8(af + 4, 0x00);
+  Set8(af + 5, 0x00);
 }
 
 Result<> ConfigSpace::Read(uint32_t offset, std::span<std::byte> out) const {
@@ -101,6 +112,7 @@ Result<> ConfigSpace::Write(uint32_t offset, std::span<const std::byte> data) {
   for (size_t i = 0; i < data.size(); ++i) {
     uint32_t o = offset + static_cast<uint32_t>(i);
     uint8_t v = static_cast<uint8_t>(data[i]);
+    if (o == abi::kCapAfOffset + 4u && (v & 0x1)) flr_requested_ = true;  // Initiate FLR
     uint8_t b = static_cast<uint8_t>((bytes_[o] & ~wmask_[o]) | (v & wmask_[o]));
     b = static_cast<uint8_t>(b & ~(v & w1cmask_[o]));
     bytes_[o] = b;

@@ -28,6 +28,12 @@ class ConfigSpace {
   bool MemoryEnabled() const { return Command() & 0x2; }
   bool BusMasterEnabled() const { return Command() & 0x4; }
   uint8_t PowerState() const;  // 0 = D0, 3 = D3hot
+  // A write set AF_CTRL's Initiate FLR since the last call (the caller resets the function).
+  bool TakeFlrRequest() {
+    const bool r = flr_requested_;
+    flr_requested_ = false;
+    return r;
+  }
 
   // Interrupt capabilities as the guest programmed them (PCI Local Bus 3.0 §6.8).
   bool MsixEnabled() const;
@@ -55,6 +61,7 @@ class ConfigSpace {
   std::array<uint8_t, kSize> bytes_{};
   std::array<uint8_t, kSize> wmask_{};
   std::array<uint8_t, kSize> w1cmask_{};
+  bool flr_requested_ = false;
 };
 
 }  // namespace vg::mediator

@@ -107,6 +107,14 @@ class Vgpu : public vfio_user::DeviceBackend {
   // Plans queued or running in the executor (lock-free; the scheduler's gate asks).
   bool HasBacklog() const;
 
+  // F8, the host's side of the lifecycle (docs/device-spec.md "Reset", "Stop"):
+  // HostReset resets the device model as the guest's RESET register does (registers, GTT,
+  // ring, error state, queued work, aperture scrub; PCI function state stays), without
+  // waiting for the engine. RequestRelease fires VFIO's device-request interrupt (REQ):
+  // true when the client registered an eventfd for it, so a VMM will be asked to let go.
+  Result<> HostReset();
+  bool RequestRelease();
+
   DeviceSnapshot Snapshot() const;
   Result<> Restore(const DeviceSnapshot& snap);
   VgpuCounters Counters() const;

@@ -8,12 +8,15 @@
 namespace vg::mediator {
 
 std::array<uint32_t, vu::kNumPciIrqs> Vgpu::Impl::IrqLayout() {
-  std::array<uint32_t, vu::kNumPciIrqs> counts{};  // no INTx, no REQ
+  std::array<uint32_t, vu::kNumPciIrqs> counts{};  // no INTx
   counts[vu::kIrqMsi] = abi::kNumVectors;
   counts[vu::kIrqMsix] = abi::kNumVectors;
   // VFIO's error interrupt: a VMM registers it for error recovery (QEMU warns when it is
   // missing) and stops the VM when it fires. Fired only when the vGPU is lost for good.
   counts[vu::kIrqErr] = 1;
+  // VFIO's device-request interrupt (F8): the host asks the VMM to release the device
+  // (QEMU hot-unplugs it from its guest) before a stop forces the disconnect.
+  counts[vu::kIrqReq] = 1;
   return counts;
 }
 

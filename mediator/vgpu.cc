@@ -197,6 +197,15 @@ void Vgpu::OnThrottleTimer() {
 void Vgpu::WaitIdle() { impl_->exec_->WaitIdle(); }
 bool Vgpu::HasBacklog() const { return impl_->exec_->HasBacklog(); }
 
+Result<> Vgpu::HostReset() { return impl_->CancelAndReset(false); }
+
+bool Vgpu::RequestRelease() {
+  // Not an MSI: VFIO signals REQ to the VMM itself, whatever the PCI state (a guest in
+  // D3hot or with bus mastering off is still asked to let go). Queued for the signaller
+  // thread; never a write on the caller's thread.
+  return impl_->irqs_.Trigger(vu::kIrqReq, 0).value_or(false);
+}
+
 void Vgpu::OnConnect(vu::DmaMessenger* messenger) { impl_->dma_.SetMessenger(messenger); }
 
 void Vgpu::OnDisconnect() {
@@ -287,6 +296,12 @@ Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> 
 
 Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   Result<> r = RegionWriteLocked(index, offset, data);
+  if (impl_->flr_pending_) {
+    // AF_CTRL Initiate FLR (F8): the function-level reset DEVICE_RESET is.
+    impl_->flr_pending_ = false;
+    impl_->reset_pending_ = false;
+    VG_TRY(impl_->CancelAndReset(true));
+  }
   if (impl_->reset_pending_) {
     impl_->reset_pending_ = false;
     VG_TRY(impl_->CancelAndReset(false));
@@ -300,6 +315,8 @@ Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<cons
     case vu::kConfigRegion: {
       VG_TRY(impl_->config_space_.Write(static_cast<uint32_t>(offset), data));
       impl_->DeliverUnmaskedPending();  // the write may have unmasked, enabled BME or left D3hot
+      impl_->PublishStatus();           // STATUS bit3 follows PMCSR too
+      if (impl_->config_space_.TakeFlrRequest()) impl_->flr_pending_ = true;  // run by RegionWrite, unlocked
       return Ok();
     }
     case vu::kBar0Region:

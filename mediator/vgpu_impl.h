@@ -252,6 +252,7 @@ class Vgpu::Impl {
   uint32_t kernel_count_ = 0;
   VgpuCounters counters_;
   bool reset_pending_ = false;
+  bool flr_pending_ = false;  // AF_CTRL Initiate FLR written (F8): RegionWrite resets unlocked
   int32_t scrubs_pending_ = 0;  // deferred aperture scrubs (CancelAndReset), under mu_
 
   UniqueFd bar0_fd_;  // backs the status page (sparse mmap)

@@ -89,7 +89,7 @@ TEST_CASE("config space: identity, BAR sizing, read-only fields, capabilities") 
     ids.push_back(hdr & 0xFF);
     ptr = (hdr >> 8) & 0xFF;
   }
-  CHECK(ids == std::vector<uint32_t>{0x01, 0x05, 0x11});
+  CHECK(ids == std::vector<uint32_t>{0x01, 0x05, 0x11, 0x13});  // PM, MSI, MSI-X, Advanced Features (FLR)
   CHECK(((Cfg32(*v, 0x04) >> 16) & 0x10) != 0);  // capability list bit
   // Out-of-range config access is refused.
   uint32_t x;
@@ -163,7 +163,7 @@ TEST_CASE("IRQs: test vector fires its eventfd, device mask latches, unmask deli
   REQUIRE(info.ok());
   CHECK(info->count == abi::kNumVectors);
   CHECK(v->GetIrqInfo(vu::kIrqIntx)->count == 0);
-  CHECK(v->GetIrqInfo(vu::kIrqReq)->count == 0);
+  CHECK(v->GetIrqInfo(vu::kIrqReq)->count == 1);  // F8: device request, for a stop
   // ERR is offered (a VMM wires it for error recovery) with one eventfd-capable vector.
   auto err = v->GetIrqInfo(vu::kIrqErr);
   REQUIRE(err.ok());
@@ -195,6 +195,39 @@ TEST_CASE("IRQs: test vector fires its eventfd, device mask latches, unmask deli
   CHECK(ev->Wait(1000).value() == 1);
   CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kIrqTest, 7).code() == Errc::kOutOfBounds);
   CHECK(Wr32(*v, vu::kBar0Region, abi::reg::kIrqMask, 0x100).code() == Errc::kBadFlags);
+}
+
+TEST_CASE("F8: REQ fires only with an eventfd, whatever the PCI state; a host reset is the RESET register's") {
+  auto v = MakeVgpu();
+  CHECK(!v->RequestRelease());  // nobody to ask: a stop need not wait
+  auto ev = EventFd::Create();
+  REQUIRE(ev.ok());
+  std::vector<UniqueFd> fds;
+  fds.push_back(std::move(ev->DupFd()).value());
+  REQUIRE(v->SetIrqs({vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqReq, 0, 1}, std::move(fds), {}).ok());
+  // Bus mastering is off and MSI-X disabled: REQ is not an MSI, it is signalled anyway.
+  CHECK(v->RequestRelease());
+  CHECK(ev->Wait(1000).value() == 1);
+  // A host reset: registers back, PCI state (the command register) kept, counter moved.
+  REQUIRE(Wr32(*v, vu::kConfigRegion, 0x04, 0x6).ok());
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kScratch, 0x5EC2E7A5).ok());
+  const uint64_t resets = v->Counters().resets;
+  REQUIRE(v->HostReset().ok());
+  CHECK(Reg(*v, abi::reg::kScratch) == 0);
+  CHECK((Cfg32(*v, 0x04) & 0x6) == 0x6);
+  CHECK(v->Counters().resets == resets + 1);
+  // PCI FLR through the Advanced Features capability (chained after MSI-X): the
+  // function-level reset, config space included (the command register clears).
+  CHECK((Cfg32(*v, abi::kCapMsixOffset) >> 8 & 0xFF) == abi::kCapAfOffset);
+  const uint32_t af = Cfg32(*v, abi::kCapAfOffset);
+  CHECK((af & 0xFF) == 0x13);
+  CHECK((af >> 24 & 0x2) != 0);  // FLR capable
+  REQUIRE(Wr32(*v, vu::kBar0Region, abi::reg::kScratch, 0x5EC2E7A5).ok());
+  REQUIRE(Wr32(*v, vu::kConfigRegion, abi::kCapAfOffset + 4, 0x1).ok());
+  CHECK(Reg(*v, abi::reg::kScratch) == 0);
+  CHECK((Cfg32(*v, 0x04) & 0x6) == 0);
+  CHECK((Cfg32(*v, abi::kCapAfOffset + 4) & 0xFF) == 0);  // Initiate FLR reads 0
+  CHECK(v->Counters().resets == resets + 2);
 }
 
 TEST_CASE("ring registers validate and lock while the ring runs") {

@@ -193,6 +193,8 @@ int main(int argc, char** argv) {
   start->add_option("--attr", attrs, "attribute name=value for a transient start (repeatable)");
   auto* stop = app.add_subcommand("stop", "stop a running vGPU (its definition stays)");
   stop->add_option("uuid", uuid, "UUID")->required();
+  auto* reset = app.add_subcommand("reset", "reset a running vGPU's device (as its guest's RESET register does)");
+  reset->add_option("uuid", uuid, "UUID")->required();
   auto* undefine = app.add_subcommand("undefine", "remove a definition");
   undefine->add_option("uuid", uuid, "UUID")->required();
   auto* modify = app.add_subcommand("modify", "change a definition (with --live: the running vGPU's attributes)");
@@ -261,8 +263,8 @@ int main(int argc, char** argv) {
       req["type"] = type;
       req["attrs"] = *a;
     }
-  } else if (*stop || *undefine || *show) {
-    cmd = *stop ? "stop" : *undefine ? "undefine" : "show";
+  } else if (*stop || *undefine || *show || *reset) {
+    cmd = *stop ? "stop" : *undefine ? "undefine" : *reset ? "reset" : "show";
     req = {{"op", cmd}, {"uuid", uuid}};
   } else if (*modify) {
     cmd = "modify";

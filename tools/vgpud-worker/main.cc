@@ -103,7 +103,9 @@ class Worker {
   static void OnAdoptConnect(int fd, short, void* arg);
   static void OnAdoptRecord(int fd, short what, void* arg);
   static void OnOrphanTick(int, short, void* arg);
+  static void OnStopPoll(int, short, void* arg);
   void Pong(uint64_t seq);
+  void OnStopRequest(uint64_t timeout_ms);
   void OnFault(ch::Fault f);
   // The supervisor is gone (docs/isolation.md, "Supervisor restart"): keep serving the
   // guest, ungated by a scheduler nobody runs, and wait for a new supervisor to adopt us.
@@ -132,6 +134,9 @@ class Worker {
   std::unique_ptr<remoting::Listener> remoting_;
   std::unique_ptr<vfio_user::Listener> vfio_;
   std::vector<event*> events_;
+  // F8: a stop that asked the client to let go (REQ) and waits for it, bounded.
+  event* stop_poll_ev_ = nullptr;
+  std::chrono::steady_clock::time_point stop_deadline_{};
 };
 
 Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& token) {
@@ -222,6 +227,15 @@ Worker::~Worker() {
   if (adopt_ev_) event_free(adopt_ev_);
   if (adopter_ev_) event_free(adopter_ev_);
   if (orphan_ev_) event_free(orphan_ev_);
+  if (stop_poll_ev_) event_free(stop_poll_ev_);
+  // Already stopping: a SIGTERM now (the supervisor's shutdown after a stop request) must
+  // not end the process half torn down, which the supervisor would count as unclean.
+  // Freeing the signal events restored the default action; SIGKILL still ends a stuck exit.
+  std::signal(SIGTERM, SIG_IGN);
+  std::signal(SIGINT, SIG_IGN);
+  // No grant will come any more (the supervisor may have let this vGPU go, or be gone):
+  // work the gate holds must still reach the engine, or the engine could not drain below.
+  if (gate_) gate_->OpenForExit();
   // Clients first, then the device (its executor finishes or cancels the submission in
   // flight, bounded), then the engine they all used.
   vfio_.reset();
@@ -327,6 +341,45 @@ void Worker::OnChannel(int fd, short, void* arg) {
     if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq, r.values[0] != 0);
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
     if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
+    if (r.kind == ch::Kind::kStopRequest) self->OnStopRequest(r.values[0]);
+    if (r.kind == ch::Kind::kReset) {
+      // vgpuctl reset: the device model as the guest's RESET register resets it; never
+      // waits for the engine (the aperture scrub follows the submission in flight).
+      VG_LOGI("host reset of {}", self->opts_.uuid);
+      if (auto rr = self->vgpu_->HostReset(); !rr) VG_LOGW("host reset: {}", rr.error().ToString());
+    }
+  }
+}
+
+// F8: stop with a client attached, as a host stops a device a VM holds. REQ asks the VMM to
+// release it (QEMU hot-unplugs it from its guest); the loop keeps serving meanwhile, and
+// exits when the client has gone or the deadline passes (then the client is disconnected
+// by the exit). Without a client, or one that registered no REQ eventfd, the stop is at
+// once. Nothing here waits: a 10 ms timer looks.
+void Worker::OnStopRequest(uint64_t timeout_ms) {
+  if (stop_poll_ev_) return;  // asked already
+  // The supervisor's scheduler has let this vGPU go: no more engine time under it.
+  gate_->Revoke();
+  if (!vfio_->HasClient() || !vgpu_->RequestRelease()) {
+    VG_LOGI("stop: no client to ask (REQ): stopping");
+    event_base_loopexit(base_, nullptr);
+    return;
+  }
+  VG_LOGI("stop: REQ sent, waiting up to {} ms for the client to release the device", timeout_ms);
+  stop_deadline_ = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::min<uint64_t>(timeout_ms, 600000));
+  stop_poll_ev_ = event_new(base_, -1, EV_PERSIST, &Worker::OnStopPoll, this);
+  const timeval tv{0, 10000};
+  if (!stop_poll_ev_ || event_add(stop_poll_ev_, &tv) != 0) event_base_loopexit(base_, nullptr);
+}
+
+void Worker::OnStopPoll(int, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  if (!self->vfio_->HasClient()) {
+    VG_LOGI("stop: the client released the device: stopping");
+    event_base_loopexit(self->base_, nullptr);
+  } else if (std::chrono::steady_clock::now() >= self->stop_deadline_) {
+    VG_LOGW("stop: the client did not release the device in time: disconnecting it");
+    event_base_loopexit(self->base_, nullptr);
   }
 }
 

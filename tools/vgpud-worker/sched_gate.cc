@@ -66,7 +66,7 @@ void SchedGate::Configure(const GateConfig& c) {
 
 void SchedGate::OnGrant(uint64_t grant, bool contended) {
   std::lock_guard lk(mu_);
-  if (!cfg_.scheduled) return;
+  if (!cfg_.scheduled || revoked_) return;
   granted_ = true;
   grant_ = grant;
   requested_ = false;
@@ -116,6 +116,25 @@ void SchedGate::MaybeIdleReleaseLocked() {
   if (now < due) return WakePumpLocked(due);  // the pump thread looks again then
   ++stats_.idle_releases;
   ReleaseLocked();
+}
+
+void SchedGate::Revoke() {
+  std::lock_guard lk(mu_);
+  revoked_ = true;
+  granted_ = false;
+  preempting_ = false;
+  contended_ = false;
+  idle_since_.reset();
+  requested_ = true;  // asks no more: nobody would answer
+}
+
+void SchedGate::OpenForExit() {
+  std::lock_guard lk(mu_);
+  cfg_.scheduled = false;
+  cfg_.rate_limit = 0;
+  cfg_.gpu_time_limit_ns = 0;
+  preempting_ = false;
+  WakePumpLocked(std::nullopt);
 }
 
 GateStats SchedGate::Stats() const {

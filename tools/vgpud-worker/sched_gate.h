@@ -78,6 +78,14 @@ class SchedGate final : public engine::SubmitGate {
   // must be lock-free. Null: none; once this returns the old probe is not called again
   // (clear it before what it reads goes away).
   void SetBacklogProbe(std::function<bool()> probe);
+  // F8: the vGPU is being stopped and the supervisor's scheduler has forgotten it. Under
+  // scheduling, no more work reaches the device (what is on it completes; what waits for a
+  // grant stays held until the worker exits); without scheduling, nothing changes.
+  void Revoke();
+  // The worker is exiting: what the gate still holds goes to the device unscheduled and
+  // unlimited, so the engine can drain and be destroyed (the plans behind it are cancelled;
+  // what remains is bounded engine submissions). Nothing is held afterwards.
+  void OpenForExit();
 
   GateStats Stats() const;
 
@@ -107,6 +115,7 @@ class SchedGate final : public engine::SubmitGate {
   bool contended_ = false;
   std::optional<Clock::time_point> idle_since_;  // contended, nothing on the device nor held, since
   std::function<bool()> backlog_;
+  bool revoked_ = false;
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
   uint32_t on_device_ = 0;

@@ -147,6 +147,11 @@ int main(int argc, char** argv) {
   app.add_option("--worker-start-timeout-ms", wp.start_timeout_ms, "spawn to serving, at most")->capture_default_str();
   app.add_option("--worker-stop-grace-ms", wp.stop_grace_ms, "SIGTERM to SIGKILL when a vGPU stops")
       ->capture_default_str();
+  app.add_option("--stop-request-timeout-ms", wp.stop_request_timeout_ms,
+                 "a stopped vGPU's client has this long to release it after the device request (REQ) before it is "
+                 "disconnected")
+      ->check(CLI::Range(0, 600000))
+      ->capture_default_str();
   app.add_option("--worker-memory", worker_memory,
                  "a worker's own memory besides its aperture and guest RAM (cgroup v2 memory.max, else RLIMIT_AS)")
       ->capture_default_str();

@@ -474,10 +474,17 @@ struct ServiceOps {
     return MakeError(Errc::kInvalidArgument, "fault '{}': syscall, hang, crash or memory", name.substr(0, 32));
   }
 
+  // F8: the host resets a running vGPU's device model (docs/management.md "Reset").
+  static Result<Json> Reset(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(Uuid u, ReqUuid(req));
+    VG_TRY(s.sup_.workers().Reset(u));
+    return Json{{"uuid", u.ToString()}};
+  }
+
   static constexpr Op kOps[] = {
       {"ping", &Ping},     {"types", &Types},   {"list", &List},         {"define", &Define}, {"start", &Start},
       {"stop", &Stop},     {"undefine", &Undefine}, {"modify", &Modify}, {"show", &Show},
-      {"fault", &Fault},
+      {"fault", &Fault},   {"reset", &Reset},
   };
 };
 

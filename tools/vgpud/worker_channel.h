@@ -12,7 +12,9 @@
 //                         rate limits, at start and when changed), kSchedGrant and
 //                         kSchedPreempt (seq: the grant; a grant's values[0]: 1 when another
 //                         vGPU already waits), kSchedContended (seq: the grant; another vGPU
-//                         began to wait: one piece on the device, release once idle)
+//                         began to wait: one piece on the device, release once idle),
+//                         kStopRequest (F8: values[0] the ms its client has to let go
+//                         after REQ), kReset (F8: vgpuctl reset)
 //   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
 //                         kSchedRequest (it has work held for want of a grant),
 //                         kSchedRelease (seq: the grant; device ns used, still wants)
@@ -55,6 +57,8 @@ enum class Kind : uint32_t {
   kSchedRelease = 10,
   kSchedContended = 11,
   kAdopt = 12,
+  kStopRequest = 13,
+  kReset = 14,
 };
 
 // kSchedConfig's values, by slot.
@@ -196,7 +200,8 @@ inline RecvStatus Recv(int fd, Record& out) {
   switch (r.kind) {
     case Kind::kGo: case Kind::kPing: case Kind::kPong: case Kind::kReady: case Kind::kFault:
     case Kind::kSchedConfig: case Kind::kSchedRequest: case Kind::kSchedGrant: case Kind::kSchedPreempt:
-    case Kind::kSchedRelease: case Kind::kSchedContended: case Kind::kAdopt: break;
+    case Kind::kSchedRelease: case Kind::kSchedContended: case Kind::kAdopt:
+    case Kind::kStopRequest: case Kind::kReset: break;
     default: return RecvStatus::kMalformed;
   }
   out = r;

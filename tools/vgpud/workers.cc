@@ -207,6 +207,8 @@ struct WorkerPool::Worker {
   Clock::time_point spawned_at, last_pong;
   uint64_t ping_seq = 0;
   bool pinged = false;
+  bool stop_asked_client = false;  // Stop() sent kStopRequest instead of SIGTERM
+  bool late_sigterm = false;       // and the shutdown sent SIGTERM after it (StopAll)
   // Set when the supervisor kills the worker, so the exit is named after the cause.
   std::optional<std::pair<std::string, EndKind>> kill_reason;
   std::deque<Clock::time_point> restart_times;
@@ -889,7 +891,7 @@ void WorkerPool::OnExit(Worker& w) {
                                                        EndKind::kExit);
   Forget(w);
   if (w.state == Worker::State::kStopping) {
-    if (known) NoteStopped(w.spec.uuid, pid, status);
+    if (known) NoteStopped(w.spec.uuid, pid, status, w.late_sigterm);
     else VG_LOGI("worker for {} (pid {}, adopted) stopped", w.spec.uuid, pid);
     std::erase_if(stopping_, [&](const std::unique_ptr<Worker>& p) { return p.get() == &w; });
     return;  // w is gone
@@ -983,9 +985,12 @@ void WorkerPool::CloseSockets(Worker& w) {
 
 void WorkerPool::Forget(Worker& w) {
   // Its grant (if it held one) goes to the next vGPU; a restarted worker is added again
-  // when it says Ready.
-  sched_->Remove(w.spec.uuid, Clock::now());
-  ArmSched();
+  // when it says Ready. A stopping worker left the scheduler when it was retired: the
+  // entry of its UUID now, if any, is a new worker's.
+  if (w.state != Worker::State::kStopping) {
+    sched_->Remove(w.spec.uuid, Clock::now());
+    ArmSched();
+  }
   for (event** e : {&w.pid_ev, &w.channel_ev, &w.stop_ev}) {
     if (*e) event_free(*e);
     *e = nullptr;
@@ -999,10 +1004,15 @@ void WorkerPool::Forget(Worker& w) {
 
 // Out of the pool: sockets closed, no restart, a waiting start failed, and the process (if
 // one runs) asked to stop and moved to stopping_. Null when nothing runs.
-WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
+WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid, bool ask_client) {
   auto it = workers_.find(uuid);
   std::unique_ptr<Worker> w = std::move(it->second);
   workers_.erase(it);
+  // Out of the scheduler now, not when the process is reaped: a stop that waits for its
+  // client (REQ) must not hold the engine grant meanwhile, and the same UUID may be started
+  // again before the old process is gone.
+  sched_->Remove(uuid, Clock::now());
+  ArmSched();
   {
     std::lock_guard lk(snap_mu_);
     snaps_.erase(uuid);
@@ -1014,8 +1024,15 @@ WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
   if (w->waiter) w->waiter->Set(MakeError(Errc::kBadState, "vGPU {} was stopped while starting", uuid));
   w->waiter.reset();
   if (w->pid <= 0) return nullptr;  // failed or between restarts: nothing runs
+  // A serving worker asks its client to let go first (REQ, bounded); one still starting, or
+  // whose channel is full, gets SIGTERM (it stops at once, disconnecting its client).
+  ch::Record req = ch::Make(ch::Kind::kStopRequest);
+  req.values[0] = static_cast<uint64_t>(std::max(0, policy_.stop_request_timeout_ms));
+  const bool asked = ask_client && w->state == Worker::State::kRunning && w->channel.Valid() &&
+                     ch::Send(w->channel.Get(), req);
   w->state = Worker::State::kStopping;
-  Signal(*w, SIGTERM);
+  if (!asked) Signal(*w, SIGTERM);
+  w->stop_asked_client = asked;
   stopping_.push_back(std::move(w));
   return stopping_.back().get();
 }
@@ -1023,11 +1040,12 @@ WorkerPool::Worker* WorkerPool::Retire(const Uuid& uuid) {
 Result<> WorkerPool::Stop(const Uuid& uuid) {
   return loop_.Call<void>([this, uuid]() -> Result<> {
     VG_ERROR_IF(workers_.count(uuid) == 0, Errc::kNotFound, "vGPU {} has no worker", uuid);
-    Worker* w = Retire(uuid);
+    Worker* w = Retire(uuid, /*ask_client=*/true);
     ResendShares();  // equal-share: one fewer running vGPU (a restarting one still counts)
     if (w) {
       w->stop_ev = evtimer_new(base_, &WorkerPool::OnStopDeadline, w);
-      const timeval tv = Tv(policy_.stop_grace_ms);
+      const timeval tv =
+          Tv(policy_.stop_grace_ms + (w->stop_asked_client ? std::max(0, policy_.stop_request_timeout_ms) : 0));
       if (w->stop_ev) evtimer_add(w->stop_ev, &tv);
     }
     return Ok();
@@ -1037,9 +1055,15 @@ Result<> WorkerPool::Stop(const Uuid& uuid) {
 // A worker asked to stop exits 0. A crash on the way out or a sanitizer's report is a bug in
 // the worker: logged, and counted so that the supervisor's own exit status says so. One that
 // was too slow and got SIGKILL after the grace period is only logged: a loaded host is not a bug.
-void WorkerPool::NoteStopped(const Uuid& uuid, pid_t pid, int status) {
+void WorkerPool::NoteStopped(const Uuid& uuid, pid_t pid, int status, bool late_sigterm) {
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
     VG_LOGI("worker for {} (pid {}) stopped", uuid, pid);
+    return;
+  }
+  // Shutdown's SIGTERM to a worker that was asked to stop on its channel may land while it is
+  // already exiting (its handler gone): our own signal, not a bug in the worker.
+  if (late_sigterm && WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) {
+    VG_LOGW("worker for {} (pid {}) ended by the shutdown's SIGTERM while stopping", uuid, pid);
     return;
   }
   if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) {
@@ -1056,6 +1080,18 @@ void WorkerPool::OnStopDeadline(int, short, void* arg) {
   auto& w = *static_cast<Worker*>(arg);
   VG_LOGW("worker for {} (pid {}) did not stop within {} ms: SIGKILL", w.spec.uuid, w.pid, w.pool->policy_.stop_grace_ms);
   w.pool->Signal(w, SIGKILL);
+}
+
+Result<> WorkerPool::Reset(const Uuid& uuid) {
+  return loop_.Call<void>([&]() -> Result<> {
+    Worker* w = Find(uuid);
+    VG_ERROR_IF(!w, Errc::kNotFound, "vGPU {} has no worker", uuid);
+    VG_ERROR_IF(w->state != Worker::State::kRunning || !w->channel.Valid(), Errc::kBadState,
+                "vGPU {} is {}, not running", uuid, Worker::StateName(w->state));
+    VG_ERROR_IF(!ch::Send(w->channel.Get(), ch::Make(ch::Kind::kReset)), Errc::kBusy, "worker channel full");
+    VG_LOGI("vGPU {}: host reset asked", uuid);
+    return Ok();
+  });
 }
 
 Result<> WorkerPool::Fault(const Uuid& uuid, ch::Fault f) {
@@ -1075,6 +1111,13 @@ void WorkerPool::StopAll() {
   for (const auto& [u, w] : workers_) ids.push_back(u);
   // The loop has exited: LoopTasks runs nothing any more, so this is done inline.
   for (const Uuid& u : ids) (void)Retire(u);
+  // Workers still waiting for their client to release the device (REQ) stop now: the daemon
+  // is going away, its shutdown is bounded by the grace period alone.
+  for (auto& w : stopping_)
+    if (w->stop_asked_client && w->pid > 0) {
+      w->late_sigterm = true;
+      Signal(*w, SIGTERM);
+    }
   const auto deadline = Clock::now() + std::chrono::milliseconds(policy_.stop_grace_ms);
   for (auto& w : stopping_) {
     int status = 0;
@@ -1089,7 +1132,7 @@ void WorkerPool::StopAll() {
       pollfd p{w->pidfd.Get(), POLLIN, 0};
       (void)::poll(&p, 1, 50);
     }
-    if (w->pid > 0 && !w->adopted) NoteStopped(w->spec.uuid, w->pid, status);
+    if (w->pid > 0 && !w->adopted) NoteStopped(w->spec.uuid, w->pid, status, w->late_sigterm);
     w->pid = 0;
     Forget(*w);
   }

@@ -61,6 +61,9 @@ struct WorkerPolicy {
   int watchdog_ms = 4000;       // no pong for this long: killed, reported, restarted
   int start_timeout_ms = 20000;  // spawn to Ready
   int stop_grace_ms = 3000;     // SIGTERM to SIGKILL
+  // F8: Stop() of a vGPU whose client registered REQ: how long the client has to release the
+  // device after REQ before the worker disconnects it (then stop_grace_ms before SIGKILL).
+  int stop_request_timeout_ms = 5000;
   RestartPolicy restart = RestartPolicy::kOnFailure;
   uint32_t max_restarts = 3;     // within restart_window_s; then the vGPU is left failed
   int restart_window_s = 60;
@@ -154,8 +157,14 @@ class WorkerPool {
   // start_timeout_ms. Any thread; on the loop thread only before the loop runs (main).
   Result<std::string> Start(const WorkerSpec& spec);
   // Unlinks the sockets (new connections are refused at once), asks the worker to stop and
-  // returns; the worker has stop_grace_ms before SIGKILL. Never waits for the process.
+  // returns. A running worker is asked on its channel: it signals REQ to its vfio-user client
+  // and stops once the client has gone or stop_request_timeout_ms passed, then has
+  // stop_grace_ms before SIGKILL; a worker not yet running gets SIGTERM and stop_grace_ms.
+  // Never waits for the process.
   Result<> Stop(const Uuid& uuid);
+  // F8: vgpuctl reset: the running worker resets its device model (as the RESET register).
+  // Returns once asked; the reset itself never waits for the engine.
+  Result<> Reset(const Uuid& uuid);
   // Test builds' workers act on it (docs/isolation.md); others log it.
   Result<> Fault(const Uuid& uuid, channel::Fault f);
   // New weight and limits for a vGPU, applied to its running worker at once and kept for
@@ -210,11 +219,11 @@ class WorkerPool {
   void Forget(Worker& w);  // closes the worker's process-side fds and events
   void CloseSockets(Worker& w);
   bool Ping(Worker& w);
-  Worker* Retire(const Uuid& uuid);
+  Worker* Retire(const Uuid& uuid, bool ask_client = false);
   void ScheduleRestart(Worker& w);
   void Fail(Worker& w);
   void Publish(const Worker& w);
-  void NoteStopped(const Uuid& uuid, pid_t pid, int status);
+  void NoteStopped(const Uuid& uuid, pid_t pid, int status, bool late_sigterm = false);
   static void OnHeartbeat(int, short, void* arg);
   static void OnChannel(int fd, short, void* arg);
   static void OnPidfd(int fd, short, void* arg);
