@@ -191,6 +191,8 @@ class EngineImpl {
     std::lock_guard lk(queue_mu_);
     gate_ = gate;
   }
+  // gate_ is set before the first Submit and never changes afterwards.
+  bool PrefersSmallSubmissions() const { return gate_ && gate_->PrefersSmallSubmissions(); }
   void Pump() {
     {
       std::lock_guard lk(queue_mu_);
@@ -771,7 +773,7 @@ void EngineImpl::CompletionLoop() {
           std::lock_guard lk(queue_mu_);
           device_idle = --gated_on_device_ == 0;
         }
-        gate_->Ran(0, device_idle);
+        gate_->Ran(0, device_idle, unrun->sub.cost);
       }
       Result<> err = unrun->queued ? unrun->submit_error : lost_err;
       Finish(*unrun, err, !lost_.load());
@@ -794,7 +796,7 @@ void EngineImpl::CompletionLoop() {
           device_idle = --gated_on_device_ == 0;
         }
       }
-      if (f.gated) gate_->Ran(busy_ns, device_idle);
+      if (f.gated) gate_->Ran(busy_ns, device_idle, f.sub.cost);
       if (r == VK_SUCCESS)
         Finish(f, lost_.load() ? lost_err : Ok(), true);
       else
@@ -871,5 +873,6 @@ Result<> Engine::WaitIdle() { return impl_->WaitIdle(); }
 void Engine::SimulateDeviceLost() { impl_->SimulateDeviceLost(); }
 void Engine::SetGate(SubmitGate* gate) { impl_->SetGate(gate); }
 void Engine::Pump() { impl_->Pump(); }
+bool Engine::PrefersSmallSubmissions() const { return impl_->PrefersSmallSubmissions(); }
 
 }  // namespace vg::engine

@@ -126,6 +126,9 @@ struct Submission {
   // How many guest submissions this one carries (a rate limit counts them; 0: none, the
   // engine's own work). Not validated: the SubmitGate reads it.
   uint32_t guest_submissions = 0;
+  // The submitter's estimate of the work (the mediator's cost units; 0: none). Not
+  // validated: the SubmitGate bounds what is on the device by it.
+  uint64_t cost = 0;
 
   Submission& Dispatch(uint32_t kernel, std::array<uint32_t, 3> groups, std::vector<BufferRange> bindings,
                        std::span<const std::byte> push, std::array<uint32_t, 3> base = {0, 0, 0});
@@ -198,9 +201,14 @@ class SubmitGate {
   // A submission the gate admitted has completed on the device. `busy_ns` is the device
   // time it is charged: from when it reached the device, or from when the previous one
   // completed if that was later (the device was busy with earlier work), to its
-  // completion. `device_idle`: no admitted work is left on the device. Called on the
-  // completion thread without engine locks; may not wait on the engine.
-  virtual void Ran(uint64_t busy_ns, bool device_idle) = 0;
+  // completion. `device_idle`: no admitted work is left on the device. `cost`: the
+  // submission's Submission::cost. Called on the completion thread without engine locks;
+  // may not wait on the engine.
+  virtual void Ran(uint64_t busy_ns, bool device_idle, uint64_t cost) = 0;
+  // Whether a submitter should keep its submissions small now rather than pack more work
+  // into one (another party waits for the device: one submission is its wait). Lock-free,
+  // any thread.
+  virtual bool PrefersSmallSubmissions() const { return false; }
 };
 
 class Engine {
@@ -247,6 +255,8 @@ class Engine {
   // Hands held work to the device as far as the gate now admits. Any thread but one
   // holding a lock the gate takes.
   void Pump();
+  // The gate's PrefersSmallSubmissions() (false without a gate). Lock-free.
+  bool PrefersSmallSubmissions() const;
 
   // Test hook: behave as if vkWaitForFences returned VK_ERROR_DEVICE_LOST.
   void SimulateDeviceLost();

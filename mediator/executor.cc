@@ -79,6 +79,9 @@ struct Executor::Batch {
   engine::Submission sub;
   std::vector<MatRef> mats;
   uint64_t cost = 0;
+  // What one submission may cost: kSubmissionCostBudget, or kSharedSubmissionCostBudget
+  // while another vGPU holds or waits for the engine (set per op: SubmissionBudget()).
+  uint64_t budget = kSubmissionCostBudget;
   // Plans with work packed in `sub`, in order (the first is the Retiring's `plan`).
   std::vector<std::shared_ptr<PlanState>> plans;
   // Entries that follow the submission in plan order (host ops and ends of plans whose
@@ -96,7 +99,7 @@ struct Executor::Batch {
   // Whether adding an item of `cost` must first send what is packed.
   bool Full(uint64_t item_cost) const {
     return !sub.ops.empty() &&
-           (sub.ops.size() >= engine::kMaxOpsPerSubmission || cost + item_cost > kSubmissionCostBudget);
+           (sub.ops.size() >= engine::kMaxOpsPerSubmission || cost + item_cost > budget);
   }
 };
 
@@ -384,6 +387,9 @@ bool Executor::ShouldCoalesce(const Batch& batch, uint64_t epoch) const {
   if (!coalesce_ || stop_ || queue_.empty()) return false;
   const Item& next = queue_.front();
   if (!next.plan || next.epoch != epoch || Cancelled(epoch)) return false;
+  // On a scheduled engine (F7) a submission can not be cut once on the device and is
+  // another vGPU's wait: plans are packed only up to the shared budget.
+  if (batch.cost >= batch.budget) return false;
   // Only while the submission would have to wait for the engine anyway: an idle engine
   // gets the work at once (latency), a busy one gets it in fewer, larger submissions.
   return !(in_flight_ == 0 || (in_flight_ < depth_ && in_flight_cost_ + batch.cost <= kMaxInFlightCost));
@@ -637,6 +643,7 @@ Result<> Executor::Submit(Batch& batch) {
   Retiring r{.kind = Retiring::Kind::kSubmission, .plan = plans.front(), .mats = std::move(batch.mats),
              .cost = batch.cost, .also = {plans.begin() + 1, plans.end()}};
   engine::Submission sub = std::move(batch.sub);
+  sub.cost = batch.cost;
   batch.sub = {};
   batch.mats.clear();
   batch.cost = 0;
@@ -682,9 +689,10 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanSt
   VG_ERROR_IF(!engine_, Errc::kUnsupported, "this vGPU has no engine");
   // A transfer of `size` bytes in chunks: `add(offset, n)` packs one chunk.
   auto chunks = [&](uint64_t size, auto&& add) -> Result<> {
-    for (uint64_t off = 0; off < size; off += kTransferChunkBytes) {
+    const uint64_t chunk = std::min(kTransferChunkBytes, batch.budget);
+    for (uint64_t off = 0; off < size; off += chunk) {
       if (Cancelled(epoch)) return CancelledError();
-      uint64_t n = std::min(kTransferChunkBytes, size - off);
+      uint64_t n = std::min(chunk, size - off);
       if (batch.Full(n)) VG_TRY(Flush(batch));
       VG_TRY(add(off, n));
       batch.cost += n;
@@ -693,8 +701,11 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanSt
   };
   for (PlanOp& op : ops) {
     if (Cancelled(epoch)) return CancelledError();
+    // Shared engine (F7): pieces and submissions of about a millisecond, so a preempted
+    // vGPU yields within one; alone, larger submissions cost fewer round trips.
+    batch.budget = engine_->PrefersSmallSubmissions() ? kSharedSubmissionCostBudget : kSubmissionCostBudget;
     if (auto* d = std::get_if<PlanDispatch>(&op)) {
-      VG_TRY_ASSIGN(DispatchCut cut, DispatchCut::Make(d->kernel, d->groups, d->push));
+      VG_TRY_ASSIGN(DispatchCut cut, DispatchCut::Make(d->kernel, d->groups, d->push, batch.budget));
       std::vector<MatRef> mats;
       std::vector<engine::BufferRange> bindings;
       for (const ResolvedRange& b : d->bindings) {

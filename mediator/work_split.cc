@@ -48,7 +48,8 @@ uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 Result<DispatchCut> DispatchCut::Make(uint32_t kernel, std::array<uint32_t, 3> groups,
-                                      std::span<const std::byte> push) {
+                                      std::span<const std::byte> push, uint64_t budget) {
+  budget = std::max<uint64_t>(1, budget);
   const shaders::KernelDesc* k = shaders::FindKernel(kernel);
   const KernelCost* cost = nullptr;
   for (const KernelCost& c : kCosts)
@@ -76,16 +77,16 @@ Result<DispatchCut> DispatchCut::Make(uint32_t kernel, std::array<uint32_t, 3> g
       std::max<uint64_t>(1, invocations_per_group * std::max<uint64_t>(1, PushWord(push, cost->word)) * cost->factor);
   const uint64_t row_cost = group_cost > UINT64_MAX / gx ? UINT64_MAX : group_cost * gx;
   c.total_cost_ = row_cost > UINT64_MAX / gy ? UINT64_MAX : row_cost * gy;
-  if (row_cost <= kSubmissionCostBudget) {
+  if (row_cost <= budget) {
     c.rows_ = true;
-    c.per_piece_ = static_cast<uint32_t>(std::min<uint64_t>(gy, kSubmissionCostBudget / row_cost));
+    c.per_piece_ = static_cast<uint32_t>(std::min<uint64_t>(gy, budget / row_cost));
     c.pieces_ = CeilDiv(gy, c.per_piece_);
     c.piece_cost_ = row_cost * c.per_piece_;
   } else if (cost->shape == Shape::kTiles || gy == 1) {
     VG_ERROR_IF(group_cost > kMaxPieceCost, Errc::kLimitExceeded, "{}: one workgroup costs {}, over the {} bound",
                 k->name, group_cost, kMaxPieceCost);
     c.rows_ = false;
-    c.per_piece_ = static_cast<uint32_t>(std::clamp<uint64_t>(kSubmissionCostBudget / group_cost, 1, gx));
+    c.per_piece_ = static_cast<uint32_t>(std::clamp<uint64_t>(budget / group_cost, 1, gx));
     c.x_pieces_ = CeilDiv(gx, c.per_piece_);
     c.pieces_ = gy * c.x_pieces_;
     c.piece_cost_ = group_cost * c.per_piece_;

@@ -17,6 +17,11 @@ namespace vg::mediator {
 // Cost units: one kernel invocation-round (one spin iteration, one matmul k step, one
 // element of a simple kernel), or one byte of COPY/FILL.
 inline constexpr uint64_t kSubmissionCostBudget = 1ull << 26;  // packed into one engine submission
+// The same while another vGPU holds or waits for the engine (F7: engine::Engine::
+// PrefersSmallSubmissions): a submission cannot be cut once on the device, so its length is
+// the others' wait. 2^20 is about a millisecond of the catalogue's spin or a MiB of COPY on
+// lavapipe (docs/management.md "Scheduling": pieces).
+inline constexpr uint64_t kSharedSubmissionCostBudget = 1ull << 20;
 // The smallest piece of a dispatch that cannot be cut further (one workgroup, or one row
 // of groups for kernels that index with the grid width, or a whole grid-stride dispatch)
 // may cost this much; a DISPATCH with a dearer piece is refused kLimitExceeded at audit.
@@ -40,13 +45,14 @@ struct DispatchPiece {
   std::array<uint32_t, 3> groups{};
 };
 
-// Cuts one DISPATCH into group ranges of at most kSubmissionCostBudget each (or one
-// unsplittable piece). Lazy: a 65535-group dispatch is not a vector of 65535 pieces.
+// Cuts one DISPATCH into group ranges of at most `budget` each (or one unsplittable piece).
+// Lazy: a 65535-group dispatch is not a vector of 65535 pieces.
 class DispatchCut {
  public:
   // kLimitExceeded: an unsplittable piece costs more than kMaxPieceCost. kBadKernel: not
   // in the catalogue. The arguments are otherwise assumed validated (the auditor's).
-  static Result<DispatchCut> Make(uint32_t kernel, std::array<uint32_t, 3> groups, std::span<const std::byte> push);
+  static Result<DispatchCut> Make(uint32_t kernel, std::array<uint32_t, 3> groups, std::span<const std::byte> push,
+                                  uint64_t budget = kSubmissionCostBudget);
 
   uint64_t pieces() const { return pieces_; }
   DispatchPiece Piece(uint64_t i) const;

@@ -57,20 +57,26 @@ TEST_CASE("vgpu-bench --smoke --groups fairness,noisy: the scheduler groups, wei
       for (int n : {2, 4}) CHECK(seen.count(std::string(w) + "/" + m + "/" + std::to_string(n)) == 1);
   const auto& no = j["noisy"];
   CHECK(no["complete"] == true);
-  CHECK(no["runs"].size() == 4);  // alone and beside 1 heavy, weighted and off
+  CHECK(no["runs"].size() == 8);  // closed loop and thinking, alone and beside 1 heavy, best-effort and off
+  std::set<std::string> noisy_seen;
   for (const auto& run : no["runs"]) {
     INFO(run.dump());
     CHECK(run["ok"] == true);
     CHECK(run["light_us"]["n"].get<uint64_t>() > 0);
+    noisy_seen.insert(fmt::format("{}/{}/{}", run["think_us"].get<uint32_t>(), run["heavy"].get<int>(),
+                                  run["sched"].get<std::string>()));
     if (run["heavy"].get<int>() > 0) {
       CHECK(run.contains("p99_over_alone_us"));
       CHECK(run["tenant"][1]["completions"].get<uint64_t>() > 0);
     }
   }
+  CHECK(noisy_seen.size() == 8);
   CHECK(text.find("== fairness") != std::string::npos);
   CHECK(text.find("== noisy neighbours") != std::string::npos);
-  CHECK(text.find("fairness, equal weights, 2 tenants, sched weighted") != std::string::npos);
-  CHECK(text.find("noisy neighbours, light tenant next to 1 heavy, sched weighted") != std::string::npos);
+  CHECK(text.find("fairness, equal weights, 2 tenants, sched best-effort") != std::string::npos);
+  CHECK(text.find("noisy neighbours, light tenant (closed loop) next to 1 heavy, sched best-effort") != std::string::npos);
+  CHECK(text.find("noisy neighbours, light tenant (thinks 1000 us) next to 1 heavy, sched best-effort") !=
+        std::string::npos);
   CHECK(text.find("PRECONDITION FAILED") == std::string::npos);
   std::filesystem::remove_all(out);
   std::filesystem::remove(out.string() + ".txt");

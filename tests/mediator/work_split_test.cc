@@ -66,6 +66,24 @@ TEST_CASE("cheap grids are one piece; dear ones are cut along x or by rows") {
   CHECK(tiles->piece_cost() <= kSubmissionCostBudget);
 }
 
+TEST_CASE("on a shared engine the same dispatch is cut to the smaller budget (F7 pieces)") {
+  // The noisy-neighbour study's heavy kernel: 16 groups of ~2^19 each, one piece alone.
+  shaders::SpinPush heavy{4096, 2048, 1};
+  auto alone = DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(heavy));
+  REQUIRE(alone.ok());
+  CHECK(alone->pieces() == 1);
+  auto shared = DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(heavy), kSharedSubmissionCostBudget);
+  REQUIRE(shared.ok());
+  CHECK(shared->piece_cost() <= kSharedSubmissionCostBudget);
+  CHECK(CheckTiles(*shared, {16, 1, 1}) == 8);
+  CHECK(shared->total_cost() == alone->total_cost());
+  // A group dearer than the budget is still one piece (a workgroup is never cut).
+  shaders::SpinPush dear{32768, 8192, 1};  // a group costs 2^21
+  auto one_group = DispatchCut::Make(Id(KernelId::kSpin), {4, 1, 1}, shaders::PushBytes(dear), kSharedSubmissionCostBudget);
+  REQUIRE(one_group.ok());
+  CHECK(CheckTiles(*one_group, {4, 1, 1}) == 4);
+}
+
 TEST_CASE("a multi-row spin whose row is over the piece bound is refused kLimitExceeded") {
   shaders::SpinPush p{65535u * 256 * 2, 1u << 20, 1};
   auto cut = DispatchCut::Make(Id(KernelId::kSpin), {65535, 2, 1}, shaders::PushBytes(p));

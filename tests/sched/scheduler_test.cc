@@ -243,6 +243,34 @@ TEST_CASE("the holder is told once when another vGPU waits, and an idle release 
   CHECK(sim.contended[2].first == U(1));
 }
 
+TEST_CASE("the idle grace before an idle release is not charged, and no more of it than the grace is forgiven") {
+  SchedOptions o;
+  o.idle_grace = 200us;
+  Sim sim(o);
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(1), now);
+  sim.s.OnRequest(U(2), now);  // contended from here
+  // 100 us of work, then the 200 us grace: charged the 100 us only.
+  now += 300us;
+  sim.s.OnRelease(U(1), sim.grant, 100'000, /*wants=*/false, now, /*idle_tail_ns=*/200'000);
+  CHECK(sim.s.Status(U(1))->charged_ns == 100'000);
+  REQUIRE(sim.granted == U(2));
+  // A worker that claims a longer tail than the grace is forgiven the grace only.
+  sim.s.OnRequest(U(1), now);
+  now += 2ms;
+  sim.s.OnRelease(U(2), sim.grant, 0, /*wants=*/false, now, /*idle_tail_ns=*/10'000'000);
+  CHECK(sim.s.Status(U(2))->charged_ns == 2'000'000 - 200'000);
+  // Nor is anything forgiven of a release that still wants the engine (a preempt).
+  REQUIRE(sim.granted == U(1));
+  sim.s.OnRequest(U(2), now);
+  now += 3ms;
+  sim.s.OnTimer(now);
+  sim.s.OnRelease(U(1), sim.grant, 3'000'000, /*wants=*/true, now, /*idle_tail_ns=*/200'000);
+  CHECK(sim.s.Status(U(1))->charged_ns == 100'000 + 3'000'000);
+}
+
 TEST_CASE("policies parse by name; 'weighted' is best-effort") {
   CHECK(ParseSchedPolicy("weighted") == SchedPolicy::kBestEffort);
   CHECK(ParseSchedPolicy("best-effort") == SchedPolicy::kBestEffort);

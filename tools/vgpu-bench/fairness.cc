@@ -55,7 +55,7 @@ double Seconds(uint64_t ns) { return static_cast<double>(ns) / 1e9; }
 
 enum class TenantKind : uint32_t {
   kBacklog = 1,     // keeps in_flight spin dispatches submitted, resubmits each as it completes
-  kClosedLoop = 2,  // one small dispatch, waits for its fence, again: the light tenant
+  kClosedLoop = 2,  // one small dispatch, waits for its fence, [thinks,] again: the light tenant
 };
 constexpr int kTenantNice = -5;
 enum Phase : uint32_t { kStarting = 0, kReady = 1, kFinished = 2, kFailed = 3 };
@@ -71,6 +71,7 @@ struct alignas(64) TenantConfig {
   TenantKind kind = TenantKind::kBacklog;
   uint32_t spin_iterations = 0;  // kBacklog
   uint32_t in_flight = 1;        // kBacklog
+  uint32_t think_us = 0;         // kClosedLoop: pause after each completion
   uint64_t guest_ram = 16ull << 20;
 };
 struct alignas(64) TenantState {
@@ -286,6 +287,7 @@ class Tenant {
       if (!seq.ok()) return Fail(5, "submit: " + seq.error().ToString());
       if (auto w = WaitFor(*seq, 60000); !w.ok()) return Fail(5, "wait: " + w.error().ToString());
       Record(NowNs(), t0);
+      if (cfg_.think_us) std::this_thread::sleep_for(std::chrono::microseconds(cfg_.think_us));
     }
     return 0;
   }
@@ -438,6 +440,7 @@ struct TenantSpec {
   TenantKind kind = TenantKind::kBacklog;
   uint32_t spin_iterations = 0;
   uint32_t in_flight = 1;
+  uint32_t think_us = 0;
 };
 
 // What one configuration left behind: per tenant its records and counts, the daemon's view
@@ -479,6 +482,7 @@ Ran RunTenants(const Host& h, const std::vector<TenantSpec>& specs, double warmu
     c->kind = specs[i].kind;
     c->spin_iterations = specs[i].spin_iterations;
     c->in_flight = specs[i].in_flight;
+    c->think_us = specs[i].think_us;
     c->guest_ram = guest_ram;
     new (&v.state(i)) TenantState();
   }
@@ -715,11 +719,12 @@ FairnessRun RunFairness(Host& h, const std::string& weights, int n, const SchedO
   return run;
 }
 
-NoisyRun RunNoisy(Host& h, int heavy, const SchedOptions& o, const SchedSpin& spin) {
+NoisyRun RunNoisy(Host& h, int heavy, uint32_t think_us, const SchedOptions& o, const SchedSpin& spin) {
   NoisyRun run;
   run.weighted = h.weighted;
   run.heavy = heavy;
-  std::vector<TenantSpec> specs{{0, TenantKind::kClosedLoop, 0, 1}};
+  run.think_us = think_us;
+  std::vector<TenantSpec> specs{{0, TenantKind::kClosedLoop, 0, 1, think_us}};
   for (int i = 1; i <= heavy; ++i)
     specs.push_back({static_cast<size_t>(i), TenantKind::kBacklog, spin.iterations, o.heavy_in_flight});
   // The light tenant alone completes a small dispatch in a few hundred us at best.
@@ -765,9 +770,9 @@ std::string NotNicedNote() {
                      kTenantNice);
 }
 
-const NoisyRun* FindNoisy(const SchedReport& r, bool weighted, int heavy) {
+const NoisyRun* FindNoisy(const SchedReport& r, bool weighted, int heavy, uint32_t think_us) {
   for (const NoisyRun& n : r.noisy)
-    if (n.weighted == weighted && n.heavy == heavy) return &n;
+    if (n.weighted == weighted && n.heavy == heavy && n.think_us == think_us) return &n;
   return nullptr;
 }
 
@@ -863,11 +868,13 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
           r.fairness.push_back(RunFairness(h, "equal", n, o, *fair_spin));
         });
     if (o.noisy && heavy_spin)
-      for (int heavy : o.heavy_counts)
-        each_mode([&](Host& h) {
-          Progress(o, fmt::format("noisy: light tenant + {} heavy, sched {}", heavy, ModeName(h.weighted)));
-          r.noisy.push_back(RunNoisy(h, heavy, o, *heavy_spin));
-        });
+      for (uint32_t think : o.light_think_us)
+        for (int heavy : o.heavy_counts)
+          each_mode([&](Host& h) {
+            Progress(o, fmt::format("noisy: light tenant (think {} us) + {} heavy, sched {}", think, heavy,
+                                    ModeName(h.weighted)));
+            r.noisy.push_back(RunNoisy(h, heavy, think, o, *heavy_spin));
+          });
   }
   for (Host& h : hosts) StopSet(h);
   if (o.fairness && fair_spin && max_n > 0) {
@@ -887,7 +894,7 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
   auto fkey = [](const FairnessRun& f) { return std::make_tuple(f.weights, f.tenants, !f.weighted); };
   std::stable_sort(r.fairness.begin(), r.fairness.end(),
                    [&](const FairnessRun& a, const FairnessRun& b) { return fkey(a) < fkey(b); });
-  auto nkey = [](const NoisyRun& n) { return std::make_tuple(n.heavy, !n.weighted); };
+  auto nkey = [](const NoisyRun& n) { return std::make_tuple(n.think_us, n.heavy, !n.weighted); };
   std::stable_sort(r.noisy.begin(), r.noisy.end(), [&](const NoisyRun& a, const NoisyRun& b) { return nkey(a) < nkey(b); });
   return r;
 }
@@ -950,21 +957,22 @@ std::string FormatSched(const SchedReport& r) {
   }
   if (!r.noisy.empty()) {
     out += fmt::format(
-        "== noisy neighbours (light tenant: closed-loop copy 4 KiB; heavy: {} spin dispatches of ~{:.0f} us in flight "
-        "each; target: p99 with - p99 alone <= 2 x slice = {:.1f} ms)\n",
+        "== noisy neighbours (light tenant: copy 4 KiB, wait for its fence, think `think` us, again (0: closed loop, "
+        "as busy as it can be); heavy: {} spin dispatches of ~{:.0f} us in flight each; target: p99 with - p99 alone "
+        "<= 2 x slice = {:.1f} ms)\n",
         o.heavy_in_flight, o.heavy_kernel_us, 2.0 * static_cast<double>(o.slice_us) / 1e3);
-    out += fmt::format("{:>5} {:<8} {:>7} {:>10} {:>10} {:>10} {:>9} {:>12} {:>8} {:>6} {:>10} {:>11}  {}\n",
-                       "heavy", "sched", "n", "p50 us", "p99 us", "max us", "p99/alone", "p99-alone us", "heavy/s",
+    out += fmt::format("{:>5} {:>5} {:<11} {:>7} {:>10} {:>10} {:>10} {:>9} {:>12} {:>8} {:>6} {:>10} {:>11}  {}\n",
+                       "think", "heavy", "sched", "n", "p50 us", "p99 us", "max us", "p99/alone", "p99-alone us", "heavy/s",
                        "busy", "wait/grant", "heavy grant", "ok");
     for (const NoisyRun& n : r.noisy) {
-      const NoisyRun* alone = FindNoisy(r, n.weighted, 0);
+      const NoisyRun* alone = FindNoisy(r, n.weighted, 0, n.think_us);
       const bool have = alone && alone->light_us.n && n.light_us.n;
       double heavy_rate = 0;
       for (size_t i = 1; i < n.tenant.size(); ++i) heavy_rate += static_cast<double>(n.tenant[i].completions);
       heavy_rate /= o.noisy_s;
-      out += fmt::format("{:>5} {:<8} {:>7} {:>10.0f} {:>10.0f} {:>10.0f} {:>9} {:>12} {:>8.1f} {:>5.0f}% {:>10} {:>11}  "
-                         "{}{}\n",
-                         n.heavy, ModeName(n.weighted), n.light_us.n, n.light_us.p50, n.light_us.p99, n.light_us.max,
+      out += fmt::format("{:>5} {:>5} {:<11} {:>7} {:>10.0f} {:>10.0f} {:>10.0f} {:>9} {:>12} {:>8.1f} {:>5.0f}% {:>10} "
+                         "{:>11}  {}{}\n",
+                         n.think_us, n.heavy, ModeName(n.weighted), n.light_us.n, n.light_us.p50, n.light_us.p99, n.light_us.max,
                          have && n.heavy ? fmt::format("{:.2f}", n.light_us.p99 / alone->light_us.p99) : "-",
                          have && n.heavy ? fmt::format("{:.0f}", n.light_us.p99 - alone->light_us.p99) : "-",
                          heavy_rate, n.heavy_busy * 100,
@@ -975,7 +983,8 @@ std::string FormatSched(const SchedReport& r) {
     }
     for (const NoisyRun& n : r.noisy)
       for (const std::string& e : n.errors)
-        out += fmt::format("NOISY PRECONDITION FAILED: {} heavy, sched {}: {}\n", n.heavy, ModeName(n.weighted), e);
+        out += fmt::format("NOISY PRECONDITION FAILED: think {} us, {} heavy, sched {}: {}\n", n.think_us, n.heavy,
+                           ModeName(n.weighted), e);
   }
   if (NotNiced(r)) out += NotNicedNote() + "\n";
   for (const std::string& e : r.errors) out += fmt::format("SCHEDULER GROUPS FAILED: {}\n", e);
@@ -1053,9 +1062,10 @@ void AddSchedJson(const SchedReport& r, nlohmann::json& j) {
   if (o.noisy) {
     Json runs = Json::array();
     for (const NoisyRun& n : r.noisy) {
-      const NoisyRun* alone = FindNoisy(r, n.weighted, 0);
+      const NoisyRun* alone = FindNoisy(r, n.weighted, 0, n.think_us);
       Json x{{"sched", ModeName(n.weighted)},
              {"heavy", n.heavy},
+             {"think_us", n.think_us},
              {"light_us",
               {{"n", n.light_us.n},
                {"p50", n.light_us.p50},
@@ -1109,7 +1119,7 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
       const bool rel_met = a.windows > a.empty_windows && a.within_rel >= 1.0;
       const bool jain_met = a.jain >= 0.99;
       std::string line = fmt::format(
-          "fairness, {} weights, {} tenants, sched weighted: |share error| mean {:.1f} pp, max {:.1f} pp, {} of {:.0f} ms "
+          "fairness, {} weights, {} tenants, sched best-effort: |share error| mean {:.1f} pp, max {:.1f} pp, {} of {:.0f} ms "
           "windows within ±{:.0f} pp ({}); relative to the entitled share mean {:.1f}%, max {:.1f}%, {} within ±{:.0f}% "
           "({}); Jain {:.4f}{}",
           weights == "equal" ? "equal" : "1:2:4", n, a.mean_abs_pp, a.max_abs_pp, Pct(a.within_pp), o.window_s * 1e3,
@@ -1127,16 +1137,17 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
     }
   for (const NoisyRun& n : r.noisy) {
     if (!n.heavy || !n.weighted) continue;
-    const NoisyRun* alone = FindNoisy(r, true, 0);
-    const NoisyRun* off = FindNoisy(r, false, n.heavy);
-    const NoisyRun* off_alone = FindNoisy(r, false, 0);
+    const NoisyRun* alone = FindNoisy(r, true, 0, n.think_us);
+    const NoisyRun* off = FindNoisy(r, false, n.heavy, n.think_us);
+    const NoisyRun* off_alone = FindNoisy(r, false, 0, n.think_us);
     if (!alone || !alone->light_us.n || !n.light_us.n) continue;
     const double over = n.light_us.p99 - alone->light_us.p99;
     const double limit = 2.0 * static_cast<double>(o.slice_us);
     std::string line = fmt::format(
-        "noisy neighbours, light tenant next to {} heavy, sched weighted: p50 {:.0f} us, p99 {:.0f} us; alone p50 "
+        "noisy neighbours, light tenant ({}) next to {} heavy, sched {}: p50 {:.0f} us, p99 {:.0f} us; alone p50 "
         "{:.0f} us, p99 {:.0f} us; p99 ratio {:.2f}, p99 over alone {:.0f} us (target <= 2 x slice = {:.0f} us): {}",
-        n.heavy, n.light_us.p50, n.light_us.p99, alone->light_us.p50, alone->light_us.p99,
+        n.think_us ? fmt::format("thinks {} us", n.think_us) : std::string("closed loop"), n.heavy,
+        ModeName(true), n.light_us.p50, n.light_us.p99, alone->light_us.p50, alone->light_us.p99,
         n.light_us.p99 / alone->light_us.p99, over, limit, over <= limit ? "MET" : "MISSED");
     line += fmt::format(
         " (it waited {:.1f} ms per grant; the heavy ones used {:.1f} ms of device time per grant and kept the device "

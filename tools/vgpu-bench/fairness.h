@@ -85,6 +85,10 @@ struct SchedOptions {
   // grant admits to the device grows with it (docs/ab-methodology.md).
   uint32_t in_flight = 8;
   std::vector<int> heavy_counts{0, 1, 7};  // noisy: heavy neighbours of the light tenant
+  // noisy: the light tenant's pause after each completion. 0: a closed loop, as busy as a
+  // tenant of small work can be (it wants more than its share next to 7 busy ones, and the
+  // scheduler makes it wait for it); 1000: an interactive tenant, well under its share.
+  std::vector<uint32_t> light_think_us{0, 1000};
   double noisy_s = 3.0;           // noisy: the measured interval
   double heavy_kernel_us = 10000;  // noisy: each heavy tenant's spin dispatch
   uint32_t heavy_in_flight = 3;
@@ -142,6 +146,7 @@ struct FairnessRun {
 struct NoisyRun {
   bool weighted = false;
   int heavy = 0;
+  uint32_t think_us = 0;              // the light tenant's pause after each completion
   Stats light_us;                     // the light tenant's submit -> fence seen, in the interval
   double light_wait_per_grant_ms = 0;  // weighted: the light tenant's wait for a grant, per grant
   double heavy_grant_ms = 0;           // weighted: the heavy tenants' device time per grant

@@ -2,11 +2,15 @@
 
 #include <algorithm>
 
+#include "mediator/work_split.h"
+
 namespace vg::worker {
 
 namespace ch = daemon::channel;
 
 namespace {
+// An uncontended holder's pipeline on the device: about two shared-budget pieces.
+constexpr uint64_t kUncontendedOnDeviceCost = 2 * mediator::kSharedSubmissionCostBudget;
 uint64_t Ns(std::chrono::steady_clock::duration d) {
   return static_cast<uint64_t>(std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()));
 }
@@ -61,6 +65,7 @@ void SchedGate::Configure(const GateConfig& c) {
     requested_ = false;
     preempting_ = false;
   }
+  PublishLocked();
   WakePumpLocked(std::nullopt);  // limits may have been lifted
 }
 
@@ -75,6 +80,7 @@ void SchedGate::OnGrant(uint64_t grant, bool contended) {
   idle_since_.reset();
   grant_used_ns_ = 0;
   ++stats_.grants;
+  PublishLocked();
   WakePumpLocked(std::nullopt);
   MaybeIdleReleaseLocked();  // what it asked for may be gone (cancelled)
 }
@@ -84,6 +90,7 @@ void SchedGate::OnPreempt(uint64_t grant) {
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
   ++stats_.preempts;
   preempting_ = true;  // nothing more goes to the device under this grant
+  PublishLocked();
   if (on_device_ == 0) ReleaseLocked();
 }
 
@@ -96,6 +103,7 @@ void SchedGate::OnContended(uint64_t grant) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
   contended_ = true;
+  PublishLocked();
   MaybeIdleReleaseLocked();
 }
 
@@ -126,6 +134,7 @@ void SchedGate::Revoke() {
   contended_ = false;
   idle_since_.reset();
   requested_ = true;  // asks no more: nobody would answer
+  PublishLocked();
 }
 
 void SchedGate::OpenForExit() {
@@ -134,6 +143,7 @@ void SchedGate::OpenForExit() {
   cfg_.rate_limit = 0;
   cfg_.gpu_time_limit_ns = 0;
   preempting_ = false;
+  PublishLocked();
   WakePumpLocked(std::nullopt);
 }
 
@@ -202,6 +212,13 @@ bool SchedGate::Admit(const engine::Submission& s) {
     HoldLocked(now);
     return false;
   }
+  // Uncontended: a pipeline of about two pieces on the device (it hides the gap between
+  // one piece and the next), not the executor's whole in-flight budget: what is on the
+  // device when another vGPU starts to wait is that vGPU's wait.
+  if (cfg_.scheduled && on_device_ > 0 && on_device_cost_ + s.cost > kUncontendedOnDeviceCost) {
+    HoldLocked(now);
+    return false;
+  }
   if (counts) sub_tokens_ -= s.guest_submissions;  // a coalesced batch may go into debt
   idle_since_.reset();
   rate_held_ = false;
@@ -210,11 +227,13 @@ bool SchedGate::Admit(const engine::Submission& s) {
     held_since_.reset();
   }
   ++on_device_;
+  on_device_cost_ += s.cost;
   return true;
 }
 
-void SchedGate::Ran(uint64_t busy_ns, bool) {
+void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
   std::lock_guard lk(mu_);
+  on_device_cost_ -= std::min(on_device_cost_, cost);
   stats_.gpu_time_ns += busy_ns;
   grant_used_ns_ += busy_ns;
   if (cfg_.gpu_time_limit_ns) {
@@ -222,7 +241,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool) {
     gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
   }
   if (on_device_) --on_device_;
-  if (on_device_ == 0 && held_since_ && !preempting_) WakePumpLocked(std::nullopt);  // the next piece
+  if (held_since_ && !preempting_) WakePumpLocked(std::nullopt);  // the next piece (room on the device)
   if (!cfg_.scheduled || !granted_) return;
   if (preempting_) {
     if (on_device_ == 0) ReleaseLocked();
@@ -240,6 +259,7 @@ void SchedGate::ReleaseLocked() {
   ch::Record r = ch::Make(ch::Kind::kSchedRelease, grant_);
   r.values[static_cast<size_t>(ch::SchedReleaseSlot::kUsedNs)] = grant_used_ns_;
   r.values[static_cast<size_t>(ch::SchedReleaseSlot::kWants)] = WantsDeviceLocked() ? 1 : 0;
+  if (idle_since_) r.values[static_cast<size_t>(ch::SchedReleaseSlot::kIdleTailNs)] = Ns(Clock::now() - *idle_since_);
   granted_ = false;
   preempting_ = false;
   contended_ = false;
@@ -247,8 +267,17 @@ void SchedGate::ReleaseLocked() {
   grant_used_ns_ = 0;
   // Work still held (not by a bucket): the release is its request.
   requested_ = WantsDeviceLocked();
+  PublishLocked();
   send_(r);
 }
+
+void SchedGate::PublishLocked() {
+  // Scheduled: another vGPU may start to wait at any moment, and what is on the device then
+  // is its wait (an uncontended holder's pipeline included: see Admit).
+  small_submissions_.store(cfg_.scheduled, std::memory_order_relaxed);
+}
+
+bool SchedGate::PrefersSmallSubmissions() const { return small_submissions_.load(std::memory_order_relaxed); }
 
 void SchedGate::WakePumpLocked(std::optional<Clock::time_point> at) {
   if (!at) {

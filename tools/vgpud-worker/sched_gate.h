@@ -20,6 +20,7 @@
 //   carries; device time is charged after it ran (so a long piece goes into debt and the
 //   next work waits until the bucket is positive again).
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -71,6 +72,10 @@ class SchedGate final : public engine::SubmitGate {
   // contended: another vGPU waits (one piece on the device at a time; the grant goes back
   // once the vGPU has had no work for the idle grace).
   void OnGrant(uint64_t grant, bool contended);
+  // engine::SubmitGate: under the scheduler the executor keeps submissions to the shared
+  // budget (mediator::kSharedSubmissionCostBudget, about a millisecond): whatever is on the
+  // device when another vGPU starts to wait is that vGPU's wait.
+  bool PrefersSmallSubmissions() const override;
   void OnPreempt(uint64_t grant);
   void OnContended(uint64_t grant);
   // Whether the vGPU has work queued that has not reached the engine yet (the device
@@ -91,13 +96,14 @@ class SchedGate final : public engine::SubmitGate {
 
   // engine::SubmitGate
   bool Admit(const engine::Submission& s) override;
-  void Ran(uint64_t busy_ns, bool device_idle) override;
+  void Ran(uint64_t busy_ns, bool device_idle, uint64_t cost) override;
 
  private:
   using Clock = std::chrono::steady_clock;
   void RefillLocked(Clock::time_point now);
   void HoldLocked(Clock::time_point now);
   void ReleaseLocked();
+  void PublishLocked();  // small_submissions_ from the state
   void MaybeIdleReleaseLocked();
   // Work is held for want of the grant (not by a rate limit's bucket).
   bool WantsDeviceLocked() const { return held_since_.has_value() && !rate_held_; }  // contended, nothing on the device, nothing held: give it back
@@ -113,12 +119,14 @@ class SchedGate final : public engine::SubmitGate {
   bool requested_ = false;
   bool preempting_ = false;
   bool contended_ = false;
+  std::atomic<bool> small_submissions_{false};  // PublishLocked(), read without the lock
   std::optional<Clock::time_point> idle_since_;  // contended, nothing on the device nor held, since
   std::function<bool()> backlog_;
   bool revoked_ = false;
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
   uint32_t on_device_ = 0;
+  uint64_t on_device_cost_ = 0;  // Submission::cost of what is on the device
   std::optional<Clock::time_point> held_since_;
   bool rate_held_ = false;
   double sub_tokens_ = 0;

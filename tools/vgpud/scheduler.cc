@@ -71,7 +71,12 @@ double Scheduler::Floor() const {
 }
 
 void Scheduler::Wait(const Uuid&, Entry& e, Clock::time_point now) {
-  e.vruntime = std::max(e.vruntime, Floor());
+  // Back from idle: placed half a slice before the busy ones (a lag bound, as CFS places a
+  // waking task), so a tenant that submits a little now and then is next rather than behind
+  // a round of busy ones; it can never be more than that ahead, so its long-run share is
+  // what its weight says, and what it runs is charged like anyone's.
+  const double credit = static_cast<double>(o_.slice.count()) / 2 * kWeightScale / e.weight;
+  e.vruntime = std::max(e.vruntime, Floor() - credit);
   e.state = SchedState::kWaiting;
   e.waiting_since = now;
 }
@@ -94,7 +99,8 @@ void Scheduler::MaybeContend(Clock::time_point) {
   if (a_.contended) a_.contended(*holder_, e.grant);
 }
 
-void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now) {
+void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now,
+                          uint64_t idle_tail_ns) {
   auto it = entries_.find(u);
   if (it == entries_.end() || holder_ != u || it->second.grant != grant) return;
   Entry& e = it->second;
@@ -105,6 +111,10 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
   // was owed it.
   uint64_t charge = 0;
   if (contended_since_) charge = Ns(now - std::max(e.granted_at, *contended_since_));
+  // Except the idle grace it waited out before an idle release: the others were kept out
+  // by the scheduler's anticipation, not by the tenant's work. Charging it made a tenant
+  // that submits a little now and then pay a grace per submission, as much as a busy one.
+  if (!wants) charge -= std::min<uint64_t>({charge, idle_tail_ns, Ns(o_.idle_grace)});
   e.stats.used_ns += used_ns;
   e.stats.charged_ns += charge;
   e.vruntime += static_cast<double>(charge) * kWeightScale / e.weight;
@@ -153,16 +163,25 @@ void Scheduler::Dispatch(Clock::time_point now) {
 std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt() const {
   auto cross = CrossAt();
   if (!cross) return std::nullopt;
-  // At least a slice, so that vGPUs of equal virtual time do not trade the engine per piece.
-  return std::max(entries_.at(*holder_).granted_at + o_.slice, *cross);
+  // At least a slice, so that vGPUs of equal virtual time do not trade the engine per piece;
+  // a quarter of one when a waiter is strictly behind the holder in virtual time (one back
+  // from idle with its credit): it is owed the engine now, the holder only its first piece.
+  const Entry& h = entries_.at(*holder_);
+  const bool owed = LeastWaiting() < h.vruntime;
+  return std::max(h.granted_at + (owed ? o_.slice / 4 : o_.slice), *cross);
+}
+
+double Scheduler::LeastWaiting() const {
+  double least = std::numeric_limits<double>::infinity();
+  for (const auto& [u, w] : entries_)
+    if (w.state == SchedState::kWaiting) least = std::min(least, w.vruntime);
+  return least;
 }
 
 std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt() const {
   if (!holder_ || !contended_since_) return std::nullopt;
   const Entry& e = entries_.at(*holder_);
-  double least = std::numeric_limits<double>::infinity();
-  for (const auto& [u, w] : entries_)
-    if (w.state == SchedState::kWaiting) least = std::min(least, w.vruntime);
+  const double least = LeastWaiting();
   if (std::isinf(least)) return std::nullopt;
   // When the holder's virtual time passes the least waiting one's, counting all the time
   // since others waited (what it is charged when it releases). Until then it is owed

@@ -104,7 +104,11 @@ class Scheduler {
   // The worker gave its grant back: `used_ns` device time during it; `wants`: it still has
   // work held back (it waits again at once). A release of a grant it does not hold is
   // ignored (it crossed a preempt of an older grant, or the worker lies: harmless).
-  void OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now);
+  // `idle_tail_ns`: an idle release's trailing idle time (the grace it waited out), not
+  // charged: anticipation is the scheduler's choice, not the tenant's use; at most
+  // `idle_grace` of it is forgiven, whatever the worker says.
+  void OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now,
+                 uint64_t idle_tail_ns = 0);
   void OnTimer(Clock::time_point now);
   std::optional<Clock::time_point> NextDeadline() const;
 
@@ -131,6 +135,7 @@ class Scheduler {
   void MaybePreempt(Clock::time_point now);
   void MaybeContend(Clock::time_point now);  // someone waits: tell the holder, once per grant
   std::optional<Clock::time_point> CrossAt() const;
+  double LeastWaiting() const;  // the least virtual time of a waiting vGPU (infinity: none)
   std::optional<Clock::time_point> PreemptAt() const;
 
   SchedOptions o_;

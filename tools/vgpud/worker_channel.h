@@ -71,7 +71,9 @@ enum class SchedConfigSlot : uint32_t {
   kIdleGraceNs,      // contended and idle this long: the grant goes back
 };
 // kSchedRelease's values, by slot.
-enum class SchedReleaseSlot : uint32_t { kUsedNs, kWants };
+// kIdleTailNs: how long the vGPU had had no work at all when it gave an idle grant back
+// (the idle grace it waited out; the scheduler caps it at its own grace, the worker lies).
+enum class SchedReleaseSlot : uint32_t { kUsedNs, kWants, kIdleTailNs };
 
 // What a pong reports, by slot in Record::values.
 enum class Counter : uint32_t {

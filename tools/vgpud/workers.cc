@@ -855,7 +855,7 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       if (w.state != Worker::State::kRunning || !policy_.sched.enabled()) return;
       auto at = [&](ch::SchedReleaseSlot s) { return r.values[static_cast<size_t>(s)]; };
       sched_->OnRelease(w.spec.uuid, r.seq, at(ch::SchedReleaseSlot::kUsedNs), at(ch::SchedReleaseSlot::kWants) != 0,
-                        Clock::now());
+                        Clock::now(), at(ch::SchedReleaseSlot::kIdleTailNs));
       return ArmSched();
     }
     default:
