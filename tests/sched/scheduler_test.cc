@@ -271,6 +271,40 @@ TEST_CASE("the idle grace before an idle release is not charged, and no more of 
   CHECK(sim.s.Status(U(1))->charged_ns == 100'000 + 3'000'000);
 }
 
+TEST_CASE("a vGPU back from idle is next, ahead of a round of busy ones, and the holder keeps a quarter slice") {
+  Sim sim;  // slice 2 ms
+  auto now = Clock::time_point{} + 1s;
+  for (int i = 1; i <= 4; ++i) sim.s.Add(U(i), 100, now);
+  for (int i = 1; i <= 3; ++i) sim.s.OnRequest(U(i), now);
+  // Three busy ones trade the engine for a while.
+  for (int i = 0; i < 30; ++i) {
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(*sim.granted, sim.grant, 2'000'000, true, now);
+  }
+  const Uuid holder = *sim.granted;
+  const auto granted_at = now;
+  now += 100us;
+  sim.s.OnRequest(U(4), now);  // back from idle (never ran)
+  // Preempted a quarter slice after its grant, not a whole one.
+  REQUIRE(sim.s.NextDeadline());
+  CHECK(*sim.s.NextDeadline() == granted_at + 500us);
+  now = granted_at + 500us;
+  sim.s.OnTimer(now);
+  CHECK(sim.preempts == 30 + 1);
+  sim.s.OnRelease(holder, sim.grant, 500'000, true, now);
+  CHECK(sim.granted == U(4));  // next, not behind the two other busy ones
+  // Its credit is half a slice: it runs about that much more than its share, then trades.
+  int in_a_row = 0;
+  while (sim.granted == U(4) && in_a_row < 10) {
+    ++in_a_row;
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(U(4), sim.grant, 2'000'000, true, now);
+  }
+  CHECK(in_a_row == 1);
+}
+
 TEST_CASE("policies parse by name; 'weighted' is best-effort") {
   CHECK(ParseSchedPolicy("weighted") == SchedPolicy::kBestEffort);
   CHECK(ParseSchedPolicy("best-effort") == SchedPolicy::kBestEffort);
