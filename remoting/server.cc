@@ -16,9 +16,11 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "engine/engine.h"
+#include "mediator/work_split.h"
 #include "remoting/decoder.h"
 #include "remoting/remoting.h"
 #include "abi/remoting.h"
@@ -97,6 +99,12 @@ class Session {
   // Ends this turn and comes back on the next one (a zero timeout: the loop polls every
   // fd first; event_active would run us again before any other fd is looked at).
   void Yield();
+  // F7 pieces: the cost one engine submission may carry now (smaller while the engine is
+  // shared under the scheduler), COPY/FILL chunk bytes, and whether `cost` more fits in
+  // pending_ (else it is flushed; false: the client's in-flight submissions are full).
+  uint64_t SubmissionBudget() const;
+  uint64_t Chunk() const;
+  Result<bool> Room(uint64_t cost);
   // F7, throttled: ends this turn and comes back once `wait` has passed (a timer, never a
   // sleep); the command at the cursor runs then.
   void Defer(std::chrono::nanoseconds wait);
@@ -125,6 +133,11 @@ class Session {
   bool dead_ = false;
   uint64_t turn_copy_budget_ = 0;
   uint64_t copy_done_ = 0;          // bytes of the WRITE/READ at cursor_ already copied
+  // F7: the GPU command at cursor_ is cut into pieces of bounded cost (the mediated path's
+  // rules, mediator/work_split.h), and may span turns when the client's in-flight
+  // submissions are full: the next piece (DISPATCH) or byte (COPY, FILL), and the cut.
+  uint64_t gpu_done_ = 0;
+  std::optional<mediator::DispatchCut> cut_;
 
   Mapping area_;
   uint32_t ring_size_ = 0;
@@ -145,6 +158,7 @@ class Session {
   ObjectTable objects_;
   std::map<uint32_t, engine::BufferRef> buffers_;
   engine::Submission pending_;
+  uint64_t pending_cost_ = 0;       // cost units packed in pending_ (mediator/work_split.h)
   uint32_t pending_pos_ = 0;        // ring position of the last command in pending_
   std::deque<std::pair<engine::TokenRef, uint32_t>> inflight_;
   uint32_t error_count_ = 0;
@@ -528,6 +542,8 @@ Result<> Session::Flush() {
   engine::Submission s = std::move(pending_);
   pending_ = {};
   s.guest_submissions = 1;  // one client Submit: what a rate limit counts (F7)
+  s.cost = pending_cost_;
+  pending_cost_ = 0;
   std::shared_ptr<EventFd> done = done_;
   engine::Completion comp;
   comp.callback = [done](const Result<>&) { (void)done->Signal(); };
@@ -568,6 +584,22 @@ engine::BufferRef Session::Charged(engine::BufferRef raw, uint64_t size, std::sh
     released->fetch_add(size);
     (void)done->Signal();  // ours, never shared: a plain non-blocking write
   });
+}
+
+uint64_t Session::SubmissionBudget() const {
+  return owner_.engine_.PrefersSmallSubmissions() ? mediator::kSharedSubmissionCostBudget
+                                                  : mediator::kSubmissionCostBudget;
+}
+
+uint64_t Session::Chunk() const { return std::min(mediator::kTransferChunkBytes, SubmissionBudget()); }
+
+Result<bool> Session::Room(uint64_t cost) {
+  if (pending_.ops.empty()) return true;
+  if (pending_.ops.size() < kMaxOpsPerBatch && pending_cost_ + cost <= SubmissionBudget()) return true;
+  VG_TRY(Flush());
+  // The client's share of the engine queue is full: the rest of this command next turn,
+  // once a submission of its has completed (OnDone).
+  return inflight_.size() < kMaxInflightPerClient;
 }
 
 bool Session::CopyStep(std::span<std::byte> dst, std::span<const std::byte> src, uint64_t& budget) {
@@ -618,16 +650,41 @@ Result<bool> Session::Execute(const Command& c) {
   } else if (const auto* d = std::get_if<DispatchCommand>(&c.payload)) {
     std::vector<engine::BufferRange> binds;
     for (const auto& b : d->bindings) binds.push_back({Buffer(b.id), ByteSize{b.offset}, ByteSize{b.size}});
-    pending_.Dispatch(d->head.kernel, {d->head.groups[0], d->head.groups[1], d->head.groups[2]}, std::move(binds),
-                      d->push);
-    pending_pos_ = pos;
+    if (!cut_) {
+      VG_TRY_ASSIGN(mediator::DispatchCut cut,
+                    mediator::DispatchCut::Make(d->head.kernel, {d->head.groups[0], d->head.groups[1], d->head.groups[2]},
+                                                d->push, SubmissionBudget()));
+      cut_ = cut;
+    }
+    for (; gpu_done_ < cut_->pieces(); ++gpu_done_) {
+      VG_TRY_ASSIGN(bool room, Room(cut_->piece_cost()));
+      if (!room) return false;
+      const mediator::DispatchPiece p = cut_->Piece(gpu_done_);
+      pending_.Dispatch(d->head.kernel, p.groups, binds, d->push, p.base);
+      pending_cost_ += cut_->piece_cost();
+      pending_pos_ = pos;
+    }
   } else if (const auto* cp = std::get_if<w::CopyCmd>(&c.payload)) {
-    pending_.Copy(Buffer(cp->src), ByteSize{cp->src_offset}, Buffer(cp->dst), ByteSize{cp->dst_offset},
-                  ByteSize{cp->size});
-    pending_pos_ = pos;
+    while (gpu_done_ < cp->size) {
+      const uint64_t n = std::min(cp->size - gpu_done_, Chunk());
+      VG_TRY_ASSIGN(bool room, Room(n));
+      if (!room) return false;
+      pending_.Copy(Buffer(cp->src), ByteSize{cp->src_offset + gpu_done_}, Buffer(cp->dst),
+                    ByteSize{cp->dst_offset + gpu_done_}, ByteSize{n});
+      pending_cost_ += n;
+      pending_pos_ = pos;
+      gpu_done_ += n;
+    }
   } else if (const auto* f = std::get_if<w::FillCmd>(&c.payload)) {
-    pending_.Fill(Buffer(f->id), ByteSize{f->offset}, ByteSize{f->size}, f->value);
-    pending_pos_ = pos;
+    while (gpu_done_ < f->size) {
+      const uint64_t n = std::min(f->size - gpu_done_, Chunk());  // multiples of 4: Chunk() is
+      VG_TRY_ASSIGN(bool room, Room(n));
+      if (!room) return false;
+      pending_.Fill(Buffer(f->id), ByteSize{f->offset + gpu_done_}, ByteSize{n}, f->value);
+      pending_cost_ += n;
+      pending_pos_ = pos;
+      gpu_done_ += n;
+    }
   } else if (const auto* fe = std::get_if<w::FenceCmd>(&c.payload)) {
     w::StoreShared<uint64_t>(area(), w::kStatusFenceOffset, fe->value);
     (void)reply_.TrySignal();
@@ -699,7 +756,8 @@ void Session::Process() {
       }
       // F7: each command is one submission to the vGPU's fault monitor (a WRITE/READ continued
       // from an earlier turn was admitted then).
-      const FaultGate::Admission admitted = copy_done_ == 0 ? owner_.Admit() : FaultGate::Admission{};
+      const bool continued = copy_done_ != 0 || gpu_done_ != 0;
+      const FaultGate::Admission admitted = !continued ? owner_.Admit() : FaultGate::Admission{};
       if (admitted.code == Errc::kOk && admitted.wait.count() > 0) return Defer(admitted.wait);
       if (uint64_t freed = released_->exchange(0)) objects_.Release(freed);
       Result<> r = admitted.code == Errc::kOk ? ValidateCommand(c, objects_, heap_size_)
@@ -733,7 +791,9 @@ void Session::Process() {
       // client publishes whole commands, so the tail is always a command boundary).
       cursor_ = d.advance ? cursor_ + d.advance : backlog_.size();
     }
-    copy_done_ = 0;  // the cursor moved on: no WRITE/READ is half copied
+    copy_done_ = 0;  // the cursor moved on: no WRITE/READ is half copied, no GPU command half packed
+    gpu_done_ = 0;
+    cut_.reset();
     head_ = backlog_pos_ + static_cast<uint32_t>(cursor_);
     PublishHead();
     if (dead_) return;

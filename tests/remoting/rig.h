@@ -30,11 +30,11 @@ inline engine::Engine& TheEngine() {
 class Rig {
  public:
   // `clients` sockets are adopted before the loop starts (the Listener is loop-owned).
-  explicit Rig(int clients, Limits limits = {}) {
+  explicit Rig(int clients, Limits limits = {}, engine::Engine& engine = TheEngine()) {
     static const int once = evthread_use_pthreads();
     (void)once;
     base_ = event_base_new();
-    auto l = Listener::CreateUnbound(base_, TheEngine(), limits);
+    auto l = Listener::CreateUnbound(base_, engine, limits);
     REQUIRE_MESSAGE(l.ok(), l.error().ToString());
     listener_ = std::move(l).value();
     for (int i = 0; i < clients; ++i) {

@@ -60,8 +60,8 @@ struct SchedOptions {
   std::chrono::nanoseconds slice{std::chrono::milliseconds(2)};
   // A contended holder with nothing to run gives the grant back after this long.
   std::chrono::nanoseconds idle_grace{std::chrono::microseconds(200)};
-  // Long: a remoting DISPATCH is one engine submission, not cut into pieces (yet), and a
-  // legal one may run for many seconds on a software device.
+  // Long: one workgroup (the piece no path can cut) may legally cost 2^28 units, many
+  // seconds on a software device.
   std::chrono::nanoseconds yield_timeout{std::chrono::milliseconds(60000)};
 };
 
