@@ -247,8 +247,11 @@ void Vgpu::Impl::ProcessRing() {
     return;
   }
   uint32_t commands = plan->commands;
-  // Bounded per vGPU (count and bytes): past it the submission is refused by name.
-  if (Result<> queued = exec_->Enqueue(std::move(plan).value()); !queued.ok()) {
+  // Bounded per vGPU (count and bytes): past it the submission is refused by name. On the
+  // loop, a host-op-only plan queued while the executor is idle is held and completed there
+  // by the entry point once it has let go of mu_ (Executor::RunHeld).
+  if (Result<bool> queued = exec_->Enqueue(std::move(plan).value(), inline_site_ ? InlineOk::kYes : InlineOk::kNo);
+      !queued.ok()) {
     Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error(), FaultClass::kFlowControl);
     return;
   }
