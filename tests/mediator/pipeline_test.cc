@@ -410,11 +410,29 @@ TEST_CASE("inline completion: a host-op plan to an idle executor completes on th
   exec.WaitIdle();
   REQUIRE(exec.Enqueue(FenceOnly(5)).ok());
   exec.WaitIdle();
+  {
+    std::lock_guard lk(rec.mu);
+    REQUIRE(rec.fences.size() == 2 + kMaxInlineHostOps + 1 + 2);
+    CHECK(rec.fences.back() == 5);
+    CHECK(rec.fence_threads.back() != std::this_thread::get_id());
+  }
+  // What is queued behind a held plan (another thread's pass) waits for it.
+  held = exec.Enqueue(FenceOnly(6), InlineOk::kYes);
+  REQUIRE(held.ok());
+  REQUIRE(*held);
+  REQUIRE(exec.Enqueue(FenceOnly(7)).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  {
+    std::lock_guard lk(rec.mu);
+    CHECK_MESSAGE(rec.fences.back() == 5, "a plan queued behind a held one completed first");
+  }
+  exec.RunHeld();
+  exec.WaitIdle();
   std::lock_guard lk(rec.mu);
-  REQUIRE(rec.fences.size() == 2 + kMaxInlineHostOps + 1 + 2);
-  CHECK(rec.fences.back() == 5);
-  CHECK(rec.fence_threads.back() != std::this_thread::get_id());
-  CHECK(exec.Counters().plans_inline == 2);
+  REQUIRE(rec.fences.size() == 2 + kMaxInlineHostOps + 1 + 4);
+  CHECK(rec.fences[rec.fences.size() - 2] == 6);
+  CHECK(rec.fences.back() == 7);
+  CHECK(exec.Counters().plans_inline == 3);
   CHECK(rec.failures.empty());
 }
 
