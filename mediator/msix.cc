@@ -39,6 +39,17 @@ bool Vgpu::Impl::MessagesAllowed() const {
   return config_space_.BusMasterEnabled() && config_space_.PowerState() != 3 && regs_.power_state != 3;
 }
 
+namespace {
+// Set while RunHeldOnLoop runs: an interrupt raised then is written on this thread.
+thread_local bool t_irq_now = false;
+}  // namespace
+
+void Vgpu::Impl::RunHeldOnLoop() {
+  t_irq_now = true;
+  exec_->RunHeld();
+  t_irq_now = false;
+}
+
 void Vgpu::Impl::Deliver(uint32_t vector) {
   if (!MessagesAllowed()) return;
   if (config_space_.MsixEnabled()) {
@@ -46,7 +57,7 @@ void Vgpu::Impl::Deliver(uint32_t vector) {
       regs_.msix_pending |= 1u << vector;
       return;
     }
-    (void)irqs_.Trigger(vu::kIrqMsix, vector);
+    (void)(t_irq_now ? irqs_.TriggerNow(vu::kIrqMsix, vector) : irqs_.Trigger(vu::kIrqMsix, vector));
     return;
   }
   if (config_space_.MsiEnabled()) {
@@ -57,7 +68,7 @@ void Vgpu::Impl::Deliver(uint32_t vector) {
       config_space_.SetMsiPending(config_space_.MsiPending() | 1u << msi_vector);
       return;
     }
-    (void)irqs_.Trigger(vu::kIrqMsi, msi_vector);
+    (void)(t_irq_now ? irqs_.TriggerNow(vu::kIrqMsi, msi_vector) : irqs_.Trigger(vu::kIrqMsi, msi_vector));
   }
 }
 

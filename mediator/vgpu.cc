@@ -157,7 +157,7 @@ void Vgpu::OnDoorbellKick() {
     Impl::InlineSite site(*impl_);
     OnDoorbellKickLocked();
   }
-  impl_->exec_->RunHeld();  // a plan held by the pass completes here, mu_ released (hooks take it)
+  impl_->RunHeldOnLoop();  // a plan held by the pass completes here, mu_ released (hooks take it)
 }
 
 void Vgpu::OnDoorbellKickLocked() {
@@ -184,7 +184,7 @@ void Vgpu::OnThrottleTimer() {
     Impl::InlineSite site(*impl_);
     OnThrottleTimerLocked();
   }
-  impl_->exec_->RunHeld();
+  impl_->RunHeldOnLoop();
 }
 
 void Vgpu::OnThrottleTimerLocked() {
@@ -313,7 +313,7 @@ Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> 
 Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   Result<> r = RegionWriteLocked(index, offset, data);
   // A plan a RING_TAIL or kick write held completes here, mu_ released (hooks take it).
-  impl_->exec_->RunHeld();
+  impl_->RunHeldOnLoop();
   if (impl_->flr_pending_) {
     // AF_CTRL Initiate FLR (F8): the function-level reset DEVICE_RESET is.
     impl_->flr_pending_ = false;

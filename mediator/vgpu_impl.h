@@ -281,6 +281,10 @@ class Vgpu::Impl {
   // once it has let go of mu_ (InlineSite): a plan queued then may complete on the loop
   // (ExecOptions::inline_complete). Never on the fetch or retire thread, which do not.
   bool inline_site_ = false;
+  // RunHeld on the loop, with the interrupts it raises written there too (IrqSet::TriggerNow,
+  // bounded to EventFd::kGuardMs) rather than by the signaller thread: a fence-only
+  // submission then wakes no thread of the daemon at all. mu_ not held.
+  void RunHeldOnLoop();
   struct InlineSite {
     explicit InlineSite(Impl& i) : impl(i) { impl.inline_site_ = true; }
     ~InlineSite() { impl.inline_site_ = false; }

@@ -56,6 +56,14 @@ class IrqSet {
   // when an eventfd will be signalled, false when the vector is masked (pending is latched)
   // or has no eventfd.
   Result<bool> Trigger(uint32_t index, uint32_t vector);
+  // The same, but a signal that would be queued is written here, on the caller's thread,
+  // the way EventFd::TrySignal writes one: nothing when the eventfd already reads as
+  // pending, else one write bounded to EventFd::kGuardMs even if the guest made the fd
+  // blocking (a write that could not land means the counter is full: pending anyway). Only
+  // for a thread that may wait that long: the worker's loop completing a fence inline
+  // (mediator ExecOptions::inline_complete), which saves the signaller thread's wake-up. A
+  // vector already queued is left to the signaller.
+  Result<bool> TriggerNow(uint32_t index, uint32_t vector);
 
   // Disconnect: drops every eventfd, unmasks, clears pending. Does not wait.
   void Clear();
