@@ -208,7 +208,11 @@ Result<bool> Executor::Enqueue(Plan plan, InlineOk inline_ok) {
     // Idle (nothing queued, held, running or retiring): nothing is before this plan in ring
     // order, so completing it on the caller's thread keeps the order and every fence's
     // exactly-once, and the submit thread takes nothing until it has completed.
-    held = inlinable && !stop_ && queue_.empty() && !held_ && !running_ && plans_open_ == 0 && retiring_.empty();
+    // Or queued from the plan_done hook of the plan RunHeld is completing on this thread
+    // (the idle-notify settle found the guest's next tail): that plan has ended, and nothing
+    // else can run while RunHeld holds the executor.
+    const bool runner_free = !running_ || (inline_running_ && t_inline);
+    held = inlinable && !stop_ && queue_.empty() && !held_ && runner_free && plans_open_ == 0 && retiring_.empty();
     if (held)
       held_ = std::move(item);
     else
@@ -243,9 +247,9 @@ bool Executor::Inlinable(const Plan& plan) const {
   return true;
 }
 
-void Executor::RunHeld() {
+bool Executor::RunHeld() {
   std::unique_lock lk(mu_);
-  if (!held_) return;
+  if (!held_) return false;
   // Checked again where the writes happen (the DmaSpace's lock is a leaf below mu_): memory
   // unmapped or remapped without an fd since Enqueue sends the plan the threads' way.
   if (!Inlinable(*held_->plan)) {
@@ -253,7 +257,7 @@ void Executor::RunHeld() {
     held_.reset();
     lk.unlock();
     cv_.notify_one();
-    return;
+    return false;
   }
   Item item = std::move(*held_);
   held_.reset();
@@ -284,6 +288,7 @@ void Executor::RunHeld() {
   idle_cv_.notify_all();
   lk.unlock();
   if (more) cv_.notify_one();
+  return true;
 }
 
 Result<> Executor::Admit() const {

@@ -143,8 +143,10 @@ class Executor {
   // retire thread would run them (same hooks, same epoch checks under the hook lock, the
   // same pinned writes), then the submit thread may take what was queued behind it. A plan
   // cancelled meanwhile is gone (nothing runs); one whose memory is no longer all fd-backed
-  // goes to the submit thread. No-op when nothing is held.
-  void RunHeld();
+  // goes to the submit thread. No-op when nothing is held. True when it completed a plan
+  // here: its plan_done hook may have held the next one (InlineOk::kYes from that hook, on
+  // this thread), so the caller calls it again.
+  bool RunHeld();
   // Whether a new submission may be audited at all: kLimitExceeded while the queue is full
   // by count, or since a submission was refused for bytes until a queued plan has finished.
   // The loop checks it before auditing, so a flood of doorbells against a full queue costs

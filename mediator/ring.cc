@@ -303,7 +303,12 @@ void Vgpu::Impl::OnPlanDone() {
   std::lock_guard lk(mu_);
   if (dying_) return;  // fetch_ is gone or going
   if (plans_outstanding_ > 0) --plans_outstanding_;
+  // Completing inline on the loop (RunHeldOnLoop): a tail the settle finds may be held for
+  // its next round, as a kick's would.
+  const bool site = inline_site_;
+  inline_site_ = MayChainInline();
   SettleGuarded();
+  inline_site_ = site;
 }
 
 void Vgpu::Impl::AfterShadowPass() {

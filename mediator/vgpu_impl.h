@@ -285,6 +285,9 @@ class Vgpu::Impl {
   // bounded to EventFd::kGuardMs) rather than by the signaller thread: a fence-only
   // submission then wakes no thread of the daemon at all. mu_ not held.
   void RunHeldOnLoop();
+  static constexpr int kMaxInlineChain = 8;
+  // Inside RunHeldOnLoop, before its last round: a pass now may hold a plan for it.
+  static bool MayChainInline();
   struct InlineSite {
     explicit InlineSite(Impl& i) : impl(i) { impl.inline_site_ = true; }
     ~InlineSite() { impl.inline_site_ = false; }
