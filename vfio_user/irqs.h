@@ -6,9 +6,10 @@
 // Blocking (F11 finding 4): a trigger fd is the guest's open file description. The guest can
 // clear O_NONBLOCK on it or fill its counter at any time, so a write() to it may block,
 // whatever was checked before. The caller's thread (the daemon's loop) therefore never
-// writes one: Trigger() only marks the vector queued (at most one entry per vector: the
+// blocks on one: Trigger() only marks the vector queued (at most one entry per vector: the
 // queue is bounded by the vector count, and signals coalesce as an eventfd counter does),
-// and this set's own signaller thread does the writes. A write that blocks stalls only this
+// and this set's own signaller thread does the writes. (TriggerNow() writes on the caller's
+// thread, bounded to EventFd::kGuardMs: for a loop that completes a fence itself.) A write that blocks stalls only this
 // device's interrupts; replacing or dropping the fd, Clear() and destruction interrupt it
 // (a signal to the signaller thread, retried every kInterruptRetryMs until it leaves).
 
