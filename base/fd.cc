@@ -184,16 +184,16 @@ Result<uint64_t> EventFd::TryDrain() const {
   return MakeError(Errc::kIo, "eventfd read: {}", r < 0 ? std::strerror(errno) : "short read");
 }
 
-Result<> EventFd::TrySignal() const {
+Result<> EventFd::TrySignal(int fd) {
   // Readable already (counter > 0): the waiter will wake; a write could only add to a
   // counter the guest may have filled to the brim.
-  pollfd p{fd_.Get(), POLLIN, 0};
+  pollfd p{fd, POLLIN, 0};
   int n = ::poll(&p, 1, 0);
   VG_ERROR_IF(n < 0 && errno != EINTR, Errc::kIo, "poll: {}", std::strerror(errno));
   if (n > 0 && (p.revents & POLLIN)) return Ok();
   VG_ERROR_IF(n > 0 && (p.revents & (POLLERR | POLLNVAL)), Errc::kIo, "eventfd in error state");
   uint64_t one = 1;
-  ssize_t r = GuardedIo(fd_.Get(), &one, true);
+  ssize_t r = GuardedIo(fd, &one, true);
   // EINTR/EAGAIN: the guest raced the counter up to its maximum; it is readable.
   VG_ERROR_IF(r != sizeof one && errno != EAGAIN && errno != EINTR, Errc::kIo, "eventfd write: {}",
               std::strerror(errno));

@@ -86,7 +86,9 @@ class EventFd {
   // Older kernels without RWF_NOWAIT on eventfd take the timer path for reads too.
   static constexpr int kGuardMs = 2;
   Result<uint64_t> TryDrain() const;
-  Result<> TrySignal() const;
+  Result<> TrySignal() const { return TrySignal(fd_.Get()); }
+  // The same for any eventfd (an interrupt's trigger fd, held as a UniqueFd).
+  static Result<> TrySignal(int fd);
   int Get() const { return fd_.Get(); }
   bool Valid() const { return fd_.Valid(); }
   const UniqueFd& fd() const { return fd_; }

@@ -157,7 +157,8 @@ void RemotingClient::Kick() {
   // at the daemon's IDLE flag. The daemon sets IDLE, fences and re-reads the tail before it
   // sleeps, so one of the two always sees the other.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (w::LoadShared<uint32_t>(area_.data(), w::kStatusFlagsOffset, std::memory_order_seq_cst) & w::kStatusIdle) {
+  if (!opts_.idle_notify ||
+      (w::LoadShared<uint32_t>(area_.data(), w::kStatusFlagsOffset, std::memory_order_seq_cst) & w::kStatusIdle)) {
     (void)wake_.Signal();
     ++counters_.wakes_sent;
   } else {
@@ -216,7 +217,10 @@ Result<> RemotingClient::Append(w::Op op, std::span<const std::byte> payload) {
   w::CmdHeader h{static_cast<uint16_t>(op), 0, size};
   std::memcpy(buf, &h, sizeof(h));
   std::memcpy(buf + sizeof(h), payload.data(), payload.size());
-  return AppendRaw(std::span<const std::byte>(buf, size));
+  VG_TRY(AppendRaw(std::span<const std::byte>(buf, size)));
+  // Unbatched (the ablation): published as soon as it is recorded.
+  if (!opts_.batch) VG_TRY(Flush());
+  return Ok();
 }
 
 Result<uint64_t> RemotingClient::HeapAlloc(uint64_t size) {

@@ -23,6 +23,13 @@ struct RemotingOptions {
   uint32_t ring_size = 256u << 10;    // power of two
   uint64_t heap_size = 16ull << 20;   // multiple of 4096
   int connect_timeout_ms = 5000;
+  // The study's remoting ablation (docs/ab-methodology.md "Ablations"); both default on.
+  // batch off: every command is published by a tail store of its own as it is recorded (and
+  // kicks an idle daemon), instead of one store per Submit/Flush.
+  bool batch = true;
+  // idle_notify off: every publish signals the wake eventfd, whatever the status line says
+  // (no notification suppression). The daemon treats a wake while awake as a no-op.
+  bool idle_notify = true;
 };
 
 struct RemoteBuffer {

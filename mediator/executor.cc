@@ -40,11 +40,18 @@ Result<> GuestView::Read(const ResolvedRange& r, std::span<std::byte> out) const
       [this](Gpa gpa, std::span<std::byte> dst) { return reader_ ? reader_(gpa, dst) : dma_.Read(gpa, dst); });
 }
 
-Result<> GuestView::Write(const ResolvedRange& r, std::span<const std::byte> in) const {
+Result<> GuestView::Write(const ResolvedRange& r, std::span<const std::byte> in, vu::DmaWait wait) const {
   return WalkSpans(
       r, in, aperture_, [](std::byte* ap, std::span<const std::byte> src) { std::memcpy(ap, src.data(), src.size()); },
-      [this](Gpa gpa, std::span<const std::byte> src) { return dma_.Write(gpa, src); });
+      [this, wait](Gpa gpa, std::span<const std::byte> src) { return dma_.Write(gpa, src, wait); });
 }
+
+namespace {
+// Set while RunHeld completes a plan on its caller's thread (the daemon's loop): a guest
+// write there must never wait on the client (Inlinable checked it is all fd-backed; this
+// makes a copy that would wait fail instead of blocking the loop).
+thread_local bool t_inline = false;
+}  // namespace
 
 // How one resolved range reaches the engine: in place (aperture or a pinned DMA region),
 // or through an engine buffer gathered before and scattered after the work. A gather
@@ -152,6 +159,7 @@ Executor::Executor(engine::Engine* engine, const vu::DmaSpace& dma, std::span<st
       hooks_(std::move(hooks)),
       depth_(std::clamp<uint32_t>(options.depth, 1, kMaxExecutorDepth)),
       coalesce_(options.coalesce && depth_ > 1),
+      inline_(options.inline_complete && options.time_granularity_ns == 0),
       granularity_ns_(std::min(options.time_granularity_ns, abi::cmd::kMaxTimeGranularityNs)),
       retire_thread_([this] { RetireLoop(); }),
       thread_([this] { SubmitLoop(); }) {}
@@ -165,6 +173,7 @@ Executor::~Executor() {
     std::lock_guard lk(mu_);
     stop_ = true;
     queue_.clear();
+    held_.reset();
   }
   cv_.notify_all();
   idle_cv_.notify_all();
@@ -179,10 +188,18 @@ Executor::~Executor() {
 }
 
 Result<> Executor::Enqueue(Plan plan) {
+  Result<bool> queued = Enqueue(std::move(plan), InlineOk::kNo);
+  if (!queued.ok()) return std::move(queued).error();
+  return Ok();
+}
+
+Result<bool> Executor::Enqueue(Plan plan, InlineOk inline_ok) {
   uint64_t bytes = PlanBytes(plan);
+  const bool inlinable = inline_ && inline_ok == InlineOk::kYes && Inlinable(plan);
+  bool held = false;
   {
     std::lock_guard lk(mu_);
-    size_t plans = queue_.size() + plans_open_;
+    size_t plans = queue_.size() + plans_open_ + (held_ ? 1 : 0);
     VG_ERROR_IF(plans >= kMaxQueuedPlans, Errc::kLimitExceeded,
                 "executor queue full: {} submissions queued or running (bound {})", plans, kMaxQueuedPlans);
     if (charged_bytes_ + bytes > kMaxQueuedPlanBytes) saturated_ = true;
@@ -190,16 +207,96 @@ Result<> Executor::Enqueue(Plan plan) {
                 "executor queue full: {} plan bytes queued or running, this one {} (bound {})", charged_bytes_, bytes,
                 kMaxQueuedPlanBytes);
     charged_bytes_ += bytes;
-    queue_.push_back(Item{std::move(plan), {}, bytes, epoch_.load(std::memory_order_acquire)});
+    Item item{std::move(plan), {}, bytes, epoch_.load(std::memory_order_acquire)};
+    // Idle (nothing queued, held, running or retiring): nothing is before this plan in ring
+    // order, so completing it on the caller's thread keeps the order and every fence's
+    // exactly-once, and the submit thread takes nothing until it has completed.
+    // Or queued from the plan_done hook of the plan RunHeld is completing on this thread
+    // (the idle-notify settle found the guest's next tail): that plan has ended, and nothing
+    // else can run while RunHeld holds the executor.
+    const bool runner_free = !running_ || (inline_running_ && t_inline);
+    held = inlinable && !stop_ && queue_.empty() && !held_ && runner_free && plans_open_ == 0 && retiring_.empty();
+    if (held)
+      held_ = std::move(item);
+    else
+      queue_.push_back(std::move(item));
     backlog_.fetch_add(1, std::memory_order_relaxed);
   }
-  cv_.notify_one();
-  return Ok();
+  if (!held) cv_.notify_one();
+  return held;
+}
+
+bool Executor::Inlinable(const Plan& plan) const {
+  if (plan.ops.size() > kMaxInlineHostOps) return false;
+  // Written by a memcpy: the aperture, or guest memory with an fd. Memory shared without
+  // an fd takes a DMA_WRITE round trip to the client, which the loop never waits for.
+  auto writable = [&](const ResolvedRange& r) {
+    for (const GttSpan& sp : r.spans) {
+      if (sp.target.aperture ? !RangeWithin(sp.target.page_addr, sp.size.v, aperture_.size())
+                             : !dma_.FdBacked(Gpa{sp.target.page_addr}, sp.size, vu::kDmaWrite))
+        return false;
+    }
+    return true;
+  };
+  for (const PlanOp& op : plan.ops) {
+    if (const auto* f = std::get_if<PlanFence>(&op)) {
+      if (!writable(f->target)) return false;
+    } else if (const auto* t = std::get_if<PlanTimestamp>(&op)) {
+      if (!writable(t->target)) return false;
+    } else if (!std::holds_alternative<PlanLoadReg>(op)) {
+      return false;  // engine work: the submit thread's
+    }
+  }
+  return true;
+}
+
+bool Executor::RunHeld() {
+  std::unique_lock lk(mu_);
+  if (!held_) return false;
+  // Checked again where the writes happen (the DmaSpace's lock is a leaf below mu_): memory
+  // unmapped or remapped without an fd since Enqueue sends the plan the threads' way.
+  if (!Inlinable(*held_->plan)) {
+    queue_.push_front(std::move(*held_));  // first: everything in the queue came after it
+    held_.reset();
+    lk.unlock();
+    cv_.notify_one();
+    return false;
+  }
+  Item item = std::move(*held_);
+  held_.reset();
+  inline_running_ = true;
+  running_ = true;  // a Cancel meanwhile queues its `after` behind this plan, as for the submit thread's
+  ++plans_open_;
+  lk.unlock();
+  {
+    // What the submit thread does with a plan, here: host ops only, so nothing is packed
+    // and each entry retires at once through PushRetire (nothing is retiring), under the
+    // same epoch checks and hooks.
+    t_inline = true;
+    auto ps = std::make_shared<PlanState>();
+    ps->epoch = item.epoch;
+    ps->bytes = item.bytes;
+    Batch batch;
+    Result<> r = Run(*item.plan, ps, batch);
+    if (!r.ok()) Follow(batch, Retiring{.kind = Retiring::Kind::kFailure, .plan = ps, .error = std::move(r).error()});
+    item.plan.reset();
+    Follow(batch, Retiring{.kind = Retiring::Kind::kPlanEnd, .plan = ps});
+    t_inline = false;
+  }
+  counters_.plans_inline.fetch_add(1, std::memory_order_relaxed);
+  lk.lock();
+  inline_running_ = false;
+  running_ = false;
+  const bool more = !queue_.empty();
+  idle_cv_.notify_all();
+  lk.unlock();
+  if (more) cv_.notify_one();
+  return true;
 }
 
 Result<> Executor::Admit() const {
   std::lock_guard lk(mu_);
-  size_t plans = queue_.size() + plans_open_;
+  size_t plans = queue_.size() + plans_open_ + (held_ ? 1 : 0);
   VG_ERROR_IF(plans >= kMaxQueuedPlans, Errc::kLimitExceeded,
               "executor queue full: {} submissions queued or running (bound {})", plans, kMaxQueuedPlans);
   VG_ERROR_IF(saturated_, Errc::kLimitExceeded,
@@ -225,6 +322,12 @@ bool Executor::Cancel(std::function<void()> after) {
     // Queued tasks (an earlier reset's scrub) still run: they follow work already running.
     backlog_.fetch_sub(static_cast<uint32_t>(std::erase_if(queue_, [](const Item& it) { return it.plan.has_value(); })),
                        std::memory_order_relaxed);
+    if (held_) {  // the plan held for RunHeld: queued, and dropped like the rest
+      charged_bytes_ -= held_->bytes;
+      counters_.plans_cancelled.fetch_add(1, std::memory_order_relaxed);
+      backlog_.fetch_sub(1, std::memory_order_relaxed);
+      held_.reset();
+    }
     saturated_ = false;
     in_flight = running_ || !retiring_.empty();
     // The submit thread drains the retire queue before it runs a task: `after` follows
@@ -238,14 +341,14 @@ bool Executor::Cancel(std::function<void()> after) {
 
 void Executor::WaitIdle() {
   std::unique_lock lk(mu_);
-  idle_cv_.wait(lk, [&] { return !running_ && queue_.empty() && retiring_.empty() && plans_open_ == 0; });
+  idle_cv_.wait(lk, [&] { return !running_ && !held_ && queue_.empty() && retiring_.empty() && plans_open_ == 0; });
 }
 
 bool Executor::Idle() const {
   std::lock_guard lk(mu_);
   // Plans only: a plan_done hook asking this sees its own plan ended even before the submit
   // thread has let go of it (running_ may still be set) — and tasks are no guest work.
-  return queue_.empty() && plans_open_ == 0;
+  return queue_.empty() && !held_ && plans_open_ == 0;
 }
 
 ExecCounters Executor::Counters() const {
@@ -253,7 +356,7 @@ ExecCounters Executor::Counters() const {
   return {ld(counters_.plans),           ld(counters_.import_hits),     ld(counters_.import_misses),
           ld(counters_.engine_submissions), ld(counters_.bytes_zero_copy), ld(counters_.bytes_gathered),
           ld(counters_.plans_cancelled), ld(counters_.drains),          ld(counters_.max_in_flight),
-          ld(counters_.plans_coalesced)};
+          ld(counters_.plans_coalesced), ld(counters_.plans_inline)};
 }
 
 template <class Fn>
@@ -277,8 +380,8 @@ void Executor::PushRetire(Retiring r) {
   // thread goes on submitting.
   if (r.kind != Retiring::Kind::kSubmission && retiring_.empty() && !granularity_ns_) {
     // Nothing before it is still retiring: a host op (or a plan's end) completes here, on
-    // the submit thread, one thread hop sooner. Only this thread adds entries, so nothing
-    // can overtake it meanwhile.
+    // the submit thread (or RunHeld's), one thread hop sooner. Only that thread adds
+    // entries, so nothing can overtake it meanwhile.
     ++retire_seq_;
     lk.unlock();
     Retire(r);
@@ -358,7 +461,9 @@ void Executor::SubmitLoop() {
     }
     // With a batch open the next item is a plan that joins it (ShouldCoalesce, under this
     // same hold of mu_).
-    cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+    // Not while a plan is held for RunHeld or completing there: it comes first in ring
+    // order, and only one thread at a time adds retire entries.
+    cv_.wait(lk, [&] { return stop_ || (!queue_.empty() && !held_ && !inline_running_); });
     if (stop_) return;
     Item item = std::move(queue_.front());
     queue_.pop_front();
@@ -520,7 +625,8 @@ void Executor::Retire(Retiring& r) {
       Result<> res = Ok();
       if (auto* f = std::get_if<PlanFence>(&*r.op)) {
         IfCurrent(epoch, [&] {
-          res = view_.Write(f->target, std::as_bytes(std::span(&f->value, 1)));
+          res = view_.Write(f->target, std::as_bytes(std::span(&f->value, 1)),
+                            t_inline ? vu::DmaWait::kNever : vu::DmaWait::kMayWait);
           if (res.ok()) hooks_.fence(f->value, f->irq);
         });
         if (!res.ok()) fail(Error{res.code(), fmt::format("FENCE write at {}: {}", f->target.va, res.error().what)});
@@ -530,7 +636,10 @@ void Executor::Retire(Retiring& r) {
         // A multiple of G: the tick this op was held to (the hold above).
         uint64_t now = NowNs();
         if (granularity_ns_) now = now / granularity_ns_ * granularity_ns_;
-        IfCurrent(epoch, [&] { res = view_.Write(t->target, std::as_bytes(std::span(&now, 1))); });
+        IfCurrent(epoch, [&] {
+          res = view_.Write(t->target, std::as_bytes(std::span(&now, 1)),
+                            t_inline ? vu::DmaWait::kNever : vu::DmaWait::kMayWait);
+        });
         if (!res.ok())
           fail(Error{res.code(), fmt::format("TIMESTAMP write at {}: {}", t->target.va, res.error().what)});
       }

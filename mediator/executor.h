@@ -43,7 +43,8 @@ class GuestView {
   GuestView(const vfio_user::DmaSpace& dma, std::span<std::byte> aperture, GuestReader reader = {})
       : dma_(dma), aperture_(aperture), reader_(std::move(reader)) {}
   Result<> Read(const ResolvedRange& r, std::span<std::byte> out) const;
-  Result<> Write(const ResolvedRange& r, std::span<const std::byte> in) const;
+  Result<> Write(const ResolvedRange& r, std::span<const std::byte> in,
+                 vfio_user::DmaWait wait = vfio_user::DmaWait::kMayWait) const;
 
  private:
   const vfio_user::DmaSpace& dma_;
@@ -87,7 +88,22 @@ struct ExecOptions {
   // of G of CLOCK_MONOTONIC, and TIMESTAMP writes multiples of G. 0: off (the study).
   // Clamped to abi::cmd::kMaxTimeGranularityNs.
   uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs;
+  // A plan of host ops only (FENCE, LOAD_REG, TIMESTAMP; at most kMaxInlineHostOps) that
+  // writes only fd-backed guest memory or the aperture, queued while the executor is idle
+  // (nothing queued, running or retiring), completes on the thread that queued it
+  // (Enqueue with InlineOk::kYes, then RunHeld) instead of waking the submit thread: a
+  // fence-only submission costs no thread hop. Never with time coarsening (G > 0: the
+  // hold is the retire thread's). Off: every plan goes through the submit thread (the
+  // study's ablation).
+  bool inline_complete = true;
 };
+
+// Host ops of a plan completed inline, at most: a longer one goes through the threads.
+inline constexpr size_t kMaxInlineHostOps = 4;
+
+// Whether the caller of Enqueue may complete the plan itself (ExecOptions::inline_complete):
+// it then holds no lock a hook takes by the time it calls RunHeld, and does call it.
+enum class InlineOk : uint8_t { kNo, kYes };
 
 struct ExecCounters {
   uint64_t plans = 0;
@@ -100,6 +116,7 @@ struct ExecCounters {
   uint64_t drains = 0;           // submissions that waited for earlier work to retire (hazards)
   uint64_t max_in_flight = 0;    // most engine submissions in flight at once
   uint64_t plans_coalesced = 0;  // plans whose work joined an engine submission already holding another's
+  uint64_t plans_inline = 0;     // plans completed on the thread that queued them (inline_complete)
 };
 
 // Runs audited Plans in engine submissions of bounded cost (mediator/work_split.h): a
@@ -117,6 +134,19 @@ class Executor {
   // kLimitExceeded, nothing queued, past kMaxQueuedPlans plans or kMaxQueuedPlanBytes
   // bytes queued or running on this vGPU (charged until the plan has finished running).
   Result<> Enqueue(Plan plan);
+  // The same; with InlineOk::kYes a plan that may complete inline (ExecOptions::
+  // inline_complete) is held instead of handed to the submit thread: true, and the caller
+  // must call RunHeld() once it holds no lock a hook takes. Nothing queued later, on any
+  // thread, runs before the held plan has (the submit thread waits for it).
+  Result<bool> Enqueue(Plan plan, InlineOk inline_ok);
+  // Completes the held plan, if any, on this thread: its host ops and end run here as the
+  // retire thread would run them (same hooks, same epoch checks under the hook lock, the
+  // same pinned writes), then the submit thread may take what was queued behind it. A plan
+  // cancelled meanwhile is gone (nothing runs); one whose memory is no longer all fd-backed
+  // goes to the submit thread. No-op when nothing is held. True when it completed a plan
+  // here: its plan_done hook may have held the next one (InlineOk::kYes from that hook, on
+  // this thread), so the caller calls it again.
+  bool RunHeld();
   // Whether a new submission may be audited at all: kLimitExceeded while the queue is full
   // by count, or since a submission was refused for bytes until a queued plan has finished.
   // The loop checks it before auditing, so a flood of doorbells against a full queue costs
@@ -187,7 +217,7 @@ class Executor {
   };
   struct Counters_ {
     std::atomic<uint64_t> plans{0}, import_hits{0}, import_misses{0}, engine_submissions{0}, bytes_zero_copy{0},
-        bytes_gathered{0}, plans_cancelled{0}, drains{0}, max_in_flight{0}, plans_coalesced{0};
+        bytes_gathered{0}, plans_cancelled{0}, drains{0}, max_in_flight{0}, plans_coalesced{0}, plans_inline{0};
   };
   static constexpr size_t kMaxImports = 64;
   static constexpr uint64_t kImportWindow = 2ull << 20;
@@ -226,6 +256,9 @@ class Executor {
   void DrainLocked(std::unique_lock<std::mutex>& lk);  // the same, mu_ held
   bool HostWritePending(std::span<const Extent> touched) const;  // mu_
   bool Cancelled(uint64_t epoch) const { return epoch_.load(std::memory_order_acquire) != epoch; }
+  // Whether `plan` may complete inline: host ops only, few, into fd-backed guest memory or
+  // the aperture (asks the DmaSpace, whose lock is a leaf: callable under mu_).
+  bool Inlinable(const Plan& plan) const;
   // Runs `fn` (a hook and the guest write that goes with it) unless `epoch` was cancelled.
   template <class Fn>
   void IfCurrent(uint64_t epoch, Fn&& fn);
@@ -238,6 +271,7 @@ class Executor {
   ExecHooks hooks_;
   const uint32_t depth_;
   const bool coalesce_;
+  const bool inline_;  // inline_complete, and G == 0
   const uint64_t granularity_ns_;  // G; 0: time is not coarsened
   // Coarsened time, retire thread only: the instant by which everything retired so far had
   // really completed (engine completion stamps, hand-over times), in steady_clock ns.
@@ -260,7 +294,12 @@ class Executor {
   std::atomic<uint32_t> backlog_{0};  // plans queued + open; written under mu_, read anywhere
   uint64_t charged_bytes_ = 0;  // queued + running plans (mu_)
   bool saturated_ = false;      // a submission was refused for bytes; cleared as plans finish (mu_)
-  bool running_ = false;        // the submit thread holds an item (mu_)
+  bool running_ = false;        // the submit thread, or RunHeld, holds an item (mu_)
+  // A plan held for RunHeld (Enqueue with InlineOk::kYes), counted as queued; or RunHeld
+  // running it. While either is set the submit thread takes nothing: only one thread adds
+  // retire entries, and nothing queued behind the plan runs before it (mu_).
+  std::optional<Item> held_;
+  bool inline_running_ = false;
   bool stop_ = false;
   bool retire_stop_ = false;
   std::atomic<uint64_t> gather_bytes_{0};  // engine buffers gathering guest ranges

@@ -35,6 +35,9 @@ struct VgpuConfig {
   uint32_t executor_depth = 4;
   // Plans queued while the engine is saturated share engine submissions (ExecOptions).
   bool executor_coalesce = true;
+  // A host-op-only plan queued while the executor is idle completes on the loop, no thread
+  // hop (ExecOptions::inline_complete; vgpud --no-inline-complete turns it off).
+  bool executor_inline = true;
   // The host's time granularity G (vgpud --time-granularity-us): completions become visible
   // to the guest (fence, fence interrupt, DEVICE_IDLE) at multiples of G of CLOCK_MONOTONIC,
   // and TIMESTAMP writes multiples of G. 0: off. At most abi::cmd::kMaxTimeGranularityNs.
@@ -81,6 +84,7 @@ struct VgpuCounters {
   uint64_t bytes_gathered = 0;    // guest bytes copied through engine buffers
   uint64_t engine_submissions = 0;
   uint64_t plans_coalesced = 0;   // plans whose work joined another's engine submission
+  uint64_t plans_inline = 0;      // plans completed on the loop (ExecOptions::inline_complete)
   // Idle notify: times the device re-read the tail shadow on its own after its last plan
   // finished, and how many of those found a new tail (submissions no kick announced).
   uint64_t tail_rereads = 0;
@@ -138,6 +142,8 @@ class Vgpu : public vfio_user::DeviceBackend {
 
  private:
   Result<> RegionWriteLocked(uint32_t index, uint64_t offset, std::span<const std::byte> data);
+  void OnDoorbellKickLocked();   // Impl::mu_ held
+  void OnThrottleTimerLocked();  // Impl::mu_ held
   explicit Vgpu(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -247,8 +247,11 @@ void Vgpu::Impl::ProcessRing() {
     return;
   }
   uint32_t commands = plan->commands;
-  // Bounded per vGPU (count and bytes): past it the submission is refused by name.
-  if (Result<> queued = exec_->Enqueue(std::move(plan).value()); !queued.ok()) {
+  // Bounded per vGPU (count and bytes): past it the submission is refused by name. On the
+  // loop, a host-op-only plan queued while the executor is idle is held and completed there
+  // by the entry point once it has let go of mu_ (Executor::RunHeld).
+  if (Result<bool> queued = exec_->Enqueue(std::move(plan).value(), inline_site_ ? InlineOk::kYes : InlineOk::kNo);
+      !queued.ok()) {
     Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error(), FaultClass::kFlowControl);
     return;
   }
@@ -300,7 +303,12 @@ void Vgpu::Impl::OnPlanDone() {
   std::lock_guard lk(mu_);
   if (dying_) return;  // fetch_ is gone or going
   if (plans_outstanding_ > 0) --plans_outstanding_;
+  // Completing inline on the loop (RunHeldOnLoop): a tail the settle finds may be held for
+  // its next round, as a kick's would.
+  const bool site = inline_site_;
+  inline_site_ = MayChainInline();
   SettleGuarded();
+  inline_site_ = site;
 }
 
 void Vgpu::Impl::AfterShadowPass() {

@@ -141,7 +141,7 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                   return raw->CheckDmaAllowed();
                 },
                 [raw] { raw->OnPlanDone(); }},
-      ExecOptions{cfg.executor_depth, cfg.executor_coalesce, cfg.time_granularity_ns});
+      ExecOptions{cfg.executor_depth, cfg.executor_coalesce, cfg.time_granularity_ns, cfg.executor_inline});
   return std::unique_ptr<Vgpu>(new Vgpu(std::move(impl)));
 }
 
@@ -152,7 +152,15 @@ const VgpuConfig& Vgpu::config() const { return impl_->cfg_; }
 const EventFd& Vgpu::doorbell() const { return impl_->doorbell_; }
 
 void Vgpu::OnDoorbellKick() {
-  std::lock_guard lk(impl_->mu_);
+  {
+    std::lock_guard lk(impl_->mu_);
+    Impl::InlineSite site(*impl_);
+    OnDoorbellKickLocked();
+  }
+  impl_->RunHeldOnLoop();  // a plan held by the pass completes here, mu_ released (hooks take it)
+}
+
+void Vgpu::OnDoorbellKickLocked() {
   impl_->shadow_doorbell_ = true;
   impl_->Doorbell();
   // Called from the loop's doorbell event, outside the vfio-user dispatch boundary: an
@@ -171,7 +179,15 @@ void Vgpu::OnDoorbellKick() {
 FaultMonitor& Vgpu::faults() { return impl_->faults_; }
 
 void Vgpu::OnThrottleTimer() {
-  std::lock_guard lk(impl_->mu_);
+  {
+    std::lock_guard lk(impl_->mu_);
+    Impl::InlineSite site(*impl_);
+    OnThrottleTimerLocked();
+  }
+  impl_->RunHeldOnLoop();
+}
+
+void Vgpu::OnThrottleTimerLocked() {
   impl_->throttle_armed_ = false;
   if (!impl_->throttle_pending_ || impl_->dying_) return;
   impl_->throttle_pending_ = false;
@@ -296,6 +312,8 @@ Result<> Vgpu::RegionRead(uint32_t index, uint64_t offset, std::span<std::byte> 
 
 Result<> Vgpu::RegionWrite(uint32_t index, uint64_t offset, std::span<const std::byte> data) {
   Result<> r = RegionWriteLocked(index, offset, data);
+  // A plan a RING_TAIL or kick write held completes here, mu_ released (hooks take it).
+  impl_->RunHeldOnLoop();
   if (impl_->flr_pending_) {
     // AF_CTRL Initiate FLR (F8): the function-level reset DEVICE_RESET is.
     impl_->flr_pending_ = false;
@@ -319,9 +337,11 @@ Result<> Vgpu::RegionWriteLocked(uint32_t index, uint64_t offset, std::span<cons
       if (impl_->config_space_.TakeFlrRequest()) impl_->flr_pending_ = true;  // run by RegionWrite, unlocked
       return Ok();
     }
-    case vu::kBar0Region:
+    case vu::kBar0Region: {
       VG_ERROR_IF(!RangeWithin(offset, data.size(), abi::kBar0Size), Errc::kOutOfBounds, "BAR0 write past end");
+      Impl::InlineSite site(*impl_);  // RegionWrite calls RunHeld
       return impl_->Bar0Write(offset, data);
+    }
     case vu::kBar2Region:
       VG_ERROR_IF(!RangeWithin(offset, data.size(), impl_->cfg_.aperture_size), Errc::kOutOfBounds,
                   "aperture write past end");
@@ -423,6 +443,7 @@ VgpuCounters Vgpu::Counters() const {
   c.bytes_gathered = ec.bytes_gathered;
   c.engine_submissions = ec.engine_submissions;
   c.plans_coalesced = ec.plans_coalesced;
+  c.plans_inline = ec.plans_inline;
   return c;
 }
 

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -278,6 +279,13 @@ Result<Pin> DmaSpace::PinRange(Gpa addr, ByteSize size, uint32_t prot) const {
 bool DmaSpace::Contains(Gpa addr, ByteSize size, uint32_t prot) const {
   if (size.v == 0) return false;
   return Plan(addr, size.v, prot).ok();
+}
+
+bool DmaSpace::FdBacked(Gpa addr, ByteSize size, uint32_t prot) const {
+  if (size.v == 0) return false;
+  auto segs = Plan(addr, size.v, prot);
+  if (!segs.ok()) return false;
+  return std::all_of(segs->begin(), segs->end(), [](const Segment& s) { return s.region->map.Valid(); });
 }
 
 size_t DmaSpace::RegionCount() const {

@@ -121,6 +121,9 @@ class DmaSpace {
 
   // True when [addr, addr+size) is fully mapped (any backing) with `prot`.
   bool Contains(Gpa addr, ByteSize size, uint32_t prot) const;
+  // True when it is, and every byte lies in fd-backed memory: a copy there is a memcpy,
+  // never a DMA_READ/DMA_WRITE round trip to the client (a snapshot: an unmap may follow).
+  bool FdBacked(Gpa addr, ByteSize size, uint32_t prot) const;
   size_t RegionCount() const;  // in translation
   // Charged to this client: regions and fd-backed bytes, including removed regions whose
   // last use has not ended yet.

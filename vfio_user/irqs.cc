@@ -225,6 +225,26 @@ Result<bool> IrqSet::Trigger(uint32_t index, uint32_t vector) {
   return Signal(index, vector);
 }
 
+Result<bool> IrqSet::TriggerNow(uint32_t index, uint32_t vector) {
+  std::shared_ptr<const UniqueFd> fd;
+  {
+    std::lock_guard lk(mu_);
+    VG_ERROR_IF(index >= kNumPciIrqs || vector >= vecs_[index].size(), Errc::kOutOfBounds, "irq {}:{} out of range",
+                index, vector);
+    Vector& v = vecs_[index][vector];
+    if (v.masked || !v.fd || v.queued) return Signal(index, vector);
+    fd = v.fd;  // kept open for the write, as the signaller keeps it
+  }
+  // Without mu_, as the signaller writes: SET_IRQS and Clear never wait for this write.
+  if (!EventFd::TrySignal(fd->Get()).ok()) {
+    std::lock_guard lk(mu_);  // an fd in error state: the signaller's way, which skips it
+    return Signal(index, vector);
+  }
+  std::lock_guard lk(mu_);
+  ++delivered_;
+  return true;
+}
+
 void IrqSet::Clear() {
   std::lock_guard lk(mu_);
   queue_.clear();

@@ -6,9 +6,10 @@
 // Blocking (F11 finding 4): a trigger fd is the guest's open file description. The guest can
 // clear O_NONBLOCK on it or fill its counter at any time, so a write() to it may block,
 // whatever was checked before. The caller's thread (the daemon's loop) therefore never
-// writes one: Trigger() only marks the vector queued (at most one entry per vector: the
+// blocks on one: Trigger() only marks the vector queued (at most one entry per vector: the
 // queue is bounded by the vector count, and signals coalesce as an eventfd counter does),
-// and this set's own signaller thread does the writes. A write that blocks stalls only this
+// and this set's own signaller thread does the writes. (TriggerNow() writes on the caller's
+// thread, bounded to EventFd::kGuardMs: for a loop that completes a fence itself.) A write that blocks stalls only this
 // device's interrupts; replacing or dropping the fd, Clear() and destruction interrupt it
 // (a signal to the signaller thread, retried every kInterruptRetryMs until it leaves).
 
@@ -56,6 +57,14 @@ class IrqSet {
   // when an eventfd will be signalled, false when the vector is masked (pending is latched)
   // or has no eventfd.
   Result<bool> Trigger(uint32_t index, uint32_t vector);
+  // The same, but a signal that would be queued is written here, on the caller's thread,
+  // the way EventFd::TrySignal writes one: nothing when the eventfd already reads as
+  // pending, else one write bounded to EventFd::kGuardMs even if the guest made the fd
+  // blocking (a write that could not land means the counter is full: pending anyway). Only
+  // for a thread that may wait that long: the worker's loop completing a fence inline
+  // (mediator ExecOptions::inline_complete), which saves the signaller thread's wake-up. A
+  // vector already queued is left to the signaller.
+  Result<bool> TriggerNow(uint32_t index, uint32_t vector);
 
   // Disconnect: drops every eventfd, unmasks, clears pending. Does not wait.
   void Clear();

@@ -98,8 +98,12 @@ struct Rig {
   uint32_t tail = 0;
   bool slow_shadow = false;
 
-  explicit Rig(bool shadow_in_slow_memory = false) : slow_shadow(shadow_in_slow_memory) {
+  explicit Rig(bool shadow_in_slow_memory = false,
+               uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs, bool inline_complete = true)
+      : slow_shadow(shadow_in_slow_memory) {
     VgpuConfig cfg;
+    cfg.time_granularity_ns = time_granularity_ns;
+    cfg.executor_inline = inline_complete;
     cfg.uuid = Uuid::Random();
     cfg.aperture_size = 1 << 16;
     cfg.gtt_entries = 64;
@@ -403,4 +407,131 @@ TEST_CASE("idle notify: reset, DEVICE_RESET, ring stop, a moved shadow and disco
     CHECK(r.WaitFence(2, 3));
     CHECK(r.WaitIdleWord());
   }
+}
+
+// Inline completion (docs/device-spec.md "Execution"): with time coarsening off, a fence-only
+// submission kicked while the executor is idle completes on the thread that ran the kick
+// (the worker's loop), before OnDoorbellKick returns; anything else goes the threads' way.
+TEST_CASE("inline completion: a fence-only kick to an idle vGPU completes before the kick returns") {
+  Rig r(false, 0);
+  for (uint64_t i = 1; i <= 20; ++i) {
+    r.Fence(Rig::FenceVa(0), i);
+    r.Publish();
+    r.Kick();
+    // No wait: the fence and the settle (DEVICE_IDLE back to 1) already happened.
+    REQUIRE(r.FenceValue(0) == i);
+    CHECK(r.Idle() == 1);
+  }
+  // The same through a RING_TAIL write (a trapped or posted MMIO doorbell).
+  r.Fence(Rig::FenceVa(1), 99);
+  REQUIRE(Wr32(*r.v, vu::kBar0Region, abi::reg::kRingTail, r.tail).ok());
+  CHECK(r.FenceValue(1) == 99);
+  CHECK(r.v->Counters().plans_inline == 21);
+  CHECK(Reg(*r.v, abi::reg::kErrCount) == 0);
+}
+
+TEST_CASE("inline completion: not behind a running plan, not into memory without an fd, not when off") {
+  {
+    // A plan is running (its write to the slow memory is held): a fence-only submission
+    // behind it must wait for it, not complete on the kick.
+    Rig r(false, 0);
+    r.slow.Hold();
+    r.HeldSubmission(0, 1);
+    r.Publish();
+    r.Kick();
+    REQUIRE(r.slow.WaitForHeldWrite());
+    r.Fence(Rig::FenceVa(1), 2);
+    r.Publish();
+    r.Kick();
+    CHECK_MESSAGE(r.FenceValue(1) == 0, "a fence-only plan completed before the plan ahead of it");
+    CHECK(r.FenceValue(0) == 0);
+    r.slow.Release();
+    CHECK(r.WaitFence(0, 1));
+    CHECK(r.WaitFence(1, 2));
+    r.v->WaitIdle();
+    CHECK(r.v->Counters().plans_inline == 0);
+    CHECK(Reg(*r.v, abi::reg::kErrCount) == 0);
+  }
+  {
+    // A fence into memory shared without an fd is a DMA_WRITE to the client: never on the loop.
+    Rig r(false, 0);
+    for (uint64_t i = 1; i <= 5; ++i) {
+      r.Fence(Rig::kSlowVa, i);
+      r.Fence(Rig::FenceVa(0), i);
+      r.Publish();
+      r.Kick();
+      REQUIRE(r.WaitFence(0, i));
+    }
+    r.v->WaitIdle();
+    uint64_t slow_value = 0;
+    REQUIRE(r.slow.DmaRead(Gpa{SlowMemory::kBase}, std::as_writable_bytes(std::span(&slow_value, 1))).ok());
+    CHECK(slow_value == 5);
+    CHECK(r.v->Counters().plans_inline == 0);
+    CHECK(Reg(*r.v, abi::reg::kErrCount) == 0);
+  }
+  for (auto [granularity, on] : {std::pair<uint64_t, bool>{0, false}, {abi::cmd::kDefaultTimeGranularityNs, true}}) {
+    // Off (vgpud --no-inline-complete), or time coarsening on (the hold is the retire thread's).
+    CAPTURE(granularity);
+    Rig r(false, granularity, on);
+    for (uint64_t i = 1; i <= 5; ++i) {
+      r.Fence(Rig::FenceVa(0), i);
+      r.Publish();
+      r.Kick();
+      REQUIRE(r.WaitFence(0, i));
+    }
+    r.v->WaitIdle();
+    CHECK(r.v->Counters().plans_inline == 0);
+  }
+}
+
+TEST_CASE("inline completion: a reset or a DMA_UNMAP between inline and threaded plans keeps the ring sane") {
+  // Fence-only kicks (inline) and held plans (threaded) alternate with host resets and an
+  // unmap of the slow memory; after each, a fence-only kick still completes inline and no
+  // refusal is reported but the unmap's own.
+  Rig r(false, 0);
+  uint64_t v = 0;
+  for (int round = 0; round < 10; ++round) {
+    r.Fence(Rig::FenceVa(0), ++v);
+    r.Publish();
+    r.Kick();
+    REQUIRE(r.FenceValue(0) == v);
+    r.slow.Hold();
+    r.HeldSubmission(1, ++v);
+    r.Publish();
+    r.Kick();
+    REQUIRE(r.slow.WaitForHeldWrite());
+    r.Fence(Rig::FenceVa(2), ++v);  // queued behind the held plan: must not complete
+    r.Publish();
+    r.Kick();
+    CHECK(r.FenceValue(2) == 0);
+    std::thread releaser = ReleaseAfter(r.slow, 5);
+    // Cancels what is queued and running; the held write is let go meanwhile (the cancel
+    // waits for the hook it sits in, and what runs before the cancel takes the hook lock
+    // may still complete: once it has returned, nothing more does).
+    if (round % 2 == 0) {
+      REQUIRE(r.v->HostReset().ok());
+    } else {
+      REQUIRE(r.v->DmaUnmap({Gpa{SlowMemory::kBase}, ByteSize{SlowMemory::kSize}, 0}).ok());
+    }
+    const uint64_t f1 = r.FenceValue(1), f2 = r.FenceValue(2);
+    releaser.join();
+    r.v->WaitIdle();
+    CHECK_MESSAGE(r.FenceValue(1) == f1, "a fence of cancelled work completed after the cancel returned");
+    CHECK_MESSAGE(r.FenceValue(2) == f2, "a fence of cancelled work completed after the cancel returned");
+    CHECK((f2 == 0 || f1 == v - 1));  // never the later fence without the earlier one
+    if (round % 2 == 0) {
+      r.StartRing();
+    } else {
+      REQUIRE(r.v->DmaMap({Gpa{SlowMemory::kBase}, ByteSize{SlowMemory::kSize}, 0, vu::kDmaRead | vu::kDmaWrite},
+                          UniqueFd{})
+                  .ok());
+      r.StartRing();
+    }
+    std::memset(r.ram.data() + Rig::kFenceVa, 0, 64);
+    r.Fence(Rig::FenceVa(3), ++v);
+    r.Publish();
+    r.Kick();
+    CHECK(r.FenceValue(3) == v);  // inline again
+  }
+  CHECK(r.v->Counters().plans_inline >= 20);
 }

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <mutex>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -68,11 +69,13 @@ ResolvedRange Range(uint64_t off, uint64_t size, bool write, int scattered_pages
 struct Recorder {
   std::mutex mu;
   std::vector<uint64_t> fences;
+  std::vector<std::thread::id> fence_threads;  // the thread each fence completed on
   std::vector<std::string> failures;
   ExecHooks Hooks() {
     return ExecHooks{[this](uint64_t v, bool) {
                        std::lock_guard lk(mu);
                        fences.push_back(v);
+                       fence_threads.push_back(std::this_thread::get_id());
                      },
                      [](uint32_t, uint32_t) {},
                      [this](const Error& e) {
@@ -338,6 +341,291 @@ TEST_CASE("a gathered range is seen by a later command of the same plan") {
   }
   std::lock_guard lk(rec.mu);
   CHECK(rec.failures.empty());
+}
+
+// --- inline completion (ExecOptions::inline_complete) ---
+// A plan of host ops only, queued while the executor is idle, completes on the thread that
+// queued it (Enqueue with InlineOk::kYes, then RunHeld), as the worker's loop does.
+
+constexpr ExecOptions kInline{4, true, 0, true};  // time coarsening off: inline completion applies
+
+Plan FenceOnly(uint64_t v, uint64_t off = kFenceOff) {
+  Plan p;
+  p.ops.push_back(PlanFence{Range(off, 8, true), v, true});
+  return p;
+}
+
+// Enqueues as the loop does: held plans complete here. Returns whether it was held.
+bool EnqueueAsLoop(Executor& exec, Plan p) {
+  Result<bool> held = exec.Enqueue(std::move(p), InlineOk::kYes);
+  REQUIRE(held.ok());
+  if (*held) exec.RunHeld();
+  return *held;
+}
+
+TEST_CASE("inline completion: a host-op plan to an idle executor completes on the caller's thread, once") {
+  Guest g;
+  Recorder rec;
+  std::vector<std::byte> aperture(1 << 20);
+  Executor exec(SharedEngine(), g.dma, aperture, {}, rec.Hooks(), kInline);
+  // Held, not run, until RunHeld: nothing completes behind the caller's back.
+  Result<bool> held = exec.Enqueue(FenceOnly(1), InlineOk::kYes);
+  REQUIRE(held.ok());
+  REQUIRE(*held);
+  {
+    std::lock_guard lk(rec.mu);
+    CHECK(rec.fences.empty());
+  }
+  CHECK(!exec.Idle());
+  exec.RunHeld();
+  exec.RunHeld();  // nothing held: a no-op
+  {
+    std::lock_guard lk(rec.mu);
+    REQUIRE(rec.fences == std::vector<uint64_t>{1});
+    CHECK(rec.fence_threads[0] == std::this_thread::get_id());
+  }
+  CHECK(g.At<uint64_t>(kFenceOff) == 1);
+  CHECK(exec.Idle());
+  // A fence into the aperture, a LOAD_REG and a TIMESTAMP: inline too.
+  Plan mixed;
+  ResolvedRange ap;
+  ap.va = GpuVa{0x900000};
+  ap.size = ByteSize{8};
+  ap.write = true;
+  ap.spans.push_back(GttSpan{ap.va, GttTarget{true, 0x100, true}, ap.size});
+  mixed.ops.push_back(PlanLoadReg{0x40, 1});
+  mixed.ops.push_back(PlanTimestamp{Range(kFenceOff + 16, 8, true)});
+  mixed.ops.push_back(PlanFence{ap, 2, true});
+  CHECK(EnqueueAsLoop(exec, std::move(mixed)));
+  uint64_t in_aperture = 0;
+  std::memcpy(&in_aperture, aperture.data() + 0x100, 8);
+  CHECK(in_aperture == 2);
+  CHECK(g.At<uint64_t>(kFenceOff + 16) != 0);
+  // More host ops than kMaxInlineHostOps, engine work, or InlineOk::kNo: the threads' way.
+  Plan many;
+  for (uint64_t i = 0; i <= kMaxInlineHostOps; ++i) many.ops.push_back(PlanFence{Range(kFenceOff, 8, true), 3, false});
+  CHECK(!EnqueueAsLoop(exec, std::move(many)));
+  exec.WaitIdle();
+  CHECK(!EnqueueAsLoop(exec, StreamPlan(4)));
+  exec.WaitIdle();
+  REQUIRE(exec.Enqueue(FenceOnly(5)).ok());
+  exec.WaitIdle();
+  {
+    std::lock_guard lk(rec.mu);
+    REQUIRE(rec.fences.size() == 2 + kMaxInlineHostOps + 1 + 2);
+    CHECK(rec.fences.back() == 5);
+    CHECK(rec.fence_threads.back() != std::this_thread::get_id());
+  }
+  // What is queued behind a held plan (another thread's pass) waits for it.
+  held = exec.Enqueue(FenceOnly(6), InlineOk::kYes);
+  REQUIRE(held.ok());
+  REQUIRE(*held);
+  REQUIRE(exec.Enqueue(FenceOnly(7)).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  {
+    std::lock_guard lk(rec.mu);
+    CHECK_MESSAGE(rec.fences.back() == 5, "a plan queued behind a held one completed first");
+  }
+  exec.RunHeld();
+  exec.WaitIdle();
+  std::lock_guard lk(rec.mu);
+  REQUIRE(rec.fences.size() == 2 + kMaxInlineHostOps + 1 + 4);
+  CHECK(rec.fences[rec.fences.size() - 2] == 6);
+  CHECK(rec.fences.back() == 7);
+  CHECK(exec.Counters().plans_inline == 3);
+  CHECK(rec.failures.empty());
+}
+
+TEST_CASE("inline completion: off with inline_complete = false or with time coarsening") {
+  for (ExecOptions o : {ExecOptions{4, true, 0, false}, ExecOptions{4, true, 100'000, true}}) {
+    CAPTURE(o.inline_complete);
+    Guest g;
+    Recorder rec;
+    std::vector<std::byte> aperture(1 << 20);
+    Executor exec(SharedEngine(), g.dma, aperture, {}, rec.Hooks(), o);
+    for (uint64_t v = 1; v <= 5; ++v) {
+      CHECK(!EnqueueAsLoop(exec, FenceOnly(v)));
+      exec.WaitIdle();
+    }
+    CheckInOrderOnce(rec, 5);
+    CHECK(exec.Counters().plans_inline == 0);
+  }
+}
+
+TEST_CASE("inline completion: a fence-only plan right behind engine work never completes before it") {
+  // Each round: a slow FILL + FENCE 2k-1 through the threads, then FENCE 2k as the loop
+  // queues it. The executor is busy, so 2k must wait for 2k-1. Every third round the
+  // executor drains first, so the fence-only plan completes inline: both kinds interleave.
+  Guest g;
+  Recorder rec;
+  std::vector<std::byte> aperture(1 << 20);
+  Executor exec(SharedEngine(), g.dma, aperture, {}, rec.Hooks(), kInline);
+  constexpr uint64_t kRounds = 60;
+  uint64_t inlined = 0;
+  for (uint64_t k = 1; k <= kRounds; ++k) {
+    Plan slow;
+    slow.ops.push_back(PlanFill{Range(kBigOff, 2ull << 20, true), static_cast<uint32_t>(k)});
+    slow.ops.push_back(PlanFence{Range(kFenceOff, 8, true), 2 * k - 1, true});
+    REQUIRE(exec.Enqueue(std::move(slow)).ok());
+    if (k % 3 == 0) exec.WaitIdle();
+    if (EnqueueAsLoop(exec, FenceOnly(2 * k))) ++inlined;
+    if (k % 3 == 0) {
+      std::lock_guard lk(rec.mu);
+      REQUIRE(rec.fences.size() == 2 * k);  // inline: done when RunHeld returned
+    }
+  }
+  exec.WaitIdle();
+  CheckInOrderOnce(rec, 2 * kRounds);
+  MESSAGE(inlined, " of ", kRounds, " fence-only plans completed inline");
+  CHECK(inlined >= kRounds / 3);
+  CHECK(inlined < kRounds);
+  CHECK(exec.Counters().plans_inline == inlined);
+}
+
+// The client side of guest memory shared without an fd: DMA_WRITE lands here.
+class ClientMemory final : public vu::DmaMessenger {
+ public:
+  static constexpr Gpa kBase{0x9000'0000};
+  Result<> DmaRead(Gpa a, std::span<std::byte> out) override {
+    std::lock_guard lk(mu);
+    std::memcpy(out.data(), bytes.data() + (a.v - kBase.v), out.size());
+    return Ok();
+  }
+  Result<> DmaWrite(Gpa a, std::span<const std::byte> in) override {
+    std::lock_guard lk(mu);
+    std::memcpy(bytes.data() + (a.v - kBase.v), in.data(), in.size());
+    writer = std::this_thread::get_id();
+    return Ok();
+  }
+  std::mutex mu;
+  std::vector<std::byte> bytes = std::vector<std::byte>(0x10000);
+  std::thread::id writer;
+};
+
+TEST_CASE("inline completion: never into guest memory shared without an fd") {
+  Guest g;
+  ClientMemory client;
+  g.dma.SetMessenger(&client);
+  REQUIRE(g.dma.Map({ClientMemory::kBase, ByteSize{0x10000}, 0, vu::kDmaRead | vu::kDmaWrite}, UniqueFd{}).ok());
+  Recorder rec;
+  std::vector<std::byte> aperture(1 << 20);
+  Executor exec(SharedEngine(), g.dma, aperture, {}, rec.Hooks(), kInline);
+  auto no_fd = [](uint64_t off) {
+    ResolvedRange r;
+    r.va = GpuVa{0xa00000 + off};
+    r.size = ByteSize{8};
+    r.write = true;
+    r.spans.push_back(GttSpan{r.va, GttTarget{false, ClientMemory::kBase.v + off, true}, r.size});
+    return r;
+  };
+  for (uint64_t v = 1; v <= 10; ++v) {
+    Plan p;
+    // Half of them also fence into fd-backed memory: one no-fd target is enough to refuse.
+    if (v % 2) p.ops.push_back(PlanFence{Range(kFenceOff, 8, true), v, false});
+    p.ops.push_back(PlanFence{no_fd(0x100), v, true});
+    CHECK_MESSAGE(!EnqueueAsLoop(exec, std::move(p)), "a fence into no-fd memory was held for inline completion");
+    exec.WaitIdle();
+    std::lock_guard lk(client.mu);
+    uint64_t got = 0;
+    std::memcpy(&got, client.bytes.data() + 0x100, 8);
+    CHECK(got == v);
+    CHECK(client.writer != std::this_thread::get_id());
+  }
+  CHECK(exec.Counters().plans_inline == 0);
+  std::lock_guard lk(rec.mu);
+  CHECK(rec.failures.empty());
+  CHECK(rec.fences.size() == 15);
+  g.dma.SetMessenger(nullptr);
+}
+
+TEST_CASE("inline completion: Cancel and DMA_UNMAP amid interleaved inline and executor completions") {
+  // A submitter thread queues as the loop does (fence-only plans, completed inline when the
+  // executor is idle, and FILL + FENCE plans into a second region); this thread cancels (a
+  // reset) or unmaps that region (cancelling when it is in use, as Vgpu::DmaUnmap does) and
+  // maps it again. Fences stay in order, exactly once; none of a plan queued before a Cancel
+  // runs after it returned; an unmap's drain empties.
+  Guest g;
+  constexpr Gpa kR2{0x8000'0000};
+  constexpr uint64_t kR2Bytes = 2ull << 20;
+  auto map_r2 = [&] {
+    auto fd = CreateMemFd("r2", ByteSize{kR2Bytes});
+    REQUIRE(fd.ok());
+    REQUIRE(g.dma.Map({kR2, ByteSize{kR2Bytes}, 0, vu::kDmaRead | vu::kDmaWrite}, std::move(fd).value()).ok());
+  };
+  map_r2();
+  ResolvedRange r2;
+  r2.va = GpuVa{0x4000'0000};
+  r2.size = ByteSize{kR2Bytes};
+  r2.write = true;
+  r2.spans.push_back(GttSpan{r2.va, GttTarget{false, kR2.v, true}, r2.size});
+  Recorder rec;
+  std::vector<std::byte> aperture(1 << 20);
+  Executor exec(SharedEngine(), g.dma, aperture, {}, rec.Hooks(), kInline);
+  std::atomic<uint64_t> enqueued{0};  // the last value whose Enqueue has returned
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> inlined{0}, threaded{0};
+  std::thread submitter([&] {
+    std::mt19937 rng(12345);
+    for (uint64_t v = 1; !stop.load(); ++v) {
+      Plan p;
+      if (rng() % 3 == 0) p.ops.push_back(PlanFill{r2, static_cast<uint32_t>(v)});
+      p.ops.push_back(PlanFence{Range(kFenceOff, 8, true), v, true});
+      while (!exec.Admit().ok() && !stop.load()) std::this_thread::yield();
+      Result<bool> held = exec.Enqueue(std::move(p), InlineOk::kYes);
+      if (!held.ok()) continue;  // full for bytes: the ring would refuse it by name
+      enqueued.store(v);
+      if (*held) {
+        // Sometimes late: a Cancel may come between the hold and RunHeld.
+        if (rng() % 4 == 0) std::this_thread::sleep_for(std::chrono::microseconds(100));
+        exec.RunHeld();
+        inlined.fetch_add(1);
+      } else {
+        threaded.fetch_add(1);
+      }
+      if (rng() % 8 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));  // let it go idle
+    }
+  });
+  struct Mark {
+    size_t seen;  // fences recorded when the Cancel had returned
+    uint64_t before;  // every plan up to this value was queued before the Cancel began
+  };
+  std::vector<Mark> marks;
+  for (int round = 0; round < 40; ++round) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    const uint64_t before = enqueued.load();
+    if (round % 2 == 0) {
+      exec.Cancel();
+    } else {
+      Result<vu::DmaDrain> drain = g.dma.Unmap({kR2, ByteSize{kR2Bytes}, 0});
+      REQUIRE(drain.ok());
+      exec.DropImports(kR2, ByteSize{kR2Bytes});
+      const bool busy = !drain->Idle();
+      if (busy) exec.Cancel();
+      auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (!drain->Idle()) {
+        REQUIRE_MESSAGE(std::chrono::steady_clock::now() < until, "the unmapped region is still in use");
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+      map_r2();
+      if (!busy) continue;  // nothing cancelled: no mark
+    }
+    std::lock_guard lk(rec.mu);
+    marks.push_back({rec.fences.size(), before});
+  }
+  stop = true;
+  submitter.join();
+  exec.WaitIdle();
+  std::lock_guard lk(rec.mu);
+  MESSAGE(rec.fences.size(), " fences; plans inline ", inlined.load(), ", through the threads ", threaded.load(),
+          "; ", marks.size(), " cancels");
+  for (size_t i = 1; i < rec.fences.size(); ++i)
+    REQUIRE_MESSAGE(rec.fences[i] > rec.fences[i - 1], "fence ", rec.fences[i], " after ", rec.fences[i - 1]);
+  for (const Mark& m : marks)
+    for (size_t i = m.seen; i < rec.fences.size(); ++i)
+      REQUIRE_MESSAGE(rec.fences[i] > m.before, "fence ", rec.fences[i], " of a plan queued before a Cancel ran after it");
+  CHECK(inlined.load() > 0);
+  CHECK(threaded.load() > 0);
+  CHECK(exec.Counters().plans_inline > 0);
 }
 
 }  // namespace

@@ -143,4 +143,31 @@ TEST_CASE("only eventfds are taken; a write that would block never blocks Trigge
   CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(100));
 }
 
+TEST_CASE("TriggerNow writes on the caller's thread, never twice into a pending fd, never while masked") {
+  IrqSet s({0, 1, 4, 1, 1});
+  auto e0 = EventFd::Create().value();
+  REQUIRE(s.Set({kTrigEv, kIrqMsix, 0, 1}, Dups({&e0}), {}).ok());
+  CHECK(s.TriggerNow(kIrqMsix, 0).value());
+  CHECK(s.Delivered() == 1);  // written before it returned, not by the signaller later
+  CHECK(e0.Drain().value() == 1);
+  // Already pending: nothing more is written (the waiter wakes once, as for a coalesced signal).
+  CHECK(s.TriggerNow(kIrqMsix, 0).value());
+  CHECK(s.TriggerNow(kIrqMsix, 0).value());
+  CHECK(e0.Drain().value() == 1);
+  // The guest's blocking description at its maximum count: reads as pending, so no write.
+  auto blocking = EventFd::Create(false).value();
+  REQUIRE(blocking.Signal(0xfffffffffffffffeull).ok());
+  REQUIRE(s.Set({kTrigEv, kIrqMsix, 1, 1}, Dups({&blocking}), {}).ok());
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 100; ++i) CHECK(s.TriggerNow(kIrqMsix, 1).value());
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(500));
+  // Masked: latched pending, nothing written; no eventfd: false.
+  REQUIRE(s.Set({kIrqSetDataNone | kIrqSetActionMask, kIrqMsix, 0, 1}, {}, {}).ok());
+  CHECK(!s.TriggerNow(kIrqMsix, 0).value());
+  CHECK(s.IsPending(kIrqMsix, 0));
+  CHECK(e0.Drain().value() == 0);
+  CHECK(!s.TriggerNow(kIrqMsix, 3).value());
+  CHECK(s.TriggerNow(kIrqMsix, 4).code() == Errc::kOutOfBounds);
+}
+
 }  // namespace vg::vfio_user

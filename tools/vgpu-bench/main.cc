@@ -1,6 +1,6 @@
 // vgpu-bench: the A/B study of native, mediated and remoting on one engine.
 //   vgpu-bench [--quick|--full|--smoke] [--groups a,b] [--paths native,mediated,remoting]
-//              [--ablations doorbell,executor,memory,gtt|none] [--compare-with EARLIER.json]
+//              [--ablations doorbell,executor,memory,gtt,remoting|none] [--compare-with EARLIER.json]
 //              [--reps N] [--iters N] [--gpu NAME|INDEX] [--out DIR] [--json FILE] [--csv FILE]
 //              [--qemu BIN] [--qemu-firmware DIR] [--lifecycle-cycles N] [--idle-workers K]
 //              [--covert-bits N] [--covert-bit-us P] [--covert-granularities-us 0,100]
@@ -8,7 +8,7 @@
 // mediated-qemu (a real QEMU's vfio-user-pci under qtest: needs --qemu or VGPUD_QEMU,
 // skipped with a note otherwise), remoting. The ablations run more mediated rows beside
 // them on the workloads where their factor matters (posted MMIO doorbell, serial executor,
-// gathered memory, GTT update modes), and the summary gives the verdict on "mediated beats
+// gathered memory, GTT update modes), and remoting rows without batching or idle notify, and the summary gives the verdict on "mediated beats
 // remoting" per workload class, every figure with its spread over the repetitions.
 // It starts its own vgpud with the vGPUs it needs, runs every workload on every path side by
 // side (interleaved, rotating order), and removes what it created. The lifecycle group
@@ -119,17 +119,22 @@ Result<std::unique_ptr<Path>> MakePath(const std::string& name, const PathConfig
   return MakeError(Errc::kInvalidArgument, "unknown path '{}'", name);
 }
 
-// The ablations' mediated rows (docs/ab-methodology.md "Ablations"). Each is its own guest
-// (a vGPU takes one client); the executor and memory factors are vgpud-wide flags, so their
-// rows are guests of a vgpud of their own.
-enum class Host { kMain, kSerial, kUncoalesced, kGathered };
+// The ablations' rows (docs/ab-methodology.md "Ablations"). Each is its own guest on a vGPU
+// of its own (a vGPU takes one mediated client; the remoting rows get one each too, so no
+// two sessions share a worker's loop); the executor and memory factors are vgpud-wide flags,
+// so their rows are guests of a vgpud of their own.
+enum class Host { kMain, kSerial, kUncoalesced, kNoInline, kGathered };
 struct Variant {
   Host host = Host::kMain;
   Doorbell doorbell = Doorbell::kDefault;
   std::string gtt;  // empty: --gtt
+  // A remoting guest (MakeRemotingVariantPath) with these client switches, not a mediated one.
+  bool remoting = false;
+  bool batch = true;
+  bool idle_notify = true;
 };
 
-const std::vector<std::string> kAblations{"doorbell", "executor", "memory", "gtt"};
+const std::vector<std::string> kAblations{"doorbell", "executor", "memory", "gtt", "remoting"};
 
 // The ablations asked for (`which`), and the variant behind each of their rows but the
 // reference ("mediated", which every ablation shares: one row, not one per ablation).
@@ -161,12 +166,17 @@ std::vector<Ablation> PlanAblations(const std::set<std::string>& which, const st
     out.push_back(std::move(a));
   }
   if (which.count("executor")) {
-    Ablation a{"executor", "how many engine submissions of one vGPU are in flight", {"empty", "small", "stream"}};
+    Ablation a{"executor", "how the executor runs a vGPU's plans (in flight, coalesced, completed inline)",
+               {"empty", "small", "stream"}};
     a.rows.push_back({"mediated", "pipelined and coalescing: --executor-depth 4, plans queued while the engine is "
                                   "saturated share engine submissions (the default)"});
     a.rows.push_back({"mediated-uncoalesced",
                       "pipelined, one engine submission per plan: --no-coalesce (a vgpud of its own)"});
     variants["mediated-uncoalesced"] = {Host::kUncoalesced, Doorbell::kDefault, ""};
+    a.rows.push_back({"mediated-no-inline",
+                      "no inline completion: a fence-only plan to an idle vGPU goes through the executor's threads "
+                      "instead of completing on the worker's loop: --no-inline-complete (a vgpud of its own)"});
+    variants["mediated-no-inline"] = {Host::kNoInline, Doorbell::kDefault, ""};
     a.rows.push_back({"mediated-serial", "serial: --executor-depth 1 (a vgpud of its own)"});
     variants["mediated-serial"] = {Host::kSerial, Doorbell::kDefault, ""};
     out.push_back(std::move(a));
@@ -196,6 +206,18 @@ std::vector<Ablation> PlanAblations(const std::set<std::string>& which, const st
         a.rows.push_back({path, label});
         variants[path] = {Host::kMain, Doorbell::kDefault, mode};
       }
+    out.push_back(std::move(a));
+  }
+  if (which.count("remoting")) {
+    // The remoting client's own two switches (RemotingOptions), each off in a row of its own.
+    Ablation a{"remoting", "how the remoting client publishes commands and wakes the daemon",
+               {"empty", "small", "stream", "churn"}};
+    a.rows.push_back({"remoting", "batched, idle notify: one tail store per submission, a wake only when the daemon "
+                                  "says idle (the client's default)"});
+    a.rows.push_back({"remoting-unbatched", "unbatched: a tail store (and a wake if idle) per command as recorded"});
+    variants["remoting-unbatched"] = {Host::kMain, Doorbell::kDefault, "", true, false, true};
+    a.rows.push_back({"remoting-no-idle-notify", "no idle notify: a wake eventfd signal at every publish"});
+    variants["remoting-no-idle-notify"] = {Host::kMain, Doorbell::kDefault, "", true, true, false};
     out.push_back(std::move(a));
   }
   return out;
@@ -551,9 +573,9 @@ int main(int argc, char** argv) {
   std::string gtt = "batch";
   app.add_option("--gtt", gtt, "mediated paths: GTT updates by batch, multi (REGION_WRITE_MULTI) or per-entry")
       ->capture_default_str();
-  std::string ablations_csv = "doorbell,executor,memory,gtt", compare_with;
+  std::string ablations_csv = "doorbell,executor,memory,gtt,remoting", compare_with;
   app.add_option("--ablations", ablations_csv,
-                 "ablation row groups to run beside the paths: doorbell,executor,memory,gtt, or none")
+                 "ablation row groups to run beside the paths: doorbell,executor,memory,gtt,remoting, or none")
       ->capture_default_str();
   app.add_option("--compare-with", compare_with,
                  "an earlier run's results.json: report where this run's summary figures agree with it (exit 1 if "
@@ -641,7 +663,7 @@ int main(int argc, char** argv) {
   which_ablations.erase("none");
   for (const auto& a : which_ablations)
     if (std::find(kAblations.begin(), kAblations.end(), a) == kAblations.end()) {
-      std::fprintf(stderr, "vgpu-bench: --ablations: unknown '%s' (doorbell, executor, memory, gtt, none)\n", a.c_str());
+      std::fprintf(stderr, "vgpu-bench: --ablations: unknown '%s' (doorbell, executor, memory, gtt, remoting, none)\n", a.c_str());
       return 2;
     }
   std::map<std::string, Variant> variants;
@@ -794,6 +816,7 @@ int main(int argc, char** argv) {
     };
     const HostFlags f = host == Host::kSerial        ? HostFlags{"-serial", "executor", {"--executor-depth", "1", "--time-granularity-us", "0"}}
                         : host == Host::kUncoalesced ? HostFlags{"-uncoalesced", "executor", {"--no-coalesce", "--time-granularity-us", "0"}}
+                        : host == Host::kNoInline    ? HostFlags{"-no-inline", "executor", {"--no-inline-complete", "--time-granularity-us", "0"}}
                                                      : HostFlags{"-gathered", "memory", {"--no-zero-copy", "--time-granularity-us", "0"}};
     auto hd = StartDaemon(vgpud, t, gpu, f.suffix, f.args);
     if (!hd.ok()) {
@@ -805,9 +828,17 @@ int main(int argc, char** argv) {
   PathConfig base{d.Socket(0), d.RemoteSocket(0), d.pid, gpu, ram, qemu, qemu_firmware, gtt};
   auto factory = [&](const std::string& name, int) -> Result<std::unique_ptr<Path>> {
     PathConfig c = base;
-    if (auto it = guest_of.find(name); it != guest_of.end()) c.socket = d.Socket(it->second);
+    if (auto it = guest_of.find(name); it != guest_of.end()) {
+      c.socket = d.Socket(it->second);
+      c.remote_socket = d.RemoteSocket(it->second);
+    }
     auto v = variants.find(name);
     if (v == variants.end()) return MakePath(name, c);
+    if (v->second.remoting) {
+      c.remoting_batch = v->second.batch;
+      c.remoting_idle_notify = v->second.idle_notify;
+      return MakeRemotingVariantPath(c, name);
+    }
     if (v->second.host != Host::kMain) {
       const DaemonProc& h = *hosts.at(v->second.host);
       c.socket = h.Socket(guest_of.at(name));

@@ -92,6 +92,9 @@ struct PathConfig {
   std::string gtt = "batch";
   // mediated variants (MakeMediatedVariantPath): the doorbell.
   Doorbell doorbell = Doorbell::kDefault;
+  // remoting variants (MakeRemotingVariantPath): RemotingOptions::batch and ::idle_notify.
+  bool remoting_batch = true;
+  bool remoting_idle_notify = true;
 };
 
 Result<std::unique_ptr<Path>> MakeNativePath(const PathConfig& c);
@@ -106,5 +109,8 @@ Result<std::unique_ptr<Path>> MakeMediatedQemuPath(const PathConfig& c);
 // A mediated guest named `name` with c.doorbell and c.gtt: the ablations' rows.
 Result<std::unique_ptr<Path>> MakeMediatedVariantPath(const PathConfig& c, const std::string& name);
 Result<std::unique_ptr<Path>> MakeRemotingPath(const PathConfig& c);
+// A remoting guest named `name` with c.remoting_batch and c.remoting_idle_notify: the
+// remoting ablation's rows.
+Result<std::unique_ptr<Path>> MakeRemotingVariantPath(const PathConfig& c, const std::string& name);
 
 }  // namespace vg::bench

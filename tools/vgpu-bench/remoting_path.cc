@@ -12,8 +12,9 @@ using namespace vg::guest;
 // shared ring, the daemon woken only when idle, replies only for Read and Wait.
 class RemotingPath final : public Path {
  public:
-  RemotingPath(std::unique_ptr<RemotingClient> c, pid_t daemon) : c_(std::move(c)), daemon_(daemon) {}
-  std::string name() const override { return "remoting"; }
+  RemotingPath(std::unique_ptr<RemotingClient> c, pid_t daemon, std::string name)
+      : c_(std::move(c)), daemon_(daemon), name_(std::move(name)) {}
+  std::string name() const override { return name_; }
   pid_t host_pid() const override { return daemon_; }
 
   Result<> Prepare(const Workload& w) override {
@@ -97,20 +98,25 @@ class RemotingPath final : public Path {
  private:
   std::unique_ptr<RemotingClient> c_;
   pid_t daemon_;
+  std::string name_;
   const Workload* w_ = nullptr;
   std::vector<RemoteBuffer> bufs_;
 };
 
 }  // namespace
 
-Result<std::unique_ptr<Path>> MakeRemotingPath(const PathConfig& c) {
+Result<std::unique_ptr<Path>> MakeRemotingPath(const PathConfig& c) { return MakeRemotingVariantPath(c, "remoting"); }
+
+Result<std::unique_ptr<Path>> MakeRemotingVariantPath(const PathConfig& c, const std::string& name) {
   RemotingOptions o;
+  o.batch = c.remoting_batch;
+  o.idle_notify = c.remoting_idle_notify;
   o.socket = c.remote_socket;
   o.ring_size = 1u << 20;
   // Writes and reads of the largest buffers travel through the heap.
   o.heap_size = std::max<uint64_t>(64ull << 20, c.guest_ram / 2) & ~uint64_t{4095};
   VG_TRY_ASSIGN(auto client, RemotingClient::Connect(o));
-  return std::unique_ptr<Path>(new RemotingPath(std::move(client), c.daemon));
+  return std::unique_ptr<Path>(new RemotingPath(std::move(client), c.daemon, name));
 }
 
 }  // namespace vg::bench

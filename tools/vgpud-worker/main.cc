@@ -63,6 +63,7 @@ struct Options {
   uint64_t time_granularity_us = abi::cmd::kDefaultTimeGranularityNs / 1000;
   bool zero_copy = true;
   bool coalesce = true;
+  bool inline_complete = true;
   bool scheduled = false;  // the supervisor's scheduler grants the engine (until kSchedConfig says otherwise)
   uint32_t orphan_grace_s = 60;  // orphaned and without a client this long: exit
   mediator::FaultPolicy faults;
@@ -180,6 +181,7 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
   cfg.dma_limits.max_regions = o.dma_max_regions;
   cfg.executor_depth = o.executor_depth;
   cfg.executor_coalesce = o.coalesce;
+  cfg.executor_inline = o.inline_complete;
   cfg.time_granularity_ns = o.time_granularity_us * 1000;
   cfg.faults = o.faults;
   // evtimer_add is thread-safe (evthread_use_pthreads above) and wakes the loop; re-adding a
@@ -560,6 +562,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(uint64_t{0}, abi::cmd::kMaxTimeGranularityNs / 1000));
   app.add_flag("!--no-zero-copy", o.zero_copy);
   app.add_flag("!--no-coalesce", o.coalesce);
+  app.add_flag("!--no-inline-complete", o.inline_complete);
   app.add_option("--fault-window-ms", o.faults.window_ms)->check(CLI::Range(10, 3600000));
   app.add_option("--fault-throttle-per-s", o.faults.throttle_per_s);
   app.add_option("--fault-quarantine-per-s", o.faults.quarantine_per_s);

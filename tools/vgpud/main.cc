@@ -158,7 +158,7 @@ int main(int argc, char** argv) {
   app.add_option("--worker-cpu-percent", wp.cpu_percent, "cgroup v2 cpu.max of a worker, in % of one CPU (0: none)")
       ->capture_default_str();
   app.add_option("--worker-open-files", wp.open_files, "RLIMIT_NOFILE of a worker")->capture_default_str();
-  bool no_seccomp = false, no_zero_copy = false, no_coalesce = false;
+  bool no_seccomp = false, no_zero_copy = false, no_coalesce = false, no_inline = false;
   uint32_t executor_depth = 4;
   app.add_option("--executor-depth", executor_depth,
                  "engine submissions of one vGPU in flight at once (1: serial, the study's ablation)")
@@ -175,6 +175,9 @@ int main(int argc, char** argv) {
   app.add_flag("--no-coalesce", no_coalesce,
                "each plan's work gets its own engine submission even while the engine is saturated (the study's "
                "executor ablation)");
+  app.add_flag("--no-inline-complete", no_inline,
+               "a fence-only submission to an idle vGPU goes through the executor's threads instead of completing on "
+               "the worker's loop (the study's executor ablation)");
   std::string sched_mode = "best-effort";
   uint64_t slice_us = 2000, yield_timeout_ms = 60000, idle_grace_us = 200;
   app.add_option("--sched", sched_mode,
@@ -258,6 +261,7 @@ int main(int argc, char** argv) {
     wp.worker_args.push_back(std::move(a));
   if (no_zero_copy) wp.worker_args.push_back("--no-zero-copy");
   if (no_coalesce) wp.worker_args.push_back("--no-coalesce");
+  if (no_inline) wp.worker_args.push_back("--no-inline-complete");
   wp.sched.policy = *daemon::ParseSchedPolicy(sched_mode);
   wp.sched.slice = std::chrono::microseconds(slice_us);
   wp.sched.idle_grace = std::chrono::microseconds(idle_grace_us);
