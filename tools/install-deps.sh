@@ -12,6 +12,7 @@ PACKAGES=(
   glslc spirv-tools                                # GLSL -> SPIR-V at build time
   libdrm-dev                                       # host GPU PCI address for the mdev parent name
   libseccomp-dev                                   # the worker's seccomp allow-list (sandbox/)
+  libpng-dev                                       # vgpuctl screenshot's PNG (F10)
   libfuse3-dev fuse3                               # live mdev sysfs tree
   mdevctl util-linux                               # the real mdevctl, unshare for its namespace
   gnuplot-nox                                      # study plots

@@ -20,11 +20,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
 
+#include "abi/device.h"
 #include "sandbox/cgroup.h"
 #include "sandbox/sandbox.h"
 
@@ -215,6 +217,11 @@ struct WorkerPool::Worker {
   uint32_t consecutive_failures = 0;
   std::shared_ptr<Waiter> waiter;  // while Start() waits
   WorkerStatus status;
+  // F10: our copy of the worker's frame fd (none for an adopted worker: the spawning
+  // supervisor had it), and the screenshot waiting for its kScreenshotDone.
+  UniqueFd frame;
+  uint64_t shot_seq = 0;
+  std::shared_ptr<std::promise<ch::Record>> shot;
 
   ~Worker() {
     for (event* e : {pid_ev, channel_ev, restart_ev, stop_ev})
@@ -462,11 +469,15 @@ Result<> WorkerPool::Spawn(Worker& w) {
   VG_TRY_ASSIGN(UniqueFd c4, HighCopy(w.vfio_listen.Get()));
   VG_TRY_ASSIGN(UniqueFd c5, HighCopy(w.remoting_listen.Get()));
   VG_TRY_ASSIGN(UniqueFd c6, HighCopy(adopt.Get()));
+  // F10: the frame fd, a sparse memfd (pages exist only once a screenshot writes them).
+  VG_TRY_ASSIGN(w.frame, CreateMemFd("vgpud-frame-" + w.spec.uuid.ToString(), ByteSize{ch::kFrameFdBytes}));
+  VG_TRY_ASSIGN(UniqueFd c7, HighCopy(w.frame.Get()));
   SpawnFds fds;
   fds.dup2s = {{c3.Get(), ch::kChannelFd},
                {c4.Get(), ch::kVfioUserFd},
                {c5.Get(), ch::kRemotingFd},
-               {c6.Get(), ch::kAdoptFd}};
+               {c6.Get(), ch::kAdoptFd},
+               {c7.Get(), ch::kFrameFd}};
   const uint64_t address_space =
       cgroups_ ? 0 : policy_.memory_bytes + w.spec.aperture + policy_.dma_max_bytes;
   std::vector<std::string> argv = {policy_.binary.string(),
@@ -858,6 +869,13 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
                         Clock::now(), at(ch::SchedReleaseSlot::kIdleTailNs));
       return ArmSched();
     }
+    case ch::Kind::kScreenshotDone:
+      // An answer to the screenshot waiting, or a late one whose caller gave up: dropped.
+      if (w.shot && r.seq == w.shot_seq) {
+        w.shot->set_value(r);
+        w.shot.reset();
+      }
+      return;
     default:
       return Kill(w, fmt::format("sent a record it may not send (kind {})", static_cast<uint32_t>(r.kind)),
                   EndKind::kCrash);
@@ -1092,6 +1110,72 @@ Result<> WorkerPool::Reset(const Uuid& uuid) {
     VG_LOGI("vGPU {}: host reset asked", uuid);
     return Ok();
   });
+}
+
+// F10: the frame the vGPU scans out. The worker is asked on the channel and writes the frame
+// to the frame fd; we wait here, on the control thread (never the loop), at most timeout_ms,
+// and read it back with pread after checking every size the worker claims: it may lie.
+Result<ScanoutImage> WorkerPool::Screenshot(const Uuid& uuid, int timeout_ms) {
+  // One at a time: the frame fd holds one frame.
+  static std::mutex one_at_a_time;
+  std::lock_guard lk(one_at_a_time);
+  struct Asked {
+    std::future<ch::Record> done;
+    UniqueFd frame;
+    uint64_t seq;
+  };
+  VG_TRY_ASSIGN(Asked asked, loop_.Call<Asked>([&]() -> Result<Asked> {
+    Worker* w = Find(uuid);
+    VG_ERROR_IF(!w, Errc::kNotFound, "vGPU {} has no worker", uuid);
+    VG_ERROR_IF(w->state != Worker::State::kRunning || !w->channel.Valid(), Errc::kBadState,
+                "vGPU {} is {}, not running", uuid, Worker::StateName(w->state));
+    VG_ERROR_IF(!w->frame.Valid(), Errc::kUnsupported,
+                "vGPU {}'s worker was adopted from an earlier supervisor: no frame fd (restart the vGPU)", uuid);
+    VG_TRY_ASSIGN(UniqueFd copy, w->frame.Dup());
+    w->shot = std::make_shared<std::promise<ch::Record>>();
+    Asked a{w->shot->get_future(), std::move(copy), ++w->shot_seq};
+    VG_ERROR_IF(!ch::Send(w->channel.Get(), ch::Make(ch::Kind::kScreenshot, a.seq)), Errc::kBusy,
+                "worker channel full");
+    return a;
+  }));
+  VG_ERROR_IF(asked.done.wait_for(std::chrono::milliseconds(timeout_ms)) != std::future_status::ready,
+              Errc::kTimeout, "vGPU {}: no frame within {} ms", uuid, timeout_ms);
+  ch::Record r;
+  try {
+    r = asked.done.get();
+  } catch (const std::future_error&) {  // the worker ended meanwhile: its promise went with it
+    return MakeError(Errc::kPeerClosed, "vGPU {}: the worker ended before it sent the frame", uuid);
+  }
+  auto at = [&](ch::ScreenshotSlot s) { return r.values[static_cast<size_t>(s)]; };
+  const uint64_t code = at(ch::ScreenshotSlot::kErrc);
+  VG_ERROR_IF(code == static_cast<uint64_t>(Errc::kBadState), Errc::kBadState,
+              "vGPU {} scans nothing out (its guest has not enabled a display plane)", uuid);
+  VG_ERROR_IF(code != 0, ErrcFromValue(static_cast<uint32_t>(std::min<uint64_t>(code, 0xFFFF))),
+              "vGPU {}: the worker could not copy the frame", uuid);
+  ScanoutImage img;
+  const uint64_t w = at(ch::ScreenshotSlot::kWidth), h = at(ch::ScreenshotSlot::kHeight);
+  const uint64_t fmt_ = at(ch::ScreenshotSlot::kFormat), bytes = at(ch::ScreenshotSlot::kBytes);
+  const uint32_t bpp = fmt_ <= 0xFFFF ? abi::display::BytesPerPixel(static_cast<uint32_t>(fmt_)) : 0;
+  VG_ERROR_IF(w == 0 || h == 0 || w > abi::display::kMaxWidth || h > abi::display::kMaxHeight || bpp == 0 ||
+                  bytes != w * h * bpp || bytes > ch::kFrameFdBytes,
+              Errc::kBadMessage, "vGPU {}: the worker described an impossible frame ({}x{}, format {}, {} bytes)",
+              uuid, w, h, fmt_, bytes);
+  img.width = static_cast<uint32_t>(w);
+  img.height = static_cast<uint32_t>(h);
+  img.format = static_cast<uint32_t>(fmt_);
+  img.flips = at(ch::ScreenshotSlot::kFlips);
+  img.pixels.resize(bytes);
+  size_t done = 0;
+  while (done < bytes) {
+    const ssize_t n = ::pread(asked.frame.Get(), img.pixels.data() + done, bytes - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    VG_ERROR_IF(n <= 0, Errc::kIo, "frame fd of {}: {}", uuid, n == 0 ? "short" : std::strerror(errno));
+    done += static_cast<size_t>(n);
+  }
+  // Give the pages back: the next screenshot writes them again.
+  (void)::fallocate(asked.frame.Get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                    static_cast<off_t>(ch::kFrameFdBytes));
+  return img;
 }
 
 Result<> WorkerPool::Fault(const Uuid& uuid, ch::Fault f) {

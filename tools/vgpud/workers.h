@@ -145,6 +145,13 @@ struct WorkerStatus {
 // files at start-up and, for each, adopts the live worker (its identity checked: pidfd,
 // /proc/PID/exe, owner, SO_PEERCRED pid of the adoption socket, the token) or starts a
 // fresh one. A clean stop removes the state file; a crash leaves it.
+// F10: a frame copied out of a vGPU's scan-out (rows packed; abi::display formats).
+struct ScanoutImage {
+  uint32_t width = 0, height = 0, format = 0;
+  uint64_t flips = 0;
+  std::vector<uint8_t> pixels;
+};
+
 class WorkerPool {
  public:
   static Result<std::unique_ptr<WorkerPool>> Create(event_base* base, LoopTasks& loop, WorkerPolicy policy);
@@ -165,6 +172,9 @@ class WorkerPool {
   // F8: vgpuctl reset: the running worker resets its device model (as the RESET register).
   // Returns once asked; the reset itself never waits for the engine.
   Result<> Reset(const Uuid& uuid);
+  // F10: vgpuctl screenshot: the frame the running vGPU scans out, rows packed. Waits (on the
+  // caller's thread, never the loop) at most timeout_ms for the worker.
+  Result<ScanoutImage> Screenshot(const Uuid& uuid, int timeout_ms);
   // Test builds' workers act on it (docs/isolation.md); others log it.
   Result<> Fault(const Uuid& uuid, channel::Fault f);
   // New weight and limits for a vGPU, applied to its running worker at once and kept for
