@@ -35,6 +35,7 @@
 #include "remoting/remoting.h"
 #include "sandbox/sandbox.h"
 #include "tools/vgpud-worker/sched_gate.h"
+#include "tools/vgpud-worker/vnc.h"
 #include "tools/vgpud/worker_channel.h"
 #include "vfio_user/server.h"
 
@@ -66,6 +67,7 @@ struct Options {
   bool scheduled = false;  // the supervisor's scheduler grants the engine (until kSchedConfig says otherwise)
   uint32_t orphan_grace_s = 60;  // orphaned and without a client this long: exit
   mediator::FaultPolicy faults;
+  std::string vnc_password;  // F10: from Go; empty: none
 };
 
 // F7: the device model's fault monitor, as the remoting server asks it. One monitor per vGPU,
@@ -99,6 +101,7 @@ class Worker {
   static void OnDoorbell(int, short, void* arg);
   static void OnThrottle(int, short, void* arg);
   static void OnFrame(int, short, void* arg);
+  static void OnVncRefresh(int, short, void* arg);
   static void OnChannel(int fd, short, void* arg);
   static void OnSignal(int, short, void* arg);
   static void OnAdoptConnect(int fd, short, void* arg);
@@ -136,6 +139,8 @@ class Worker {
   std::unique_ptr<RemotingGate> fault_gate_;
   std::unique_ptr<remoting::Listener> remoting_;
   std::unique_ptr<vfio_user::Listener> vfio_;
+  // F10: the console (fd 8, when the supervisor gave one) and its 10 Hz refresh.
+  std::unique_ptr<worker::VncConsole> vnc_;
   std::vector<event*> events_;
   // F8: a stop that asked the client to let go (REQ) and waits for it, bounded.
   event* stop_poll_ev_ = nullptr;
@@ -232,6 +237,13 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
   w->adopt_ev_ = event_new(w->base_, ch::kAdoptFd, EV_READ | EV_PERSIST, &Worker::OnAdoptConnect, w.get());
   w->orphan_ev_ = event_new(w->base_, -1, EV_PERSIST, &Worker::OnOrphanTick, w.get());
   VG_ERROR_IF(!w->adopt_ev_ || !w->orphan_ev_, Errc::kInternal, "event_new failed");
+  if (::fcntl(ch::kVncFd, F_GETFD) >= 0) {
+    VG_TRY_ASSIGN(w->vnc_, worker::VncConsole::Create(ch::kVncFd, o.vnc_password, *w->vgpu_));
+    event* e = event_new(w->base_, -1, EV_PERSIST, &Worker::OnVncRefresh, w.get());
+    const timeval tv{0, 100000};
+    VG_ERROR_IF(!e || event_add(e, &tv) != 0, Errc::kInternal, "event_add failed");
+    w->events_.push_back(e);
+  }
   VG_TRY(add(evsignal_new(w->base_, SIGTERM, &Worker::OnSignal, w.get())));
   VG_TRY(add(evsignal_new(w->base_, SIGINT, &Worker::OnSignal, w.get())));
   return w;
@@ -253,6 +265,7 @@ Worker::~Worker() {
   if (gate_) gate_->OpenForExit();
   // Clients first, then the device (its executor finishes or cancels the submission in
   // flight, bounded), then the engine they all used.
+  vnc_.reset();  // its threads read the device model
   vfio_.reset();
   remoting_.reset();
   fault_gate_.reset();
@@ -295,6 +308,11 @@ void Worker::OnThrottle(int, short, void* arg) {
 void Worker::OnFrame(int, short, void* arg) {
   auto* self = static_cast<Worker*>(arg);
   if (self->vgpu_) self->vgpu_->OnFrameTick();
+}
+
+void Worker::OnVncRefresh(int, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  if (self->vnc_) self->vnc_->Refresh();
 }
 
 void Worker::OnSignal(int sig, short, void* arg) {
@@ -559,7 +577,7 @@ void Worker::OnFault(ch::Fault f) {
 
 // The start-up handshake: the supervisor says Go once it has placed this process (its
 // cgroup); nothing is created before that, so every byte is charged to the right place.
-Result<Token> WaitForGo() {
+Result<Token> WaitForGo(std::string* vnc_password) {
   pollfd p{ch::kChannelFd, POLLIN, 0};
   const int n = ::poll(&p, 1, 30000);
   VG_ERROR_IF(n <= 0, Errc::kTimeout, "no Go from the supervisor within 30 s");
@@ -568,6 +586,10 @@ Result<Token> WaitForGo() {
               "the supervisor's first record is not Go");
   Token t{};
   for (size_t i = 0; i < t.size(); ++i) t[i] = r.values[i];
+  // F10: the console's password travels here, not on the command line (/proc/PID/cmdline).
+  const uint64_t len = std::min<uint64_t>(r.values[static_cast<size_t>(ch::GoSlot::kVncPasswordLen)], 8);
+  const uint64_t pw = r.values[static_cast<size_t>(ch::GoSlot::kVncPassword)];
+  for (uint64_t i = 0; i < len; ++i) vnc_password->push_back(static_cast<char>((pw >> (8 * i)) & 0xFF));
   return t;
 }
 
@@ -641,8 +663,9 @@ int main(int argc, char** argv) {
   }
   o.uuid = *uuid;
   SetLogTag("vgpud-worker " + o.uuid_text.substr(0, 8));
-  // Nothing of the supervisor's but the five descriptors it meant to hand over (fds 3-7).
-  ::syscall(SYS_close_range, static_cast<unsigned>(ch::kFrameFd) + 1, ~0u, 0u);
+  // Nothing of the supervisor's but the descriptors it meant to hand over (fds 3-7, and 8 when
+  // the vGPU has a VNC console).
+  ::syscall(SYS_close_range, static_cast<unsigned>(ch::kVncFd) + 1, ~0u, 0u);
   // A guest that dies mid-write must not kill its worker; an allocation refused by the
   // address-space limit ends the worker with a status its supervisor names.
   std::signal(SIGPIPE, SIG_IGN);
@@ -651,11 +674,13 @@ int main(int argc, char** argv) {
     (void)!::write(2, msg, sizeof msg - 1);
     ::_exit(kExitOutOfMemory);
   });
-  auto token = WaitForGo();
+  std::string vnc_password;
+  auto token = WaitForGo(&vnc_password);
   if (!token) {
     VG_LOGE("{}", token.error().ToString());
     return kExitSupervisorGone;
   }
+  o.vnc_password = vnc_password;
   auto w = Worker::Create(o, *token);
   if (!w) {
     VG_LOGE("start-up: {}", w.error().ToString());

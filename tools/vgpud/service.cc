@@ -427,6 +427,10 @@ struct ServiceOps {
       // Counters of now: the worker answers a ping within 250 ms or the last heartbeat's are shown.
       if (auto w = s.sup_.workers().Status(u, 250)) {
         j["worker"] = WorkerJson(*w, s.sup_.workers().policy());
+        // F10: the console, "ADDR:PORT" (null without one, or for a worker adopted from an
+        // earlier supervisor, whose socket this one never bound).
+        j["vnc"] = w->vnc.empty() ? Json() : Json(w->vnc);
+        if (!w->vnc.empty()) j["vnc_password"] = !s.sup_.workers().policy().vnc_password.empty();
         if (w->counters) {
           j["counters"] = CountersJson(*w->counters);
           j["health"] = HealthJson(*w->counters, s.sup_.workers().policy().faults);

@@ -45,6 +45,12 @@ inline constexpr int kAdoptFd = 6;
 // its address-space allowance), the supervisor reads it back with pread, sizes checked.
 inline constexpr int kFrameFd = 7;
 inline constexpr uint64_t kFrameFdBytes = uint64_t{4096} * 4096 * 4;
+// F10: the vGPU's VNC console, a listening TCP socket (loopback by default) the supervisor
+// bound; absent when the daemon serves no console (--vnc off).
+inline constexpr int kVncFd = 8;
+// kGo's values, by slot: the token, then the console's password (up to 8 bytes, little
+// endian, and its length; 0: no password).
+enum class GoSlot : uint32_t { kToken0, kToken1, kToken2, kToken3, kVncPassword, kVncPasswordLen };
 // The adoption token: 256 random bits the supervisor hands its worker in kGo and records
 // in the worker's state file (0600, in the private runtime directory).
 inline constexpr size_t kTokenWords = 4;

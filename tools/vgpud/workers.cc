@@ -4,6 +4,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <spawn.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -55,6 +57,34 @@ constexpr int kWorkerExitOutOfMemory = 3;
 
 // A descriptor copy far above 0..5, so that posix_spawn's dup2s to 3, 4 and 5 can never
 // clobber a source that happens to sit at one of those numbers.
+// F10: a vGPU's VNC console socket, bound and listening here (the worker may not: its
+// sandbox refuses socket/bind/listen). Port 0: the kernel picks one; else the first free
+// port from `port` on (at most 1000 tried). Returns the socket and "ADDR:PORT".
+Result<std::pair<UniqueFd, std::string>> ListenTcp(const std::string& addr, uint16_t port) {
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  VG_ERROR_IF(::inet_pton(AF_INET, addr.c_str(), &sa.sin_addr) != 1, Errc::kInvalidArgument,
+              "--vnc-listen {}: not an IPv4 address", addr);
+  for (uint32_t i = 0; i < (port == 0 ? 1u : 1000u); ++i) {
+    UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    VG_ERROR_IF(!s.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
+    const int one = 1;
+    (void)::setsockopt(s.Get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sa.sin_port = htons(static_cast<uint16_t>(port == 0 ? 0 : port + i));
+    if (::bind(s.Get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
+      if (errno == EADDRINUSE && port != 0) continue;
+      return MakeError(Errc::kIo, "bind {}:{}: {}", addr, ntohs(sa.sin_port), std::strerror(errno));
+    }
+    VG_ERROR_IF(::listen(s.Get(), 8) != 0, Errc::kIo, "listen: {}", std::strerror(errno));
+    sockaddr_in got{};
+    socklen_t len = sizeof got;
+    VG_ERROR_IF(::getsockname(s.Get(), reinterpret_cast<sockaddr*>(&got), &len) != 0, Errc::kIo, "getsockname: {}",
+                std::strerror(errno));
+    return std::make_pair(std::move(s), fmt::format("{}:{}", addr, ntohs(got.sin_port)));
+  }
+  return MakeError(Errc::kBusy, "no free port for a VNC console from {}", port);
+}
+
 Result<UniqueFd> HighCopy(int fd) {
   UniqueFd c(::fcntl(fd, F_DUPFD_CLOEXEC, 64));
   VG_ERROR_IF(!c.Valid(), Errc::kIo, "fcntl(F_DUPFD_CLOEXEC): {}", std::strerror(errno));
@@ -220,6 +250,7 @@ struct WorkerPool::Worker {
   // F10: our copy of the worker's frame fd (none for an adopted worker: the spawning
   // supervisor had it), and the screenshot waiting for its kScreenshotDone.
   UniqueFd frame;
+  UniqueFd vnc_listen;  // the console's listening socket, kept across restarts
   uint64_t shot_seq = 0;
   std::shared_ptr<std::promise<ch::Record>> shot;
 
@@ -472,12 +503,23 @@ Result<> WorkerPool::Spawn(Worker& w) {
   // F10: the frame fd, a sparse memfd (pages exist only once a screenshot writes them).
   VG_TRY_ASSIGN(w.frame, CreateMemFd("vgpud-frame-" + w.spec.uuid.ToString(), ByteSize{ch::kFrameFdBytes}));
   VG_TRY_ASSIGN(UniqueFd c7, HighCopy(w.frame.Get()));
+  // F10: the console's socket, kept across restarts like the others (the port stays).
+  if (policy_.vnc && !w.vnc_listen.Valid()) {
+    VG_TRY_ASSIGN(auto vnc, ListenTcp(policy_.vnc_listen, policy_.vnc_port));
+    w.vnc_listen = std::move(vnc.first);
+    w.status.vnc = std::move(vnc.second);
+  }
+  UniqueFd c8;
+  if (w.vnc_listen.Valid()) {
+    VG_TRY_ASSIGN(c8, HighCopy(w.vnc_listen.Get()));
+  }
   SpawnFds fds;
   fds.dup2s = {{c3.Get(), ch::kChannelFd},
                {c4.Get(), ch::kVfioUserFd},
                {c5.Get(), ch::kRemotingFd},
                {c6.Get(), ch::kAdoptFd},
                {c7.Get(), ch::kFrameFd}};
+  if (c8.Valid()) fds.dup2s.push_back({c8.Get(), ch::kVncFd});
   const uint64_t address_space =
       cgroups_ ? 0 : policy_.memory_bytes + w.spec.aperture + policy_.dma_max_bytes;
   std::vector<std::string> argv = {policy_.binary.string(),
@@ -536,6 +578,12 @@ Result<> WorkerPool::Spawn(Worker& w) {
   }
   ch::Record go = ch::Make(ch::Kind::kGo);
   std::copy(w.token.begin(), w.token.end(), go.values.begin());
+  // F10: the console's password in Go, never on the command line (/proc/PID/cmdline).
+  const std::string& pw = policy_.vnc_password;
+  uint64_t packed = 0;
+  for (size_t i = 0; i < pw.size() && i < 8; ++i) packed |= uint64_t{static_cast<uint8_t>(pw[i])} << (8 * i);
+  go.values[static_cast<size_t>(ch::GoSlot::kVncPassword)] = packed;
+  go.values[static_cast<size_t>(ch::GoSlot::kVncPasswordLen)] = std::min<size_t>(pw.size(), 8);
   (void)ch::Send(w.channel.Get(), go);
   SendSchedConfig(w);  // read once its loop runs, before it says Ready
   w.pid_ev = event_new(base_, w.pidfd.Get(), EV_READ, &WorkerPool::OnPidfd, &w);
@@ -999,6 +1047,7 @@ void WorkerPool::CloseSockets(Worker& w) {
   ::unlink(w.remoting_path.c_str());
   w.vfio_listen = UniqueFd();
   w.remoting_listen = UniqueFd();
+  w.vnc_listen = UniqueFd();
 }
 
 void WorkerPool::Forget(Worker& w) {

@@ -80,6 +80,13 @@ struct WorkerPolicy {
   uint32_t orphan_grace_s = 60;
   FaultThresholds faults;
   SchedOptions sched;
+  // F10: a VNC console per vGPU (docs/management.md "Display"), on vnc_listen (loopback by
+  // default), port vnc_port (0: the kernel picks one; else the first free one from it on);
+  // vnc_password (at most 8 bytes, VNC authentication's limit), empty: none.
+  bool vnc = true;
+  std::string vnc_listen = "127.0.0.1";
+  uint16_t vnc_port = 0;
+  std::string vnc_password;
 };
 
 // A vGPU's share and limits (type, overridden per instance; changeable while it runs).
@@ -136,6 +143,7 @@ struct WorkerStatus {
   SchedParams sched_params;
   std::optional<SchedEntryStatus> sched;  // while the scheduler knows it (running)
   uint64_t share_cap_ns = 0;              // equal-/fixed-share: engine ns per second it may use
+  std::string vnc;                        // F10: the console's "ADDR:PORT", "" when none
 };
 
 // Supervisor restart (docs/isolation.md, "Supervisor restart"). For each vGPU it runs, the
