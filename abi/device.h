@@ -73,13 +73,40 @@ inline constexpr uint32_t kGlobalGttBaseLo = 0x1008; // refused: host GTT base
 inline constexpr uint32_t kGlobalGttBaseHi = 0x100C; // refused
 inline constexpr uint32_t kPowerGate = 0x1010;       // refused: GPU-wide power gating
 inline constexpr uint32_t kFenceWatchdogMs = 0x1014; // refused: host scheduler policy
-inline constexpr uint32_t kDisplayBase = 0x1020;     // emulated: scan-out offset in the aperture
-inline constexpr uint32_t kDisplayStride = 0x1024;   // emulated
-inline constexpr uint32_t kDisplayFormat = 0x1028;   // emulated
-inline constexpr uint32_t kDisplayWidth = 0x102C;    // emulated
-inline constexpr uint32_t kDisplayHeight = 0x1030;   // emulated
-inline constexpr uint32_t kDisplayEnable = 0x1034;   // emulated
+// Scan-out (F10, docs/device-spec.md §Scan-out): the host's display engine is a global a
+// guest may not own; each vGPU gets one emulated plane of its own. BASE..HEIGHT are staged
+// (any value is stored, FORMAT excepted) and checked as a whole when ENABLE or FLIP commits
+// them; the committed plane is scanned out from the next frame boundary of the vGPU's frame
+// clock, which then raises kVectorDisplay.
+inline constexpr uint32_t kDisplayBase = 0x1020;     // RW  staged: byte offset of the plane in the aperture
+inline constexpr uint32_t kDisplayStride = 0x1024;   // RW  staged: bytes per row
+inline constexpr uint32_t kDisplayFormat = 0x1028;   // RW  staged: kFormat*; an unknown one is refused at once
+inline constexpr uint32_t kDisplayWidth = 0x102C;    // RW  staged: pixels
+inline constexpr uint32_t kDisplayHeight = 0x1030;   // RW  staged: rows
+inline constexpr uint32_t kDisplayEnable = 0x1034;   // RW  bit0: 1 commits the staged plane (as FLIP), 0 turns it off at once
+inline constexpr uint32_t kDisplayFlip = 0x1038;     // WO  write 1: commit the staged plane at the next frame boundary
+inline constexpr uint32_t kDisplayStatus = 0x103C;   // RO  kDisplayStatus* bits
+inline constexpr uint32_t kDisplayFrames = 0x1040;   // RO  frame boundaries (vblanks) since reset, while enabled
+inline constexpr uint32_t kDisplayFlips = 0x1044;    // RO  commits that took effect since reset (mirrored in the status page)
+inline constexpr uint32_t kDisplayLiveBase = 0x1048; // RO  the base being scanned out
 }  // namespace priv
+
+namespace display {
+inline constexpr uint32_t kFormatXrgb8888 = 1;  // 32 bpp, little-endian B, G, R, X bytes (DRM_FORMAT_XRGB8888)
+inline constexpr uint32_t kFormatArgb8888 = 2;  // 32 bpp, B, G, R, A (DRM_FORMAT_ARGB8888)
+inline constexpr uint32_t kFormatRgb565 = 3;    // 16 bpp, r5 g6 b5 little-endian (DRM_FORMAT_RGB565)
+constexpr uint32_t BytesPerPixel(uint32_t format) {
+  return format == kFormatXrgb8888 || format == kFormatArgb8888 ? 4 : format == kFormatRgb565 ? 2 : 0;
+}
+inline constexpr uint32_t kMaxWidth = 4096;
+inline constexpr uint32_t kMaxHeight = 4096;
+inline constexpr uint32_t kStrideAlign = 64;  // bytes; BASE too
+inline constexpr uint32_t kFlipMagic = 1;
+inline constexpr uint32_t kEnable = 1u << 0;
+inline constexpr uint32_t kStatusScanning = 1u << 0;     // a plane is being scanned out
+inline constexpr uint32_t kStatusFlipPending = 1u << 1;  // a commit waits for the next frame boundary
+inline constexpr uint32_t kFrameHz = 60;                 // the frame clock
+}  // namespace display
 
 inline constexpr uint32_t kIdMagic = 0x56475055;  // "VGPU"
 inline constexpr uint32_t kAbiVersion = 0x00010000;
@@ -95,6 +122,7 @@ inline constexpr uint32_t kCapGttBatch = 1u << 5;  // GTT_BATCH_ADDR / GTT_BATCH
 // shadow: it may skip the kick while the word reads 0 (docs/device-spec.md, "Idle notify").
 // Nothing to enable; a guest that ignores it and kicks every time is served as before.
 inline constexpr uint32_t kCapIdleNotify = 1u << 6;
+inline constexpr uint32_t kCapDisplay = 1u << 7;  // scan-out plane, flip, display vector (F10)
 
 inline constexpr uint32_t kCtrlRingEnable = 1u << 0;
 inline constexpr uint32_t kCtrlKnownBits = kCtrlRingEnable;
@@ -119,7 +147,10 @@ inline constexpr uint32_t kErrSourceGttBatch = 5;
 // IRQ vectors (MSI-X table entries and MSI vectors alike).
 inline constexpr uint32_t kVectorFence = 0;
 inline constexpr uint32_t kVectorError = 1;
-inline constexpr uint32_t kNumVectors = 2;
+inline constexpr uint32_t kVectorDisplay = 2;  // a scan-out commit took effect (flip done, at a vblank)
+inline constexpr uint32_t kNumVectors = 3;     // MSI-X table entries
+// MSI offers a power of two: 2 vectors; the display vector folds onto MSI vector 0.
+inline constexpr uint32_t kNumMsiVectors = 2;
 
 // --- Status page (BAR0 + kStatusPageOffset, 4 KiB): written by the device only ---
 namespace status {
@@ -139,6 +170,7 @@ inline constexpr uint32_t kResets = 0x2C;           // u32 resets since creation
 // the device stores 1, fences, re-reads the tail; the guest stores its tail, fences, reads
 // this word (docs/device-spec.md, "Idle notify").
 inline constexpr uint32_t kDeviceIdle = 0x30;
+inline constexpr uint32_t kDisplayFlips = 0x34;  // u32 mirror of priv::kDisplayFlips
 }  // namespace status
 
 // --- GTT entry (u64) ---

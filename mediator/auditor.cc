@@ -24,7 +24,7 @@ uint64_t U64(std::span<const uint32_t> c, size_t i) { return uint64_t{c[i + 1]} 
 constexpr uint32_t kLoadRegWhitelist[] = {
     abi::reg::kScratch,           abi::priv::kClockMhz,        abi::priv::kDisplayBase,
     abi::priv::kDisplayStride,    abi::priv::kDisplayFormat,   abi::priv::kDisplayWidth,
-    abi::priv::kDisplayHeight,    abi::priv::kDisplayEnable,
+    abi::priv::kDisplayHeight,    abi::priv::kDisplayEnable,   abi::priv::kDisplayFlip,
 };
 }  // namespace
 

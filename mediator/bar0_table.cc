@@ -242,6 +242,7 @@ Result<> Vgpu::Impl::GttRead(uint32_t off, std::span<std::byte> out) {
 #define VG_RO(off, name, field) {off, name, Access::kRO, Policy::kNormal, &RegState::field, nullptr, nullptr}
 #define VG_WO(off, name, wr) {off, name, Access::kWO, Policy::kNormal, nullptr, nullptr, wr}
 #define VG_EMUL(off, name, field) {off, name, Access::kRW, Policy::kEmulated, &RegState::field, nullptr, nullptr}
+#define VG_EMUL_CHECKED(off, name, field, wr) {off, name, Access::kRW, Policy::kEmulated, &RegState::field, nullptr, wr}
 #define VG_REFUSED(off, name) {off, name, Access::kRW, Policy::kRefused, nullptr, nullptr, nullptr}
 const Vgpu::Impl::RegDesc Vgpu::Impl::kRegisters[] = {
     VG_RO_CONST(abi::reg::kId, "ID", ReadId),
@@ -284,12 +285,18 @@ const Vgpu::Impl::RegDesc Vgpu::Impl::kRegisters[] = {
     VG_REFUSED(abi::priv::kGlobalGttBaseHi, "GLOBAL_GTT_BASE_HI"),
     VG_REFUSED(abi::priv::kPowerGate, "POWER_GATE"),
     VG_REFUSED(abi::priv::kFenceWatchdogMs, "FENCE_WATCHDOG_MS"),
+    // Scan-out (display.cc): the host's display is emulated per vGPU as one plane of its own.
     VG_EMUL(abi::priv::kDisplayBase, "DISPLAY_BASE", display_base),
     VG_EMUL(abi::priv::kDisplayStride, "DISPLAY_STRIDE", display_stride),
-    VG_EMUL(abi::priv::kDisplayFormat, "DISPLAY_FORMAT", display_format),
+    VG_EMUL_CHECKED(abi::priv::kDisplayFormat, "DISPLAY_FORMAT", display_format, &Vgpu::Impl::WriteDisplayFormat),
     VG_EMUL(abi::priv::kDisplayWidth, "DISPLAY_WIDTH", display_width),
     VG_EMUL(abi::priv::kDisplayHeight, "DISPLAY_HEIGHT", display_height),
-    VG_EMUL(abi::priv::kDisplayEnable, "DISPLAY_ENABLE", display_enable),
+    VG_EMUL_CHECKED(abi::priv::kDisplayEnable, "DISPLAY_ENABLE", display_enable, &Vgpu::Impl::WriteDisplayEnable),
+    VG_WO(abi::priv::kDisplayFlip, "DISPLAY_FLIP", &Vgpu::Impl::WriteDisplayFlip),
+    VG_RO_CONST(abi::priv::kDisplayStatus, "DISPLAY_STATUS", ReadDisplayStatus),
+    VG_RO(abi::priv::kDisplayFrames, "DISPLAY_FRAMES", display_frames),
+    VG_RO(abi::priv::kDisplayFlips, "DISPLAY_FLIPS", display_flips),
+    VG_RO_CONST(abi::priv::kDisplayLiveBase, "DISPLAY_LIVE_BASE", ReadDisplayLiveBase),
 };
 std::span<const Vgpu::Impl::RegDesc> Vgpu::Impl::Registers() { return kRegisters; }
 #undef VG_RO_CONST
@@ -298,5 +305,6 @@ std::span<const Vgpu::Impl::RegDesc> Vgpu::Impl::Registers() { return kRegisters
 #undef VG_WO
 #undef VG_EMUL
 #undef VG_REFUSED
+#undef VG_EMUL_CHECKED
 
 }  // namespace vg::mediator

@@ -76,7 +76,7 @@ void ConfigSpace::BuildPowerOn() {
   Set32(msi + 4, 0, 0xFFFFFFFC);                // address low, dword aligned
   Set32(msi + 8, 0, 0xFFFFFFFF);                // address high
   Set16(msi + 12, 0, 0xFFFF);                   // data
-  Set32(msi + 16, 0, (1u << abi::kNumVectors) - 1);  // mask bits
+  Set32(msi + 16, 0, (1u << abi::kNumMsiVectors) - 1);  // mask bits
   Set32(msi + 20, 0);                                // pending bits (RO)
 
   // MSI-X: table and PBA in BAR0.
@@ -136,7 +136,7 @@ bool ConfigSpace::MsixFunctionMasked() const { return Read16(abi::kCapMsixOffset
 bool ConfigSpace::MsiEnabled() const { return Read16(abi::kCapMsiOffset + 2) & 0x0001; }
 uint32_t ConfigSpace::MsiVectorsEnabled() const {
   uint32_t mme = (Read16(abi::kCapMsiOffset + 2) >> 4) & 0x7;
-  return std::min<uint32_t>(1u << mme, abi::kNumVectors);
+  return std::min<uint32_t>(1u << mme, abi::kNumMsiVectors);
 }
 bool ConfigSpace::MsiMasked(uint32_t vector) const {
   return vector < 32 && (bytes_[abi::kCapMsiOffset + 16 + vector / 8] >> (vector % 8)) & 1;

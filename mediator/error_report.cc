@@ -23,6 +23,7 @@ void Vgpu::Impl::PublishStatus() {
   Store32(abi::status::kScratch, regs_.scratch);
   Store32(abi::status::kResets, regs_.resets);
   Store32(abi::status::kDeviceIdle, device_idle_ ? 1 : 0);
+  Store32(abi::status::kDisplayFlips, regs_.display_flips);
 }
 
 // Errors that are not the guest's doing: the quarantine's own refusals, and the host's

@@ -50,6 +50,18 @@ struct VgpuConfig {
   // with the vGPU's lock held: it must only arm the timer. Null (tests without a loop):
   // a throttled vGPU's ring passes are not deferred.
   std::function<void(std::chrono::nanoseconds)> throttle_timer;
+  // F10: starts (true) or stops the vGPU's frame clock: the daemon's loop then calls
+  // OnFrameTick() every 1/abi::display::kFrameHz s. Called with the vGPU's lock held: it must
+  // only arm or disarm a timer. Null (tests without a loop): call OnFrameTick() by hand.
+  std::function<void(bool run)> frame_clock;
+};
+
+// The frame being scanned out, copied out of the aperture (rows packed: width × bytes per
+// pixel each). Guest-controlled memory: this is a copy, checked bounds, taken under the lock.
+struct ScanoutFrame {
+  uint32_t width = 0, height = 0, format = 0;
+  uint64_t flips = 0;  // commits that had taken effect when it was copied
+  std::vector<uint8_t> pixels;
 };
 
 struct ErrorReport {
@@ -105,6 +117,11 @@ class Vgpu : public vfio_user::DeviceBackend {
   // deferred (VgpuConfig::throttle_timer; on the daemon's loop).
   FaultMonitor& faults();
   void OnThrottleTimer();
+  // F10: one frame boundary of the scan-out (VgpuConfig::frame_clock; on the daemon's loop):
+  // a pending commit takes effect and raises the display vector.
+  void OnFrameTick();
+  // The frame being scanned out (kBadState when no plane is), copied out of the aperture.
+  Result<ScanoutFrame> CaptureScanout() const;
 
   // Waits until every submission queued so far has executed (tests, snapshot).
   void WaitIdle();

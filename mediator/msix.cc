@@ -9,7 +9,7 @@ namespace vg::mediator {
 
 std::array<uint32_t, vu::kNumPciIrqs> Vgpu::Impl::IrqLayout() {
   std::array<uint32_t, vu::kNumPciIrqs> counts{};  // no INTx
-  counts[vu::kIrqMsi] = abi::kNumVectors;
+  counts[vu::kIrqMsi] = abi::kNumMsiVectors;
   counts[vu::kIrqMsix] = abi::kNumVectors;
   // VFIO's error interrupt: a VMM registers it for error recovery (QEMU warns when it is
   // missing) and stops the VM when it fires. Fired only when the vGPU is lost for good.
@@ -98,7 +98,7 @@ void Vgpu::Impl::DeliverUnmaskedPending() {
   }
   if (config_space_.MsiEnabled() && !config_space_.MsixEnabled()) {
     uint32_t pending = config_space_.MsiPending();
-    for (uint32_t v = 0; v < abi::kNumVectors; ++v) {
+    for (uint32_t v = 0; v < abi::kNumMsiVectors; ++v) {
       if (!(pending & (1u << v)) || config_space_.MsiMasked(v)) continue;
       pending &= ~(1u << v);
       (void)irqs_.Trigger(vu::kIrqMsi, v);

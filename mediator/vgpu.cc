@@ -429,6 +429,8 @@ Result<> Vgpu::Restore(const DeviceSnapshot& s) {
   // its shadow again.
   impl_->shadow_doorbell_ = false;
   impl_->device_idle_ = true;
+  // A restored plane (live or pending) is scanned out from the next frame on.
+  if (impl_->regs_.display_live.valid || impl_->regs_.display_pending.valid) impl_->RunFrameClock(true);
   impl_->PublishStatus();
   return Ok();
 }

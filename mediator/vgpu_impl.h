@@ -30,6 +30,12 @@ namespace vg::mediator {
 
 namespace vu = vfio_user;
 
+// One scan-out plane as committed: checked against the aperture when it was committed.
+struct DisplayPlane {
+  uint32_t valid = 0;  // 1: a plane (pending: a commit waits; live: being scanned out)
+  uint32_t base = 0, stride = 0, format = 0, width = 0, height = 0;
+};
+
 // Guest-visible register state. Every field is one dword so a snapshot is a flat array.
 struct RegState {
   uint32_t ctrl = 0;
@@ -44,11 +50,17 @@ struct RegState {
   uint32_t tail_shadow_lo = 0, tail_shadow_hi = 0;
   uint32_t err_code = 0, err_source = 0, err_addr_lo = 0, err_addr_hi = 0, err_info = 0, err_count = 0;
   uint32_t clock_mhz = 1000;
+  // Scan-out (display.cc): the staged plane as written, ...
   uint32_t display_base = 0, display_stride = 0, display_format = 0, display_width = 0, display_height = 0,
            display_enable = 0;
   uint32_t resets = 0;
   uint32_t msix_pending = 0;  // the MSI-X PBA: vectors raised while masked
   uint32_t gtt_batch_lo = 0, gtt_batch_hi = 0;  // GTT_BATCH_ADDR
+  // ... the commit waiting for the next frame boundary (checked when committed) and the plane
+  // being scanned out (a commit that took effect). Appended: snapshots are flat dwords.
+  DisplayPlane display_pending;
+  DisplayPlane display_live;
+  uint32_t display_frames = 0, display_flips = 0;
 };
 inline constexpr size_t kRegStateDwords = sizeof(RegState) / sizeof(uint32_t);
 static_assert(sizeof(RegState) % sizeof(uint32_t) == 0);
@@ -118,7 +130,7 @@ class Vgpu::Impl {
   uint32_t ReadVersion() const { return abi::kAbiVersion; }
   uint32_t ReadCaps() const {
     return abi::kCapStatusPage | abi::kCapDoorbellIoFd | abi::kCapMsix | abi::kCapMsi | abi::kCapRing |
-           abi::kCapGttBatch | abi::kCapIdleNotify;
+           abi::kCapGttBatch | abi::kCapIdleNotify | abi::kCapDisplay;
   }
   uint32_t ReadApertureLo() const { return static_cast<uint32_t>(cfg_.aperture_size); }
   uint32_t ReadApertureHi() const { return static_cast<uint32_t>(cfg_.aperture_size >> 32); }
@@ -228,6 +240,21 @@ class Vgpu::Impl {
   static constexpr int kSettleRounds = 2;
   // A cancel dropped queued plans (they never report plan_done): forget them, publish idle.
   void ForgetOutstanding();
+
+  // --- display.cc: the scan-out plane and its frame clock (docs/device-spec.md §Scan-out) ---
+  uint32_t ReadDisplayStatus() const;
+  uint32_t ReadDisplayLiveBase() const { return regs_.display_live.base; }
+  Result<> WriteDisplayFormat(uint32_t v);
+  Result<> WriteDisplayEnable(uint32_t v);
+  Result<> WriteDisplayFlip(uint32_t v);
+  // Checks the staged plane as a whole; a refusal names the register at fault (write_fault_).
+  Result<DisplayPlane> CheckStagedPlane();
+  Result<> CommitStagedPlane();
+  void FrameTick();
+  // The frame clock runs while a plane is scanned out or a commit waits; it is only armed
+  // here (VgpuConfig::frame_clock), never waited for.
+  void RunFrameClock(bool run);
+  bool frame_clock_running_ = false;
 
   // --- vgpu.cc: reset ---
   // Reset without waiting for the engine (called without mu_): the executor is cancelled

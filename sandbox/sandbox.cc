@@ -58,6 +58,7 @@ constexpr AllowRule kAllow[] = {
     {"fstat", Cond::kAny}, {"newfstatat", Cond::kEmptyPath},  // glibc 2.36 fstat() is newfstatat(fd, "", AT_EMPTY_PATH)
     {"statx", Cond::kEmptyPath}, {"ftruncate", Cond::kAny}, {"fallocate", Cond::kAny},
     {"memfd_create", Cond::kAny}, {"eventfd2", Cond::kAny}, {"pipe2", Cond::kAny},
+    {"pipe", Cond::kAny},  // libvncserver's thread wake-ups (F10): glibc's pipe() is this syscall
     {"timerfd_create", Cond::kAny}, {"timerfd_settime", Cond::kAny}, {"timerfd_gettime", Cond::kAny},
     // ioctl stays open: a real GPU's driver is driven through ioctls on its device fds.
     {"ioctl", Cond::kAny},

@@ -12,6 +12,9 @@ PACKAGES=(
   glslc spirv-tools                                # GLSL -> SPIR-V at build time
   libdrm-dev                                       # host GPU PCI address for the mdev parent name
   libseccomp-dev                                   # the worker's seccomp allow-list (sandbox/)
+  libpng-dev                                       # vgpuctl screenshot's PNG (F10)
+  libvncserver-dev                                 # each vGPU's VNC console (F10)
+  vncsnapshot libjpeg-dev                          # tests: a real VNC client, and its JPEG read back
   libfuse3-dev fuse3                               # live mdev sysfs tree
   mdevctl util-linux                               # the real mdevctl, unshare for its namespace
   gnuplot-nox                                      # study plots

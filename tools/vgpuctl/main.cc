@@ -69,8 +69,10 @@ std::optional<Json> Call(const Options& o, const Json& req, Failure* f) {
   // read the answer even when the send failed.
   std::string in;
   char buf[4096];
+  size_t scanned = 0;  // a screenshot's reply is megabytes: look at each byte once
   for (;;) {
-    if (in.find('\n') != std::string::npos) break;
+    if (in.find('\n', scanned) != std::string::npos) break;
+    scanned = in.size();
     pollfd p{fd, POLLIN, 0};
     int pr = ::poll(&p, 1, o.timeout_s * 1000);
     if (pr < 0 && errno == EINTR) continue;
@@ -148,7 +150,7 @@ void PrintHuman(const std::string& cmd, const Json& r) {
   } else if (cmd == "start") {
     std::printf("%s %s\n", Str(r, "uuid").c_str(), Str(r, "socket").c_str());
   } else if (cmd == "show") {
-    for (const char* k : {"uuid", "parent", "type", "state", "defined", "start", "socket", "remoting_socket",
+    for (const char* k : {"uuid", "parent", "type", "state", "defined", "start", "socket", "remoting_socket", "vnc",
                           "aperture_mib", "gtt_entries", "sched_weight", "rate_limit"})
       if (r.contains(k)) std::printf("%-16s %s\n", k, Str(r, k).c_str());
     std::printf("%-16s %s\n", "attrs", AttrsText(r["attrs"]).c_str());
@@ -161,6 +163,41 @@ void PrintHuman(const std::string& cmd, const Json& r) {
 }
 
 }  // namespace
+
+// The screenshot's PNG arrives in base64 (the control socket speaks JSON lines).
+std::optional<std::string> FromBase64(const std::string& in) {
+  auto val = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  if (in.size() % 4 != 0) return std::nullopt;
+  std::string out;
+  out.reserve(in.size() / 4 * 3);
+  for (size_t i = 0; i < in.size(); i += 4) {
+    int v[4];
+    int pad = 0;
+    for (int k = 0; k < 4; ++k) {
+      const char c = in[i + static_cast<size_t>(k)];
+      if (c == '=' && i + 4 == in.size() && k >= 2) {
+        v[k] = 0;
+        ++pad;
+        continue;
+      }
+      if (pad) return std::nullopt;
+      v[k] = val(c);
+      if (v[k] < 0) return std::nullopt;
+    }
+    const uint32_t w = static_cast<uint32_t>(v[0] << 18 | v[1] << 12 | v[2] << 6 | v[3]);
+    out.push_back(static_cast<char>(w >> 16));
+    if (pad < 2) out.push_back(static_cast<char>((w >> 8) & 0xFF));
+    if (pad < 1) out.push_back(static_cast<char>(w & 0xFF));
+  }
+  return out;
+}
 
 int main(int argc, char** argv) {
   CLI::App app{"vgpuctl: manage vgpud's vGPUs"};
@@ -195,6 +232,10 @@ int main(int argc, char** argv) {
   stop->add_option("uuid", uuid, "UUID")->required();
   auto* reset = app.add_subcommand("reset", "reset a running vGPU's device (as its guest's RESET register does)");
   reset->add_option("uuid", uuid, "UUID")->required();
+  std::string shot_path;
+  auto* shot = app.add_subcommand("screenshot", "save the frame a running vGPU scans out as a PNG");
+  shot->add_option("uuid", uuid, "UUID")->required();
+  shot->add_option("file", shot_path, "the PNG to write")->required();
   auto* undefine = app.add_subcommand("undefine", "remove a definition");
   undefine->add_option("uuid", uuid, "UUID")->required();
   auto* modify = app.add_subcommand("modify", "change a definition (with --live: the running vGPU's attributes)");
@@ -282,6 +323,9 @@ int main(int argc, char** argv) {
       f = {kExitUsage, "modify: nothing to change (--type, --auto, --manual, --addattr, --delattr)"};
       goto fail;
     }
+  } else if (*shot) {
+    cmd = "screenshot";
+    req = {{"op", cmd}, {"uuid", uuid}};
   } else if (*qemu || *domxml) {
     cmd = *qemu ? "qemu-args" : "domxml";
     req = {{"op", "show"}, {"uuid", uuid}};
@@ -296,6 +340,31 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "vgpuctl: %s refused: %s: %s\n", cmd.c_str(), Str(r, "error").c_str(),
                    Str(r, "message").c_str());
       return kExitRefused;
+    }
+    if (cmd == "screenshot") {
+      std::optional<std::string> png;
+      if (r.contains("png_base64") && r["png_base64"].is_string()) png = FromBase64(r["png_base64"].get<std::string>());
+      if (!png) {
+        f = {kExitUnreachable, "vgpud sent a screenshot without a PNG"};
+        goto fail;
+      }
+      FILE* out = std::fopen(shot_path.c_str(), "wb");
+      const bool written = out && std::fwrite(png->data(), 1, png->size(), out) == png->size();
+      if (out && std::fclose(out) != 0) out = nullptr;
+      if (!written || !out) {
+        f = {kExitUsage, "cannot write " + shot_path + ": " + std::strerror(errno)};
+        goto fail;
+      }
+      if (o.json) {
+        Json j = r;
+        j.erase("png_base64");
+        j["file"] = shot_path;
+        std::printf("%s\n", j.dump().c_str());
+      } else {
+        std::printf("%s: %sx%s, format %s, %zu bytes of PNG in %s\n", uuid.c_str(), Str(r, "width").c_str(),
+                    Str(r, "height").c_str(), Str(r, "format").c_str(), png->size(), shot_path.c_str());
+      }
+      return kExitOk;
     }
     if (cmd == "qemu-args" || cmd == "domxml") {
       if (!r.value("active", false) || !r.contains("socket") || !r["socket"].is_string()) {

@@ -35,6 +35,7 @@
 #include "remoting/remoting.h"
 #include "sandbox/sandbox.h"
 #include "tools/vgpud-worker/sched_gate.h"
+#include "tools/vgpud-worker/vnc.h"
 #include "tools/vgpud/worker_channel.h"
 #include "vfio_user/server.h"
 
@@ -67,6 +68,7 @@ struct Options {
   bool scheduled = false;  // the supervisor's scheduler grants the engine (until kSchedConfig says otherwise)
   uint32_t orphan_grace_s = 60;  // orphaned and without a client this long: exit
   mediator::FaultPolicy faults;
+  std::string vnc_password;  // F10: from Go; empty: none
 };
 
 // F7: the device model's fault monitor, as the remoting server asks it. One monitor per vGPU,
@@ -99,6 +101,8 @@ class Worker {
   explicit Worker(const Options& o) : opts_(o) {}
   static void OnDoorbell(int, short, void* arg);
   static void OnThrottle(int, short, void* arg);
+  static void OnFrame(int, short, void* arg);
+  static void OnVncRefresh(int, short, void* arg);
   static void OnChannel(int fd, short, void* arg);
   static void OnSignal(int, short, void* arg);
   static void OnAdoptConnect(int fd, short, void* arg);
@@ -107,6 +111,7 @@ class Worker {
   static void OnStopPoll(int, short, void* arg);
   void Pong(uint64_t seq);
   void OnStopRequest(uint64_t timeout_ms);
+  void OnScreenshot(uint64_t seq);
   void OnFault(ch::Fault f);
   // The supervisor is gone (docs/isolation.md, "Supervisor restart"): keep serving the
   // guest, ungated by a scheduler nobody runs, and wait for a new supervisor to adopt us.
@@ -130,10 +135,13 @@ class Worker {
   std::unique_ptr<engine::Engine> engine_;
   // Armed from any thread (VgpuConfig::throttle_timer); freed after vgpu_, whose threads arm it.
   event* throttle_ev_ = nullptr;
+  event* frame_ev_ = nullptr;  // F10: the scan-out's frame clock (VgpuConfig::frame_clock), likewise
   std::unique_ptr<mediator::Vgpu> vgpu_;
   std::unique_ptr<RemotingGate> fault_gate_;
   std::unique_ptr<remoting::Listener> remoting_;
   std::unique_ptr<vfio_user::Listener> vfio_;
+  // F10: the console (fd 8, when the supervisor gave one) and its 10 Hz refresh.
+  std::unique_ptr<worker::VncConsole> vnc_;
   std::vector<event*> events_;
   // F8: a stop that asked the client to let go (REQ) and waits for it, bounded.
   event* stop_poll_ev_ = nullptr;
@@ -171,6 +179,8 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
   w->gate_->Start(w->engine_.get());
   w->throttle_ev_ = evtimer_new(w->base_, &Worker::OnThrottle, w.get());
   VG_ERROR_IF(!w->throttle_ev_, Errc::kInternal, "evtimer_new failed");
+  w->frame_ev_ = event_new(w->base_, -1, EV_PERSIST, &Worker::OnFrame, w.get());
+  VG_ERROR_IF(!w->frame_ev_, Errc::kInternal, "event_new failed");
   mediator::VgpuConfig cfg;
   cfg.uuid = o.uuid;
   cfg.type_name = o.type;
@@ -190,6 +200,16 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
     const int64_t us = std::max<int64_t>(std::chrono::duration_cast<std::chrono::microseconds>(wait).count(), 1);
     const timeval tv{static_cast<time_t>(us / 1000000), static_cast<suseconds_t>(us % 1000000)};
     evtimer_add(ev, &tv);
+  };
+  // A persistent timer at the frame rate while a plane is scanned out; event_add and event_del
+  // are thread-safe (a flip by LOAD_REG arms it from the executor's thread).
+  cfg.frame_clock = [ev = w->frame_ev_](bool run) {
+    if (!run) {
+      event_del(ev);
+      return;
+    }
+    const timeval tv{0, static_cast<suseconds_t>(1000000 / abi::display::kFrameHz)};
+    event_add(ev, &tv);
   };
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
   w->gate_->SetBacklogProbe([v = w->vgpu_.get()] { return v->HasBacklog(); });
@@ -219,6 +239,13 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
   w->adopt_ev_ = event_new(w->base_, ch::kAdoptFd, EV_READ | EV_PERSIST, &Worker::OnAdoptConnect, w.get());
   w->orphan_ev_ = event_new(w->base_, -1, EV_PERSIST, &Worker::OnOrphanTick, w.get());
   VG_ERROR_IF(!w->adopt_ev_ || !w->orphan_ev_, Errc::kInternal, "event_new failed");
+  if (::fcntl(ch::kVncFd, F_GETFD) >= 0) {
+    VG_TRY_ASSIGN(w->vnc_, worker::VncConsole::Create(ch::kVncFd, o.vnc_password, *w->vgpu_));
+    event* e = event_new(w->base_, -1, EV_PERSIST, &Worker::OnVncRefresh, w.get());
+    const timeval tv{0, 100000};
+    VG_ERROR_IF(!e || event_add(e, &tv) != 0, Errc::kInternal, "event_add failed");
+    w->events_.push_back(e);
+  }
   VG_TRY(add(evsignal_new(w->base_, SIGTERM, &Worker::OnSignal, w.get())));
   VG_TRY(add(evsignal_new(w->base_, SIGINT, &Worker::OnSignal, w.get())));
   return w;
@@ -240,12 +267,14 @@ Worker::~Worker() {
   if (gate_) gate_->OpenForExit();
   // Clients first, then the device (its executor finishes or cancels the submission in
   // flight, bounded), then the engine they all used.
+  vnc_.reset();  // its threads read the device model
   vfio_.reset();
   remoting_.reset();
   fault_gate_.reset();
   if (gate_) gate_->SetBacklogProbe(nullptr);  // it reads the device model
   vgpu_.reset();
   if (throttle_ev_) event_free(throttle_ev_);
+  if (frame_ev_) event_free(frame_ev_);
   // The pump thread goes before the engine it pumps; the engine's completion thread may
   // still call the gate until the engine is gone, and the gate outlives it.
   if (gate_) gate_->Stop();
@@ -276,6 +305,16 @@ void Worker::OnDoorbell(int, short, void* arg) {
 void Worker::OnThrottle(int, short, void* arg) {
   auto* self = static_cast<Worker*>(arg);
   if (self->vgpu_) self->vgpu_->OnThrottleTimer();
+}
+
+void Worker::OnFrame(int, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  if (self->vgpu_) self->vgpu_->OnFrameTick();
+}
+
+void Worker::OnVncRefresh(int, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  if (self->vnc_) self->vnc_->Refresh();
 }
 
 void Worker::OnSignal(int sig, short, void* arg) {
@@ -344,6 +383,7 @@ void Worker::OnChannel(int fd, short, void* arg) {
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
     if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
     if (r.kind == ch::Kind::kStopRequest) self->OnStopRequest(r.values[0]);
+    if (r.kind == ch::Kind::kScreenshot) self->OnScreenshot(r.seq);
     if (r.kind == ch::Kind::kReset) {
       // vgpuctl reset: the device model as the guest's RESET register resets it; never
       // waits for the engine (the aperture scrub follows the submission in flight).
@@ -351,6 +391,39 @@ void Worker::OnChannel(int fd, short, void* arg) {
       if (auto rr = self->vgpu_->HostReset(); !rr) VG_LOGW("host reset: {}", rr.error().ToString());
     }
   }
+}
+
+// F10, vgpuctl screenshot: the plane being scanned out, copied out of the aperture (under the
+// device's lock, bounds checked at commit), then written to the frame fd the supervisor
+// passed. Bounded work on the loop: at most 64 MiB copied twice, no wait on the guest.
+void Worker::OnScreenshot(uint64_t seq) {
+  ch::Record r = ch::Make(ch::Kind::kScreenshotDone, seq);
+  auto set = [&](ch::ScreenshotSlot s, uint64_t v) { r.values[static_cast<size_t>(s)] = v; };
+  Result<mediator::ScanoutFrame> f = vgpu_->CaptureScanout();
+  if (f.ok() && f->pixels.size() > ch::kFrameFdBytes) f = MakeError(Errc::kLimitExceeded, "frame too large");
+  if (f.ok()) {
+    size_t done = 0;
+    while (done < f->pixels.size()) {
+      const ssize_t n = ::pwrite(ch::kFrameFd, f->pixels.data() + done, f->pixels.size() - done,
+                                 static_cast<off_t>(done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        f = MakeError(Errc::kIo, fmt::format("frame fd: {}", std::strerror(errno)));
+        break;
+      }
+      done += static_cast<size_t>(n);
+    }
+  }
+  if (!f.ok()) {
+    set(ch::ScreenshotSlot::kErrc, static_cast<uint64_t>(f.code()));
+  } else {
+    set(ch::ScreenshotSlot::kWidth, f->width);
+    set(ch::ScreenshotSlot::kHeight, f->height);
+    set(ch::ScreenshotSlot::kFormat, f->format);
+    set(ch::ScreenshotSlot::kBytes, f->pixels.size());
+    set(ch::ScreenshotSlot::kFlips, f->flips);
+  }
+  (void)ch::Send(ch::kChannelFd, r);  // lost when the channel is full: the supervisor times out
 }
 
 // F8: stop with a client attached, as a host stops a device a VM holds. REQ asks the VMM to
@@ -506,7 +579,7 @@ void Worker::OnFault(ch::Fault f) {
 
 // The start-up handshake: the supervisor says Go once it has placed this process (its
 // cgroup); nothing is created before that, so every byte is charged to the right place.
-Result<Token> WaitForGo() {
+Result<Token> WaitForGo(std::string* vnc_password) {
   pollfd p{ch::kChannelFd, POLLIN, 0};
   const int n = ::poll(&p, 1, 30000);
   VG_ERROR_IF(n <= 0, Errc::kTimeout, "no Go from the supervisor within 30 s");
@@ -515,6 +588,10 @@ Result<Token> WaitForGo() {
               "the supervisor's first record is not Go");
   Token t{};
   for (size_t i = 0; i < t.size(); ++i) t[i] = r.values[i];
+  // F10: the console's password travels here, not on the command line (/proc/PID/cmdline).
+  const uint64_t len = std::min<uint64_t>(r.values[static_cast<size_t>(ch::GoSlot::kVncPasswordLen)], 8);
+  const uint64_t pw = r.values[static_cast<size_t>(ch::GoSlot::kVncPassword)];
+  for (uint64_t i = 0; i < len; ++i) vnc_password->push_back(static_cast<char>((pw >> (8 * i)) & 0xFF));
   return t;
 }
 
@@ -589,8 +666,9 @@ int main(int argc, char** argv) {
   }
   o.uuid = *uuid;
   SetLogTag("vgpud-worker " + o.uuid_text.substr(0, 8));
-  // Nothing of the supervisor's but the four descriptors it meant to hand over.
-  ::syscall(SYS_close_range, 7u, ~0u, 0u);
+  // Nothing of the supervisor's but the descriptors it meant to hand over (fds 3-7, and 8 when
+  // the vGPU has a VNC console).
+  ::syscall(SYS_close_range, static_cast<unsigned>(ch::kVncFd) + 1, ~0u, 0u);
   // A guest that dies mid-write must not kill its worker; an allocation refused by the
   // address-space limit ends the worker with a status its supervisor names.
   std::signal(SIGPIPE, SIG_IGN);
@@ -599,11 +677,13 @@ int main(int argc, char** argv) {
     (void)!::write(2, msg, sizeof msg - 1);
     ::_exit(kExitOutOfMemory);
   });
-  auto token = WaitForGo();
+  std::string vnc_password;
+  auto token = WaitForGo(&vnc_password);
   if (!token) {
     VG_LOGE("{}", token.error().ToString());
     return kExitSupervisorGone;
   }
+  o.vnc_password = vnc_password;
   auto w = Worker::Create(o, *token);
   if (!w) {
     VG_LOGE("start-up: {}", w.error().ToString());

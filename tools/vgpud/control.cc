@@ -23,6 +23,7 @@ struct ControlServer::Client {
   uid_t uid = 0;
   std::string in;
   std::string out;
+  size_t out_sent = 0;  // bytes of `out` already sent: a megabyte reply is not shifted per send
   bool busy = false;      // a request is with the handler
   bool in_pump = false;   // the handler answered inline: Pump's own loop goes on
   bool peer_eof = false;  // peer shut down its write side: answer what it sent, then close
@@ -271,15 +272,19 @@ void ControlServer::Pump(Client& c) {
 }
 
 void ControlServer::Flush(Client& c) {
-  while (!c.out.empty()) {
-    ssize_t n = ::send(c.fd.Get(), c.out.data(), c.out.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  while (c.out_sent < c.out.size()) {
+    ssize_t n = ::send(c.fd.Get(), c.out.data() + c.out_sent, c.out.size() - c.out_sent, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n > 0) {
-      c.out.erase(0, static_cast<size_t>(n));
+      c.out_sent += static_cast<size_t>(n);
+      if (c.out_sent == c.out.size()) {
+        c.out.clear();
+        c.out_sent = 0;
+      }
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      if (c.out.size() > limits_.max_pending_out) {
+      if (c.out.size() - c.out_sent > limits_.max_pending_out) {
         Drop(c.id);
         return;
       }

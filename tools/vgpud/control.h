@@ -22,7 +22,9 @@ namespace vg::daemon {
 
 struct ControlLimits {
   size_t max_request = 64 * 1024;   // one line; longer gets kMessageTooLarge and a close
-  size_t max_pending_out = 1 << 20;  // a peer that never reads is dropped
+  // A peer that never reads is dropped. Bounded by the largest reply: a screenshot (F10) of a
+  // 4096 x 4096 plane, PNG in base64, is at most about 90 MiB (a desktop's is far smaller).
+  size_t max_pending_out = 96u << 20;
   size_t max_clients = 64;
 };
 

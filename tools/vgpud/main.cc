@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <unistd.h>
 
 #include "tools/vgpud/metrics.h"
@@ -197,6 +198,16 @@ int main(int argc, char** argv) {
                  "a worker that has not yielded the engine this long after a preempt is killed")
       ->check(CLI::Range(100, 600000))
       ->capture_default_str();
+  // F10: a VNC console per vGPU (docs/management.md "Display").
+  bool no_vnc = false;
+  std::string vnc_password_file;
+  app.add_flag("--no-vnc", no_vnc, "serve no VNC console");
+  app.add_option("--vnc-listen", wp.vnc_listen, "IPv4 address the VNC consoles listen on")->capture_default_str();
+  app.add_option("--vnc-port", wp.vnc_port,
+                 "first port of the VNC consoles (each vGPU takes the next free one); 0: the kernel picks one")
+      ->capture_default_str();
+  app.add_option("--vnc-password-file", vnc_password_file,
+                 "a file whose first line (at most 8 bytes: VNC authentication) every console asks for");
   app.add_option("--orphan-grace-s", wp.orphan_grace_s,
                  "a worker whose supervisor died serves its guest on and waits to be adopted by a new vgpud; "
                  "without a client for this long it exits (the vGPU still comes back with the new vgpud)")
@@ -225,6 +236,12 @@ int main(int argc, char** argv) {
   if (log_level == "debug") SetLogLevel(LogLevel::kDebug);
   if (log_level == "warn") SetLogLevel(LogLevel::kWarn);
   if (log_level == "error") SetLogLevel(LogLevel::kError);
+  wp.vnc = !no_vnc;
+  if (!vnc_password_file.empty()) {
+    std::ifstream in(vnc_password_file);
+    if (!in || !std::getline(in, wp.vnc_password) || wp.vnc_password.empty() || wp.vnc_password.size() > 8)
+      return Fail(2, Error{Errc::kInvalidArgument, "--vnc-password-file: the first line must hold 1 to 8 bytes"});
+  }
 
   std::optional<daemon::MetricsEndpoint> metrics_endpoint;
   if (!metrics.empty()) {

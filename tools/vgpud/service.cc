@@ -1,5 +1,7 @@
 #include "tools/vgpud/service.h"
 
+#include "tools/vgpud/frame_png.h"
+
 #include <unistd.h>
 
 #include <charconv>
@@ -425,6 +427,10 @@ struct ServiceOps {
       // Counters of now: the worker answers a ping within 250 ms or the last heartbeat's are shown.
       if (auto w = s.sup_.workers().Status(u, 250)) {
         j["worker"] = WorkerJson(*w, s.sup_.workers().policy());
+        // F10: the console, "ADDR:PORT" (null without one, or for a worker adopted from an
+        // earlier supervisor, whose socket this one never bound).
+        j["vnc"] = w->vnc.empty() ? Json() : Json(w->vnc);
+        if (!w->vnc.empty()) j["vnc_password"] = !s.sup_.workers().policy().vnc_password.empty();
         if (w->counters) {
           j["counters"] = CountersJson(*w->counters);
           j["health"] = HealthJson(*w->counters, s.sup_.workers().policy().faults);
@@ -481,10 +487,20 @@ struct ServiceOps {
     return Json{{"uuid", u.ToString()}};
   }
 
+  // F10: the frame the vGPU scans out, as a PNG in base64 (docs/management.md "Display").
+  // Waits on this control thread, at most 2 s, for the worker; never on the loop.
+  static Result<Json> Screenshot(Service& s, const Json& req) {
+    VG_TRY_ASSIGN(Uuid u, ReqUuid(req));
+    VG_TRY_ASSIGN(ScanoutImage img, s.sup_.workers().Screenshot(u, 2000));
+    VG_TRY_ASSIGN(std::string png, EncodePng(img));
+    return Json{{"uuid", u.ToString()}, {"width", img.width},  {"height", img.height},
+                {"format", img.format},  {"flips", img.flips}, {"png_base64", Base64(png)}};
+  }
+
   static constexpr Op kOps[] = {
       {"ping", &Ping},     {"types", &Types},   {"list", &List},         {"define", &Define}, {"start", &Start},
       {"stop", &Stop},     {"undefine", &Undefine}, {"modify", &Modify}, {"show", &Show},
-      {"fault", &Fault},   {"reset", &Reset},
+      {"fault", &Fault},   {"reset", &Reset},   {"screenshot", &Screenshot},
   };
 };
 

@@ -14,10 +14,12 @@
 //                         vGPU already waits), kSchedContended (seq: the grant; another vGPU
 //                         began to wait: one piece on the device, release once idle),
 //                         kStopRequest (F8: values[0] the ms its client has to let go
-//                         after REQ), kReset (F8: vgpuctl reset)
+//                         after REQ), kReset (F8: vgpuctl reset), kScreenshot (F10:
+//                         seq; copy the plane being scanned out into the frame fd)
 //   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
 //                         kSchedRequest (it has work held for want of a grant),
-//                         kSchedRelease (seq: the grant; device ns used, still wants)
+//                         kSchedRelease (seq: the grant; device ns used, still wants),
+//                         kScreenshotDone (seq: the kScreenshot's; ScreenshotSlot values)
 
 #include <sys/socket.h>
 
@@ -38,6 +40,17 @@ inline constexpr int kRemotingFd = 5;   // listening SOCK_SEQPACKET, <uuid>.remo
 // Bound, not listening, SOCK_SEQPACKET <uuid>.adopt.sock (mode 0600): the worker calls
 // listen() itself, so that a connecting supervisor's SO_PEERCRED names the worker's pid.
 inline constexpr int kAdoptFd = 6;
+// F10: a memfd of kFrameFdBytes the supervisor creates (and keeps a copy of): the worker
+// writes the frame a kScreenshot asks for at offset 0 with pwrite (no mapping: nothing of
+// its address-space allowance), the supervisor reads it back with pread, sizes checked.
+inline constexpr int kFrameFd = 7;
+inline constexpr uint64_t kFrameFdBytes = uint64_t{4096} * 4096 * 4;
+// F10: the vGPU's VNC console, a listening TCP socket (loopback by default) the supervisor
+// bound; absent when the daemon serves no console (--vnc off).
+inline constexpr int kVncFd = 8;
+// kGo's values, by slot: the token, then the console's password (up to 8 bytes, little
+// endian, and its length; 0: no password).
+enum class GoSlot : uint32_t { kToken0, kToken1, kToken2, kToken3, kVncPassword, kVncPasswordLen };
 // The adoption token: 256 random bits the supervisor hands its worker in kGo and records
 // in the worker's state file (0600, in the private runtime directory).
 inline constexpr size_t kTokenWords = 4;
@@ -59,7 +72,12 @@ enum class Kind : uint32_t {
   kAdopt = 12,
   kStopRequest = 13,
   kReset = 14,
+  kScreenshot = 15,
+  kScreenshotDone = 16,
 };
+// kScreenshotDone's values, by slot: kErrc 0 when the frame was written (else the Errc: no
+// plane, say), its size, format (abi::display::kFormat*) and byte count (rows packed).
+enum class ScreenshotSlot : uint32_t { kErrc, kWidth, kHeight, kFormat, kBytes, kFlips };
 
 // kSchedConfig's values, by slot.
 enum class SchedConfigSlot : uint32_t {
@@ -203,7 +221,7 @@ inline RecvStatus Recv(int fd, Record& out) {
     case Kind::kGo: case Kind::kPing: case Kind::kPong: case Kind::kReady: case Kind::kFault:
     case Kind::kSchedConfig: case Kind::kSchedRequest: case Kind::kSchedGrant: case Kind::kSchedPreempt:
     case Kind::kSchedRelease: case Kind::kSchedContended: case Kind::kAdopt:
-    case Kind::kStopRequest: case Kind::kReset: break;
+    case Kind::kStopRequest: case Kind::kReset: case Kind::kScreenshot: case Kind::kScreenshotDone: break;
     default: return RecvStatus::kMalformed;
   }
   out = r;

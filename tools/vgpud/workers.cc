@@ -4,6 +4,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <spawn.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -20,11 +22,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
 
+#include "abi/device.h"
 #include "sandbox/cgroup.h"
 #include "sandbox/sandbox.h"
 
@@ -53,6 +57,34 @@ constexpr int kWorkerExitOutOfMemory = 3;
 
 // A descriptor copy far above 0..5, so that posix_spawn's dup2s to 3, 4 and 5 can never
 // clobber a source that happens to sit at one of those numbers.
+// F10: a vGPU's VNC console socket, bound and listening here (the worker may not: its
+// sandbox refuses socket/bind/listen). Port 0: the kernel picks one; else the first free
+// port from `port` on (at most 1000 tried). Returns the socket and "ADDR:PORT".
+Result<std::pair<UniqueFd, std::string>> ListenTcp(const std::string& addr, uint16_t port) {
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  VG_ERROR_IF(::inet_pton(AF_INET, addr.c_str(), &sa.sin_addr) != 1, Errc::kInvalidArgument,
+              "--vnc-listen {}: not an IPv4 address", addr);
+  for (uint32_t i = 0; i < (port == 0 ? 1u : 1000u); ++i) {
+    UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    VG_ERROR_IF(!s.Valid(), Errc::kIo, "socket: {}", std::strerror(errno));
+    const int one = 1;
+    (void)::setsockopt(s.Get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sa.sin_port = htons(static_cast<uint16_t>(port == 0 ? 0 : port + i));
+    if (::bind(s.Get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
+      if (errno == EADDRINUSE && port != 0) continue;
+      return MakeError(Errc::kIo, "bind {}:{}: {}", addr, ntohs(sa.sin_port), std::strerror(errno));
+    }
+    VG_ERROR_IF(::listen(s.Get(), 8) != 0, Errc::kIo, "listen: {}", std::strerror(errno));
+    sockaddr_in got{};
+    socklen_t len = sizeof got;
+    VG_ERROR_IF(::getsockname(s.Get(), reinterpret_cast<sockaddr*>(&got), &len) != 0, Errc::kIo, "getsockname: {}",
+                std::strerror(errno));
+    return std::make_pair(std::move(s), fmt::format("{}:{}", addr, ntohs(got.sin_port)));
+  }
+  return MakeError(Errc::kBusy, "no free port for a VNC console from {}", port);
+}
+
 Result<UniqueFd> HighCopy(int fd) {
   UniqueFd c(::fcntl(fd, F_DUPFD_CLOEXEC, 64));
   VG_ERROR_IF(!c.Valid(), Errc::kIo, "fcntl(F_DUPFD_CLOEXEC): {}", std::strerror(errno));
@@ -215,6 +247,12 @@ struct WorkerPool::Worker {
   uint32_t consecutive_failures = 0;
   std::shared_ptr<Waiter> waiter;  // while Start() waits
   WorkerStatus status;
+  // F10: our copy of the worker's frame fd (none for an adopted worker: the spawning
+  // supervisor had it), and the screenshot waiting for its kScreenshotDone.
+  UniqueFd frame;
+  UniqueFd vnc_listen;  // the console's listening socket, kept across restarts
+  uint64_t shot_seq = 0;
+  std::shared_ptr<std::promise<ch::Record>> shot;
 
   ~Worker() {
     for (event* e : {pid_ev, channel_ev, restart_ev, stop_ev})
@@ -462,11 +500,26 @@ Result<> WorkerPool::Spawn(Worker& w) {
   VG_TRY_ASSIGN(UniqueFd c4, HighCopy(w.vfio_listen.Get()));
   VG_TRY_ASSIGN(UniqueFd c5, HighCopy(w.remoting_listen.Get()));
   VG_TRY_ASSIGN(UniqueFd c6, HighCopy(adopt.Get()));
+  // F10: the frame fd, a sparse memfd (pages exist only once a screenshot writes them).
+  VG_TRY_ASSIGN(w.frame, CreateMemFd("vgpud-frame-" + w.spec.uuid.ToString(), ByteSize{ch::kFrameFdBytes}));
+  VG_TRY_ASSIGN(UniqueFd c7, HighCopy(w.frame.Get()));
+  // F10: the console's socket, kept across restarts like the others (the port stays).
+  if (policy_.vnc && !w.vnc_listen.Valid()) {
+    VG_TRY_ASSIGN(auto vnc, ListenTcp(policy_.vnc_listen, policy_.vnc_port));
+    w.vnc_listen = std::move(vnc.first);
+    w.status.vnc = std::move(vnc.second);
+  }
+  UniqueFd c8;
+  if (w.vnc_listen.Valid()) {
+    VG_TRY_ASSIGN(c8, HighCopy(w.vnc_listen.Get()));
+  }
   SpawnFds fds;
   fds.dup2s = {{c3.Get(), ch::kChannelFd},
                {c4.Get(), ch::kVfioUserFd},
                {c5.Get(), ch::kRemotingFd},
-               {c6.Get(), ch::kAdoptFd}};
+               {c6.Get(), ch::kAdoptFd},
+               {c7.Get(), ch::kFrameFd}};
+  if (c8.Valid()) fds.dup2s.push_back({c8.Get(), ch::kVncFd});
   const uint64_t address_space =
       cgroups_ ? 0 : policy_.memory_bytes + w.spec.aperture + policy_.dma_max_bytes;
   std::vector<std::string> argv = {policy_.binary.string(),
@@ -525,6 +578,12 @@ Result<> WorkerPool::Spawn(Worker& w) {
   }
   ch::Record go = ch::Make(ch::Kind::kGo);
   std::copy(w.token.begin(), w.token.end(), go.values.begin());
+  // F10: the console's password in Go, never on the command line (/proc/PID/cmdline).
+  const std::string& pw = policy_.vnc_password;
+  uint64_t packed = 0;
+  for (size_t i = 0; i < pw.size() && i < 8; ++i) packed |= uint64_t{static_cast<uint8_t>(pw[i])} << (8 * i);
+  go.values[static_cast<size_t>(ch::GoSlot::kVncPassword)] = packed;
+  go.values[static_cast<size_t>(ch::GoSlot::kVncPasswordLen)] = std::min<size_t>(pw.size(), 8);
   (void)ch::Send(w.channel.Get(), go);
   SendSchedConfig(w);  // read once its loop runs, before it says Ready
   w.pid_ev = event_new(base_, w.pidfd.Get(), EV_READ, &WorkerPool::OnPidfd, &w);
@@ -858,6 +917,13 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
                         Clock::now(), at(ch::SchedReleaseSlot::kIdleTailNs));
       return ArmSched();
     }
+    case ch::Kind::kScreenshotDone:
+      // An answer to the screenshot waiting, or a late one whose caller gave up: dropped.
+      if (w.shot && r.seq == w.shot_seq) {
+        w.shot->set_value(r);
+        w.shot.reset();
+      }
+      return;
     default:
       return Kill(w, fmt::format("sent a record it may not send (kind {})", static_cast<uint32_t>(r.kind)),
                   EndKind::kCrash);
@@ -981,6 +1047,7 @@ void WorkerPool::CloseSockets(Worker& w) {
   ::unlink(w.remoting_path.c_str());
   w.vfio_listen = UniqueFd();
   w.remoting_listen = UniqueFd();
+  w.vnc_listen = UniqueFd();
 }
 
 void WorkerPool::Forget(Worker& w) {
@@ -1092,6 +1159,72 @@ Result<> WorkerPool::Reset(const Uuid& uuid) {
     VG_LOGI("vGPU {}: host reset asked", uuid);
     return Ok();
   });
+}
+
+// F10: the frame the vGPU scans out. The worker is asked on the channel and writes the frame
+// to the frame fd; we wait here, on the control thread (never the loop), at most timeout_ms,
+// and read it back with pread after checking every size the worker claims: it may lie.
+Result<ScanoutImage> WorkerPool::Screenshot(const Uuid& uuid, int timeout_ms) {
+  // One at a time: the frame fd holds one frame.
+  static std::mutex one_at_a_time;
+  std::lock_guard lk(one_at_a_time);
+  struct Asked {
+    std::future<ch::Record> done;
+    UniqueFd frame;
+    uint64_t seq;
+  };
+  VG_TRY_ASSIGN(Asked asked, loop_.Call<Asked>([&]() -> Result<Asked> {
+    Worker* w = Find(uuid);
+    VG_ERROR_IF(!w, Errc::kNotFound, "vGPU {} has no worker", uuid);
+    VG_ERROR_IF(w->state != Worker::State::kRunning || !w->channel.Valid(), Errc::kBadState,
+                "vGPU {} is {}, not running", uuid, Worker::StateName(w->state));
+    VG_ERROR_IF(!w->frame.Valid(), Errc::kUnsupported,
+                "vGPU {}'s worker was adopted from an earlier supervisor: no frame fd (restart the vGPU)", uuid);
+    VG_TRY_ASSIGN(UniqueFd copy, w->frame.Dup());
+    w->shot = std::make_shared<std::promise<ch::Record>>();
+    Asked a{w->shot->get_future(), std::move(copy), ++w->shot_seq};
+    VG_ERROR_IF(!ch::Send(w->channel.Get(), ch::Make(ch::Kind::kScreenshot, a.seq)), Errc::kBusy,
+                "worker channel full");
+    return a;
+  }));
+  VG_ERROR_IF(asked.done.wait_for(std::chrono::milliseconds(timeout_ms)) != std::future_status::ready,
+              Errc::kTimeout, "vGPU {}: no frame within {} ms", uuid, timeout_ms);
+  ch::Record r;
+  try {
+    r = asked.done.get();
+  } catch (const std::future_error&) {  // the worker ended meanwhile: its promise went with it
+    return MakeError(Errc::kPeerClosed, "vGPU {}: the worker ended before it sent the frame", uuid);
+  }
+  auto at = [&](ch::ScreenshotSlot s) { return r.values[static_cast<size_t>(s)]; };
+  const uint64_t code = at(ch::ScreenshotSlot::kErrc);
+  VG_ERROR_IF(code == static_cast<uint64_t>(Errc::kBadState), Errc::kBadState,
+              "vGPU {} scans nothing out (its guest has not enabled a display plane)", uuid);
+  VG_ERROR_IF(code != 0, ErrcFromValue(static_cast<uint32_t>(std::min<uint64_t>(code, 0xFFFF))),
+              "vGPU {}: the worker could not copy the frame", uuid);
+  ScanoutImage img;
+  const uint64_t w = at(ch::ScreenshotSlot::kWidth), h = at(ch::ScreenshotSlot::kHeight);
+  const uint64_t fmt_ = at(ch::ScreenshotSlot::kFormat), bytes = at(ch::ScreenshotSlot::kBytes);
+  const uint32_t bpp = fmt_ <= 0xFFFF ? abi::display::BytesPerPixel(static_cast<uint32_t>(fmt_)) : 0;
+  VG_ERROR_IF(w == 0 || h == 0 || w > abi::display::kMaxWidth || h > abi::display::kMaxHeight || bpp == 0 ||
+                  bytes != w * h * bpp || bytes > ch::kFrameFdBytes,
+              Errc::kBadMessage, "vGPU {}: the worker described an impossible frame ({}x{}, format {}, {} bytes)",
+              uuid, w, h, fmt_, bytes);
+  img.width = static_cast<uint32_t>(w);
+  img.height = static_cast<uint32_t>(h);
+  img.format = static_cast<uint32_t>(fmt_);
+  img.flips = at(ch::ScreenshotSlot::kFlips);
+  img.pixels.resize(bytes);
+  size_t done = 0;
+  while (done < bytes) {
+    const ssize_t n = ::pread(asked.frame.Get(), img.pixels.data() + done, bytes - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    VG_ERROR_IF(n <= 0, Errc::kIo, "frame fd of {}: {}", uuid, n == 0 ? "short" : std::strerror(errno));
+    done += static_cast<size_t>(n);
+  }
+  // Give the pages back: the next screenshot writes them again.
+  (void)::fallocate(asked.frame.Get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                    static_cast<off_t>(ch::kFrameFdBytes));
+  return img;
 }
 
 Result<> WorkerPool::Fault(const Uuid& uuid, ch::Fault f) {

@@ -80,6 +80,13 @@ struct WorkerPolicy {
   uint32_t orphan_grace_s = 60;
   FaultThresholds faults;
   SchedOptions sched;
+  // F10: a VNC console per vGPU (docs/management.md "Display"), on vnc_listen (loopback by
+  // default), port vnc_port (0: the kernel picks one; else the first free one from it on);
+  // vnc_password (at most 8 bytes, VNC authentication's limit), empty: none.
+  bool vnc = true;
+  std::string vnc_listen = "127.0.0.1";
+  uint16_t vnc_port = 0;
+  std::string vnc_password;
 };
 
 // A vGPU's share and limits (type, overridden per instance; changeable while it runs).
@@ -136,6 +143,7 @@ struct WorkerStatus {
   SchedParams sched_params;
   std::optional<SchedEntryStatus> sched;  // while the scheduler knows it (running)
   uint64_t share_cap_ns = 0;              // equal-/fixed-share: engine ns per second it may use
+  std::string vnc;                        // F10: the console's "ADDR:PORT", "" when none
 };
 
 // Supervisor restart (docs/isolation.md, "Supervisor restart"). For each vGPU it runs, the
@@ -145,6 +153,13 @@ struct WorkerStatus {
 // files at start-up and, for each, adopts the live worker (its identity checked: pidfd,
 // /proc/PID/exe, owner, SO_PEERCRED pid of the adoption socket, the token) or starts a
 // fresh one. A clean stop removes the state file; a crash leaves it.
+// F10: a frame copied out of a vGPU's scan-out (rows packed; abi::display formats).
+struct ScanoutImage {
+  uint32_t width = 0, height = 0, format = 0;
+  uint64_t flips = 0;
+  std::vector<uint8_t> pixels;
+};
+
 class WorkerPool {
  public:
   static Result<std::unique_ptr<WorkerPool>> Create(event_base* base, LoopTasks& loop, WorkerPolicy policy);
@@ -165,6 +180,9 @@ class WorkerPool {
   // F8: vgpuctl reset: the running worker resets its device model (as the RESET register).
   // Returns once asked; the reset itself never waits for the engine.
   Result<> Reset(const Uuid& uuid);
+  // F10: vgpuctl screenshot: the frame the running vGPU scans out, rows packed. Waits (on the
+  // caller's thread, never the loop) at most timeout_ms for the worker.
+  Result<ScanoutImage> Screenshot(const Uuid& uuid, int timeout_ms);
   // Test builds' workers act on it (docs/isolation.md); others log it.
   Result<> Fault(const Uuid& uuid, channel::Fault f);
   // New weight and limits for a vGPU, applied to its running worker at once and kept for

@@ -1,0 +1,168 @@
+// F10: the VNC console of a vGPU, through the real daemon and a real VNC client from Debian
+// (vncsnapshot). vgpuctl show names the console (loopback); a guest process draws a frame and
+// flips; vncsnapshot connects (with the console's password; a wrong one is refused) and saves
+// the frame the guest drew. vncsnapshot writes JPEG (quality 100, lossless transport): the
+// frame is made of 16 x 16 blocks of one colour each, which JPEG keeps to within a few steps,
+// so a wrong frame, a wrong stride or swapped channels are far outside the tolerance.
+#include <doctest.h>
+
+#include <cstddef>
+#include <cstdio>
+// jpeglib.h needs size_t and FILE first.
+#include <jpeglib.h>
+extern "C" {
+int rfbEncryptAndStorePasswd(char* passwd, char* fname);  // libvncserver's, declared without C linkage in rfbproto.h
+}
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
+#include "guest/display.h"
+#include "tests/lifecycle/lifecycle_common.h"
+
+using namespace vg;
+using namespace vg::guest;
+using namespace vg::lifecycle;
+namespace disp = vg::abi::display;
+
+namespace {
+
+uint32_t Block(uint32_t x, uint32_t y) {  // 0x00RRGGBB, one colour per 16 x 16 block
+  const uint32_t bx = x / 16, by = y / 16;
+  return ((bx * 53 + 17) & 0xFF) << 16 | ((by * 71 + 40) & 0xFF) << 8 | (((bx + by) * 29 + 90) & 0xFF);
+}
+
+struct Rgb {
+  uint32_t width = 0, height = 0;
+  std::vector<uint8_t> px;
+};
+
+Rgb ReadJpeg(const std::string& path) {
+  Rgb out;
+  FILE* f = std::fopen(path.c_str(), "rb");
+  REQUIRE_MESSAGE(f, "no ", path);
+  jpeg_decompress_struct ci{};
+  jpeg_error_mgr jerr{};
+  ci.err = jpeg_std_error(&jerr);
+  jpeg_create_decompress(&ci);
+  jpeg_stdio_src(&ci, f);
+  jpeg_read_header(&ci, TRUE);
+  ci.out_color_space = JCS_RGB;
+  jpeg_start_decompress(&ci);
+  out.width = ci.output_width;
+  out.height = ci.output_height;
+  out.px.resize(size_t{out.width} * out.height * 3);
+  while (ci.output_scanline < ci.output_height) {
+    JSAMPROW row = out.px.data() + size_t{ci.output_scanline} * out.width * 3;
+    jpeg_read_scanlines(&ci, &row, 1);
+  }
+  jpeg_finish_decompress(&ci);
+  jpeg_destroy_decompress(&ci);
+  std::fclose(f);
+  return out;
+}
+
+int DisplayNumber(const std::string& vnc, uint16_t* port) {
+  *port = static_cast<uint16_t>(std::stoi(vnc.substr(vnc.rfind(':') + 1)));
+  return *port - 5900;
+}
+
+mgmt::Ran Snapshot(const std::string& passwd_file, int display, const std::string& out) {
+  std::vector<std::string> argv{"/usr/bin/vncsnapshot", "-quiet", "-nojpeg", "-quality", "100", "-nocursor"};
+  if (!passwd_file.empty()) {
+    argv.push_back("-passwd");
+    argv.push_back(passwd_file);
+  }
+  argv.push_back("127.0.0.1:" + std::to_string(display));
+  argv.push_back(out);
+  return mgmt::RunCapture(argv, {}, 20000);
+}
+
+}  // namespace
+
+TEST_CASE("the vGPU's VNC console serves the frame the guest flipped to a real VNC client") {
+  if (!std::filesystem::exists("/usr/bin/vncsnapshot")) {
+    MESSAGE("vncsnapshot not installed (tools/install-deps.sh): skipped");
+    return;
+  }
+  mgmt::DaemonProc d;
+  const std::string pw_plain = (d.dir() / "vnc.pw").string();
+  { std::ofstream(pw_plain) << "s3cret\n"; }
+  // Ports from 5900 + an offset of our own, so that parallel runs do not meet (the daemon
+  // takes the next free one anyway).
+  const int base = 5900 + 100 + (::getpid() % 800);
+  REQUIRE(d.Start({"--vnc-port", std::to_string(base), "--vnc-password-file", pw_plain}));
+  StartVgpu(d, kUuidA);
+  mgmt::Json show = d.CtlJson({"show", kUuidA});
+  REQUIRE(show["vnc"].is_string());
+  const std::string vnc = show["vnc"].get<std::string>();
+  CHECK(vnc.rfind("127.0.0.1:", 0) == 0);  // loopback by default
+  CHECK(show["vnc_password"] == true);
+  uint16_t port = 0;
+  const int display = DisplayNumber(vnc, &port);
+  CHECK(port >= base);
+  CHECK(port < base + 1000);
+  // vgpuctl show (human) names it too.
+  mgmt::Ran shown = d.Ctl({"show", kUuidA});
+  CHECK(shown.out.find(vnc) != std::string::npos);
+
+  DeviceOptions o;
+  o.socket = d.Socket(kUuidA);
+  o.ram_size = 4 << 20;
+  auto dev = Device::Open(o);
+  REQUIRE(dev.ok());
+  constexpr uint32_t kW = 320, kH = 160, kStride = 1344, kBase = 128 * 1024;  // stride with padding
+  auto ap = (*dev)->aperture();
+  for (uint32_t y = 0; y < kH; ++y) {
+    for (uint32_t x = 0; x < kW; ++x) {
+      const uint32_t v = Block(x, y);
+      std::memcpy(ap.data() + kBase + uint64_t{y} * kStride + 4ull * x, &v, 4);
+    }
+    std::memset(ap.data() + kBase + uint64_t{y} * kStride + 4ull * kW, 0xFF, kStride - 4 * kW);
+  }
+  guest::Display display_api(**dev);
+  REQUIRE(display_api.Configure({kBase, kStride, disp::kFormatXrgb8888, kW, kH}).ok());
+  REQUIRE(display_api.WaitFlip(1, 2000).ok());
+
+  // The password file vncsnapshot reads is VNC's obfuscated format.
+  const std::string pw_vnc = (d.dir() / "vnc.passwd").string();
+  std::string pw = "s3cret";
+  REQUIRE(rfbEncryptAndStorePasswd(pw.data(), const_cast<char*>(pw_vnc.c_str())) == 0);
+  const std::string out = (d.dir() / "vnc.jpg").string();
+  mgmt::Ran r = Snapshot(pw_vnc, display, out);
+  REQUIRE_MESSAGE(r.code == 0, "vncsnapshot: ", r.out, r.err);
+  const Rgb img = ReadJpeg(out);
+  CHECK(img.width == kW);
+  CHECK(img.height == kH);
+  if (img.width == kW && img.height == kH) {
+    int worst = 0;
+    uint64_t total = 0;
+    for (uint32_t y = 0; y < kH; ++y)
+      for (uint32_t x = 0; x < kW; ++x) {
+        const uint32_t want = Block(x, y);
+        const uint8_t* got = &img.px[(size_t{y} * kW + x) * 3];
+        for (int c = 0; c < 3; ++c) {
+          const int e = std::abs(int{got[c]} - int((want >> (16 - 8 * c)) & 0xFF));
+          worst = std::max(worst, e);
+          total += static_cast<uint64_t>(e);
+        }
+      }
+    INFO("worst channel error ", worst, ", mean ", double(total) / (kW * kH * 3));
+    CHECK(worst <= 12);
+    CHECK(double(total) / (kW * kH * 3) < 2.0);
+  }
+
+  // A wrong password: refused, nothing saved.
+  const std::string bad_vnc = (d.dir() / "bad.passwd").string();
+  std::string bad = "wrong";
+  REQUIRE(rfbEncryptAndStorePasswd(bad.data(), const_cast<char*>(bad_vnc.c_str())) == 0);
+  const std::string out2 = (d.dir() / "bad.jpg").string();
+  r = Snapshot(bad_vnc, display, out2);
+  CHECK(r.code != 0);
+  CHECK(!std::filesystem::exists(out2));
+  // The guest's device still answers while clients come and go.
+  CHECK((*dev)->Read32(abi::reg::kId).value_or(0) == abi::kIdMagic);
+  CheckShutdown(d);
+}
