@@ -80,7 +80,6 @@ void SchedGate::OnGrant(uint64_t grant, bool contended) {
   idle_since_.reset();
   grant_used_ns_ = 0;
   ++stats_.grants;
-  PublishLocked();
   WakePumpLocked(std::nullopt);
   MaybeIdleReleaseLocked();  // what it asked for may be gone (cancelled)
 }
@@ -90,7 +89,6 @@ void SchedGate::OnPreempt(uint64_t grant) {
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
   ++stats_.preempts;
   preempting_ = true;  // nothing more goes to the device under this grant
-  PublishLocked();
   if (on_device_ == 0) ReleaseLocked();
 }
 
@@ -103,7 +101,6 @@ void SchedGate::OnContended(uint64_t grant) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
   contended_ = true;
-  PublishLocked();
   MaybeIdleReleaseLocked();
 }
 
@@ -134,7 +131,6 @@ void SchedGate::Revoke() {
   contended_ = false;
   idle_since_.reset();
   requested_ = true;  // asks no more: nobody would answer
-  PublishLocked();
 }
 
 void SchedGate::OpenForExit() {
@@ -267,13 +263,13 @@ void SchedGate::ReleaseLocked() {
   grant_used_ns_ = 0;
   // Work still held (not by a bucket): the release is its request.
   requested_ = WantsDeviceLocked();
-  PublishLocked();
   send_(r);
 }
 
 void SchedGate::PublishLocked() {
   // Scheduled: another vGPU may start to wait at any moment, and what is on the device then
-  // is its wait (an uncontended holder's pipeline included: see Admit).
+  // is its wait (an uncontended holder's pipeline included: see Admit). It follows
+  // cfg_.scheduled alone, so Configure and OpenForExit are its only callers.
   small_submissions_.store(cfg_.scheduled, std::memory_order_relaxed);
 }
 

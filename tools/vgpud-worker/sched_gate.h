@@ -103,7 +103,7 @@ class SchedGate final : public engine::SubmitGate {
   void RefillLocked(Clock::time_point now);
   void HoldLocked(Clock::time_point now);
   void ReleaseLocked();
-  void PublishLocked();  // small_submissions_ from the state
+  void PublishLocked();  // small_submissions_ from cfg_.scheduled
   void MaybeIdleReleaseLocked();
   // Work is held for want of the grant (not by a rate limit's bucket).
   bool WantsDeviceLocked() const { return held_since_.has_value() && !rate_held_; }  // contended, nothing on the device, nothing held: give it back
