@@ -24,7 +24,8 @@ namespace {
 constexpr uint64_t kAperture = 64 * 1024;
 constexpr uint32_t kGttEntries = 64;
 constexpr uint32_t kWidths[] = {4, 8, 1, 2, 3, 16, 64, 4096};
-constexpr uint32_t kCapsEnd = 0x70;  // the MSI-X capability (last in the list) ends at 0x6C
+// Advanced Features (last in the list, F8's FLR) is 6 bytes at 0x70: config space reads 0 past it.
+constexpr uint32_t kCapsEnd = abi::kCapAfOffset + 6;
 
 struct Row {
   uint64_t begin, end;
