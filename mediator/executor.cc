@@ -51,6 +51,14 @@ namespace {
 // write there must never wait on the client (Inlinable checked it is all fd-backed; this
 // makes a copy that would wait fail instead of blocking the loop).
 thread_local bool t_inline = false;
+// Set while RunHeld submits a plan's engine work on its caller's thread (inline_submit):
+// nothing there may wait, so an import to make, a gather or a submission before the plan's
+// last one is kWouldBlock, and RunHeld gives the untouched plan to the submit thread.
+thread_local bool t_inline_submit = false;
+thread_local bool t_inline_flush_ok = false;  // RunHeld's one submission, at the plan's end
+Error WouldBlockInline(const char* what) {
+  return Error{Errc::kWouldBlock, fmt::format("inline submission would wait: {}", what)};
+}
 }  // namespace
 
 // How one resolved range reaches the engine: in place (aperture or a pinned DMA region),
@@ -110,7 +118,8 @@ struct Executor::Batch {
   }
 };
 
-Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, ByteSize size, bool write) {
+Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, ByteSize size, bool write,
+                                                                     bool hits_only) {
   ImportKey key{gpa.v, size.v, write};
   {
     std::lock_guard lk(imports_mu_);
@@ -123,6 +132,7 @@ Result<std::shared_ptr<Executor::Import>> Executor::ImportGuestRange(Gpa gpa, By
     }
     if (it != imports_.end()) imports_.erase(it);
   }
+  if (hits_only) return WouldBlockInline("guest range not imported yet");
   // Pinned first: a range unmapped since the audit fails here, by name, and is never used.
   VG_TRY_ASSIGN(vu::Pin pin, dma_.PinRange(gpa, size, vu::kDmaRead | (write ? vu::kDmaWrite : 0)));
   VG_TRY_ASSIGN(engine::BufferRef buf, engine_->WrapHostMemory(pin.bytes()));
@@ -160,6 +170,7 @@ Executor::Executor(engine::Engine* engine, const vu::DmaSpace& dma, std::span<st
       depth_(std::clamp<uint32_t>(options.depth, 1, kMaxExecutorDepth)),
       coalesce_(options.coalesce && depth_ > 1),
       inline_(options.inline_complete && options.time_granularity_ns == 0),
+      inline_submit_(options.inline_complete && options.inline_submit),
       granularity_ns_(std::min(options.time_granularity_ns, abi::cmd::kMaxTimeGranularityNs)),
       retire_thread_([this] { RetireLoop(); }),
       thread_([this] { SubmitLoop(); }) {}
@@ -195,7 +206,8 @@ Result<> Executor::Enqueue(Plan plan) {
 
 Result<bool> Executor::Enqueue(Plan plan, InlineOk inline_ok) {
   uint64_t bytes = PlanBytes(plan);
-  const bool inlinable = inline_ && inline_ok == InlineOk::kYes && Inlinable(plan);
+  const InlineKind kind = inline_ok == InlineOk::kYes ? Inlinable(plan) : InlineKind::kNo;
+  const bool inlinable = kind != InlineKind::kNo;
   bool held = false;
   {
     std::lock_guard lk(mu_);
@@ -226,28 +238,50 @@ Result<bool> Executor::Enqueue(Plan plan, InlineOk inline_ok) {
   return held;
 }
 
-bool Executor::Inlinable(const Plan& plan) const {
-  if (plan.ops.size() > kMaxInlineHostOps) return false;
+Executor::InlineKind Executor::Inlinable(const Plan& plan) const {
+  if (!inline_ && !inline_submit_) return InlineKind::kNo;
   // Written by a memcpy: the aperture, or guest memory with an fd. Memory shared without
   // an fd takes a DMA_WRITE round trip to the client, which the loop never waits for.
-  auto writable = [&](const ResolvedRange& r) {
+  auto in_place = [&](const ResolvedRange& r, uint32_t access) {
     for (const GttSpan& sp : r.spans) {
       if (sp.target.aperture ? !RangeWithin(sp.target.page_addr, sp.size.v, aperture_.size())
-                             : !dma_.FdBacked(Gpa{sp.target.page_addr}, sp.size, vu::kDmaWrite))
+                             : !dma_.FdBacked(Gpa{sp.target.page_addr}, sp.size, access))
         return false;
     }
     return true;
   };
-  for (const PlanOp& op : plan.ops) {
-    if (const auto* f = std::get_if<PlanFence>(&op)) {
-      if (!writable(f->target)) return false;
-    } else if (const auto* t = std::get_if<PlanTimestamp>(&op)) {
-      if (!writable(t->target)) return false;
-    } else if (!std::holds_alternative<PlanLoadReg>(op)) {
-      return false;  // engine work: the submit thread's
+  // Engine work: one span each (the engine uses it in place, no gather), at the front.
+  size_t gpu = 0;
+  for (; gpu < plan.ops.size(); ++gpu) {
+    const PlanOp& op = plan.ops[gpu];
+    auto usable = [&](const ResolvedRange& r, bool write) {
+      return r.spans.size() == 1 && (!r.spans[0].target.aperture || aperture_buffer_) &&
+             in_place(r, vu::kDmaRead | (write ? vu::kDmaWrite : 0));
+    };
+    if (const auto* d = std::get_if<PlanDispatch>(&op)) {
+      for (const ResolvedRange& b : d->bindings)
+        if (!usable(b, b.write)) return InlineKind::kNo;
+    } else if (const auto* c = std::get_if<PlanCopy>(&op)) {
+      if (!usable(c->src, false) || !usable(c->dst, true)) return InlineKind::kNo;
+    } else if (const auto* f = std::get_if<PlanFill>(&op)) {
+      if (!usable(f->dst, true)) return InlineKind::kNo;
+    } else {
+      break;
     }
   }
-  return true;
+  if (gpu > kMaxInlineGpuOps || plan.ops.size() - gpu > kMaxInlineHostOps) return InlineKind::kNo;
+  if (gpu ? !inline_submit_ : !inline_) return InlineKind::kNo;
+  for (size_t i = gpu; i < plan.ops.size(); ++i) {
+    const PlanOp& op = plan.ops[i];
+    if (const auto* f = std::get_if<PlanFence>(&op)) {
+      if (!in_place(f->target, vu::kDmaWrite)) return InlineKind::kNo;
+    } else if (const auto* t = std::get_if<PlanTimestamp>(&op)) {
+      if (!in_place(t->target, vu::kDmaWrite)) return InlineKind::kNo;
+    } else if (!std::holds_alternative<PlanLoadReg>(op)) {
+      return InlineKind::kNo;  // engine work after a host op: the threads'
+    }
+  }
+  return gpu ? InlineKind::kSubmit : InlineKind::kComplete;
 }
 
 bool Executor::RunHeld() {
@@ -255,7 +289,8 @@ bool Executor::RunHeld() {
   if (!held_) return false;
   // Checked again where the writes happen (the DmaSpace's lock is a leaf below mu_): memory
   // unmapped or remapped without an fd since Enqueue sends the plan the threads' way.
-  if (!Inlinable(*held_->plan)) {
+  const InlineKind kind = Inlinable(*held_->plan);
+  if (kind == InlineKind::kNo) {
     queue_.push_front(std::move(*held_));  // first: everything in the queue came after it
     held_.reset();
     lk.unlock();
@@ -268,22 +303,48 @@ bool Executor::RunHeld() {
   running_ = true;  // a Cancel meanwhile queues its `after` behind this plan, as for the submit thread's
   ++plans_open_;
   lk.unlock();
+  bool handed_back = false;
   {
-    // What the submit thread does with a plan, here: host ops only, so nothing is packed
-    // and each entry retires at once through PushRetire (nothing is retiring), under the
-    // same epoch checks and hooks.
+    // What the submit thread does with a plan, here. Host ops only (kComplete): nothing is
+    // packed and each entry retires at once through PushRetire (nothing is retiring),
+    // under the same epoch checks and hooks. Engine work first (kSubmit): packed into one
+    // batch, sent at the plan's end; its entries go to the retire thread.
     t_inline = true;
+    t_inline_submit = kind == InlineKind::kSubmit;
     auto ps = std::make_shared<PlanState>();
     ps->epoch = item.epoch;
     ps->bytes = item.bytes;
     Batch batch;
     Result<> r = Run(*item.plan, ps, batch);
-    if (!r.ok()) Follow(batch, Retiring{.kind = Retiring::Kind::kFailure, .plan = ps, .error = std::move(r).error()});
-    item.plan.reset();
-    Follow(batch, Retiring{.kind = Retiring::Kind::kPlanEnd, .plan = ps});
+    if (!r.ok() && r.code() == Errc::kWouldBlock && t_inline_submit && batch.after.empty()) {
+      // Nothing was sent and no host op of the plan taken (they follow its engine work):
+      // dropping the batch lets go of its imports, and the threads run the plan whole.
+      handed_back = true;
+    } else {
+      if (!r.ok()) Follow(batch, Retiring{.kind = Retiring::Kind::kFailure, .plan = ps, .error = std::move(r).error()});
+      item.plan.reset();
+      Follow(batch, Retiring{.kind = Retiring::Kind::kPlanEnd, .plan = ps});
+      if (!batch.Empty()) {
+        t_inline_flush_ok = true;
+        (void)Flush(batch);  // a failure to submit is the plan's (Submit reports it)
+        t_inline_flush_ok = false;
+      }
+    }
     t_inline = false;
+    t_inline_submit = false;
   }
-  counters_.plans_inline.fetch_add(1, std::memory_order_relaxed);
+  if (handed_back) {
+    lk.lock();
+    --plans_open_;
+    inline_running_ = false;
+    running_ = false;
+    queue_.push_front(std::move(item));  // first: everything in the queue came after it
+    lk.unlock();
+    cv_.notify_one();
+    return false;
+  }
+  (kind == InlineKind::kSubmit ? counters_.plans_inline_submitted : counters_.plans_inline)
+      .fetch_add(1, std::memory_order_relaxed);
   lk.lock();
   inline_running_ = false;
   running_ = false;
@@ -356,7 +417,7 @@ ExecCounters Executor::Counters() const {
   return {ld(counters_.plans),           ld(counters_.import_hits),     ld(counters_.import_misses),
           ld(counters_.engine_submissions), ld(counters_.bytes_zero_copy), ld(counters_.bytes_gathered),
           ld(counters_.plans_cancelled), ld(counters_.drains),          ld(counters_.max_in_flight),
-          ld(counters_.plans_coalesced), ld(counters_.plans_inline)};
+          ld(counters_.plans_coalesced), ld(counters_.plans_inline), ld(counters_.plans_inline_submitted)};
 }
 
 template <class Fn>
@@ -678,14 +739,14 @@ Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& ba
       uint64_t base = gpa & ~(kImportWindow - 1);
       uint64_t align = std::max<uint64_t>(4, engine_->Info().min_storage_offset_alignment);
       if (gpa - base + r.size.v <= kImportWindow && IsAligned(gpa - base, align)) {
-        auto win = ImportGuestRange(Gpa{base}, ByteSize{kImportWindow}, r.write);
+        auto win = ImportGuestRange(Gpa{base}, ByteSize{kImportWindow}, r.write, t_inline_submit);
         if (win.ok()) {
           m->range = {(*win)->buffer, ByteSize{gpa - base}, r.size};
           m->import = std::move(win).value();
           return m;
         }
       }
-      auto imp = ImportGuestRange(Gpa{gpa}, r.size, r.write);
+      auto imp = ImportGuestRange(Gpa{gpa}, r.size, r.write, t_inline_submit);
       if (imp.ok()) {
         m->range = engine::Whole((*imp)->buffer);
         m->import = std::move(imp).value();
@@ -700,6 +761,7 @@ Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& ba
   // the vGPU's gather bound. The host reads guest memory now, so everything packed or
   // submitted before must have run and retired (its scatters and fence writes landed, its
   // gather buffers freed).
+  if (t_inline_submit) return WouldBlockInline("a gather");
   VG_TRY(Flush(batch));
   Drain();
   const uint64_t held = gather_bytes_.load(std::memory_order_acquire);
@@ -732,6 +794,7 @@ bool Executor::BatchWrites(const Batch& batch, std::span<const Extent> touched) 
 }
 
 Result<> Executor::Flush(Batch& batch) {
+  if (t_inline_submit && !t_inline_flush_ok) return WouldBlockInline("more than one engine submission");
   std::vector<Retiring> after = std::move(batch.after);
   batch.after.clear();
   Result<> sent = Submit(batch);

@@ -96,10 +96,21 @@ struct ExecOptions {
   // hold is the retire thread's). Off: every plan goes through the submit thread (the
   // study's ablation).
   bool inline_complete = true;
+  // With inline_complete, also a plan that starts with a little engine work (at most
+  // kMaxInlineGpuOps DISPATCH/COPY/FILL, then host ops only) into the aperture or guest
+  // memory already imported, queued while the executor is idle: the caller materializes it
+  // and hands it to the engine (Engine::Submit never waits), and the retire thread completes
+  // it as usual. Saves the loop -> submit thread hop of a small submission; allowed with
+  // time coarsening (nothing completes on the caller's thread). Anything that would make
+  // the caller wait (an import to make, a gather, a second engine submission) sends the
+  // untouched plan to the submit thread instead.
+  bool inline_submit = true;
 };
 
 // Host ops of a plan completed inline, at most: a longer one goes through the threads.
 inline constexpr size_t kMaxInlineHostOps = 4;
+// Engine commands of a plan submitted inline (ExecOptions::inline_submit), at most.
+inline constexpr size_t kMaxInlineGpuOps = 4;
 
 // Whether the caller of Enqueue may complete the plan itself (ExecOptions::inline_complete):
 // it then holds no lock a hook takes by the time it calls RunHeld, and does call it.
@@ -117,6 +128,7 @@ struct ExecCounters {
   uint64_t max_in_flight = 0;    // most engine submissions in flight at once
   uint64_t plans_coalesced = 0;  // plans whose work joined an engine submission already holding another's
   uint64_t plans_inline = 0;     // plans completed on the thread that queued them (inline_complete)
+  uint64_t plans_inline_submitted = 0;  // plans whose engine work that thread submitted (inline_submit)
 };
 
 // Runs audited Plans in engine submissions of bounded cost (mediator/work_split.h): a
@@ -217,11 +229,14 @@ class Executor {
   };
   struct Counters_ {
     std::atomic<uint64_t> plans{0}, import_hits{0}, import_misses{0}, engine_submissions{0}, bytes_zero_copy{0},
-        bytes_gathered{0}, plans_cancelled{0}, drains{0}, max_in_flight{0}, plans_coalesced{0}, plans_inline{0};
+        bytes_gathered{0}, plans_cancelled{0}, drains{0}, max_in_flight{0}, plans_coalesced{0}, plans_inline{0},
+        plans_inline_submitted{0};
   };
   static constexpr size_t kMaxImports = 64;
   static constexpr uint64_t kImportWindow = 2ull << 20;
-  Result<std::shared_ptr<Import>> ImportGuestRange(Gpa gpa, ByteSize size, bool write);
+  // `hits_only`: a range not imported yet is kWouldBlock (inline submission: no import on
+  // the caller's thread).
+  Result<std::shared_ptr<Import>> ImportGuestRange(Gpa gpa, ByteSize size, bool write, bool hits_only = false);
   void SubmitLoop();
   void RetireLoop();
   void Retire(Retiring& r);
@@ -256,9 +271,11 @@ class Executor {
   void DrainLocked(std::unique_lock<std::mutex>& lk);  // the same, mu_ held
   bool HostWritePending(std::span<const Extent> touched) const;  // mu_
   bool Cancelled(uint64_t epoch) const { return epoch_.load(std::memory_order_acquire) != epoch; }
-  // Whether `plan` may complete inline: host ops only, few, into fd-backed guest memory or
-  // the aperture (asks the DmaSpace, whose lock is a leaf: callable under mu_).
-  bool Inlinable(const Plan& plan) const;
+  // Whether `plan` may complete inline (kComplete: host ops only, few, into fd-backed guest
+  // memory or the aperture) or be submitted inline (kSubmit: a few engine commands on such
+  // memory, then such host ops). Asks the DmaSpace, whose lock is a leaf: callable under mu_.
+  enum class InlineKind : uint8_t { kNo, kComplete, kSubmit };
+  InlineKind Inlinable(const Plan& plan) const;
   // Runs `fn` (a hook and the guest write that goes with it) unless `epoch` was cancelled.
   template <class Fn>
   void IfCurrent(uint64_t epoch, Fn&& fn);
@@ -272,6 +289,7 @@ class Executor {
   const uint32_t depth_;
   const bool coalesce_;
   const bool inline_;  // inline_complete, and G == 0
+  const bool inline_submit_;  // inline_complete and inline_submit
   const uint64_t granularity_ns_;  // G; 0: time is not coarsened
   // Coarsened time, retire thread only: the instant by which everything retired so far had
   // really completed (engine completion stamps, hand-over times), in steady_clock ns.

@@ -35,8 +35,9 @@ struct VgpuConfig {
   uint32_t executor_depth = 4;
   // Plans queued while the engine is saturated share engine submissions (ExecOptions).
   bool executor_coalesce = true;
-  // A host-op-only plan queued while the executor is idle completes on the loop, no thread
-  // hop (ExecOptions::inline_complete; vgpud --no-inline-complete turns it off).
+  // A host-op-only plan queued while the executor is idle completes on the loop, and a plan
+  // with a little engine work on imported memory is submitted there: no thread hop
+  // (ExecOptions::inline_complete and inline_submit; vgpud --no-inline-complete turns both off).
   bool executor_inline = true;
   // The host's time granularity G (vgpud --time-granularity-us): completions become visible
   // to the guest (fence, fence interrupt, DEVICE_IDLE) at multiples of G of CLOCK_MONOTONIC,
@@ -97,6 +98,7 @@ struct VgpuCounters {
   uint64_t engine_submissions = 0;
   uint64_t plans_coalesced = 0;   // plans whose work joined another's engine submission
   uint64_t plans_inline = 0;      // plans completed on the loop (ExecOptions::inline_complete)
+  uint64_t plans_inline_submitted = 0;  // plans whose engine work the loop submitted (ExecOptions::inline_submit)
   // Idle notify: times the device re-read the tail shadow on its own after its last plan
   // finished, and how many of those found a new tail (submissions no kick announced).
   uint64_t tail_rereads = 0;

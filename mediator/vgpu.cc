@@ -446,6 +446,7 @@ VgpuCounters Vgpu::Counters() const {
   c.engine_submissions = ec.engine_submissions;
   c.plans_coalesced = ec.plans_coalesced;
   c.plans_inline = ec.plans_inline;
+  c.plans_inline_submitted = ec.plans_inline_submitted;
   return c;
 }
 

@@ -406,7 +406,10 @@ TEST_CASE("inline completion: a host-op plan to an idle executor completes on th
   for (uint64_t i = 0; i <= kMaxInlineHostOps; ++i) many.ops.push_back(PlanFence{Range(kFenceOff, 8, true), 3, false});
   CHECK(!EnqueueAsLoop(exec, std::move(many)));
   exec.WaitIdle();
-  CHECK(!EnqueueAsLoop(exec, StreamPlan(4)));
+  Plan host_then_engine;  // engine work behind a host op: neither completed nor submitted inline
+  host_then_engine.ops.push_back(PlanFence{Range(kFenceOff, 8, true), 4, true});
+  host_then_engine.ops.push_back(PlanFill{Range(0x10000, 256, true), 4});
+  CHECK(!EnqueueAsLoop(exec, std::move(host_then_engine)));
   exec.WaitIdle();
   REQUIRE(exec.Enqueue(FenceOnly(5)).ok());
   exec.WaitIdle();
@@ -434,6 +437,134 @@ TEST_CASE("inline completion: a host-op plan to an idle executor completes on th
   CHECK(rec.fences.back() == 7);
   CHECK(exec.Counters().plans_inline == 3);
   CHECK(rec.failures.empty());
+}
+
+// --- inline submission (ExecOptions::inline_submit) ---
+// A plan whose little engine work uses memory already imported, queued while the executor is
+// idle, is submitted by the thread that queued it; the retire thread completes it, in order
+// and once. Whatever would make that thread wait hands the untouched plan to the threads.
+
+TEST_CASE("inline submission: engine work on imported memory is submitted by the caller; anything that would wait goes to the threads") {
+  Guest g;
+  Recorder rec;
+  std::vector<std::byte> aperture(1 << 20);
+  Executor exec(SharedEngine(), g.dma, aperture, {}, rec.Hooks(), kInline);
+  uint64_t seq = 0;
+  auto fenced_fill = [&](uint64_t off, uint64_t size) {
+    Plan p;
+    p.ops.push_back(PlanFill{Range(off, size, true), static_cast<uint32_t>(seq + 1)});
+    p.ops.push_back(PlanFence{Range(kFenceOff, 8, true), ++seq, true});
+    return p;
+  };
+  auto submitted_inline = [&] { return exec.Counters().plans_inline_submitted; };
+  // The first use of the window imports it: the caller may not, so the threads run it.
+  CHECK(EnqueueAsLoop(exec, fenced_fill(0x10000, 256)));
+  exec.WaitIdle();
+  CHECK(submitted_inline() == 0);
+  CHECK(exec.Counters().import_misses >= 1);
+  CHECK(g.At<uint32_t>(0x10000) == 1);
+  // Imported now: submitted here, completed by the retire thread (the fence is not this
+  // thread's), and the FILL ran before the fence was written.
+  for (int i = 0; i < 20; ++i) {
+    CHECK(EnqueueAsLoop(exec, fenced_fill(0x10000 + uint64_t(i) * 256, 256)));
+    exec.WaitIdle();
+    REQUIRE(g.At<uint32_t>(0x10000 + uint64_t(i) * 256) == seq);
+    REQUIRE(g.At<uint64_t>(kFenceOff) == seq);
+  }
+  CHECK(submitted_inline() == 20);
+  {
+    std::lock_guard lk(rec.mu);
+    CHECK(rec.fence_threads.back() != std::this_thread::get_id());
+  }
+  // More than one engine submission's worth (a shared engine cuts a 2 MiB FILL into 1 MiB
+  // pieces): handed back whole, and run once.
+  {
+    struct SharedGate : engine::SubmitGate {
+      bool Admit(const engine::Submission&) override { return true; }
+      void Ran(uint64_t, bool, uint64_t) override {}
+      bool PrefersSmallSubmissions() const override { return true; }
+    } gate;
+    auto shared = engine::Engine::Create();
+    REQUIRE(shared.ok());
+    (*shared)->SetGate(&gate);
+    Recorder rec3;
+    Executor small(shared->get(), g.dma, aperture, {}, rec3.Hooks(), kInline);
+    auto plan = [&](uint64_t off, uint64_t size, uint64_t v) {
+      Plan p;
+      p.ops.push_back(PlanFill{Range(off, size, true), static_cast<uint32_t>(v)});
+      p.ops.push_back(PlanFence{Range(kFenceOff + 64, 8, true), v, true});
+      return p;
+    };
+    CHECK(EnqueueAsLoop(small, plan(0x200000, 4096, 1)));  // imports the window
+    small.WaitIdle();
+    CHECK(EnqueueAsLoop(small, plan(0x200000, 4096, 2)));
+    small.WaitIdle();
+    CHECK(small.Counters().plans_inline_submitted == 1);
+    const uint64_t big = 2 * kSharedSubmissionCostBudget;
+    CHECK(EnqueueAsLoop(small, plan(0x200000, big, 3)));
+    small.WaitIdle();
+    CHECK(small.Counters().plans_inline_submitted == 1);
+    CHECK(small.Counters().engine_submissions >= 4);
+    CHECK(g.At<uint32_t>(0x200000) == 3);
+    CHECK(g.At<uint32_t>(0x200000 + big - 4) == 3);
+    CheckInOrderOnce(rec3, 3);
+  }
+  // Scattered memory (a gather), too many engine ops, or engine work after a host op: never held.
+  Plan scattered;
+  scattered.ops.push_back(PlanFill{Range(0x20000, 2 * 4096, true, 2), 7});
+  CHECK(!EnqueueAsLoop(exec, std::move(scattered)));
+  Plan many;
+  for (size_t i = 0; i <= kMaxInlineGpuOps; ++i) many.ops.push_back(PlanFill{Range(0x10000, 256, true), 9});
+  CHECK(!EnqueueAsLoop(exec, std::move(many)));
+  exec.WaitIdle();
+  // Behind work still running (not idle): queued, not held.
+  for (int i = 0; i < 4; ++i) REQUIRE(exec.Enqueue(fenced_fill(0x10000, 256)).ok());
+  Result<bool> behind = exec.Enqueue(fenced_fill(0x10000, 256), InlineOk::kYes);
+  REQUIRE(behind.ok());
+  if (*behind) exec.RunHeld();  // the four may all have retired already
+  exec.WaitIdle();
+  CheckInOrderOnce(rec, seq);
+  CHECK(submitted_inline() <= 21);
+  // Off: nothing is submitted by the caller.
+  Guest g2;
+  Recorder rec2;
+  Executor off(SharedEngine(), g2.dma, aperture, {}, rec2.Hooks(), ExecOptions{4, true, 0, true, false});
+  for (int i = 0; i < 3; ++i) {
+    Plan p;
+    p.ops.push_back(PlanFill{Range(0x10000, 256, true), 1});
+    p.ops.push_back(PlanFence{Range(kFenceOff, 8, true), uint64_t(i) + 1, true});
+    EnqueueAsLoop(off, std::move(p));
+    off.WaitIdle();
+  }
+  CHECK(off.Counters().plans_inline_submitted == 0);
+  CheckInOrderOnce(rec2, 3);
+}
+
+TEST_CASE("inline submission: with time coarsening, and cancelled while its work runs") {
+  Guest g;
+  Recorder rec;
+  std::vector<std::byte> aperture(1 << 20);
+  // Coarsened: completion stays the retire thread's, submission may still be the caller's.
+  Executor exec(SharedEngine(), g.dma, aperture, {}, rec.Hooks(), ExecOptions{4, true, 1'000'000, true, true});
+  for (uint64_t i = 1; i <= 3; ++i) {
+    Plan p;
+    p.ops.push_back(PlanFill{Range(0x10000, 256, true), static_cast<uint32_t>(i)});
+    p.ops.push_back(PlanFence{Range(kFenceOff, 8, true), i, true});
+    EnqueueAsLoop(exec, std::move(p));
+    exec.WaitIdle();
+  }
+  CHECK(exec.Counters().plans_inline_submitted == 2);  // the first imported the window
+  CHECK(exec.Counters().plans_inline == 0);
+  CheckInOrderOnce(rec, 3);
+  // Cancelled right after the caller submitted it: its fence never arrives.
+  Plan p;
+  p.ops.push_back(PlanFill{Range(0x10000, 256, true), 4});
+  p.ops.push_back(PlanFence{Range(kFenceOff, 8, true), 4, true});
+  CHECK(EnqueueAsLoop(exec, std::move(p)));
+  CHECK(exec.Counters().plans_inline_submitted == 3);
+  exec.Cancel();
+  exec.WaitIdle();
+  CheckInOrderOnce(rec, 3);
 }
 
 TEST_CASE("inline completion: off with inline_complete = false or with time coarsening") {

@@ -167,15 +167,16 @@ std::vector<Ablation> PlanAblations(const std::set<std::string>& which, const st
   }
   if (which.count("executor")) {
     Ablation a{"executor", "how the executor runs a vGPU's plans (in flight, coalesced, completed inline)",
-               {"empty", "small", "stream"}};
+               {"empty", "small", "stream", "churn"}};
     a.rows.push_back({"mediated", "pipelined and coalescing: --executor-depth 4, plans queued while the engine is "
                                   "saturated share engine submissions (the default)"});
     a.rows.push_back({"mediated-uncoalesced",
                       "pipelined, one engine submission per plan: --no-coalesce (a vgpud of its own)"});
     variants["mediated-uncoalesced"] = {Host::kUncoalesced, Doorbell::kDefault, ""};
     a.rows.push_back({"mediated-no-inline",
-                      "no inline completion: a fence-only plan to an idle vGPU goes through the executor's threads "
-                      "instead of completing on the worker's loop: --no-inline-complete (a vgpud of its own)"});
+                      "nothing inline: a fence-only plan to an idle vGPU goes through the executor's threads instead of "
+                      "completing on the worker's loop, and a small engine plan is submitted by the submit thread "
+                      "instead of the loop: --no-inline-complete (a vgpud of its own)"});
     variants["mediated-no-inline"] = {Host::kNoInline, Doorbell::kDefault, ""};
     a.rows.push_back({"mediated-serial", "serial: --executor-depth 1 (a vgpud of its own)"});
     variants["mediated-serial"] = {Host::kSerial, Doorbell::kDefault, ""};

@@ -178,7 +178,8 @@ int main(int argc, char** argv) {
                "executor ablation)");
   app.add_flag("--no-inline-complete", no_inline,
                "a fence-only submission to an idle vGPU goes through the executor's threads instead of completing on "
-               "the worker's loop (the study's executor ablation)");
+               "the worker's loop, and a small engine submission is made by the submit thread instead of the loop "
+               "(the study's executor ablation)");
   std::string sched_mode = "best-effort";
   uint64_t slice_us = 2000, yield_timeout_ms = 60000, idle_grace_us = 200;
   app.add_option("--sched", sched_mode,
