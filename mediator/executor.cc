@@ -56,6 +56,7 @@ thread_local bool t_inline = false;
 // last one is kWouldBlock, and RunHeld gives the untouched plan to the submit thread.
 thread_local bool t_inline_submit = false;
 thread_local bool t_inline_flush_ok = false;  // RunHeld's one submission, at the plan's end
+thread_local bool t_executor_thread = false;  // SubmitLoop's and RetireLoop's threads
 Error WouldBlockInline(const char* what) {
   return Error{Errc::kWouldBlock, fmt::format("inline submission would wait: {}", what)};
 }
@@ -501,7 +502,10 @@ bool Executor::HostWritePending(std::span<const Extent> touched) const {
   return false;
 }
 
+bool Executor::OnExecutorThread() { return t_executor_thread; }
+
 void Executor::SubmitLoop() {
+  t_executor_thread = true;
   // Stays open across plans while the engine is saturated (ShouldCoalesce); sent before
   // the thread waits for work, takes a task or stops. While it holds work running_ stays
   // set, so a Cancel meanwhile queues its `after` behind it.
@@ -567,6 +571,7 @@ void Executor::Follow(Batch& batch, Retiring r) {
 }
 
 void Executor::RetireLoop() {
+  t_executor_thread = true;
   std::unique_lock lk(mu_);
   for (;;) {
     retire_cv_.wait(lk, [&] { return retire_stop_ || !retiring_.empty(); });

@@ -159,6 +159,10 @@ class Executor {
   // here: its plan_done hook may have held the next one (InlineOk::kYes from that hook, on
   // this thread), so the caller calls it again.
   bool RunHeld();
+  // Whether the calling thread is an executor's submit or retire thread: a vGPU's own
+  // worker threads, which may write its interrupt eventfd themselves (bounded, see
+  // IrqSet::TriggerNow) instead of waking the signaller thread.
+  static bool OnExecutorThread();
   // Whether a new submission may be audited at all: kLimitExceeded while the queue is full
   // by count, or since a submission was refused for bytes until a queued plan has finished.
   // The loop checks it before auditing, so a flood of doorbells against a full queue costs

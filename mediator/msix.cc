@@ -42,6 +42,11 @@ bool Vgpu::Impl::MessagesAllowed() const {
 namespace {
 // Set while RunHeldOnLoop runs: an interrupt raised then is written on this thread.
 thread_local bool t_irq_now = false;
+// An interrupt is written by the thread that raises it when that is the loop completing
+// inline, or one of the executor's threads (this vGPU's own: a guest that makes its eventfd
+// block delays its own completions, by at most EventFd::kGuardMs each); otherwise it is
+// queued for the signaller thread, so the loop never waits on it.
+bool WriteIrqHere() { return t_irq_now || Executor::OnExecutorThread(); }
 // Set while a plan_done hook running inside RunHeldOnLoop may hold the next plan.
 thread_local bool t_chain_ok = false;
 }  // namespace
@@ -70,7 +75,7 @@ void Vgpu::Impl::Deliver(uint32_t vector) {
       regs_.msix_pending |= 1u << vector;
       return;
     }
-    (void)(t_irq_now ? irqs_.TriggerNow(vu::kIrqMsix, vector) : irqs_.Trigger(vu::kIrqMsix, vector));
+    (void)(WriteIrqHere() ? irqs_.TriggerNow(vu::kIrqMsix, vector) : irqs_.Trigger(vu::kIrqMsix, vector));
     return;
   }
   if (config_space_.MsiEnabled()) {
@@ -81,7 +86,7 @@ void Vgpu::Impl::Deliver(uint32_t vector) {
       config_space_.SetMsiPending(config_space_.MsiPending() | 1u << msi_vector);
       return;
     }
-    (void)(t_irq_now ? irqs_.TriggerNow(vu::kIrqMsi, msi_vector) : irqs_.Trigger(vu::kIrqMsi, msi_vector));
+    (void)(WriteIrqHere() ? irqs_.TriggerNow(vu::kIrqMsi, msi_vector) : irqs_.Trigger(vu::kIrqMsi, msi_vector));
   }
 }
 
