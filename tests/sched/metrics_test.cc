@@ -604,6 +604,11 @@ TEST_CASE("the endpoint's page parses, has every counter, moves with a real work
     CHECK(e.Get("vgpud_commands_audited_total", {{"uuid", kA}}).value_or(0) >= kRounds);
     CHECK(e.Get("vgpud_plans_executed_total", {{"uuid", kA}}).value_or(0) >= kRounds);
     CHECK(e.Get("vgpud_irqs_total", {{"uuid", kA}}).value_or(0) >= kRounds);
+    // One submission at a time to an idle vGPU, its buffers imported after the first: the
+    // loop submits them itself (F12 inline submission), while time coarsening keeps the
+    // completions on the executor's thread (no inline completion).
+    CHECK(e.Get("vgpud_plans_inline_submitted_total", {{"uuid", kA}}).value_or(0) >= 1);
+    CHECK(e.Get("vgpud_plans_inline_total", {{"uuid", kA}}) == 0.0);
     CHECK(e.Get("vgpud_gpu_time_seconds_total", {{"uuid", kA}}).value_or(0) > 0);  // ns on the wire, s here
     CHECK(e.Get("vgpud_vfio_user_clients", {{"uuid", kA}}) == 1.0);  // g is still connected
     CHECK(e.Get("vgpud_doorbells_total", {{"uuid", kB}}).value_or(0) >= 1);

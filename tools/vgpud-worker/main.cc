@@ -335,6 +335,10 @@ void Worker::Pong(uint64_t seq) {
   set(ch::Counter::kIrqs, c.irqs_raised);
   set(ch::Counter::kCommandsAudited, c.commands_audited);
   set(ch::Counter::kPlansExecuted, c.plans_executed);
+  set(ch::Counter::kPlansInline, c.plans_inline);
+  set(ch::Counter::kPlansInlineSubmitted, c.plans_inline_submitted);
+  set(ch::Counter::kPlansCoalesced, c.plans_coalesced);
+  set(ch::Counter::kTailRereads, c.tail_rereads);
   set(ch::Counter::kVfioClients, vfio_->HasClient() ? 1 : 0);
   set(ch::Counter::kRemotingClients, remoting_->clients());
   set(ch::Counter::kRemotingCommands, rs.commands);

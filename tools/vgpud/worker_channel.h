@@ -119,6 +119,11 @@ enum class Counter : uint32_t {
   kHealth,            // channel::Health
   kHealthReason,      // channel::HealthReason
   kHealthRate,        // the highest faults/s over the window since the health last changed (0 while ok)
+  // F12: what the mediated fast path did (docs/device-spec.md "Execution", "Idle notify").
+  kPlansInline,           // host-op-only plans completed on the loop
+  kPlansInlineSubmitted,  // small engine plans submitted by the loop
+  kPlansCoalesced,        // plans whose work joined another's engine submission
+  kTailRereads,           // tail shadow re-reads (idle notify)
   kCount,
 };
 
@@ -153,6 +158,10 @@ inline constexpr CounterName kCounterNames[] = {
     {Counter::kHealth, "health", true},
     {Counter::kHealthReason, "health_reason", true},
     {Counter::kHealthRate, "health_fault_rate", true},
+    {Counter::kPlansInline, "plans_inline", false},
+    {Counter::kPlansInlineSubmitted, "plans_inline_submitted", false},
+    {Counter::kPlansCoalesced, "plans_coalesced", false},
+    {Counter::kTailRereads, "tail_rereads", false},
 };
 static_assert(std::size(kCounterNames) == static_cast<size_t>(Counter::kCount));
 
