@@ -57,6 +57,7 @@ thread_local bool t_inline = false;
 thread_local bool t_inline_submit = false;
 thread_local bool t_inline_flush_ok = false;  // RunHeld's one submission, at the plan's end
 thread_local bool t_executor_thread = false;  // SubmitLoop's and RetireLoop's threads
+thread_local bool t_retire_thread = false;    // RetireLoop's
 Error WouldBlockInline(const char* what) {
   return Error{Errc::kWouldBlock, fmt::format("inline submission would wait: {}", what)};
 }
@@ -207,7 +208,10 @@ Result<> Executor::Enqueue(Plan plan) {
 
 Result<bool> Executor::Enqueue(Plan plan, InlineOk inline_ok) {
   uint64_t bytes = PlanBytes(plan);
-  const InlineKind kind = inline_ok == InlineOk::kYes ? Inlinable(plan) : InlineKind::kNo;
+  InlineKind kind = inline_ok == InlineOk::kNo ? InlineKind::kNo : Inlinable(plan);
+  // Not from inside a RunHeld on this thread (a plan that failed at once and ended there):
+  // the outer one would not run what this holds.
+  if (inline_ok == InlineOk::kSubmitOnly && (kind != InlineKind::kSubmit || t_inline)) kind = InlineKind::kNo;
   const bool inlinable = kind != InlineKind::kNo;
   bool held = false;
   {
@@ -480,6 +484,10 @@ void Executor::Finished(const Retiring& r, std::unique_lock<std::mutex>& lk) {
   if (ended && hooks_.plan_done) {
     lk.unlock();
     IfCurrent(ended->epoch, [&] { hooks_.plan_done(); });
+    // The hook's idle-notify settle may have found the guest's next submission and held it
+    // (InlineOk::kSubmitOnly): this thread submits it now, one wake-up sooner than the
+    // submit thread would. Its entries join this thread's queue; nothing recurses.
+    if (t_retire_thread && !t_inline) RunHeld();
     lk.lock();
   }
 }
@@ -503,6 +511,7 @@ bool Executor::HostWritePending(std::span<const Extent> touched) const {
 }
 
 bool Executor::OnExecutorThread() { return t_executor_thread; }
+bool Executor::OnRetireThread() { return t_retire_thread; }
 
 void Executor::SubmitLoop() {
   t_executor_thread = true;
@@ -572,6 +581,7 @@ void Executor::Follow(Batch& batch, Retiring r) {
 
 void Executor::RetireLoop() {
   t_executor_thread = true;
+  t_retire_thread = true;
   std::unique_lock lk(mu_);
   for (;;) {
     retire_cv_.wait(lk, [&] { return retire_stop_ || !retiring_.empty(); });

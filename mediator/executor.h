@@ -114,7 +114,9 @@ inline constexpr size_t kMaxInlineGpuOps = 4;
 
 // Whether the caller of Enqueue may complete the plan itself (ExecOptions::inline_complete):
 // it then holds no lock a hook takes by the time it calls RunHeld, and does call it.
-enum class InlineOk : uint8_t { kNo, kYes };
+// kSubmitOnly: only a plan that would be submitted inline (ExecOptions::inline_submit) is
+// held; the retire thread asks so from a plan_done hook, and runs it once the hook returns.
+enum class InlineOk : uint8_t { kNo, kYes, kSubmitOnly };
 
 struct ExecCounters {
   uint64_t plans = 0;
@@ -163,6 +165,8 @@ class Executor {
   // worker threads, which may write its interrupt eventfd themselves (bounded, see
   // IrqSet::TriggerNow) instead of waking the signaller thread.
   static bool OnExecutorThread();
+  // The retire thread, where a plan_done hook may hold a plan with InlineOk::kSubmitOnly.
+  static bool OnRetireThread();
   // Whether a new submission may be audited at all: kLimitExceeded while the queue is full
   // by count, or since a submission was refused for bytes until a queued plan has finished.
   // The loop checks it before auditing, so a flood of doorbells against a full queue costs

@@ -250,7 +250,7 @@ void Vgpu::Impl::ProcessRing() {
   // Bounded per vGPU (count and bytes): past it the submission is refused by name. On the
   // loop, a host-op-only plan queued while the executor is idle is held and completed there
   // by the entry point once it has let go of mu_ (Executor::RunHeld).
-  if (Result<bool> queued = exec_->Enqueue(std::move(plan).value(), inline_site_ ? InlineOk::kYes : InlineOk::kNo);
+  if (Result<bool> queued = exec_->Enqueue(std::move(plan).value(), inline_site_);
       !queued.ok()) {
     Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error(), FaultClass::kFlowControl);
     return;
@@ -305,8 +305,10 @@ void Vgpu::Impl::OnPlanDone() {
   if (plans_outstanding_ > 0) --plans_outstanding_;
   // Completing inline on the loop (RunHeldOnLoop): a tail the settle finds may be held for
   // its next round, as a kick's would.
-  const bool site = inline_site_;
-  inline_site_ = MayChainInline();
+  const InlineOk site = inline_site_;
+  inline_site_ = MayChainInline()              ? InlineOk::kYes
+                 : Executor::OnRetireThread() ? InlineOk::kSubmitOnly
+                                              : InlineOk::kNo;
   SettleGuarded();
   inline_site_ = site;
 }

@@ -304,10 +304,11 @@ class Vgpu::Impl {
   bool device_idle_ = true;       // what DEVICE_IDLE says
   bool announce_busy_ = true;     // a shadow pass that finds a new tail says 0 before its audit
   bool dying_ = false;
-  // Set (mu_) while a pass runs for an entry point on the loop that calls Executor::RunHeld
+  // kYes (mu_) while a pass runs for an entry point on the loop that calls Executor::RunHeld
   // once it has let go of mu_ (InlineSite): a plan queued then may complete on the loop
-  // (ExecOptions::inline_complete). Never on the fetch or retire thread, which do not.
-  bool inline_site_ = false;
+  // (ExecOptions::inline_complete). kSubmitOnly in a plan_done on the retire thread, which
+  // submits such a plan after the hook. Never on the fetch thread, which does not.
+  InlineOk inline_site_ = InlineOk::kNo;
   // RunHeld on the loop, with the interrupts it raises written there too (IrqSet::TriggerNow,
   // bounded to EventFd::kGuardMs) rather than by the signaller thread: a fence-only
   // submission then wakes no thread of the daemon at all. mu_ not held.
@@ -316,8 +317,8 @@ class Vgpu::Impl {
   // Inside RunHeldOnLoop, before its last round: a pass now may hold a plan for it.
   static bool MayChainInline();
   struct InlineSite {
-    explicit InlineSite(Impl& i) : impl(i) { impl.inline_site_ = true; }
-    ~InlineSite() { impl.inline_site_ = false; }
+    explicit InlineSite(Impl& i) : impl(i) { impl.inline_site_ = InlineOk::kYes; }
+    ~InlineSite() { impl.inline_site_ = InlineOk::kNo; }
     InlineSite(const InlineSite&) = delete;
     InlineSite& operator=(const InlineSite&) = delete;
     Impl& impl;

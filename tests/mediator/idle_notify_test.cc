@@ -99,9 +99,11 @@ struct Rig {
   bool slow_shadow = false;
 
   explicit Rig(bool shadow_in_slow_memory = false,
-               uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs, bool inline_complete = true)
+               uint64_t time_granularity_ns = abi::cmd::kDefaultTimeGranularityNs, bool inline_complete = true,
+               engine::Engine* engine = nullptr)
       : slow_shadow(shadow_in_slow_memory) {
     VgpuConfig cfg;
+    cfg.engine = engine;
     cfg.time_granularity_ns = time_granularity_ns;
     cfg.executor_inline = inline_complete;
     cfg.uuid = Uuid::Random();
@@ -271,6 +273,55 @@ TEST_CASE("idle notify: a tail published while the device is busy is found witho
     CHECK(Reg(*r.v, abi::reg::kRingHead) == r.tail);
     CHECK(Reg(*r.v, abi::reg::kErrCount) == 0);
   }
+}
+
+TEST_CASE("idle notify: engine work the retire thread's re-read finds is submitted by that thread") {
+  static auto engine = engine::Engine::Create();  // one per process, as a worker has
+  REQUIRE(engine.ok());
+  Rig r(false, 0, true, engine->get());  // time coarsening off, as the study runs
+  auto fill = [&](uint64_t va, uint32_t value) {
+    r.Append({abi::cmd::Header(abi::cmd::kFill, 6), uint32_t(va), uint32_t(va >> 32),
+              256, 0, value});
+  };
+  auto word = [&](uint64_t va) {
+    uint32_t w;
+    std::memcpy(&w, r.ram.data() + va, 4);
+    return w;
+  };
+  // First use of the memory: imported by the submit thread.
+  fill(0x2000, 0x11);
+  r.Fence(Rig::FenceVa(0), 1);
+  r.Publish();
+  r.Kick();
+  REQUIRE(r.WaitFence(0, 1));
+  REQUIRE(r.WaitIdleWord());
+  r.v->WaitIdle();
+  CHECK(word(0x2000) == 0x11);
+  const uint64_t before = r.v->Counters().plans_inline_submitted;
+  // A plan held running, its end on the retire thread (engine work first); behind it,
+  // published without a kick, a FILL and its fence.
+  r.slow.Hold();
+  fill(0x2000, 0x33);
+  r.HeldSubmission(1, 2);
+  r.Publish();
+  r.Kick();
+  REQUIRE(r.slow.WaitForHeldWrite());
+  REQUIRE(r.Idle() == 0);
+  fill(0x2000, 0x22);  // the same range: imported (this RAM is smaller than an import window)
+  r.Fence(Rig::FenceVa(2), 3);
+  r.Publish();
+  r.slow.Release();
+  // The held plan's end re-reads the shadow on the retire thread, which submits the FILL.
+  REQUIRE(r.WaitFence(2, 3));
+  CHECK(r.FenceValue(1) == 2);
+  CHECK(word(0x2000) == 0x22);
+  REQUIRE(r.WaitIdleWord());
+  r.v->WaitIdle();
+  VgpuCounters c = r.v->Counters();
+  CHECK(c.tail_rereads_found == 1);
+  CHECK(c.plans_inline_submitted == before + 1);
+  CHECK(c.doorbells == 2);
+  CHECK(Reg(*r.v, abi::reg::kErrCount) == 0);
 }
 
 TEST_CASE("idle notify: the handshake under a racing guest loses no submission") {
