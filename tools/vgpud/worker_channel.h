@@ -87,6 +87,7 @@ enum class SchedConfigSlot : uint32_t {
   kGpuTimeLimitNs,   // device ns per second, 0: none
   kGpuTimeBurstNs,   // bucket size in ns
   kIdleGraceNs,      // contended and idle this long: the grant goes back
+  kFrameLimit,       // F10: scan-out commits presented per second at most, 0: none
 };
 // kSchedRelease's values, by slot.
 // kIdleTailNs: how long the vGPU had had no work at all when it gave an idle grant back
@@ -119,6 +120,12 @@ enum class Counter : uint32_t {
   kHealth,            // channel::Health
   kHealthReason,      // channel::HealthReason
   kHealthRate,        // the highest faults/s over the window since the health last changed (0 while ok)
+  // F10 scan-out and frame pacing (docs/management.md, "Frame pacing").
+  kFlipsRequested,    // commits the guest made (ENABLE or FLIP) that passed the checks
+  kFlipsPresented,    // commits that took effect at a frame boundary
+  kFlipsDeferred,     // commits the frame limit held past at least one boundary
+  kFlipsReplaced,     // commits a later one replaced before they took effect (mailbox)
+  kDisplayFps,        // commits presented per second over the last whole second (gauge)
   kCount,
 };
 
@@ -153,6 +160,11 @@ inline constexpr CounterName kCounterNames[] = {
     {Counter::kHealth, "health", true},
     {Counter::kHealthReason, "health_reason", true},
     {Counter::kHealthRate, "health_fault_rate", true},
+    {Counter::kFlipsRequested, "flips_requested", false},
+    {Counter::kFlipsPresented, "flips_presented", false},
+    {Counter::kFlipsDeferred, "flips_deferred", false},
+    {Counter::kFlipsReplaced, "flips_replaced", false},
+    {Counter::kDisplayFps, "display_fps", true},
 };
 static_assert(std::size(kCounterNames) == static_cast<size_t>(Counter::kCount));
 
