@@ -280,7 +280,7 @@ TEST_CASE("pacing: a type's frame_limit is the default an attribute overrides; b
   // Out of range or not a number: refused with a named error at start and at a live modify,
   // and nothing changes.
   const std::string invalid(ErrcName(Errc::kInvalidArgument));
-  for (const char* bad : {"61", "240", "-1", "30fps", ""}) {
+  for (const std::string bad : {"61", "240", "-1", "30fps", ""}) {
     CAPTURE(bad);
     Json r = h.TryStart(kC, "small", Json::array({Json{{"frame_limit", bad}}}));
     CHECK_FALSE(r.value("ok", true));

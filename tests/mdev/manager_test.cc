@@ -66,7 +66,7 @@ TEST_CASE("built-in types and the types file") {
             .code() == Errc::kInvalidArgument);
   CHECK(ValidateAttribute("frame_limit", "60").ok());
   CHECK(ValidateAttribute("frame_limit", "0").ok());
-  for (const char* bad : {"61", "240", "-1", "thirty", ""}) {
+  for (const std::string bad : {"61", "240", "-1", "thirty", ""}) {
     CAPTURE(bad);
     CHECK(ValidateAttribute("frame_limit", bad).code() == Errc::kInvalidArgument);
   }
