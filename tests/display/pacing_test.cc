@@ -259,7 +259,7 @@ TEST_CASE("pacing: a type's frame_limit is the default an attribute overrides; b
   Host h({"--types", types.string()});
   std::filesystem::remove(types);
   auto a = OpenGuest(h.Start(kA, Json::array(), "paced"));
-  h.Start(kB, Json::array({Json{{"frame_limit", "5"}}}), "paced");
+  auto b = OpenGuest(h.Start(kB, Json::array({Json{{"frame_limit", "5"}}}), "paced"));
   CHECK(h.Show(kA)["frame_limit"] == 20);
   CHECK(h.Show(kB)["frame_limit"] == 5);
 
@@ -275,6 +275,23 @@ TEST_CASE("pacing: a type's frame_limit is the default an attribute overrides; b
     CHECK(fa >= 20 * 0.6);
     spin.Stop();
     CHECK_FALSE(spin.failed());
+  }
+  // The attribute overrides the type, and a guest that waits for flip-done is paced by it
+  // with nothing lost: every commit it makes is presented, none replaced.
+  PlaneOn(*b);
+  {
+    Waiter paced(*b);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    const double w = 2.0 * SlowFactor();
+    const double fb = Fps(*b, w);
+    MESSAGE("attribute limit 5, a guest that waits for each flip: ", fb, " fps");
+    CHECK(fb <= 5 * 1.05 + 2 / w);
+    CHECK(fb >= 5 * 0.6);
+    paced.Stop();
+    CHECK_FALSE(paced.failed());  // no flip-done wait timed out
+    Json c = h.Show(kB)["counters"];
+    CHECK(c["flips_replaced"] == 0);
+    CHECK(c["flips_deferred"].get<uint64_t>() > 0);
   }
 
   // Out of range or not a number: refused with a named error at start and at a live modify,
