@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "abi/device.h"
 #include "base/fd.h"
 #include "mdev/mdev.h"
 
@@ -22,6 +23,8 @@ namespace {
 
 using Json = nlohmann::ordered_json;
 constexpr uint64_t kMiB = 1ull << 20;
+// F10 frame pacing: the frame clock, above which a frame limit could never bind.
+constexpr uint64_t kMaxFrameLimit = abi::display::kFrameHz;
 
 // The attributes a vGPU understands (data, not code: STYLE.md §2). mdevctl writes them as
 // files in the device directory after `create`; unknown names are refused so a typo in a
@@ -38,6 +41,8 @@ constexpr AttrDesc kAttrs[] = {
     {"rate_burst", 0, 1000000, "submissions a burst may take at once, 0 = rate_limit / 10"},
     {"gpu_time_limit", 0, 1000, "GPU milliseconds per second, 0 = unlimited"},
     {"gpu_time_burst", 0, 10000, "GPU milliseconds a burst may take at once, 0 = gpu_time_limit / 10"},
+    {"frame_limit", 0, kMaxFrameLimit, "scan-out flips presented per second, 1..60, 0 = no limit"},
+
 };
 
 bool ValidTypeName(std::string_view n) {
@@ -96,7 +101,8 @@ Result<std::vector<VgpuType>> ParseTypes(std::string_view text) {
     for (auto [key, field, max] : {std::tuple{"rate_limit", &vt.rate_limit, uint64_t{1000000}},
                                    std::tuple{"rate_burst", &vt.rate_burst, uint64_t{1000000}},
                                    std::tuple{"gpu_time_limit", &vt.gpu_time_limit, uint64_t{1000}},
-                                   std::tuple{"gpu_time_burst", &vt.gpu_time_burst, uint64_t{10000}}}) {
+                                   std::tuple{"gpu_time_burst", &vt.gpu_time_burst, uint64_t{10000}},
+                                   std::tuple{"frame_limit", &vt.frame_limit, uint64_t{kMaxFrameLimit}}}) {
       if (t.find(key) == t.end()) continue;
       VG_TRY_ASSIGN(uint64_t v, GetUint(t, key, 0, max));
       *field = static_cast<uint32_t>(v);

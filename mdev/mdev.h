@@ -35,6 +35,7 @@ struct VgpuType {
   uint32_t rate_burst = 0;
   uint32_t gpu_time_limit = 0;  // GPU ms per second; 0: none
   uint32_t gpu_time_burst = 0;  // GPU ms
+  uint32_t frame_limit = 0;     // F10: scan-out commits presented per second; 0: none
 };
 
 enum class StartMode { kManual, kAuto };

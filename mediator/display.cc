@@ -4,6 +4,8 @@
 // then, and takes effect at the next boundary of the vGPU's frame clock (a timer on the
 // daemon's loop), which raises the display vector. Nothing here waits: the clock is armed,
 // never slept on, and a frame is read only as a bounded copy out of the aperture.
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "mediator/vgpu_impl.h"
@@ -61,10 +63,14 @@ Result<DisplayPlane> Vgpu::Impl::CheckStagedPlane() {
 }
 
 // A commit replaces one still pending (mailbox): the latest wins at the frame boundary, and a
-// guest that commits faster than the clock is not refused for it.
+// guest that commits faster than the clock, or than its frame limit, is not refused for it (a
+// refusal would count as a fault, F7, and throttle an honest spinning desktop).
 Result<> Vgpu::Impl::CommitStagedPlane() {
   VG_TRY_ASSIGN(DisplayPlane p, CheckStagedPlane());
+  ++counters_.flips_requested;
+  if (regs_.display_pending.valid) ++counters_.flips_replaced;
   regs_.display_pending = p;
+  pending_held_ = false;
   RunFrameClock(true);
   return Ok();
 }
@@ -91,20 +97,80 @@ Result<> Vgpu::Impl::WriteDisplayFlip(uint32_t v) {
 void Vgpu::Impl::RunFrameClock(bool run) {
   if (run == frame_clock_running_ || !cfg_.frame_clock) return;
   frame_clock_running_ = run;
+  const auto now = std::chrono::steady_clock::now();
+  if (run) {
+    // The boundaries that would have passed while it was stopped earn their credit, so that
+    // turning the plane off and on again neither bypasses the limit nor is punished by it.
+    const auto idle = now - clock_stopped_at_;
+    AddFrameCredit(static_cast<uint64_t>(idle / std::chrono::microseconds(1000000 / disp::kFrameHz)));
+    frame_credit_ = std::min(frame_credit_, disp::kFrameHz);
+    fps_window_start_ = now;
+    fps_window_presented_ = 0;
+  } else {
+    clock_stopped_at_ = now;
+    counters_.display_fps = 0;  // nothing is presented while the clock is stopped
+  }
   cfg_.frame_clock(run);
 }
 
+// Capped at one presentation and one boundary's earning: a boundary may spend what it just
+// earned on top of a whole presentation's worth (so 24 a second is 24, not 20); FrameTick
+// then caps what is left at one presentation, so nothing banks into a burst.
+void Vgpu::Impl::AddFrameCredit(uint64_t frames) {
+  if (frame_limit_ == 0) {
+    frame_credit_ = disp::kFrameHz;
+    return;
+  }
+  const uint64_t c = frame_credit_ + std::min<uint64_t>(frames, disp::kFrameHz) * frame_limit_;
+  frame_credit_ = static_cast<uint32_t>(std::min<uint64_t>(c, disp::kFrameHz + frame_limit_));
+}
+
+// Frame pacing: a commit waits for a boundary at which the vGPU has a presentation's credit
+// (the limit accrues limit/kFrameHz of one per boundary). Counting boundaries, not reading a
+// clock, makes the pattern exact whatever the timer's jitter: limit 30 presents at every
+// other boundary, 24 at 3, 2, 3, 2 ... boundaries apart. A held commit stays pending
+// (DISPLAY_STATUS bit1) and the display vector fires only when it takes effect, so a guest
+// that waits for flip-done is paced without a refusal or a wait of the daemon's.
 void Vgpu::Impl::FrameTick() {
   if (regs_.display_live.valid) ++regs_.display_frames;
+  AddFrameCredit(1);
   if (regs_.display_pending.valid) {
-    regs_.display_live = regs_.display_pending;
-    regs_.display_pending = DisplayPlane{};
-    ++regs_.display_flips;
-    Store32(abi::status::kDisplayFlips, regs_.display_flips);
-    RaiseIrq(abi::kVectorDisplay);
+    if (frame_credit_ < disp::kFrameHz) {
+      if (!pending_held_) ++counters_.flips_deferred;
+      pending_held_ = true;
+    } else {
+      if (frame_limit_) frame_credit_ -= disp::kFrameHz;
+      regs_.display_live = regs_.display_pending;
+      regs_.display_pending = DisplayPlane{};
+      pending_held_ = false;
+      ++regs_.display_flips;
+      ++counters_.flips_presented;
+      ++fps_window_presented_;
+      Store32(abi::status::kDisplayFlips, regs_.display_flips);
+      RaiseIrq(abi::kVectorDisplay);
+    }
   }
-  // Nothing to scan out (disabled, reset): the clock stops until the next commit.
-  if (!regs_.display_live.valid) RunFrameClock(false);
+  frame_credit_ = std::min(frame_credit_, disp::kFrameHz);
+  const auto now = std::chrono::steady_clock::now();
+  if (now - fps_window_start_ >= std::chrono::seconds(1)) {
+    const double secs = std::chrono::duration<double>(now - fps_window_start_).count();
+    counters_.display_fps = static_cast<uint64_t>(static_cast<double>(fps_window_presented_) / secs + 0.5);
+    fps_window_start_ = now;
+    fps_window_presented_ = 0;
+  }
+  // Nothing to scan out and nothing waiting (disabled, reset): the clock stops until the
+  // next commit. A commit the limit holds keeps it running.
+  if (!regs_.display_live.valid && !regs_.display_pending.valid) RunFrameClock(false);
+}
+
+Result<> Vgpu::SetFrameLimit(uint32_t fps) {
+  VG_INVALID_IF(fps > kMaxFrameLimit, "frame limit {} > {} (the frame clock)", fps, kMaxFrameLimit);
+  std::lock_guard lk(impl_->mu_);
+  Impl& i = *impl_;
+  // From none to a limit: the first presentation is not held (the credit was full).
+  if (i.frame_limit_ == 0) i.frame_credit_ = disp::kFrameHz;
+  i.frame_limit_ = fps;
+  return Ok();
 }
 
 void Vgpu::OnFrameTick() {

@@ -55,7 +55,14 @@ struct VgpuConfig {
   // OnFrameTick() every 1/abi::display::kFrameHz s. Called with the vGPU's lock held: it must
   // only arm or disarm a timer. Null (tests without a loop): call OnFrameTick() by hand.
   std::function<void(bool run)> frame_clock;
+  // F10 frame pacing (docs/device-spec.md §Scan-out, "Frame pacing"): commits presented per
+  // second at most, 0: no limit but the frame clock. 0..kMaxFrameLimit; SetFrameLimit changes it.
+  uint32_t frame_limit = 0;
 };
+
+// A limit above the frame clock could never bind (a commit takes effect at a frame boundary):
+// refused rather than accepted and meaningless.
+inline constexpr uint32_t kMaxFrameLimit = abi::display::kFrameHz;
 
 // The frame being scanned out, copied out of the aperture (rows packed: width × bytes per
 // pixel each). Guest-controlled memory: this is a copy, checked bounds, taken under the lock.
@@ -103,6 +110,12 @@ struct VgpuCounters {
   // finished, and how many of those found a new tail (submissions no kick announced).
   uint64_t tail_rereads = 0;
   uint64_t tail_rereads_found = 0;
+  // F10 scan-out and its pacing (host counters: a device reset does not zero them).
+  uint64_t flips_requested = 0;  // commits accepted (ENABLE or FLIP)
+  uint64_t flips_presented = 0;  // commits that took effect at a frame boundary
+  uint64_t flips_deferred = 0;   // commits the frame limit held past at least one boundary
+  uint64_t flips_replaced = 0;   // commits a later one replaced before they took effect (mailbox)
+  uint64_t display_fps = 0;      // commits presented per second, over the last whole second of the clock
 };
 
 class Vgpu : public vfio_user::DeviceBackend {
@@ -122,6 +135,8 @@ class Vgpu : public vfio_user::DeviceBackend {
   // F10: one frame boundary of the scan-out (VgpuConfig::frame_clock; on the daemon's loop):
   // a pending commit takes effect and raises the display vector.
   void OnFrameTick();
+  // F10 frame pacing: the limit from now on (0: none). kInvalidArgument above kMaxFrameLimit.
+  Result<> SetFrameLimit(uint32_t fps);
   // The frame being scanned out (kBadState when no plane is), copied out of the aperture.
   Result<ScanoutFrame> CaptureScanout() const;
 

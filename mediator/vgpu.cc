@@ -107,6 +107,8 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
                 cfg.gtt_entries, abi::kGttMaxEntries);
   VG_INVALID_IF(cfg.time_granularity_ns > abi::cmd::kMaxTimeGranularityNs, "time granularity of {} ns over {} ns",
                 cfg.time_granularity_ns, abi::cmd::kMaxTimeGranularityNs);
+  VG_INVALID_IF(cfg.frame_limit > kMaxFrameLimit, "frame limit {} > {} (the frame clock)", cfg.frame_limit,
+                kMaxFrameLimit);
   std::string tag = cfg.uuid.ToString();
   // BAR0's fd only backs the status page; the pages before it are never offered for mmap.
   ByteSize bar0_backing{abi::kStatusPageOffset + kPageSize};
@@ -123,6 +125,7 @@ Result<std::unique_ptr<Vgpu>> Vgpu::Create(const VgpuConfig& cfg) {
     std::lock_guard lk(impl->mu_);
     impl->ResetMsixTable();
     impl->kernel_count_ = static_cast<uint32_t>(shaders::AllKernels().size());
+    impl->frame_limit_ = cfg.frame_limit;
   }
   engine::BufferRef aperture_buffer;
   if (cfg.engine) {

@@ -255,6 +255,18 @@ class Vgpu::Impl {
   // here (VgpuConfig::frame_clock), never waited for.
   void RunFrameClock(bool run);
   bool frame_clock_running_ = false;
+  // Frame pacing (host state, not the guest's: kept across a device reset, never in a
+  // snapshot). Credit in 1/kFrameHz of a presentation: each frame boundary adds the limit,
+  // a presentation costs kFrameHz, and between boundaries it never holds more than one
+  // presentation (no banked burst). Boundaries missed while the clock was stopped are added when it starts again, so
+  // a plane turned off and on is paced as if the clock had run.
+  uint32_t frame_limit_ = 0;
+  uint32_t frame_credit_ = abi::display::kFrameHz;
+  bool pending_held_ = false;  // the pending commit was held by the limit at a boundary
+  std::chrono::steady_clock::time_point clock_stopped_at_{};
+  std::chrono::steady_clock::time_point fps_window_start_{};
+  uint64_t fps_window_presented_ = 0;
+  void AddFrameCredit(uint64_t frames);
 
   // --- vgpu.cc: reset ---
   // Reset without waiting for the engine (called without mu_): the executor is cancelled

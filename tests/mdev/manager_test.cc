@@ -57,6 +57,19 @@ TEST_CASE("built-in types and the types file") {
   CHECK(ParseTypes(R"({"types":[{"name":"a","aperture_mib":16,"gtt_entries":1,"sched_weight":1,"max_instances":1},
                                 {"name":"a","aperture_mib":16,"gtt_entries":1,"sched_weight":1,"max_instances":1}]})")
             .code() == Errc::kInvalidArgument);
+  // F10 frame pacing: a type's frame_limit, 0..60 (the frame clock), the instances' default.
+  auto paced = ParseTypes(
+      R"({"types":[{"name":"p","aperture_mib":16,"gtt_entries":1,"sched_weight":1,"max_instances":1,"frame_limit":30}]})");
+  REQUIRE(paced.ok());
+  CHECK((*paced)[0].frame_limit == 30);
+  CHECK(ParseTypes(R"({"types":[{"name":"p","aperture_mib":16,"gtt_entries":1,"sched_weight":1,"max_instances":1,"frame_limit":61}]})")
+            .code() == Errc::kInvalidArgument);
+  CHECK(ValidateAttribute("frame_limit", "60").ok());
+  CHECK(ValidateAttribute("frame_limit", "0").ok());
+  for (const std::string bad : {"61", "240", "-1", "thirty", ""}) {
+    CAPTURE(bad);
+    CHECK(ValidateAttribute("frame_limit", bad).code() == Errc::kInvalidArgument);
+  }
 }
 
 TEST_CASE("parent: PCI address when given, vgpud0 otherwise") {

@@ -151,7 +151,7 @@ void PrintHuman(const std::string& cmd, const Json& r) {
     std::printf("%s %s\n", Str(r, "uuid").c_str(), Str(r, "socket").c_str());
   } else if (cmd == "show") {
     for (const char* k : {"uuid", "parent", "type", "state", "defined", "start", "socket", "remoting_socket", "vnc",
-                          "aperture_mib", "gtt_entries", "sched_weight", "rate_limit"})
+                          "aperture_mib", "gtt_entries", "sched_weight", "rate_limit", "frame_limit"})
       if (r.contains(k)) std::printf("%-16s %s\n", k, Str(r, k).c_str());
     std::printf("%-16s %s\n", "attrs", AttrsText(r["attrs"]).c_str());
     // F7: the fault health, the state and why, as the daemon words it.

@@ -362,6 +362,11 @@ void Worker::Pong(uint64_t seq) {
   set(ch::Counter::kGpuTimeNs, gs.gpu_time_ns);
   set(ch::Counter::kQueueWaitNs, gs.queue_wait_ns);
   set(ch::Counter::kRateLimited, gs.rate_limited);
+  set(ch::Counter::kFlipsRequested, c.flips_requested);
+  set(ch::Counter::kFlipsPresented, c.flips_presented);
+  set(ch::Counter::kFlipsDeferred, c.flips_deferred);
+  set(ch::Counter::kFlipsReplaced, c.flips_replaced);
+  set(ch::Counter::kDisplayFps, c.display_fps);
   (void)ch::Send(ch::kChannelFd, r);  // a full queue: the supervisor pings again
 }
 
@@ -382,6 +387,11 @@ void Worker::OnChannel(int fd, short, void* arg) {
     if (r.kind == ch::Kind::kSchedConfig) {
       self->gate_cfg_ = worker::GateConfig::FromRecord(r);
       self->gate_->Configure(self->gate_cfg_);
+      // F10 frame pacing rides with the other limits (changed live by the same path). The
+      // supervisor checked it; a value out of range keeps the limit as it was.
+      const uint64_t fl = r.values[static_cast<size_t>(ch::SchedConfigSlot::kFrameLimit)];
+      if (auto fr = self->vgpu_->SetFrameLimit(static_cast<uint32_t>(std::min<uint64_t>(fl, UINT32_MAX))); !fr)
+        VG_LOGW("frame limit: {}", fr.error().ToString());
     }
     if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq, r.values[0] != 0);
     if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);

@@ -51,6 +51,15 @@ constexpr std::pair<std::string_view, std::string_view> kCounterHelp[] = {
      "Why not ok: 0 none, 1 command refusals, 2 MMIO refusals, 3 DMA faults, 4 remoting errors, 5 on probation "
      "after a reset lifted a quarantine."},
     {"health_fault_rate", "The highest faults per second over the fault window since the health last changed."},
+    {"plans_inline", "Host-op-only plans completed on the worker's loop (inline completion)."},
+    {"plans_inline_submitted", "Small engine plans submitted by the loop or the retire thread (inline submission)."},
+    {"plans_coalesced", "Plans whose work joined another plan's engine submission."},
+    {"tail_rereads", "Tail shadow re-reads of idle notify."},
+    {"flips_requested", "Scan-out commits (enable or flip) the guest made that passed the checks."},
+    {"flips_presented", "Scan-out commits that took effect at a frame boundary."},
+    {"flips_deferred", "Scan-out commits the frame limit held past at least one frame boundary."},
+    {"flips_replaced", "Scan-out commits a later commit replaced before they took effect."},
+    {"display_fps", "Scan-out commits presented per second, over the last whole second the frame clock ran."},
 };
 
 constexpr std::string_view kRejectNames[] = {"too_many_clients", "deadline", "too_large",

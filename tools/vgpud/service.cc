@@ -2,6 +2,8 @@
 
 #include "tools/vgpud/frame_png.h"
 
+#include "abi/device.h"
+
 #include <unistd.h>
 
 #include <charconv>
@@ -200,6 +202,7 @@ SchedParams VgpuHost::Effective(const mdev::VgpuType& type, const mdev::Attribut
   p.weight = type.sched_weight ? type.sched_weight : 100;
   p.rate_limit = type.rate_limit;
   p.rate_burst = type.rate_burst;
+  p.frame_limit = type.frame_limit;
   uint64_t gpu_ms = type.gpu_time_limit, gpu_burst_ms = type.gpu_time_burst;
   // Values were checked against their ranges when set (mdev/config.cc); a definition file
   // edited by hand is checked again here, and a bad value keeps the type's.
@@ -212,6 +215,7 @@ SchedParams VgpuHost::Effective(const mdev::VgpuType& type, const mdev::Attribut
     if (k == "rate_burst" && n <= 1000000) p.rate_burst = n;
     if (k == "gpu_time_limit" && n <= 1000) gpu_ms = n;
     if (k == "gpu_time_burst" && n <= 10000) gpu_burst_ms = n;
+    if (k == "frame_limit" && n <= abi::display::kFrameHz) p.frame_limit = static_cast<uint32_t>(n);
   }
   p.gpu_time_limit_ns = gpu_ms * 1'000'000;
   p.gpu_time_burst_ns = gpu_burst_ms * 1'000'000;
@@ -281,6 +285,7 @@ struct ServiceOps {
                            {"gtt_entries", t.gtt_entries},
                            {"sched_weight", t.sched_weight},
                            {"max_instances", t.max_instances},
+                           {"frame_limit", t.frame_limit},
                            {"available_instances", s.manager_->AvailableInstances(t.id)}});
     }
     return Json{{"parent", s.manager_->parent()}, {"types", types}};
@@ -420,7 +425,7 @@ struct ServiceOps {
     for (const auto& [k, v] : i.attrs) {
       uint64_t n = 0;
       auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
-      if ((k == "sched_weight" || k == "rate_limit") && ec == std::errc() && p == v.data() + v.size()) j[k] = n;
+      if ((k == "sched_weight" || k == "rate_limit" || k == "frame_limit") && ec == std::errc() && p == v.data() + v.size()) j[k] = n;
     }
     if (i.active) {
       j["remoting_socket"] = s.sup_.workers().RemotingSocketPath(u);
@@ -441,6 +446,7 @@ struct ServiceOps {
                 {"rate_burst", sp.rate_burst},
                 {"gpu_time_limit_ms", sp.gpu_time_limit_ns / 1'000'000},
                 {"gpu_time_burst_ms", sp.gpu_time_burst_ns / 1'000'000},
+                {"frame_limit", sp.frame_limit},
                 {"scheduling", SchedPolicyName(s.sup_.workers().policy().sched.policy)}};
         if (w->share_cap_ns) sj["share_cap_ms_per_s"] = w->share_cap_ns / 1e6;
         if (w->sched) {
@@ -456,6 +462,7 @@ struct ServiceOps {
         j["scheduler"] = std::move(sj);
         j["sched_weight"] = sp.weight;  // effective
         j["rate_limit"] = sp.rate_limit;
+        j["frame_limit"] = sp.frame_limit;
         if (w->state != "running") j["state"] = w->state;  // starting, restarting, failed
       }
     }

@@ -87,6 +87,7 @@ enum class SchedConfigSlot : uint32_t {
   kGpuTimeLimitNs,   // device ns per second, 0: none
   kGpuTimeBurstNs,   // bucket size in ns
   kIdleGraceNs,      // contended and idle this long: the grant goes back
+  kFrameLimit,       // F10: scan-out commits presented per second at most, 0: none
 };
 // kSchedRelease's values, by slot.
 // kIdleTailNs: how long the vGPU had had no work at all when it gave an idle grant back
@@ -124,6 +125,12 @@ enum class Counter : uint32_t {
   kPlansInlineSubmitted,  // small engine plans submitted by the loop
   kPlansCoalesced,        // plans whose work joined another's engine submission
   kTailRereads,           // tail shadow re-reads (idle notify)
+  // F10 scan-out and frame pacing (docs/management.md, "Frame pacing").
+  kFlipsRequested,    // commits the guest made (ENABLE or FLIP) that passed the checks
+  kFlipsPresented,    // commits that took effect at a frame boundary
+  kFlipsDeferred,     // commits the frame limit held past at least one boundary
+  kFlipsReplaced,     // commits a later one replaced before they took effect (mailbox)
+  kDisplayFps,        // commits presented per second over the last whole second (gauge)
   kCount,
 };
 
@@ -162,6 +169,11 @@ inline constexpr CounterName kCounterNames[] = {
     {Counter::kPlansInlineSubmitted, "plans_inline_submitted", false},
     {Counter::kPlansCoalesced, "plans_coalesced", false},
     {Counter::kTailRereads, "tail_rereads", false},
+    {Counter::kFlipsRequested, "flips_requested", false},
+    {Counter::kFlipsPresented, "flips_presented", false},
+    {Counter::kFlipsDeferred, "flips_deferred", false},
+    {Counter::kFlipsReplaced, "flips_replaced", false},
+    {Counter::kDisplayFps, "display_fps", true},
 };
 static_assert(std::size(kCounterNames) == static_cast<size_t>(Counter::kCount));
 

@@ -96,6 +96,7 @@ struct SchedParams {
   uint64_t rate_burst = 0;         // 0: rate_limit / 10, at least 1
   uint64_t gpu_time_limit_ns = 0;  // device ns per second; 0: none
   uint64_t gpu_time_burst_ns = 0;  // 0: a tenth of a second's worth, at least 1 ms
+  uint32_t frame_limit = 0;        // F10: scan-out commits presented per second; 0: none
   bool operator==(const SchedParams&) const = default;
 };
 
