@@ -665,7 +665,11 @@ Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& ba
   if (BatchWrites(batch, m->extents)) VG_TRY(Flush(batch));
   if (r.spans.size() == 1) {
     const GttSpan& s = r.spans[0];
-    if (s.target.aperture && aperture_buffer_) {
+    // An aperture range is bound in place when the device can bind its offset; one it
+    // cannot (a 2-D kernel's rectangle starting mid-row, F10) is gathered like scattered
+    // guest memory below, and written back after.
+    if (s.target.aperture && aperture_buffer_ &&
+        IsAligned(s.target.page_addr, std::max<uint64_t>(4, engine_->Info().min_storage_offset_alignment))) {
       m->range = {aperture_buffer_, ByteSize{s.target.page_addr}, r.size};
       return m;
     }
