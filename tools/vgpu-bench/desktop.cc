@@ -283,7 +283,10 @@ DesktopCell RunPath(const std::string& path, Desk& d, const Scene& s, const std:
   const int total = o.warmup + o.frames;
   for (int i = 0; i < total; ++i) {
     const auto t = Clock::now();
-    if (i == o.warmup) start = t;
+    if (i == o.warmup) {
+      start = t;
+      c.flips = d.flips();
+    }
     if (i > o.warmup) period_us.push_back(Us(t - last));
     last = t;
     auto us = d.Draw();
@@ -296,7 +299,6 @@ DesktopCell RunPath(const std::string& path, Desk& d, const Scene& s, const std:
       if (auto r = Compare(s, *fb, want); !r.ok()) return fail("first frame", r.error());
     }
     if (auto r = d.Present(); !r.ok()) return fail(fmt::format("present {}", i), r.error());
-    if (i == o.warmup) c.flips = d.flips();
   }
   const auto end = Clock::now();
   period_us.push_back(Us(end - last));
