@@ -167,11 +167,11 @@ std::string CompareShot(mgmt::DaemonProc& d, const std::string& uuid, const std:
 }
 
 void ExpectRefused(Desktop& g, const CommandBuilder& cb, Errc code, const char* what) {
-  CAPTURE(what);
+  CAPTURE(std::string(what));
   auto seq = g.drv->Submit(cb);
   REQUIRE(seq.ok());
   auto w = g.drv->Wait(*seq, WaitMode::kIrq, 5000);
-  CHECK_MESSAGE(w.code() == code, what, ": got ", ErrcName(w.code()), ", want ", ErrcName(code));
+  CHECK_MESSAGE(w.code() == code, std::string(what), ": got ", ErrcName(w.code()), ", want ", ErrcName(code));
   auto err = g.dev->ReadError();
   REQUIRE(err.ok());
   CHECK(err->code == code);
