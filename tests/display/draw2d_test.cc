@@ -133,8 +133,13 @@ struct Desktop {
       if (i < s.init.size()) std::memcpy(b.host.data(), s.init[i].data(), s.init[i].size());
       va.push_back(b.va);
     }
+    return Run(s.ops);
+  }
+
+  // More ops on the surfaces Draw placed.
+  Result<> Run(std::span<const Op2D> ops) {
     CommandBuilder cb;
-    for (const Op2D& op : s.ops) Emit(cb, op, va);
+    for (const Op2D& op : ops) Emit(cb, op, va);
     VG_TRY_ASSIGN(uint64_t seq, drv->Submit(cb));
     return drv->Wait(seq, WaitMode::kIrq, 20000);
   }
@@ -195,6 +200,20 @@ TEST_CASE("2-D kernels draw a frame in the scan-out plane that the screenshot sh
   REQUIRE_MESSAGE(drawn.ok(), drawn.error().ToString());
   REQUIRE(a.display->Configure({kPlaneBase, kStridePx * 4, disp::kFormatXrgb8888, kW, kH}).ok());
   REQUIRE(a.display->WaitFlip(1, 2000).ok());
+  CHECK(CompareShot(d, kUuidA, want) == "");
+
+  // One small submission whose plane rectangle starts mid-row (16-byte unaligned: gathered
+  // and written back, never bound in place), alone in its plan.
+  {
+    Scene more = scene;
+    auto fill = FillRect(0, scene.surf[0], {13, 3, 31, 9}, 0xFF00FF00u);
+    REQUIRE(fill.ok());
+    more.ops.push_back(*fill);
+    auto ran = a.Run(std::span(&*fill, 1));
+    REQUIRE_MESSAGE(ran.ok(), ran.error().ToString());
+    CHECK(CompareShot(d, kUuidA, Reference(more)) == "");
+  }
+  REQUIRE(a.Run(scene.ops).ok());
   CHECK(CompareShot(d, kUuidA, want) == "");
 
   SUBCASE("a hostile neighbour's lying 2-D commands are refused by name; the frame stays exact") {

@@ -157,7 +157,8 @@ std::vector<ValidateCase> ValidateCases() {
                Stream().Dispatch(k(K::kFill), {4, 1, 1}, {{3, 0, 0, 4096}}, fill_push).bytes(), Errc::kBadState});
   // F10 2-D kernels: the same rectangle rule as the auditor's (shaders::ValidateKernelArgs).
   auto rect = [](uint32_t a, uint32_t b, uint32_t c2, uint32_t d2) {
-    auto p = shaders::PushBytes(shaders::FillRectPush{a, b, c2, d2});
+    const shaders::FillRectPush push{a, b, c2, d2};
+    auto p = shaders::PushBytes(push);
     return std::vector<std::byte>(p.begin(), p.end());
   };
   c.push_back({"fill_rect past its binding",
