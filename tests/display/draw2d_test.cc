@@ -23,6 +23,13 @@ namespace disp = vg::abi::display;
 
 namespace {
 
+// The error's words for a failed assertion's message (doctest evaluates the message of a
+// passing assertion too, under -s: it must not touch a Result that holds a value).
+template <class R>
+std::string Why(const R& r) {
+  return r.ok() ? std::string() : r.error().ToString();
+}
+
 constexpr uint32_t kW = 200, kH = 120, kStridePx = 208;  // 832-byte rows: a multiple of 64
 constexpr uint32_t kPlaneBase = 64 * 1024;
 constexpr uint64_t Up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
@@ -65,11 +72,11 @@ Scene MakeScene(uint32_t salt) {
   s.init = {{}, Random(s.surf[1].size, salt + 1), Random(s.surf[2].size, salt + 2, true),
             Random(s.surf[3].size, salt + 3)};
   auto add = [&](Result<Op2D> op) {
-    REQUIRE_MESSAGE(op.ok(), op.error().ToString());
+    REQUIRE_MESSAGE(op.ok(), Why(op));
     s.ops.push_back(*op);
   };
   auto add_all = [&](Result<std::vector<Op2D>> ops) {
-    REQUIRE_MESSAGE(ops.ok(), ops.error().ToString());
+    REQUIRE_MESSAGE(ops.ok(), Why(ops));
     s.ops.insert(s.ops.end(), ops->begin(), ops->end());
   };
   add(FillRect(0, s.surf[0], {0, 0, kW, kH}, 0xFF203040u + salt));   // desktop
@@ -94,7 +101,7 @@ std::vector<uint32_t> Reference(const Scene& s) {
     for (const Binding2D& x : op.bindings()) b.push_back(std::span(mem[x.surface]).subspan(x.offset, x.size));
     auto r = shaders::RunReference(op.kernel, op.push_bytes().first(shaders::FindKernel(op.kernel)->push_size), b,
                                    op.groups);
-    REQUIRE_MESSAGE(r.ok(), r.error().ToString());
+    REQUIRE_MESSAGE(r.ok(), Why(r));
   }
   std::vector<uint32_t> frame(uint64_t{kW} * kH);
   for (uint32_t y = 0; y < kH; ++y) std::memcpy(&frame[y * kW], &mem[0][uint64_t{y} * kStridePx * 4], kW * 4);
@@ -197,7 +204,7 @@ TEST_CASE("2-D kernels draw a frame in the scan-out plane that the screenshot sh
   const Scene scene = MakeScene(1);
   const std::vector<uint32_t> want = Reference(scene);
   auto drawn = a.Draw(scene);
-  REQUIRE_MESSAGE(drawn.ok(), drawn.error().ToString());
+  REQUIRE_MESSAGE(drawn.ok(), Why(drawn));
   REQUIRE(a.display->Configure({kPlaneBase, kStridePx * 4, disp::kFormatXrgb8888, kW, kH}).ok());
   REQUIRE(a.display->WaitFlip(1, 2000).ok());
   CHECK(CompareShot(d, kUuidA, want) == "");
@@ -210,7 +217,7 @@ TEST_CASE("2-D kernels draw a frame in the scan-out plane that the screenshot sh
     REQUIRE(fill.ok());
     more.ops.push_back(*fill);
     auto ran = a.Run(std::span(&*fill, 1));
-    REQUIRE_MESSAGE(ran.ok(), ran.error().ToString());
+    REQUIRE_MESSAGE(ran.ok(), Why(ran));
     CHECK(CompareShot(d, kUuidA, Reference(more)) == "");
   }
   REQUIRE(a.Run(scene.ops).ok());
