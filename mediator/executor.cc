@@ -259,8 +259,14 @@ Executor::InlineKind Executor::Inlinable(const Plan& plan) const {
   size_t gpu = 0;
   for (; gpu < plan.ops.size(); ++gpu) {
     const PlanOp& op = plan.ops[gpu];
+    // The aperture in place only at an offset the device can bind (else gathered, F10).
     auto usable = [&](const ResolvedRange& r, bool write) {
-      return r.spans.size() == 1 && (!r.spans[0].target.aperture || aperture_buffer_) &&
+      if (r.spans.size() != 1 || !engine_) return false;
+      const GttTarget& t = r.spans[0].target;
+      return
+             (!t.aperture ||
+              (aperture_buffer_ &&
+               IsAligned(t.page_addr, std::max<uint64_t>(4, engine_->Info().min_storage_offset_alignment)))) &&
              in_place(r, vu::kDmaRead | (write ? vu::kDmaWrite : 0));
     };
     if (const auto* d = std::get_if<PlanDispatch>(&op)) {
@@ -741,7 +747,11 @@ Result<Executor::MatRef> Executor::Materialize(const ResolvedRange& r, Batch& ba
   if (BatchWrites(batch, m->extents)) VG_TRY(Flush(batch));
   if (r.spans.size() == 1) {
     const GttSpan& s = r.spans[0];
-    if (s.target.aperture && aperture_buffer_) {
+    // An aperture range is bound in place when the device can bind its offset; one it
+    // cannot (a 2-D kernel's rectangle starting mid-row, F10) is gathered like scattered
+    // guest memory below, and written back after.
+    if (s.target.aperture && aperture_buffer_ &&
+        IsAligned(s.target.page_addr, std::max<uint64_t>(4, engine_->Info().min_storage_offset_alignment))) {
       m->range = {aperture_buffer_, ByteSize{s.target.page_addr}, r.size};
       return m;
     }

@@ -34,6 +34,11 @@ constexpr KernelCost kCosts[] = {
     {KernelId::kReduceSum, Shape::kWhole, 0, 1},   // count elements, whatever the grid
     {KernelId::kBlur3x3, Shape::kTiles, shaders::kOne, 9},
     {KernelId::kSpin, Shape::kLinear, 1, 1},       // iterations per element
+    // 2-D kernels: one pixel per invocation, indexed by gid x/y alone (any group is a piece).
+    {KernelId::kFillRect, Shape::kTiles, shaders::kOne, 1},
+    {KernelId::kBlit, Shape::kTiles, shaders::kOne, 1},
+    {KernelId::kBlend, Shape::kTiles, shaders::kOne, 1},
+    {KernelId::kConvert565, Shape::kTiles, shaders::kOne, 1},
 };
 
 uint32_t PushWord(std::span<const std::byte> push, uint8_t word) {

@@ -28,11 +28,34 @@ constexpr uint32_t kBlur3x3Spv[] = {
 constexpr uint32_t kSpinSpv[] = {
 #include "spin.spv.inc"
 };
+constexpr uint32_t kFillRectSpv[] = {
+#include "fill_rect.spv.inc"
+};
+constexpr uint32_t kBlitSpv[] = {
+#include "blit.spv.inc"
+};
+constexpr uint32_t kBlendSpv[] = {
+#include "blend.spv.inc"
+};
+constexpr uint32_t kConvert565Spv[] = {
+#include "convert_565.spv.inc"
+};
 
 // 1-D kernels index with u32 gid.x + gid.y * groups.x * 256: y <= 256 keeps every index
 // below 2^32 (65535 * 256 * 256 < 2^32), so no invocation aliases another.
 constexpr std::array<uint32_t, 3> k1DGroups = {65535, 256, 1};
 constexpr std::array<uint32_t, 3> k2DGroups = {65535, 65535, 1};
+
+// 2-D kernels: a rectangle's sides and strides. The shaders index with u32 y * stride + x:
+// (2^14 - 1) * 2^16 + 2^14 < 2^31, so no index wraps whatever the guest passes within them.
+inline constexpr uint32_t kMaxRectSide = 16384;
+inline constexpr uint32_t kMaxRectStride = 65536;
+// Push words of RectPush.
+constexpr MinSizeRule kRectSrc{0, 2, 4, 3};
+constexpr MinSizeRule kRectDst{1, 2, 4, 3};
+constexpr std::array<PushLimit, kMaxPushLimits> kRectLimits = {
+    {{0, kMaxRectStride, "src_stride"}, {1, kMaxRectStride, "dst_stride"}, {2, kMaxRectSide, "width"},
+     {3, kMaxRectSide, "height"}}};
 
 // Kept in id order: FindKernel indexes it directly.
 const KernelDesc kKernels[] = {
@@ -63,6 +86,23 @@ const KernelDesc kKernels[] = {
      sizeof(SpinPush), {256, 1, 1}, k1DGroups,
      {{{1, 1u << 20, "iterations"}}},
      "result[i] = `iterations` LCG+xorshift rounds of (seed ^ i) (u32)"},
+    {KernelId::kFillRect, "fill_rect", kFillRectSpv, 1,
+     {{{"dst", Access::kWrite, {0, 1, 4, 2}}}},
+     sizeof(FillRectPush), {16, 16, 1}, k2DGroups,
+     {{{0, kMaxRectStride, "stride"}, {1, kMaxRectSide, "width"}, {2, kMaxRectSide, "height"}}},
+     "dst[y * stride + x] = value for x < width, y < height (u32 pixels)"},
+    {KernelId::kBlit, "blit", kBlitSpv, 2,
+     {{{"src", Access::kRead, kRectSrc}, {"dst", Access::kWrite, kRectDst}}},
+     sizeof(RectPush), {16, 16, 1}, k2DGroups, kRectLimits,
+     "copy a width x height rectangle of u32 pixels (source and destination must not overlap)"},
+    {KernelId::kBlend, "blend", kBlendSpv, 2,
+     {{{"src", Access::kRead, kRectSrc}, {"dst", Access::kReadWrite, kRectDst}}},
+     sizeof(RectPush), {16, 16, 1}, k2DGroups, kRectLimits,
+     "src-over of premultiplied ARGB8888 rectangles, exact integer rounding"},
+    {KernelId::kConvert565, "convert_565", kConvert565Spv, 2,
+     {{{"src", Access::kRead, {0, 2, 2, 3}}, {"dst", Access::kWrite, kRectDst}}},
+     sizeof(RectPush), {16, 16, 1}, k2DGroups, kRectLimits,
+     "RGB565 rectangle -> XRGB8888 rectangle (alpha 0xFF), bit replication"},
 };
 
 uint32_t PushWord(std::span<const std::byte> push, uint8_t word) {
@@ -86,6 +126,17 @@ Result<uint64_t> MinBindingBytes(const KernelDesc& k, size_t i, std::span<const 
   VG_ERROR_IF(push.size() != k.push_size, Errc::kBadKernel, "{}: push constants are {} bytes, want {}", k.name,
               push.size(), k.push_size);
   const MinSizeRule& r = k.bindings[i].min_size;
+  if (r.rows != kOne) {
+    // A rectangle: the last element is (height - 1) * stride + width - 1. u32 words in u64:
+    // no product here can overflow, and no wrap can make a huge height look small.
+    const uint64_t stride = PushWord(push, r.a), width = PushWord(push, r.b), height = PushWord(push, r.rows);
+    if (width == 0 || height == 0) return uint64_t{0};
+    VG_INVALID_IF(width > stride, "{}: binding {} ({}): width {} is more than the stride {}", k.name, i,
+                  k.bindings[i].name, width, stride);
+    VG_TRY_ASSIGN(uint64_t rows_span, CheckedMul(height - 1, stride));
+    VG_TRY_ASSIGN(uint64_t bytes, CheckedMul(rows_span + width, r.elem_bytes));
+    return (bytes + 3) & ~uint64_t{3};
+  }
   // Two u32 factors times a small element size cannot overflow u64, but check anyway:
   // this is the line that stands between a guest's push constants and a wild read.
   VG_TRY_ASSIGN(uint64_t n, CheckedMul(PushWord(push, r.a), PushWord(push, r.b)));

@@ -24,6 +24,12 @@ enum class KernelId : uint32_t {
   kReduceSum = 5,  // out[0] += sum(in[i]), grid-stride        (u32, wrapping: exact)
   kBlur3x3 = 6,    // 3x3 binomial blur, clamp-to-edge        (u32, exact)
   kSpin = 7,       // `iterations` ALU rounds per element     (u32)
+  // F10 2-D kernels (docs/device-spec.md §2-D kernels): rectangles of pixels, each binding
+  // starting at its rectangle's first pixel, rows `stride` pixels apart.
+  kFillRect = 8,   // rect = value                            (u32 pixels)
+  kBlit = 9,       // dst rect = src rect                     (u32 pixels; no overlap, see guest::Blit)
+  kBlend = 10,     // dst rect = src rect over dst rect       (premultiplied ARGB8888, exact)
+  kConvert565 = 11,  // dst rect = widen(src rect)            (RGB565 -> XRGB8888)
 };
 
 enum class Access : uint8_t { kRead, kWrite, kReadWrite };
@@ -37,16 +43,24 @@ struct MatmulPush { uint32_t m; uint32_t n; uint32_t k; };
 struct ReduceSumPush { uint32_t count; };
 struct Blur3x3Push { uint32_t width; uint32_t height; };
 struct SpinPush { uint32_t count; uint32_t iterations; uint32_t seed; };
+struct FillRectPush { uint32_t stride; uint32_t width; uint32_t height; uint32_t value; };
+// Blit, Blend and Convert565: strides in pixels of each surface.
+struct RectPush { uint32_t src_stride; uint32_t dst_stride; uint32_t width; uint32_t height; };
 
 // Index of a u32 push-constant word, or kOne for the constant 1.
 inline constexpr uint8_t kOne = 0xff;
 
 // A binding's minimum size in bytes = push[a] * push[b] * elem_bytes, so that the
 // kernel's bounds checks (which trust the push constants) never step past the binding.
+// With `rows` set (2-D kernels) it is a rectangle instead: a = the row stride, b = the
+// width, rows = the height, all in elements, and the size is ((height - 1) * stride +
+// width) * elem_bytes rounded up to a dword (0 for an empty rectangle); width must not pass
+// the stride (a stride that lies: kInvalidArgument).
 struct MinSizeRule {
   uint8_t a = kOne;
   uint8_t b = kOne;
   uint32_t elem_bytes = 4;
+  uint8_t rows = kOne;
 };
 
 struct BindingDesc {
@@ -64,7 +78,7 @@ struct PushLimit {
 
 inline constexpr size_t kMaxBindings = 4;
 inline constexpr size_t kMaxPushBytes = 16;
-inline constexpr size_t kMaxPushLimits = 3;
+inline constexpr size_t kMaxPushLimits = 4;
 
 struct KernelDesc {
   KernelId id;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace vg::shaders {
 namespace {
@@ -97,10 +98,72 @@ void RefSpin(const KernelDesc& k, std::span<const std::byte> push, Bindings b, s
   }
 }
 
+// The part of a 2-D kernel's width x height rectangle its group counts reach.
+struct Extent {
+  uint64_t w, h;
+};
+Extent Covered2D(const KernelDesc& k, std::array<uint32_t, 3> g, uint32_t width, uint32_t height) {
+  return {std::min<uint64_t>(width, uint64_t{g[0]} * k.workgroup_size[0]),
+          std::min<uint64_t>(height, uint64_t{g[1]} * k.workgroup_size[1])};
+}
+void RefFillRect(const KernelDesc& k, std::span<const std::byte> push, Bindings b, std::array<uint32_t, 3> g) {
+  auto p = ReadPush<FillRectPush>(push);
+  Extent e = Covered2D(k, g, p.width, p.height);
+  for (uint64_t y = 0; y < e.h; ++y)
+    for (uint64_t x = 0; x < e.w; ++x) Store(b[0], y * p.stride + x, p.value);
+}
+// The memmove result: every source pixel read before any destination pixel is written, so
+// overlapping bindings give what guest::Blit's two passes give (the GPU kernel alone does
+// not promise that, see blit.comp).
+void RefBlit(const KernelDesc& k, std::span<const std::byte> push, Bindings b, std::array<uint32_t, 3> g) {
+  auto p = ReadPush<RectPush>(push);
+  Extent e = Covered2D(k, g, p.width, p.height);
+  std::vector<uint32_t> tmp(e.w * e.h);
+  for (uint64_t y = 0; y < e.h; ++y)
+    for (uint64_t x = 0; x < e.w; ++x) tmp[y * e.w + x] = Load<uint32_t>(b[0], y * p.src_stride + x);
+  for (uint64_t y = 0; y < e.h; ++y)
+    for (uint64_t x = 0; x < e.w; ++x) Store(b[1], y * p.dst_stride + x, tmp[y * e.w + x]);
+}
+void RefBlend(const KernelDesc& k, std::span<const std::byte> push, Bindings b, std::array<uint32_t, 3> g) {
+  auto p = ReadPush<RectPush>(push);
+  Extent e = Covered2D(k, g, p.width, p.height);
+  for (uint64_t y = 0; y < e.h; ++y)
+    for (uint64_t x = 0; x < e.w; ++x)
+      Store(b[1], y * p.dst_stride + x,
+            BlendPixel(Load<uint32_t>(b[0], y * p.src_stride + x), Load<uint32_t>(b[1], y * p.dst_stride + x)));
+}
+void RefConvert565(const KernelDesc& k, std::span<const std::byte> push, Bindings b, std::array<uint32_t, 3> g) {
+  auto p = ReadPush<RectPush>(push);
+  Extent e = Covered2D(k, g, p.width, p.height);
+  for (uint64_t y = 0; y < e.h; ++y)
+    for (uint64_t x = 0; x < e.w; ++x)
+      Store(b[1], y * p.dst_stride + x, Widen565(Load<uint16_t>(b[0], y * p.src_stride + x)));
+}
+
 // Indexed by kernel id (0 unused), parallel to the catalogue.
-constexpr RefFn kRefs[] = {nullptr, RefFill, RefCopy, RefSaxpy, RefMatmul, RefReduceSum, RefBlur3x3, RefSpin};
+constexpr RefFn kRefs[] = {nullptr,    RefFill,     RefCopy, RefSaxpy, RefMatmul,    RefReduceSum,
+                           RefBlur3x3, RefSpin,     RefFillRect, RefBlit, RefBlend, RefConvert565};
 
 }  // namespace
+
+uint32_t BlendPixel(uint32_t src, uint32_t dst) {
+  const uint32_t inv = 255u - (src >> 24);
+  uint32_t out = 0;
+  for (uint32_t sh = 0; sh < 32; sh += 8) {
+    const uint32_t t = ((dst >> sh) & 255u) * inv + 128u;
+    const uint32_t c = ((src >> sh) & 255u) + ((t + (t >> 8)) >> 8);
+    out |= std::min<uint32_t>(c, 255u) << sh;
+  }
+  return out;
+}
+
+uint32_t Widen565(uint16_t p) {
+  uint32_t r = (p >> 11) & 31u, g = (p >> 5) & 63u, b = p & 31u;
+  r = (r << 3) | (r >> 2);
+  g = (g << 2) | (g >> 4);
+  b = (b << 3) | (b >> 2);
+  return 0xFF000000u | r << 16 | g << 8 | b;
+}
 
 Result<> RunReference(uint32_t id, std::span<const std::byte> push, std::span<const std::span<std::byte>> bindings,
                       std::array<uint32_t, 3> groups) {

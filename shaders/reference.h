@@ -20,6 +20,11 @@ namespace vg::shaders {
 Result<> RunReference(uint32_t id, std::span<const std::byte> push, std::span<const std::span<std::byte>> bindings,
                       std::array<uint32_t, 3> groups);
 
+// One pixel of the 2-D kernels, for references of whole frames (tests, the bench):
+// premultiplied ARGB8888 src-over (blend.comp), and RGB565 -> XRGB8888 (convert_565.comp).
+uint32_t BlendPixel(uint32_t src, uint32_t dst);
+uint32_t Widen565(uint16_t p);
+
 // Stated tolerances for the float kernels (what the tests assert):
 //   saxpy : |gpu - ref| <= kSaxpyRelTol * (|a*x| + |y|) + kAbsTol
 //   matmul: |gpu - ref| <= kMatmulRelTol * sum_k |a_ik * b_kj| + kAbsTol

@@ -93,6 +93,40 @@ KernelSample MakeSample(KernelId id, uint32_t n, uint32_t seed) {
       s.groups = Groups1D(k, n);
       s.bindings = {Bytes(U32s(n, seed))};
       break;
+    // 2-D kernels: a rectangle inside surfaces whose rows are padded (the padding, what lies
+    // between one row's end and the next row's start, must come back untouched), bindings
+    // exactly as large as the bounds rule asks.
+    case KernelId::kFillRect: {
+      uint32_t w = Side(n, 2), h = std::max(1u, n / w), stride = w + 3;
+      s.push = Push(FillRectPush{stride, w, h, 0xff000000u ^ seed});
+      s.groups = Groups2D(k, w, h);
+      s.bindings = {Bytes(U32s(size_t{h - 1} * stride + w, seed))};
+      break;
+    }
+    case KernelId::kBlit:
+    case KernelId::kBlend: {
+      uint32_t w = Side(n, 2), h = std::max(1u, n / w), ss = w + 3, ds = w + 5;
+      s.push = Push(RectPush{ss, ds, w, h});
+      s.groups = Groups2D(k, w, h);
+      auto src = U32s(size_t{h - 1} * ss + w, seed);
+      if (id == KernelId::kBlend)  // premultiplied: no colour above its alpha; some opaque, some clear
+        for (size_t i = 0; i < src.size(); ++i) {
+          uint32_t a = i % 7 == 0 ? 255u : i % 11 == 0 ? 0u : src[i] >> 24;
+          uint32_t v = a << 24;
+          for (uint32_t sh = 0; sh < 24; sh += 8) v |= (((src[i] >> sh) & 255u) * a / 255u) << sh;
+          src[i] = v;
+        }
+      s.bindings = {Bytes(src), Bytes(U32s(size_t{h - 1} * ds + w, seed + 1))};
+      break;
+    }
+    case KernelId::kConvert565: {
+      uint32_t w = Side(n, 2), h = std::max(1u, n / w), ss = w + 1, ds = w + 5;
+      s.push = Push(RectPush{ss, ds, w, h});
+      s.groups = Groups2D(k, w, h);
+      size_t src_words = (size_t{h - 1} * ss + w + 1) / 2;
+      s.bindings = {Bytes(U32s(src_words, seed)), Bytes(U32s(size_t{h - 1} * ds + w, seed + 1))};
+      break;
+    }
   }
   return s;
 }

@@ -43,6 +43,18 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
     CHECK(w["paths"]["remoting"]["bytes_per_submission"].get<double>() > 0);
   }
   for (const char* g : {"empty", "small", "kernel_time", "cmds", "data", "churn", "stream"}) CHECK(groups.count(g) == 1);
+  // The desktop group (F10): every path composited frames equal to the CPU reference.
+  REQUIRE(j.contains("desktop"));
+  CHECK(j["desktop"]["ops_per_frame"].get<int>() > 6);
+  std::set<std::string> desk_paths;
+  for (const auto& c : j["desktop"]["cells"]) {
+    desk_paths.insert(c["path"].get<std::string>());
+    CHECK_MESSAGE(c["correct"] == true, c.dump());
+    CHECK(c["fps"].get<double>() > 0);
+    CHECK(c["frame_us"]["p50"].get<double>() > 0);
+  }
+  for (const auto& p : {"native", "mediated", "remoting"})
+    if (paths.find(p) != std::string::npos) CHECK(desk_paths.count(p) == 1);
   // Calibration is a checked precondition (docs/ab-methodology.md, "Calibration check"): every
   // kernel_time row carries its target with native's measured p50 beside it, and the counts
   // rise with the target. rc == 0 above already says no check failed.

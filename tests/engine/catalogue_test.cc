@@ -24,7 +24,7 @@ std::array<uint32_t, 3> SpirvLocalSize(std::span<const uint32_t> w) {
 
 TEST_CASE("catalogue: ids are dense, stable and findable") {
   auto all = AllKernels();
-  REQUIRE(all.size() == 7);
+  REQUIRE(all.size() == 11);
   std::set<std::string_view> names;
   for (size_t i = 0; i < all.size(); ++i) {
     CHECK(all[i].raw_id() == i + 1);
@@ -33,12 +33,16 @@ TEST_CASE("catalogue: ids are dense, stable and findable") {
   }
   CHECK(names.size() == all.size());
   CHECK(FindKernel(0u) == nullptr);
-  CHECK(FindKernel(8u) == nullptr);
+  CHECK(FindKernel(12u) == nullptr);
   CHECK(FindKernel(0xffffffffu) == nullptr);
   // ABI: these numbers are in guests' command streams.
   CHECK(FindKernel(1u)->name == "fill");
   CHECK(FindKernel(4u)->name == "matmul");
   CHECK(FindKernel(7u)->name == "spin");
+  CHECK(FindKernel(8u)->name == "fill_rect");
+  CHECK(FindKernel(9u)->name == "blit");
+  CHECK(FindKernel(10u)->name == "blend");
+  CHECK(FindKernel(11u)->name == "convert_565");
   CHECK(FindKernel(KernelId::kSaxpy)->push_size == sizeof(SaxpyPush));
 }
 

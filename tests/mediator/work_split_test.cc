@@ -5,6 +5,7 @@
 
 #include <set>
 #include <tuple>
+#include <vector>
 
 #include "mediator/work_split.h"
 #include "shaders/catalogue.h"
@@ -102,4 +103,24 @@ TEST_CASE("SliceRange cuts spans at the slice's edges") {
   CHECK(s.spans[2].target.page_addr == 0x30000);
   CHECK(s.spans[2].size.v == 8);
   CHECK(s.va.v == 0x1000 + kPageSize - 8);
+}
+
+TEST_CASE("every catalogue kernel has a cost rule; the largest 2-D rectangle is cut within the budget") {
+  // A kernel without a row cannot be dispatched, so a new kernel cannot run unbounded by omission.
+  for (const shaders::KernelDesc& k : shaders::AllKernels()) {
+    CAPTURE(k.name);
+    std::vector<std::byte> push(k.push_size);
+    CHECK(DispatchCut::Make(k.raw_id(), {1, 1, 1}, push).ok());
+  }
+  // F10: a 16384 x 16384 fill_rect (the push limits' largest) is 1024 x 1024 groups of 256 pixels.
+  shaders::FillRectPush p{16384, 16384, 16384, 7};
+  const std::array<uint32_t, 3> g = shaders::Groups2D(*shaders::FindKernel(KernelId::kFillRect), 16384, 16384);
+  CHECK(g == std::array<uint32_t, 3>{1024, 1024, 1});
+  for (uint64_t budget : {kSubmissionCostBudget, kSharedSubmissionCostBudget}) {
+    auto cut = DispatchCut::Make(Id(KernelId::kFillRect), g, shaders::PushBytes(p), budget);
+    REQUIRE(cut.ok());
+    CHECK(cut->piece_cost() <= budget);
+    CHECK(cut->total_cost() == uint64_t{16384} * 16384);
+    CheckTiles(*cut, g);
+  }
 }

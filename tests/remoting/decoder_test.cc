@@ -155,6 +155,26 @@ std::vector<ValidateCase> ValidateCases() {
                Errc::kInvalidArgument});
   c.push_back({"dispatch destroyed binding",
                Stream().Dispatch(k(K::kFill), {4, 1, 1}, {{3, 0, 0, 4096}}, fill_push).bytes(), Errc::kBadState});
+  // F10 2-D kernels: the same rectangle rule as the auditor's (shaders::ValidateKernelArgs).
+  auto rect = [](uint32_t a, uint32_t b, uint32_t c2, uint32_t d2) {
+    const shaders::FillRectPush push{a, b, c2, d2};
+    auto p = shaders::PushBytes(push);
+    return std::vector<std::byte>(p.begin(), p.end());
+  };
+  c.push_back({"fill_rect past its binding",
+               Stream().Dispatch(k(K::kFillRect), {4, 4, 1}, {{1, 0, 0, 4096}}, rect(64, 64, 64, 1)).bytes(),
+               Errc::kOutOfBounds});
+  c.push_back({"fill_rect stride below width",
+               Stream().Dispatch(k(K::kFillRect), {1, 1, 1}, {{1, 0, 0, 4096}}, rect(4, 16, 2, 1)).bytes(),
+               Errc::kInvalidArgument});
+  c.push_back({"fill_rect huge height",
+               Stream().Dispatch(k(K::kFillRect), {1, 1, 1}, {{1, 0, 0, 4096}}, rect(16, 16, 0xFFFFFFFFu, 1)).bytes(),
+               Errc::kLimitExceeded});
+  c.push_back({"blit source stride lies",
+               Stream()
+                   .Dispatch(k(K::kBlit), {1, 1, 1}, {{1, 0, 0, 4096}, {2, 0, 0, 4096}}, rect(65536, 16, 16, 2))
+                   .bytes(),
+               Errc::kOutOfBounds});
   return c;
 }
 

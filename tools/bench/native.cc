@@ -109,6 +109,22 @@ Result<KernelCase> MakeKernelCase(Engine& e, KernelId id, uint32_t n, uint32_t s
       c.work = static_cast<double>(n) * n;
       break;
     }
+    case KernelId::kFillRect: {
+      VG_TRY_ASSIGN(auto b, e.CreateBuffer(ByteSize{uint64_t{n} * n * 4}));
+      c.sub.Dispatch(kid, Groups2D(k, n, n), {Whole(b)}, PushBytes(FillRectPush{n, n, n, 7}));
+      c.work = static_cast<double>(n) * n;
+      break;
+    }
+    case KernelId::kBlit:
+    case KernelId::kBlend:
+    case KernelId::kConvert565: {
+      uint64_t sq = uint64_t{n} * n * 4;
+      VG_TRY_ASSIGN(auto a, RandomBuffer(e, sq, 1));
+      VG_TRY_ASSIGN(auto b, RandomBuffer(e, sq, 2));
+      c.sub.Dispatch(kid, Groups2D(k, n, n), {Whole(a), Whole(b)}, PushBytes(RectPush{n, n, n, n}));
+      c.work = static_cast<double>(n) * n;
+      break;
+    }
     case KernelId::kSpin: {
       VG_TRY_ASSIGN(auto b, e.CreateBuffer(ByteSize{bytes}));
       c.sub.Dispatch(kid, Groups1D(k, n), {Whole(b)}, PushBytes(SpinPush{n, spin_iters, 1}));
@@ -135,11 +151,17 @@ constexpr Sized kSized[] = {
     {KernelId::kReduceSum, 1024, 8u << 20, 1u << 20, "GB/s", 1e9, 0},
     {KernelId::kBlur3x3, 64, 1024, 256, "Mpix/s", 1e6, 0},
     {KernelId::kSpin, 256, 65536, 16384, "Giter/s", 1e9, 1000},
+    {KernelId::kFillRect, 64, 1024, 256, "Mpix/s", 1e6, 0},
+    {KernelId::kBlit, 64, 1024, 256, "Mpix/s", 1e6, 0},
+    {KernelId::kBlend, 64, 1024, 256, "Mpix/s", 1e6, 0},
+    {KernelId::kConvert565, 64, 1024, 256, "Mpix/s", 1e6, 0},
 };
 
 std::string SizeName(KernelId id, uint32_t n) {
   if (id == KernelId::kMatmul) return fmt::format("{}^3", n);
-  if (id == KernelId::kBlur3x3) return fmt::format("{}x{}", n, n);
+  if (id == KernelId::kBlur3x3 || id == KernelId::kFillRect || id == KernelId::kBlit || id == KernelId::kBlend ||
+      id == KernelId::kConvert565)
+    return fmt::format("{}x{}", n, n);
   if (n >= (1u << 20)) return fmt::format("{}Mi", n >> 20);
   if (n >= 1024) return fmt::format("{}Ki", n >> 10);
   return fmt::format("{}", n);

@@ -42,6 +42,7 @@
 
 #include "abi/device.h"
 #include "tools/vgpu-bench/covert.h"
+#include "tools/vgpu-bench/desktop.h"
 #include "tools/vgpu-bench/study.h"
 
 using namespace vg;
@@ -516,6 +517,16 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
                               c.rtt_p50_us));
     }
   }
+  for (const DesktopCell& c : r.desktop.cells) {
+    if (!c.error.empty()) {
+      s.push_back(fmt::format("DESKTOP RUN FAILED: {}: {}", c.path, c.error));
+      continue;
+    }
+    s.push_back(fmt::format("desktop, {}: {} windows into {}x{}, frame p50 {:.0f} us, p99 {:.0f} us; {:.1f} frames/s "
+                            "achieved{}",
+                            c.path, r.desktop.windows, r.desktop.width, r.desktop.height, c.frame_us.p50,
+                            c.frame_us.p99, c.fps, c.path == "mediated" ? " (one flip per frame, waited)" : ""));
+  }
   if (!r.all_correct) s.push_back("SOME RESULTS DIFFER FROM THE CPU REFERENCE (see the ok column)");
   if (!cal.ok())
     s.push_back(fmt::format("CALIBRATION FAILED: {} of {} kernel_time rows do not hold the work their targets say (see "
@@ -560,7 +571,7 @@ int main(int argc, char** argv) {
   app.add_flag("--smoke", smoke, "tiny sizes and few repetitions (the test suite's run)");
   app.add_option("--groups", groups,
                  "only these workload groups: empty,small,kernel_time,cmds,data,churn,stream,concurrency,lifecycle,"
-                 "covert; fairness,noisy only when named here");
+                 "covert,desktop; fairness,noisy only when named here");
   app.add_option("--paths", paths_csv, "paths to run (native is always the baseline)")->capture_default_str();
   app.add_option("--reps", o.reps, "interleaved repetitions per workload")->capture_default_str();
   app.add_option("--iters", o.iters, "submissions per path per repetition (default by size)");
@@ -635,11 +646,12 @@ int main(int argc, char** argv) {
   bool want_concurrency = o.groups.empty() || o.groups.count("concurrency");
   const bool want_lifecycle = o.groups.empty() || o.groups.count("lifecycle");
   const bool want_covert = o.groups.empty() || o.groups.count("covert");
+  const bool want_desktop = o.groups.empty() || o.groups.count("desktop");
   // The scheduler groups cost minutes and daemons of their own: only when named.
   const bool want_fairness = o.groups.count("fairness") > 0, want_noisy = o.groups.count("noisy") > 0;
   // Everything but lifecycle, covert and the scheduler groups needs the study's daemon, its
   // floors and its calibration.
-  const bool want_study = o.groups.empty() || o.groups.size() > o.groups.count("lifecycle") + o.groups.count("covert") +
+  const bool want_study = o.groups.empty() || o.groups.size() > o.groups.count("lifecycle") + o.groups.count("covert") + o.groups.count("desktop") +
                                                                      want_fairness + want_noisy;
   std::vector<std::string> paths{"native"};
   std::vector<std::string> skipped;
@@ -741,6 +753,30 @@ int main(int argc, char** argv) {
     };
     covert = MeasureCovert(co, make_host);
   }
+  // Desktop next, on a vgpud of its own: one vGPU for the mediated guest, one for the remoting
+  // one (docs/ab-methodology.md "Desktop").
+  DesktopReport desktop;
+  if (want_desktop) {
+    DesktopOptions dopt;
+    dopt.paths.clear();
+    for (const std::string p : {"native", "mediated", "remoting"})
+      if (std::find(paths.begin(), paths.end(), p) != paths.end()) dopt.paths.push_back(p);
+    if (smoke) {
+      dopt.width = 320, dopt.height = 200, dopt.frames = 20;
+    } else if (full) {
+      dopt.width = 1280, dopt.height = 720, dopt.frames = 600;
+    }
+    dopt.progress = o.progress;
+    desktop = MeasureDesktop(
+        dopt,
+        [&]() -> Result<DesktopHost> {
+          VG_TRY_ASSIGN(auto dd, StartDaemon(vgpud, {"small", "small"}, gpu, "-desktop"));
+          std::shared_ptr<DaemonProc> keep(std::move(dd));
+          return DesktopHost{PathConfig{keep->Socket(0), keep->RemoteSocket(0), keep->pid, gpu, dopt.guest_ram},
+                             PathConfig{keep->Socket(1), keep->RemoteSocket(1), keep->pid, gpu, dopt.guest_ram}, keep};
+        },
+        gpu);
+  }
   // The scheduler groups next, before the study's daemons exist: two vgpuds of their own,
   // --sched weighted and --sched off, whose vGPUs they start and stop (fairness.h).
   SchedReport sched;
@@ -772,6 +808,7 @@ int main(int argc, char** argv) {
     report.device = device;
     report.lifecycle = std::move(lifecycle);
     report.covert = std::move(covert);
+    report.desktop = std::move(desktop);
     report.sched = std::move(sched);
     Summarize(report, {});
     return Emit(report, o, smoke, json_file, csv_file);
@@ -901,6 +938,7 @@ int main(int argc, char** argv) {
   }
   report->lifecycle = std::move(lifecycle);
   report->covert = std::move(covert);
+  report->desktop = std::move(desktop);
   report->sched = std::move(sched);
   Summarize(*report, paths);
   for (const auto& n : skipped) report->summary.push_back(n);
@@ -950,7 +988,8 @@ int Emit(const StudyReport& r, const StudyOptions& o, bool smoke, const std::str
   // So is a covert run that failed (a sender or receiver that broke, a wrong result), and a
   // scheduler group with a failed precondition (fairness.h): their figures are not evidence.
   return StudyExitStatus(r.all_correct,
-                         (!r.lifecycle.ran || r.lifecycle.complete()) && r.covert.complete() && r.sched.complete(),
+                         (!r.lifecycle.ran || r.lifecycle.complete()) && r.covert.complete() && r.sched.complete() &&
+                             r.desktop.complete(),
                          r.calibration);
 }
 

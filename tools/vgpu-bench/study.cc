@@ -505,6 +505,7 @@ std::string FormatReport(const StudyReport& r) {
   }
   out += FormatLifecycle(r.lifecycle);
   out += FormatCovert(r.covert);
+  out += FormatDesktop(r.desktop);
   out += FormatSched(r.sched);
   out += "\n== summary\n";
   // An entry starting with two spaces continues the one before it (a verdict's rows).
@@ -588,6 +589,7 @@ nlohmann::json ToJson(const StudyReport& r) {
   if (r.compared) j["agreement"] = AgreementJson(r.agreement);
   if (r.lifecycle.ran) j["lifecycle"] = LifecycleJson(r.lifecycle);
   if (r.covert.ran) j["covert"] = CovertJson(r.covert);
+  if (r.desktop.ran) j["desktop"] = DesktopJson(r.desktop);
   AddSchedJson(r.sched, j);
   if (r.calibration.ran) j["calibration"] = CalibrationJson(r.calibration);
   j["summary"] = r.summary;

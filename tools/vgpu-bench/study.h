@@ -13,6 +13,7 @@
 #include "tools/vgpu-bench/agreement.h"
 #include "tools/vgpu-bench/calibration.h"
 #include "tools/vgpu-bench/covert.h"
+#include "tools/vgpu-bench/desktop.h"
 #include "tools/vgpu-bench/fairness.h"
 #include "tools/vgpu-bench/floors.h"
 #include "tools/vgpu-bench/lifecycle.h"
@@ -110,6 +111,7 @@ struct StudyReport {
   std::vector<Concurrency> concurrency;
   LifecycleReport lifecycle;         // its own section: not a path ratio (ran = false: not run)
   CovertReport covert;               // its own section: a covert channel, coarsening off and on
+  DesktopReport desktop;             // its own section: frames composited per path (ran = false: not run)
   SchedReport sched;                 // fairness and noisy (F7): their own sections (ran = false: not run)
   std::vector<Ablation> ablations;   // as run: rows that could not be made are in not_run
   std::vector<std::string> summary;  // sentences; one starting with two spaces continues the last
