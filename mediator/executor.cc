@@ -263,11 +263,9 @@ Executor::InlineKind Executor::Inlinable(const Plan& plan) const {
     auto usable = [&](const ResolvedRange& r, bool write) {
       if (r.spans.size() != 1 || !engine_) return false;
       const GttTarget& t = r.spans[0].target;
-      return
-             (!t.aperture ||
-              (aperture_buffer_ &&
-               IsAligned(t.page_addr, std::max<uint64_t>(4, engine_->Info().min_storage_offset_alignment)))) &&
-             in_place(r, vu::kDmaRead | (write ? vu::kDmaWrite : 0));
+      const uint64_t align = std::max<uint64_t>(4, engine_->Info().min_storage_offset_alignment);
+      if (t.aperture && (!aperture_buffer_ || !IsAligned(t.page_addr, align))) return false;
+      return in_place(r, vu::kDmaRead | (write ? vu::kDmaWrite : 0));
     };
     if (const auto* d = std::get_if<PlanDispatch>(&op)) {
       for (const ResolvedRange& b : d->bindings)
