@@ -55,6 +55,15 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   }
   for (const auto& p : {"native", "mediated", "remoting"})
     if (paths.find(p) != std::string::npos) CHECK(desk_paths.count(p) == 1);
+  // The mediated guest on a vGPU with frame_limit 30: the limiter never gives it more.
+  if (paths.find("mediated") != std::string::npos) {
+    REQUIRE(desk_paths.count("mediated-limited") == 1);
+    for (const auto& c : j["desktop"]["cells"]) {
+      if (c["path"] != "mediated-limited") continue;
+      CHECK(c["frame_limit"] == 30);
+      CHECK_MESSAGE(c["fps"].get<double>() <= 33.0, c.dump());
+    }
+  }
   // Calibration is a checked precondition (docs/ab-methodology.md, "Calibration check"): every
   // kernel_time row carries its target with native's measured p50 beside it, and the counts
   // rise with the target. rc == 0 above already says no check failed.

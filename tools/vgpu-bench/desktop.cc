@@ -337,18 +337,21 @@ DesktopReport MeasureDesktop(const DesktopOptions& o, const DesktopHostFactory& 
     Result<std::unique_ptr<Desk>> d = MakeError(Errc::kUnsupported, "no desktop on path {}", p);
     if (p == "native") {
       d = NativeDesk::Make(*scene, gpu);
-    } else if (p == "mediated" || p == "remoting") {
+    } else if (p == "mediated" || p == "remoting" || p == "mediated-limited") {
       if (!host) host = make_host();
       if (!host->ok())
         d = host->error();
+      else if (p == "remoting")
+        d = RemotingDesk::Make(*scene, (*host)->remoting);
       else
-        d = p == "mediated" ? MediatedDesk::Make(*scene, (*host)->mediated) : RemotingDesk::Make(*scene, (*host)->remoting);
+        d = MediatedDesk::Make(*scene, p == "mediated" ? (*host)->mediated : (*host)->limited);
     }
     if (!d.ok()) {
       r.cells.push_back({.path = p, .error = "setup: " + d.error().ToString()});
       continue;
     }
     r.cells.push_back(RunPath(p, **d, *scene, *want, o));
+    if (p == "mediated-limited") r.cells.back().frame_limit = o.frame_limit;
   }
   return r;
 }
@@ -359,14 +362,14 @@ std::string FormatDesktop(const DesktopReport& r) {
       "\n== desktop: {} windows composited into {}x{} each frame ({} 2-D dispatches); mediated flips once per frame "
       "and waits for it\n",
       r.windows, r.width, r.height, r.ops_per_frame);
-  out += fmt::format("{:<9} {:>7} {:>12} {:>12} {:>12} {:>12} {:>9} {:>6} {:>4}\n", "path", "frames", "frame p50 us",
+  out += fmt::format("{:<16} {:>7} {:>12} {:>12} {:>12} {:>12} {:>9} {:>6} {:>4}\n", "path", "frames", "frame p50 us",
                      "frame p99 us", "period p50", "period p99", "fps", "flips", "ok");
   for (const DesktopCell& c : r.cells) {
     if (!c.error.empty()) {
-      out += fmt::format("{:<9} FAILED: {}\n", c.path, c.error);
+      out += fmt::format("{:<16} FAILED: {}\n", c.path, c.error);
       continue;
     }
-    out += fmt::format("{:<9} {:>7} {:>12.1f} {:>12.1f} {:>12.1f} {:>12.1f} {:>9.1f} {:>6} {:>4}\n", c.path, c.frames,
+    out += fmt::format("{:<16} {:>7} {:>12.1f} {:>12.1f} {:>12.1f} {:>12.1f} {:>9.1f} {:>6} {:>4}\n", c.path, c.frames,
                        c.frame_us.p50, c.frame_us.p99, c.period_us.p50, c.period_us.p99, c.fps, c.flips,
                        c.correct ? "yes" : "NO");
   }
@@ -387,6 +390,7 @@ nlohmann::json DesktopJson(const DesktopReport& r) {
     x["frame_us"] = {{"p50", c.frame_us.p50}, {"p99", c.frame_us.p99}, {"mean", c.frame_us.mean}};
     x["period_us"] = {{"p50", c.period_us.p50}, {"p99", c.period_us.p99}};
     x["fps"] = c.fps;
+    if (c.frame_limit) x["frame_limit"] = c.frame_limit;
     x["flips"] = c.flips;
     x["correct"] = c.correct;
     if (!c.error.empty()) x["error"] = c.error;

@@ -28,7 +28,10 @@ struct DesktopOptions {
   uint32_t windows = 6;
   int frames = 120;                    // measured, after the warm-up
   int warmup = 5;
-  std::vector<std::string> paths{"native", "mediated", "remoting"};
+  // "mediated-limited": the mediated guest on a vGPU whose frame_limit is `frame_limit`
+  // (F10 frame pacing): what the limiter holds a desktop that renders as fast as it can to.
+  std::vector<std::string> paths{"native", "mediated", "remoting", "mediated-limited"};
+  uint32_t frame_limit = 30;
   uint64_t guest_ram = 64ull << 20;
   bool progress = true;
 };
@@ -39,6 +42,7 @@ struct DesktopCell {
   Stats frame_us;            // submit -> fence of one frame's composition
   Stats period_us;           // frame start -> next frame start (flip waits included)
   double fps = 0;            // frames / wall time of the measured frames
+  uint32_t frame_limit = 0;  // the vGPU's frame_limit (mediated-limited), 0: none
   uint32_t flips = 0;        // mediated: flips that took effect while measuring
   bool correct = false;      // the first and last frames equal the CPU reference, pixel for pixel
   std::string error;
@@ -59,6 +63,7 @@ struct DesktopReport {
 // A daemon of the group's own: a vGPU for the mediated guest, another for the remoting one.
 struct DesktopHost {
   PathConfig mediated, remoting;
+  PathConfig limited;  // a third vGPU, its frame_limit set to DesktopOptions::frame_limit
   std::shared_ptr<void> keep;
 };
 using DesktopHostFactory = std::function<Result<DesktopHost>()>;
