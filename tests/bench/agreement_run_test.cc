@@ -71,7 +71,7 @@ void CheckOneRun(const Run& r, const char* which) {
     ablations.insert(a["name"].get<std::string>());
     CHECK(a["rows"].size() >= 2);
   }
-  CHECK(ablations == std::set<std::string>{"doorbell", "executor", "memory", "gtt", "remoting"});
+  CHECK(ablations == std::set<std::string>{"doorbell", "executor", "memory", "gtt", "remoting", "scheduler"});
   CHECK(r.text.find("verdict fixed cost (empty): claim ") != std::string::npos);
 }
 

@@ -1,6 +1,6 @@
 // vgpu-bench: the A/B study of native, mediated and remoting on one engine.
 //   vgpu-bench [--quick|--full|--smoke] [--groups a,b] [--paths native,mediated,remoting]
-//              [--ablations doorbell,executor,memory,gtt,remoting|none] [--compare-with EARLIER.json]
+//              [--ablations doorbell,executor,memory,gtt,remoting,scheduler|none] [--compare-with EARLIER.json]
 //              [--reps N] [--iters N] [--gpu NAME|INDEX] [--out DIR] [--json FILE] [--csv FILE]
 //              [--qemu BIN] [--qemu-firmware DIR] [--lifecycle-cycles N] [--idle-workers K]
 //              [--covert-bits N] [--covert-bit-us P] [--covert-granularities-us 0,100]
@@ -125,7 +125,7 @@ Result<std::unique_ptr<Path>> MakePath(const std::string& name, const PathConfig
 // of its own (a vGPU takes one mediated client; the remoting rows get one each too, so no
 // two sessions share a worker's loop); the executor and memory factors are vgpud-wide flags,
 // so their rows are guests of a vgpud of their own.
-enum class Host { kMain, kSerial, kUncoalesced, kNoInline, kGathered };
+enum class Host { kMain, kSerial, kUncoalesced, kNoInline, kGathered, kSchedOff };
 struct Variant {
   Host host = Host::kMain;
   Doorbell doorbell = Doorbell::kDefault;
@@ -136,7 +136,7 @@ struct Variant {
   bool idle_notify = true;
 };
 
-const std::vector<std::string> kAblations{"doorbell", "executor", "memory", "gtt", "remoting"};
+const std::vector<std::string> kAblations{"doorbell", "executor", "memory", "gtt", "remoting", "scheduler"};
 
 // The ablations asked for (`which`), and the variant behind each of their rows but the
 // reference ("mediated", which every ablation shares: one row, not one per ablation).
@@ -193,6 +193,16 @@ std::vector<Ablation> PlanAblations(const std::set<std::string>& which, const st
     a.rows.push_back({"mediated", "zero-copy: guest pages imported into the engine (the default)"});
     a.rows.push_back({"mediated-gathered", "gathered: guest memory copied in and out (a vgpud with --no-zero-copy)"});
     variants["mediated-gathered"] = {Host::kGathered, Doorbell::kDefault, ""};
+    out.push_back(std::move(a));
+  }
+  if (which.count("scheduler")) {
+    // The host scheduler (F7) on a vGPU alone: a scheduled worker cuts its engine work into
+    // pieces of about a millisecond even with nobody else on the host, so that a tenant who
+    // arrives waits one piece, not one long submission. What that costs long work is this row.
+    Ablation a{"scheduler", "the host scheduler's pieces on a vGPU alone", {"kernel_time"}};
+    a.rows.push_back({"mediated", "scheduled (--sched best-effort, the default): work cut into ~1 ms pieces"});
+    a.rows.push_back({"mediated-sched-off", "unscheduled: --sched off, one submission per plan (a vgpud of its own)"});
+    variants["mediated-sched-off"] = {Host::kSchedOff, Doorbell::kDefault, ""};
     out.push_back(std::move(a));
   }
   if (which.count("gtt")) {
@@ -592,9 +602,9 @@ int main(int argc, char** argv) {
   std::string gtt = "batch";
   app.add_option("--gtt", gtt, "mediated paths: GTT updates by batch, multi (REGION_WRITE_MULTI) or per-entry")
       ->capture_default_str();
-  std::string ablations_csv = "doorbell,executor,memory,gtt,remoting", compare_with;
+  std::string ablations_csv = "doorbell,executor,memory,gtt,remoting,scheduler", compare_with;
   app.add_option("--ablations", ablations_csv,
-                 "ablation row groups to run beside the paths: doorbell,executor,memory,gtt,remoting, or none")
+                 "ablation row groups to run beside the paths: doorbell,executor,memory,gtt,remoting,scheduler, or none")
       ->capture_default_str();
   app.add_option("--compare-with", compare_with,
                  "an earlier run's results.json: report where this run's summary figures agree with it (exit 1 if "
@@ -874,6 +884,7 @@ int main(int argc, char** argv) {
     const HostFlags f = host == Host::kSerial        ? HostFlags{"-serial", "executor", {"--executor-depth", "1", "--time-granularity-us", "0"}}
                         : host == Host::kUncoalesced ? HostFlags{"-uncoalesced", "executor", {"--no-coalesce", "--time-granularity-us", "0"}}
                         : host == Host::kNoInline    ? HostFlags{"-no-inline", "executor", {"--no-inline-complete", "--time-granularity-us", "0"}}
+                        : host == Host::kSchedOff    ? HostFlags{"-sched-off", "scheduler", {"--sched", "off", "--time-granularity-us", "0"}}
                                                      : HostFlags{"-gathered", "memory", {"--no-zero-copy", "--time-granularity-us", "0"}};
     auto hd = StartDaemon(vgpud, t, gpu, f.suffix, f.args);
     if (!hd.ok()) {
