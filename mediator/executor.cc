@@ -58,6 +58,9 @@ thread_local bool t_inline_submit = false;
 thread_local bool t_inline_flush_ok = false;  // RunHeld's one submission, at the plan's end
 thread_local bool t_executor_thread = false;  // SubmitLoop's and RetireLoop's threads
 thread_local bool t_retire_thread = false;    // RetireLoop's
+// Set when this thread's Enqueue held a plan with InlineOk::kSubmitOnly: the retire thread
+// runs only what it held itself, never a plan the loop held for its own RunHeld.
+thread_local bool t_held_here = false;
 Error WouldBlockInline(const char* what) {
   return Error{Errc::kWouldBlock, fmt::format("inline submission would wait: {}", what)};
 }
@@ -233,10 +236,12 @@ Result<bool> Executor::Enqueue(Plan plan, InlineOk inline_ok) {
     // else can run while RunHeld holds the executor.
     const bool runner_free = !running_ || (inline_running_ && t_inline);
     held = inlinable && !stop_ && queue_.empty() && !held_ && runner_free && plans_open_ == 0 && retiring_.empty();
-    if (held)
+    if (held) {
       held_ = std::move(item);
-    else
+      if (inline_ok == InlineOk::kSubmitOnly) t_held_here = true;
+    } else {
       queue_.push_back(std::move(item));
+    }
     backlog_.fetch_add(1, std::memory_order_relaxed);
   }
   if (!held) cv_.notify_one();
@@ -491,7 +496,10 @@ void Executor::Finished(const Retiring& r, std::unique_lock<std::mutex>& lk) {
     // The hook's idle-notify settle may have found the guest's next submission and held it
     // (InlineOk::kSubmitOnly): this thread submits it now, one wake-up sooner than the
     // submit thread would. Its entries join this thread's queue; nothing recurses.
-    if (t_retire_thread && !t_inline) RunHeld();
+    if (t_retire_thread && !t_inline && t_held_here) {
+      t_held_here = false;
+      RunHeld();
+    }
     lk.lock();
   }
 }
