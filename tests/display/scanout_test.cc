@@ -22,15 +22,6 @@ namespace disp = vg::abi::display;
 
 namespace {
 
-std::unique_ptr<Device> OpenGuest(const std::string& socket) {
-  DeviceOptions o;
-  o.socket = socket;
-  o.ram_size = 4 << 20;
-  auto d = Device::Open(o);
-  REQUIRE_MESSAGE(d.ok(), Why(d.ok() ? Ok() : Result<>(d.error())));
-  return std::move(d).value();
-}
-
 uint32_t Reg(Device& d, uint32_t off) {
   auto r = d.Read32(off);
   REQUIRE(r.ok());

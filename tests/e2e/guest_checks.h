@@ -1,11 +1,13 @@
 #pragma once
-// Small pieces every mediated e2e test needs: a refusal's text for a failed REQUIRE, the
-// device's access bits for a catalogue kernel's binding, and the check that a vGPU still
-// runs work after an attack. One copy here instead of one per test file.
+// Small pieces every mediated e2e test needs: a refusal's text for a failed REQUIRE, a guest
+// device opened on a vGPU's socket, the device's access bits for a catalogue kernel's
+// binding, and the check that a vGPU still runs work after an attack. One copy here instead
+// of one per test file.
 
 #include <doctest.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "guest/guest.h"
@@ -14,6 +16,16 @@
 namespace vg::e2e {
 
 inline std::string Why(const Result<>& r) { return r.ok() ? std::string() : r.error().ToString(); }
+
+// A guest process's view of the vGPU behind `socket` (4 MiB of guest RAM), or a failed REQUIRE.
+inline std::unique_ptr<guest::Device> OpenGuest(const std::string& socket) {
+  guest::DeviceOptions o;
+  o.socket = socket;
+  o.ram_size = 4 << 20;
+  auto d = guest::Device::Open(o);
+  REQUIRE_MESSAGE(d.ok(), Why(d.ok() ? Ok() : Result<>(d.error())));
+  return std::move(d).value();
+}
 
 // A catalogue binding's access as the DISPATCH command's access bits.
 inline uint32_t AccessOf(shaders::Access a) {

@@ -26,15 +26,6 @@ namespace vu = vg::vfio_user;
 
 namespace {
 
-std::unique_ptr<Device> OpenGuest(const std::string& socket) {
-  DeviceOptions o;
-  o.socket = socket;
-  o.ram_size = 4 << 20;
-  auto d = Device::Open(o);
-  REQUIRE_MESSAGE(d.ok(), Why(d.ok() ? Ok() : Result<>(d.error())));
-  return std::move(d).value();
-}
-
 uint32_t Dword(const std::vector<std::byte>& b, size_t i) {
   uint32_t v;
   std::memcpy(&v, b.data() + i, 4);
