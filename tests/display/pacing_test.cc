@@ -11,8 +11,6 @@
 // the limiter must never give more (it counts frame boundaries, and the clock's timer never
 // catches up with a burst), so the upper bounds are the tight ones.
 #include <doctest.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 
 #include <atomic>
 #include <chrono>
@@ -26,6 +24,7 @@
 #include "guest/display.h"
 #include "guest/guest.h"
 #include "tests/e2e/guest_checks.h"
+#include "tests/e2e/control.h"
 #include "tests/e2e/harness.h"
 
 using namespace vg;
@@ -41,56 +40,8 @@ constexpr const char* kA = "f1a90000-0000-4000-8000-00000000000a";
 constexpr const char* kB = "f1a90000-0000-4000-8000-00000000000b";
 constexpr const char* kC = "f1a90000-0000-4000-8000-00000000000c";
 
-double SlowFactor() {
-  const char* f = std::getenv("VG_SLOW_FACTOR");
-  return f ? std::max(1.0, std::atof(f)) : 1.0;
-}
-
-// One request on the control socket, one JSON line back.
-Json Control(const std::string& path, const Json& req) {
-  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
-  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  std::string line = req.dump() + "\n";
-  REQUIRE(::send(fd, line.data(), line.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(line.size()));
-  std::string got;
-  char buf[4096];
-  while (got.find('\n') == std::string::npos) {
-    ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-    if (n <= 0) break;
-    got.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  Json j = Json::parse(got, nullptr, false);
-  REQUIRE_MESSAGE(!j.is_discarded(), got);
-  return j;
-}
-
-struct Host {
-  Daemon daemon;
-  std::string control;
-  explicit Host(std::vector<std::string> extra = {}) : daemon({}, std::move(extra)) {
-    control = (std::filesystem::path(daemon.Socket("x")).parent_path() / "control.sock").string();
-    auto deadline = Clock::now() + std::chrono::seconds(20);
-    while (!SocketExists(control) && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    REQUIRE(SocketExists(control));
-  }
-  Json TryStart(const std::string& uuid, const std::string& type, Json attrs) {
-    return Control(control, Json{{"op", "start"}, {"uuid", uuid}, {"type", type}, {"attrs", attrs}});
-  }
-  std::string Start(const std::string& uuid, Json attrs, const std::string& type = "small") {
-    Json r = TryStart(uuid, type, attrs);
-    REQUIRE_MESSAGE(r.value("ok", false), r.dump());
-    return daemon.Socket(uuid);
-  }
-  Json Show(const std::string& uuid) {
-    Json r = Control(control, Json{{"op", "show"}, {"uuid", uuid}});
-    REQUIRE_MESSAGE(r.value("ok", false), r.dump());
-    return r.contains("result") ? r["result"] : r;
-  }
+struct Host : ControlHost {
+  using ControlHost::ControlHost;
   Json ModifyLive(const std::string& uuid, const std::string& value) {
     return Control(control, Json{{"op", "modify"},
                                  {"uuid", uuid},
@@ -98,15 +49,6 @@ struct Host {
                                  {"addattrs", Json::array({Json{{"frame_limit", value}}})}});
   }
 };
-
-std::unique_ptr<Device> OpenGuest(const std::string& socket) {
-  DeviceOptions o;
-  o.socket = socket;
-  o.ram_size = 4 << 20;
-  auto d = Device::Open(o);
-  REQUIRE_MESSAGE(d.ok(), Why(d.ok() ? Ok() : Result<>(d.error())));
-  return std::move(d).value();
-}
 
 // A plane on and its first commit taken.
 void PlaneOn(Device& d) {

@@ -2,8 +2,6 @@
 // mediated path, each checking its results bit for bit (tests/e2e/victim.h), and the
 // device time each got as the daemon reports it (`show`, counters.gpu_time_ns).
 #include <doctest/doctest.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 
 #include <chrono>
 #include <filesystem>
@@ -12,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/e2e/control.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/victim.h"
 
@@ -21,54 +20,8 @@ namespace {
 using Json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-double SlowFactor() {
-  const char* f = std::getenv("VG_SLOW_FACTOR");
-  return f ? std::max(1.0, std::atof(f)) : 1.0;
-}
-
-// One request on the control socket, one JSON line back.
-Json Control(const std::string& path, const Json& req) {
-  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
-  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  std::string line = req.dump() + "\n";
-  REQUIRE(::send(fd, line.data(), line.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(line.size()));
-  std::string got;
-  char buf[4096];
-  while (got.find('\n') == std::string::npos) {
-    ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-    if (n <= 0) break;
-    got.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  Json j = Json::parse(got, nullptr, false);
-  REQUIRE_MESSAGE(!j.is_discarded(), got);
-  return j;
-}
-
-struct Host {
-  Daemon daemon;
-  std::string control;
-  explicit Host(std::vector<std::string> extra = {}) : daemon({}, std::move(extra)) {
-    control = (std::filesystem::path(daemon.Socket("x")).parent_path() / "control.sock").string();
-    auto deadline = Clock::now() + std::chrono::seconds(20);
-    while (!SocketExists(control) && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    REQUIRE(SocketExists(control));
-  }
-  // A transient vGPU of the small type with these attributes; its vfio-user socket.
-  std::string Start(const std::string& uuid, Json attrs) {
-    Json r = Control(control, Json{{"op", "start"}, {"uuid", uuid}, {"type", "small"}, {"attrs", attrs}});
-    REQUIRE_MESSAGE(r.value("ok", false), r.dump());
-    return daemon.Socket(uuid);
-  }
-  Json Show(const std::string& uuid) {
-    Json r = Control(control, Json{{"op", "show"}, {"uuid", uuid}});
-    REQUIRE_MESSAGE(r.value("ok", false), r.dump());
-    return r.contains("result") ? r["result"] : r;
-  }
+struct Host : ControlHost {
+  using ControlHost::ControlHost;
   uint64_t GpuTimeNs(const std::string& uuid) {
     Json s = Show(uuid);
     REQUIRE_MESSAGE(s.contains("counters"), s.dump());
