@@ -9,7 +9,8 @@
 // blocks on one: Trigger() only marks the vector queued (at most one entry per vector: the
 // queue is bounded by the vector count, and signals coalesce as an eventfd counter does),
 // and this set's own signaller thread does the writes. (TriggerNow() writes on the caller's
-// thread, bounded to EventFd::kGuardMs: for a loop that completes a fence itself.) A write that blocks stalls only this
+// thread, bounded to EventFd::kGuardMs: for a vGPU's own threads that complete a fence
+// themselves, its worker's loop and executor threads.) A write that blocks stalls only this
 // device's interrupts; replacing or dropping the fd, Clear() and destruction interrupt it
 // (a signal to the signaller thread, retried every kInterruptRetryMs until it leaves).
 
@@ -61,9 +62,9 @@ class IrqSet {
   // the way EventFd::TrySignal writes one: nothing when the eventfd already reads as
   // pending, else one write bounded to EventFd::kGuardMs even if the guest made the fd
   // blocking (a write that could not land means the counter is full: pending anyway). Only
-  // for a thread that may wait that long: the worker's loop completing a fence inline
-  // (mediator ExecOptions::inline_complete), which saves the signaller thread's wake-up. A
-  // vector already queued is left to the signaller.
+  // for a thread of this vGPU's own worker that may wait that long: its loop completing a
+  // fence inline (mediator ExecOptions::inline_complete) or its executor's threads, which
+  // saves the signaller thread's wake-up. A vector already queued is left to the signaller.
   Result<bool> TriggerNow(uint32_t index, uint32_t vector);
 
   // Disconnect: drops every eventfd, unmasks, clears pending. Does not wait.
