@@ -51,13 +51,13 @@ std::string DeviceInfo::ToString() const {
       "device {}: {} ({}), driver {} {}, Vulkan {}, vendor {:#06x} device {:#06x}, queue family {}\n"
       "  maxStorageBufferRange {} B, maxMemoryAllocationSize {} B, minStorageBufferOffsetAlignment {}\n"
       "  maxComputeWorkGroupCount {}x{}x{}, maxComputeWorkGroupSize {}x{}x{} ({} invocations), "
-      "push constants {} B, shared memory {} B\n"
+      "push constants {} B, shared memory {} B, {} workgroups at once\n"
       "  VK_EXT_external_memory_host {} (import alignment {} B), VK_KHR_external_memory_fd {}, timeline "
       "semaphores {}",
       index, name, DeviceKindName(kind), driver_name, driver_info, api_version, vendor_id, device_id, queue_family,
       max_storage_buffer_range, max_allocation_size, min_storage_offset_alignment, max_group_count[0],
       max_group_count[1], max_group_count[2], max_workgroup_size[0], max_workgroup_size[1], max_workgroup_size[2],
-      max_workgroup_invocations, max_push_constants, max_shared_memory, external_memory_host ? "yes" : "no",
+      max_workgroup_invocations, max_push_constants, max_shared_memory, parallel_groups, external_memory_host ? "yes" : "no",
       host_import_alignment, external_memory_fd ? "yes" : "no", timeline_semaphore ? "yes" : "no");
 }
 

@@ -59,6 +59,11 @@ struct DeviceInfo {
   uint32_t max_workgroup_invocations = 0;
   uint32_t max_push_constants = 0;
   uint32_t max_shared_memory = 0;
+  // Workgroups the device runs at once, where known: a CPU device's (lavapipe's) worker
+  // threads (LP_NUM_THREADS, else the CPUs, at most 16); 1 where not known. The scheduler
+  // sizes its pieces of work by it (mediator::SubmissionBudget): a piece of fewer groups
+  // than this leaves lanes idle while it runs alone.
+  uint32_t parallel_groups = 1;
   // Memory import features.
   bool external_memory_host = false;  // VK_EXT_external_memory_host
   uint64_t host_import_alignment = 0; // minImportedHostPointerAlignment

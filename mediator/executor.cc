@@ -906,9 +906,10 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanSt
     if (Cancelled(epoch)) return CancelledError();
     // Shared engine (F7): pieces and submissions of about a millisecond, so a preempted
     // vGPU yields within one; alone, larger submissions cost fewer round trips.
-    batch.budget = engine_->PrefersSmallSubmissions() ? kSharedSubmissionCostBudget : kSubmissionCostBudget;
+    batch.budget = SubmissionBudget(engine_->PrefersSmallSubmissions(), engine_->Info().parallel_groups);
     if (auto* d = std::get_if<PlanDispatch>(&op)) {
-      VG_TRY_ASSIGN(DispatchCut cut, DispatchCut::Make(d->kernel, d->groups, d->push, batch.budget));
+      VG_TRY_ASSIGN(DispatchCut cut, DispatchCut::Make(d->kernel, d->groups, d->push, batch.budget,
+                                                       engine_->Info().parallel_groups));
       std::vector<MatRef> mats;
       std::vector<engine::BufferRange> bindings;
       for (const ResolvedRange& b : d->bindings) {

@@ -53,8 +53,9 @@ uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 Result<DispatchCut> DispatchCut::Make(uint32_t kernel, std::array<uint32_t, 3> groups,
-                                      std::span<const std::byte> push, uint64_t budget) {
+                                      std::span<const std::byte> push, uint64_t budget, uint32_t min_groups) {
   budget = std::max<uint64_t>(1, budget);
+  min_groups = std::max<uint32_t>(1, min_groups);
   const shaders::KernelDesc* k = shaders::FindKernel(kernel);
   const KernelCost* cost = nullptr;
   for (const KernelCost& c : kCosts)
@@ -91,7 +92,7 @@ Result<DispatchCut> DispatchCut::Make(uint32_t kernel, std::array<uint32_t, 3> g
     VG_ERROR_IF(group_cost > kMaxPieceCost, Errc::kLimitExceeded, "{}: one workgroup costs {}, over the {} bound",
                 k->name, group_cost, kMaxPieceCost);
     c.rows_ = false;
-    c.per_piece_ = static_cast<uint32_t>(std::clamp<uint64_t>(budget / group_cost, 1, gx));
+    c.per_piece_ = static_cast<uint32_t>(std::clamp<uint64_t>(budget / group_cost, std::min<uint64_t>(min_groups, gx), gx));
     c.x_pieces_ = CeilDiv(gx, c.per_piece_);
     c.pieces_ = gy * c.x_pieces_;
     c.piece_cost_ = group_cost * c.per_piece_;

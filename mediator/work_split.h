@@ -5,6 +5,7 @@
 // every other tenant's worst wait, and the wait of a RESET, a disconnect or a stop: it is
 // bounded here, not by what a guest asks for.
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <span>
@@ -22,6 +23,14 @@ inline constexpr uint64_t kSubmissionCostBudget = 1ull << 26;  // packed into on
 // the others' wait. 2^20 is about a millisecond of the catalogue's spin or a MiB of COPY on
 // lavapipe (docs/management.md "Scheduling": pieces).
 inline constexpr uint64_t kSharedSubmissionCostBudget = 1ull << 20;
+// What one engine submission may cost: kSubmissionCostBudget alone; while scheduled
+// (shared), kSharedSubmissionCostBudget for each workgroup the device runs at once
+// (engine::DeviceInfo::parallel_groups), so that a piece still fills the device (a piece of
+// one workgroup runs on one of lavapipe's threads and leaves the others idle: long work on
+// a vGPU alone lost 30 % to it) and takes about a millisecond however wide the device is.
+inline constexpr uint64_t SubmissionBudget(bool shared, uint32_t parallel_groups) {
+  return shared ? kSharedSubmissionCostBudget * std::clamp<uint64_t>(parallel_groups, 1, 64) : kSubmissionCostBudget;
+}
 // The smallest piece of a dispatch that cannot be cut further (one workgroup, or one row
 // of groups for kernels that index with the grid width, or a whole grid-stride dispatch)
 // may cost this much; a DISPATCH with a dearer piece is refused kLimitExceeded at audit.
@@ -51,8 +60,11 @@ class DispatchCut {
  public:
   // kLimitExceeded: an unsplittable piece costs more than kMaxPieceCost. kBadKernel: not
   // in the catalogue. The arguments are otherwise assumed validated (the auditor's).
+  // min_groups: a piece cut from a row holds at least this many workgroups (the device's
+  // parallel_groups) even past the budget: they run side by side, so the piece takes no
+  // longer than one of them would alone, and the device's other lanes are not left idle.
   static Result<DispatchCut> Make(uint32_t kernel, std::array<uint32_t, 3> groups, std::span<const std::byte> push,
-                                  uint64_t budget = kSubmissionCostBudget);
+                                  uint64_t budget = kSubmissionCostBudget, uint32_t min_groups = 1);
 
   uint64_t pieces() const { return pieces_; }
   DispatchPiece Piece(uint64_t i) const;

@@ -587,8 +587,7 @@ engine::BufferRef Session::Charged(engine::BufferRef raw, uint64_t size, std::sh
 }
 
 uint64_t Session::SubmissionBudget() const {
-  return owner_.engine_.PrefersSmallSubmissions() ? mediator::kSharedSubmissionCostBudget
-                                                  : mediator::kSubmissionCostBudget;
+  return mediator::SubmissionBudget(owner_.engine_.PrefersSmallSubmissions(), owner_.engine_.Info().parallel_groups);
 }
 
 uint64_t Session::Chunk() const { return std::min(mediator::kTransferChunkBytes, SubmissionBudget()); }
@@ -653,7 +652,7 @@ Result<bool> Session::Execute(const Command& c) {
     if (!cut_) {
       VG_TRY_ASSIGN(mediator::DispatchCut cut,
                     mediator::DispatchCut::Make(d->head.kernel, {d->head.groups[0], d->head.groups[1], d->head.groups[2]},
-                                                d->push, SubmissionBudget()));
+                                                d->push, SubmissionBudget(), owner_.engine_.Info().parallel_groups));
       cut_ = cut;
     }
     for (; gpu_done_ < cut_->pieces(); ++gpu_done_) {

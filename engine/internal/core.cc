@@ -1,13 +1,16 @@
 #include "engine/internal/core.h"
 
 #include <dlfcn.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <set>
 #include <string>
+#include <thread>
 
 #include "base/log.h"
 #include "engine/internal/vk.h"
@@ -71,6 +74,21 @@ Instance::~Instance() {
 }
 
 namespace {
+// Mesa 22.3's llvmpipe/lavapipe runs compute on LP_NUM_THREADS threads, by default one per
+// CPU this process may run on, at most LP_MAX_THREADS (16).
+uint32_t CpuDeviceThreads() {
+  constexpr uint32_t kLpMaxThreads = 16;
+  long n = 0;
+  if (const char* env = std::getenv("LP_NUM_THREADS"); env && *env) {
+    n = std::strtol(env, nullptr, 10);
+  } else {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    n = ::sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : long(std::thread::hardware_concurrency());
+  }
+  return static_cast<uint32_t>(std::clamp<long>(n, 1, kLpMaxThreads));
+}
+
 // Keeps every Vulkan driver and layer the loader has mapped resident for the life of the
 // process: a later vkDestroyInstance makes the loader dlclose them, and Mesa 22.3.6's
 // lavapipe (Debian 12, +deb12u2) leaves a pthread_once allocation behind that only its own
@@ -170,6 +188,7 @@ Result<std::vector<PhysicalCandidate>> Instance::Enumerate() const {
     i.max_workgroup_invocations = l.maxComputeWorkGroupInvocations;
     i.max_push_constants = l.maxPushConstantsSize;
     i.max_shared_memory = l.maxComputeSharedMemorySize;
+    if (i.kind == DeviceKind::kCpu) i.parallel_groups = CpuDeviceThreads();
     i.host_import_alignment = i.external_memory_host ? host.minImportedHostPointerAlignment : 0;
     i.timeline_semaphore = base.apiVersion >= VK_API_VERSION_1_2 && tl.timelineSemaphore;
     out.push_back(std::move(c));

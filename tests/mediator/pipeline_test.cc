@@ -476,8 +476,8 @@ TEST_CASE("inline submission: engine work on imported memory is submitted by the
     std::lock_guard lk(rec.mu);
     CHECK(rec.fence_threads.back() != std::this_thread::get_id());
   }
-  // More than one engine submission's worth (a shared engine cuts a 2 MiB FILL into 1 MiB
-  // pieces): handed back whole, and run once.
+  // More than one engine submission's worth (a shared engine cuts a FILL of twice its
+  // budget into two pieces or more): handed back whole, and run once.
   {
     struct SharedGate : engine::SubmitGate {
       bool Admit(const engine::Submission&) override { return true; }
@@ -500,7 +500,7 @@ TEST_CASE("inline submission: engine work on imported memory is submitted by the
     CHECK(EnqueueAsLoop(small, plan(0x200000, 4096, 2)));
     small.WaitIdle();
     CHECK(small.Counters().plans_inline_submitted == 1);
-    const uint64_t big = 2 * kSharedSubmissionCostBudget;
+    const uint64_t big = 2 * SubmissionBudget(true, (*shared)->Info().parallel_groups);
     CHECK(EnqueueAsLoop(small, plan(0x200000, big, 3)));
     small.WaitIdle();
     CHECK(small.Counters().plans_inline_submitted == 1);

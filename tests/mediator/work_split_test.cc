@@ -85,6 +85,38 @@ TEST_CASE("on a shared engine the same dispatch is cut to the smaller budget (F7
   CHECK(CheckTiles(*one_group, {4, 1, 1}) == 4);
 }
 
+TEST_CASE("a shared engine's pieces hold a workgroup for each lane of the device, so they still fill it") {
+  CHECK(SubmissionBudget(false, 2) == kSubmissionCostBudget);
+  CHECK(SubmissionBudget(true, 1) == kSharedSubmissionCostBudget);
+  CHECK(SubmissionBudget(true, 0) == kSharedSubmissionCostBudget);  // unknown: one lane
+  CHECK(SubmissionBudget(true, 4) == 4 * kSharedSubmissionCostBudget);
+  CHECK(SubmissionBudget(true, 1000) == 64 * kSharedSubmissionCostBudget);  // bounded
+  // The study's spin ~3000 us: 16 groups of 256 x 4096 rounds, 2^20 a group. One lane's
+  // budget makes 16 pieces of one group (one of two lavapipe threads idle while each runs);
+  // two lanes' make 8 of two.
+  shaders::SpinPush p{4096, 4096, 1};
+  auto one = DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(p), SubmissionBudget(true, 1));
+  REQUIRE(one.ok());
+  CHECK(CheckTiles(*one, {16, 1, 1}) == 16);
+  auto two = DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(p), SubmissionBudget(true, 2));
+  REQUIRE(two.ok());
+  CHECK(CheckTiles(*two, {16, 1, 1}) == 8);
+  // spin ~10000 us: a group costs 2^22, over any budget here. One group a piece leaves a
+  // lane idle; min_groups keeps one group per lane in each piece (no longer in time).
+  shaders::SpinPush dear{4096, 16384, 1};
+  auto lone = DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(dear), SubmissionBudget(true, 2));
+  REQUIRE(lone.ok());
+  CHECK(CheckTiles(*lone, {16, 1, 1}) == 16);
+  auto paired =
+      DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(dear), SubmissionBudget(true, 2), 2);
+  REQUIRE(paired.ok());
+  CHECK(CheckTiles(*paired, {16, 1, 1}) == 8);
+  CHECK(paired->piece_cost() == 2 * (256ull * 16384));
+  auto three = DispatchCut::Make(Id(KernelId::kSpin), {2, 1, 1}, shaders::PushBytes(dear), SubmissionBudget(true, 4), 4);
+  REQUIRE(three.ok());
+  CHECK(CheckTiles(*three, {2, 1, 1}) == 1);  // never more groups than the row has
+}
+
 TEST_CASE("a multi-row spin whose row is over the piece bound is refused kLimitExceeded") {
   shaders::SpinPush p{65535u * 256 * 2, 1u << 20, 1};
   auto cut = DispatchCut::Make(Id(KernelId::kSpin), {65535, 2, 1}, shaders::PushBytes(p));

@@ -49,6 +49,8 @@ struct GatedEngine {
     engine->SetGate(&gate);
   }
   ~GatedEngine() { (void)engine->WaitIdle(); }
+  // What one submission may cost under the scheduler on this engine.
+  uint64_t Budget() const { return mediator::SubmissionBudget(true, engine->Info().parallel_groups); }
 };
 
 // 16 groups of 256 x 2048 spin rounds: 2^19 cost units a group, 2^23 in all.
@@ -74,9 +76,11 @@ TEST_CASE("under the scheduler a remoting DISPATCH is cut into pieces of the sha
   GatedEngine g(/*small=*/true);
   Rig rig(1, {}, *g.engine);
   auto c = rig.Connect(0);
-  // 8 pieces of 2 groups: at least 8 submissions (the writes before it are host copies).
-  CHECK(AdmittedFor(g, *c, HeavySpin()) >= 8);
-  CHECK(g.gate.max_cost() <= mediator::kSharedSubmissionCostBudget);
+  // Pieces of 2 groups per workgroup the device runs at once (2^23 / the budget): at least
+  // that many submissions (the writes before it are host copies).
+  INFO("budget ", g.Budget(), ", parallel groups ", g.engine->Info().parallel_groups);
+  CHECK(AdmittedFor(g, *c, HeavySpin()) >= std::max<uint64_t>(2, (16ull << 19) / g.Budget()));
+  CHECK(g.gate.max_cost() <= g.Budget());
 }
 
 TEST_CASE("alone (no small submissions asked) the same DISPATCH is one submission") {
@@ -91,20 +95,20 @@ TEST_CASE("under the scheduler COPY and FILL go in chunks of the shared budget, 
   GatedEngine g(/*small=*/true);
   Rig rig(1, {}, *g.engine);
   auto c = rig.Connect(0);
-  constexpr uint64_t kBytes = 3 * mediator::kSharedSubmissionCostBudget + 4096;
-  auto a = c->CreateBuffer(kBytes);
-  auto b = c->CreateBuffer(kBytes);
+  const uint64_t bytes = 3 * g.Budget() + 4096;
+  auto a = c->CreateBuffer(bytes);
+  auto b = c->CreateBuffer(bytes);
   REQUIRE(a.ok());
   REQUIRE(b.ok());
-  REQUIRE(c->Fill(*a, 0, kBytes, 0x5a5a5a5au).ok());
-  REQUIRE(c->Copy(*a, 0, *b, 0, kBytes).ok());
+  REQUIRE(c->Fill(*a, 0, bytes, 0x5a5a5a5au).ok());
+  REQUIRE(c->Copy(*a, 0, *b, 0, bytes).ok());
   auto seq = c->Submit();
   REQUIRE(seq.ok());
   REQUIRE(c->Wait(*seq).ok());
   CHECK(g.gate.admitted() >= 8);  // 4 chunks each
-  CHECK(g.gate.max_cost() <= mediator::kSharedSubmissionCostBudget);
+  CHECK(g.gate.max_cost() <= g.Budget());
   std::vector<std::byte> back(64 << 10);
-  for (uint64_t off : {uint64_t{0}, kBytes / 2, kBytes - back.size()}) {
+  for (uint64_t off : {uint64_t{0}, bytes / 2, bytes - back.size()}) {
     REQUIRE(c->Read(*b, off, back).ok());
     CHECK(std::all_of(back.begin(), back.end(), [](std::byte x) { return x == std::byte{0x5a}; }));
   }

@@ -62,6 +62,17 @@ TEST_CASE("an uncontended grant keeps about two pieces on the device, not the ex
   for (int i = 0; i < 16; ++i) CHECK(r.gate.Admit(Piece(4096)));
 }
 
+TEST_CASE("an uncontended grant lets two dear pieces on, not one: no gap after each") {
+  // Pieces of workgroups that cannot be cut may cost more than the budget each.
+  Rig r;
+  r.gate.OnGrant(1, /*contended=*/false);
+  CHECK(r.gate.Admit(Piece(3 * kPiece)));
+  CHECK(r.gate.Admit(Piece(3 * kPiece)));
+  CHECK_FALSE(r.gate.Admit(Piece(3 * kPiece)));
+  r.gate.Ran(1'000'000, false, 3 * kPiece);
+  CHECK(r.gate.Admit(Piece(3 * kPiece)));
+}
+
 TEST_CASE("a contended grant keeps one piece on the device") {
   Rig r;
   r.gate.OnGrant(1, /*contended=*/true);

@@ -9,8 +9,6 @@ namespace vg::worker {
 namespace ch = daemon::channel;
 
 namespace {
-// An uncontended holder's pipeline on the device: about two shared-budget pieces.
-constexpr uint64_t kUncontendedOnDeviceCost = 2 * mediator::kSharedSubmissionCostBudget;
 uint64_t Ns(std::chrono::steady_clock::duration d) {
   return static_cast<uint64_t>(std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()));
 }
@@ -34,6 +32,8 @@ SchedGate::~SchedGate() { Stop(); }
 
 void SchedGate::Start(engine::Engine* engine) {
   engine_ = engine;
+  // An uncontended holder's pipeline on the device: about two pieces.
+  uncontended_on_device_cost_ = 2 * mediator::SubmissionBudget(true, engine->Info().parallel_groups);
   thread_ = std::thread([this] { PumpLoop(); });
 }
 
@@ -211,7 +211,9 @@ bool SchedGate::Admit(const engine::Submission& s) {
   // Uncontended: a pipeline of about two pieces on the device (it hides the gap between
   // one piece and the next), not the executor's whole in-flight budget: what is on the
   // device when another vGPU starts to wait is that vGPU's wait.
-  if (cfg_.scheduled && on_device_ > 0 && on_device_cost_ + s.cost > kUncontendedOnDeviceCost) {
+  // Two pieces are always let on (a piece dearer than the budget, workgroups that cannot
+  // be cut, would otherwise run with a gap after each); more only while cheap.
+  if (cfg_.scheduled && on_device_ >= 2 && on_device_cost_ + s.cost > uncontended_on_device_cost_) {
     HoldLocked(now);
     return false;
   }

@@ -30,6 +30,7 @@
 #include <thread>
 
 #include "engine/engine.h"
+#include "mediator/work_split.h"
 #include "tools/vgpud/worker_channel.h"
 
 namespace vg::worker {
@@ -112,6 +113,7 @@ class SchedGate final : public engine::SubmitGate {
 
   Send send_;
   engine::Engine* engine_ = nullptr;
+  uint64_t uncontended_on_device_cost_ = 2 * mediator::kSharedSubmissionCostBudget;  // set by Start
   mutable std::mutex mu_;
   std::condition_variable cv_;
   GateConfig cfg_;
