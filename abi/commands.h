@@ -40,5 +40,6 @@ constexpr std::optional<CommandInfo> Info(uint32_t opcode) {
 constexpr uint32_t Dwords(uint32_t opcode) { return Info(opcode)->dwords; }
 
 static_assert(Dwords(kFence) == 5 && Dwords(kDispatch) == kDispatchFixedDwords);
+static_assert(Dwords(kGttUpdate) == kGttUpdateFixedDwords && kGttRecordDwords == 4);
 
 }  // namespace vg::abi::cmd

@@ -123,6 +123,9 @@ inline constexpr uint32_t kCapGttBatch = 1u << 5;  // GTT_BATCH_ADDR / GTT_BATCH
 // Nothing to enable; a guest that ignores it and kicks every time is served as before.
 inline constexpr uint32_t kCapIdleNotify = 1u << 6;
 inline constexpr uint32_t kCapDisplay = 1u << 7;  // scan-out plane, flip, display vector (F10)
+// The ring takes GTT_UPDATE commands (docs/device-spec.md "GTT_UPDATE"): GTT updates in
+// ring order, with no register write at all (F12).
+inline constexpr uint32_t kCapGttRing = 1u << 8;
 
 inline constexpr uint32_t kCtrlRingEnable = 1u << 0;
 inline constexpr uint32_t kCtrlKnownBits = kCtrlRingEnable;
@@ -216,6 +219,7 @@ inline constexpr uint32_t kDispatch = 0x04;   // [hdr, kernel, gx, gy, gz, nbind
 inline constexpr uint32_t kBatch = 0x05;      // [hdr, va lo, va hi, size bytes]
 inline constexpr uint32_t kLoadReg = 0x06;    // [hdr, register offset, value]
 inline constexpr uint32_t kTimestamp = 0x07;  // [hdr, va lo, va hi]
+inline constexpr uint32_t kGttUpdate = 0x08;  // [hdr, count, record[count]] (GttBatchRecord: 4 dwords each)
 
 inline constexpr uint32_t kFenceFlagIrq = 1u << 0;  // FENCE: raise the fence vector
 
@@ -223,12 +227,16 @@ inline constexpr uint32_t kDispatchFixedDwords = 7;
 inline constexpr uint32_t kBindingDwords = 5;  // va lo, va hi, size lo, size hi, access
 inline constexpr uint32_t kAccessRead = 1;
 inline constexpr uint32_t kAccessWrite = 2;
+inline constexpr uint32_t kGttUpdateFixedDwords = 2;
+inline constexpr uint32_t kGttRecordDwords = sizeof(GttBatchRecord) / 4;
+inline constexpr uint32_t kGttUpdateMaxRecords = 1024;  // one GTT_UPDATE: 16 KiB of records
 
 // Fixed bounds every submission is audited against.
 inline constexpr uint32_t kMaxCommandsPerSubmission = 16384;
 inline constexpr uint32_t kMaxBatchDepth = 2;        // ring -> batch -> batch
 inline constexpr uint32_t kMaxBatchBytes = 1u << 20;
 inline constexpr uint64_t kMaxTransferBytes = 256ull << 20;  // one COPY or FILL
+inline constexpr uint32_t kMaxGttRecordsPerSubmission = 16384;  // GTT_UPDATE records, batches included
 // Time a guest can read (TIMESTAMP values, when fences, interrupts, DEVICE_IDLE and remoting
 // replies become visible) is coarsened to a granularity G the host sets (vgpud
 // --time-granularity-us; docs/device-spec.md "Time a guest can read"): this is its default,

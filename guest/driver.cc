@@ -75,6 +75,16 @@ CommandBuilder& CommandBuilder::Timestamp(GpuVa target) {
   U64(target.v);
   return *this;
 }
+CommandBuilder& CommandBuilder::GttUpdate(std::span<const abi::GttBatchRecord> records) {
+  dw_.push_back(abi::cmd::Header(abi::cmd::kGttUpdate,
+                                 static_cast<uint32_t>(abi::cmd::kGttUpdateFixedDwords +
+                                                       records.size() * abi::cmd::kGttRecordDwords)));
+  dw_.push_back(static_cast<uint32_t>(records.size()));
+  const size_t at = dw_.size();
+  dw_.resize(at + records.size() * abi::cmd::kGttRecordDwords);
+  std::memcpy(dw_.data() + at, records.data(), records.size() * sizeof(abi::GttBatchRecord));
+  return *this;
+}
 CommandBuilder& CommandBuilder::Raw(std::span<const uint32_t> dwords) {
   dw_.insert(dw_.end(), dwords.begin(), dwords.end());
   return *this;
@@ -107,6 +117,9 @@ Result<> Driver::Init() {
   VG_TRY(dev_.Write64(abi::reg::kTailShadowLo, fence_.va.v + 64));
   VG_TRY(dev_.Write32(abi::reg::kCtrl, abi::kCtrlRingEnable));
   errors_seen_ = dev_.Status32(abi::status::kErrCount);
+  // From here on (the ring runs) every GTT change goes through the ring, so none can
+  // overtake one queued there (a register write and the doorbell are not ordered).
+  gtt_ring_ = opts_.gtt_in_ring && (caps & abi::kCapGttRing);
   // Fence values continue from whatever the device last completed, so a fence left by an
   // earlier driver instance can never satisfy a wait on one of ours.
   seq_ = completed();
@@ -237,6 +250,14 @@ Result<> Driver::ApplyGttWrites(std::span<const abi::GttBatchRecord> records, bo
 }
 
 Result<> Driver::MapRange(GpuVa va, uint64_t first, uint64_t pages, uint64_t flags) {
+  if (gtt_ring_) {
+    // In ring order with everything else: a VA whose clear is still queued is cleared, then
+    // mapped anew, by the device in that order.
+    for (uint64_t p = 0; p < pages; ++p)
+      ring_gtt_.push_back({static_cast<uint32_t>((va.v >> kPageShift) + p), 0, (first + p * kPageSize) | flags});
+    if (ring_gtt_.size() >= kMaxPendingClears) return FlushRingGtt();
+    return Ok();
+  }
   // The clears Free left pending go first, in the same update: a VA freed and reused here is
   // cleared and then mapped anew, in record order.
   std::vector<abi::GttBatchRecord> records = std::move(pending_clears_);
@@ -256,7 +277,32 @@ Result<> Driver::MapRange(GpuVa va, uint64_t first, uint64_t pages, uint64_t fla
   return r;
 }
 
+size_t Driver::RingGttPerSubmission() const {
+  // A quarter of the ring: a submission must fit it, with room for the commands after.
+  return std::max<size_t>(1, opts_.ring_size / 4 / sizeof(abi::GttBatchRecord));
+}
+
+size_t Driver::EmitRingGtt(CommandBuilder& out, size_t max) const {
+  const size_t n = std::min(max, ring_gtt_.size());
+  for (size_t at = 0; at < n; at += abi::cmd::kGttUpdateMaxRecords)
+    out.GttUpdate(std::span(ring_gtt_).subspan(at, std::min<size_t>(abi::cmd::kGttUpdateMaxRecords, n - at)));
+  return n;
+}
+
+Result<> Driver::FlushRingGtt() {
+  while (!ring_gtt_.empty()) {
+    CommandBuilder cb;
+    const size_t n = EmitRingGtt(cb, RingGttPerSubmission());
+    VG_TRY(WriteRing(cb.dwords()));
+    VG_TRY(Doorbell(static_cast<uint32_t>(cb.size_bytes())));
+    counters_.gtt_ring_records += n;
+    ring_gtt_.erase(ring_gtt_.begin(), ring_gtt_.begin() + static_cast<ptrdiff_t>(n));
+  }
+  return Ok();
+}
+
 Result<> Driver::FlushFrees() {
+  if (gtt_ring_) return FlushRingGtt();
   if (pending_clears_.empty()) return Ok();
   std::vector<abi::GttBatchRecord> records = std::move(pending_clears_);
   pending_clears_.clear();
@@ -303,7 +349,12 @@ Result<> Driver::Free(const GpuBuffer& b) {
   const uint64_t pages = rounded / kPageSize;
   std::vector<abi::GttBatchRecord> records(pages);
   for (uint64_t p = 0; p < pages; ++p) records[p] = {static_cast<uint32_t>((b.va.v >> kPageShift) + p), 0, 0};
-  if (opts_.lazy_free && pending_clears_.size() + pages <= kMaxPendingClears) {
+  if (gtt_ring_) {
+    // Cleared with the next submission, before anything submitted after this Free (lazy or
+    // not, the device sees it in ring order).
+    ring_gtt_.insert(ring_gtt_.end(), records.begin(), records.end());
+    if (ring_gtt_.size() >= kMaxPendingClears) VG_TRY(FlushRingGtt());
+  } else if (opts_.lazy_free && pending_clears_.size() + pages <= kMaxPendingClears) {
     pending_clears_.insert(pending_clears_.end(), records.begin(), records.end());
   } else {
     VG_TRY(FlushFrees());
@@ -386,8 +437,21 @@ Result<uint64_t> Driver::Submit(const CommandBuilder& cmds, bool irq) {
   // Refusals reported before this submission are not about it.
   errors_seen_ = dev_.Status32(abi::status::kErrCount);
   CommandBuilder all;
+  size_t gtt_taken = 0;
+  if (!ring_gtt_.empty()) {
+    // The GTT updates queued since the last submission go first, in the same submission,
+    // unless they and the commands would fill more than half the ring.
+    const uint64_t gtt_bytes = ring_gtt_.size() * sizeof(abi::GttBatchRecord) + 64;
+    if (ring_gtt_.size() > RingGttPerSubmission() || gtt_bytes + cmds.size_bytes() >= opts_.ring_size / 2) {
+      VG_TRY(FlushRingGtt());
+    } else {
+      gtt_taken = EmitRingGtt(all, ring_gtt_.size());
+    }
+  }
   all.Raw(cmds.dwords()).Fence(fence_.va, seq_ + 1, irq);
   VG_TRY(WriteRing(all.dwords()));
+  counters_.gtt_ring_records += gtt_taken;
+  ring_gtt_.erase(ring_gtt_.begin(), ring_gtt_.begin() + static_cast<ptrdiff_t>(gtt_taken));
   VG_TRY(Doorbell(static_cast<uint32_t>(all.size_bytes())));
   ++counters_.submissions;
   return ++seq_;
@@ -395,6 +459,7 @@ Result<uint64_t> Driver::Submit(const CommandBuilder& cmds, bool irq) {
 
 Result<> Driver::SubmitRaw(std::span<const uint32_t> dwords) {
   errors_seen_ = dev_.Status32(abi::status::kErrCount);
+  VG_TRY(FlushRingGtt());  // exactly these dwords: the queued GTT updates go before them
   VG_TRY(WriteRing(dwords));
   return Doorbell(static_cast<uint32_t>(dwords.size() * 4));
 }

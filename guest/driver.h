@@ -46,6 +46,7 @@ class CommandBuilder {
   CommandBuilder& Batch(GpuVa va, uint32_t size_bytes);
   CommandBuilder& LoadReg(uint32_t reg, uint32_t value);
   CommandBuilder& Timestamp(GpuVa target);
+  CommandBuilder& GttUpdate(std::span<const abi::GttBatchRecord> records);  // at most kGttUpdateMaxRecords
   CommandBuilder& Raw(std::span<const uint32_t> dwords);
 
   std::span<const uint32_t> dwords() const { return dw_; }
@@ -81,6 +82,16 @@ struct DriverOptions {
   // guest's own commands only; its VA and RAM are free for reuse at once (a reused VA is
   // cleared and mapped in one update, in order). false: Free clears at once.
   bool lazy_free = true;
+  // Alloc/Free update the GTT with GTT_UPDATE commands in the ring, ahead of the next
+  // submission's commands, when the device offers it (CAPS bit 8, docs/device-spec.md
+  // "GTT_UPDATE"): no register write, no round trip; an Alloc/use/Free cycle crosses only
+  // with the submission's doorbell. The entries take effect in ring order, so a buffer is
+  // mapped for every command submitted after its Alloc, and the device sees the change only
+  // then (MMIO reads of the GTT window show it after that submission). A refused update is
+  // reported with that submission (Wait returns the named error), not by Alloc. Once the
+  // ring runs, MapPages and MapAperture go the same way (a register write could overtake
+  // an update still queued in the ring); WriteGtt stays a register write.
+  bool gtt_in_ring = false;
 };
 
 enum class WaitMode { kIrq, kPoll };
@@ -94,6 +105,7 @@ struct DriverCounters {
   uint64_t ring_bytes = 0;  // command bytes written to the ring
   uint64_t gtt_batches = 0;  // GTT_BATCH_GO writes
   uint64_t gtt_writes = 0;   // GTT entries written through the GTT window
+  uint64_t gtt_ring_records = 0;  // GTT entries updated by GTT_UPDATE commands in the ring
 };
 
 class Driver {
@@ -118,6 +130,12 @@ class Driver {
   Result<> ApplyGtt(std::span<const abi::GttBatchRecord> records, bool check = true);
   bool uses_gtt_batch() const { return batch_.host.size() != 0; }
   bool uses_idle_notify() const { return idle_notify_; }
+  bool uses_gtt_ring() const { return gtt_ring_; }
+  // GTT_UPDATE records waiting for the next submission (DriverOptions::gtt_in_ring).
+  size_t pending_ring_gtt() const { return ring_gtt_.size(); }
+  // Submits the waiting GTT_UPDATE records now, with no fence (they take effect in ring
+  // order whatever comes next).
+  Result<> FlushRingGtt();
   const GpuBuffer& gtt_batch() const { return batch_; }  // the array (tests)
   Result<GpuVa> ReserveVa(uint64_t size);
 
@@ -143,6 +161,10 @@ class Driver {
   Result<> ApplyGttBatch(std::span<const abi::GttBatchRecord> records, bool check);
   Result<> ApplyGttWrites(std::span<const abi::GttBatchRecord> records, bool check);
   Result<> MapRange(GpuVa va, uint64_t first, uint64_t pages, uint64_t flags);
+  // GTT_UPDATE commands for up to `max` of ring_gtt_'s first records, appended to `out`;
+  // returns how many it took.
+  size_t EmitRingGtt(CommandBuilder& out, size_t max) const;
+  size_t RingGttPerSubmission() const;
   Result<uint64_t> AllocRange(std::map<uint64_t, uint64_t>& free, uint64_t size);
   void FreeRange(std::map<uint64_t, uint64_t>& free, uint64_t off, uint64_t size);
   Result<> WriteRing(std::span<const uint32_t> dwords);
@@ -156,6 +178,8 @@ class Driver {
   GpuBuffer fence_;  // u64 fence at +0, u32 tail shadow at +64
   GpuBuffer batch_;  // the GTT batch array (guest RAM, never GTT-mapped); empty: not used
   std::vector<abi::GttBatchRecord> pending_clears_;  // lazy Frees' GTT clears, not yet applied
+  bool gtt_ring_ = false;                        // DriverOptions::gtt_in_ring, and offered
+  std::vector<abi::GttBatchRecord> ring_gtt_;    // GTT_UPDATE records for the next submission
   uint32_t tail_ = 0;
   uint32_t ring_head_ = 0;  // RING_HEAD as last read from the status page (stale is safe)
   uint64_t seq_ = 0;

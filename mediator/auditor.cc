@@ -35,6 +35,7 @@ struct Auditor::Ctx {
   uint32_t depth = 0;
   uint64_t pages = 0;  // GTT pages translated so far (upper bound), batches included
   uint64_t spans = 0;  // spans built so far
+  GttOverlay staged;   // the GTT_UPDATE entries so far: later commands translate through them
 };
 
 bool LoadRegAllowed(uint32_t reg) {
@@ -63,7 +64,7 @@ Result<ResolvedRange> Auditor::Resolve(Ctx& ctx, uint64_t va, uint64_t size, boo
               "submission translates more than {} GTT pages (bound per submission)", kMaxTranslatedPages);
   ResolvedRange r{GpuVa{va}, ByteSize{size}, write, {}};
   VG_TRY_ASSIGN(r.spans, gtt_.Translate(GpuVa{va}, ByteSize{size}, write ? GttAccess::kReadWrite : GttAccess::kRead,
-                                        kMaxSpansPerSubmission - ctx.spans));
+                                        kMaxSpansPerSubmission - ctx.spans, &ctx.staged));
   ctx.spans += r.spans.size();
   return r;
 }
@@ -243,6 +244,33 @@ Result<> Auditor::AuditTimestamp(Ctx& ctx, std::span<const uint32_t> c, uint32_t
   PlanTimestamp t;
   VG_TRY_ASSIGN(t.target, Resolve(ctx, va, 8, true));
   ctx.plan.ops.emplace_back(std::move(t));
+  return Ok();
+}
+
+// GTT updates in ring order (F12): checked record by record with the rules of an MMIO GTT
+// write, staged for the rest of this submission's translations, and stored by the ring only
+// when the whole submission is accepted. Bounded per command and per submission.
+Result<> Auditor::AuditGttUpdate(Ctx& ctx, std::span<const uint32_t> c, uint32_t) const {
+  VG_ERROR_IF(abi::cmd::Flags(c[0]), Errc::kBadFlags, "GTT_UPDATE takes no flags");
+  VG_ERROR_IF(!page_check_, Errc::kUnsupported, "GTT_UPDATE is not offered here");
+  const uint32_t count = c[1];
+  VG_INVALID_IF(count == 0, "GTT_UPDATE of 0 records");
+  VG_ERROR_IF(count > abi::cmd::kGttUpdateMaxRecords, Errc::kLimitExceeded, "GTT_UPDATE of {} records (at most {})",
+              count, abi::cmd::kGttUpdateMaxRecords);
+  const uint64_t want = abi::cmd::kGttUpdateFixedDwords + uint64_t{count} * abi::cmd::kGttRecordDwords;
+  VG_ERROR_IF(c.size() != want, Errc::kBadLength, "GTT_UPDATE of {} records is {} dwords, not {}", count, want,
+              c.size());
+  VG_ERROR_IF(ctx.plan.gtt_updates.size() + count > abi::cmd::kMaxGttRecordsPerSubmission, Errc::kLimitExceeded,
+              "more than {} GTT_UPDATE records in one submission", abi::cmd::kMaxGttRecordsPerSubmission);
+  const size_t first = ctx.plan.gtt_updates.size();
+  ctx.plan.gtt_updates.resize(first + count);
+  std::memcpy(static_cast<void*>(ctx.plan.gtt_updates.data() + first), c.data() + abi::cmd::kGttUpdateFixedDwords,
+              size_t{count} * sizeof(abi::GttBatchRecord));
+  for (uint32_t i = 0; i < count; ++i) {
+    const abi::GttBatchRecord& r = ctx.plan.gtt_updates[first + i];
+    VG_TRY_CTX(gtt_.CheckRecord(r, page_check_), "GTT_UPDATE record {}", i);
+    ctx.staged[r.index] = r.entry;
+  }
   return Ok();
 }
 

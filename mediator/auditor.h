@@ -52,6 +52,9 @@ using PlanOp = std::variant<PlanDispatch, PlanCopy, PlanFill, PlanFence, PlanLoa
 
 struct Plan {
   std::vector<PlanOp> ops;
+  // The submission's GTT_UPDATE records, checked, in order: the ring stores them once the
+  // whole submission has passed and been queued (a refused submission changes nothing).
+  std::vector<abi::GttBatchRecord> gtt_updates;
   uint32_t commands = 0;       // commands audited, batches' included
   uint64_t stream_bytes = 0;   // command bytes audited
 };
@@ -72,7 +75,10 @@ bool LoadRegAllowed(uint32_t reg);
 
 class Auditor {
  public:
-  Auditor(const Gtt& gtt, BatchReader read_batch) : gtt_(gtt), read_batch_(std::move(read_batch)) {}
+  // `page_check`: the guest-memory rule for GTT entries (the one MMIO GTT writes use); null:
+  // GTT_UPDATE is refused (kUnsupported).
+  Auditor(const Gtt& gtt, BatchReader read_batch, Gtt::GuestPageCheck page_check = nullptr)
+      : gtt_(gtt), read_batch_(std::move(read_batch)), page_check_(std::move(page_check)) {}
 
   // `stream`: the shadow copy. `base`: ring byte offset of stream[0], for fault reports.
   // `ring_size`: offsets wrap at it (0: no wrapping, e.g. tests).
@@ -94,6 +100,7 @@ class Auditor {
 
   const Gtt& gtt_;
   BatchReader read_batch_;
+  Gtt::GuestPageCheck page_check_;
 };
 
 }  // namespace vg::mediator

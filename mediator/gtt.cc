@@ -28,21 +28,26 @@ Result<> Gtt::Write(uint32_t index, uint64_t entry, const GuestPageCheck& check)
   return Ok();
 }
 
+Result<> Gtt::CheckRecord(const abi::GttBatchRecord& r, const GuestPageCheck& check) const {
+  VG_ERROR_IF(r.index >= entries_.size(), Errc::kOutOfBounds, "GTT index {} past {}", r.index, entries_.size());
+  VG_INVALID_IF(r.pad != 0, "pad {:#x} is not 0", r.pad);
+  VG_TRY_CTX(ValidateEntry(r.entry, check), "GTT[{}] = {:#x}", r.index, r.entry);
+  return Ok();
+}
+
 Result<> Gtt::WriteBatch(std::span<const abi::GttBatchRecord> records, const GuestPageCheck& check, uint32_t* bad) {
   for (size_t i = 0; i < records.size(); ++i) {
-    const abi::GttBatchRecord& r = records[i];
     *bad = static_cast<uint32_t>(i);
-    VG_ERROR_IF(r.index >= entries_.size(), Errc::kOutOfBounds, "record {}: GTT index {} past {}", i, r.index,
-                entries_.size());
-    VG_INVALID_IF(r.pad != 0, "record {}: pad {:#x} is not 0", i, r.pad);
-    VG_TRY_CTX(ValidateEntry(r.entry, check), "record {}: GTT[{}] = {:#x}", i, r.index, r.entry);
+    VG_TRY_CTX(CheckRecord(records[i], check), "record {}", i);
   }
   // Every record passed: nothing below can fail, so the batch is all or nothing.
   for (const abi::GttBatchRecord& r : records) entries_[r.index] = r.entry;
   return Ok();
 }
 
-Result<std::vector<GttSpan>> Gtt::Translate(GpuVa va, ByteSize size, GttAccess access, uint64_t max_spans) const {
+Result<std::vector<GttSpan>> Gtt::Translate(GpuVa va, ByteSize size, GttAccess access, uint64_t max_spans,
+                                            const GttOverlay* staged) const {
+  if (staged && staged->empty()) staged = nullptr;
   VG_INVALID_IF(size.v == 0, "empty GPU VA range at {}", va);
   VG_TRY_ASSIGN(GpuVa end, CheckedEnd(va, size));
   uint64_t limit = uint64_t{entries_.size()} << kPageShift;
@@ -54,6 +59,9 @@ Result<std::vector<GttSpan>> Gtt::Translate(GpuVa va, ByteSize size, GttAccess a
     uint64_t in_page = cur & (kPageSize - 1);
     uint64_t n = std::min(kPageSize - in_page, end.v - cur);
     uint64_t e = entries_[idx];
+    if (staged) {
+      if (auto it = staged->find(static_cast<uint32_t>(idx)); it != staged->end()) e = it->second;
+    }
     VG_ERROR_IF(!(e & abi::kGttValid), Errc::kNotMapped, "GPU VA {:#x} is not mapped (GTT[{}] invalid)", cur, idx);
     bool writable = e & abi::kGttWritable;
     VG_ERROR_IF((static_cast<uint8_t>(access) & static_cast<uint8_t>(GttAccess::kWrite)) && !writable,

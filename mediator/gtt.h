@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "abi/device.h"
@@ -28,6 +29,11 @@ struct GttSpan {
   ByteSize size{0};
 };
 
+// GTT entries a submission's GTT_UPDATE commands have staged and not yet stored (index ->
+// entry): the auditor translates the rest of that submission through them, and the ring
+// stores them only once the whole submission has passed (docs/device-spec.md "GTT_UPDATE").
+using GttOverlay = std::unordered_map<uint32_t, uint64_t>;
+
 class Gtt {
  public:
   // Asks the owner whether [gpa, gpa+4K) is guest memory the vGPU may map (DMA regions),
@@ -43,6 +49,9 @@ class Gtt {
   // kMisaligned, kNotMapped / kAccessDenied (from check), kOutOfBounds (aperture page).
   Result<> ValidateEntry(uint64_t entry, const GuestPageCheck& check) const;
   Result<> Write(uint32_t index, uint64_t entry, const GuestPageCheck& check);
+  // One record of a GTT batch or a GTT_UPDATE command, checked as Write checks one entry
+  // (index, reserved bits, pad 0, guest page or aperture page); stores nothing.
+  Result<> CheckRecord(const abi::GttBatchRecord& r, const GuestPageCheck& check) const;
   // A GTT batch (GTT_BATCH_GO), already copied out of guest memory: every record is checked
   // as Write checks one entry (index, reserved bits, pad 0, guest page or aperture page),
   // then all are stored in order; on the first bad record nothing is stored and *bad is its
@@ -52,9 +61,11 @@ class Gtt {
 
   // Translates [va, va+size) page by page, merging runs that stay contiguous in the
   // same target space. Every page must be valid and, for kWrite, writable. More than
-  // `max_spans` runs: kLimitExceeded (the caller's per-submission span bound).
-  Result<std::vector<GttSpan>> Translate(GpuVa va, ByteSize size, GttAccess access,
-                                         uint64_t max_spans = UINT64_MAX) const;
+  // `max_spans` runs: kLimitExceeded (the caller's per-submission span bound). `staged`:
+  // entries that stand in for the stored ones (the auditor's, for a submission's own
+  // GTT_UPDATEs).
+  Result<std::vector<GttSpan>> Translate(GpuVa va, ByteSize size, GttAccess access, uint64_t max_spans = UINT64_MAX,
+                                         const GttOverlay* staged = nullptr) const;
 
   // Invalidates every guest-memory entry whose page lies in [gpa, gpa+size): no
   // translation outlives its DMA mapping. Returns how many entries were dropped.

@@ -223,11 +223,14 @@ void Vgpu::Impl::ProcessRing() {
     fault = AuditFault{abi::kErrSourceRing, head, 0};
     flow_control = true;
   } else if (copied.ok()) {
-    Auditor auditor(gtt_, [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
-      std::vector<uint32_t> batch(r.size.v / 4);
-      VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
-      return batch;
-    });
+    Auditor auditor(
+        gtt_,
+        [this](const ResolvedRange& r) -> Result<std::vector<uint32_t>> {
+          std::vector<uint32_t> batch(r.size.v / 4);
+          VG_TRY(view_.Read(r, std::as_writable_bytes(std::span(batch))));
+          return batch;
+        },
+        [this](Gpa p, bool w) { return CheckGuestPage(p, w); });
     plan = auditor.Audit(shadow, head, size, &fault);
     if (!plan.ok() && Fetching(plan.error())) {
       fetch_.Start();  // a batch in fd-less memory: the replay audits again
@@ -247,6 +250,7 @@ void Vgpu::Impl::ProcessRing() {
     return;
   }
   uint32_t commands = plan->commands;
+  std::vector<abi::GttBatchRecord> gtt_updates = std::move(plan->gtt_updates);
   // Bounded per vGPU (count and bytes): past it the submission is refused by name. On the
   // loop, a host-op-only plan queued while the executor is idle is held and completed there
   // by the entry point once it has let go of mu_ (Executor::RunHeld).
@@ -254,6 +258,16 @@ void Vgpu::Impl::ProcessRing() {
       !queued.ok()) {
     Refuse(abi::kErrSourceRing, head, 0, std::move(queued).error(), FaultClass::kFlowControl);
     return;
+  }
+  // The submission is in: its GTT_UPDATEs take effect now, in ring order, before the next
+  // pass audits anything (the plan holds its own translations already). Checked at audit
+  // under this same hold of mu_, so nothing can have changed what they were checked against.
+  if (!gtt_updates.empty()) {
+    uint32_t bad = 0;
+    auto check = [this](Gpa p, bool w) { return CheckGuestPage(p, w); };
+    if (Result<> stored = gtt_.WriteBatch(gtt_updates, check, &bad); !stored.ok())
+      Refuse(abi::kErrSourceCommand, head, abi::cmd::kGttUpdate,
+             Error{Errc::kInternal, fmt::format("GTT_UPDATE checked at audit, refused at store: {}", stored.error().what)});
   }
   // Busy from here: this plan's plan_done needs mu_, which this pass holds, so the word
   // reads 0 before the plan can finish, and the re-read that 0 promises follows it.

@@ -130,7 +130,7 @@ class Vgpu::Impl {
   uint32_t ReadVersion() const { return abi::kAbiVersion; }
   uint32_t ReadCaps() const {
     return abi::kCapStatusPage | abi::kCapDoorbellIoFd | abi::kCapMsix | abi::kCapMsi | abi::kCapRing |
-           abi::kCapGttBatch | abi::kCapIdleNotify | abi::kCapDisplay;
+           abi::kCapGttBatch | abi::kCapIdleNotify | abi::kCapDisplay | abi::kCapGttRing;
   }
   uint32_t ReadApertureLo() const { return static_cast<uint32_t>(cfg_.aperture_size); }
   uint32_t ReadApertureHi() const { return static_cast<uint32_t>(cfg_.aperture_size >> 32); }

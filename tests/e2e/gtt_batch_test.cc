@@ -255,3 +255,224 @@ TEST_CASE("hostile REGION_WRITE_MULTI to the GTT: each entry checked as a REGION
   ExpectStillWorks(g);
   CheckVictim(v.Stop());
 }
+
+// ---- GTT_UPDATE: GTT updates in the ring (F12, docs/device-spec.md "GTT_UPDATE") ----
+
+namespace {
+DriverOptions InRing() {
+  DriverOptions d;
+  d.gtt_in_ring = true;
+  return d;
+}
+std::vector<uint32_t> Words(const CommandBuilder& cb) { return {cb.dwords().begin(), cb.dwords().end()}; }
+}  // namespace
+
+TEST_CASE("GTT_UPDATE: create/use/destroy crosses only with the doorbell and the interrupt, results exact") {
+  Daemon daemon({std::string(kUuidA) + ":small"});
+  Guest g(daemon.Socket(0), {}, InRing());
+  REQUIRE(g.drv->uses_gtt_ring());
+  const DriverCounters c0 = g.drv->counters();
+  const uint64_t m0 = g.dev->messages();
+  constexpr int kCycles = 200;
+  for (int i = 0; i < kCycles; ++i) {
+    auto b = g.drv->Alloc(64 << 10);
+    REQUIRE(b.ok());
+    CommandBuilder cb;
+    cb.Fill(b->va, 64 << 10, 0xc0de0000u + i);
+    auto seq = g.drv->Submit(cb);
+    REQUIRE(seq.ok());
+    REQUIRE_MESSAGE(g.drv->Wait(*seq).ok(), "cycle ", i);
+    const auto* w = reinterpret_cast<const uint32_t*>(b->host.data());
+    REQUIRE(w[0] == 0xc0de0000u + i);
+    REQUIRE(w[(64 << 10) / 4 - 1] == 0xc0de0000u + i);
+    REQUIRE(g.drv->Free(*b).ok());
+  }
+  const DriverCounters& c = g.drv->counters();
+  const uint64_t messages = g.dev->messages() - m0;
+  MESSAGE("GTT_UPDATE: ", kCycles, " cycles: ", messages, " vfio-user messages, ", c.doorbells - c0.doorbells,
+          " doorbells, ", c.gtt_ring_records - c0.gtt_ring_records, " GTT records in the ring");
+  CHECK(c.gtt_batches == c0.gtt_batches);  // no GTT_BATCH_GO
+  CHECK(c.gtt_writes == c0.gtt_writes);    // no GTT window write
+  CHECK(messages == 0);                    // nothing over the socket: ioeventfd, status page, irq eventfd
+  CHECK(c.doorbells - c0.doorbells <= uint64_t(kCycles));
+  // 16 maps a cycle, and 16 clears for each but the last (still queued).
+  CHECK(c.gtt_ring_records - c0.gtt_ring_records == uint64_t(kCycles) * 16 + (kCycles - 1) * 16);
+  CHECK(g.drv->pending_ring_gtt() == 16);
+  // The device sees a change once the submission that carries it has been taken.
+  auto b = g.drv->Alloc(4096);
+  REQUIRE(b.ok());
+  const uint32_t index = static_cast<uint32_t>(b->va.v >> kPageShift);
+  CommandBuilder nop;
+  nop.Nop();
+  auto seq = g.drv->Submit(nop);
+  REQUIRE(seq.ok());
+  REQUIRE(g.drv->Wait(*seq).ok());
+  CHECK(g.Entry(index) == (b->gpa.v | abi::kGttValid | abi::kGttWritable));
+  REQUIRE(g.drv->Free(*b).ok());
+  REQUIRE(g.drv->FlushFrees().ok());
+  seq = g.drv->Submit(nop);
+  REQUIRE(g.drv->Wait(*seq).ok());
+  CHECK(g.Entry(index) == 0);
+  // Bigger than one submission's share of the ring: sent ahead in GTT-only submissions.
+  auto big = g.drv->Alloc(8 << 20);  // 2048 pages
+  REQUIRE(big.ok());
+  CommandBuilder fill;
+  fill.Fill(big->va, 8 << 20, 0x5eedu);
+  seq = g.drv->Submit(fill);
+  REQUIRE(seq.ok());
+  REQUIRE(g.drv->Wait(*seq).ok());
+  CHECK(reinterpret_cast<const uint32_t*>(big->host.data())[(8 << 20) / 4 - 1] == 0x5eedu);
+  REQUIRE(g.drv->Free(*big).ok());
+  ExpectStillWorks(g);
+}
+
+TEST_CASE("GTT_UPDATE translates in ring order inside one submission; a refused submission changes nothing") {
+  Daemon daemon({std::string(kUuidA) + ":small"});
+  Guest g(daemon.Socket(0), {}, InRing());
+  REQUIRE(g.drv->uses_gtt_ring());
+  auto mem = g.drv->Alloc(4 * 4096);  // RAM to point entries at; its own VA too
+  REQUIRE(mem.ok());
+  const uint32_t base = 5000;  // GTT entries the driver has not used
+  const GpuVa va{uint64_t{base} << kPageShift};
+  auto rec = [&](uint32_t i, uint64_t entry) { return abi::GttBatchRecord{base + i, 0, entry}; };
+  const uint64_t rw = abi::kGttValid | abi::kGttWritable;
+  // Map, fill through the new mapping, unmap, in one submission: the FILL uses the staged
+  // entries; the GTT ends unmapped.
+  {
+    CommandBuilder cb;
+    std::vector<abi::GttBatchRecord> map = {rec(0, mem->gpa.v | rw), rec(1, (mem->gpa.v + 4096) | rw)};
+    std::vector<abi::GttBatchRecord> unmap = {rec(0, 0), rec(1, 0)};
+    cb.GttUpdate(map).Fill(va, 2 * 4096, 0xabcd1234u).GttUpdate(unmap);
+    auto seq = g.drv->Submit(cb);
+    REQUIRE(seq.ok());
+    REQUIRE(g.drv->Wait(*seq).ok());
+    CHECK(reinterpret_cast<const uint32_t*>(mem->host.data())[2047] == 0xabcd1234u);
+    CHECK(g.Entry(base) == 0);
+    CHECK(g.Entry(base + 1) == 0);
+  }
+  // Unmapped earlier in the same submission: the FILL after it is refused, kNotMapped.
+  {
+    CommandBuilder cb;
+    std::vector<abi::GttBatchRecord> map = {rec(0, mem->gpa.v | rw)}, unmap = {rec(0, 0)};
+    cb.GttUpdate(map).GttUpdate(unmap).Fill(va, 4096, 1);
+    auto seq = g.drv->Submit(cb);
+    REQUIRE(seq.ok());
+    auto w = g.drv->Wait(*seq, WaitMode::kIrq, 3000);
+    CHECK(w.code() == Errc::kNotMapped);
+    CHECK(g.Entry(base) == 0);  // the refused submission's map never took effect
+    REQUIRE(g.dev->ClearError().ok());
+  }
+  // A good update followed by a bad command: nothing of the submission applies.
+  {
+    CommandBuilder cb;
+    std::vector<abi::GttBatchRecord> map = {rec(2, mem->gpa.v | rw)};
+    cb.GttUpdate(map).Raw(std::vector<uint32_t>{abi::cmd::Header(0x7f, 1)});
+    REQUIRE(g.drv->SubmitRaw(Words(cb)).ok());
+    auto nop = g.drv->Submit(CommandBuilder().Nop());
+    REQUIRE(nop.ok());
+    (void)g.drv->Wait(*nop, WaitMode::kIrq, 3000);
+    auto err = g.dev->ReadError();
+    REQUIRE(err.ok());
+    CHECK(err->code == Errc::kUnknownCommand);
+    CHECK(g.Entry(base + 2) == 0);
+    REQUIRE(g.dev->ClearError().ok());
+  }
+  ExpectStillWorks(g);
+}
+
+TEST_CASE("hostile GTT_UPDATEs: a bad record in the middle changes nothing, refused by name, the victim unaffected") {
+  Daemon daemon(TwoVgpus());
+  Victim v(daemon.Socket(1));
+  Guest g(daemon.Socket(0), {}, InRing());
+  REQUIRE(g.drv->uses_gtt_ring());
+  const uint32_t base = 6000;
+  const uint64_t page = kAttackerRam + (8 << 20);
+  std::vector<uint64_t> before;
+  for (uint32_t i = 0; i < 8; ++i) before.push_back(g.Entry(base + i));
+  auto unchanged = [&] {
+    for (uint32_t i = 0; i < 8; ++i) CHECK(g.Entry(base + i) == before[i]);
+  };
+  auto good = [&] {
+    std::vector<abi::GttBatchRecord> r;
+    for (uint32_t i = 0; i < 8; ++i) r.push_back({base + i, 0, (page + i * 4096) | abi::kGttValid | abi::kGttWritable});
+    return r;
+  };
+  // Submits `dwords` raw and returns the error report it caused.
+  auto refused = [&](const std::vector<uint32_t>& dwords) -> ErrorReport {
+    const uint32_t n0 = g.dev->Status32(abi::status::kErrCount);
+    REQUIRE(g.drv->SubmitRaw(dwords).ok());
+    auto nop = g.drv->Submit(CommandBuilder().Nop());
+    REQUIRE(nop.ok());
+    (void)g.drv->Wait(*nop, WaitMode::kIrq, 3000);
+    ErrorReport e = g.dev->ReadError().value_or(ErrorReport{});
+    CHECK(e.count > n0);
+    REQUIRE(g.dev->ClearError().ok());
+    unchanged();
+    return e;
+  };
+  struct Bad {
+    const char* what;
+    uint64_t entry;
+    uint32_t index_bump;
+    uint32_t pad;
+    Errc want;
+  };
+  const Bad bads[] = {
+      {"the victim's RAM (not mapped for this client)", kVictimRam | abi::kGttValid, 0, 0, Errc::kNotMapped},
+      {"past the end of its own RAM", (kAttackerRam + (16 << 20)) | abi::kGttValid, 0, 0, Errc::kNotMapped},
+      {"an aperture page past the aperture", (1ull << 40) | abi::kGttValid | abi::kGttAperture, 0, 0, Errc::kOutOfBounds},
+      {"reserved flag bits", page | abi::kGttValid | 0x80, 0, 0, Errc::kBadFlags},
+      {"an index past the GTT", page | abi::kGttValid, 1u << 30, 0, Errc::kOutOfBounds},
+      {"a non-zero pad", page | abi::kGttValid, 0, 7, Errc::kInvalidArgument},
+  };
+  for (const Bad& b : bads) {
+    CAPTURE(b.what);
+    std::vector<abi::GttBatchRecord> r = good();
+    r[4].entry = b.entry;
+    r[4].index += b.index_bump;
+    r[4].pad = b.pad;
+    ErrorReport e = refused(Words(CommandBuilder().GttUpdate(r)));
+    CHECK(e.code == b.want);
+    CHECK(e.source == abi::kErrSourceCommand);
+  }
+  // Malformed commands: no records, too many, a length that disagrees with the count, flags.
+  {
+    std::vector<uint32_t> zero = {abi::cmd::Header(abi::cmd::kGttUpdate, 2), 0};
+    CHECK(refused(zero).code == Errc::kInvalidArgument);
+    std::vector<abi::GttBatchRecord> many(abi::cmd::kGttUpdateMaxRecords + 1, abi::GttBatchRecord{base, 0, 0});
+    CHECK(refused(Words(CommandBuilder().GttUpdate(many))).code == Errc::kLimitExceeded);
+    std::vector<uint32_t> lying = Words(CommandBuilder().GttUpdate(good()));
+    lying[1] = 9;  // says 9 records, carries 8
+    CHECK(refused(lying).code == Errc::kBadLength);
+    std::vector<uint32_t> flagged = Words(CommandBuilder().GttUpdate(good()));
+    flagged[0] |= 1u << 16;
+    CHECK(refused(flagged).code == Errc::kBadFlags);
+  }
+  REQUIRE(daemon.Alive());
+  ExpectStillWorks(g);
+  CheckVictim(v.Stop());
+  CHECK(daemon.Alive());
+}
+
+TEST_CASE("hostile GTT_UPDATE flood: more records in one submission than the bound is refused by name") {
+  Daemon daemon({std::string(kUuidA) + ":small"});
+  DriverOptions big = InRing();
+  big.ring_size = 1 << 20;
+  Guest g(daemon.Socket(0), {}, big);
+  REQUIRE(g.drv->uses_gtt_ring());
+  // 17 full commands: one record past kMaxGttRecordsPerSubmission.
+  std::vector<abi::GttBatchRecord> full(abi::cmd::kGttUpdateMaxRecords, abi::GttBatchRecord{6000, 0, 0});
+  CommandBuilder cb;
+  for (uint32_t i = 0; i <= abi::cmd::kMaxGttRecordsPerSubmission / abi::cmd::kGttUpdateMaxRecords; ++i)
+    cb.GttUpdate(full);
+  REQUIRE(g.drv->SubmitRaw(Words(cb)).ok());
+  auto nop = g.drv->Submit(CommandBuilder().Nop());
+  REQUIRE(nop.ok());
+  (void)g.drv->Wait(*nop, WaitMode::kIrq, 3000);
+  auto err = g.dev->ReadError();
+  REQUIRE(err.ok());
+  CHECK(err->code == Errc::kLimitExceeded);
+  REQUIRE(g.dev->ClearError().ok());
+  ExpectStillWorks(g);
+  CHECK(daemon.Alive());
+}

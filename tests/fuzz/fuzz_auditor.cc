@@ -50,7 +50,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     // Batches read back from the stream itself, offset by the VA: deterministic per input.
     for (size_t i = 0; i < out.size() && !stream.empty(); ++i) out[i] = stream[(r.va.v / 4 + i) % stream.size()];
     return out;
-  });
+  }, check);
   AuditFault fault;
   auto plan = auditor.Audit(stream, 0, 4096, &fault);
   if (!plan.ok()) return 0;
@@ -65,5 +65,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (auto* f = std::get_if<PlanFence>(&op)) CheckRange(f->target);
     if (auto* t = std::get_if<PlanTimestamp>(&op)) CheckRange(t->target);
   }
+  // GTT_UPDATE records the audit passed are ones the store accepts, all of them.
+  uint32_t bad = 0;
+  if (!plan->gtt_updates.empty() && !gtt.WriteBatch(plan->gtt_updates, check, &bad).ok()) __builtin_trap();
   return 0;
 }

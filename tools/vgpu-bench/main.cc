@@ -125,7 +125,9 @@ Result<std::unique_ptr<Path>> MakePath(const std::string& name, const PathConfig
 // of its own (a vGPU takes one mediated client; the remoting rows get one each too, so no
 // two sessions share a worker's loop); the executor and memory factors are vgpud-wide flags,
 // so their rows are guests of a vgpud of their own.
-enum class Host { kMain, kSerial, kUncoalesced, kNoInline, kGathered, kSchedOff };
+// kGtt: a vgpud like the main one, for the gtt ablation's guests (a type has at most 8
+// instances on one vgpud, and the main one's are the concurrency and doorbell guests').
+enum class Host { kMain, kSerial, kUncoalesced, kNoInline, kGathered, kSchedOff, kGtt };
 struct Variant {
   Host host = Host::kMain;
   Doorbell doorbell = Doorbell::kDefault;
@@ -208,16 +210,17 @@ std::vector<Ablation> PlanAblations(const std::set<std::string>& which, const st
   if (which.count("gtt")) {
     Ablation a{"gtt", "how the driver updates the GTT on Alloc/Free", {"churn"}};
     const std::vector<std::array<std::string, 3>> modes{
+        {"ring", "mediated-gtt-ring", "in the ring: GTT_UPDATE commands ahead of the next submission"},
         {"batch", "mediated-gtt-batch", "in-memory batch: GTT_BATCH_GO over a record array in guest RAM"},
         {"multi", "mediated-gtt-multi", "multi-write: posted entries batched in REGION_WRITE_MULTI"},
         {"per-entry", "mediated-gtt-entry", "per-entry MMIO: one posted REGION_WRITE per entry"}};
-    // The reference is the mode "mediated" runs (--gtt); the other two are rows of their own.
+    // The reference is the mode "mediated" runs (--gtt); the others are rows of their own.
     for (const auto& [mode, path, label] : modes)
       if (mode == gtt) a.rows.push_back({"mediated", label + " (--gtt " + mode + ")"});
     for (const auto& [mode, path, label] : modes)
       if (mode != gtt) {
         a.rows.push_back({path, label});
-        variants[path] = {Host::kMain, Doorbell::kDefault, mode};
+        variants[path] = {Host::kGtt, Doorbell::kDefault, mode};
       }
     out.push_back(std::move(a));
   }
@@ -599,8 +602,10 @@ int main(int argc, char** argv) {
   app.add_option("--csv", csv_file, "also write the CSV here");
   app.add_option("--qemu", qemu, "qemu-system-x86_64 with vfio-user-pci, for mediated-qemu (default: $VGPUD_QEMU)");
   app.add_option("--qemu-firmware", qemu_firmware, "QEMU's -L firmware dir (default: $VGPUD_QEMU_FIRMWARE)");
-  std::string gtt = "batch";
-  app.add_option("--gtt", gtt, "mediated paths: GTT updates by batch, multi (REGION_WRITE_MULTI) or per-entry")
+  std::string gtt = "ring";
+  app.add_option("--gtt", gtt,
+                 "mediated paths: GTT updates in the ring (GTT_UPDATE), by batch (GTT_BATCH_GO), multi "
+                 "(REGION_WRITE_MULTI) or per-entry")
       ->capture_default_str();
   std::string ablations_csv = "doorbell,executor,memory,gtt,remoting,scheduler", compare_with;
   app.add_option("--ablations", ablations_csv,
@@ -685,8 +690,8 @@ int main(int argc, char** argv) {
     paths.push_back(p);
   }
   if (vgpud.empty()) vgpud = (fs::read_symlink("/proc/self/exe").parent_path() / "vgpud").string();
-  if (gtt != "batch" && gtt != "multi" && gtt != "per-entry") {
-    std::fprintf(stderr, "vgpu-bench: --gtt %s is not batch, multi or per-entry\n", gtt.c_str());
+  if (!KnownGttMode(gtt)) {
+    std::fprintf(stderr, "vgpu-bench: --gtt %s is not ring, batch, multi or per-entry\n", gtt.c_str());
     return 2;
   }
   std::set<std::string> which_ablations = Split(ablations_csv);
@@ -885,6 +890,7 @@ int main(int argc, char** argv) {
                         : host == Host::kUncoalesced ? HostFlags{"-uncoalesced", "executor", {"--no-coalesce", "--time-granularity-us", "0"}}
                         : host == Host::kNoInline    ? HostFlags{"-no-inline", "executor", {"--no-inline-complete", "--time-granularity-us", "0"}}
                         : host == Host::kSchedOff    ? HostFlags{"-sched-off", "scheduler", {"--sched", "off", "--time-granularity-us", "0"}}
+                        : host == Host::kGtt         ? HostFlags{"-gtt", "gtt", {"--time-granularity-us", "0"}}
                                                      : HostFlags{"-gathered", "memory", {"--no-zero-copy", "--time-granularity-us", "0"}};
     auto hd = StartDaemon(vgpud, t, gpu, f.suffix, f.args);
     if (!hd.ok()) {

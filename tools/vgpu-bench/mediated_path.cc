@@ -188,11 +188,11 @@ Result<std::unique_ptr<Path>> MakeClientPath(const PathConfig& c, std::string na
   DeviceOptions o;
   o.socket = c.socket;
   o.ram_size = c.guest_ram;
-  VG_INVALID_IF(c.gtt != "batch" && c.gtt != "multi" && c.gtt != "per-entry", "--gtt {} is not batch, multi or per-entry",
-                c.gtt);
+  VG_INVALID_IF(!KnownGttMode(c.gtt), "--gtt {} is not ring, batch, multi or per-entry", c.gtt);
   o.write_multi = c.gtt != "per-entry";
   DriverOptions d;
-  d.gtt_batch = c.gtt == "batch";
+  d.gtt_batch = c.gtt == "batch" || c.gtt == "ring";  // ring: the driver's own set-up mappings
+  d.gtt_in_ring = c.gtt == "ring";
   d.ring_size = 256 << 10;  // 4096 FILL commands in one submission
   d.use_ioeventfd = doorbell == Doorbell::kDefault || doorbell == Doorbell::kIoeventfd || doorbell == Doorbell::kShadow;
   // kDefault leaves the driver's own choice; the others say theirs, so the ioeventfd row

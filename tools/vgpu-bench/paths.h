@@ -5,9 +5,12 @@
 
 #include <sys/types.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/base.h"
@@ -77,6 +80,9 @@ enum class Doorbell {
 // Whether this build's guest driver has the idle-notify switch (DriverOptions::idle_notify):
 // true since f12-idle. Without it the kShadow row cannot run and kIoeventfd is the default.
 bool DriverHasIdleNotify();
+// --gtt's modes, the default first.
+inline constexpr std::array<std::string_view, 4> kGttModes{"ring", "batch", "multi", "per-entry"};
+inline bool KnownGttMode(std::string_view m) { return std::find(kGttModes.begin(), kGttModes.end(), m) != kGttModes.end(); }
 
 struct PathConfig {
   std::string socket;         // mediated: the vGPU's vfio-user socket
@@ -86,10 +92,11 @@ struct PathConfig {
   uint64_t guest_ram = 256ull << 20;  // mediated: guest RAM shared with the vGPU
   std::string qemu;                   // mediated-qemu: qemu-system-x86_64 with vfio-user-pci
   std::string qemu_firmware;          // mediated-qemu: its -L directory ("" : built in)
-  // mediated, mediated-mmio: how the driver updates the GTT. batch: GTT_BATCH_GO when the
-  // device offers it (the default); multi: posted writes batched into REGION_WRITE_MULTI;
+  // mediated, mediated-mmio: how the driver updates the GTT (KnownGttMode). ring:
+  // GTT_UPDATE commands ahead of the next submission when the device offers them (the
+  // default); batch: GTT_BATCH_GO; multi: posted writes batched into REGION_WRITE_MULTI;
   // per-entry: one posted REGION_WRITE per entry (the F12 study's baseline).
-  std::string gtt = "batch";
+  std::string gtt = "ring";
   // mediated variants (MakeMediatedVariantPath): the doorbell.
   Doorbell doorbell = Doorbell::kDefault;
   // remoting variants (MakeRemotingVariantPath): RemotingOptions::batch and ::idle_notify.
