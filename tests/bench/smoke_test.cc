@@ -90,6 +90,12 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   CHECK(text.find("== calibration") != std::string::npos);
   CHECK(text.find("CALIBRATION FAILED") == std::string::npos);
   CHECK(j["concurrency"].size() >= 2);
+  // The scheduler ablation runs the concurrency rows unscheduled too, and the summary says
+  // how each path scales.
+  int unscheduled = 0;
+  for (const auto& c : j["concurrency"]) unscheduled += c["path"] == "mediated-sched-off";
+  CHECK(unscheduled == 2);  // 1 and 2 guests
+  CHECK(text.find("scaling, 2 guests over 1") != std::string::npos);
   // The lifecycle group (F13): vGPU start/stop cycles and idle worker memory, its own section.
   REQUIRE(j.contains("lifecycle"));
   const auto& l = j["lifecycle"];

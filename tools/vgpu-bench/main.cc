@@ -870,6 +870,10 @@ int main(int argc, char** argv) {
     guest_of[name] = static_cast<int>(t.size());
     t.push_back(type0);
   }
+  // The scheduler ablation also runs the concurrency rows unscheduled: the guests after
+  // its first on its vgpud, as on the main one.
+  const bool sched_off_concurrency = want_concurrency && variants.count("mediated-sched-off");
+  if (sched_off_concurrency) host_types[Host::kSchedOff].resize(static_cast<size_t>(guests), "small");
   uint64_t ram = o.size == StudyOptions::Size::kFull ? (1536ull << 20) : o.size == StudyOptions::Size::kSmoke ? (32ull << 20) : (160ull << 20);
   // The A/B study measures the paths with time coarsening off (docs/ab-methodology.md).
   const std::vector<std::string> no_coarsening{"--time-granularity-us", "0"};
@@ -938,6 +942,10 @@ int main(int argc, char** argv) {
     std::vector<std::string> cpaths;
     for (const auto& p : paths)
       if (p == "native" || p == "mediated" || p == "remoting") cpaths.push_back(p);
+    // Except the scheduler's: the same mediated guests on a --sched off vgpud, what the
+    // host scheduler's one-vGPU-at-a-time grants cost guests that share the engine.
+    if (sched_off_concurrency && std::count(cpaths.begin(), cpaths.end(), "mediated"))
+      cpaths.push_back("mediated-sched-off");
     std::map<std::pair<std::string, int>, Concurrency> runs;
     std::set<std::pair<std::string, int>> failed;
     for (int r = 0; r < reps; ++r)
@@ -947,7 +955,10 @@ int main(int argc, char** argv) {
         for (const auto& p : order) {
           if (failed.count({p, n})) continue;
           if (o.progress) std::fprintf(stderr, "\rvgpu-bench: concurrency rep %d: %s x%d   ", r + 1, p.c_str(), n);
-          auto run = p == "native" ? RunConcurrentThreads(base, n, iters) : RunConcurrentProcesses(p, d, n, iters, 32ull << 20);
+          auto run = p == "native"               ? RunConcurrentThreads(base, n, iters)
+                     : p == "mediated-sched-off" ? RunConcurrentProcesses("mediated", *hosts.at(Host::kSchedOff), n,
+                                                                          iters, 32ull << 20)
+                                                 : RunConcurrentProcesses(p, d, n, iters, 32ull << 20);
           if (!run.ok()) {
             report->summary.push_back(fmt::format("concurrency {} x{}: {}", p, n, run.error().ToString()));
             report->all_correct = false;

@@ -203,6 +203,21 @@ void SummarizeVerdicts(StudyReport& r, const std::vector<std::string>& paths) {
   }
   r.summary.push_back(OverallVerdictLine(vs));
   r.verdicts = std::move(vs);
+  // Scaling: each path's aggregate rate at its most guests over its own at one (F12's target:
+  // the mediated path scales at least as well as native; mediated-sched-off is the scheduler
+  // ablation's, the same guests on a --sched off vgpud).
+  {
+    uint32_t most = 0;
+    for (const Concurrency& c : r.concurrency) most = std::max(most, c.guests);
+    std::vector<std::string> parts;
+    for (const char* p : {"native", "mediated", "mediated-sched-off", "remoting"})
+      for (const Concurrency& c : r.concurrency)
+        if (c.path == p && c.guests == most && most > 1 && c.speedup > 0)
+          parts.push_back(fmt::format("{} {:.2f}", p, c.speedup));
+    if (!parts.empty())
+      r.summary.push_back(fmt::format("scaling, {} guests over 1 (aggregate rate, median over repetitions): {}", most,
+                                      fmt::join(parts, ", ")));
+  }
 }
 
 }  // namespace vg::bench
