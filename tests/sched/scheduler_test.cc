@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "tools/vgpud/scheduler.h"
@@ -314,6 +315,86 @@ TEST_CASE("policies parse by name; 'weighted' is best-effort") {
   CHECK_FALSE(ParseSchedPolicy("fair").has_value());
   for (auto p : {SchedPolicy::kOff, SchedPolicy::kBestEffort, SchedPolicy::kEqualShare, SchedPolicy::kFixedShare})
     CHECK(ParseSchedPolicy(SchedPolicyName(p)) == p);
+}
+
+}  // namespace
+}  // namespace vg::daemon
+
+namespace vg::daemon {
+namespace {
+
+// Several holders at once (SchedOptions::concurrency): who holds which grant, who was asked
+// to yield.
+struct MultiSim {
+  std::map<Uuid, uint64_t> grants;  // holder -> grant
+  std::vector<Uuid> preempted;
+  std::vector<Uuid> told;           // contended, with the grant or after
+  Scheduler s;
+  explicit MultiSim(uint32_t n)
+      : s(SchedOptions{.concurrency = n},
+          SchedActions{[this](const Uuid& u, uint64_t g, bool c) {
+                         grants[u] = g;
+                         if (c) told.push_back(u);
+                       },
+                       [this](const Uuid& u, uint64_t) { preempted.push_back(u); },
+                       [](const Uuid&, std::string) {},
+                       [this](const Uuid& u, uint64_t) { told.push_back(u); }}) {}
+};
+
+TEST_CASE("concurrency 2: two vGPUs hold at once uncontended; a third waits, both are told, one yields for it") {
+  MultiSim sim(2);
+  auto now = Clock::time_point{} + 1s;
+  for (int i = 1; i <= 3; ++i) sim.s.Add(U(i), 100, now);
+  sim.s.OnRequest(U(1), now);
+  sim.s.OnRequest(U(2), now);
+  CHECK(sim.s.holders() == std::vector<Uuid>{U(1), U(2)});
+  CHECK(sim.told.empty());  // nobody waits: neither is contended
+  CHECK_FALSE(sim.s.NextDeadline());
+  now += 10ms;
+  sim.s.OnRequest(U(3), now);
+  CHECK(sim.s.Status(U(3))->state == SchedState::kWaiting);
+  CHECK(sim.told.size() == 2);  // both holders, once each
+  REQUIRE(sim.s.NextDeadline());
+  now += 2ms;  // a slice since the wait began
+  sim.s.OnTimer(now);
+  REQUIRE(sim.preempted.size() == 1);  // one waiter: one holder yields, not both
+  const Uuid yielded = sim.preempted[0];
+  sim.s.OnTimer(now + 1ms);
+  CHECK(sim.preempted.size() == 1);
+  sim.s.OnRelease(yielded, sim.grants[yielded], 2'000'000, /*wants=*/true, now + 1ms);
+  CHECK(sim.s.Status(U(3))->state == SchedState::kRunning);
+  CHECK(sim.s.Status(yielded)->state == SchedState::kWaiting);
+  CHECK(sim.s.holders().size() == 2);
+  // A release of a grant it does not hold changes nothing.
+  sim.s.OnRelease(U(3), sim.grants[U(3)] + 1, 1, false, now + 1ms);
+  CHECK(sim.s.Status(U(3))->state == SchedState::kRunning);
+  // A holder removed: its grant goes to the waiter at once.
+  const Uuid other = yielded == U(1) ? U(2) : U(1);
+  sim.s.Remove(other, now + 2ms);
+  CHECK(sim.s.Status(yielded)->state == SchedState::kRunning);
+}
+
+TEST_CASE("concurrency 2: four busy vGPUs share the engine by weight (1:2:3:4)") {
+  MultiSim sim(2);
+  auto now = Clock::time_point{} + 1s;
+  const std::map<int, uint32_t> weights{{1, 100}, {2, 200}, {3, 300}, {4, 400}};
+  for (auto [i, w] : weights) sim.s.Add(U(i), w, now);
+  for (auto [i, w] : weights) sim.s.OnRequest(U(i), now);
+  std::map<Uuid, uint64_t> held;  // ns each held a grant
+  for (int step = 0; step < 40000; ++step) {
+    now += 500us;
+    for (const Uuid& h : sim.s.holders()) held[h] += 500'000;
+    sim.s.OnTimer(now);
+    // A preempted holder releases after its piece, still wanting the engine.
+    for (const Uuid& u : std::exchange(sim.preempted, {})) sim.s.OnRelease(u, sim.grants[u], 0, /*wants=*/true, now);
+    REQUIRE(sim.s.holders().size() == 2);
+  }
+  double total = 0;
+  for (auto [i, w] : weights) total += static_cast<double>(held[U(i)]);
+  for (auto [i, w] : weights) {
+    CAPTURE(i);
+    CHECK(held[U(i)] / total == doctest::Approx(w / 1000.0).epsilon(0.05));
+  }
 }
 
 }  // namespace

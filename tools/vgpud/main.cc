@@ -182,6 +182,7 @@ int main(int argc, char** argv) {
                "(the study's executor ablation)");
   std::string sched_mode = "best-effort";
   uint64_t slice_us = 2000, yield_timeout_ms = 60000, idle_grace_us = 200;
+  uint32_t sched_concurrency = 1;
   app.add_option("--sched", sched_mode,
                  "how vGPUs share the engine, in time slices: best-effort (busy vGPUs by sched_weight; "
                  "'weighted' is the same), equal-share (1/N each of N running, never more), fixed-share (1/the "
@@ -194,6 +195,12 @@ int main(int argc, char** argv) {
   app.add_option("--sched-idle-grace-us", idle_grace_us,
                  "a vGPU holding the engine while another waits gives it back after this long with nothing to run")
       ->check(CLI::Range(0, 100000))
+      ->capture_default_str();
+  app.add_option("--sched-concurrency", sched_concurrency,
+                 "vGPUs that may hold the engine at once: 1 (the default) time-slices it; more let guests whose "
+                 "work leaves the device idle between submissions overlap (each holder keeps one piece on the "
+                 "device once others wait)")
+      ->check(CLI::Range(1u, 16u))
       ->capture_default_str();
   app.add_option("--sched-yield-timeout-ms", yield_timeout_ms,
                  "a worker that has not yielded the engine this long after a preempt is killed")
@@ -284,6 +291,7 @@ int main(int argc, char** argv) {
   wp.sched.slice = std::chrono::microseconds(slice_us);
   wp.sched.idle_grace = std::chrono::microseconds(idle_grace_us);
   wp.sched.yield_timeout = std::chrono::milliseconds(yield_timeout_ms);
+  wp.sched.concurrency = sched_concurrency;
 
   daemon::ServiceOptions so;
   auto budget_bytes = ParseSize(budget);

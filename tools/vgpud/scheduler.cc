@@ -49,12 +49,11 @@ void Scheduler::Add(const Uuid& u, uint32_t weight, Clock::time_point) {
 }
 
 void Scheduler::Remove(const Uuid& u, Clock::time_point now) {
-  if (!entries_.erase(u)) return;
-  if (holder_ == u) {
-    holder_.reset();
-    contended_since_.reset();
-    Dispatch(now);
-  }
+  auto it = entries_.find(u);
+  if (it == entries_.end()) return;
+  const bool held = it->second.state == SchedState::kRunning;
+  entries_.erase(it);
+  if (held) Dispatch(now);
 }
 
 void Scheduler::SetWeight(const Uuid& u, uint32_t weight) {
@@ -68,6 +67,24 @@ double Scheduler::Floor() const {
   // Monotonic: a vGPU that comes back from idle is placed no earlier than where the busy
   // ones were when it left, so idle time is never banked as credit.
   return std::isinf(least) ? floor_ : std::max(floor_, least);
+}
+
+size_t Scheduler::Count(SchedState s) const {
+  return static_cast<size_t>(
+      std::count_if(entries_.begin(), entries_.end(), [s](const auto& kv) { return kv.second.state == s; }));
+}
+
+std::vector<Uuid> Scheduler::holders() const {
+  std::vector<Uuid> out;
+  for (const auto& [u, e] : entries_)
+    if (e.state == SchedState::kRunning) out.push_back(u);
+  return out;
+}
+
+std::optional<Uuid> Scheduler::holder() const {
+  for (const auto& [u, e] : entries_)
+    if (e.state == SchedState::kRunning) return u;
+  return std::nullopt;
 }
 
 void Scheduler::Wait(const Uuid&, Entry& e, Clock::time_point now) {
@@ -85,24 +102,31 @@ void Scheduler::OnRequest(const Uuid& u, Clock::time_point now) {
   auto it = entries_.find(u);
   if (it == entries_.end() || it->second.state != SchedState::kIdle) return;
   Wait(u, it->second, now);
-  if (!holder_) return Dispatch(now);
-  if (!contended_since_) contended_since_ = now;
+  Dispatch(now);  // a free grant: it runs at once, and may find others waiting
+  if (it->second.state != SchedState::kWaiting) return;
+  MarkContended(now);
   MaybeContend(now);
   MaybePreempt(now);
 }
 
+void Scheduler::MarkContended(Clock::time_point now) {
+  for (auto& [u, e] : entries_)
+    if (e.state == SchedState::kRunning && !e.contended_since) e.contended_since = now;
+}
+
 void Scheduler::MaybeContend(Clock::time_point) {
-  if (!holder_ || !contended_since_) return;
-  Entry& e = entries_.at(*holder_);
-  if (e.told_contended) return;
-  e.told_contended = true;
-  if (a_.contended) a_.contended(*holder_, e.grant);
+  if (Count(SchedState::kWaiting) == 0) return;
+  for (auto& [u, e] : entries_) {
+    if (e.state != SchedState::kRunning || !e.contended_since || e.told_contended) continue;
+    e.told_contended = true;
+    if (a_.contended) a_.contended(u, e.grant);
+  }
 }
 
 void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool wants, Clock::time_point now,
                           uint64_t idle_tail_ns) {
   auto it = entries_.find(u);
-  if (it == entries_.end() || holder_ != u || it->second.grant != grant) return;
+  if (it == entries_.end() || it->second.state != SchedState::kRunning || it->second.grant != grant) return;
   Entry& e = it->second;
   if (!e.preempted) e.stats.idle_releases++;
   // Charged: the time it held the engine while someone else waited, device time or not
@@ -110,7 +134,7 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
   // same). Before anyone waited the engine would have idled (work-conserving), and nobody
   // was owed it.
   uint64_t charge = 0;
-  if (contended_since_) charge = Ns(now - std::max(e.granted_at, *contended_since_));
+  if (e.contended_since) charge = Ns(now - std::max(e.granted_at, *e.contended_since));
   // Except the idle grace it waited out before an idle release: the others were kept out
   // by the scheduler's anticipation, not by the tenant's work. Charging it made a tenant
   // that submits a little now and then pay a grace per submission, as much as a busy one.
@@ -120,8 +144,8 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
   e.vruntime += static_cast<double>(charge) * kWeightScale / e.weight;
   e.state = SchedState::kIdle;
   e.preempted = false;
-  holder_.reset();
-  contended_since_.reset();
+  e.told_contended = false;
+  e.contended_since.reset();
   floor_ = Floor();
   if (wants) {
     // Still busy: it queues at its own virtual time. (Placement at the floor is for a vGPU
@@ -133,40 +157,46 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
 }
 
 void Scheduler::Dispatch(Clock::time_point now) {
-  if (holder_) return;
-  Entry* next = nullptr;
-  const Uuid* next_u = nullptr;
-  for (auto& [u, e] : entries_) {
-    if (e.state != SchedState::kWaiting) continue;
-    if (!next || e.vruntime < next->vruntime ||
-        (e.vruntime == next->vruntime && e.waiting_since < next->waiting_since)) {
-      next = &e;
-      next_u = &u;
+  const size_t slots = std::max<uint32_t>(1, o_.concurrency);
+  while (Count(SchedState::kRunning) < slots) {
+    Entry* next = nullptr;
+    const Uuid* next_u = nullptr;
+    for (auto& [u, e] : entries_) {
+      if (e.state != SchedState::kWaiting) continue;
+      if (!next || e.vruntime < next->vruntime ||
+          (e.vruntime == next->vruntime && e.waiting_since < next->waiting_since)) {
+        next = &e;
+        next_u = &u;
+      }
+    }
+    if (!next) return;
+    next->state = SchedState::kRunning;
+    next->grant = next_grant_++;
+    next->granted_at = now;
+    next->preempted = false;
+    next->stats.grants++;
+    next->stats.wait_ns += Ns(now - next->waiting_since);
+    floor_ = Floor();
+    // Others still waiting once the free grants are given: every holder is contended from
+    // now (told with the grant, so no piece can slip past before it knows).
+    const bool others = Count(SchedState::kWaiting) > 0 && Count(SchedState::kRunning) >= slots;
+    next->contended_since.reset();
+    if (others) next->contended_since = now;
+    next->told_contended = others;
+    a_.grant(*next_u, next->grant, others);
+    if (others) {
+      MarkContended(now);
+      MaybeContend(now);
     }
   }
-  if (!next) return;
-  next->state = SchedState::kRunning;
-  next->grant = next_grant_++;
-  next->granted_at = now;
-  next->preempted = false;
-  next->stats.grants++;
-  next->stats.wait_ns += Ns(now - next->waiting_since);
-  holder_ = *next_u;
-  floor_ = Floor();
-  const bool others = std::any_of(entries_.begin(), entries_.end(),
-                                  [](const auto& kv) { return kv.second.state == SchedState::kWaiting; });
-  if (others) contended_since_ = now;
-  next->told_contended = others;
-  a_.grant(*next_u, next->grant, others);
 }
 
-std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt() const {
-  auto cross = CrossAt();
+std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt(const Entry& h) const {
+  auto cross = CrossAt(h);
   if (!cross) return std::nullopt;
   // At least a slice, so that vGPUs of equal virtual time do not trade the engine per piece;
   // a quarter of one when a waiter is strictly behind the holder in virtual time (one back
   // from idle with its credit): it is owed the engine now, the holder only its first piece.
-  const Entry& h = entries_.at(*holder_);
   const bool owed = LeastWaiting() < h.vruntime;
   return std::max(h.granted_at + (owed ? o_.slice / 4 : o_.slice), *cross);
 }
@@ -178,50 +208,68 @@ double Scheduler::LeastWaiting() const {
   return least;
 }
 
-std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt() const {
-  if (!holder_ || !contended_since_) return std::nullopt;
-  const Entry& e = entries_.at(*holder_);
+std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt(const Entry& e) const {
+  if (e.state != SchedState::kRunning || !e.contended_since) return std::nullopt;
   const double least = LeastWaiting();
   if (std::isinf(least)) return std::nullopt;
   // When the holder's virtual time passes the least waiting one's, counting all the time
   // since others waited (what it is charged when it releases). Until then it is owed
   // engine time and is not preempted; it is once that has passed and it has had a slice.
   const double ahead_ns = std::max(0.0, (least - e.vruntime) * e.weight / kWeightScale);
-  return std::max(e.granted_at, *contended_since_) +
+  return std::max(e.granted_at, *e.contended_since) +
          std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::nano>(ahead_ns));
 }
 
 void Scheduler::MaybePreempt(Clock::time_point now) {
-  auto at = PreemptAt();
-  if (!at || now < *at) return;
-  Entry& e = entries_.at(*holder_);
-  if (e.preempted) return;
-  e.preempted = true;
-  e.preempted_at = now;
-  e.stats.preemptions++;
-  a_.preempt(*holder_, e.grant);
+  // One holder yields for each vGPU waiting, those due first (furthest ahead in virtual
+  // time among the due ones), counting the holders already asked.
+  const size_t waiting = Count(SchedState::kWaiting);
+  size_t asked = 0;
+  std::vector<std::pair<double, Uuid>> due;
+  for (const auto& [u, e] : entries_) {
+    if (e.state != SchedState::kRunning) continue;
+    if (e.preempted) {
+      ++asked;
+      continue;
+    }
+    auto at = PreemptAt(e);
+    if (at && now >= *at) due.emplace_back(-e.vruntime, u);
+  }
+  std::sort(due.begin(), due.end());
+  for (const auto& [neg_vruntime, u] : due) {
+    if (asked >= waiting) return;
+    Entry& e = entries_.at(u);
+    e.preempted = true;
+    e.preempted_at = now;
+    e.stats.preemptions++;
+    ++asked;
+    a_.preempt(u, e.grant);
+  }
 }
 
 void Scheduler::OnTimer(Clock::time_point now) {
-  if (!holder_) return;
-  Entry& e = entries_.at(*holder_);
-  if (e.preempted && now - e.preempted_at >= o_.yield_timeout) {
-    const Uuid u = *holder_;
-    const auto held_ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - e.preempted_at).count();
+  std::vector<std::pair<Uuid, int64_t>> stuck;
+  for (const auto& [u, e] : entries_)
+    if (e.state == SchedState::kRunning && e.preempted && now - e.preempted_at >= o_.yield_timeout)
+      stuck.emplace_back(u, std::chrono::duration_cast<std::chrono::milliseconds>(now - e.preempted_at).count());
+  for (const auto& [u, held_ms] : stuck) {
     Remove(u, now);
-    a_.kill(u, fmt::format("scheduler: did not yield the engine within {} ms of a preempt",
-                           held_ms));
-    return;
+    a_.kill(u, fmt::format("scheduler: did not yield the engine within {} ms of a preempt", held_ms));
   }
   MaybeContend(now);
   MaybePreempt(now);
 }
 
 std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
-  if (!holder_) return std::nullopt;
-  const Entry& e = entries_.at(*holder_);
-  if (e.preempted) return e.preempted_at + o_.yield_timeout;
-  return PreemptAt();
+  std::optional<Clock::time_point> next;
+  auto consider = [&](std::optional<Clock::time_point> t) {
+    if (t && (!next || *t < *next)) next = t;
+  };
+  for (const auto& [u, e] : entries_) {
+    if (e.state != SchedState::kRunning) continue;
+    consider(e.preempted ? std::optional(e.preempted_at + o_.yield_timeout) : PreemptAt(e));
+  }
+  return next;
 }
 
 std::optional<SchedEntryStatus> Scheduler::Status(const Uuid& u) const {

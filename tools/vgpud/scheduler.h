@@ -2,7 +2,10 @@
 // The host's GPU time shared between running vGPUs by weight (F7, docs/management.md
 // "Scheduling"). One vGPU at a time holds the engine (a grant), as a time-sliced GPU runs
 // one context at a time: its worker's engine hands work to the device only while it holds
-// the grant. Who gets it next is the waiting vGPU with the least virtual time, which
+// the grant. With `concurrency` N > 1, up to N vGPUs hold grants at once (a device that runs
+// several contexts side by side: guests whose work leaves the device idle between their
+// submissions overlap instead of taking turns); everything below then holds per holder,
+// and "another vGPU waits" means all N grants are held. Who gets it next is the waiting vGPU with the least virtual time, which
 // advances by the device time a vGPU used divided by its weight (stride scheduling), so
 // over time each busy vGPU gets weight / sum-of-busy-weights of the engine.
 //
@@ -63,6 +66,8 @@ struct SchedOptions {
   // Long: one workgroup (the piece no path can cut) may legally cost 2^28 units, many
   // seconds on a software device.
   std::chrono::nanoseconds yield_timeout{std::chrono::milliseconds(60000)};
+  // vGPUs that may hold the engine at once (vgpud --sched-concurrency).
+  uint32_t concurrency = 1;
 };
 
 struct SchedActions {
@@ -113,7 +118,8 @@ class Scheduler {
   std::optional<Clock::time_point> NextDeadline() const;
 
   std::optional<SchedEntryStatus> Status(const Uuid& u) const;
-  std::optional<Uuid> holder() const { return holder_; }
+  std::vector<Uuid> holders() const;
+  std::optional<Uuid> holder() const;  // the first holder, if any
   const SchedOptions& options() const { return o_; }
 
  private:
@@ -127,24 +133,25 @@ class Scheduler {
     bool preempted = false;              // kRunning: asked to yield
     bool told_contended = false;         // kRunning: told another waits
     Clock::time_point preempted_at{};
+    // kRunning: when some vGPU began waiting during this grant (the holder's device time
+    // before it is free: nobody else wanted the engine).
+    std::optional<Clock::time_point> contended_since;
     SchedEntryStatus stats;
   };
   double Floor() const;  // the least virtual time of a busy vGPU (or the last one's)
   void Wait(const Uuid& u, Entry& e, Clock::time_point now);
   void Dispatch(Clock::time_point now);
   void MaybePreempt(Clock::time_point now);
-  void MaybeContend(Clock::time_point now);  // someone waits: tell the holder, once per grant
-  std::optional<Clock::time_point> CrossAt() const;
+  void MaybeContend(Clock::time_point now);  // someone waits: tell the holders, once per grant
+  void MarkContended(Clock::time_point now);  // someone waits: the holders' charged time starts
+  std::optional<Clock::time_point> CrossAt(const Entry& h) const;
   double LeastWaiting() const;  // the least virtual time of a waiting vGPU (infinity: none)
-  std::optional<Clock::time_point> PreemptAt() const;
+  size_t Count(SchedState s) const;
+  std::optional<Clock::time_point> PreemptAt(const Entry& h) const;
 
   SchedOptions o_;
   SchedActions a_;
   std::map<Uuid, Entry> entries_;
-  std::optional<Uuid> holder_;
-  // When some vGPU other than the holder began waiting during the current grant: the
-  // holder's device time before it is free (nobody else wanted the engine).
-  std::optional<Clock::time_point> contended_since_;
   uint64_t next_grant_ = 1;
   double floor_ = 0;  // monotonic
 };
