@@ -265,6 +265,21 @@ DriverOptions InRing() {
   return d;
 }
 std::vector<uint32_t> Words(const CommandBuilder& cb) { return {cb.dwords().begin(), cb.dwords().end()}; }
+
+// Submits exactly `dwords`, then a fenced NOP, waits for it, and returns the error report
+// the raw submission caused (cleared afterwards).
+ErrorReport RawRefusal(Guest& g, const std::vector<uint32_t>& dwords) {
+  const uint32_t n0 = g.dev->Status32(abi::status::kErrCount);
+  REQUIRE(g.drv->SubmitRaw(dwords).ok());
+  auto nop = g.drv->Submit(CommandBuilder().Nop());
+  REQUIRE(nop.ok());
+  (void)g.drv->Wait(*nop, WaitMode::kIrq, 3000);
+  auto err = g.dev->ReadError();
+  REQUIRE(err.ok());
+  CHECK(err->count > n0);
+  REQUIRE(g.dev->ClearError().ok());
+  return *err;
+}
 }  // namespace
 
 TEST_CASE("GTT_UPDATE: create/use/destroy crosses only with the doorbell and the interrupt, results exact") {
@@ -367,15 +382,8 @@ TEST_CASE("GTT_UPDATE translates in ring order inside one submission; a refused 
     CommandBuilder cb;
     std::vector<abi::GttBatchRecord> map = {rec(2, mem->gpa.v | rw)};
     cb.GttUpdate(map).Raw(std::vector<uint32_t>{abi::cmd::Header(0x7f, 1)});
-    REQUIRE(g.drv->SubmitRaw(Words(cb)).ok());
-    auto nop = g.drv->Submit(CommandBuilder().Nop());
-    REQUIRE(nop.ok());
-    (void)g.drv->Wait(*nop, WaitMode::kIrq, 3000);
-    auto err = g.dev->ReadError();
-    REQUIRE(err.ok());
-    CHECK(err->code == Errc::kUnknownCommand);
+    CHECK(RawRefusal(g, Words(cb)).code == Errc::kUnknownCommand);
     CHECK(g.Entry(base + 2) == 0);
-    REQUIRE(g.dev->ClearError().ok());
   }
   ExpectStillWorks(g);
 }
@@ -398,15 +406,8 @@ TEST_CASE("hostile GTT_UPDATEs: a bad record in the middle changes nothing, refu
     return r;
   };
   // Submits `dwords` raw and returns the error report it caused.
-  auto refused = [&](const std::vector<uint32_t>& dwords) -> ErrorReport {
-    const uint32_t n0 = g.dev->Status32(abi::status::kErrCount);
-    REQUIRE(g.drv->SubmitRaw(dwords).ok());
-    auto nop = g.drv->Submit(CommandBuilder().Nop());
-    REQUIRE(nop.ok());
-    (void)g.drv->Wait(*nop, WaitMode::kIrq, 3000);
-    ErrorReport e = g.dev->ReadError().value_or(ErrorReport{});
-    CHECK(e.count > n0);
-    REQUIRE(g.dev->ClearError().ok());
+  auto refused = [&](const std::vector<uint32_t>& dwords) {
+    ErrorReport e = RawRefusal(g, dwords);
     unchanged();
     return e;
   };
@@ -465,14 +466,7 @@ TEST_CASE("hostile GTT_UPDATE flood: more records in one submission than the bou
   CommandBuilder cb;
   for (uint32_t i = 0; i <= abi::cmd::kMaxGttRecordsPerSubmission / abi::cmd::kGttUpdateMaxRecords; ++i)
     cb.GttUpdate(full);
-  REQUIRE(g.drv->SubmitRaw(Words(cb)).ok());
-  auto nop = g.drv->Submit(CommandBuilder().Nop());
-  REQUIRE(nop.ok());
-  (void)g.drv->Wait(*nop, WaitMode::kIrq, 3000);
-  auto err = g.dev->ReadError();
-  REQUIRE(err.ok());
-  CHECK(err->code == Errc::kLimitExceeded);
-  REQUIRE(g.dev->ClearError().ok());
+  CHECK(RawRefusal(g, Words(cb)).code == Errc::kLimitExceeded);
   ExpectStillWorks(g);
   CHECK(daemon.Alive());
 }
