@@ -170,6 +170,48 @@ TEST_CASE("modify --live reaches the running worker; a plain modify of a transie
   CHECK(h.Show(kA)["scheduler"]["weight"] == 300);
 }
 
+TEST_CASE("--sched-concurrency 2: two busy tenants hold the engine at once, unpreempted; a third is served in turn") {
+  constexpr const char* kC = "5c4e0000-0000-4000-8000-00000000000c";
+  auto preemptions = [](Host& h, const char* u) { return h.Show(u)["scheduler"]["preemptions"].get<uint64_t>(); };
+  const auto window = std::chrono::duration<double>(1.5 * SlowFactor());
+  // The control: one grant at a time, so two busy tenants take turns by preemption.
+  {
+    Host h;
+    Victim a(h.Start(kA, Json::array()), 1 << 14, 6, true);
+    Victim b(h.Start(kB, Json::array()), 1 << 14, 6, true);
+    std::this_thread::sleep_for(window);
+    const uint64_t turns = preemptions(h, kA) + preemptions(h, kB);
+    MESSAGE("one grant at a time: ", turns, " preemptions in ", window.count(), " s");
+    CHECK(turns > 0);
+    CheckVictim(a.Stop());
+    CheckVictim(b.Stop());
+  }
+  Host h({"--sched-concurrency", "2"});
+  Victim a(h.Start(kA, Json::array()), 1 << 14, 6, true);
+  Victim b(h.Start(kB, Json::array()), 1 << 14, 6, true);
+  std::this_thread::sleep_for(window);
+  // Nobody ever waited: no preemption, and both are running (each holds a grant).
+  CHECK(preemptions(h, kA) == 0);
+  CHECK(preemptions(h, kB) == 0);
+  CHECK(h.Show(kA)["scheduler"]["state"] == "running");
+  CHECK(h.Show(kB)["scheduler"]["state"] == "running");
+  const uint64_t a0 = h.GpuTimeNs(kA), b0 = h.GpuTimeNs(kB);
+  std::this_thread::sleep_for(window);
+  CHECK(h.GpuTimeNs(kA) > a0);  // both got device time side by side
+  CHECK(h.GpuTimeNs(kB) > b0);
+  // A third busy tenant waits for a grant: a holder yields for it, and it is served.
+  Victim c(h.Start(kC, Json::array()), 1 << 14, 6, true);
+  std::this_thread::sleep_for(window);
+  const uint64_t c0 = h.GpuTimeNs(kC);
+  std::this_thread::sleep_for(window);
+  MESSAGE("three busy, two grants: A ", h.Show(kA)["scheduler"].dump(), "\nC ", h.Show(kC)["scheduler"].dump());
+  CHECK(h.GpuTimeNs(kC) > c0);
+  CHECK(preemptions(h, kA) + preemptions(h, kB) + preemptions(h, kC) > 0);
+  CheckVictim(c.Stop());
+  CheckVictim(a.Stop());
+  CheckVictim(b.Stop());
+}
+
 TEST_CASE("a noisy neighbour cannot starve a quiet one") {
   // Same weight. The heavy tenant's rounds are big kernels (pieces of tens to hundreds of
   // ms) back to back; the quiet one submits small kernels and waits for each. It keeps
