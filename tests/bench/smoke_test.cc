@@ -92,9 +92,13 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   CHECK(j["concurrency"].size() >= 2);
   // The scheduler ablation runs the concurrency rows unscheduled too, and the summary says
   // how each path scales.
-  int unscheduled = 0;
-  for (const auto& c : j["concurrency"]) unscheduled += c["path"] == "mediated-sched-off";
+  int unscheduled = 0, shared = 0;
+  for (const auto& c : j["concurrency"]) {
+    unscheduled += c["path"] == "mediated-sched-off";
+    shared += c["path"] == "mediated-sched-shared";
+  }
   CHECK(unscheduled == 2);  // 1 and 2 guests
+  CHECK(shared == 2);
   CHECK(text.find("scaling, 2 guests over 1") != std::string::npos);
   // The lifecycle group (F13): vGPU start/stop cycles and idle worker memory, its own section.
   REQUIRE(j.contains("lifecycle"));

@@ -127,7 +127,10 @@ Result<std::unique_ptr<Path>> MakePath(const std::string& name, const PathConfig
 // so their rows are guests of a vgpud of their own.
 // kGtt: a vgpud like the main one, for the gtt ablation's guests (a type has at most 8
 // instances on one vgpud, and the main one's are the concurrency and doorbell guests').
-enum class Host { kMain, kSerial, kUncoalesced, kNoInline, kGathered, kSchedOff, kGtt };
+enum class Host { kMain, kSerial, kUncoalesced, kNoInline, kGathered, kSchedOff, kSchedShared, kGtt };
+// The scheduler ablation's vgpuds: a row name each, and the concurrency rows they also run.
+const std::vector<std::pair<std::string, Host>> kSchedulerHosts{{"mediated-sched-off", Host::kSchedOff},
+                                                                {"mediated-sched-shared", Host::kSchedShared}};
 struct Variant {
   Host host = Host::kMain;
   Doorbell doorbell = Doorbell::kDefault;
@@ -200,11 +203,15 @@ std::vector<Ablation> PlanAblations(const std::set<std::string>& which, const st
   if (which.count("scheduler")) {
     // The host scheduler (F7) on a vGPU alone: a scheduled worker cuts its engine work into
     // pieces of about a millisecond even with nobody else on the host, so that a tenant who
-    // arrives waits one piece, not one long submission. What that costs long work is this row.
+    // arrives waits one piece, not one long submission. What that costs long work is this row;
+    // with two grants at once it should cost nothing more alone (a control). The concurrency
+    // rows of both vgpuds show what one grant at a time costs guests that share the engine.
     Ablation a{"scheduler", "the host scheduler's pieces on a vGPU alone", {"kernel_time"}};
     a.rows.push_back({"mediated", "scheduled (--sched best-effort, the default): work cut into ~1 ms pieces"});
     a.rows.push_back({"mediated-sched-off", "unscheduled: --sched off, one submission per plan (a vgpud of its own)"});
-    variants["mediated-sched-off"] = {Host::kSchedOff, Doorbell::kDefault, ""};
+    a.rows.push_back({"mediated-sched-shared",
+                      "scheduled with two grants at once: --sched-concurrency 2 (a vgpud of its own)"});
+    for (const auto& [name, host] : kSchedulerHosts) variants[name] = {host, Doorbell::kDefault, ""};
     out.push_back(std::move(a));
   }
   if (which.count("gtt")) {
@@ -870,10 +877,11 @@ int main(int argc, char** argv) {
     guest_of[name] = static_cast<int>(t.size());
     t.push_back(type0);
   }
-  // The scheduler ablation also runs the concurrency rows unscheduled: the guests after
-  // its first on its vgpud, as on the main one.
-  const bool sched_off_concurrency = want_concurrency && variants.count("mediated-sched-off");
-  if (sched_off_concurrency) host_types[Host::kSchedOff].resize(static_cast<size_t>(guests), "small");
+  // The scheduler ablation also runs the concurrency rows on its vgpuds (unscheduled, and
+  // two grants at once): the guests after its first on each, as on the main one.
+  const bool sched_concurrency_rows = want_concurrency && variants.count("mediated-sched-off");
+  if (sched_concurrency_rows)
+    for (const auto& [name, host] : kSchedulerHosts) host_types[host].resize(static_cast<size_t>(guests), "small");
   uint64_t ram = o.size == StudyOptions::Size::kFull ? (1536ull << 20) : o.size == StudyOptions::Size::kSmoke ? (32ull << 20) : (160ull << 20);
   // The A/B study measures the paths with time coarsening off (docs/ab-methodology.md).
   const std::vector<std::string> no_coarsening{"--time-granularity-us", "0"};
@@ -894,6 +902,7 @@ int main(int argc, char** argv) {
                         : host == Host::kUncoalesced ? HostFlags{"-uncoalesced", "executor", {"--no-coalesce", "--time-granularity-us", "0"}}
                         : host == Host::kNoInline    ? HostFlags{"-no-inline", "executor", {"--no-inline-complete", "--time-granularity-us", "0"}}
                         : host == Host::kSchedOff    ? HostFlags{"-sched-off", "scheduler", {"--sched", "off", "--time-granularity-us", "0"}}
+                        : host == Host::kSchedShared ? HostFlags{"-sched-shared", "scheduler", {"--sched-concurrency", "2", "--time-granularity-us", "0"}}
                         : host == Host::kGtt         ? HostFlags{"-gtt", "gtt", {"--time-granularity-us", "0"}}
                                                      : HostFlags{"-gathered", "memory", {"--no-zero-copy", "--time-granularity-us", "0"}};
     auto hd = StartDaemon(vgpud, t, gpu, f.suffix, f.args);
@@ -942,10 +951,15 @@ int main(int argc, char** argv) {
     std::vector<std::string> cpaths;
     for (const auto& p : paths)
       if (p == "native" || p == "mediated" || p == "remoting") cpaths.push_back(p);
-    // Except the scheduler's: the same mediated guests on a --sched off vgpud, what the
-    // host scheduler's one-vGPU-at-a-time grants cost guests that share the engine.
-    if (sched_off_concurrency && std::count(cpaths.begin(), cpaths.end(), "mediated"))
-      cpaths.push_back("mediated-sched-off");
+    // Except the scheduler's: the same mediated guests on a --sched off vgpud and on one
+    // with two grants at once, what the host scheduler's one-vGPU-at-a-time grants cost
+    // guests that share the engine.
+    std::map<std::string, Host> sched_rows;
+    if (sched_concurrency_rows && std::count(cpaths.begin(), cpaths.end(), "mediated"))
+      for (const auto& [name, host] : kSchedulerHosts) {
+        cpaths.push_back(name);
+        sched_rows[name] = host;
+      }
     std::map<std::pair<std::string, int>, Concurrency> runs;
     std::set<std::pair<std::string, int>> failed;
     for (int r = 0; r < reps; ++r)
@@ -955,10 +969,10 @@ int main(int argc, char** argv) {
         for (const auto& p : order) {
           if (failed.count({p, n})) continue;
           if (o.progress) std::fprintf(stderr, "\rvgpu-bench: concurrency rep %d: %s x%d   ", r + 1, p.c_str(), n);
-          auto run = p == "native"               ? RunConcurrentThreads(base, n, iters)
-                     : p == "mediated-sched-off" ? RunConcurrentProcesses("mediated", *hosts.at(Host::kSchedOff), n,
-                                                                          iters, 32ull << 20)
-                                                 : RunConcurrentProcesses(p, d, n, iters, 32ull << 20);
+          auto run = p == "native"          ? RunConcurrentThreads(base, n, iters)
+                     : sched_rows.count(p) ? RunConcurrentProcesses("mediated", *hosts.at(sched_rows.at(p)), n, iters,
+                                                                    32ull << 20)
+                                           : RunConcurrentProcesses(p, d, n, iters, 32ull << 20);
           if (!run.ok()) {
             report->summary.push_back(fmt::format("concurrency {} x{}: {}", p, n, run.error().ToString()));
             report->all_correct = false;

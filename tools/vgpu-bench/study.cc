@@ -496,11 +496,11 @@ std::string FormatReport(const StudyReport& r) {
   }
   out += FormatAblations(r);
   if (!r.concurrency.empty()) {
-    out += fmt::format("== concurrency (small dispatch per guest; median over repetitions)\n{:<18} {:>7} {:>12} {:>8} "
+    out += fmt::format("== concurrency (small dispatch per guest; median over repetitions)\n{:<22} {:>7} {:>12} {:>8} "
                        "{:>10} {:>5}\n",
                        "path", "guests", "sub/s", "speedup", "cpu us", "reps");
     for (const auto& c : r.concurrency)
-      out += fmt::format("{:<18} {:>7} {:>12.0f} {:>8.2f} {:>10.1f} {:>5}\n", c.path, c.guests, c.submissions_per_s,
+      out += fmt::format("{:<22} {:>7} {:>12.0f} {:>8.2f} {:>10.1f} {:>5}\n", c.path, c.guests, c.submissions_per_s,
                          c.speedup, SummarizeRatio(c.rep_cpu_us).median, c.rep_rate.size());
   }
   out += FormatLifecycle(r.lifecycle);

@@ -204,13 +204,14 @@ void SummarizeVerdicts(StudyReport& r, const std::vector<std::string>& paths) {
   r.summary.push_back(OverallVerdictLine(vs));
   r.verdicts = std::move(vs);
   // Scaling: each path's aggregate rate at its most guests over its own at one (F12's target:
-  // the mediated path scales at least as well as native; mediated-sched-off is the scheduler
-  // ablation's, the same guests on a --sched off vgpud).
+  // the mediated path scales at least as well as native; mediated-sched-off and
+  // mediated-sched-shared are the scheduler ablation's, the same guests on a --sched off
+  // vgpud and on a --sched-concurrency 2 one).
   {
     uint32_t most = 0;
     for (const Concurrency& c : r.concurrency) most = std::max(most, c.guests);
     std::vector<std::string> parts;
-    for (const char* p : {"native", "mediated", "mediated-sched-off", "remoting"})
+    for (const char* p : {"native", "mediated", "mediated-sched-off", "mediated-sched-shared", "remoting"})
       for (const Concurrency& c : r.concurrency)
         if (c.path == p && c.guests == most && most > 1 && c.speedup > 0)
           parts.push_back(fmt::format("{} {:.2f}", p, c.speedup));
