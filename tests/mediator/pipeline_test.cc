@@ -21,7 +21,9 @@ namespace {
 
 namespace vu = vfio_user;
 
-constexpr uint64_t kMemBytes = 8ull << 20;
+// Room for a FILL of two shared budgets past 2 MiB on a device of up to 16 lanes (the
+// budget is 1 MiB a lane, engine::DeviceInfo::parallel_groups); sparse until touched.
+constexpr uint64_t kMemBytes = 40ull << 20;
 constexpr Gpa kAt{0x4000'0000};
 
 engine::Engine* SharedEngine() {
@@ -501,6 +503,7 @@ TEST_CASE("inline submission: engine work on imported memory is submitted by the
     small.WaitIdle();
     CHECK(small.Counters().plans_inline_submitted == 1);
     const uint64_t big = 2 * SubmissionBudget(true, (*shared)->Info().parallel_groups);
+    REQUIRE(0x200000 + big <= kMemBytes);
     CHECK(EnqueueAsLoop(small, plan(0x200000, big, 3)));
     small.WaitIdle();
     CHECK(small.Counters().plans_inline_submitted == 1);
