@@ -14,6 +14,7 @@
 #include "guest/display.h"
 #include "guest/draw2d.h"
 #include "shaders/reference.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/lifecycle/lifecycle_common.h"
 
 using namespace vg;
@@ -116,12 +117,7 @@ struct Desktop {
   std::vector<GpuVa> va;
 
   explicit Desktop(const std::string& socket) {
-    DeviceOptions o;
-    o.socket = socket;
-    o.ram_size = 8 << 20;
-    auto d = Device::Open(o);
-    REQUIRE(d.ok());
-    dev = std::move(d).value();
+    dev = e2e::OpenGuest(socket, 8 << 20);
     auto r = Driver::Create(*dev);
     REQUIRE(r.ok());
     drv = std::move(r).value();

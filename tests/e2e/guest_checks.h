@@ -17,11 +17,12 @@ namespace vg::e2e {
 
 inline std::string Why(const Result<>& r) { return r.ok() ? std::string() : r.error().ToString(); }
 
-// A guest process's view of the vGPU behind `socket` (4 MiB of guest RAM), or a failed REQUIRE.
-inline std::unique_ptr<guest::Device> OpenGuest(const std::string& socket) {
+// A guest process's view of the vGPU behind `socket` (4 MiB of guest RAM unless said), or a
+// failed REQUIRE.
+inline std::unique_ptr<guest::Device> OpenGuest(const std::string& socket, uint64_t ram_size = 4 << 20) {
   guest::DeviceOptions o;
   o.socket = socket;
-  o.ram_size = 4 << 20;
+  o.ram_size = ram_size;
   auto d = guest::Device::Open(o);
   REQUIRE_MESSAGE(d.ok(), Why(d.ok() ? Ok() : Result<>(d.error())));
   return std::move(d).value();

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "guest/guest.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/e2e/victim.h"
 #include "tests/mdev/daemon_harness.h"
 
@@ -118,12 +119,7 @@ struct Guest {
   std::unique_ptr<Device> dev;
   std::unique_ptr<Driver> drv;
   explicit Guest(const std::string& socket) {
-    DeviceOptions o;
-    o.socket = socket;
-    o.ram_size = 16 << 20;
-    auto d = Device::Open(o);
-    REQUIRE_MESSAGE(d.ok(), e2e::Why(d.ok() ? Ok() : Result<>(d.error())));
-    dev = std::move(d).value();
+    dev = e2e::OpenGuest(socket, 16 << 20);
     auto r = Driver::Create(*dev);
     REQUIRE(r.ok());
     drv = std::move(r).value();

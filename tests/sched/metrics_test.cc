@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "guest/guest.h"
+#include "tests/e2e/guest_checks.h"
 #include "tests/e2e/victim.h"
 #include "tests/mdev/daemon_harness.h"
 #include "tools/vgpud/metrics.h"
@@ -384,12 +385,7 @@ struct TestGuest {
   std::unique_ptr<Device> dev;
   std::unique_ptr<Driver> drv;
   explicit TestGuest(const std::string& socket) {
-    DeviceOptions o;
-    o.socket = socket;
-    o.ram_size = 16 << 20;
-    auto d = Device::Open(o);
-    REQUIRE_MESSAGE(d.ok(), e2e::Why(d.ok() ? Ok() : Result<>(d.error())));
-    dev = std::move(d).value();
+    dev = e2e::OpenGuest(socket, 16 << 20);
     auto r = Driver::Create(*dev);
     REQUIRE(r.ok());
     drv = std::move(r).value();

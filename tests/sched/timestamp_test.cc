@@ -60,12 +60,7 @@ struct Guest {
   std::unique_ptr<Device> dev;
   std::unique_ptr<Driver> drv;
   explicit Guest(const std::string& socket) {
-    DeviceOptions o;
-    o.socket = socket;
-    o.ram_size = 16 << 20;
-    auto d = Device::Open(o);
-    REQUIRE_MESSAGE(d.ok(), d.error().ToString());
-    dev = std::move(d).value();
+    dev = OpenGuest(socket, 16 << 20);
     auto r = Driver::Create(*dev);
     REQUIRE_MESSAGE(r.ok(), r.error().ToString());
     drv = std::move(r).value();
