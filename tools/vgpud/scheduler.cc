@@ -51,6 +51,7 @@ void Scheduler::Add(const Uuid& u, uint32_t weight, Clock::time_point) {
 void Scheduler::Remove(const Uuid& u, Clock::time_point now) {
   auto it = entries_.find(u);
   if (it == entries_.end()) return;
+  Accrue(now);
   const bool held = it->second.state == SchedState::kRunning;
   entries_.erase(it);
   if (held) Dispatch(now);
@@ -67,6 +68,80 @@ double Scheduler::Floor() const {
   // Monotonic: a vGPU that comes back from idle is placed no earlier than where the busy
   // ones were when it left, so idle time is never banked as credit.
   return std::isinf(least) ? floor_ : std::max(floor_, least);
+}
+
+bool Scheduler::Accruing() const {
+  const size_t running = Count(SchedState::kRunning);
+  return running > 0 && running + Count(SchedState::kWaiting) > 1;
+}
+
+double Scheduler::Rate(const Entry& e) const {
+  const double k = static_cast<double>(std::max<size_t>(1, Count(SchedState::kRunning)));
+  return kWeightScale / e.weight / k;
+}
+
+void Scheduler::Accrue(Clock::time_point now) {
+  if (accrued_at_ && now > *accrued_at_ && Accruing()) {
+    const double k = static_cast<double>(Count(SchedState::kRunning));
+    const double each = static_cast<double>(Ns(now - *accrued_at_)) / k;
+    for (auto& [u, e] : entries_) {
+      if (e.state != SchedState::kRunning) continue;
+      e.vruntime += each * kWeightScale / e.weight;
+      e.grant_charge_ns += each;
+    }
+  }
+  if (!accrued_at_ || now > *accrued_at_) accrued_at_ = now;
+}
+
+double Scheduler::Lag(const Entry& e) const {
+  return static_cast<double>(o_.slice.count()) * kWeightScale / e.weight;
+}
+
+bool Scheduler::Eligible(const Entry& w) const {
+  for (const auto& [u, h] : entries_)
+    if (h.state == SchedState::kRunning && w.vruntime > h.vruntime + Lag(w)) return false;
+  return true;
+}
+
+namespace {
+// A deadline `v` of virtual time away at `rate` per ns, a microsecond late so that the timer
+// finds the crossing made rather than a rounding short of it.
+Scheduler::Clock::time_point After(Scheduler::Clock::time_point from, double v, double rate) {
+  const double ns = std::max(0.0, v) / rate;
+  return from + std::chrono::duration_cast<Scheduler::Clock::duration>(std::chrono::duration<double, std::nano>(ns)) +
+         std::chrono::microseconds(1);
+}
+}  // namespace
+
+std::optional<Scheduler::Clock::time_point> Scheduler::EligibleAt(const Entry& w) const {
+  if (!accrued_at_ || !Accruing()) return std::nullopt;
+  std::optional<Clock::time_point> at;
+  // Eligible once every holder it is too far ahead of has caught up (holders accrue while
+  // it waits).
+  for (const auto& [u, h] : entries_) {
+    if (h.state != SchedState::kRunning || w.vruntime <= h.vruntime + Lag(w)) continue;
+    const auto t = After(*accrued_at_, w.vruntime - Lag(w) - h.vruntime, Rate(h));
+    if (!at || t > *at) at = t;
+  }
+  return at;
+}
+
+std::optional<Scheduler::Clock::time_point> Scheduler::LagPreemptAt(const Entry& h) const {
+  if (h.state != SchedState::kRunning || h.preempted || !accrued_at_ || !Accruing()) return std::nullopt;
+  std::optional<Clock::time_point> at;
+  for (const auto& [u, o] : entries_) {
+    if (&o == &h || o.state != SchedState::kRunning) continue;
+    const double gap = Lag(h) - (h.vruntime - o.vruntime);  // virtual time left before it is too far ahead
+    std::optional<Clock::time_point> t;
+    if (gap < 0) {
+      t = *accrued_at_;
+    } else if (Rate(h) > Rate(o)) {
+      t = After(*accrued_at_, gap, Rate(h) - Rate(o));
+    }
+    if (t && (!at || *t < *at)) at = t;
+  }
+  if (!at) return std::nullopt;
+  return std::max(h.granted_at + o_.slice, *at);
 }
 
 size_t Scheduler::Count(SchedState s) const {
@@ -101,11 +176,16 @@ void Scheduler::Wait(const Uuid&, Entry& e, Clock::time_point now) {
 void Scheduler::OnRequest(const Uuid& u, Clock::time_point now) {
   auto it = entries_.find(u);
   if (it == entries_.end() || it->second.state != SchedState::kIdle) return;
+  Accrue(now);
   Wait(u, it->second, now);
   Dispatch(now);  // a free grant: it runs at once, and may find others waiting
   if (it->second.state != SchedState::kWaiting) return;
-  MarkContended(now);
-  MaybeContend(now);
+  // Every grant held: the holders are contended. (A free grant it may not take yet, being
+  // too far ahead of the holders, contends nobody: they are catching up.)
+  if (Count(SchedState::kRunning) >= std::max<uint32_t>(1, o_.concurrency)) {
+    MarkContended(now);
+    MaybeContend(now);
+  }
   MaybePreempt(now);
 }
 
@@ -127,21 +207,27 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
                           uint64_t idle_tail_ns) {
   auto it = entries_.find(u);
   if (it == entries_.end() || it->second.state != SchedState::kRunning || it->second.grant != grant) return;
+  Accrue(now);
   Entry& e = it->second;
   if (!e.preempted) e.stats.idle_releases++;
-  // Charged: the time it held the engine while someone else waited, device time or not
-  // (a holder that keeps the grant through a gap in its work keeps the others out just the
-  // same). Before anyone waited the engine would have idled (work-conserving), and nobody
-  // was owed it.
-  uint64_t charge = 0;
-  if (e.contended_since) charge = Ns(now - std::max(e.granted_at, *e.contended_since));
+  // Charged (Accrue): the time it held the engine while someone else was busy, device time
+  // or not (a holder that keeps the grant through a gap in its work keeps the others out
+  // just the same), its 1/k of it beside k - 1 other holders. Before anyone else was busy
+  // the engine would have idled (work-conserving), and nobody was owed it.
+  double charge = e.grant_charge_ns;
   // Except the idle grace it waited out before an idle release: the others were kept out
   // by the scheduler's anticipation, not by the tenant's work. Charging it made a tenant
   // that submits a little now and then pay a grace per submission, as much as a busy one.
-  if (!wants) charge -= std::min<uint64_t>({charge, idle_tail_ns, Ns(o_.idle_grace)});
+  if (!wants) {
+    const double k = static_cast<double>(std::max<size_t>(1, Count(SchedState::kRunning)));
+    const double forgiven =
+        std::min(charge, static_cast<double>(std::min<uint64_t>(idle_tail_ns, Ns(o_.idle_grace))) / k);
+    charge -= forgiven;
+    e.vruntime -= forgiven * kWeightScale / e.weight;
+  }
   e.stats.used_ns += used_ns;
-  e.stats.charged_ns += charge;
-  e.vruntime += static_cast<double>(charge) * kWeightScale / e.weight;
+  e.stats.charged_ns += static_cast<uint64_t>(std::llround(charge));
+  e.grant_charge_ns = 0;
   e.state = SchedState::kIdle;
   e.preempted = false;
   e.told_contended = false;
@@ -162,7 +248,7 @@ void Scheduler::Dispatch(Clock::time_point now) {
     Entry* next = nullptr;
     const Uuid* next_u = nullptr;
     for (auto& [u, e] : entries_) {
-      if (e.state != SchedState::kWaiting) continue;
+      if (e.state != SchedState::kWaiting || !Eligible(e)) continue;
       if (!next || e.vruntime < next->vruntime ||
           (e.vruntime == next->vruntime && e.waiting_since < next->waiting_since)) {
         next = &e;
@@ -174,6 +260,7 @@ void Scheduler::Dispatch(Clock::time_point now) {
     next->grant = next_grant_++;
     next->granted_at = now;
     next->preempted = false;
+    next->grant_charge_ns = 0;
     next->stats.grants++;
     next->stats.wait_ns += Ns(now - next->waiting_since);
     floor_ = Floor();
@@ -209,21 +296,24 @@ double Scheduler::LeastWaiting() const {
 }
 
 std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt(const Entry& e) const {
-  if (e.state != SchedState::kRunning || !e.contended_since) return std::nullopt;
+  if (e.state != SchedState::kRunning || !e.contended_since || !accrued_at_ || !Accruing()) return std::nullopt;
   const double least = LeastWaiting();
   if (std::isinf(least)) return std::nullopt;
-  // When the holder's virtual time passes the least waiting one's, counting all the time
-  // since others waited (what it is charged when it releases). Until then it is owed
-  // engine time and is not preempted; it is once that has passed and it has had a slice.
-  const double ahead_ns = std::max(0.0, (least - e.vruntime) * e.weight / kWeightScale);
-  return std::max(e.granted_at, *e.contended_since) +
-         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::nano>(ahead_ns));
+  // When the holder's virtual time passes the least waiting one's, at the rate it is being
+  // charged. Until then it is owed engine time and is not preempted; it is once that has
+  // passed and it has had a slice.
+  if (least <= e.vruntime) return *accrued_at_;
+  return After(*accrued_at_, least - e.vruntime, Rate(e));
 }
 
 void Scheduler::MaybePreempt(Clock::time_point now) {
-  // One holder yields for each vGPU waiting, those due first (furthest ahead in virtual
-  // time among the due ones), counting the holders already asked.
-  const size_t waiting = Count(SchedState::kWaiting);
+  // One holder yields for each vGPU waiting beyond the free grants, those due first
+  // (furthest ahead in virtual time among the due ones), counting the holders already asked.
+  const size_t slots = std::max<uint32_t>(1, o_.concurrency);
+  const size_t running = Count(SchedState::kRunning);
+  const size_t free = slots > running ? slots - running : 0;
+  const size_t queued = Count(SchedState::kWaiting);
+  const size_t waiting = queued > free ? queued - free : 0;
   size_t asked = 0;
   std::vector<std::pair<double, Uuid>> due;
   for (const auto& [u, e] : entries_) {
@@ -236,18 +326,30 @@ void Scheduler::MaybePreempt(Clock::time_point now) {
     if (at && now >= *at) due.emplace_back(-e.vruntime, u);
   }
   std::sort(due.begin(), due.end());
-  for (const auto& [neg_vruntime, u] : due) {
-    if (asked >= waiting) return;
+  auto preempt = [&](const Uuid& u) {
     Entry& e = entries_.at(u);
     e.preempted = true;
     e.preempted_at = now;
     e.stats.preemptions++;
-    ++asked;
     a_.preempt(u, e.grant);
+  };
+  for (const auto& [neg_vruntime, u] : due) {
+    if (asked >= waiting) break;
+    ++asked;
+    preempt(u);
   }
+  // Concurrent holders: one that has run more than its lag ahead of another yields, though
+  // nobody waits (weights among holders).
+  std::vector<Uuid> ahead;
+  for (const auto& [u, e] : entries_) {
+    auto at = LagPreemptAt(e);
+    if (at && now >= *at) ahead.push_back(u);
+  }
+  for (const Uuid& u : ahead) preempt(u);
 }
 
 void Scheduler::OnTimer(Clock::time_point now) {
+  Accrue(now);
   std::vector<std::pair<Uuid, int64_t>> stuck;
   for (const auto& [u, e] : entries_)
     if (e.state == SchedState::kRunning && e.preempted && now - e.preempted_at >= o_.yield_timeout)
@@ -256,6 +358,7 @@ void Scheduler::OnTimer(Clock::time_point now) {
     Remove(u, now);
     a_.kill(u, fmt::format("scheduler: did not yield the engine within {} ms of a preempt", held_ms));
   }
+  Dispatch(now);  // a waiter that was too far ahead of the holders may have become eligible
   MaybeContend(now);
   MaybePreempt(now);
 }
@@ -265,9 +368,12 @@ std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
   auto consider = [&](std::optional<Clock::time_point> t) {
     if (t && (!next || *t < *next)) next = t;
   };
+  const bool free = Count(SchedState::kRunning) < std::max<uint32_t>(1, o_.concurrency);
   for (const auto& [u, e] : entries_) {
+    if (e.state == SchedState::kWaiting && free && !Eligible(e)) consider(EligibleAt(e));
     if (e.state != SchedState::kRunning) continue;
     consider(e.preempted ? std::optional(e.preempted_at + o_.yield_timeout) : PreemptAt(e));
+    consider(LagPreemptAt(e));
   }
   return next;
 }
@@ -276,6 +382,7 @@ std::optional<SchedEntryStatus> Scheduler::Status(const Uuid& u) const {
   auto it = entries_.find(u);
   if (it == entries_.end()) return std::nullopt;
   SchedEntryStatus s = it->second.stats;
+  s.charged_ns += static_cast<uint64_t>(std::llround(it->second.grant_charge_ns));  // this grant's, so far
   s.weight = it->second.weight;
   s.state = it->second.state;
   s.vruntime = it->second.vruntime - Floor();

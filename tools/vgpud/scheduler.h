@@ -9,6 +9,14 @@
 // advances by the device time a vGPU used divided by its weight (stride scheduling), so
 // over time each busy vGPU gets weight / sum-of-busy-weights of the engine.
 //
+// Weights among concurrent holders (N > 1): vGPUs that hold grants side by side share the
+// device, so while k of them hold and any other vGPU is busy each is charged 1/k of the
+// time (its share of the device, as processor sharing). Nobody waits for a grant then, so
+// weights are kept by lag instead: a holder whose virtual time runs more than a slice of
+// its own ahead of another holder's is asked to yield once it has had a slice, and a
+// waiting vGPU that far ahead of every holder does not take a free grant until they catch
+// up. The device is never idle for it: the holders it waits for are running.
+//
 // - Work-conserving: a vGPU alone keeps its grant as long as nobody else asks (no message
 //   per submission), and time used while nobody else wanted the engine is not charged.
 //   Once another vGPU waits, the holder is told (contended): from then on it keeps at most
@@ -19,8 +27,9 @@
 //   submissions gives the engine up while it thinks, and its lower virtual time gets it
 //   back first when it returns. A holder that says it has work but leaves the engine idle
 //   is preempted at the slice like any other, and releases at once.
-// - Charge: the time a vGPU held the grant while another waited, device time or not (a
-//   holder that keeps the grant through a gap keeps the others out just the same).
+// - Charge: the time a vGPU held the grant while another was busy, device time or not (a
+//   holder that keeps the grant through a gap keeps the others out just the same); 1/k of
+//   it beside k - 1 other holders.
 // - Bounded slice: once another vGPU waits, the holder is asked to yield (preempted) when
 //   its grant is `slice` old; it stops handing new work to the device at once and
 //   releases when its device work has drained. Work already on the device cannot be cut,
@@ -87,7 +96,7 @@ std::string_view SchedStateName(SchedState s);
 struct SchedEntryStatus {
   uint32_t weight = 0;
   SchedState state = SchedState::kIdle;
-  uint64_t charged_ns = 0;     // device time charged (contended time only)
+  uint64_t charged_ns = 0;     // time charged: held while another vGPU was busy (1/k of it beside k - 1 other holders)
   uint64_t used_ns = 0;        // device time reported, all of it
   uint64_t grants = 0;
   uint64_t preemptions = 0;
@@ -133,12 +142,24 @@ class Scheduler {
     bool preempted = false;              // kRunning: asked to yield
     bool told_contended = false;         // kRunning: told another waits
     Clock::time_point preempted_at{};
-    // kRunning: when some vGPU began waiting during this grant (the holder's device time
-    // before it is free: nobody else wanted the engine).
+    // kRunning: when some vGPU began waiting during this grant (it is then told to keep one
+    // piece on the device and to give the grant back once idle).
     std::optional<Clock::time_point> contended_since;
+    double grant_charge_ns = 0;  // kRunning: charged during this grant so far
     SchedEntryStatus stats;
   };
   double Floor() const;  // the least virtual time of a busy vGPU (or the last one's)
+  // Charges the holders for the time since the last event: 1/k each of k holders, while
+  // any other vGPU is busy. Every event runs it first, so rates are constant in between.
+  void Accrue(Clock::time_point now);
+  bool Accruing() const;  // the holders are being charged now
+  // A waiter may take a free grant: no holder is more than its lag behind it.
+  bool Eligible(const Entry& w) const;
+  double Lag(const Entry& e) const;  // a slice of e's device time, in virtual time
+  // Virtual time per ns of wall time of a holder while Accruing().
+  double Rate(const Entry& e) const;
+  std::optional<Clock::time_point> EligibleAt(const Entry& w) const;  // a waiter that is not yet
+  std::optional<Clock::time_point> LagPreemptAt(const Entry& h) const;  // a holder ahead of another
   void Wait(const Uuid& u, Entry& e, Clock::time_point now);
   void Dispatch(Clock::time_point now);
   void MaybePreempt(Clock::time_point now);
@@ -154,6 +175,7 @@ class Scheduler {
   std::map<Uuid, Entry> entries_;
   uint64_t next_grant_ = 1;
   double floor_ = 0;  // monotonic
+  std::optional<Clock::time_point> accrued_at_;
 };
 
 }  // namespace vg::daemon
