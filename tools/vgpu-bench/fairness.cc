@@ -1128,6 +1128,13 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
           weights == "equal" ? fmt::format(" (target >= 0.99: {})", jain_met ? "MET" : "MISSED") : " (of completions / weight)");
       line += fmt::format("; {:.1f} ms of device time per grant (slice {:.1f} ms)", on->grant_ms,
                           static_cast<double>(o.slice_us) / 1e3);
+      // What a window can resolve (docs/ab-methodology.md): a tenant's share of one window
+      // moves by a whole grant (n tenants taking turns: n x grant / window of its share), and
+      // it is counted in whole completions (one of its completions per window).
+      if (on->grant_ms > 0 && a.median_window_total > 0)
+        line += fmt::format("; granularity of a window's share, relative: one grant {:.0f}%, one completion {:.0f}%",
+                            100.0 * n * on->grant_ms / (o.window_s * 1e3),
+                            100.0 * n / static_cast<double>(a.median_window_total));
       if (off)
         line += fmt::format("; sched off: mean {:.1f} pp, max {:.1f} pp, {} within ±{:.0f} pp, Jain {:.4f}",
                             off->shares.mean_abs_pp, off->shares.max_abs_pp, Pct(off->shares.within_pp), tol,
