@@ -1,6 +1,7 @@
 // F10: `vgpuctl screenshot` through the real daemon. A guest process draws a known frame into
 // its aperture with CPU writes, configures its plane and flips; the PNG vgpuctl writes equals a
-// CPU-rendered reference pixel for pixel. A flip to another buffer changes what is saved; a
+// CPU-rendered reference pixel for pixel, in XRGB8888, ARGB8888 (alpha kept) and RGB565
+// (widened by bit replication). A flip to another buffer changes what is saved; a
 // vGPU that scans nothing out is refused by name; the victim tenant stays exact.
 #include <doctest.h>
 #include <png.h>
@@ -119,6 +120,53 @@ TEST_CASE("vgpuctl screenshot saves the frame the guest flipped, pixel for pixel
   r = d.Ctl({"screenshot", kUuidA, out});
   REQUIRE_MESSAGE(r.code == 0, r.err);
   CHECK(Compare(ReadPng(out), kW, kH, 3, 0x80) == "");
+
+  // RGB565 widened to 8 bits a channel by bit replication (the high bits repeated into the
+  // low ones, so 0x1F is 0xFF and 0 is 0), with a stride that pads each row.
+  {
+    constexpr uint32_t kStride565 = 448;  // 400 bytes of row, 48 of padding
+    auto ap = (*dev)->aperture();
+    auto pix565 = [](uint32_t x, uint32_t y) {
+      // The first row holds the corners of each channel, then a pattern that sets every bit.
+      constexpr uint16_t kEdges[] = {0x0000, 0xFFFF, 0xF800, 0x07E0, 0x001F, 0x8410, 0x0821, 0x7BEF};
+      if (y == 0 && x < 8) return kEdges[x];
+      return static_cast<uint16_t>((x * 0x0841u) ^ (y * 0x1003u) ^ 0x5A5Au);
+    };
+    for (uint32_t y = 0; y < kH; ++y) {
+      for (uint32_t x = 0; x < kW; ++x) {
+        const uint16_t v = pix565(x, y);
+        std::memcpy(ap.data() + kBack + uint64_t{y} * kStride565 + 2ull * x, &v, 2);
+      }
+      std::memset(ap.data() + kBack + uint64_t{y} * kStride565 + 2ull * kW, 0xEE, kStride565 - 2 * kW);
+    }
+    const uint32_t m = display.flips();
+    REQUIRE(display.Configure({kBack, kStride565, disp::kFormatRgb565, kW, kH}).ok());
+    REQUIRE(display.WaitFlip(m + 1, 2000).ok());
+    r = d.Ctl({"screenshot", kUuidA, out});
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    const Png p = ReadPng(out);
+    REQUIRE(p.width == kW);
+    REQUIRE(p.height == kH);
+    auto widen = [](uint32_t v, int bits) { return static_cast<uint8_t>(v << (8 - bits) | v >> (2 * bits - 8)); };
+    uint32_t wrong = 0;
+    std::string first;
+    for (uint32_t y = 0; y < kH; ++y)
+      for (uint32_t x = 0; x < kW; ++x) {
+        const uint16_t v = pix565(x, y);
+        const uint8_t want[4] = {widen(v >> 11, 5), widen((v >> 5) & 0x3F, 6), widen(v & 0x1F, 5), 0xFF};
+        const uint8_t* got = &p.rgba[(uint64_t{y} * kW + x) * 4];
+        if (std::memcmp(got, want, 4) != 0 && wrong++ == 0)
+          first = fmt::format("pixel ({}, {}) {:04x} is {:02x}{:02x}{:02x}{:02x}, want {:02x}{:02x}{:02x}ff", x, y, v,
+                              got[0], got[1], got[2], got[3], want[0], want[1], want[2]);
+      }
+    CHECK_MESSAGE(wrong == 0, first);
+    // The corners by hand: full scale is 0xFF, and 0x8410 (each channel's top bit) is 84 82 84.
+    CHECK(std::memcmp(&p.rgba[1 * 4], "\xff\xff\xff\xff", 4) == 0);
+    CHECK(std::memcmp(&p.rgba[2 * 4], "\xff\x00\x00\xff", 4) == 0);
+    CHECK(std::memcmp(&p.rgba[3 * 4], "\x00\xff\x00\xff", 4) == 0);
+    CHECK(std::memcmp(&p.rgba[4 * 4], "\x00\x00\xff\xff", 4) == 0);
+    CHECK(std::memcmp(&p.rgba[5 * 4], "\x84\x82\x84\xff", 4) == 0);
+  }
 
   // Off again: refused again.
   REQUIRE(display.Disable().ok());

@@ -21,6 +21,7 @@
 #include "guest/guest.h"
 #include "shaders/samples.h"
 #include "tests/e2e/guest_checks.h"
+#include "tests/lifecycle/usage.h"
 #include "tests/mdev/daemon_harness.h"
 
 namespace vg::lifecycle {
@@ -145,24 +146,4 @@ inline Result<> RunOne(guest::Driver& drv, uint32_t round, int timeout_ms = 3000
   free_all();
   return shaders::CheckSample(s, out);
 }
-
-// Fds and RSS of a process, from /proc.
-struct Usage {
-  size_t fds = 0;
-  uint64_t rss_kib = 0;
-  size_t maps = 0;  // lines of /proc/PID/maps: a guest's DMA mapping left behind shows here
-};
-inline Usage UsageOf(int64_t pid) {
-  Usage u;
-  std::error_code ec;
-  for (auto it = std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec);
-       !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
-    ++u.fds;
-  const std::string status = mgmt::ReadFile("/proc/" + std::to_string(pid) + "/status");
-  if (auto at = status.find("VmRSS:"); at != std::string::npos) u.rss_kib = std::stoull(status.substr(at + 6));
-  const std::string maps = mgmt::ReadFile("/proc/" + std::to_string(pid) + "/maps");
-  u.maps = static_cast<size_t>(std::count(maps.begin(), maps.end(), '\n'));
-  return u;
-}
-
 }  // namespace vg::lifecycle
