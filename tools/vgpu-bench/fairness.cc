@@ -411,7 +411,7 @@ struct Shown {
   std::string state;
   // The scheduler's view (weighted only): grants, preemptions, device and waiting time.
   uint64_t grants = 0, preemptions = 0;
-  double used_ms = 0, wait_ms = 0;
+  double used_ms = 0, wait_ms = 0, charged_ms = 0;
   std::string sched_state;    // idle, waiting, running
   uint64_t queue_wait_ns = 0;  // the worker: time its work was held back (counts a hold in progress)
 };
@@ -426,6 +426,7 @@ Result<Shown> Show(const Host& h, const std::string& uuid) {
     s.preemptions = r["scheduler"].value("preemptions", uint64_t{0});
     s.used_ms = r["scheduler"].value("used_ms", 0.0);
     s.wait_ms = r["scheduler"].value("wait_ms", 0.0);
+    s.charged_ms = r["scheduler"].value("charged_ms", 0.0);
     s.sched_state = r["scheduler"].value("state", std::string());
   }
   if (r.contains("counters") && r["counters"].is_object()) {
@@ -620,6 +621,7 @@ std::vector<TenantFigures> TenantFiguresOf(const Host& h, const std::vector<Tena
       t.preemptions = b.preemptions - std::min(a.preemptions, b.preemptions);
       t.sched_used_ms = std::max(0.0, b.used_ms - a.used_ms);
       t.wait_ms = std::max(0.0, b.wait_ms - a.wait_ms);
+      t.charged_ms = std::max(0.0, b.charged_ms - a.charged_ms);
       t.held_ms = static_cast<double>(b.queue_wait_ns - std::min(a.queue_wait_ns, b.queue_wait_ns)) / 1e6;
       t.sched_state_at_end = b.sched_state;
       if (b.scheduling != ModeName(h.weighted))
@@ -746,6 +748,10 @@ NoisyRun RunNoisy(Host& h, int heavy, uint32_t think_us, const SchedOptions& o, 
   run.heavy_busy = interval_ms > 0 ? device / interval_ms : 0;
   const TenantFigures& light = run.tenant.front();
   run.light_wait_per_grant_ms = light.grants ? light.wait_ms / static_cast<double>(light.grants) : 0;
+  double charged = 0;
+  for (const TenantFigures& t : run.tenant) charged += t.charged_ms;
+  run.light_charged_per_grant_ms = light.grants ? light.charged_ms / static_cast<double>(light.grants) : 0;
+  run.light_charged_share = charged > 0 ? light.charged_ms / charged : 0;
   // Whether the engine was busy is a figure, not a precondition (each heavy tenant's backlog
   // is): a scheduler that idles the engine while a busy neighbour waits is what the group shows.
   std::vector<double> us;
@@ -1012,6 +1018,7 @@ void AddSchedJson(const SchedReport& r, nlohmann::json& j) {
                    {"preemptions", t.preemptions},
                    {"sched_used_ms", t.sched_used_ms},
                    {"wait_ms", t.wait_ms},
+                   {"charged_ms", t.charged_ms},
                    {"held_ms", t.held_ms},
                    {"sched_state_at_end", t.sched_state_at_end},
                    {"busy", t.busy}});
@@ -1073,6 +1080,8 @@ void AddSchedJson(const SchedReport& r, nlohmann::json& j) {
                {"max", n.light_us.max},
                {"mean", n.light_us.mean}}},
              {"light_wait_per_grant_ms", n.light_wait_per_grant_ms},
+             {"light_charged_per_grant_ms", n.light_charged_per_grant_ms},
+             {"light_charged_share", n.light_charged_share},
              {"heavy_grant_ms", n.heavy_grant_ms},
              {"heavy_busy", n.heavy_busy},
              {"tenant", tenants(n.tenant)},
@@ -1161,6 +1170,12 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
         "busy {:.0f}% of the time{})",
         n.light_wait_per_grant_ms, n.heavy_grant_ms, n.heavy_busy * 100,
         off ? fmt::format(", {:.0f}% with sched off", off->heavy_busy * 100) : std::string());
+    // Whether the light tenant is under its share by the scheduler's own measure: the time it
+    // held the engine while others waited (grant delivery, its work, what its worker took to
+    // hand it back), against 1 / (heavy + 1) at equal weights. At or over it, a fair
+    // scheduler makes it wait its turn behind the busy ones.
+    line += fmt::format("; it was charged {:.2f} ms per grant, {:.1f}% of all charged time against a share of {:.1f}%",
+                        n.light_charged_per_grant_ms, n.light_charged_share * 100, 100.0 / (n.heavy + 1));
     if (off && off_alone && off->light_us.n && off_alone->light_us.n)
       line += fmt::format("; sched off: p50 {:.0f} us, p99 {:.0f} us, ratio {:.2f}, over alone {:.0f} us",
                           off->light_us.p50, off->light_us.p99, off->light_us.p99 / off_alone->light_us.p99,

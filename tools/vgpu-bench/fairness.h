@@ -121,6 +121,7 @@ struct TenantFigures {
   uint64_t grants = 0, preemptions = 0;
   double sched_used_ms = 0;  // device time reported at the releases of its grants
   double wait_ms = 0;        // time waiting for a grant (added up when the grant comes)
+  double charged_ms = 0;     // show: scheduler.charged_ms (held while others were busy)
   double held_ms = 0;        // counters.queue_wait_ns: its work held back by the gate (grant, limits)
   std::string sched_state_at_end;
   // The part of the interval it had work: (held_ms + device_ms) / interval (fairness.cc
@@ -149,6 +150,8 @@ struct NoisyRun {
   uint32_t think_us = 0;              // the light tenant's pause after each completion
   Stats light_us;                     // the light tenant's submit -> fence seen, in the interval
   double light_wait_per_grant_ms = 0;  // weighted: the light tenant's wait for a grant, per grant
+  double light_charged_per_grant_ms = 0;  // weighted: the time it was charged per grant
+  double light_charged_share = 0;         // weighted: its part of all tenants' charged time
   double heavy_grant_ms = 0;           // weighted: the heavy tenants' device time per grant
   double heavy_busy = 0;               // the heavy tenants' device time / the interval
   std::vector<TenantFigures> tenant;  // the light tenant first, then the heavy ones
