@@ -109,9 +109,17 @@ struct Guest {
   }
 };
 
+// The steps of RunOne, for a caller that records where its guest is (the hygiene test's
+// guest processes, killed at random points).
+enum class RunStep { kGttMap, kSubmit, kWait, kCheck };
+
 // One kernel of the catalogue through the mediated path, checked bit-exactly against the
-// CPU reference (kDataLoss on a mismatch).
-inline Result<> RunOne(guest::Driver& drv, uint32_t round, int timeout_ms = 30000) {
+// CPU reference (kDataLoss on a mismatch). `step`, if set, is told each step as it begins.
+inline Result<> RunOne(guest::Driver& drv, uint32_t round, int timeout_ms = 30000,
+                       const std::function<void(RunStep)>& step = nullptr) {
+  auto enter = [&](RunStep st) {
+    if (step) step(st);
+  };
   auto kernels = shaders::AllKernels();
   const auto& k = kernels[round % kernels.size()];
   auto s = shaders::MakeSample(k.id, 100 + round % 97, round);
@@ -120,6 +128,7 @@ inline Result<> RunOne(guest::Driver& drv, uint32_t round, int timeout_ms = 3000
   auto free_all = [&] {
     for (auto& b : bufs) (void)drv.Free(b);
   };
+  enter(RunStep::kGttMap);
   for (size_t i = 0; i < s.bindings.size(); ++i) {
     auto b = drv.Alloc(s.bindings[i].size());
     if (!b) {
@@ -132,15 +141,18 @@ inline Result<> RunOne(guest::Driver& drv, uint32_t round, int timeout_ms = 3000
   }
   guest::CommandBuilder cb;
   cb.Dispatch(s.kernel, s.groups, binds, s.push);
+  enter(RunStep::kSubmit);
   auto seq = drv.Submit(cb);
   if (!seq) {
     free_all();
     return std::move(seq).error();
   }
+  enter(RunStep::kWait);
   if (auto w = drv.Wait(*seq, guest::WaitMode::kIrq, timeout_ms); !w) {
     free_all();
     return w;
   }
+  enter(RunStep::kCheck);
   std::vector<std::vector<std::byte>> out;
   for (auto& b : bufs) out.emplace_back(b.host.begin(), b.host.end());
   free_all();
