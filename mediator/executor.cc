@@ -551,6 +551,12 @@ void Executor::SubmitLoop() {
     // order, and only one thread at a time adds retire entries.
     cv_.wait(lk, [&] { return stop_ || (!queue_.empty() && !held_ && !inline_running_); });
     if (stop_) return;
+    // The wait may have let go of mu_ (a plan held for RunHeld): the queue can have changed
+    // meanwhile. A Cancel dropped the plan that was to join the open batch and put its task
+    // first, or a new epoch's plan came. What is open is sent first, alone: a plan joins
+    // only a batch of its own epoch (a cancelled batch is dropped whole, and with it any
+    // later plan's work packed into it, whose fence would still have come).
+    if (!batch.Empty() && !ShouldCoalesce(batch, batch.plans.front()->epoch)) continue;
     Item item = std::move(queue_.front());
     queue_.pop_front();
     running_ = true;
@@ -560,6 +566,9 @@ void Executor::SubmitLoop() {
       Drain();  // after every engine submission in flight when it was queued
       item.task();
     } else {
+      // Plans named by a batch that packed nothing (each stopped before its first engine op)
+      // are no part of the next submission.
+      if (batch.Empty()) batch.plans.clear();
       auto ps = std::make_shared<PlanState>();
       ps->epoch = item.epoch;
       ps->bytes = item.bytes;
@@ -917,8 +926,10 @@ Result<> Executor::RunGpuOps(std::span<PlanOp> ops, const std::shared_ptr<PlanSt
         bindings.push_back(m->range);
         mats.push_back(std::move(m));
       }
+      // Held by the batch only once a piece is packed (below): a plan named in an empty batch
+      // (cancelled before its first piece) would head the next plan's work, and a batch whose
+      // first plan is cancelled is dropped whole.
       bool in_batch = false;  // this dispatch's bindings are held by the batch being packed
-      batch.Holds(ps);
       for (uint64_t i = 0; i < cut.pieces(); ++i) {
         if (Cancelled(epoch)) return CancelledError();
         if (batch.Full(cut.piece_cost())) {

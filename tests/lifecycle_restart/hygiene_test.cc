@@ -148,12 +148,13 @@ TEST_CASE("connect/work/disconnect cycles and guests killed at random points: no
   CHECK(wrk_cycles.rss_kib <= wrk_warm.rss_kib + kWorkerSlackKib);
 
   // 2. Guest processes killed at random points: during the open, the DMA mapping, a
-  //    submission or a wait (and the steps between). Three guests in four are killed 0-60 ms
+  //    submission or a wait (and the steps between). Half the guests are killed 0-60 ms
   //    after the fork, uniformly; as measured, that lands about 70 % of kills in the wait (the
   //    kernel runs there) and one or two of 200 in the submission (a ring write and a
   //    doorbell, tens of microseconds), so a run could miss it. Every fourth guest is
-  //    therefore killed as soon as it is seen entering a phase, each phase in turn. Either way
-  //    the phase counted is the one the guest recorded last, read once it is reaped.
+  //    therefore killed as soon as it is seen entering a phase, each phase in turn, and
+  //    every other odd one as it enters the submission. Either way the phase counted is the
+  //    one the guest recorded last, read once it is reaped.
   const auto t1 = Clock::now();
   std::uniform_int_distribution<int> delay_us(0, 60000);
   void* page = ::mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -164,11 +165,15 @@ TEST_CASE("connect/work/disconnect cycles and guests killed at random points: no
   for (int i = 0; i < n; ++i) {
     const pid_t g = GuestProcess(d.Socket(kA), phase);
     REQUIRE(g > 0);
-    if (i % 4 != 3) {
+    if (i % 2 == 0) {
       std::this_thread::sleep_for(std::chrono::microseconds(delay_us(rng)));
     } else {
-      // Every fourth guest: killed the moment it is seen entering a phase, each in turn.
-      const int target = kOpen + (i / 4) % (kPhases - kOpen);
+      // Every fourth guest: killed the moment it is seen entering a phase, each in turn;
+      // every other odd one the moment it enters submit: a kill there, with its plan
+      // still being packed when the disconnect cancels it, is where the executor once let
+      // the next guest's first kernel ride in the cancelled batch (dropped with it, while
+      // its fence still came: a wrong result; about 1 % of such kills).
+      const int target = i % 4 == 3 ? kOpen + (i / 4) % (kPhases - kOpen) : kSubmit;
       const auto deadline = Clock::now() + std::chrono::milliseconds(Ms(1000));
       while (phase->load() != target && Clock::now() < deadline) std::this_thread::yield();
     }
