@@ -14,6 +14,7 @@
 
 #include "engine/engine.h"
 #include "mediator/executor.h"
+#include "shaders/samples.h"
 #include "vfio_user/dma.h"
 
 namespace vg::mediator {
@@ -217,6 +218,52 @@ TEST_CASE("pipelined: after Cancel returns no fence of the cancelled work runs, 
   std::lock_guard lk(rec.mu);
   REQUIRE(!rec.fences.empty());
   CHECK(rec.fences.back() == 1000);
+}
+
+TEST_CASE("pipelined: a plan cancelled before its first piece does not take the next plan's work down with it") {
+  // Found by lifecycle_hygiene (a guest killed as it submitted, the disconnect's Cancel
+  // coming while its DISPATCH waited to gather a binding): the DISPATCH had named its plan
+  // in the open batch before packing a piece, so the batch stayed empty with the cancelled
+  // plan at its head; the next plan's work was packed behind it, the batch was dropped
+  // whole as cancelled, and that plan's FENCE still came, over work that never ran.
+  struct HoldGate : engine::SubmitGate {
+    std::atomic<bool> open{false};
+    bool Admit(const engine::Submission&) override { return open.load(); }
+    void Ran(uint64_t, bool, uint64_t) override {}
+  } gate;
+  auto held = engine::Engine::Create();
+  REQUIRE(held.ok());
+  (*held)->SetGate(&gate);
+  Guest g;
+  Recorder rec;
+  std::vector<std::byte> aperture(1 << 20);
+  Executor exec(held->get(), g.dma, aperture, {}, rec.Hooks(), ExecOptions{4});
+  // Engine work the gate holds: a gather behind it waits for it to retire.
+  Plan first;
+  first.ops.push_back(PlanFill{Range(0x10000, 256, true), 1});
+  REQUIRE(exec.Enqueue(std::move(first)).ok());
+  // A DISPATCH with gathered bindings: its plan waits in that drain.
+  const shaders::KernelSample k = shaders::MakeSample(shaders::KernelId::kCopy, 1024, 3);
+  Plan doomed;
+  PlanDispatch d{k.kernel, k.groups, {}, k.push};
+  for (size_t i = 0; i < k.bindings.size(); ++i) d.bindings.push_back(Range(0x20000 + i * 0x4000, 2 * 4096, true, 2));
+  doomed.ops.push_back(std::move(d));
+  REQUIRE(exec.Enqueue(std::move(doomed)).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // in the drain by now
+  exec.Cancel();
+  // The next connection's first plan: a FILL and its fence.
+  Plan next;
+  next.ops.push_back(PlanFill{Range(0x30000, 256, true), 0x77});
+  next.ops.push_back(PlanFence{Range(kFenceOff, 8, true), 2, true});
+  REQUIRE(exec.Enqueue(std::move(next)).ok());
+  gate.open = true;
+  (*held)->Pump();
+  exec.WaitIdle();
+  std::lock_guard lk(rec.mu);
+  REQUIRE(rec.fences == std::vector<uint64_t>{2});
+  CHECK_MESSAGE(g.At<uint32_t>(0x30000) == 0x77u, "the fence came, but the FILL before it never ran");
+  CHECK(g.At<uint32_t>(0x30000 + 252) == 0x77u);
+  CHECK(rec.failures.empty());
 }
 
 TEST_CASE("pipelined: Cancel(after) runs its task once every submission in flight has ended") {
