@@ -18,6 +18,7 @@
 #include "guest/guest.h"
 #include "tests/e2e/guest_checks.h"
 #include "tests/e2e/victim.h"
+#include "tests/lifecycle/usage.h"
 #include "tests/mdev/daemon_harness.h"
 
 using namespace vg;
@@ -407,21 +408,11 @@ TEST_CASE("16 vGPUs started in parallel within the budget; a 17th refused; every
 }
 
 namespace {
-struct Usage {
-  size_t fds = 0;
-  uint64_t rss_kib = 0;
-};
+using lifecycle::Usage;
 // After the last control connection has been closed on the supervisor's side too.
 Usage UsageOf(pid_t pid) {
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  Usage u;
-  std::error_code ec;
-  for (auto it = std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec);
-       !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
-    ++u.fds;
-  const std::string status = mgmt::ReadFile("/proc/" + std::to_string(pid) + "/status");
-  if (auto at = status.find("VmRSS:"); at != std::string::npos) u.rss_kib = std::stoull(status.substr(at + 6));
-  return u;
+  return lifecycle::UsageOf(pid);
 }
 }  // namespace
 

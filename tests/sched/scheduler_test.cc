@@ -404,6 +404,13 @@ struct SharedDevice {
   Clock::time_point now = Clock::time_point{} + 1s;
   std::map<Uuid, double> device_ns;  // what each got of the device
   int alone_steps = 0;               // steps with one holder while the other waited
+  // U(1) and U(2) at these weights, both asking for the engine now.
+  void BothBusy(uint32_t w1, uint32_t w2) {
+    sim.s.Add(U(1), w1, now);
+    sim.s.Add(U(2), w2, now);
+    sim.s.OnRequest(U(1), now);
+    sim.s.OnRequest(U(2), now);
+  }
   void Run(int steps, std::chrono::microseconds step) {
     std::vector<Uuid> yielding;
     for (int i = 0; i < steps; ++i) {
@@ -428,10 +435,7 @@ struct SharedDevice {
 
 TEST_CASE("concurrency 2: two busy holders at 1:2 get 1:2 of the device, which never idles") {
   SharedDevice d;
-  d.sim.s.Add(U(1), 100, d.now);
-  d.sim.s.Add(U(2), 200, d.now);
-  d.sim.s.OnRequest(U(1), d.now);
-  d.sim.s.OnRequest(U(2), d.now);
+  d.BothBusy(100, 200);
   REQUIRE(d.sim.s.holders().size() == 2);
   CHECK(d.sim.told.empty());  // nobody waits for a grant: nobody is contended
   d.Run(100000, 100us);       // 10 s
@@ -447,10 +451,7 @@ TEST_CASE("concurrency 2: two busy holders at 1:2 get 1:2 of the device, which n
 
 TEST_CASE("concurrency 2: two busy holders at equal weights both hold throughout, never preempted") {
   SharedDevice d;
-  d.sim.s.Add(U(1), 100, d.now);
-  d.sim.s.Add(U(2), 100, d.now);
-  d.sim.s.OnRequest(U(1), d.now);
-  d.sim.s.OnRequest(U(2), d.now);
+  d.BothBusy(100, 100);
   d.Run(50000, 100us);
   CHECK(d.sim.s.Status(U(1))->preemptions == 0);
   CHECK(d.sim.s.Status(U(2))->preemptions == 0);
