@@ -86,6 +86,13 @@ Result<> Device::Init() {
     vu::SetIrqsArgs rq{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqReq, 0, 1};
     VG_TRY_CTX(client_->SetIrqs(rq, std::span<const int>(&rfd, 1)), "SET_IRQS REQ");
   }
+  // ERR: the device is lost and can run nothing more (VFIO's error interrupt), when offered.
+  if (auto ei = client_->GetIrqInfo(vu::kIrqErr); ei.ok() && ei->count >= 1) {
+    VG_TRY_ASSIGN(err_, EventFd::Create());
+    const int efd = err_.Get();
+    vu::SetIrqsArgs er{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqErr, 0, 1};
+    VG_TRY_CTX(client_->SetIrqs(er, std::span<const int>(&efd, 1)), "SET_IRQS ERR");
+  }
   VG_TRY(EnablePci());
 
   VG_TRY_ASSIGN(auto io, client_->GetRegionIoFds(vu::kBar0Region));

@@ -97,6 +97,8 @@ class Device final : public DeviceBackend {
   // or abandons its work and closes the Device; one that does not is disconnected when the
   // host's timeout passes. Null when the device offers no REQ.
   const EventFd* release_request() const { return req_.Valid() ? &req_ : nullptr; }
+  // ERR: signalled when the device is lost (it runs nothing more until the host recovers it).
+  const EventFd* device_error() const { return err_.Valid() ? &err_ : nullptr; }
   // Non-blocking: whether REQ fired since the last call.
   bool ReleaseRequested() const { return req_.Valid() && req_.TryDrain().value_or(0) != 0; }
 
@@ -121,6 +123,7 @@ class Device final : public DeviceBackend {
   std::array<EventFd, abi::kNumVectors> irqs_;
   EventFd doorbell_;
   EventFd req_;  // REQ (F8), when offered
+  EventFd err_;  // ERR (F8), when offered
   uint32_t gtt_entries_ = 0;
   uint64_t messages_ = 0;
 };

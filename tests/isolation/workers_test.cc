@@ -370,6 +370,40 @@ TEST_CASE("a worker past its memory limit ends by name and comes back; the other
   CHECK(d.Shutdown() == 0);
 }
 
+TEST_CASE("device lost: the guest's work is refused kDeviceLost, ERR fires for its VMM; the other tenant keeps its results") {
+  // F8's ERR interrupt, end to end: the test worker's engine reports its device lost (what a
+  // GPU reset or a driver crash looks like to a worker), as a VMM would see it.
+  DaemonProc d;
+  StartAB(d);
+  Victim v(d.Socket(kB));
+  {
+    Guest g(d.Socket(kA));
+    REQUIRE(RunOne(*g.drv, 0).ok());
+    const EventFd* err = g.dev->device_error();
+    REQUIRE(err != nullptr);  // offered in DEVICE_GET_IRQ_INFO and assigned by the guest library
+    CHECK(err->TryDrain().value_or(1) == 0);  // nothing lost so far
+    REQUIRE(Control(d, {{"op", "fault"}, {"uuid", kA}, {"fault", "device-lost"}}).value("ok", false));
+    // Work after the loss: refused by name, never a result, and ERR signalled.
+    Result<> r = RunOne(*g.drv, 1, Ms(10000));
+    INFO("after the loss: ", e2e::Why(r));
+    CHECK(r.code() == Errc::kDeviceLost);
+    auto fired = err->Wait(Ms(5000));
+    REQUIRE(fired.ok());
+    CHECK(*fired >= 1);
+    CHECK(g.dev->Read32(abi::reg::kErrCode).value_or(0) == static_cast<uint32_t>(Errc::kDeviceLost));
+  }
+  CheckVictim(v.Stop());  // the other vGPU's worker and engine never noticed
+  // The host's way back: stop and start give the vGPU a new worker and engine.
+  CHECK(Control(d, {{"op", "stop"}, {"uuid", kA}}).value("ok", false));
+  CHECK(Control(d, {{"op", "start"}, {"uuid", kA}, {"type", "small"}}).value("ok", false));
+  {
+    Guest again(d.Socket(kA));
+    CHECK(RunOne(*again.drv, 2).ok());
+    CHECK(again.dev->device_error()->TryDrain().value_or(1) == 0);
+  }
+  CHECK(d.Shutdown() == 0);
+}
+
 TEST_CASE("16 vGPUs started in parallel within the budget; a 17th refused; every worker reclaimed after stop") {
   DaemonProc d;
   REQUIRE(d.Start(Args({"--aperture-budget", "1G"})));  // 16 x 64 MiB

@@ -578,6 +578,11 @@ void Worker::OnFault(ch::Fault f) {
     case ch::Fault::kCrash:
       std::raise(SIGSEGV);
       return;
+    case ch::Fault::kDeviceLost:
+      // What a GPU reset or a driver crash looks like from here: every submission from now on
+      // fails kDeviceLost, which the device reports and signals on ERR (F8).
+      engine_->SimulateDeviceLost();
+      return;
     case ch::Fault::kExhaustMemory: {
       std::vector<std::unique_ptr<std::byte[]>> hog;
       for (;;) {

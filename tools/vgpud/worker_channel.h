@@ -198,6 +198,7 @@ enum class Fault : uint64_t {
   kHangLoop = 2,          // the event loop stops turning (as F11's blocking reads once made it)
   kCrash = 3,             // SIGSEGV
   kExhaustMemory = 4,     // allocates until the address-space limit refuses
+  kDeviceLost = 5,        // the engine reports its device lost (engine::Engine::SimulateDeviceLost)
 };
 
 struct Record {
