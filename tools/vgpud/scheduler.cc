@@ -144,6 +144,11 @@ std::optional<Scheduler::Clock::time_point> Scheduler::LagPreemptAt(const Entry&
   return std::max(h.granted_at + o_.slice, *at);
 }
 
+size_t Scheduler::FreeSlots() const {
+  const size_t running = Count(SchedState::kRunning);
+  return Slots() > running ? Slots() - running : 0;
+}
+
 size_t Scheduler::Count(SchedState s) const {
   return static_cast<size_t>(
       std::count_if(entries_.begin(), entries_.end(), [s](const auto& kv) { return kv.second.state == s; }));
@@ -182,7 +187,7 @@ void Scheduler::OnRequest(const Uuid& u, Clock::time_point now) {
   if (it->second.state != SchedState::kWaiting) return;
   // Every grant held: the holders are contended. (A free grant it may not take yet, being
   // too far ahead of the holders, contends nobody: they are catching up.)
-  if (Count(SchedState::kRunning) >= std::max<uint32_t>(1, o_.concurrency)) {
+  if (FreeSlots() == 0) {
     MarkContended(now);
     MaybeContend(now);
   }
@@ -243,8 +248,7 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
 }
 
 void Scheduler::Dispatch(Clock::time_point now) {
-  const size_t slots = std::max<uint32_t>(1, o_.concurrency);
-  while (Count(SchedState::kRunning) < slots) {
+  while (FreeSlots() > 0) {
     Entry* next = nullptr;
     const Uuid* next_u = nullptr;
     for (auto& [u, e] : entries_) {
@@ -266,7 +270,7 @@ void Scheduler::Dispatch(Clock::time_point now) {
     floor_ = Floor();
     // Others still waiting once the free grants are given: every holder is contended from
     // now (told with the grant, so no piece can slip past before it knows).
-    const bool others = Count(SchedState::kWaiting) > 0 && Count(SchedState::kRunning) >= slots;
+    const bool others = Count(SchedState::kWaiting) > 0 && FreeSlots() == 0;
     next->contended_since.reset();
     if (others) next->contended_since = now;
     next->told_contended = others;
@@ -309,9 +313,7 @@ std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt(const Entry& e) c
 void Scheduler::MaybePreempt(Clock::time_point now) {
   // One holder yields for each vGPU waiting beyond the free grants, those due first
   // (furthest ahead in virtual time among the due ones), counting the holders already asked.
-  const size_t slots = std::max<uint32_t>(1, o_.concurrency);
-  const size_t running = Count(SchedState::kRunning);
-  const size_t free = slots > running ? slots - running : 0;
+  const size_t free = FreeSlots();
   const size_t queued = Count(SchedState::kWaiting);
   const size_t waiting = queued > free ? queued - free : 0;
   size_t asked = 0;
@@ -368,7 +370,7 @@ std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
   auto consider = [&](std::optional<Clock::time_point> t) {
     if (t && (!next || *t < *next)) next = t;
   };
-  const bool free = Count(SchedState::kRunning) < std::max<uint32_t>(1, o_.concurrency);
+  const bool free = FreeSlots() > 0;
   for (const auto& [u, e] : entries_) {
     if (e.state == SchedState::kWaiting && free && !Eligible(e)) consider(EligibleAt(e));
     if (e.state != SchedState::kRunning) continue;

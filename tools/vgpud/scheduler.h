@@ -41,6 +41,7 @@
 // Pure logic on the supervisor's loop thread: the caller feeds events with the time, arms
 // one timer at NextDeadline() and carries out the actions it is given.
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -168,6 +169,8 @@ class Scheduler {
   std::optional<Clock::time_point> CrossAt(const Entry& h) const;
   double LeastWaiting() const;  // the least virtual time of a waiting vGPU (infinity: none)
   size_t Count(SchedState s) const;
+  size_t Slots() const { return std::max<uint32_t>(1, o_.concurrency); }  // grants at once
+  size_t FreeSlots() const;
   std::optional<Clock::time_point> PreemptAt(const Entry& h) const;
 
   SchedOptions o_;
