@@ -444,10 +444,7 @@ TEST_CASE("16 vGPUs started in parallel within the budget; a 17th refused; every
 namespace {
 using lifecycle::Usage;
 // After the last control connection has been closed on the supervisor's side too.
-Usage UsageOf(pid_t pid) {
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  return lifecycle::UsageOf(pid);
-}
+Usage UsageOf(pid_t pid) { return lifecycle::SettledUsageOf(pid, std::chrono::milliseconds(300)); }
 }  // namespace
 
 TEST_CASE("200 start/stop cycles: the supervisor's fds and memory stay steady, every worker is reaped") {

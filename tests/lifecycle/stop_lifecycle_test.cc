@@ -66,8 +66,7 @@ TEST_CASE("stop with a guest attached that honours REQ: it releases the device, 
   REQUIRE(worker > 0);
   // The supervisor with the vGPU running and its guest attached (settled: no vgpuctl
   // connection open).
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const Usage before = UsageOf(d.pid());
+  const Usage before = SettledUsageOf(d.pid(), std::chrono::milliseconds(300));
 
   auto t0 = Clock::now();
   mgmt::Ran st = d.Ctl({"stop", kUuidA});
@@ -88,16 +87,14 @@ TEST_CASE("stop with a guest attached that honours REQ: it releases the device, 
   CHECK(!mgmt::fs::exists(socket));
   // Stopped: the supervisor let go of what it held for that vGPU (its worker's channel,
   // the frame memfd, the console's listener): fewer fds than with it running.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const Usage stopped = UsageOf(d.pid());
+  const Usage stopped = SettledUsageOf(d.pid(), std::chrono::milliseconds(300));
   CHECK(stopped.fds < before.fds);
   StartVgpu(d, kUuidA);
   ExpectWorks(socket);
   // Started again, a guest attached and gone: the supervisor's fds are back to what they
   // were, exactly; its mappings within a few (its allocator's arenas). A stop that leaked
   // the vGPU's fds or mappings would show here.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const Usage after = UsageOf(d.pid());
+  const Usage after = SettledUsageOf(d.pid(), std::chrono::milliseconds(300));
   MESSAGE("supervisor: ", before.fds, " fds, ", before.maps, " mappings running; ", stopped.fds, " fds, ",
           stopped.maps, " mappings stopped; ", after.fds, " fds, ", after.maps, " mappings started again");
   CHECK(after.fds == before.fds);

@@ -2,9 +2,11 @@
 // A process's fds, RSS and mappings, from /proc (the F8 hygiene, soak and stop tests).
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <thread>
 
 #include "tests/mdev/daemon_harness.h"
 
@@ -26,6 +28,13 @@ inline Usage UsageOf(int64_t pid) {
   const std::string maps = mgmt::ReadFile("/proc/" + std::to_string(pid) + "/maps");
   u.maps = static_cast<size_t>(std::count(maps.begin(), maps.end(), '\n'));
   return u;
+}
+
+// The same once `settle` has passed: after what the caller just did (a hang-up, a control
+// connection closed) has reached the process (its loop, a heartbeat later).
+inline Usage SettledUsageOf(int64_t pid, std::chrono::milliseconds settle) {
+  std::this_thread::sleep_for(settle);
+  return UsageOf(pid);
 }
 
 }  // namespace vg::lifecycle

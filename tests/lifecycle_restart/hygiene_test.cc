@@ -33,10 +33,7 @@ int Cycles() {
 
 // After the guest's hang-up has reached the worker (its client slot free again) and the
 // supervisor (a heartbeat later).
-Usage Settled(int64_t pid) {
-  std::this_thread::sleep_for(std::chrono::milliseconds(400));
-  return UsageOf(pid);
-}
+Usage Settled(int64_t pid) { return SettledUsageOf(pid, std::chrono::milliseconds(400)); }
 
 // Where a guest process is, in the order of its life. The guest writes its phase into a page
 // shared with this process (MAP_SHARED, mapped before the fork); this process reads it once
