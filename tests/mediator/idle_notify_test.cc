@@ -120,7 +120,14 @@ struct Rig {
     page = std::move(mapped).value();
     Connect();
   }
-  ~Rig() { slow.Release(); }
+  // The vGPU goes before the slow memory it may still be reading (a fetched re-read can be in
+  // flight after WaitIdle): the guest leaves as in production, where disconnect waits for a
+  // messenger call in progress, then the vGPU's threads end while `slow` is still alive.
+  ~Rig() {
+    slow.Release();
+    v->OnDisconnect();
+    v.reset();
+  }
 
   // What a guest does after it connects: memory, bus mastering, GTT, ring.
   void Connect() {
