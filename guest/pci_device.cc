@@ -191,6 +191,7 @@ Result<> PciDevice::CheckRegister(uint32_t off, uint32_t width) const {
 // nor drop it, and each one is a trapped MMIO access the VMM forwards to the daemon.
 Result<uint32_t> PciDevice::Read32(uint32_t off) {
   VG_TRY(CheckRegister(off, 4));
+  ++register_accesses_;
   return *reinterpret_cast<const volatile uint32_t*>(bar0_map_.data() + off);
 }
 Result<uint64_t> PciDevice::Read64(uint32_t off) {
@@ -203,6 +204,7 @@ Result<> PciDevice::Write32(uint32_t off, uint32_t v, bool /*posted*/) {
   // What the driver wrote to guest RAM (ring, tail shadow, buffers) is visible before the
   // doorbell or GTT write that tells the device to look at it.
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  ++register_accesses_;
   *reinterpret_cast<volatile uint32_t*>(bar0_map_.data() + off) = v;
   return Ok();
 }

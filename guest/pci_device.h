@@ -65,6 +65,11 @@ class PciDevice final : public DeviceBackend {
   uint32_t gtt_entries() const override { return gtt_entries_; }
   Result<> Kick() override { return Write32(abi::reg::kDoorbellKick, 0, true); }
 
+  // BAR0 register accesses made (Read32 and Write32; a 64-bit access is two). Outside the
+  // status page every one traps to the VMM: under QEMU's vfio-user-pci each is one
+  // REGION_READ or posted REGION_WRITE on the socket, the VM's boundary crossings.
+  uint64_t register_accesses() const { return register_accesses_; }
+
   // PCI config space through the sysfs `config` file.
   Result<uint16_t> ConfigRead16(uint32_t off) const;
   Result<> ConfigWrite16(uint32_t off, uint16_t v) const;
@@ -84,6 +89,7 @@ class PciDevice final : public DeviceBackend {
   UniqueFd ram_fd_;
   Mapping ram_map_;
   uint32_t gtt_entries_ = 0;
+  uint64_t register_accesses_ = 0;
 };
 
 }  // namespace vg::guest

@@ -161,14 +161,19 @@ TEST_CASE("PciDevice: enable, bus master, BAR mmaps, registers and the RAM windo
   CHECK(dev.Status64(abi::status::kCompletedFence) == 41);
   CHECK(dev.irq_eventfd(abi::kVectorFence) == nullptr);
 
+  // Every trapped dword access counts, a 64-bit one as two; status page loads do not.
+  const uint64_t accesses = dev.register_accesses();
   REQUIRE(dev.Write32(abi::reg::kScratch, 0x5151).ok());
   CHECK(Peek<uint32_t>(vm.fn / "resource0", abi::reg::kScratch) == 0x5151);
   REQUIRE(dev.Write64(abi::kGttOffset + 8 * 3, 0x1234'5678'9abc'd003ull).ok());
   CHECK(Peek<uint64_t>(vm.fn / "resource0", abi::kGttOffset + 8 * 3) == 0x1234'5678'9abc'd003ull);
   CHECK(dev.Read64(abi::kGttOffset + 8 * 3).value() == 0x1234'5678'9abc'd003ull);
+  (void)dev.Status64(abi::status::kCompletedFence);
+  CHECK(dev.register_accesses() == accesses + 5);
   CHECK(dev.Write32(abi::reg::kScratch + 2, 1).error().code == Errc::kMisaligned);
   CHECK(dev.Read32(static_cast<uint32_t>(abi::kBar0Size)).error().code == Errc::kOutOfBounds);
   CHECK(dev.Write64(static_cast<uint32_t>(abi::kBar0Size) - 4, 1).error().code == Errc::kOutOfBounds);
+  CHECK(dev.register_accesses() == accesses + 5);  // refused accesses never reach the bus
 
   // The window: byte i of ram() is byte kRamBase + i of "/dev/mem".
   CHECK(dev.ram_base().v == FakeVm::kRamBase);

@@ -58,7 +58,7 @@ constexpr uint8_t kVendorDevice = 0x00, kCommand = 0x04, kStatus = 0x06, kRevisi
                   kBar5 = 0x24, kSubsystem = 0x2C, kCapPtr = 0x34, kInterruptPin = 0x3D;
 constexpr uint16_t kCmdMemory = 1u << 1, kCmdBusMaster = 1u << 2;
 constexpr uint16_t kStatusCapList = 1u << 4;
-constexpr uint8_t kCapIdPm = 0x01, kCapIdMsi = 0x05, kCapIdMsix = 0x11;
+constexpr uint8_t kCapIdPm = 0x01, kCapIdMsi = 0x05, kCapIdMsix = 0x11, kCapIdAf = 0x13;
 constexpr uint32_t kBarMem64 = 0x4, kBarPrefetch = 0x8;
 }  // namespace pci
 
@@ -256,7 +256,8 @@ TEST_CASE("QEMU vfio-user-pci attaches under qtest: config space, BARs, register
   for (uint8_t off = cfg.Read8(pci::kCapPtr); off != 0 && caps.size() < 16; off = cfg.Read8(off + 1))
     caps.emplace_back(off, cfg.Read8(off));
   const std::vector<std::pair<uint8_t, uint8_t>> want{
-      {abi::kCapPmOffset, pci::kCapIdPm}, {abi::kCapMsiOffset, pci::kCapIdMsi}, {abi::kCapMsixOffset, pci::kCapIdMsix}};
+      {abi::kCapPmOffset, pci::kCapIdPm}, {abi::kCapMsiOffset, pci::kCapIdMsi}, {abi::kCapMsixOffset, pci::kCapIdMsix},
+      {abi::kCapAfOffset, pci::kCapIdAf}};  // PCI Advanced Features: FLR (F8)
   CHECK(caps == want);
   // MSI-X: 2 vectors, table and PBA in BAR0 at the ABI's offsets
   CHECK((cfg.Read16(abi::kCapMsixOffset + 2) & 0x7FF) + 1 == abi::kNumVectors);
