@@ -117,6 +117,37 @@ TEST_CASE("a shared engine's pieces hold a workgroup for each lane of the device
   CHECK(CheckTiles(*three, {2, 1, 1}) == 1);  // never more groups than the row has
 }
 
+TEST_CASE("a shared engine's pieces are whole rounds of its lanes, evened out") {
+  // The study's spin ~3000 us (1598 iterations): a group costs 256 x 1598, two lanes' budget
+  // fits 5. Pieces of 5,5,5,1 would take 3+3+3+1 = 10 rounds of the two lanes where the grid
+  // needs 8; pieces of 4 take 8.
+  shaders::SpinPush p{4096, 1598, 1};
+  auto cut = DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(p), SubmissionBudget(true, 2), 2);
+  REQUIRE(cut.ok());
+  CHECK(CheckTiles(*cut, {16, 1, 1}) == 4);
+  uint64_t rounds = 0;
+  for (uint64_t i = 0; i < cut->pieces(); ++i) {
+    CHECK(cut->Piece(i).groups[0] % 2 == 0);
+    rounds += (cut->Piece(i).groups[0] + 1) / 2;
+  }
+  CHECK(rounds == 8);
+  CHECK(cut->piece_cost() <= SubmissionBudget(true, 2));
+  // Evened out: 18 groups of 2^18, of which two lanes' budget fits 8: 6,6,6 rather than 8,8,2.
+  shaders::SpinPush cheap{18 * 256, 1024, 1};
+  auto even = DispatchCut::Make(Id(KernelId::kSpin), {18, 1, 1}, shaders::PushBytes(cheap), SubmissionBudget(true, 2), 2);
+  REQUIRE(even.ok());
+  CHECK(CheckTiles(*even, {18, 1, 1}) == 3);
+  for (uint64_t i = 0; i < even->pieces(); ++i) CHECK(even->Piece(i).groups[0] == 6);
+  // One lane: any count is a whole round; still evened (16 groups, 5 fit: 4,4,4,4).
+  auto lone = DispatchCut::Make(Id(KernelId::kSpin), {16, 1, 1}, shaders::PushBytes(p), SubmissionBudget(true, 2), 1);
+  REQUIRE(lone.ok());
+  CHECK(CheckTiles(*lone, {16, 1, 1}) == 4);
+  // Fewer groups than lanes' budget allows: the whole row, one piece, as before.
+  auto whole = DispatchCut::Make(Id(KernelId::kSpin), {4, 1, 1}, shaders::PushBytes(p), SubmissionBudget(true, 2), 2);
+  REQUIRE(whole.ok());
+  CHECK(CheckTiles(*whole, {4, 1, 1}) == 1);
+}
+
 TEST_CASE("a multi-row spin whose row is over the piece bound is refused kLimitExceeded") {
   shaders::SpinPush p{65535u * 256 * 2, 1u << 20, 1};
   auto cut = DispatchCut::Make(Id(KernelId::kSpin), {65535, 2, 1}, shaders::PushBytes(p));

@@ -281,11 +281,32 @@ int Worker(const std::string& path, const PathConfig& c, int iters, int ready_fd
 }
 
 // One concurrency measurement: the aggregate rate and the CPU per submission (host side plus
-// the guests' own timed loops).
+// the guests' own timed loops), and for a daemon's guests what the daemon saw of them.
 struct ConcurrentRun {
   double rate = 0;
   double cpu_us = 0;
+  DeviceSide device;
 };
+
+// The daemon's counters of the concurrency guests' vGPUs (`vgpuctl show`): device time, and
+// the scheduler's grants and grant waits (zero under --sched off, which has none).
+struct GuestCounters {
+  uint64_t gpu_time_ns = 0, grants = 0;
+  double wait_ms = 0;
+};
+Result<GuestCounters> ShowGuests(const DaemonProc& d, int guests) {
+  GuestCounters sum;
+  for (int g = 0; g < guests; ++g) {
+    VG_TRY_ASSIGN(nlohmann::json r, ControlRequest(d.Control(), {{"op", "show"}, {"uuid", GuestUuid(g)}}, 10000));
+    if (r.contains("counters") && r["counters"].is_object())
+      sum.gpu_time_ns += r["counters"].value("gpu_time_ns", uint64_t{0});
+    if (r.contains("scheduler") && r["scheduler"].is_object()) {
+      sum.grants += r["scheduler"].value("grants", uint64_t{0});
+      sum.wait_ms += r["scheduler"].value("wait_ms", 0.0);
+    }
+  }
+  return sum;
+}
 
 Result<ConcurrentRun> RunConcurrentProcesses(const std::string& path, const DaemonProc& d, int guests, int iters,
                                              uint64_t ram) {
@@ -322,6 +343,9 @@ Result<ConcurrentRun> RunConcurrentProcesses(const std::string& path, const Daem
       return MakeError(Errc::kIo, "a {} worker died before starting", path);
     }
   }
+  // Read before "go" and after the last guest has exited, so the interval holds all of the
+  // timed loops (and the guests' warm-up submission before it does not count).
+  Result<GuestCounters> shown0 = ShowGuests(d, guests);
   const double host0 = DaemonCpuUs(d.pid);
   auto t0 = Clock::now();
   for (int g = 0; g < guests; ++g) VG_ERROR_IF(::write(go[1], "g", 1) != 1, Errc::kIo, "go pipe");
@@ -333,6 +357,7 @@ Result<ConcurrentRun> RunConcurrentProcesses(const std::string& path, const Daem
   }
   double s = std::chrono::duration<double>(Clock::now() - t0).count();
   const double host = DaemonCpuUs(d.pid) - host0;
+  Result<GuestCounters> shown1 = ShowGuests(d, guests);
   // Every worker has exited: the pipe holds their CPU records, then EOF.
   double guest = 0, one = 0;
   int records = 0;
@@ -344,7 +369,14 @@ Result<ConcurrentRun> RunConcurrentProcesses(const std::string& path, const Daem
   VG_ERROR_IF(!ok, Errc::kInternal, "a {} worker failed or computed a wrong result", path);
   VG_ERROR_IF(records != guests, Errc::kInternal, "{} of {} {} workers reported their CPU", records, guests, path);
   const double subs = static_cast<double>(guests) * iters;
-  return ConcurrentRun{subs / s, (host + guest) / subs};
+  ConcurrentRun run{subs / s, (host + guest) / subs, {}};
+  VG_TRY_CTX(shown0, "vgpuctl show of the {} guests' vGPUs", path);
+  VG_TRY_CTX(shown1, "vgpuctl show of the {} guests' vGPUs", path);
+  run.device.measured = true;
+  run.device.busy = static_cast<double>(shown1->gpu_time_ns - shown0->gpu_time_ns) / 1e9 / s;
+  run.device.grants_per_submission = static_cast<double>(shown1->grants - shown0->grants) / subs;
+  run.device.grant_wait_us = (shown1->wait_ms - shown0->wait_ms) * 1e3 / subs;
+  return run;
 }
 
 Result<ConcurrentRun> RunConcurrentThreads(const PathConfig& c, int guests, int iters) {
@@ -982,6 +1014,11 @@ int main(int argc, char** argv) {
           Concurrency& c = runs[{p, n}];
           c.rep_rate.push_back(run->rate);
           c.rep_cpu_us.push_back(run->cpu_us);
+          if (run->device.measured) {
+            c.rep_device_busy.push_back(run->device.busy);
+            c.rep_grants_per_submission.push_back(run->device.grants_per_submission);
+            c.rep_grant_wait_us.push_back(run->device.grant_wait_us);
+          }
         }
       }
     if (o.progress) std::fprintf(stderr, "\n");

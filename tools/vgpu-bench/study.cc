@@ -496,12 +496,23 @@ std::string FormatReport(const StudyReport& r) {
   }
   out += FormatAblations(r);
   if (!r.concurrency.empty()) {
+    // The device's side (a daemon's guests): its vGPUs' device time over wall time, and the
+    // scheduler's grants and grant waits per submission; "-" for native.
     out += fmt::format("== concurrency (small dispatch per guest; median over repetitions)\n{:<22} {:>7} {:>12} {:>8} "
-                       "{:>10} {:>5}\n",
-                       "path", "guests", "sub/s", "speedup", "cpu us", "reps");
-    for (const auto& c : r.concurrency)
-      out += fmt::format("{:<22} {:>7} {:>12.0f} {:>8.2f} {:>10.1f} {:>5}\n", c.path, c.guests, c.submissions_per_s,
+                       "{:>10} {:>5} {:>9} {:>10} {:>12}\n",
+                       "path", "guests", "sub/s", "speedup", "cpu us", "reps", "dev busy", "grants/sub",
+                       "grant wait us");
+    for (const auto& c : r.concurrency) {
+      out += fmt::format("{:<22} {:>7} {:>12.0f} {:>8.2f} {:>10.1f} {:>5}", c.path, c.guests, c.submissions_per_s,
                          c.speedup, SummarizeRatio(c.rep_cpu_us).median, c.rep_rate.size());
+      if (c.rep_device_busy.empty()) {
+        out += fmt::format(" {:>9} {:>10} {:>12}\n", "-", "-", "-");
+      } else {
+        out += fmt::format(" {:>9.2f} {:>10.2f} {:>12.1f}\n", SummarizeRatio(c.rep_device_busy).median,
+                           SummarizeRatio(c.rep_grants_per_submission).median,
+                           SummarizeRatio(c.rep_grant_wait_us).median);
+      }
+    }
   }
   out += FormatLifecycle(r.lifecycle);
   out += FormatCovert(r.covert);
@@ -564,7 +575,12 @@ nlohmann::json ToJson(const StudyReport& r) {
                                 {"guests", c.guests},
                                 {"submissions_per_s", c.submissions_per_s},
                                 {"speedup", c.speedup},
-                                {"per_rep", {{"submissions_per_s", c.rep_rate}, {"cpu_us_per_submission", c.rep_cpu_us}}}});
+                                {"per_rep",
+                                 {{"submissions_per_s", c.rep_rate},
+                                  {"cpu_us_per_submission", c.rep_cpu_us},
+                                  {"device_busy", c.rep_device_busy},
+                                  {"grants_per_submission", c.rep_grants_per_submission},
+                                  {"grant_wait_us_per_submission", c.rep_grant_wait_us}}}});
   for (const Ablation& a : r.ablations) {
     json rows = json::array();
     for (const AblationRow& row : a.rows) rows.push_back({{"path", row.path}, {"label", row.label}});

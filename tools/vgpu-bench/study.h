@@ -82,6 +82,17 @@ struct Result_ {
   std::vector<Cell> cells;
 };
 
+// What the daemon saw of one concurrency run's guests (not for native, which has none):
+// why a path does or does not scale, from the device's side.
+struct DeviceSide {
+  bool measured = false;
+  // The guests' vGPUs' device time (`gpu_time_ns`, summed) over the run's wall time: 1.0 is
+  // one device kept busy; above 1, vGPUs' work overlapped on it (sched off or concurrent grants).
+  double busy = 0;
+  double grants_per_submission = 0;  // scheduler grants; 0 under --sched off
+  double grant_wait_us = 0;          // time waited for a grant, per submission
+};
+
 struct Concurrency {
   std::string path;
   uint32_t guests = 0;
@@ -91,6 +102,8 @@ struct Concurrency {
   // and the CPU per submission, host side (daemon, or this process for native threads) plus
   // the guests' own loops.
   std::vector<double> rep_rate, rep_cpu_us;
+  // Per repetition, a daemon's guests only (DeviceSide); empty for native.
+  std::vector<double> rep_device_busy, rep_grants_per_submission, rep_grant_wait_us;
 };
 
 // A figure the summary reads, measured once per repetition: its median and spread. The key
