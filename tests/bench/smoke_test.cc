@@ -96,7 +96,22 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   for (const auto& c : j["concurrency"]) {
     unscheduled += c["path"] == "mediated-sched-off";
     shared += c["path"] == "mediated-sched-shared";
+    // The daemon's side, one figure per repetition for a daemon's guests, none for native:
+    // the guests' vGPUs ran device time, and only a scheduled vgpud grants.
+    const auto& rep = c["per_rep"];
+    const size_t reps = rep["submissions_per_s"].size();
+    if (c["path"] == "native") {
+      CHECK(rep["device_busy"].empty());
+      continue;
+    }
+    REQUIRE(rep["device_busy"].size() == reps);
+    REQUIRE(rep["grants_per_submission"].size() == reps);
+    for (size_t i = 0; i < reps; ++i) {
+      CHECK(rep["device_busy"][i].get<double>() > 0);
+      if (c["path"] == "mediated-sched-off") CHECK(rep["grants_per_submission"][i].get<double>() == 0);
+    }
   }
+  CHECK(text.find("grant wait us") != std::string::npos);
   CHECK(unscheduled == 2);  // 1 and 2 guests
   CHECK(shared == 2);
   CHECK(text.find("scaling, 2 guests over 1") != std::string::npos);
