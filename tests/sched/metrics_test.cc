@@ -579,7 +579,9 @@ TEST_CASE("the endpoint's page parses, has every counter, moves with a real work
                                            "selftest"});
     CHECK(selftest.code == 0);
     // The page shows the last heartbeat's counters and show asks for fresh ones: they agree
-    // once a heartbeat has passed with nothing moving.
+    // once a heartbeat has passed with nothing moving. Show falls back to the last heartbeat
+    // when the worker's answer is late (a loaded host), so both can agree on counters from
+    // before the workload: wait until they agree on ones that have moved.
     std::string diff_a, diff_b;
     const bool agreed = WaitFor(
         [&] {
@@ -591,7 +593,10 @@ TEST_CASE("the endpoint's page parses, has every counter, moves with a real work
           diff_a = CompareWithShow(now, Show(d, kA), kA);
           diff_b = CompareWithShow(Scrape(addr), Show(d, kB), kB);
           e = std::move(now);
-          return diff_a.empty() && diff_b.empty();
+          const bool moved = e.Get("vgpud_submissions_total", {{"uuid", kA}}) == static_cast<double>(before + kRounds) &&
+                             e.Get("vgpud_doorbells_total", {{"uuid", kB}}).value_or(0) >= 1 &&
+                             e.Get("vgpud_mmio_refusals_total", {{"uuid", kB}}).value_or(0) >= 1;
+          return diff_a.empty() && diff_b.empty() && moved;
         },
         Ms(10000));
     INFO("A: ", diff_a, " B: ", diff_b);
