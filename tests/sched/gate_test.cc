@@ -4,6 +4,8 @@
 // tests/sched/share_test.cc.
 #include <doctest/doctest.h>
 
+#include <chrono>
+#include <thread>
 #include <vector>
 
 #include "mediator/work_split.h"
@@ -80,6 +82,38 @@ TEST_CASE("a contended grant keeps one piece on the device") {
   CHECK_FALSE(r.gate.Admit(Piece(4096)));
   r.gate.Ran(100'000, true, 4096);
   CHECK(r.gate.Admit(Piece(4096)));
+}
+
+TEST_CASE("a contended holder that leaves the device idle more than half the time gives the grant back at once") {
+  // A closed-loop guest of small work: between its submissions the device waits for the
+  // guest's own turnaround, shorter than the idle grace, so the grace alone would let it keep
+  // the grant for a slice while the others wait and the device idles.
+  auto released = [](const Rig& r) {
+    for (const ch::Record& x : r.sent)
+      if (x.kind == ch::Kind::kSchedRelease) return true;
+    return false;
+  };
+  Rig sparse;
+  sparse.gate.OnGrant(1, /*contended=*/true);
+  REQUIRE(sparse.gate.Admit(Piece(4096)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(3));
+  sparse.gate.Ran(100'000, true, 4096);  // 0.1 ms of device time in 3 ms of grant
+  CHECK(released(sparse));  // no grace: nothing of it is on the device
+  CHECK(sparse.gate.Stats().idle_releases == 1);
+  // A busy holder (the device ran its work the whole time) keeps the grace: work may follow.
+  Rig busy;
+  busy.gate.OnGrant(1, /*contended=*/true);
+  REQUIRE(busy.gate.Admit(Piece(kPiece)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(3));
+  busy.gate.Ran(3'000'000, true, kPiece);
+  CHECK_FALSE(released(busy));
+  CHECK(busy.gate.Admit(Piece(kPiece)));  // its next piece, under the same grant
+  // A fresh grant that has run nothing yet is not judged: what it asked for is on its way.
+  Rig fresh;
+  fresh.gate.OnGrant(1, /*contended=*/true);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  CHECK(fresh.gate.Admit(Piece(4096)));
+  CHECK_FALSE(released(fresh));
 }
 
 }  // namespace

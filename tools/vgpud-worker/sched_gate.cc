@@ -77,8 +77,11 @@ void SchedGate::OnGrant(uint64_t grant, bool contended) {
   requested_ = false;
   preempting_ = false;
   contended_ = contended;
+  contended_at_.reset();
+  if (contended) contended_at_ = Clock::now();
   idle_since_.reset();
   grant_used_ns_ = 0;
+  grant_ran_ = 0;
   ++stats_.grants;
   WakePumpLocked(std::nullopt);
   MaybeIdleReleaseLocked();  // what it asked for may be gone (cancelled)
@@ -101,6 +104,7 @@ void SchedGate::OnContended(uint64_t grant) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
   contended_ = true;
+  if (!contended_at_) contended_at_ = Clock::now();
   MaybeIdleReleaseLocked();
 }
 
@@ -110,6 +114,16 @@ void SchedGate::MaybeIdleReleaseLocked() {
     return;
   }
   const Clock::time_point now = Clock::now();
+  // A holder that has left the device idle more than half the time since another vGPU
+  // began to wait (a closed-loop guest of small work: its own turnaround between
+  // submissions is shorter than the grace, so it would otherwise keep the grant through
+  // every gap for a whole slice while the device idles and the others wait) gives it back
+  // as soon as nothing of its is on the device, without a grace: the grant goes where the
+  // device will be used, and it is charged the little it held, so it is served again first.
+  if (contended_at_ && grant_ran_ > 0 && grant_used_ns_ * 2 < Ns(now - *contended_at_)) {
+    ++stats_.idle_releases;
+    return ReleaseLocked();
+  }
   if (backlog_ && backlog_()) {
     // Work on its way to the engine (no event tells when it drains without reaching the
     // engine: look again after a grace). Not idle.
@@ -129,6 +143,7 @@ void SchedGate::Revoke() {
   granted_ = false;
   preempting_ = false;
   contended_ = false;
+  contended_at_.reset();
   idle_since_.reset();
   requested_ = true;  // asks no more: nobody would answer
 }
@@ -234,6 +249,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
   on_device_cost_ -= std::min(on_device_cost_, cost);
   stats_.gpu_time_ns += busy_ns;
   grant_used_ns_ += busy_ns;
+  ++grant_ran_;
   if (cfg_.gpu_time_limit_ns) {
     RefillLocked(Clock::now());
     gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
@@ -261,8 +277,10 @@ void SchedGate::ReleaseLocked() {
   granted_ = false;
   preempting_ = false;
   contended_ = false;
+  contended_at_.reset();
   idle_since_.reset();
   grant_used_ns_ = 0;
+  grant_ran_ = 0;
   // Work still held (not by a bucket): the release is its request.
   requested_ = WantsDeviceLocked();
   send_(r);

@@ -127,6 +127,9 @@ class SchedGate final : public engine::SubmitGate {
   bool revoked_ = false;
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
+  // When the holder learned another vGPU waits (with the grant, or OnContended later).
+  std::optional<Clock::time_point> contended_at_;
+  uint64_t grant_ran_ = 0;  // submissions completed under this grant
   uint32_t on_device_ = 0;
   uint64_t on_device_cost_ = 0;  // Submission::cost of what is on the device
   std::optional<Clock::time_point> held_since_;
