@@ -14,7 +14,9 @@
 //   device at a time, so a preempt waits for one piece, not for a pipeline of them; and the
 //   grant goes back once the vGPU has had no work for the idle grace: nothing on the device,
 //   nothing held, nothing queued in the device model (the backlog probe). The engine would
-//   otherwise idle under this grant while another vGPU has work.
+//   otherwise idle under this grant while another vGPU has work. A holder whose work kept
+//   the device busy less than half the time since then gives it back with no grace as soon
+//   as nothing of its is on the device or held (a closed-loop guest of small work).
 // - Rate limits: token buckets on guest submissions per second and on device time per
 //   second, each with a burst. A submission needs one token per guest submission it
 //   carries; device time is charged after it ran (so a long piece goes into debt and the
