@@ -2,6 +2,7 @@
 // on every path, and every kernel result must equal the CPU reference.
 #include <doctest.h>
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -29,6 +30,15 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   auto j = nlohmann::json::parse(f);
   CHECK(j["all_correct"] == true);
   CHECK(j["floors"]["eventfd_rtt_us"]["p50"].get<double>() > 0);
+  // The round trips run between two processes pinned to two CPUs whenever two are allowed
+  // (left to the kernel they shared one now and then: a floor 20x lower).
+  cpu_set_t allowed;
+  REQUIRE(::sched_getaffinity(0, sizeof allowed, &allowed) == 0);
+  const std::string placement = j["floors"]["placement"].get<std::string>();
+  if (CPU_COUNT(&allowed) >= 2)
+    CHECK(placement.rfind("CPUs ", 0) == 0);
+  else
+    CHECK(placement == "one CPU");
   std::set<std::string> groups;
   for (const auto& w : j["results"]) {
     groups.insert(w["group"].get<std::string>());

@@ -1,5 +1,6 @@
 #include "tools/vgpu-bench/floors.h"
 
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -14,12 +15,52 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double Us(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
 
-Result<Stats> EventfdRtt(int iters) {
+// The two processes of a round trip on two different CPUs, as a guest's vCPU and the
+// daemon's worker run on a real host: left to the kernel, a blocking ping-pong is often
+// woken onto the waker's own CPU (wake-affine), and the round trip is then two context
+// switches (2.8 us on the 2-core dev VM) instead of a cross-CPU wake-up (66-81 us there),
+// which made the floor, and the target read against it, change by 20x from run to run.
+// The parent's own placement is put back afterwards. One CPU allowed: no pinning.
+class CpuPair {
+ public:
+  CpuPair() {
+    if (::sched_getaffinity(0, sizeof saved_, &saved_) != 0) return;
+    for (int c = 0; c < CPU_SETSIZE && second_ < 0; ++c) {
+      if (!CPU_ISSET(c, &saved_)) continue;
+      (first_ < 0 ? first_ : second_) = c;
+    }
+    if (second_ >= 0) Pin(first_);
+  }
+  ~CpuPair() {
+    if (second_ >= 0) (void)::sched_setaffinity(0, sizeof saved_, &saved_);
+  }
+  CpuPair(const CpuPair&) = delete;
+  CpuPair& operator=(const CpuPair&) = delete;
+  void PinChild() const {
+    if (second_ >= 0) Pin(second_);
+  }
+  std::string Where() const {
+    return second_ >= 0 ? fmt::format("CPUs {} and {}", first_, second_) : std::string("one CPU");
+  }
+
+ private:
+  static void Pin(int cpu) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    (void)::sched_setaffinity(0, sizeof one, &one);
+  }
+  cpu_set_t saved_{};
+  int first_ = -1, second_ = -1;
+};
+
+Result<Stats> EventfdRtt(int iters, const CpuPair& cpus) {
   VG_TRY_ASSIGN(EventFd ping, EventFd::Create(false));
   VG_TRY_ASSIGN(EventFd pong, EventFd::Create(false));
   pid_t child = ::fork();
   VG_ERROR_IF(child < 0, Errc::kIo, "fork failed");
   if (child == 0) {
+    cpus.PinChild();
     for (int i = 0; i < iters + 10; ++i) {
       if (!ping.Wait(10000).ok() || !pong.Signal().ok()) std::_Exit(1);
     }
@@ -36,7 +77,7 @@ Result<Stats> EventfdRtt(int iters) {
   return Summarize(std::move(us));
 }
 
-Result<Stats> ShmPollRtt(int iters) {
+Result<Stats> ShmPollRtt(int iters, const CpuPair& cpus) {
   void* p = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   VG_ERROR_IF(p == MAP_FAILED, Errc::kIo, "mmap failed");
   // Separate cache lines for each direction, as a well-built ring has.
@@ -48,6 +89,7 @@ Result<Stats> ShmPollRtt(int iters) {
   VG_ERROR_IF(child < 0, Errc::kIo, "fork failed");
   uint64_t total = static_cast<uint64_t>(iters) + 10;
   if (child == 0) {
+    cpus.PinChild();  // two spinners on one CPU would each wait out the other's time slice
     for (uint64_t i = 1; i <= total; ++i) {
       while (ping->load(std::memory_order_acquire) != i) {
       }
@@ -84,8 +126,12 @@ double MemcpyGbps(uint64_t bytes) {
 
 Result<Floors> MeasureFloors(int iters, uint64_t memcpy_bytes) {
   Floors f;
-  VG_TRY_ASSIGN(f.eventfd_rtt_us, EventfdRtt(iters));
-  VG_TRY_ASSIGN(f.shm_poll_rtt_us, ShmPollRtt(iters));
+  {
+    const CpuPair cpus;
+    f.placement = cpus.Where();
+    VG_TRY_ASSIGN(f.eventfd_rtt_us, EventfdRtt(iters, cpus));
+    VG_TRY_ASSIGN(f.shm_poll_rtt_us, ShmPollRtt(iters, cpus));
+  }
   f.memcpy_gbps = MemcpyGbps(memcpy_bytes);
   return f;
 }

@@ -17,8 +17,11 @@ struct NamedStats {
 };
 
 struct Floors {
+  // Both round trips are between two processes pinned to two different CPUs (`placement`
+  // says which; "one CPU" where only one is allowed).
   Stats eventfd_rtt_us;
   Stats shm_poll_rtt_us;
+  std::string placement;
   double memcpy_gbps = 0;
   // A path's own transport floors ("<path>: <what>"), e.g. mediated-qemu's qtest hop.
   std::vector<NamedStats> path_floors;

@@ -460,10 +460,10 @@ std::string FormatReport(const StudyReport& r) {
   std::string out = fmt::format("device: {}\n", r.device);
   // A lifecycle-only run (--groups lifecycle) measures no floors.
   if (r.floors.eventfd_rtt_us.n) {
-    out += fmt::format("floors: eventfd round trip p50 {:.1f} us (p99 {:.1f}), shared-memory poll round trip p50 {:.2f} us, "
-                       "memcpy {:.1f} GB/s\n\n",
+    out += fmt::format("floors: eventfd round trip p50 {:.1f} us (p99 {:.1f}), shared-memory poll round trip p50 {:.2f} us "
+                       "(two processes on {}), memcpy {:.1f} GB/s\n\n",
                        r.floors.eventfd_rtt_us.p50, r.floors.eventfd_rtt_us.p99, r.floors.shm_poll_rtt_us.p50,
-                       r.floors.memcpy_gbps);
+                       r.floors.placement, r.floors.memcpy_gbps);
   }
   if (!r.floors.path_floors.empty()) {
     // Printed above the table so the rows of that path are read against them.
@@ -534,7 +534,8 @@ nlohmann::json ToJson(const StudyReport& r) {
   auto ratio = [](const Ratio& x) { return json{{"median", x.median}, {"min", x.min}, {"max", x.max}, {"n", x.n}}; };
   json j;
   j["device"] = r.device;
-  j["floors"] = {{"eventfd_rtt_us", stats(r.floors.eventfd_rtt_us)},
+  j["floors"] = {{"placement", r.floors.placement},
+                 {"eventfd_rtt_us", stats(r.floors.eventfd_rtt_us)},
                  {"shm_poll_rtt_us", stats(r.floors.shm_poll_rtt_us)},
                  {"memcpy_gbps", r.floors.memcpy_gbps}};
   for (const NamedStats& f : r.floors.path_floors) j["floors"]["path_floors"][f.name] = stats(f.us);
