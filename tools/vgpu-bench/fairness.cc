@@ -402,40 +402,6 @@ void StopSet(Host& h) {
   h.weights.clear();
 }
 
-// What the daemon says about one running vGPU: its effective weight and scheduling mode,
-// and the device time charged to it so far.
-struct Shown {
-  std::string scheduling;
-  double weight = 0;
-  uint64_t gpu_time_ns = 0;
-  std::string state;
-  // The scheduler's view (weighted only): grants, preemptions, device and waiting time.
-  uint64_t grants = 0, preemptions = 0;
-  double used_ms = 0, wait_ms = 0, charged_ms = 0;
-  std::string sched_state;    // idle, waiting, running
-  uint64_t queue_wait_ns = 0;  // the worker: time its work was held back (counts a hold in progress)
-};
-Result<Shown> Show(const Host& h, const std::string& uuid) {
-  VG_TRY_ASSIGN(Json r, ControlRequest(h.d.control, Json{{"op", "show"}, {"uuid", uuid}}, 10000));
-  Shown s;
-  s.state = r.value("state", std::string());
-  if (r.contains("scheduler") && r["scheduler"].is_object()) {
-    s.scheduling = r["scheduler"].value("scheduling", std::string());
-    s.weight = r["scheduler"].value("weight", 0.0);
-    s.grants = r["scheduler"].value("grants", uint64_t{0});
-    s.preemptions = r["scheduler"].value("preemptions", uint64_t{0});
-    s.used_ms = r["scheduler"].value("used_ms", 0.0);
-    s.wait_ms = r["scheduler"].value("wait_ms", 0.0);
-    s.charged_ms = r["scheduler"].value("charged_ms", 0.0);
-    s.sched_state = r["scheduler"].value("state", std::string());
-  }
-  if (r.contains("counters") && r["counters"].is_object()) {
-    s.gpu_time_ns = r["counters"].value("gpu_time_ns", uint64_t{0});
-    s.queue_wait_ns = r["counters"].value("queue_wait_ns", uint64_t{0});
-  }
-  return s;
-}
-
 struct TenantSpec {
   size_t vgpu = 0;  // index into the host's set
   TenantKind kind = TenantKind::kBacklog;
@@ -543,7 +509,7 @@ Ran RunTenants(const Host& h, const std::vector<TenantSpec>& specs, double warmu
   if (ready) {
     auto show_all = [&](std::vector<Shown>& into) {
       for (const TenantSpec& s : specs) {
-        auto r = Show(h, h.uuids[s.vgpu]);
+        auto r = ShowVgpu(h.d.control, h.uuids[s.vgpu]);
         if (!r.ok()) out.errors.push_back(fmt::format("show {}: {}", h.uuids[s.vgpu], r.error().ToString()));
         into.push_back(r.ok() ? *r : Shown{});
       }

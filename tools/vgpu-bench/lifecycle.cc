@@ -275,6 +275,28 @@ Result<nlohmann::json> ControlRequest(const std::string& path, const nlohmann::j
   return Control(path, req, timeout_ms);
 }
 
+Result<Shown> ShowVgpu(const std::string& control, const std::string& uuid) {
+  VG_TRY_ASSIGN(nlohmann::json r, Control(control, nlohmann::json{{"op", "show"}, {"uuid", uuid}}, 10000));
+  Shown s;
+  s.state = r.value("state", std::string());
+  if (r.contains("scheduler") && r["scheduler"].is_object()) {
+    const nlohmann::json& sc = r["scheduler"];
+    s.scheduling = sc.value("scheduling", std::string());
+    s.weight = sc.value("weight", 0.0);
+    s.grants = sc.value("grants", uint64_t{0});
+    s.preemptions = sc.value("preemptions", uint64_t{0});
+    s.used_ms = sc.value("used_ms", 0.0);
+    s.wait_ms = sc.value("wait_ms", 0.0);
+    s.charged_ms = sc.value("charged_ms", 0.0);
+    s.sched_state = sc.value("state", std::string());
+  }
+  if (r.contains("counters") && r["counters"].is_object()) {
+    s.gpu_time_ns = r["counters"].value("gpu_time_ns", uint64_t{0});
+    s.queue_wait_ns = r["counters"].value("queue_wait_ns", uint64_t{0});
+  }
+  return s;
+}
+
 LifecycleReport MeasureLifecycle(const LifecycleOptions& o) {
   LifecycleReport r;
   r.ran = true;

@@ -74,6 +74,21 @@ struct LifecycleReport {
 // (The scheduler groups start, show and stop their vGPUs with it too.)
 Result<nlohmann::json> ControlRequest(const std::string& path, const nlohmann::json& req, int timeout_ms);
 
+// What the daemon says about one running vGPU (`show` on its control socket): its effective
+// weight and scheduling mode, the device time charged to it so far, and the scheduler's view.
+struct Shown {
+  std::string scheduling;
+  double weight = 0;
+  uint64_t gpu_time_ns = 0;
+  std::string state;
+  // The scheduler's view (weighted only): grants, preemptions, device and waiting time.
+  uint64_t grants = 0, preemptions = 0;
+  double used_ms = 0, wait_ms = 0, charged_ms = 0;
+  std::string sched_state;    // idle, waiting, running
+  uint64_t queue_wait_ns = 0;  // the worker: time its work was held back (counts a hold in progress)
+};
+Result<Shown> ShowVgpu(const std::string& control, const std::string& uuid);
+
 // Runs the cycles, then the idle measurement, on a running daemon. Failures of single
 // cycles are recorded in the report (errors) rather than returned: the caller decides.
 LifecycleReport MeasureLifecycle(const LifecycleOptions& o);

@@ -288,8 +288,8 @@ struct ConcurrentRun {
   DeviceSide device;
 };
 
-// The daemon's counters of the concurrency guests' vGPUs (`vgpuctl show`): device time, and
-// the scheduler's grants and grant waits (zero under --sched off, which has none).
+// The daemon's counters of the concurrency guests' vGPUs (`vgpuctl show`), summed: device
+// time, and the scheduler's grants and grant waits (zero under --sched off, which has none).
 struct GuestCounters {
   uint64_t gpu_time_ns = 0, grants = 0;
   double wait_ms = 0;
@@ -297,13 +297,10 @@ struct GuestCounters {
 Result<GuestCounters> ShowGuests(const DaemonProc& d, int guests) {
   GuestCounters sum;
   for (int g = 0; g < guests; ++g) {
-    VG_TRY_ASSIGN(nlohmann::json r, ControlRequest(d.Control(), {{"op", "show"}, {"uuid", GuestUuid(g)}}, 10000));
-    if (r.contains("counters") && r["counters"].is_object())
-      sum.gpu_time_ns += r["counters"].value("gpu_time_ns", uint64_t{0});
-    if (r.contains("scheduler") && r["scheduler"].is_object()) {
-      sum.grants += r["scheduler"].value("grants", uint64_t{0});
-      sum.wait_ms += r["scheduler"].value("wait_ms", 0.0);
-    }
+    VG_TRY_ASSIGN(Shown s, ShowVgpu(d.Control(), GuestUuid(g)));
+    sum.gpu_time_ns += s.gpu_time_ns;
+    sum.grants += s.grants;
+    sum.wait_ms += s.wait_ms;
   }
   return sum;
 }
