@@ -79,20 +79,20 @@ Result<> Device::Init() {
   }
   vu::SetIrqsArgs irq{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqMsix, 0, abi::kNumVectors};
   VG_TRY_CTX(client_->SetIrqs(irq, fds), "SET_IRQS MSI-X");
-  // REQ: the host's request to release the device (a stop), when the device offers it.
-  if (auto ri = client_->GetIrqInfo(vu::kIrqReq); ri.ok() && ri->count >= 1) {
-    VG_TRY_ASSIGN(req_, EventFd::Create());
-    const int rfd = req_.Get();
-    vu::SetIrqsArgs rq{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqReq, 0, 1};
-    VG_TRY_CTX(client_->SetIrqs(rq, std::span<const int>(&rfd, 1)), "SET_IRQS REQ");
-  }
-  // ERR: the device is lost and can run nothing more (VFIO's error interrupt), when offered.
-  if (auto ei = client_->GetIrqInfo(vu::kIrqErr); ei.ok() && ei->count >= 1) {
-    VG_TRY_ASSIGN(err_, EventFd::Create());
-    const int efd = err_.Get();
-    vu::SetIrqsArgs er{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, vu::kIrqErr, 0, 1};
-    VG_TRY_CTX(client_->SetIrqs(er, std::span<const int>(&efd, 1)), "SET_IRQS ERR");
-  }
+  // A single-vector interrupt the device may offer: an eventfd of ours on it when it does.
+  auto optional_irq = [&](uint32_t index, EventFd& ev, const char* name) -> Result<> {
+    auto info = client_->GetIrqInfo(index);
+    if (!info.ok() || info->count < 1) return Ok();
+    VG_TRY_ASSIGN(ev, EventFd::Create());
+    const int fd = ev.Get();
+    vu::SetIrqsArgs args{vu::kIrqSetDataEventfd | vu::kIrqSetActionTrigger, index, 0, 1};
+    VG_TRY_CTX(client_->SetIrqs(args, std::span<const int>(&fd, 1)), "SET_IRQS {}", name);
+    return Ok();
+  };
+  // REQ: the host's request to release the device (a stop). ERR: the device is lost and can
+  // run nothing more (VFIO's error interrupt).
+  VG_TRY(optional_irq(vu::kIrqReq, req_, "REQ"));
+  VG_TRY(optional_irq(vu::kIrqErr, err_, "ERR"));
   VG_TRY(EnablePci());
 
   VG_TRY_ASSIGN(auto io, client_->GetRegionIoFds(vu::kBar0Region));
