@@ -76,9 +76,8 @@ void SchedGate::OnGrant(uint64_t grant, bool contended) {
   grant_ = grant;
   requested_ = false;
   preempting_ = false;
-  contended_ = contended;
-  contended_at_.reset();
-  if (contended) contended_at_ = Clock::now();
+  contended_since_.reset();
+  if (contended) contended_since_ = Clock::now();
   idle_since_.reset();
   grant_used_ns_ = 0;
   grant_ran_ = 0;
@@ -103,13 +102,12 @@ void SchedGate::SetBacklogProbe(std::function<bool()> probe) {
 void SchedGate::OnContended(uint64_t grant) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
-  contended_ = true;
-  if (!contended_at_) contended_at_ = Clock::now();
+  if (!contended_since_) contended_since_ = Clock::now();
   MaybeIdleReleaseLocked();
 }
 
 void SchedGate::MaybeIdleReleaseLocked() {
-  if (!cfg_.scheduled || !granted_ || !contended_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) {
+  if (!cfg_.scheduled || !granted_ || !contended_since_ || preempting_ || on_device_ != 0 || WantsDeviceLocked()) {
     idle_since_.reset();
     return;
   }
@@ -120,7 +118,7 @@ void SchedGate::MaybeIdleReleaseLocked() {
   // every gap for a whole slice while the device idles and the others wait) gives it back
   // as soon as nothing of its is on the device, without a grace: the grant goes where the
   // device will be used, and it is charged the little it held, so it is served again first.
-  if (contended_at_ && grant_ran_ > 0 && grant_used_ns_ * 2 < Ns(now - *contended_at_)) {
+  if (grant_ran_ > 0 && grant_used_ns_ * 2 < Ns(now - *contended_since_)) {
     ++stats_.idle_releases;
     return ReleaseLocked();
   }
@@ -142,8 +140,7 @@ void SchedGate::Revoke() {
   revoked_ = true;
   granted_ = false;
   preempting_ = false;
-  contended_ = false;
-  contended_at_.reset();
+  contended_since_.reset();
   idle_since_.reset();
   requested_ = true;  // asks no more: nobody would answer
 }
@@ -215,7 +212,7 @@ bool SchedGate::Admit(const engine::Submission& s) {
   }
   // Contended: one piece on the device at a time (the next goes when it completes: Ran
   // wakes the pump).
-  if (cfg_.scheduled && (!granted_ || preempting_ || (contended_ && on_device_ > 0))) {
+  if (cfg_.scheduled && (!granted_ || preempting_ || (contended_since_ && on_device_ > 0))) {
     if (!granted_ && !requested_) {
       requested_ = true;
       send_(ch::Make(ch::Kind::kSchedRequest));
@@ -261,7 +258,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
     if (on_device_ == 0) ReleaseLocked();
     return;
   }
-  if (contended_ && on_device_ == 0) {
+  if (contended_since_ && on_device_ == 0) {
     if (WantsDeviceLocked())
       WakePumpLocked(std::nullopt);  // the next piece, held while this one ran
     else
@@ -276,8 +273,7 @@ void SchedGate::ReleaseLocked() {
   if (idle_since_) r.values[static_cast<size_t>(ch::SchedReleaseSlot::kIdleTailNs)] = Ns(Clock::now() - *idle_since_);
   granted_ = false;
   preempting_ = false;
-  contended_ = false;
-  contended_at_.reset();
+  contended_since_.reset();
   idle_since_.reset();
   grant_used_ns_ = 0;
   grant_ran_ = 0;

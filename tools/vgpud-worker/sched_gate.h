@@ -122,15 +122,14 @@ class SchedGate final : public engine::SubmitGate {
   bool granted_ = false;
   bool requested_ = false;
   bool preempting_ = false;
-  bool contended_ = false;
+  // Another vGPU waits (told with the grant, or by OnContended), since when. Unset: not contended.
+  std::optional<Clock::time_point> contended_since_;
   std::atomic<bool> small_submissions_{false};  // PublishLocked(), read without the lock
   std::optional<Clock::time_point> idle_since_;  // contended, nothing on the device nor held, since
   std::function<bool()> backlog_;
   bool revoked_ = false;
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
-  // When the holder learned another vGPU waits (with the grant, or OnContended later).
-  std::optional<Clock::time_point> contended_at_;
   uint64_t grant_ran_ = 0;  // submissions completed under this grant
   uint32_t on_device_ = 0;
   uint64_t on_device_cost_ = 0;  // Submission::cost of what is on the device
