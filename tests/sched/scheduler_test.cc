@@ -306,6 +306,34 @@ TEST_CASE("a vGPU back from idle is next, ahead of a round of busy ones, and the
   CHECK(in_a_row == 1);
 }
 
+TEST_CASE("virtual time moves while a vGPU holds the engine alone: one back from a moment's idleness is owed it") {
+  // A light tenant (small work, then a pause of its own) beside a busy one. Before virtual
+  // time moved for a holder alone, the busy one's stood still while the light one paused,
+  // so the light one came back level with it, owed nothing, and waited out a whole slice.
+  Sim sim;  // slice 2 ms
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(2), now);
+  sim.s.OnRequest(U(1), now);  // busy from here on
+  REQUIRE(sim.granted == U(2));
+  now += 300us;  // U(2)'s small work, charged while U(1) waits
+  sim.s.OnRelease(U(2), sim.grant, 100'000, /*wants=*/false, now);
+  REQUIRE(sim.granted == U(1));
+  const auto granted_at = now;
+  now += 1ms;  // U(1) alone while U(2) pauses
+  const int preempts = sim.preempts;
+  sim.s.OnRequest(U(2), now);
+  // U(1) used a millisecond of engine since; U(2) used 300 us: U(2) is owed the engine, and
+  // U(1) keeps a quarter slice of its grant only (already past): preempted at once.
+  CHECK(sim.preempts == preempts + 1);
+  CHECK(sim.s.Status(U(1))->charged_ns == 0);  // held alone: charged nothing
+  now += 200us;
+  sim.s.OnRelease(U(1), sim.grant, 1'200'000, /*wants=*/true, now);
+  CHECK(sim.granted == U(2));
+  CHECK(now - granted_at < 2ms);
+}
+
 TEST_CASE("policies parse by name; 'weighted' is best-effort") {
   CHECK(ParseSchedPolicy("weighted") == SchedPolicy::kBestEffort);
   CHECK(ParseSchedPolicy("best-effort") == SchedPolicy::kBestEffort);

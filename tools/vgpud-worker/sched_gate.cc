@@ -23,6 +23,7 @@ GateConfig GateConfig::FromRecord(const ch::Record& r) {
   c.gpu_time_limit_ns = at(ch::SchedConfigSlot::kGpuTimeLimitNs);
   c.gpu_time_burst_ns = at(ch::SchedConfigSlot::kGpuTimeBurstNs);
   c.idle_grace_ns = std::min<uint64_t>(at(ch::SchedConfigSlot::kIdleGraceNs), 100'000'000);
+  c.slice_ns = std::min<uint64_t>(at(ch::SchedConfigSlot::kSliceNs), 1'000'000'000);
   return c;
 }
 
@@ -77,7 +78,8 @@ void SchedGate::OnGrant(uint64_t grant, bool contended) {
   requested_ = false;
   preempting_ = false;
   contended_since_.reset();
-  if (contended) contended_since_ = Clock::now();
+  granted_at_ = Clock::now();
+  if (contended) contended_since_ = granted_at_;
   idle_since_.reset();
   grant_used_ns_ = 0;
   grant_ran_ = 0;
@@ -112,25 +114,37 @@ void SchedGate::MaybeIdleReleaseLocked() {
     return;
   }
   const Clock::time_point now = Clock::now();
-  // A holder that has left the device idle more than half the time since another vGPU
-  // began to wait (a closed-loop guest of small work: its own turnaround between
+  // A holder that has left the device idle more than a third of the time since another
+  // vGPU began to wait (a closed-loop guest of small work: its own turnaround between
   // submissions is shorter than the grace, so it would otherwise keep the grant through
   // every gap for a whole slice while the device idles and the others wait) gives it back
   // as soon as nothing of its is on the device, without a grace: the grant goes where the
   // device will be used, and it is charged the little it held, so it is served again first.
-  if (grant_ran_ > 0 && grant_used_ns_ * 2 < Ns(now - *contended_since_)) {
-    ++stats_.idle_releases;
-    return ReleaseLocked();
+  // (A third, not a half: a closed-loop copy of 4 KiB keeps lavapipe busy 40-50 % of its
+  // round trip, so at a half it kept the grant on some turns, ran to the slice, and then
+  // waited out a busy tenant's whole slice; a backlogged tenant's pieces keep the device
+  // busy over 90 % of its grant.)
+  std::optional<Clock::time_point> sparse_at;
+  if (grant_ran_ > 0) {
+    sparse_at = *contended_since_ + std::chrono::nanoseconds(grant_used_ns_ * 3 / 2);
+    if (now > *sparse_at) {
+      ++stats_.idle_releases;
+      return ReleaseLocked();
+    }
   }
+  // Not sparse yet: look again when it would be (if nothing of its reached the device by
+  // then), rather than a whole grace later: a light tenant's grant then lasts about 1.5
+  // times its work, which is what it is charged, not its work and a grace.
+  auto look_again = [&](Clock::time_point at) { WakePumpLocked(sparse_at ? std::min(at, *sparse_at) : at); };
   if (backlog_ && backlog_()) {
     // Work on its way to the engine (no event tells when it drains without reaching the
     // engine: look again after a grace). Not idle.
     idle_since_.reset();
-    return WakePumpLocked(now + std::chrono::nanoseconds(std::max<uint64_t>(cfg_.idle_grace_ns, 50'000)));
+    return look_again(now + std::chrono::nanoseconds(std::max<uint64_t>(cfg_.idle_grace_ns, 50'000)));
   }
   if (!idle_since_) idle_since_ = now;
   const Clock::time_point due = *idle_since_ + std::chrono::nanoseconds(cfg_.idle_grace_ns);
-  if (now < due) return WakePumpLocked(due);  // the pump thread looks again then
+  if (now < due) return look_again(due);  // the pump thread looks again then
   ++stats_.idle_releases;
   ReleaseLocked();
 }
@@ -225,7 +239,16 @@ bool SchedGate::Admit(const engine::Submission& s) {
   // device when another vGPU starts to wait is that vGPU's wait.
   // Two pieces are always let on (a piece dearer than the budget, workgroups that cannot
   // be cut, would otherwise run with a gap after each); more only while cheap.
-  if (cfg_.scheduled && on_device_ >= 2 && on_device_cost_ + s.cost > uncontended_on_device_cost_) {
+  // While the grant is younger than a slice, one piece's worth only: a grant that follows
+  // another vGPU's release often meets that vGPU again within it (a closed-loop or thinking
+  // tenant comes back a few hundred microseconds later, owed the engine), and what it then
+  // finds on the device is its wait: one piece, not two. Cheap work still pipelines up to a
+  // piece's cost; dear pieces go one at a time, with a gap after each, for the grant's first
+  // slice only.
+  const bool young = cfg_.slice_ns && now - granted_at_ < std::chrono::nanoseconds(cfg_.slice_ns);
+  const uint32_t pieces = young ? 1 : 2;
+  const uint64_t cost_bound = young ? uncontended_on_device_cost_ / 2 : uncontended_on_device_cost_;
+  if (cfg_.scheduled && on_device_ >= pieces && on_device_cost_ + s.cost > cost_bound) {
     HoldLocked(now);
     return false;
   }

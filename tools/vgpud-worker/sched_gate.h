@@ -15,8 +15,11 @@
 //   grant goes back once the vGPU has had no work for the idle grace: nothing on the device,
 //   nothing held, nothing queued in the device model (the backlog probe). The engine would
 //   otherwise idle under this grant while another vGPU has work. A holder whose work kept
-//   the device busy less than half the time since then gives it back with no grace as soon
+//   the device busy less than two thirds of the time since then gives it back with no grace as soon
 //   as nothing of its is on the device or held (a closed-loop guest of small work).
+// - Uncontended: about two pieces on the device (it hides the gap between pieces), one
+//   while the grant is younger than the scheduler's slice (a vGPU that just gave the grant
+//   up is often back within it, and what is on the device is its wait).
 // - Rate limits: token buckets on guest submissions per second and on device time per
 //   second, each with a burst. A submission needs one token per guest submission it
 //   carries; device time is charged after it ran (so a long piece goes into debt and the
@@ -44,6 +47,9 @@ struct GateConfig {
   uint64_t gpu_time_limit_ns = 0;  // device ns per second; 0: none
   uint64_t gpu_time_burst_ns = 0;  // 0: gpu_time_limit_ns / 10, at least 1 ms
   uint64_t idle_grace_ns = 0;      // contended with nothing to run this long: release
+  // The scheduler's slice: until its grant is this old, even an uncontended holder keeps one
+  // piece on the device (0: no such rule).
+  uint64_t slice_ns = 0;
   static GateConfig FromRecord(const daemon::channel::Record& r);
 };
 
@@ -115,7 +121,9 @@ class SchedGate final : public engine::SubmitGate {
 
   Send send_;
   engine::Engine* engine_ = nullptr;
-  uint64_t uncontended_on_device_cost_ = 2 * mediator::kSharedSubmissionCostBudget;  // set by Start
+  // An uncontended holder's pipeline on the device: two pieces' cost (set by Start); one
+  // while its grant is younger than a slice.
+  uint64_t uncontended_on_device_cost_ = 2 * mediator::kSharedSubmissionCostBudget;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   GateConfig cfg_;
@@ -124,6 +132,7 @@ class SchedGate final : public engine::SubmitGate {
   bool preempting_ = false;
   // Another vGPU waits (told with the grant, or by OnContended), since when. Unset: not contended.
   std::optional<Clock::time_point> contended_since_;
+  Clock::time_point granted_at_{};  // when this grant arrived
   std::atomic<bool> small_submissions_{false};  // PublishLocked(), read without the lock
   std::optional<Clock::time_point> idle_since_;  // contended, nothing on the device nor held, since
   std::function<bool()> backlog_;

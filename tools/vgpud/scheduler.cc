@@ -81,13 +81,22 @@ double Scheduler::Rate(const Entry& e) const {
 }
 
 void Scheduler::Accrue(Clock::time_point now) {
-  if (accrued_at_ && now > *accrued_at_ && Accruing()) {
+  if (accrued_at_ && now > *accrued_at_ && Count(SchedState::kRunning) > 0) {
+    const bool charged = Accruing();
     const double k = static_cast<double>(Count(SchedState::kRunning));
     const double each = static_cast<double>(Ns(now - *accrued_at_)) / k;
     for (auto& [u, e] : entries_) {
       if (e.state != SchedState::kRunning) continue;
+      // Virtual time moves with the engine even for a holder alone, as a CPU scheduler's
+      // clock does: otherwise the floor stood still while a busy vGPU ran alone, and a
+      // tenant back from a moment's idleness (one that thinks between submissions, or a
+      // closed-loop one between its fence and its next doorbell) found itself level with or
+      // ahead of the holder, owed nothing, and waited out a whole slice on every return.
+      // Only time held while someone else was busy is charged (stats, idle-grace
+      // forgiveness): using an idle engine costs a tenant nothing later, since a vGPU back
+      // from idle is placed at most half a slice behind the floor (Wait).
       e.vruntime += each * kWeightScale / e.weight;
-      e.grant_charge_ns += each;
+      if (charged) e.grant_charge_ns += each;
     }
   }
   if (!accrued_at_ || now > *accrued_at_) accrued_at_ = now;

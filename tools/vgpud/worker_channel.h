@@ -88,6 +88,7 @@ enum class SchedConfigSlot : uint32_t {
   kGpuTimeBurstNs,   // bucket size in ns
   kIdleGraceNs,      // contended and idle this long: the grant goes back
   kFrameLimit,       // F10: scan-out commits presented per second at most, 0: none
+  kSliceNs,          // the scheduler's slice: a grant younger than this keeps one piece on the device
 };
 // kSchedRelease's values, by slot.
 // kIdleTailNs: how long the vGPU had had no work at all when it gave an idle grant back

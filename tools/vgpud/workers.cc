@@ -355,6 +355,7 @@ void WorkerPool::SendSchedConfig(Worker& w) {
   set(ch::SchedConfigSlot::kGpuTimeBurstNs, burst);
   set(ch::SchedConfigSlot::kIdleGraceNs, static_cast<uint64_t>(policy_.sched.idle_grace.count()));
   set(ch::SchedConfigSlot::kFrameLimit, w.spec.sched.frame_limit);
+  set(ch::SchedConfigSlot::kSliceNs, static_cast<uint64_t>(policy_.sched.slice.count()));
   if (!ch::Send(w.channel.Get(), r)) VG_LOGW("worker for {}: channel full, scheduling config not sent", w.spec.uuid);
 }
 
