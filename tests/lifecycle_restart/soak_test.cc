@@ -308,8 +308,7 @@ TEST_CASE("soak: random workloads and random faults; every result checked agains
   // the supervisor. ASan's quarantine keeps up to 256 MiB of freed memory per process (its
   // default quarantine_size_mb), and a worker can fill it within the 15 s: its build gets the
   // quarantine and the same 64 MiB on top (measured under ASan, 2026-12-03: 262-273 MiB per
-  // worker with the default quarantine, 60 MiB with a 32 MiB one; 256 MiB had been enough
-  // until then, with less churn per second).
+  // worker with the default quarantine, 60 MiB with a 32 MiB one).
   constexpr size_t kFdSlackPerWorker = 4;
 #if defined(__SANITIZE_ADDRESS__)
   constexpr uint64_t kWorkerRssSlackKib = (256 + 64) * 1024, kSupervisorRssSlackKib = 64 * 1024;
