@@ -103,6 +103,34 @@ TEST_CASE("a grant younger than a slice keeps one piece on the device, uncontend
   CHECK_FALSE(gate.Admit(Piece(kPiece)));
 }
 
+TEST_CASE("a preempt sent ahead takes effect at its time, at the first piece boundary after it") {
+  auto released = [](const Rig& r) {
+    for (const ch::Record& x : r.sent)
+      if (x.kind == ch::Kind::kSchedRelease) return true;
+    return false;
+  };
+  Rig r;
+  r.gate.OnGrant(1, /*contended=*/true);
+  REQUIRE(r.gate.Admit(Piece(kPiece)));
+  r.gate.OnPreempt(1, std::chrono::steady_clock::now() + std::chrono::milliseconds(3));
+  CHECK_FALSE(released(r));
+  r.gate.Ran(100'000, true, kPiece);
+  CHECK_FALSE(released(r));
+  CHECK(r.gate.Admit(Piece(kPiece)));  // before its time: the next piece still goes
+  std::this_thread::sleep_for(std::chrono::milliseconds(4));
+  CHECK_FALSE(r.gate.Admit(Piece(kPiece)));  // its time has come: nothing more to the device
+  CHECK_FALSE(released(r));                   // one piece still on it
+  r.gate.Ran(100'000, true, kPiece);
+  REQUIRE(released(r));                       // the piece boundary
+  CHECK(r.sent.back().values[static_cast<size_t>(ch::SchedReleaseSlot::kWants)] == 1);  // a piece is held
+  CHECK(r.gate.Stats().preempts == 1);
+  // A preempt whose time has passed, or that has none, is at once.
+  Rig now;
+  now.gate.OnGrant(7, /*contended=*/true);
+  now.gate.OnPreempt(7, std::chrono::steady_clock::now() - std::chrono::milliseconds(1));
+  CHECK(released(now));
+}
+
 TEST_CASE("a contended grant keeps one piece on the device") {
   Rig r;
   r.gate.OnGrant(1, /*contended=*/true);

@@ -334,6 +334,42 @@ TEST_CASE("virtual time moves while a vGPU holds the engine alone: one back from
   CHECK(now - granted_at < 2ms);
 }
 
+TEST_CASE("a preempt whose time is fixed is known ahead: the holder has passed the waiter, only its minimum hold is left") {
+  Sim sim;  // slice 2 ms
+  auto now = Clock::time_point{} + 1s;
+  for (int i = 1; i <= 3; ++i) sim.s.Add(U(i), 100, now);
+  sim.s.OnRequest(U(1), now);
+  CHECK_FALSE(sim.s.CommittedPreemptAt(U(1)));  // alone: nobody waits
+  // U(1) gives the engine up; U(2) uses 300 us of it while U(1) waits, and goes.
+  sim.s.OnRelease(U(1), sim.grant, 0, /*wants=*/false, now);
+  sim.s.OnRequest(U(2), now);
+  sim.s.OnRequest(U(1), now);
+  REQUIRE(sim.granted == U(2));
+  now += 300us;
+  sim.s.OnRelease(U(2), sim.grant, 300'000, /*wants=*/false, now);
+  REQUIRE(sim.granted == U(1));
+  // U(2) back at once, 300 us ahead of the holder: when the holder passes it depends on
+  // what comes (the rates), so nothing is fixed yet.
+  const Uuid holder = U(1);
+  const auto granted_at = now;
+  sim.s.OnRequest(U(2), now);
+  CHECK_FALSE(sim.s.CommittedPreemptAt(holder));
+  // U(3) back from idle is behind it: owed the engine, and the holder keeps a quarter slice,
+  // known now, before the timer for it fires.
+  now += 100us;
+  const int preempts = sim.preempts;
+  sim.s.OnRequest(U(3), now);
+  auto c = sim.s.CommittedPreemptAt(holder);
+  REQUIRE(c);
+  CHECK(c->grant == sim.grant);
+  CHECK(c->at == granted_at + 500us);
+  CHECK(sim.preempts == preempts);  // the action itself still comes at that time
+  now = granted_at + 500us;
+  sim.s.OnTimer(now);
+  CHECK(sim.preempts == preempts + 1);
+  CHECK_FALSE(sim.s.CommittedPreemptAt(holder));  // preempted: nothing ahead to tell
+}
+
 TEST_CASE("policies parse by name; 'weighted' is best-effort") {
   CHECK(ParseSchedPolicy("weighted") == SchedPolicy::kBestEffort);
   CHECK(ParseSchedPolicy("best-effort") == SchedPolicy::kBestEffort);

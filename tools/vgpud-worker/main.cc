@@ -394,7 +394,14 @@ void Worker::OnChannel(int fd, short, void* arg) {
         VG_LOGW("frame limit: {}", fr.error().ToString());
     }
     if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq, r.values[0] != 0);
-    if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq);
+    if (r.kind == ch::Kind::kSchedPreempt) {
+      // values[0]: from when (steady_clock is CLOCK_MONOTONIC, one clock for the host); 0: now.
+      std::optional<std::chrono::steady_clock::time_point> from;
+      if (r.values[0])
+        from = std::chrono::steady_clock::time_point(std::chrono::nanoseconds(static_cast<int64_t>(
+            std::min<uint64_t>(r.values[0], static_cast<uint64_t>(INT64_MAX)))));
+      self->gate_->OnPreempt(r.seq, from);
+    }
     if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
     if (r.kind == ch::Kind::kStopRequest) self->OnStopRequest(r.values[0]);
     if (r.kind == ch::Kind::kScreenshot) self->OnScreenshot(r.seq);

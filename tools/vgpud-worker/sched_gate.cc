@@ -77,6 +77,7 @@ void SchedGate::OnGrant(uint64_t grant, bool contended) {
   grant_ = grant;
   requested_ = false;
   preempting_ = false;
+  preempt_from_.reset();
   contended_since_.reset();
   granted_at_ = Clock::now();
   if (contended) contended_since_ = granted_at_;
@@ -88,12 +89,25 @@ void SchedGate::OnGrant(uint64_t grant, bool contended) {
   MaybeIdleReleaseLocked();  // what it asked for may be gone (cancelled)
 }
 
-void SchedGate::OnPreempt(uint64_t grant) {
+void SchedGate::OnPreempt(uint64_t grant, std::optional<Clock::time_point> from) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
+  if (from && *from > Clock::now()) {
+    if (!preempt_from_ || *from < *preempt_from_) preempt_from_ = from;
+    return WakePumpLocked(*preempt_from_);  // if nothing of it completes by then
+  }
+  BeginPreemptLocked();
+}
+
+void SchedGate::BeginPreemptLocked() {
   ++stats_.preempts;
   preempting_ = true;  // nothing more goes to the device under this grant
+  preempt_from_.reset();
   if (on_device_ == 0) ReleaseLocked();
+}
+
+void SchedGate::PreemptIfDueLocked(Clock::time_point now) {
+  if (preempt_from_ && granted_ && !preempting_ && now >= *preempt_from_) BeginPreemptLocked();
 }
 
 void SchedGate::SetBacklogProbe(std::function<bool()> probe) {
@@ -218,6 +232,7 @@ bool SchedGate::Admit(const engine::Submission& s) {
     return false;
   }
   rate_held_ = false;
+  PreemptIfDueLocked(now);
   // A GPU-time limit charges a piece after it ran: one piece on the device at a time, so
   // the bucket's debt is at most one piece (Ran wakes the pump for the next).
   if (cfg_.gpu_time_limit_ns && on_device_ > 0) {
@@ -275,6 +290,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
     gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
   }
   if (on_device_) --on_device_;
+  PreemptIfDueLocked(Clock::now());  // releases here if this was the last piece on the device
   if (held_since_ && !preempting_) WakePumpLocked(std::nullopt);  // the next piece (room on the device)
   if (!cfg_.scheduled || !granted_) return;
   if (preempting_) {
@@ -296,6 +312,7 @@ void SchedGate::ReleaseLocked() {
   if (idle_since_) r.values[static_cast<size_t>(ch::SchedReleaseSlot::kIdleTailNs)] = Ns(Clock::now() - *idle_since_);
   granted_ = false;
   preempting_ = false;
+  preempt_from_.reset();
   contended_since_.reset();
   idle_since_.reset();
   grant_used_ns_ = 0;
@@ -337,6 +354,7 @@ void SchedGate::PumpLoop() {
     }
     pump_now_ = false;
     pump_at_.reset();
+    PreemptIfDueLocked(Clock::now());  // a preempt sent ahead, its time come with nothing completing
     MaybeIdleReleaseLocked();  // an idle grace may have run out, a backlog drained
     lk.unlock();
     engine_->Pump();  // takes the engine's queue lock, then ours (Admit): never with ours held

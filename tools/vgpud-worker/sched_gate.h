@@ -85,7 +85,10 @@ class SchedGate final : public engine::SubmitGate {
   // budget (mediator::kSharedSubmissionCostBudget, about a millisecond): whatever is on the
   // device when another vGPU starts to wait is that vGPU's wait.
   bool PrefersSmallSubmissions() const override;
-  void OnPreempt(uint64_t grant);
+  // `from`: the preempt takes effect then (the supervisor sends it ahead once its time is
+  // fixed): until then work still goes to the device, and from then the first piece
+  // boundary is where it stops. Unset or past: now.
+  void OnPreempt(uint64_t grant, std::optional<std::chrono::steady_clock::time_point> from = std::nullopt);
   void OnContended(uint64_t grant);
   // Whether the vGPU has work queued that has not reached the engine yet (the device
   // model's queued and running plans). Called with the gate's lock held, from any thread:
@@ -114,6 +117,8 @@ class SchedGate final : public engine::SubmitGate {
   void ReleaseLocked();
   void PublishLocked();  // small_submissions_ from cfg_.scheduled
   void MaybeIdleReleaseLocked();
+  void BeginPreemptLocked();  // nothing more to the device; release once it has drained
+  void PreemptIfDueLocked(Clock::time_point now);  // a preempt sent ahead whose time has come
   // Work is held for want of the grant (not by a rate limit's bucket).
   bool WantsDeviceLocked() const { return held_since_.has_value() && !rate_held_; }  // contended, nothing on the device, nothing held: give it back
   void PumpLoop();
@@ -130,6 +135,7 @@ class SchedGate final : public engine::SubmitGate {
   bool granted_ = false;
   bool requested_ = false;
   bool preempting_ = false;
+  std::optional<Clock::time_point> preempt_from_;  // a preempt sent ahead, from then
   // Another vGPU waits (told with the grant, or by OnContended), since when. Unset: not contended.
   std::optional<Clock::time_point> contended_since_;
   Clock::time_point granted_at_{};  // when this grant arrived

@@ -126,6 +126,18 @@ class Scheduler {
                  uint64_t idle_tail_ns = 0);
   void OnTimer(Clock::time_point now);
   std::optional<Clock::time_point> NextDeadline() const;
+  // With one grant at a time: the holder `u`'s preempt once its time is fixed, whatever the
+  // next events short of its own release (a vGPU waits that it has already passed in
+  // virtual time, so only its minimum hold is left). The caller may tell the worker now,
+  // with that time: the preempt then takes effect at the worker's first piece boundary
+  // after it, not when the caller's timer fires (a loaded host's timers fire late, and a
+  // piece admitted meanwhile is another piece the waiter waits for). The preempt action
+  // still comes at that time, as for any holder.
+  struct CommittedPreempt {
+    uint64_t grant = 0;
+    Clock::time_point at{};
+  };
+  std::optional<CommittedPreempt> CommittedPreemptAt(const Uuid& u) const;
 
   std::optional<SchedEntryStatus> Status(const Uuid& u) const;
   std::vector<Uuid> holders() const;

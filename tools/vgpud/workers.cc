@@ -239,6 +239,7 @@ struct WorkerPool::Worker {
   Clock::time_point spawned_at, last_pong;
   uint64_t ping_seq = 0;
   bool pinged = false;
+  uint64_t committed_preempt_grant = 0;  // the grant whose preempt went ahead with its time
   bool stop_asked_client = false;  // Stop() sent kStopRequest instead of SIGTERM
   bool late_sigterm = false;       // and the shutdown sent SIGTERM after it (StopAll)
   // Set when the supervisor kills the worker, so the exit is named after the cause.
@@ -321,6 +322,18 @@ WorkerPool::Worker* WorkerPool::Find(const Uuid& uuid) {
 }
 
 void WorkerPool::ArmSched() {
+  // Preempts whose time is already fixed go to the worker now, with that time
+  // (Scheduler::CommittedPreemptAt): it stops at its first piece boundary after it, however
+  // late this loop's timer fires. Every scheduler event ends here, so none is missed.
+  for (const Uuid& u : sched_->holders()) {
+    auto c = sched_->CommittedPreemptAt(u);
+    Worker* w = c ? Find(u) : nullptr;
+    if (!w || !w->channel.Valid() || w->committed_preempt_grant == c->grant) continue;
+    ch::Record r = ch::Make(ch::Kind::kSchedPreempt, c->grant);
+    r.values[0] = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(c->at.time_since_epoch()).count());
+    if (ch::Send(w->channel.Get(), r)) w->committed_preempt_grant = c->grant;
+  }
   event_del(sched_ev_);
   if (auto at = sched_->NextDeadline()) {
     const auto us = std::max<int64_t>(
