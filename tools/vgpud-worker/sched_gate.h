@@ -15,8 +15,12 @@
 //   grant goes back once the vGPU has had no work for the idle grace: nothing on the device,
 //   nothing held, nothing queued in the device model (the backlog probe). The engine would
 //   otherwise idle under this grant while another vGPU has work. A holder whose work kept
-//   the device busy less than two thirds of the time since then gives it back with no grace as soon
-//   as nothing of its is on the device or held (a closed-loop guest of small work).
+//   the device busy less than two thirds of the time since then gives it back with no
+//   grace as soon as nothing of its is on the device or held (a closed-loop guest of small
+//   work).
+// - Preempt: at once, or from a time the supervisor sends with it (the preempt goes ahead
+//   once its time is fixed); then nothing more goes to the device, and the release follows
+//   the last piece on it.
 // - Uncontended: about two pieces on the device (it hides the gap between pieces), one
 //   while the grant is younger than the scheduler's slice (a vGPU that just gave the grant
 //   up is often back within it, and what is on the device is its wait).

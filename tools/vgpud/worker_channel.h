@@ -12,8 +12,9 @@
 //                         rate limits, at start and when changed), kSchedGrant and
 //                         kSchedPreempt (seq: the grant; a grant's values[0]: 1 when another
 //                         vGPU already waits; a preempt's values[0]: 0 now, else the
-//                         CLOCK_MONOTONIC ns from which it takes effect), kSchedContended (seq: the grant; another vGPU
-//                         began to wait: one piece on the device, release once idle),
+//                         CLOCK_MONOTONIC ns from which it takes effect), kSchedContended
+//                         (seq: the grant; another vGPU began to wait: one piece on the
+//                         device, release once idle),
 //                         kStopRequest (F8: values[0] the ms its client has to let go
 //                         after REQ), kReset (F8: vgpuctl reset), kScreenshot (F10:
 //                         seq; copy the plane being scanned out into the frame fd)
