@@ -36,6 +36,13 @@ engine::Submission Piece(uint64_t cost) {
 
 constexpr uint64_t kPiece = mediator::kSharedSubmissionCostBudget;
 
+// Whether the gate has given its grant back.
+bool released(const Rig& r) {
+  for (const ch::Record& x : r.sent)
+    if (x.kind == ch::Kind::kSchedRelease) return true;
+  return false;
+}
+
 TEST_CASE("under the scheduler the executor is asked for small submissions; unscheduled it is not") {
   Rig r;
   CHECK(r.gate.PrefersSmallSubmissions());
@@ -104,11 +111,6 @@ TEST_CASE("a grant younger than a slice keeps one piece on the device, uncontend
 }
 
 TEST_CASE("a preempt sent ahead takes effect at its time, at the first piece boundary after it") {
-  auto released = [](const Rig& r) {
-    for (const ch::Record& x : r.sent)
-      if (x.kind == ch::Kind::kSchedRelease) return true;
-    return false;
-  };
   Rig r;
   r.gate.OnGrant(1, /*contended=*/true);
   REQUIRE(r.gate.Admit(Piece(kPiece)));
@@ -144,11 +146,6 @@ TEST_CASE("a contended holder that leaves the device idle more than a third of t
   // A closed-loop guest of small work: between its submissions the device waits for the
   // guest's own turnaround, shorter than the idle grace, so the grace alone would let it keep
   // the grant for a slice while the others wait and the device idles.
-  auto released = [](const Rig& r) {
-    for (const ch::Record& x : r.sent)
-      if (x.kind == ch::Kind::kSchedRelease) return true;
-    return false;
-  };
   Rig sparse;
   sparse.gate.OnGrant(1, /*contended=*/true);
   REQUIRE(sparse.gate.Admit(Piece(4096)));
