@@ -370,6 +370,40 @@ TEST_CASE("a preempt whose time is fixed is known ahead: the holder has passed t
   CHECK_FALSE(sim.s.CommittedPreemptAt(holder));  // preempted: nothing ahead to tell
 }
 
+TEST_CASE("a tenant that games the idle placement (gives the grant up and asks again at once) gets no more than its share") {
+  // Coming back from idle places a vGPU at most half a slice before the busy ones; a tenant
+  // that "goes idle" for no time at all after every millisecond of its grant, to be placed
+  // again and again, must not gain by it over a busy one that simply keeps asking.
+  Sim sim;  // slice 2 ms
+  auto now = Clock::time_point{} + 1s;
+  const Uuid gamer = U(1), busy = U(2);
+  sim.s.Add(gamer, 100, now);
+  sim.s.Add(busy, 100, now);
+  sim.s.OnRequest(busy, now);
+  sim.s.OnRequest(gamer, now);
+  std::map<Uuid, uint64_t> device_ns;
+  auto held_since = now;
+  int preempts_seen = sim.preempts;
+  for (int step = 0; step < 20000; ++step) {  // 2 s in steps of 100 us
+    now += 100us;
+    const Uuid holder = *sim.granted;
+    device_ns[holder] += 100'000;
+    sim.s.OnTimer(now);
+    const bool preempted = sim.preempts != preempts_seen;
+    preempts_seen = sim.preempts;
+    if (holder == gamer && (preempted || now - held_since >= 1ms)) {
+      sim.s.OnRelease(gamer, sim.grant, 0, /*wants=*/false, now);
+      sim.s.OnRequest(gamer, now);  // "back from idle" at once
+    } else if (holder == busy && preempted) {
+      sim.s.OnRelease(busy, sim.grant, 0, /*wants=*/true, now);
+    }
+    if (*sim.granted != holder) held_since = now;
+  }
+  const double share = static_cast<double>(device_ns[gamer]) / static_cast<double>(device_ns[gamer] + device_ns[busy]);
+  CHECK(share <= 0.55);
+  CHECK(share >= 0.30);  // and it still gets about its half
+}
+
 TEST_CASE("policies parse by name; 'weighted' is best-effort") {
   CHECK(ParseSchedPolicy("weighted") == SchedPolicy::kBestEffort);
   CHECK(ParseSchedPolicy("best-effort") == SchedPolicy::kBestEffort);
