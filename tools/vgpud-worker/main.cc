@@ -36,6 +36,7 @@
 #include "sandbox/sandbox.h"
 #include "tools/vgpud-worker/sched_gate.h"
 #include "tools/vgpud-worker/vnc.h"
+#include "tools/vgpud/event_base.h"
 #include "tools/vgpud/worker_channel.h"
 #include "vfio_user/server.h"
 
@@ -154,14 +155,9 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
   VG_ERROR_IF(evthread_use_pthreads() != 0, Errc::kInternal, "evthread_use_pthreads failed");
   std::unique_ptr<Worker> w(new Worker(o));
   w->token_ = token;
-  // Precise timers (a timerfd, CLOCK_MONOTONIC): the remoting sessions' ticks of coarsened
-  // time fall on multiples of the granularity, not on the next millisecond of epoll_wait.
-  event_config* ec = event_config_new();
-  VG_ERROR_IF(!ec, Errc::kInternal, "event_config_new failed");
-  event_config_set_flag(ec, EVENT_BASE_FLAG_PRECISE_TIMER);
-  w->base_ = event_base_new_with_config(ec);
-  event_config_free(ec);
-  VG_ERROR_IF(!w->base_, Errc::kInternal, "event_base_new failed");
+  // Precise timers: the remoting sessions' ticks of coarsened time fall on multiples of the
+  // granularity, not on the next millisecond of epoll_wait (tools/vgpud/event_base.h).
+  VG_TRY_ASSIGN(w->base_, daemon::NewPreciseEventBase());
   vfio_user::DmaBudget::SetTotal(o.dma_total_bytes);
   engine::EngineOptions eo;
   eo.gpu = o.gpu;

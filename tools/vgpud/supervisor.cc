@@ -10,6 +10,8 @@
 #include <csignal>
 #include <cstring>
 
+#include "tools/vgpud/event_base.h"
+
 namespace vg::daemon {
 
 Result<std::unique_ptr<Supervisor>> Supervisor::Create(SupervisorOptions opts) {
@@ -28,17 +30,9 @@ Result<std::unique_ptr<Supervisor>> Supervisor::Create(SupervisorOptions opts) {
   // event_active() to hand it work (LoopTasks): libevent's locking must be on before the base exists.
   static const int threads_ok = evthread_use_pthreads();
   VG_ERROR_IF(threads_ok != 0, Errc::kInternal, "evthread_use_pthreads failed");
-  // Precise timers (a timerfd, CLOCK_MONOTONIC): the scheduler's deadlines (a preempt a
-  // quarter slice into a grant, 500 us by default) are its latency. Left to epoll_wait's
-  // millisecond timeout they fired 2.1 ms late at the median and 4.2 ms at p99 on the
-  // noisy-neighbour rows (2026-12-03; 33 us and 1.2 ms with this flag), and a light tenant
-  // owed the engine waited that out on every turn.
-  event_config* ec = event_config_new();
-  VG_ERROR_IF(!ec, Errc::kInternal, "event_config_new failed");
-  event_config_set_flag(ec, EVENT_BASE_FLAG_PRECISE_TIMER);
-  event_base* base = event_base_new_with_config(ec);
-  event_config_free(ec);
-  VG_ERROR_IF(!base, Errc::kInternal, "event_base_new failed");
+  // Precise timers: the scheduler's deadlines are its latency (without them a light tenant
+  // owed the engine waited a late preempt out on every turn; tools/vgpud/event_base.h).
+  VG_TRY_ASSIGN(event_base* base, NewPreciseEventBase());
   opts.workers.runtime_dir = opts.runtime_dir;
   std::unique_ptr<Supervisor> s(new Supervisor(std::move(opts), base));
   s->lock_ = std::move(lock);
