@@ -19,10 +19,11 @@ namespace ch = daemon::channel;
 struct Rig {
   std::vector<ch::Record> sent;
   SchedGate gate{[this](const ch::Record& r) { sent.push_back(r); }};
-  Rig() {
+  explicit Rig(uint64_t slice_ns = 0) {
     GateConfig c;
     c.scheduled = true;
     c.idle_grace_ns = 200'000;
+    c.slice_ns = slice_ns;
     gate.Configure(c);
   }
 };
@@ -86,13 +87,8 @@ TEST_CASE("a grant younger than a slice keeps one piece on the device, uncontend
   // A grant that follows another vGPU's release often meets it again within the slice (a
   // thinking or closed-loop tenant back a few hundred microseconds later): what is on the
   // device then is its wait.
-  std::vector<ch::Record> sent;
-  SchedGate gate{[&](const ch::Record& x) { sent.push_back(x); }};
-  GateConfig c;
-  c.scheduled = true;
-  c.idle_grace_ns = 200'000;
-  c.slice_ns = 5'000'000;
-  gate.Configure(c);
+  Rig r(/*slice_ns=*/5'000'000);
+  SchedGate& gate = r.gate;
   gate.OnGrant(1, /*contended=*/false);
   CHECK(gate.Admit(Piece(kPiece)));
   CHECK_FALSE(gate.Admit(Piece(kPiece)));  // young: one piece

@@ -378,11 +378,11 @@ std::optional<Scheduler::CommittedPreempt> Scheduler::CommittedPreemptAt(const U
   auto it = entries_.find(u);
   if (Slots() != 1 || it == entries_.end()) return std::nullopt;
   const Entry& h = it->second;
-  if (h.state != SchedState::kRunning || h.preempted || !h.contended_since || Count(SchedState::kWaiting) == 0)
-    return std::nullopt;
-  // Until it has passed the least waiting vGPU, when it will depends on the rates to come.
-  // After, only its minimum hold is left: a later waiter can make that shorter (owed), never
-  // longer, and the preempt action then comes earlier on its own.
+  if (h.state != SchedState::kRunning || h.preempted) return std::nullopt;
+  // Until it has passed the least waiting vGPU (none waiting: infinity), when it will
+  // depends on the rates to come. After, only its minimum hold is left: a later waiter can
+  // make that shorter (owed), never longer, and the preempt action then comes earlier on
+  // its own. PreemptAt has no time for a holder nobody contends.
   if (LeastWaiting() > h.vruntime) return std::nullopt;
   auto at = PreemptAt(h);
   if (!at) return std::nullopt;

@@ -322,13 +322,13 @@ WorkerPool::Worker* WorkerPool::Find(const Uuid& uuid) {
 }
 
 void WorkerPool::ArmSched() {
-  // Preempts whose time is already fixed go to the worker now, with that time
-  // (Scheduler::CommittedPreemptAt): it stops at its first piece boundary after it, however
-  // late this loop's timer fires. Every scheduler event ends here, so none is missed.
-  for (const Uuid& u : sched_->holders()) {
-    auto c = sched_->CommittedPreemptAt(u);
-    Worker* w = c ? Find(u) : nullptr;
-    if (!w || !w->channel.Valid() || w->committed_preempt_grant == c->grant) continue;
+  // A preempt whose time is already fixed goes to the worker now, with that time
+  // (Scheduler::CommittedPreemptAt, one grant at a time only): it stops at its first piece
+  // boundary after it, however late this loop's timer fires. Every scheduler event ends
+  // here, so none is missed.
+  const std::optional<Uuid> holder = sched_->holder();
+  const auto c = holder ? sched_->CommittedPreemptAt(*holder) : std::nullopt;
+  if (Worker* w = c ? Find(*holder) : nullptr; w && w->channel.Valid() && w->committed_preempt_grant != c->grant) {
     ch::Record r = ch::Make(ch::Kind::kSchedPreempt, c->grant);
     r.values[0] = static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::nanoseconds>(c->at.time_since_epoch()).count());
