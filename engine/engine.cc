@@ -7,6 +7,7 @@
 #include <optional>
 #include <thread>
 
+#include "base/cpu_slice.h"
 #include "base/log.h"
 #include "engine/internal/core.h"
 #include "engine/internal/vk.h"
@@ -727,6 +728,10 @@ void EngineImpl::Finish(InFlight& f, Result<> r, bool recycle) {
 }
 
 void EngineImpl::CompletionLoop() {
+  // This thread waits on fences and hands completions on: a short CPU slice lets it run as
+  // soon as one signals, not after a busy compute thread's slice (base/cpu_slice.h). Refused
+  // harmlessly where a sandbox forbids it.
+  (void)SetThreadCpuSlice(CpuSlice::kShort);
   VkDevice dev = core_->device();
   for (;;) {
     std::vector<std::pair<TokenRef, Completion>> lost;

@@ -3,8 +3,12 @@
 #include <sys/mman.h>
 
 #include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
 
 #include "base/base.h"
+#include "base/cpu_slice.h"
 
 using namespace vg;
 
@@ -75,4 +79,35 @@ TEST_CASE("memfd mappings share bytes and eventfds count") {
   REQUIRE(ev->Signal(3).ok());
   CHECK(ev->Wait(1000).value() == 5);
   CHECK(ev->Wait(10).code() == Errc::kTimeout);
+}
+
+namespace {
+// The calling thread's slice as the scheduler reports it (/proc/thread-self/sched, se.slice in
+// ns); 0 where the kernel does not say.
+uint64_t ThreadSliceNs() {
+  std::ifstream in("/proc/thread-self/sched");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("se.slice", 0) == 0) return std::stoull(line.substr(line.find(':') + 1));
+  return 0;
+}
+}  // namespace
+
+TEST_CASE("a short CPU slice is the calling thread's and its new threads'; the default comes back") {
+  std::thread([] {  // a thread of its own: the test binary's other cases keep their slice
+    const uint64_t before = ThreadSliceNs();
+    if (!SetThreadCpuSlice(CpuSlice::kShort)) {
+      MESSAGE("custom CPU slices not supported by this kernel (Linux 6.12+): nothing changed");
+      CHECK(ThreadSliceNs() == before);
+      return;
+    }
+    CHECK(ThreadSliceNs() == 100'000);
+    uint64_t child = 0;
+    std::thread([&] { child = ThreadSliceNs(); }).join();
+    CHECK(child == 100'000);  // inherited: why the engine is created before a thread asks
+    REQUIRE(SetThreadCpuSlice(CpuSlice::kDefault));
+    CHECK(ThreadSliceNs() != 100'000);
+    CHECK(ThreadSliceNs() == before);
+    std::thread([&] { child = ThreadSliceNs(); }).join();
+    CHECK(child == before);
+  }).join();
 }

@@ -12,9 +12,13 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
+#include <sstream>
+#include <tuple>
 #include <thread>
 
+#include "base/cpu_slice.h"
 #include "guest/guest.h"
 #include "tests/e2e/guest_checks.h"
 #include "tests/e2e/victim.h"
@@ -238,6 +242,64 @@ TEST_CASE("kill -9 of a worker mid-workload: its guest sees a clean error, the o
   CheckVictim(v.Stop());
   CHECK(WorkerPid(d, kB) == victim_worker);  // the other vGPU's worker never restarted
   CHECK(Ends(Worker(d, kB), "killed") == 0);
+  CHECK(d.Shutdown() == 0);
+}
+
+namespace {
+// Each thread of `pid`: its name and CPU slice in ns (/proc/PID/task/TID/sched, se.slice).
+std::vector<std::tuple<int64_t, std::string, uint64_t>> ThreadSlices(int64_t pid) {
+  std::vector<std::tuple<int64_t, std::string, uint64_t>> out;
+  const std::filesystem::path task = "/proc/" + std::to_string(pid) + "/task";
+  std::error_code ec;
+  for (const auto& t : std::filesystem::directory_iterator(task, ec)) {
+    std::string name = mgmt::ReadFile(t.path() / "comm");
+    if (!name.empty() && name.back() == '\n') name.pop_back();
+    std::istringstream sched(mgmt::ReadFile(t.path() / "sched"));
+    uint64_t slice = 0;
+    for (std::string line; std::getline(sched, line);)
+      if (line.rfind("se.slice", 0) == 0) slice = std::stoull(line.substr(line.find(':') + 1));
+    out.emplace_back(std::stoll(t.path().filename().string()), name, slice);
+  }
+  return out;
+}
+
+bool KernelHasCpuSlices() {
+  bool ok = false;
+  std::thread([&] { ok = SetThreadCpuSlice(CpuSlice::kShort); }).join();
+  return ok;
+}
+}  // namespace
+
+TEST_CASE("CPU slices: the supervisor's and a worker's waiting threads short, the engine's compute threads not") {
+  if (!KernelHasCpuSlices()) {
+    MESSAGE("custom CPU slices need Linux 6.12 or later: not checked on this kernel");
+    return;
+  }
+  DaemonProc d;
+  StartAB(d);
+  Victim v(d.Socket(kB));  // B's worker has run work: its executor and engine threads exist
+  std::this_thread::sleep_for(std::chrono::milliseconds(Ms(300)));
+  for (const auto& [tid, name, slice] : ThreadSlices(d.pid())) {
+    INFO("supervisor thread ", tid, " (", name, ")");
+    CHECK(slice == 100'000);
+  }
+  const int64_t pid = WorkerPid(d, kB);
+  REQUIRE(pid > 0);
+  size_t short_ones = 0, compute = 0;
+  for (const auto& [tid, name, slice] : ThreadSlices(pid)) {
+    INFO("worker thread ", tid, " (", name, "), slice ", slice);
+    if (tid == pid) CHECK(slice == 100'000);  // the loop
+    // lavapipe's threads are the GPU's cores here: they keep the default, inherited from
+    // before the worker asked for the short one.
+    if (name.rfind("llvmpipe", 0) == 0) {
+      ++compute;
+      CHECK(slice != 100'000);
+    }
+    short_ones += slice == 100'000;
+  }
+  CHECK(compute > 0);
+  CHECK(short_ones >= 4);  // the loop, the gate's pump, the executor's threads, the completion thread
+  CheckVictim(v.Stop());
   CHECK(d.Shutdown() == 0);
 }
 

@@ -30,6 +30,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/cpu_slice.h"
 #include "engine/engine.h"
 #include "mediator/mediator.h"
 #include "remoting/remoting.h"
@@ -163,6 +164,11 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
   eo.gpu = o.gpu;
   eo.allow_zero_copy = o.zero_copy;
   VG_TRY_ASSIGN(w->engine_, engine::Engine::Create(eo));
+  // The engine's compute threads exist now, with the default slice (main() asked for it);
+  // this thread and those it starts from here on (the gate's pump, the executor's threads,
+  // the fetcher) only wait and hand on: a short slice wakes them at once beside busy compute
+  // threads, whoever's they are (base/cpu_slice.h). Before the sandbox, which refuses it.
+  if (!SetThreadCpuSlice(CpuSlice::kShort)) VG_LOGD("short CPU slices not in effect (Linux 6.12 or later)");
   // Every engine submission of both paths passes the gate (grant, rate limits). A record
   // that cannot be sent (the channel full) is lost only if the supervisor stopped reading,
   // and then its watchdog ends this worker anyway.
@@ -679,6 +685,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "vgpud-worker: %s\n", r.error().ToString().c_str());
     return kExitStartup;
   }
+  // The supervisor's short CPU slice is inherited through posix_spawn: the engine's compute
+  // threads, started from this thread, must have the default one (base/cpu_slice.h).
+  (void)SetThreadCpuSlice(CpuSlice::kDefault);
   if (probe) return Probe(o.gpu);
 
   auto uuid = Uuid::Parse(o.uuid_text);

@@ -10,6 +10,7 @@
 #include <csignal>
 #include <cstring>
 
+#include "base/cpu_slice.h"
 #include "tools/vgpud/event_base.h"
 
 namespace vg::daemon {
@@ -33,6 +34,14 @@ Result<std::unique_ptr<Supervisor>> Supervisor::Create(SupervisorOptions opts) {
   // Precise timers: the scheduler's deadlines are its latency (without them a light tenant
   // owed the engine waited a late preempt out on every turn; tools/vgpud/event_base.h).
   VG_TRY_ASSIGN(event_base* base, NewPreciseEventBase());
+  // A short CPU slice for this thread and every thread the supervisor starts after it: its
+  // timers are deadlines, and beside busy lavapipe threads a waking thread otherwise waits
+  // out the running one's slice (base/cpu_slice.h). Workers ask for the default back before
+  // they create their engine.
+  if (SetThreadCpuSlice(CpuSlice::kShort))
+    VG_LOGI("short CPU slices (100 us) for the supervisor's threads");
+  else
+    VG_LOGI("short CPU slices not in effect (needs Linux 6.12 or later): timers may fire a slice late under load");
   opts.workers.runtime_dir = opts.runtime_dir;
   std::unique_ptr<Supervisor> s(new Supervisor(std::move(opts), base));
   s->lock_ = std::move(lock);
