@@ -239,6 +239,12 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
     charge -= forgiven;
     e.vruntime -= forgiven * kWeightScale / e.weight;
   }
+  // What this grant asked for, when someone else waited for it (uncontended, a grant says
+  // nothing about what it keeps others from): a preempted one wanted more than a slice.
+  if (e.contended_since) {
+    const double sample = e.preempted ? static_cast<double>(o_.slice.count()) : charge;
+    e.request_ns = e.request_ns < 0 ? sample : e.request_ns + (sample - e.request_ns) / 4;
+  }
   e.stats.used_ns += used_ns;
   e.stats.charged_ns += static_cast<uint64_t>(std::llround(charge));
   e.grant_charge_ns = 0;
@@ -262,8 +268,7 @@ void Scheduler::Dispatch(Clock::time_point now) {
     const Uuid* next_u = nullptr;
     for (auto& [u, e] : entries_) {
       if (e.state != SchedState::kWaiting || !Eligible(e)) continue;
-      if (!next || e.vruntime < next->vruntime ||
-          (e.vruntime == next->vruntime && e.waiting_since < next->waiting_since)) {
+      if (!next || Key(e) < Key(*next) || (Key(e) == Key(*next) && e.waiting_since < next->waiting_since)) {
         next = &e;
         next_u = &u;
       }
@@ -297,14 +302,23 @@ std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt(const Entry& h)
   // At least a slice, so that vGPUs of equal virtual time do not trade the engine per piece;
   // a quarter of one when a waiter is strictly behind the holder in virtual time (one back
   // from idle with its credit): it is owed the engine now, the holder only its first piece.
-  const bool owed = LeastWaiting() < h.vruntime;
+  const bool owed = LeastWaiting() < Key(h);
   return std::max(h.granted_at + (owed ? o_.slice / 4 : o_.slice), *cross);
+}
+
+double Scheduler::RequestNs(const Entry& e) const {
+  const auto slice = static_cast<double>(o_.slice.count());
+  return e.request_ns < 0 ? slice : std::clamp(e.request_ns, slice / 16, slice);
+}
+
+double Scheduler::Key(const Entry& e) const {
+  return e.vruntime - (static_cast<double>(o_.slice.count()) - RequestNs(e)) * kWeightScale / e.weight;
 }
 
 double Scheduler::LeastWaiting() const {
   double least = std::numeric_limits<double>::infinity();
   for (const auto& [u, w] : entries_)
-    if (w.state == SchedState::kWaiting) least = std::min(least, w.vruntime);
+    if (w.state == SchedState::kWaiting) least = std::min(least, Key(w));
   return least;
 }
 
@@ -315,8 +329,8 @@ std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt(const Entry& e) c
   // When the holder's virtual time passes the least waiting one's, at the rate it is being
   // charged. Until then it is owed engine time and is not preempted; it is once that has
   // passed and it has had a slice.
-  if (least <= e.vruntime) return *accrued_at_;
-  return After(*accrued_at_, least - e.vruntime, Rate(e));
+  if (least <= Key(e)) return *accrued_at_;
+  return After(*accrued_at_, least - Key(e), Rate(e));
 }
 
 void Scheduler::MaybePreempt(Clock::time_point now) {
@@ -383,7 +397,7 @@ std::optional<Scheduler::CommittedPreempt> Scheduler::CommittedPreemptAt(const U
   // depends on the rates to come. After, only its minimum hold is left: a later waiter can
   // make that shorter (owed), never longer, and the preempt action then comes earlier on
   // its own. PreemptAt has no time for a holder nobody contends.
-  if (LeastWaiting() > h.vruntime) return std::nullopt;
+  if (LeastWaiting() > Key(h)) return std::nullopt;
   auto at = PreemptAt(h);
   if (!at) return std::nullopt;
   return CommittedPreempt{h.grant, *at};

@@ -9,6 +9,14 @@
 // advances by the device time a vGPU used divided by its weight (stride scheduling), so
 // over time each busy vGPU gets weight / sum-of-busy-weights of the engine.
 //
+// Short requests first (as EEVDF orders by virtual deadline, virtual time plus the request):
+// a vGPU whose contended grants use r < slice of the engine on average is ordered by its
+// virtual time less (slice - r) of its own device time. A busy vGPU (its grants run to the
+// slice, or are preempted) earns nothing, so busy vGPUs are ordered by virtual time alone,
+// at any weights; a light one (a small copy, then its fence) is ahead of a busy one that is
+// up to slice - r behind it, and owed the engine (the holder keeps only its minimum hold).
+// The credit is bounded by a slice, so long-run shares are still the weights'.
+//
 // Weights among concurrent holders (N > 1): vGPUs that hold grants side by side share the
 // device, so while k of them hold and any other vGPU is busy each is charged 1/k of the
 // time (its share of the device, as processor sharing). Nobody waits for a grant then, so
@@ -159,6 +167,9 @@ class Scheduler {
     // piece on the device and to give the grant back once idle).
     std::optional<Clock::time_point> contended_since;
     double grant_charge_ns = 0;  // kRunning: charged during this grant so far
+    // What its contended grants use, averaged (ns; negative: none seen yet, taken as a
+    // slice). A preempted grant counts a slice: it wanted more.
+    double request_ns = -1;
     SchedEntryStatus stats;
   };
   double Floor() const;  // the least virtual time of a busy vGPU (or the last one's)
@@ -179,7 +190,11 @@ class Scheduler {
   void MaybeContend(Clock::time_point now);  // someone waits: tell the holders, once per grant
   void MarkContended(Clock::time_point now);  // someone waits: the holders' charged time starts
   std::optional<Clock::time_point> CrossAt(const Entry& h) const;
-  double LeastWaiting() const;  // the least virtual time of a waiting vGPU (infinity: none)
+  // The order of the grant (one at a time): virtual time less the credit a vGPU earns by
+  // asking for less than a slice per grant (Key), as EEVDF orders by virtual deadline.
+  double RequestNs(const Entry& e) const;
+  double Key(const Entry& e) const;
+  double LeastWaiting() const;  // the least Key of a waiting vGPU (infinity: none)
   size_t Count(SchedState s) const;
   size_t Slots() const { return std::max<uint32_t>(1, o_.concurrency); }  // grants at once
   size_t FreeSlots() const;
