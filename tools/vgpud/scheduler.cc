@@ -426,6 +426,7 @@ std::optional<SchedEntryStatus> Scheduler::Status(const Uuid& u) const {
   s.weight = it->second.weight;
   s.state = it->second.state;
   s.vruntime = it->second.vruntime - Floor();
+  s.request_ns = static_cast<uint64_t>(std::llround(RequestNs(it->second)));
   return s;
 }
 

@@ -112,6 +112,7 @@ struct SchedEntryStatus {
   uint64_t idle_releases = 0;  // grants given back unused-up because it had nothing to run
   uint64_t wait_ns = 0;        // time spent waiting for a grant
   double vruntime = 0;         // ns / weight, relative to the scheduler's floor
+  uint64_t request_ns = 0;     // what its contended grants ask for (the order's credit is slice - this)
 };
 
 class Scheduler {

@@ -458,6 +458,7 @@ struct ServiceOps {
           sj["charged_ms"] = w->sched->charged_ns / 1e6;
           sj["wait_ms"] = w->sched->wait_ns / 1e6;
           sj["vruntime_ms"] = w->sched->vruntime / 1e6;
+          sj["request_ms"] = w->sched->request_ns / 1e6;
         }
         j["scheduler"] = std::move(sj);
         j["sched_weight"] = sp.weight;  // effective
