@@ -4,8 +4,9 @@
 // same bytes. Run against the real engine (lavapipe by default) and real memfd guest memory.
 #include <doctest/doctest.h>
 
-#include <cstring>
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <chrono>
 #include <mutex>
 #include <random>
@@ -522,8 +523,15 @@ TEST_CASE("inline submission: engine work on imported memory is submitted by the
   }
   CHECK(submitted_inline() == 20);
   {
+    // The retire thread writes a fence behind engine work. The caller may write it itself
+    // only when the submission has already retired before the caller queues the fence
+    // (PushRetire with nothing retiring: the FILL is done, the order holds), which a loaded
+    // host makes happen now and then (the engine's completion thread wakes at once, base/cpu_slice.h): so
+    // not every one, but never all of them.
     std::lock_guard lk(rec.mu);
-    CHECK(rec.fence_threads.back() != std::this_thread::get_id());
+    REQUIRE(rec.fence_threads.size() >= 20);
+    const auto here = std::count(rec.fence_threads.end() - 20, rec.fence_threads.end(), std::this_thread::get_id());
+    CHECK(here < 20);
   }
   // More than one engine submission's worth (a shared engine cuts a FILL of twice its
   // budget into two pieces or more): handed back whole, and run once.
