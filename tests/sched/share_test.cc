@@ -258,14 +258,13 @@ TEST_CASE("a noisy neighbour cannot starve a quiet one") {
   // and each of its requests is granted after at most the heavy tenant's current piece.
   CHECK(q1 - q0 >= 10);
   CHECK(rq.max_round_ms <= 5 * rh.max_round_ms + 100);
-  // What each asks of a grant, as `vgpuctl show` reports it (a slice/16 to a slice): the
-  // quiet one less than the heavy one, whose grants are mostly preempted slices (measured
-  // 1.0 and 1.5 ms), which orders it ahead by the difference.
+  // What each asks of a grant, as `vgpuctl show` reports it: a slice/16 to a slice. (Which
+  // of the two asks less moves from moment to moment here: both end grants idle between
+  // rounds, and both are preempted; scheduler_test checks what the order does with it.)
   for (const Json* j : {&qs, &hs}) {
     CHECK((*j)["request_ms"].get<double>() >= 0.125);
     CHECK((*j)["request_ms"].get<double>() <= 2.0);
   }
-  CHECK(qs["request_ms"].get<double>() < hs["request_ms"].get<double>());
 }
 
 }  // namespace
