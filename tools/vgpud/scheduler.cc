@@ -299,9 +299,10 @@ void Scheduler::Dispatch(Clock::time_point now) {
 std::optional<Scheduler::Clock::time_point> Scheduler::PreemptAt(const Entry& h) const {
   auto cross = CrossAt(h);
   if (!cross) return std::nullopt;
-  // At least a slice, so that vGPUs of equal virtual time do not trade the engine per piece;
-  // a quarter of one when a waiter is strictly behind the holder in virtual time (one back
-  // from idle with its credit): it is owed the engine now, the holder only its first piece.
+  // At least a slice, so that vGPUs level in the order do not trade the engine per piece; a
+  // quarter of one when a waiter is strictly before the holder in the order (Key: one back
+  // from idle with its credit, or one whose requests are short): it is owed the engine now,
+  // the holder only its first piece.
   const bool owed = LeastWaiting() < Key(h);
   return std::max(h.granted_at + (owed ? o_.slice / 4 : o_.slice), *cross);
 }
@@ -326,9 +327,9 @@ std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt(const Entry& e) c
   if (e.state != SchedState::kRunning || !e.contended_since || !accrued_at_ || !Accruing()) return std::nullopt;
   const double least = LeastWaiting();
   if (std::isinf(least)) return std::nullopt;
-  // When the holder's virtual time passes the least waiting one's, at the rate it is being
-  // charged. Until then it is owed engine time and is not preempted; it is once that has
-  // passed and it has had a slice.
+  // When the holder passes the least waiting one in the order (Key; its virtual time moves
+  // at the rate it is being charged). Until then it is owed engine time and is not
+  // preempted; it is once that has passed and it has had its minimum hold.
   if (least <= Key(e)) return *accrued_at_;
   return After(*accrued_at_, least - Key(e), Rate(e));
 }
