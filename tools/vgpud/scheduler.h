@@ -137,7 +137,7 @@ class Scheduler {
   std::optional<Clock::time_point> NextDeadline() const;
   // With one grant at a time: the holder `u`'s preempt once its time is fixed, whatever the
   // next events short of its own release (a vGPU waits that it has already passed in
-  // virtual time, so only its minimum hold is left). The caller may tell the worker now,
+  // the order, so only its minimum hold is left). The caller may tell the worker now,
   // with that time: the preempt then takes effect at the worker's first piece boundary
   // after it, not when the caller's timer fires (a loaded host's timers fire late, and a
   // piece admitted meanwhile is another piece the waiter waits for). The preempt action
