@@ -15,7 +15,8 @@
 // slice, or are preempted) earns nothing, so busy vGPUs are ordered by virtual time alone,
 // at any weights; a light one (a small copy, then its fence) is ahead of a busy one that is
 // up to slice - r behind it, and owed the engine (the holder keeps only its minimum hold).
-// The credit is bounded by a slice, so long-run shares are still the weights'.
+// The credit is bounded by a slice, so long-run shares are still the weights'. While a vGPU
+// that asks for half a slice or less waits, every holder keeps only a quarter slice.
 //
 // Weights among concurrent holders (N > 1): vGPUs that hold grants side by side share the
 // device, so while k of them hold and any other vGPU is busy each is charged 1/k of the
@@ -196,6 +197,7 @@ class Scheduler {
   double RequestNs(const Entry& e) const;
   double Key(const Entry& e) const;
   double LeastWaiting() const;  // the least Key of a waiting vGPU (infinity: none)
+  bool ShortWaiter() const;     // a waiting vGPU asks for half a slice or less
   size_t Count(SchedState s) const;
   size_t Slots() const { return std::max<uint32_t>(1, o_.concurrency); }  // grants at once
   size_t FreeSlots() const;
