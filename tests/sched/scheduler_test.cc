@@ -442,8 +442,8 @@ TEST_CASE("short requests first: a light vGPU a little ahead of busy ones in vir
 }
 
 // A closed-loop light vGPU beside 7 busy ones: it runs `light_use` per grant, then asks again
-// 100 us after its release (its fence, its next doorbell); the busy ones run 500 us pieces
-// back to back. Returns its waits for a grant (us, sorted) and its share of device time.
+// `turnaround` after its release (its fence, its next doorbell); the busy ones run pieces of
+// `piece` back to back. Returns its waits for a grant (us, sorted) and its share of device time.
 std::pair<std::vector<int64_t>, double> LightBesideSevenBusy(std::chrono::microseconds light_use,
                                                             std::chrono::microseconds piece = 500us,
                                                             std::chrono::microseconds turnaround = 100us) {
