@@ -411,19 +411,29 @@ TEST_CASE("a tenant that games the idle placement (gives the grant up and asks a
   CHECK(share >= 0.30);  // and it still gets about its half
 }
 
+// `first`, `second` and `third` added at weight 100 (slice 2 ms); `first` holds a grant
+// `second` waits for and gives it back idle after 200 us (`used_ns` of it on the device):
+// its contended grants ask for 200 us from then on. `second` holds the engine after it.
+struct FirstGrantShort {
+  Sim sim;
+  Clock::time_point now = Clock::time_point{} + 1s;
+  FirstGrantShort(const Uuid& first, const Uuid& second, const Uuid& third, uint64_t used_ns) {
+    for (const Uuid& u : {first, second, third}) sim.s.Add(u, 100, now);
+    sim.s.OnRequest(first, now);
+    sim.s.OnRequest(second, now);
+    now += 200us;
+    sim.s.OnRelease(first, sim.grant, used_ns, /*wants=*/false, now);
+  }
+};
+
 TEST_CASE("short requests first: a light vGPU a little ahead of busy ones in virtual time is granted before them") {
   // As traced in the daemon (a closed-loop 4 KiB copy beside 7 busy tenants): the light one
   // back from its fence stood 0.2 ms ahead of busy ones bunched at the floor, and waited out
   // each one's whole slice, 8-14 ms. Its grants ask for 200 us, theirs for a slice: by
   // virtual time less what a grant does not ask for (EEVDF's virtual deadline), it is next.
-  Sim sim;  // slice 2 ms
-  auto now = Clock::time_point{} + 1s;
   const Uuid light = U(1), h1 = U(2), h2 = U(3);
-  for (const Uuid& u : {light, h1, h2}) sim.s.Add(u, 100, now);
-  sim.s.OnRequest(light, now);
-  sim.s.OnRequest(h1, now);  // contends the light one's grant
-  now += 200us;
-  sim.s.OnRelease(light, sim.grant, 150'000, /*wants=*/false, now);  // a 200 us grant
+  FirstGrantShort t(light, h1, h2, 150'000);
+  auto& [sim, now] = t;
   REQUIRE(sim.granted == h1);
   const auto h1_granted = now;
   sim.s.OnRequest(h2, now);
@@ -442,20 +452,19 @@ TEST_CASE("short requests first: a light vGPU a little ahead of busy ones in vir
 }
 
 TEST_CASE("a light holder among light waiters keeps its slice; a busy holder keeps a quarter while a light one waits") {
-  Sim sim;  // slice 2 ms
-  auto now = Clock::time_point{} + 1s;
   const Uuid a = U(1), b = U(2), busy = U(3);
-  for (const Uuid& u : {a, b, busy}) sim.s.Add(u, 100, now);
   // a and b each use a contended grant of 200 and 400 us: both light (half a slice or less).
-  sim.s.OnRequest(a, now);
-  sim.s.OnRequest(b, now);
-  now += 200us;
-  sim.s.OnRelease(a, sim.grant, 200'000, /*wants=*/false, now);
-  REQUIRE(sim.granted == b);
-  sim.s.OnRequest(a, now);
-  now += 400us;
-  sim.s.OnRelease(b, sim.grant, 400'000, /*wants=*/false, now);
-  REQUIRE(sim.granted == a);
+  FirstGrantShort t(a, b, busy, 200'000);
+  auto& [sim, now] = t;
+  // b, holding, uses 400 us of its grant while `waiter` waits, and gives it back idle.
+  auto b_uses_400us_while = [&](const Uuid& waiter) {
+    REQUIRE(sim.granted == b);
+    sim.s.OnRequest(waiter, now);
+    now += 400us;
+    sim.s.OnRelease(b, sim.grant, 400'000, /*wants=*/false, now);
+    REQUIRE(sim.granted == waiter);
+  };
+  b_uses_400us_while(a);
   const auto a_granted = now;
   CHECK(sim.s.Status(a)->request_ns == 200'000);
   CHECK(sim.s.Status(b)->request_ns == 400'000);
@@ -468,11 +477,7 @@ TEST_CASE("a light holder among light waiters keeps its slice; a busy holder kee
   // is also before it in the order; the simulation below has the case where it is not).
   now += 200us;
   sim.s.OnRelease(a, sim.grant, 200'000, /*wants=*/false, now);
-  REQUIRE(sim.granted == b);
-  sim.s.OnRequest(busy, now);
-  now += 400us;
-  sim.s.OnRelease(b, sim.grant, 400'000, /*wants=*/false, now);
-  REQUIRE(sim.granted == busy);
+  b_uses_400us_while(busy);
   const auto busy_granted = now;
   CHECK(sim.s.Status(busy)->request_ns == 2'000'000);  // nothing seen yet: a slice
   sim.s.OnRequest(b, now);
