@@ -197,7 +197,8 @@ class Scheduler {
   double RequestNs(const Entry& e) const;
   double Key(const Entry& e) const;
   double LeastWaiting() const;  // the least Key of a waiting vGPU (infinity: none)
-  bool ShortWaiter() const;     // a waiting vGPU asks for half a slice or less
+  bool AsksShort(const Entry& e) const;  // its grants ask for half a slice or less
+  bool ShortWaiter() const;              // a waiting vGPU AsksShort
   size_t Count(SchedState s) const;
   size_t Slots() const { return std::max<uint32_t>(1, o_.concurrency); }  // grants at once
   size_t FreeSlots() const;
