@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -163,6 +164,58 @@ TEST_CASE("a contended holder that leaves the device idle more than a third of t
   std::this_thread::sleep_for(std::chrono::milliseconds(1));
   CHECK(fresh.gate.Admit(Piece(4096)));
   CHECK_FALSE(released(fresh));
+}
+
+TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent pieces say it completes before the preempt") {
+  using std::chrono::milliseconds;
+  using Clock = std::chrono::steady_clock;
+  auto make = [](bool fit) {
+    auto r = std::make_unique<Rig>();
+    GateConfig c;
+    c.scheduled = true;
+    c.idle_grace_ns = 200'000;
+    c.fit_pieces = fit;
+    r->gate.Configure(c);
+    return r;
+  };
+  auto wants = [](const Rig& r) { return r.sent.back().values[static_cast<size_t>(ch::SchedReleaseSlot::kWants)]; };
+  auto r = make(true);
+  auto t = Clock::now();
+  // (Generous times: a loaded host's stalls must not decide a check.)
+  r->gate.OnGrant(1, true, t + milliseconds(40), t);
+  REQUIRE(r->gate.Admit(Piece(kPiece)));  // nothing known yet: it goes
+  r->gate.Ran(10'000'000, true, kPiece);  // a 10 ms piece
+  CHECK(r->gate.Admit(Piece(kPiece)));    // (about) 40 ms left: fits
+  r->gate.Ran(10'000'000, true, kPiece);
+  std::this_thread::sleep_for(milliseconds(32));
+  CHECK_FALSE(r->gate.Admit(Piece(kPiece)));  // 8 ms left at most: would run past it
+  REQUIRE(released(*r));
+  CHECK(wants(*r) == 1);  // the piece is still held: it asks again
+  // Longer than the whole window: no window would ever fit it, so it goes first in a grant
+  // that came early in its window (the overrun is the scheduler's debt), and only first.
+  t = Clock::now();
+  r->sent.clear();
+  r->gate.OnGrant(2, true, t + milliseconds(5), t);
+  CHECK(r->gate.Admit(Piece(kPiece)));
+  r->gate.Ran(10'000'000, true, kPiece);
+  CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
+  CHECK(released(*r));
+  // ... not in a grant that came late in its window (the next one's start is its turn).
+  t = Clock::now();
+  r->sent.clear();
+  r->gate.OnGrant(3, true, t + milliseconds(3), t - milliseconds(3));
+  CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
+  CHECK(released(*r));
+  CHECK(wants(*r) == 1);
+  // Without fit_pieces (every other policy) a preempt time lets pieces go until it comes.
+  auto plain = make(false);
+  t = Clock::now();
+  plain->gate.OnGrant(1, true, t + milliseconds(40), t);
+  REQUIRE(plain->gate.Admit(Piece(kPiece)));
+  plain->gate.Ran(10'000'000, true, kPiece);
+  std::this_thread::sleep_for(milliseconds(32));
+  CHECK(plain->gate.Admit(Piece(kPiece)));
+  CHECK_FALSE(released(*plain));
 }
 
 }  // namespace

@@ -395,15 +395,15 @@ void Worker::OnChannel(int fd, short, void* arg) {
       if (auto fr = self->vgpu_->SetFrameLimit(static_cast<uint32_t>(std::min<uint64_t>(fl, UINT32_MAX))); !fr)
         VG_LOGW("frame limit: {}", fr.error().ToString());
     }
-    if (r.kind == ch::Kind::kSchedGrant) self->gate_->OnGrant(r.seq, r.values[0] != 0);
-    if (r.kind == ch::Kind::kSchedPreempt) {
-      // values[0]: from when (steady_clock is CLOCK_MONOTONIC, one clock for the host); 0: now.
-      std::optional<std::chrono::steady_clock::time_point> from;
-      if (r.values[0])
-        from = std::chrono::steady_clock::time_point(std::chrono::nanoseconds(static_cast<int64_t>(
-            std::min<uint64_t>(r.values[0], static_cast<uint64_t>(INT64_MAX)))));
-      self->gate_->OnPreempt(r.seq, from);
-    }
+    // Times are steady_clock ns (CLOCK_MONOTONIC, one clock for the host); 0: none.
+    auto time_at = [](uint64_t ns) -> std::optional<std::chrono::steady_clock::time_point> {
+      if (!ns) return std::nullopt;
+      return std::chrono::steady_clock::time_point(
+          std::chrono::nanoseconds(static_cast<int64_t>(std::min<uint64_t>(ns, static_cast<uint64_t>(INT64_MAX)))));
+    };
+    if (r.kind == ch::Kind::kSchedGrant)
+      self->gate_->OnGrant(r.seq, r.values[0] != 0, time_at(r.values[1]), time_at(r.values[2]));
+    if (r.kind == ch::Kind::kSchedPreempt) self->gate_->OnPreempt(r.seq, time_at(r.values[0]));  // 0: now
     if (r.kind == ch::Kind::kSchedContended) self->gate_->OnContended(r.seq);
     if (r.kind == ch::Kind::kStopRequest) self->OnStopRequest(r.values[0]);
     if (r.kind == ch::Kind::kScreenshot) self->OnScreenshot(r.seq);

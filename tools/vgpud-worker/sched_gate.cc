@@ -24,6 +24,7 @@ GateConfig GateConfig::FromRecord(const ch::Record& r) {
   c.gpu_time_burst_ns = at(ch::SchedConfigSlot::kGpuTimeBurstNs);
   c.idle_grace_ns = std::min<uint64_t>(at(ch::SchedConfigSlot::kIdleGraceNs), 100'000'000);
   c.slice_ns = std::min<uint64_t>(at(ch::SchedConfigSlot::kSliceNs), 1'000'000'000);
+  c.fit_pieces = at(ch::SchedConfigSlot::kFitPieces) != 0;
   return c;
 }
 
@@ -70,16 +71,18 @@ void SchedGate::Configure(const GateConfig& c) {
   WakePumpLocked(std::nullopt);  // limits may have been lifted
 }
 
-void SchedGate::OnGrant(uint64_t grant, bool contended) {
+void SchedGate::OnGrant(uint64_t grant, bool contended, std::optional<Clock::time_point> preempt_at,
+                        std::optional<Clock::time_point> window_start) {
   std::lock_guard lk(mu_);
   if (!cfg_.scheduled || revoked_) return;
   granted_ = true;
   grant_ = grant;
   requested_ = false;
   preempting_ = false;
-  preempt_from_.reset();
+  preempt_from_ = preempt_at;  // due now if already past: Admit and the pump look first
   contended_since_.reset();
   granted_at_ = Clock::now();
+  window_start_ = std::min(window_start.value_or(granted_at_), granted_at_);
   if (contended) contended_since_ = granted_at_;
   idle_since_.reset();
   grant_used_ns_ = 0;
@@ -233,6 +236,12 @@ bool SchedGate::Admit(const engine::Submission& s) {
   }
   rate_held_ = false;
   PreemptIfDueLocked(now);
+  // Partitioned: a piece that would run past the grant's preempt time ends the grant here
+  // (the work stays held and asks again; the supervisor grants it in its next slot).
+  if (cfg_.scheduled && cfg_.fit_pieces && granted_ && !preempting_ && !FitsLocked(now)) {
+    HoldLocked(now);  // first: the release says the work is still held
+    BeginPreemptLocked();
+  }
   // A GPU-time limit charges a piece after it ran: one piece on the device at a time, so
   // the bucket's debt is at most one piece (Ran wakes the pump for the next).
   if (cfg_.gpu_time_limit_ns && on_device_ > 0) {
@@ -279,8 +288,20 @@ bool SchedGate::Admit(const engine::Submission& s) {
   return true;
 }
 
+bool SchedGate::FitsLocked(Clock::time_point now) const {
+  if (!preempt_from_) return true;
+  const auto est = std::chrono::nanoseconds(piece_est_ns_);
+  if (now + est <= *preempt_from_) return true;
+  // Longer than the whole window: no grant would ever fit it. It goes first in a grant that
+  // came in the first quarter of its window, and overruns (charged as debt by the
+  // scheduler); anywhere else it waits for such a grant.
+  const auto window = *preempt_from_ - window_start_;
+  return est > window && grant_ran_ == 0 && on_device_ == 0 && granted_at_ - window_start_ <= window / 4;
+}
+
 void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
   std::lock_guard lk(mu_);
+  piece_est_ns_ = std::max(busy_ns, piece_est_ns_ - piece_est_ns_ / 16);
   on_device_cost_ -= std::min(on_device_cost_, cost);
   stats_.gpu_time_ns += busy_ns;
   grant_used_ns_ += busy_ns;

@@ -54,6 +54,12 @@ struct GateConfig {
   // The scheduler's slice: until its grant is this old, even an uncontended holder keeps one
   // piece on the device (0: no such rule).
   uint64_t slice_ns = 0;
+  // Partitioned scheduling: a piece goes to the device only if it completes, by the
+  // longest of the vGPU's recent pieces, before the grant's preempt time (the slot's end
+  // less a margin); otherwise the grant goes back with the work still held. The one
+  // exception is a piece longer than a whole slot, which no slot would fit: it goes as the
+  // first piece of a grant that came early in its slot, and the overrun is the vGPU's debt.
+  bool fit_pieces = false;
   static GateConfig FromRecord(const daemon::channel::Record& r);
 };
 
@@ -84,7 +90,10 @@ class SchedGate final : public engine::SubmitGate {
   void Configure(const GateConfig& c);
   // contended: another vGPU waits (one piece on the device at a time; the grant goes back
   // once the vGPU has had no work for the idle grace).
-  void OnGrant(uint64_t grant, bool contended);
+  // preempt_at: the preempt time fixed at the grant, if any (from then, as OnPreempt's
+  // `from`); window_start: when the grant's window began (partitioned: its slot's start).
+  void OnGrant(uint64_t grant, bool contended, std::optional<std::chrono::steady_clock::time_point> preempt_at = std::nullopt,
+               std::optional<std::chrono::steady_clock::time_point> window_start = std::nullopt);
   // engine::SubmitGate: under the scheduler the executor keeps submissions to the shared
   // budget (mediator::kSharedSubmissionCostBudget, about a millisecond): whatever is on the
   // device when another vGPU starts to wait is that vGPU's wait.
@@ -123,6 +132,7 @@ class SchedGate final : public engine::SubmitGate {
   void MaybeIdleReleaseLocked();
   void BeginPreemptLocked();  // nothing more to the device; release once it has drained
   void PreemptIfDueLocked(Clock::time_point now);  // a preempt sent ahead whose time has come
+  bool FitsLocked(Clock::time_point now) const;  // fit_pieces: the next piece completes before the preempt
   // Work is held for want of the grant (not by a rate limit's bucket).
   bool WantsDeviceLocked() const { return held_since_.has_value() && !rate_held_; }  // contended, nothing on the device, nothing held: give it back
   void PumpLoop();
@@ -150,6 +160,9 @@ class SchedGate final : public engine::SubmitGate {
   uint64_t grant_ = 0;
   uint64_t grant_used_ns_ = 0;
   uint64_t grant_ran_ = 0;  // submissions completed under this grant
+  Clock::time_point window_start_{};  // the grant's window (OnGrant)
+  // The longest of the vGPU's recent pieces on the device (ns), decaying by 1/16 a piece.
+  uint64_t piece_est_ns_ = 0;
   uint32_t on_device_ = 0;
   uint64_t on_device_cost_ = 0;  // Submission::cost of what is on the device
   std::optional<Clock::time_point> held_since_;

@@ -186,8 +186,16 @@ int main(int argc, char** argv) {
   app.add_option("--sched", sched_mode,
                  "how vGPUs share the engine, in time slices: best-effort (busy vGPUs by sched_weight; "
                  "'weighted' is the same), equal-share (1/N each of N running, never more), fixed-share (1/the "
-                 "type's max_instances each, never more) or off (first come, first served)")
-      ->check(CLI::IsMember({"best-effort", "weighted", "equal-share", "fixed-share", "off"}))
+                 "type's max_instances each, never more), partitioned (a fixed rotation of time slots, one per "
+                 "running vGPU of slice x sched_weight / 100, used by its owner or by nobody: no tenant's load "
+                 "moves another's timing) or off (first come, first served)")
+      ->check(CLI::IsMember({"best-effort", "weighted", "equal-share", "fixed-share", "partitioned", "off"}))
+      ->capture_default_str();
+  uint64_t partition_margin_us = 150;
+  app.add_option("--sched-partition-margin-us", partition_margin_us,
+                 "partitioned: the holder is preempted this long before its slot ends, and its worker fits its "
+                 "pieces before then")
+      ->check(CLI::Range(20, 10000))
       ->capture_default_str();
   app.add_option("--sched-slice-us", slice_us, "time slice: how long a vGPU may keep the engine once another waits")
       ->check(CLI::Range(100, 1000000))
@@ -292,6 +300,13 @@ int main(int argc, char** argv) {
   wp.sched.idle_grace = std::chrono::microseconds(idle_grace_us);
   wp.sched.yield_timeout = std::chrono::milliseconds(yield_timeout_ms);
   wp.sched.concurrency = sched_concurrency;
+  wp.sched.partition_margin = std::chrono::microseconds(partition_margin_us);
+  if (wp.sched.partitioned() && sched_concurrency != 1)
+    return Fail(2, Error{Errc::kInvalidArgument, "--sched partitioned gives one vGPU the engine at a time: "
+                                                "--sched-concurrency must be 1"});
+  if (wp.sched.partitioned() && 4 * partition_margin_us >= slice_us)
+    return Fail(2, Error{Errc::kInvalidArgument, "--sched-partition-margin-us must be under a quarter of "
+                                                "--sched-slice-us"});
 
   daemon::ServiceOptions so;
   auto budget_bytes = ParseSize(budget);

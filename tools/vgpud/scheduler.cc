@@ -29,6 +29,7 @@ std::string_view SchedPolicyName(SchedPolicy p) {
     case SchedPolicy::kBestEffort: return "best-effort";
     case SchedPolicy::kEqualShare: return "equal-share";
     case SchedPolicy::kFixedShare: return "fixed-share";
+    case SchedPolicy::kPartitioned: return "partitioned";
   }
   return "?";
 }
@@ -38,10 +39,12 @@ std::optional<SchedPolicy> ParseSchedPolicy(std::string_view s) {
   if (s == "best-effort" || s == "weighted") return SchedPolicy::kBestEffort;
   if (s == "equal-share") return SchedPolicy::kEqualShare;
   if (s == "fixed-share") return SchedPolicy::kFixedShare;
+  if (s == "partitioned") return SchedPolicy::kPartitioned;
   return std::nullopt;
 }
 
-void Scheduler::Add(const Uuid& u, uint32_t weight, Clock::time_point) {
+void Scheduler::Add(const Uuid& u, uint32_t weight, Clock::time_point now) {
+  if (!epoch_) epoch_ = now;  // the frame's first slot starts here
   Entry e;
   e.weight = std::max<uint32_t>(1, weight);
   e.vruntime = Floor();
@@ -245,6 +248,20 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
     const double sample = e.preempted ? static_cast<double>(o_.slice.count()) : charge;
     e.request_ns = e.request_ns < 0 ? sample : e.request_ns + (sample - e.request_ns) / 4;
   }
+  // Partitioned: a holder that gives the grant back with work still held does so because its
+  // next piece does not fit before its slot ends (GateConfig::fit_pieces): not again in this
+  // slot (else it is granted and gives it back again until the margin).
+  if (o_.partitioned() && wants && !e.preempted) e.barred_until = std::max(e.barred_until, e.slot_end);
+  if (o_.partitioned() && now > e.slot_end) {
+    // Ran past its slot (a piece longer than its recent ones, or a late release): that time
+    // was the next slot's owner's. Debt: no grant until its share has paid it back (the
+    // overrun times frame / slot of wall time), so its long-run share stays its slot's.
+    const auto over = now - e.slot_end;
+    e.stats.overruns++;
+    e.stats.overrun_ns += Ns(over);
+    const double pay = static_cast<double>(FrameLength().count()) / static_cast<double>(SlotLength(e).count());
+    e.barred_until = now + std::chrono::duration_cast<Clock::duration>(over * pay);
+  }
   e.stats.used_ns += used_ns;
   e.stats.charged_ns += static_cast<uint64_t>(std::llround(charge));
   e.grant_charge_ns = 0;
@@ -263,6 +280,7 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
 }
 
 void Scheduler::Dispatch(Clock::time_point now) {
+  if (o_.partitioned()) return DispatchPartitioned(now);
   while (FreeSlots() > 0) {
     Entry* next = nullptr;
     const Uuid* next_u = nullptr;
@@ -352,6 +370,7 @@ std::optional<Scheduler::Clock::time_point> Scheduler::CrossAt(const Entry& e) c
 }
 
 void Scheduler::MaybePreempt(Clock::time_point now) {
+  if (o_.partitioned()) return PreemptPartitioned(now);
   // One holder yields for each vGPU waiting beyond the free grants, those due first
   // (furthest ahead in virtual time among the due ones), counting the holders already asked.
   const size_t free = FreeSlots();
@@ -411,6 +430,8 @@ std::optional<Scheduler::CommittedPreempt> Scheduler::CommittedPreemptAt(const U
   if (Slots() != 1 || it == entries_.end()) return std::nullopt;
   const Entry& h = it->second;
   if (h.state != SchedState::kRunning || h.preempted) return std::nullopt;
+  // Partitioned: its slot's end, fixed at the grant.
+  if (o_.partitioned()) return CommittedPreempt{h.grant, h.slot_end - o_.partition_margin, h.slot_start};
   // Until it has passed the least waiting vGPU (none waiting: infinity), when it will
   // depends on the rates to come. After, only its minimum hold is left: a later waiter can
   // make that shorter (owed), never longer, and the preempt action then comes earlier on
@@ -427,6 +448,16 @@ std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
     if (t && (!next || *t < *next)) next = t;
   };
   const bool free = FreeSlots() > 0;
+  if (o_.partitioned()) {
+    for (const auto& [u, e] : entries_) {
+      if (e.state == SchedState::kRunning)
+        consider(e.preempted ? e.preempted_at + o_.yield_timeout : e.slot_end - o_.partition_margin);
+      // The next grant: the waiter whose slot comes first (with a holder, its release
+      // dispatches, or the holder's preempt time comes first).
+      if (e.state == SchedState::kWaiting && free && accrued_at_) consider(GrantWindow(u, e, *accrued_at_).start);
+    }
+    return next;
+  }
   for (const auto& [u, e] : entries_) {
     if (e.state == SchedState::kWaiting && free && !Eligible(e)) consider(EligibleAt(e));
     if (e.state != SchedState::kRunning) continue;
@@ -445,7 +476,90 @@ std::optional<SchedEntryStatus> Scheduler::Status(const Uuid& u) const {
   s.state = it->second.state;
   s.vruntime = it->second.vruntime - Floor();
   s.request_ns = static_cast<uint64_t>(std::llround(RequestNs(it->second)));
+  if (o_.partitioned()) {
+    s.slot_ns = Ns(SlotLength(it->second));
+    s.frame_ns = Ns(FrameLength());
+  }
   return s;
+}
+
+Scheduler::Clock::duration Scheduler::SlotLength(const Entry& e) const {
+  // slice × weight / 100; never so short that the margin is most of it.
+  const auto len = std::chrono::duration_cast<Clock::duration>(o_.slice * e.weight / 100);
+  return std::max<Clock::duration>(len, 4 * std::chrono::duration_cast<Clock::duration>(o_.partition_margin) +
+                                            std::chrono::microseconds(100));
+}
+
+Scheduler::Clock::duration Scheduler::FrameLength() const {
+  Clock::duration f{};
+  for (const auto& [u, e] : entries_) f += SlotLength(e);
+  return f;
+}
+
+Scheduler::Window Scheduler::SlotWindow(const Uuid& u, Clock::time_point t) const {
+  // Slots in UUID order from the epoch: a vGPU's place in the frame depends on which vGPUs
+  // run and their weights (the operator's), never on what any of them does.
+  Clock::duration offset{}, len{};
+  for (const auto& [v, e] : entries_) {
+    if (v == u) {
+      len = SlotLength(e);
+      break;
+    }
+    offset += SlotLength(e);
+  }
+  const Clock::duration frame = FrameLength();
+  const Clock::time_point first = epoch_.value_or(t) + offset;
+  if (t < first || frame.count() <= 0) return {first, first + len};
+  Clock::time_point start = first + frame * ((t - first) / frame);
+  if (t >= start + len) start += frame;
+  return {start, start + len};
+}
+
+Scheduler::Window Scheduler::GrantWindow(const Uuid& u, const Entry& e, Clock::time_point t) const {
+  Clock::time_point from = std::max(t, e.barred_until);
+  for (;;) {
+    const Window w = SlotWindow(u, from);
+    const Clock::time_point start = std::max(from, w.start);
+    if (start < w.end - o_.partition_margin) return {start, w.end};
+    from = w.end;  // too late in this occurrence (inside the margin, or debt): the next one
+  }
+}
+
+void Scheduler::DispatchPartitioned(Clock::time_point now) {
+  if (Count(SchedState::kRunning) > 0) return;  // one grant at a time (vgpud refuses concurrency with it)
+  for (auto& [u, e] : entries_) {
+    if (e.state != SchedState::kWaiting) continue;
+    const Window w = GrantWindow(u, e, now);
+    if (w.start > now) continue;
+    e.state = SchedState::kRunning;
+    e.grant = next_grant_++;
+    e.granted_at = now;
+    e.slot_start = SlotWindow(u, now).start;
+    e.slot_end = w.end;
+    e.preempted = false;
+    e.grant_charge_ns = 0;
+    e.stats.grants++;
+    e.stats.wait_ns += Ns(now - e.waiting_since);
+    floor_ = Floor();
+    // Always contended: one piece on the device at a time, so what runs past the preempt is
+    // one piece, and the grant goes back once idle (its slot stays its own either way).
+    e.contended_since = now;
+    e.told_contended = true;
+    a_.grant(u, e.grant, true);
+    return;
+  }
+}
+
+void Scheduler::PreemptPartitioned(Clock::time_point now) {
+  // At its slot's end less the margin, whether anyone waits or not: the next slot's owner
+  // may ask at any moment in its slot, and must find the engine free.
+  for (auto& [u, e] : entries_) {
+    if (e.state != SchedState::kRunning || e.preempted || now < e.slot_end - o_.partition_margin) continue;
+    e.preempted = true;
+    e.preempted_at = now;
+    e.stats.preemptions++;
+    a_.preempt(u, e.grant);
+  }
 }
 
 }  // namespace vg::daemon

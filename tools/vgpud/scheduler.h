@@ -47,6 +47,18 @@
 //   worker is hostile as its guest's puppet; a cooperative one cannot miss it, since its
 //   mediated device work is bounded by the executor's cost budget).
 //
+// Time-partitioned (policy `partitioned`): none of the above decides who runs. Time is a fixed
+// rotation of slots (a frame), one per running vGPU in UUID order, slice × weight / 100 long;
+// a slot is its owner's whether it has work or not, and nobody else's. The owner holds the
+// grant only inside its slot and is preempted `partition_margin` before the slot ends (its
+// worker fits its pieces before then: GateConfig::fit_pieces); a grant that runs past its
+// slot (a piece longer than the vGPU's recent ones) is charged as debt: the vGPU is not
+// granted again until its share has paid it back. What one tenant does then moves nothing
+// of another's slots: not when it may run nor how long it waits, so the load of one is not
+// something another can time (the covert channel through the shared engine; what is left
+// is a grant's overrun, bounded by one piece and paid back as debt). The price is work
+// conservation: an idle vGPU's slot stays idle.
+//
 // Pure logic on the supervisor's loop thread: the caller feeds events with the time, arms
 // one timer at NextDeadline() and carries out the actions it is given.
 
@@ -70,9 +82,13 @@ namespace vg::daemon {
 //   busy or not) and never gets more: an idle vGPU's share is kept for it, not given away.
 // - fixed-share: every running vGPU gets a share set by its type (1 / the type's
 //   max_instances), whatever else runs; never more.
-// The shares of the last two are caps the worker's GPU-time bucket enforces (the pool
-// computes them); the grant order among busy vGPUs is by weight (equal-share: equal).
-enum class SchedPolicy : uint8_t { kOff, kBestEffort, kEqualShare, kFixedShare };
+// - partitioned: a fixed rotation of time slots, one per running vGPU (slice × weight / 100
+//   long); a vGPU runs only in its own slot, used or not (see above). Not work-conserving;
+//   timing-isolated.
+// The shares of equal-share and fixed-share are caps the worker's GPU-time bucket enforces
+// (the pool computes them); the grant order among busy vGPUs is by weight (equal-share:
+// equal).
+enum class SchedPolicy : uint8_t { kOff, kBestEffort, kEqualShare, kFixedShare, kPartitioned };
 std::string_view SchedPolicyName(SchedPolicy p);
 std::optional<SchedPolicy> ParseSchedPolicy(std::string_view s);  // "weighted": best-effort
 
@@ -87,6 +103,10 @@ struct SchedOptions {
   std::chrono::nanoseconds yield_timeout{std::chrono::milliseconds(60000)};
   // vGPUs that may hold the engine at once (vgpud --sched-concurrency).
   uint32_t concurrency = 1;
+  // partitioned: the holder's preempt comes this long before its slot ends (the release's
+  // way back to the supervisor and the next grant's way out fit in it).
+  std::chrono::nanoseconds partition_margin{std::chrono::microseconds(150)};
+  bool partitioned() const { return policy == SchedPolicy::kPartitioned; }
 };
 
 struct SchedActions {
@@ -114,6 +134,11 @@ struct SchedEntryStatus {
   uint64_t wait_ns = 0;        // time spent waiting for a grant
   double vruntime = 0;         // ns / weight, relative to the scheduler's floor
   uint64_t request_ns = 0;     // what its contended grants ask for (the order's credit is slice - this)
+  // partitioned: its slot in the frame, and its grants' time past their slot's end (debt).
+  uint64_t slot_ns = 0;
+  uint64_t frame_ns = 0;
+  uint64_t overruns = 0;
+  uint64_t overrun_ns = 0;
 };
 
 class Scheduler {
@@ -146,6 +171,7 @@ class Scheduler {
   struct CommittedPreempt {
     uint64_t grant = 0;
     Clock::time_point at{};
+    std::optional<Clock::time_point> window_start;  // partitioned: the slot's start
   };
   std::optional<CommittedPreempt> CommittedPreemptAt(const Uuid& u) const;
 
@@ -172,8 +198,26 @@ class Scheduler {
     // What its contended grants use, averaged (ns; negative: none seen yet, taken as a
     // slice). A preempted grant counts a slice: it wanted more.
     double request_ns = -1;
+    // partitioned: the end of the slot it holds the grant in (kRunning), and until when it
+    // is not granted for having run past a slot's end (debt).
+    Clock::time_point slot_start{}, slot_end{};
+    Clock::time_point barred_until{};
     SchedEntryStatus stats;
   };
+  // partitioned: the frame (slots in UUID order), from the first Add on.
+  struct Window {
+    Clock::time_point start, end;  // a slot's occurrence
+  };
+  Clock::duration SlotLength(const Entry& e) const;
+  Clock::duration FrameLength() const;
+  // The occurrence of `e`'s slot that contains `t`, or its next one after `t`.
+  Window SlotWindow(const Uuid& u, Clock::time_point t) const;
+  // When `e` may next be granted, from `t` on (inside its slot, short of the margin, not
+  // barred by debt), and the slot then.
+  Window GrantWindow(const Uuid& u, const Entry& e, Clock::time_point t) const;
+  void DispatchPartitioned(Clock::time_point now);
+  void PreemptPartitioned(Clock::time_point now);
+  std::optional<Clock::time_point> epoch_;
   double Floor() const;  // the least virtual time of a busy vGPU (or the last one's)
   // Charges the holders for the time since the last event: 1/k each of k holders, while
   // any other vGPU is busy. Every event runs it first, so rates are constant in between.

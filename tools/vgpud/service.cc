@@ -459,6 +459,12 @@ struct ServiceOps {
           sj["wait_ms"] = w->sched->wait_ns / 1e6;
           sj["vruntime_ms"] = w->sched->vruntime / 1e6;
           sj["request_ms"] = w->sched->request_ns / 1e6;
+          if (w->sched->frame_ns) {  // partitioned
+            sj["slot_ms"] = w->sched->slot_ns / 1e6;
+            sj["frame_ms"] = w->sched->frame_ns / 1e6;
+            sj["overruns"] = w->sched->overruns;
+            sj["overrun_ms"] = w->sched->overrun_ns / 1e6;
+          }
         }
         j["scheduler"] = std::move(sj);
         j["sched_weight"] = sp.weight;  // effective

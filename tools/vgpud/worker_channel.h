@@ -91,7 +91,11 @@ enum class SchedConfigSlot : uint32_t {
   kIdleGraceNs,      // contended and idle this long: the grant goes back
   kFrameLimit,       // F10: scan-out commits presented per second at most, 0: none
   kSliceNs,          // the scheduler's slice: a grant younger than this keeps one piece on the device
+  kFitPieces,        // 1: a piece goes to the device only if it can complete before the grant's preempt time
 };
+// kSchedGrant's values: [0] 1 when another vGPU waits (contended); [1] the preempt time fixed
+// at the grant (steady_clock ns), 0: none; [2] when the grant's window began (partitioned:
+// its slot's start), 0: at the grant.
 // kSchedRelease's values, by slot.
 // kIdleTailNs: how long the vGPU had had no work at all when it gave an idle grant back
 // (the idle grace it waited out; the scheduler caps it at its own grace, the worker lies).

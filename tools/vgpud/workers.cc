@@ -283,9 +283,23 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::Create(event_base* base, LoopTas
       SchedActions{[raw](const Uuid& u, uint64_t grant, bool contended) {
                      ch::Record r = ch::Make(ch::Kind::kSchedGrant, grant);
                      r.values[0] = contended ? 1 : 0;
-                     if (Worker* w = raw->Find(u); w && w->channel.Valid())
+                     // A preempt time already fixed at the grant (partitioned: the slot's
+                     // end) rides with it, so the worker knows it before its first piece.
+                     const auto c = raw->sched_->CommittedPreemptAt(u);
+                     auto ns = [](Clock::time_point t) {
+                       return static_cast<uint64_t>(
+                           std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count());
+                     };
+                     if (c && c->grant == grant) {
+                       r.values[1] = ns(c->at);
+                       if (c->window_start) r.values[2] = ns(*c->window_start);
+                     }
+                     if (Worker* w = raw->Find(u); w && w->channel.Valid()) {
                        if (!ch::Send(w->channel.Get(), r))
                          VG_LOGW("worker for {}: channel full, grant {} not sent", u, grant);
+                       else if (r.values[1])
+                         w->committed_preempt_grant = grant;
+                     }
                    },
                    [raw](const Uuid& u, uint64_t grant) {
                      if (Worker* w = raw->Find(u); w && w->channel.Valid())
@@ -369,6 +383,7 @@ void WorkerPool::SendSchedConfig(Worker& w) {
   set(ch::SchedConfigSlot::kIdleGraceNs, static_cast<uint64_t>(policy_.sched.idle_grace.count()));
   set(ch::SchedConfigSlot::kFrameLimit, w.spec.sched.frame_limit);
   set(ch::SchedConfigSlot::kSliceNs, static_cast<uint64_t>(policy_.sched.slice.count()));
+  set(ch::SchedConfigSlot::kFitPieces, policy_.sched.partitioned() ? 1 : 0);
   if (!ch::Send(w.channel.Get(), r)) VG_LOGW("worker for {}: channel full, scheduling config not sent", w.spec.uuid);
 }
 
