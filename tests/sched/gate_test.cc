@@ -207,6 +207,13 @@ TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent piec
   CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
   CHECK(released(*r));
   CHECK(wants(*r) == 1);
+  // ... unless the last grant went back with nothing run: then it goes, late or not, so a
+  // vGPU whose grants always come late (a loaded host) still makes progress.
+  t = Clock::now();
+  r->sent.clear();
+  r->gate.OnGrant(4, true, t + milliseconds(3), t - milliseconds(3));
+  CHECK(r->gate.Admit(Piece(kPiece)));
+  CHECK_FALSE(released(*r));
   // Without fit_pieces (every other policy) a preempt time lets pieces go until it comes.
   auto plain = make(false);
   t = Clock::now();

@@ -238,7 +238,8 @@ bool SchedGate::Admit(const engine::Submission& s) {
   PreemptIfDueLocked(now);
   // Partitioned: a piece that would run past the grant's preempt time ends the grant here
   // (the work stays held and asks again; the supervisor grants it in its next slot).
-  if (cfg_.scheduled && cfg_.fit_pieces && granted_ && !preempting_ && !FitsLocked(now)) {
+  if (cfg_.scheduled && cfg_.fit_pieces && granted_ && !preempting_ && !FitsLocked(now, s.cost)) {
+    unfit_release_ = grant_ran_ == 0 && on_device_ == 0;
     HoldLocked(now);  // first: the release says the work is still held
     BeginPreemptLocked();
   }
@@ -285,23 +286,38 @@ bool SchedGate::Admit(const engine::Submission& s) {
   }
   ++on_device_;
   on_device_cost_ += s.cost;
+  unfit_release_ = false;
   return true;
 }
 
-bool SchedGate::FitsLocked(Clock::time_point now) const {
+bool SchedGate::FitsLocked(Clock::time_point now, uint64_t next_cost) const {
   if (!preempt_from_) return true;
-  const auto est = std::chrono::nanoseconds(piece_est_ns_);
+  // The next piece's time, at most: its cost at the slowest rate per unit seen lately, and
+  // never more than the longest piece seen lately (a small piece's fixed overhead makes its
+  // rate per unit high, which would otherwise price every big piece out of every slot).
+  const auto est = std::chrono::nanoseconds(std::min<uint64_t>(
+      piece_max_ns_, static_cast<uint64_t>(std::min(1e18, ns_per_cost_ * static_cast<double>(next_cost)))));
   if (now + est <= *preempt_from_) return true;
-  // Longer than the whole window: no grant would ever fit it. It goes first in a grant that
-  // came in the first quarter of its window, and overruns (charged as debt by the
-  // scheduler); anywhere else it waits for such a grant.
+  // It would not fit. The first piece of a grant still goes if the grant came in the first
+  // quarter of its window (a piece that needs most of a slot, or more than a whole one: the
+  // overrun is charged as debt by the scheduler), or if the last grant was given back
+  // without running anything (its grants come late: a loaded host), so every vGPU makes
+  // progress. Elsewhere it waits for such a grant.
+  if (grant_ran_ != 0 || on_device_ != 0) return false;
   const auto window = *preempt_from_ - window_start_;
-  return est > window && grant_ran_ == 0 && on_device_ == 0 && granted_at_ - window_start_ <= window / 4;
+  return granted_at_ - window_start_ <= window / 4 || unfit_release_;
 }
 
 void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
   std::lock_guard lk(mu_);
-  piece_est_ns_ = std::max(busy_ns, piece_est_ns_ - piece_est_ns_ / 16);
+  // The fit rule's estimates decay slowly (1/64 a piece): a guest's work mixes kernels of
+  // very different lengths, and a fast decay forgot the long one between its turns (a
+  // tenant cycling through the catalogue overran one grant in six).
+  piece_max_ns_ = std::max(busy_ns, piece_max_ns_ - piece_max_ns_ / 64);
+  if (cost > 0) {
+    const double per_unit = static_cast<double>(busy_ns) / static_cast<double>(cost);
+    ns_per_cost_ = std::max(per_unit, ns_per_cost_ - ns_per_cost_ / 64);
+  }
   on_device_cost_ -= std::min(on_device_cost_, cost);
   stats_.gpu_time_ns += busy_ns;
   grant_used_ns_ += busy_ns;

@@ -54,11 +54,12 @@ struct GateConfig {
   // The scheduler's slice: until its grant is this old, even an uncontended holder keeps one
   // piece on the device (0: no such rule).
   uint64_t slice_ns = 0;
-  // Partitioned scheduling: a piece goes to the device only if it completes, by the
-  // longest of the vGPU's recent pieces, before the grant's preempt time (the slot's end
-  // less a margin); otherwise the grant goes back with the work still held. The one
-  // exception is a piece longer than a whole slot, which no slot would fit: it goes as the
-  // first piece of a grant that came early in its slot, and the overrun is the vGPU's debt.
+  // Partitioned scheduling: a piece goes to the device only if it completes, by the vGPU's
+  // recent pieces (its cost at their slowest rate, at most their longest), before the
+  // grant's preempt time (the slot's end less a margin); otherwise the grant goes back with
+  // the work still held. Except the first piece of a grant that came early in its slot, or
+  // after a grant given back with nothing run: it goes whatever its length (a piece longer
+  // than a slot would otherwise never run), and an overrun is the vGPU's debt.
   bool fit_pieces = false;
   static GateConfig FromRecord(const daemon::channel::Record& r);
 };
@@ -132,7 +133,8 @@ class SchedGate final : public engine::SubmitGate {
   void MaybeIdleReleaseLocked();
   void BeginPreemptLocked();  // nothing more to the device; release once it has drained
   void PreemptIfDueLocked(Clock::time_point now);  // a preempt sent ahead whose time has come
-  bool FitsLocked(Clock::time_point now) const;  // fit_pieces: the next piece completes before the preempt
+  // fit_pieces: the next piece (of `next_cost`) completes before the preempt.
+  bool FitsLocked(Clock::time_point now, uint64_t next_cost) const;
   // Work is held for want of the grant (not by a rate limit's bucket).
   bool WantsDeviceLocked() const { return held_since_.has_value() && !rate_held_; }  // contended, nothing on the device, nothing held: give it back
   void PumpLoop();
@@ -161,8 +163,11 @@ class SchedGate final : public engine::SubmitGate {
   uint64_t grant_used_ns_ = 0;
   uint64_t grant_ran_ = 0;  // submissions completed under this grant
   Clock::time_point window_start_{};  // the grant's window (OnGrant)
-  // The longest of the vGPU's recent pieces on the device (ns), decaying by 1/16 a piece.
-  uint64_t piece_est_ns_ = 0;
+  // The longest of the vGPU's recent pieces on the device (ns), and the slowest rate per
+  // cost unit (ns), each decaying by 1/64 a piece: the fit rule's estimate of a piece.
+  uint64_t piece_max_ns_ = 0;
+  double ns_per_cost_ = 0;
+  bool unfit_release_ = false;  // the last grant went back by the fit rule, nothing run
   uint32_t on_device_ = 0;
   uint64_t on_device_cost_ = 0;  // Submission::cost of what is on the device
   std::optional<Clock::time_point> held_since_;
