@@ -139,11 +139,12 @@ int CovertSender(const std::string& path, const PathConfig& c, const std::string
 namespace {
 
 // One run: a sender process on guest 0, this process the receiver on guest 1.
-CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us, const CovertHost& host,
-                 const std::string& bits) {
+CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us, const std::string& policy,
+                 const CovertHost& host, const std::string& bits) {
   CovertRun run;
   run.path = path;
   run.granularity_us = g_us;
+  run.policy = policy;
   run.bits = static_cast<int>(bits.size());
   run.bit_us = o.bit_us;
   run.raw_bps = 1e6 / o.bit_us;
@@ -289,41 +290,50 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make
   for (int i = 0; i < o.bits; ++i) bits.push_back(rng() & 1 ? '1' : '0');
   r.probe_us = o.probe_us;
   r.reps = o.reps;
-  // Every host first, then the repetitions, each running every (granularity, path) in an order
-  // that rotates from one to the next: drift of the shared machine falls on all of them alike.
-  std::vector<std::pair<uint64_t, Result<CovertHost>>> hosts;
-  for (uint64_t g : o.granularities_us) hosts.emplace_back(g, make_host(g));
+  // Every host first, then the repetitions, each running every (host, path) in an order that
+  // rotates from one to the next: drift of the shared machine falls on all of them alike.
+  struct Host {
+    uint64_t g;
+    std::string policy;
+    Result<CovertHost> host;
+  };
+  std::vector<Host> hosts;
+  for (const std::string& pol : o.policies)
+    for (uint64_t g : o.granularities_us) hosts.push_back(Host{g, pol, make_host(g, pol)});
   std::vector<std::pair<size_t, std::string>> order;
   for (size_t h = 0; h < hosts.size(); ++h)
     for (const std::string& p : o.paths) order.emplace_back(h, p);
   for (int rep = 0; rep < o.reps && !order.empty(); ++rep) {
     std::rotate(order.begin(), order.begin() + (rep % order.size()), order.end());
     for (const auto& [h, p] : order) {
-      const uint64_t g = hosts[h].first;
+      const Host& host = hosts[h];
       if (o.progress)
-        std::fprintf(stderr, "\rvgpu-bench: covert rep %d: %s, granularity %llu us   ", rep + 1, p.c_str(),
-                     static_cast<unsigned long long>(g));
+        std::fprintf(stderr, "\rvgpu-bench: covert rep %d: %s, %s, granularity %llu us   ", rep + 1, p.c_str(),
+                     host.policy.c_str(), static_cast<unsigned long long>(host.g));
       CovertRun run;
-      if (!hosts[h].second.ok()) {
+      if (!host.host.ok()) {
         run.path = p;
-        run.granularity_us = g;
-        run.error = "vgpud: " + hosts[h].second.error().ToString();
+        run.granularity_us = host.g;
+        run.policy = host.policy;
+        run.error = "vgpud: " + host.host.error().ToString();
       } else {
-        run = RunOne(o, p, g, *hosts[h].second, bits);
+        run = RunOne(o, p, host.g, host.policy, *host.host, bits);
       }
       run.rep = rep;
       r.runs.push_back(std::move(run));
     }
   }
   if (o.progress) std::fprintf(stderr, "\n");
-  for (const auto& [g, host] : hosts)
+  for (const Host& host : hosts)
     for (const std::string& p : o.paths) {
+      const uint64_t g = host.g;
       CovertCell c;
       c.path = p;
       c.granularity_us = g;
+      c.policy = host.policy;
       std::vector<double> cap, idle, busy, rtt;
       for (const CovertRun& x : r.runs) {
-        if (x.path != p || x.granularity_us != g || !x.error.empty()) continue;
+        if (x.path != p || x.granularity_us != g || x.policy != host.policy || !x.error.empty()) continue;
         ++c.runs;
         c.payload_bits += x.payload_bits;
         c.errors += x.errors;
@@ -355,30 +365,30 @@ std::string FormatCovert(const CovertReport& r) {
   out += fmt::format("receiver's work: {}; {} repetitions, interleaved\n",
                      r.probe_us > 0 ? fmt::format("a spin of about {:.0f} us", r.probe_us) : std::string("a 4 KiB copy"),
                      r.reps);
-  out += fmt::format("{:<9} {:>8} {:>5} {:>6} {:>9} {:>7} {:>9} {:>21} {:>10} {:>10} {:>9}\n", "path", "G us", "runs",
-                     "bits", "raw b/s", "BER", "cap b/s", "cap/rep [min-max]", "idle us", "busy us", "rtt p50");
+  out += fmt::format("{:<9} {:<11} {:>8} {:>5} {:>6} {:>9} {:>7} {:>9} {:>21} {:>10} {:>10} {:>9}\n", "path",
+                     "sched", "G us", "runs", "bits", "raw b/s", "BER", "cap b/s", "cap/rep [min-max]", "idle us", "busy us", "rtt p50");
   for (const CovertCell& c : r.cells)
-    out += fmt::format("{:<9} {:>8} {:>5} {:>6} {:>9.1f} {:>7.3f} {:>9.1f} {:>21} {:>10.1f} {:>10.1f} {:>9.1f}\n",
-                       c.path, c.granularity_us, c.runs, c.payload_bits, c.raw_bps, c.ber, c.capacity_bps,
+    out += fmt::format("{:<9} {:<11} {:>8} {:>5} {:>6} {:>9.1f} {:>7.3f} {:>9.1f} {:>21} {:>10.1f} {:>10.1f} {:>9.1f}\n",
+                       c.path, c.policy, c.granularity_us, c.runs, c.payload_bits, c.raw_bps, c.ber, c.capacity_bps,
                        fmt::format("{:.1f} [{:.1f}-{:.1f}]", c.capacity_per_rep.median, c.capacity_per_rep.min,
                                    c.capacity_per_rep.max),
                        c.idle_metric_us, c.busy_metric_us, c.rtt_p50_us);
   out += "per run:\n";
-  out += fmt::format("{:<9} {:>8} {:>9} {:>7} {:>9} {:>10} {:>10} {:>10} {:>4} {:>9} {:>7} {:>7} {:>9}\n", "path",
-                     "G us", "raw b/s", "BER", "cap b/s", "idle us", "busy us", "thresh us", "pol", "rtt p50", "rtt n",
+  out += fmt::format("{:<9} {:<11} {:>8} {:>9} {:>7} {:>9} {:>10} {:>10} {:>10} {:>4} {:>9} {:>7} {:>7} {:>9}\n",
+                     "path", "sched", "G us", "raw b/s", "BER", "cap b/s", "idle us", "busy us", "thresh us", "pol", "rtt p50", "rtt n",
                      "spins", "spin us");
   for (const CovertRun& c : r.runs) {
     if (!c.error.empty()) {
-      out += fmt::format("{:<9} {:>8} COVERT RUN FAILED: {}\n", c.path, c.granularity_us, c.error);
+      out += fmt::format("{:<9} {:<11} {:>8} COVERT RUN FAILED: {}\n", c.path, c.policy, c.granularity_us, c.error);
       continue;
     }
     out += fmt::format(
-        "{:<9} {:>8} {:>9.1f} {:>7.3f} {:>9.1f} {:>10.1f} {:>10.1f} {:>10.1f} {:>4} {:>9.1f} {:>7} {:>7} {:>9.1f}\n",
-        c.path, c.granularity_us, c.raw_bps, c.ber, c.capacity_bps, c.idle_metric_us, c.busy_metric_us,
+        "{:<9} {:<11} {:>8} {:>9.1f} {:>7.3f} {:>9.1f} {:>10.1f} {:>10.1f} {:>10.1f} {:>4} {:>9.1f} {:>7} {:>7} {:>9.1f}\n",
+        c.path, c.policy, c.granularity_us, c.raw_bps, c.ber, c.capacity_bps, c.idle_metric_us, c.busy_metric_us,
         c.threshold_us, c.inverted ? "inv" : "+", c.receiver_rtt_us.p50, c.receiver_rtt_us.n, c.sender_submissions,
         c.sender_chunk_us);
   }
-  out += "(G 0: coarsening off. BER pooled over every payload bit of the repetitions, cap from it; cap/rep: each "
+  out += "(sched: the host's --sched (partitioned: time slots, the timing defence). G 0: coarsening off. BER pooled over every payload bit of the repetitions, cap from it; cap/rep: each "
          "repetition's own. idle/busy: the receiver's median round trip per bit, median over the bits the "
          "sender idled / was busy. BER over the random bits, with the polarity (pol: inv = a busy sender made "
          "the receiver faster) the known bits showed. cap: (1 - H(min(BER, 0.5))) x raw. spins: the sender's busy submissions, spin us "
@@ -398,6 +408,7 @@ nlohmann::json CovertJson(const CovertReport& r) {
   for (const CovertCell& c : r.cells)
     j["cells"].push_back({{"path", c.path},
                           {"granularity_us", c.granularity_us},
+                          {"policy", c.policy},
                           {"runs", c.runs},
                           {"payload_bits", c.payload_bits},
                           {"errors", c.errors},
@@ -413,7 +424,11 @@ nlohmann::json CovertJson(const CovertReport& r) {
                           {"receiver_rtt_p50_us", c.rtt_p50_us}});
   j["runs"] = nlohmann::json::array();
   for (const CovertRun& c : r.runs) {
-    nlohmann::json x{{"path", c.path}, {"granularity_us", c.granularity_us}, {"rep", c.rep}, {"bits", c.bits}};
+    nlohmann::json x{{"path", c.path},
+                     {"granularity_us", c.granularity_us},
+                     {"policy", c.policy},
+                     {"rep", c.rep},
+                     {"bits", c.bits}};
     if (!c.error.empty()) {
       x["error"] = c.error;
     } else {

@@ -27,6 +27,9 @@ namespace vg::bench {
 struct CovertOptions {
   std::vector<std::string> paths;             // mediated, remoting
   std::vector<uint64_t> granularities_us;     // one vgpud each; 0: coarsening off
+  // The host's scheduling policy (vgpud --sched), one vgpud per policy and granularity:
+  // best-effort (work-conserving) and partitioned (time slots: the timing defence).
+  std::vector<std::string> policies{"best-effort"};
   int bits = 64;                              // random payload bits per run, after the preamble
   double bit_us = 10000;                      // bit period
   // The receiver's unit of work: 0, a 4 KiB copy kernel (a round trip, latency-bound); else a
@@ -38,13 +41,14 @@ struct CovertOptions {
   bool progress = true;
 };
 
-// Two vGPUs of one vgpud started with --time-granularity-us `granularity_us`: guest 0 sends,
-// guest 1 receives. `keep` holds the daemon for as long as the host is in use.
+// Two vGPUs of one vgpud started with --time-granularity-us `granularity_us` and --sched
+// `policy`: guest 0 sends, guest 1 receives. `keep` holds the daemon for as long as the host
+// is in use.
 struct CovertHost {
   PathConfig sender, receiver;
   std::shared_ptr<void> keep;
 };
-using CovertHostFactory = std::function<Result<CovertHost>(uint64_t granularity_us)>;
+using CovertHostFactory = std::function<Result<CovertHost>(uint64_t granularity_us, const std::string& policy)>;
 
 // Sent before the payload, known to the receiver: it tells which way the sender's load moves
 // the receiver's timing (the decoder's polarity). Both symbols, four times each.
@@ -53,6 +57,7 @@ inline constexpr std::string_view kCovertPreamble = "10110100";
 struct CovertRun {
   std::string path;
   uint64_t granularity_us = 0;
+  std::string policy;
   int rep = 0;
   int bits = 0;              // sent, preamble included
   int payload_bits = 0;
@@ -74,11 +79,12 @@ struct CovertRun {
   std::string error;         // empty: the run completed
 };
 
-// One path at one granularity over its repetitions: the errors pooled over every payload bit
+// One path at one granularity and policy over its repetitions: the errors pooled over every payload bit
 // sent (the BER and capacity the summary reads), and the per-repetition capacity's spread.
 struct CovertCell {
   std::string path;
   uint64_t granularity_us = 0;
+  std::string policy;
   int runs = 0;  // repetitions that completed
   int payload_bits = 0, errors = 0;
   double ber = 0, raw_bps = 0, capacity_bps = 0;
@@ -95,7 +101,7 @@ struct CovertReport {
   double probe_us = 0;
   int reps = 0;
   std::vector<CovertRun> runs;    // every run, in the order they ran
-  std::vector<CovertCell> cells;  // per granularity, per path
+  std::vector<CovertCell> cells;  // per policy, granularity and path
   bool complete() const {
     if (!ran) return true;
     for (const CovertRun& r : runs)
@@ -112,7 +118,7 @@ double BinaryEntropy(double p);
 // times the rest). Which side reads 1 is the preamble's to say.
 double MedianThreshold(std::vector<double> metrics);
 
-// Runs every granularity (one host each) and every path on it.
+// Runs every policy and granularity (one host each) and every path on it.
 CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& host);
 
 // The sender process (vgpu-bench --covert-send PATH ...): prepares, says ready on `ready_fd`,

@@ -4,6 +4,7 @@
 //              [--reps N] [--iters N] [--gpu NAME|INDEX] [--out DIR] [--json FILE] [--csv FILE]
 //              [--qemu BIN] [--qemu-firmware DIR] [--lifecycle-cycles N] [--idle-workers K]
 //              [--covert-bits N] [--covert-bit-us P] [--covert-granularities-us 0,100]
+//              [--covert-policies best-effort,partitioned]
 // Paths: native, mediated (ioeventfd doorbell), mediated-mmio (RING_TAIL REGION_WRITE),
 // mediated-qemu (a real QEMU's vfio-user-pci under qtest: needs --qemu or VGPUD_QEMU,
 // skipped with a note otherwise), remoting. The ablations run more mediated rows beside
@@ -554,14 +555,14 @@ void Summarize(StudyReport& r, const std::vector<std::string>& paths) {
   if (r.covert.ran) {
     for (const CovertRun& c : r.covert.runs)
       if (!c.error.empty())
-        s.push_back(fmt::format("COVERT RUN FAILED: {} at granularity {} us, rep {}: {}", c.path, c.granularity_us,
-                                c.rep + 1, c.error));
+        s.push_back(fmt::format("COVERT RUN FAILED: {} under {} at granularity {} us, rep {}: {}", c.path, c.policy,
+                                c.granularity_us, c.rep + 1, c.error));
     for (const CovertCell& c : r.covert.cells) {
       if (!c.runs) continue;
-      s.push_back(fmt::format("covert channel, {}, time granularity {}: {:.1f} bit/s raw, BER {:.3f} ({} of {} bits "
-                              "over {} runs), capacity {:.1f} bit/s (per run {:.1f} [{:.1f}-{:.1f}]); receiver p50 "
-                              "round trip {:.1f} us",
-                              c.path, c.granularity_us ? fmt::format("{} us", c.granularity_us) : std::string("off"),
+      s.push_back(fmt::format("covert channel, {}, {}, time granularity {}: {:.1f} bit/s raw, BER {:.3f} ({} of {} "
+                              "bits over {} runs), capacity {:.1f} bit/s (per run {:.1f} [{:.1f}-{:.1f}]); receiver "
+                              "p50 round trip {:.1f} us",
+                              c.path, c.policy, c.granularity_us ? fmt::format("{} us", c.granularity_us) : std::string("off"),
                               c.raw_bps, c.ber, c.errors, c.payload_bits, c.runs, c.capacity_bps,
                               c.capacity_per_rep.median, c.capacity_per_rep.min, c.capacity_per_rep.max,
                               c.rtt_p50_us));
@@ -668,6 +669,10 @@ int main(int argc, char** argv) {
   double covert_probe_us = 0;
   app.add_option("--covert-probe-us", covert_probe_us,
                  "covert: the receiver's work, 0: a 4 KiB copy; else a spin of about this many us")
+      ->capture_default_str();
+  std::string covert_policies = "best-effort,partitioned";
+  app.add_option("--covert-policies", covert_policies,
+                 "covert: one vgpud per --sched policy (and granularity): best-effort, partitioned, ...")
       ->capture_default_str();
   app.add_option("--covert-granularities-us", covert_granularities,
                  "covert: one vgpud per --time-granularity-us value (0: coarsening off)")
@@ -794,14 +799,22 @@ int main(int argc, char** argv) {
       co.granularities_us.push_back(v);
     }
     std::sort(co.granularities_us.begin(), co.granularities_us.end());
+    co.policies.clear();
+    for (const auto& p : Split(covert_policies)) {
+      if (p != "best-effort" && p != "partitioned" && p != "equal-share" && p != "fixed-share" && p != "off") {
+        std::fprintf(stderr, "vgpu-bench: --covert-policies: '%s' is not a vgpud --sched policy\n", p.c_str());
+        return 2;
+      }
+      co.policies.push_back(p);
+    }
     co.bits = covert_bits > 0 ? covert_bits : smoke ? 16 : full ? 128 : 64;
     co.reps = covert_reps > 0 ? covert_reps : smoke ? 1 : full ? 5 : 3;
     co.bit_us = covert_bit_us;
     co.probe_us = covert_probe_us;
     co.progress = o.progress;
-    auto make_host = [&](uint64_t g_us) -> Result<CovertHost> {
-      VG_TRY_ASSIGN(auto cd, StartDaemon(vgpud, {"small", "small"}, gpu, fmt::format("-covert-{}", g_us),
-                                         {"--time-granularity-us", std::to_string(g_us)}));
+    auto make_host = [&](uint64_t g_us, const std::string& policy) -> Result<CovertHost> {
+      VG_TRY_ASSIGN(auto cd, StartDaemon(vgpud, {"small", "small"}, gpu, fmt::format("-covert-{}-{}", policy, g_us),
+                                         {"--time-granularity-us", std::to_string(g_us), "--sched", policy}));
       std::shared_ptr<DaemonProc> keep(std::move(cd));
       CovertHost h;
       h.sender = PathConfig{keep->Socket(0), keep->RemoteSocket(0), keep->pid, gpu, co.guest_ram};
