@@ -142,12 +142,15 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   CHECK(l["supervisor"]["rss_bytes"].get<uint64_t>() > 0);
   CHECK(text.find("== lifecycle") != std::string::npos);
   CHECK(std::filesystem::exists(out / "lifecycle.csv"));
-  // The covert group (F7): a channel between two vGPUs, time coarsening off and on.
+  // The covert group (F7): a channel between two vGPUs, time coarsening off and on, under
+  // the work-conserving policy and the time-partitioned one.
   REQUIRE(j.contains("covert"));
   const auto& cv = j["covert"];
   CHECK(cv["complete"] == true);
   std::set<uint64_t> granularities;
+  std::set<std::string> policies;
   for (const auto& run : cv["runs"]) {
+    policies.insert(run["policy"].get<std::string>());
     CHECK_FALSE(run.contains("error"));
     CHECK(run["ber"].get<double>() >= 0);
     CHECK(run["ber"].get<double>() <= 1);
@@ -156,6 +159,7 @@ TEST_CASE("vgpu-bench --smoke: every path produces results equal to the referenc
   }
   CHECK(granularities.count(0) == 1);
   CHECK(granularities.size() >= 2);
+  CHECK(policies == std::set<std::string>{"best-effort", "partitioned"});
   CHECK(text.find("== covert channel") != std::string::npos);
   std::filesystem::remove_all(out);
   std::filesystem::remove(out.string() + ".txt");

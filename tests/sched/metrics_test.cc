@@ -463,6 +463,13 @@ TEST_CASE("the page: every counter of the channel's table, label values escaped,
   std::array<uint64_t, 32> values{};
   for (size_t i = 0; i < values.size(); ++i) values[i] = 1000000007ull * (i + 1);
   a.status.counters = values;
+  daemon::SchedEntryStatus sched;
+  sched.state = daemon::SchedState::kWaiting;
+  sched.grants = 12;
+  sched.wait_ns = 2'500'000'000;
+  sched.overruns = 3;
+  sched.overrun_ns = 4'000'000;
+  a.status.sched = sched;
   daemon::VgpuSample b{kB, {}};
   b.status.type = "vgpud-small";
   b.status.state = "restarting";  // no pong yet: no counters
@@ -477,6 +484,14 @@ TEST_CASE("the page: every counter of the channel's table, label values escaped,
   CHECK(e.Get("vgpud_worker_heartbeat_age_seconds", {{"uuid", kA}}) == 0.042);
   CHECK(!e.Get("vgpud_worker_heartbeat_age_seconds", {{"uuid", kB}}));
   CHECK(e.Get("vgpud_scrape_duration_seconds") == 0.00025);
+  // The supervisor's scheduler, for the vGPU it knows (B: none).
+  CHECK(e.Get("vgpud_sched_state", {{"uuid", kA}, {"state", "waiting"}}) == 1.0);
+  CHECK(e.Get("vgpud_sched_state", {{"uuid", kA}, {"state", "running"}}) == 0.0);
+  CHECK(e.Get("vgpud_sched_grants_total", {{"uuid", kA}}) == 12.0);
+  CHECK(e.Get("vgpud_sched_wait_seconds_total", {{"uuid", kA}}) == 2.5);
+  CHECK(e.Get("vgpud_sched_overruns_total", {{"uuid", kA}}) == 3.0);
+  CHECK(e.Get("vgpud_sched_overrun_seconds_total", {{"uuid", kA}}) == 0.004);
+  CHECK(!e.Get("vgpud_sched_grants_total", {{"uuid", kB}}));
   for (const ch::CounterName& c : ch::kCounterNames) {
     INFO(c.name);
     REQUIRE(e.families.count(MetricName(c)) == 1);

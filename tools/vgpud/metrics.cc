@@ -222,6 +222,36 @@ std::string RenderMetrics(const DaemonSample& d, const std::vector<VgpuSample>& 
     if (v.status.start_latency_us)
       p.Sample(VgpuLabels(v, d.parent), Num(static_cast<double>(v.status.start_latency_us) / 1e6));
 
+  // Per vGPU: the supervisor's scheduler (present while the worker runs under --sched).
+  p.Family("vgpud_sched_state", "gauge", "The vGPU's state in the host scheduler: 1 for the current one.");
+  for (const VgpuSample& v : vgpus)
+    if (v.status.sched)
+      for (SchedState st : {SchedState::kIdle, SchedState::kWaiting, SchedState::kRunning})
+        p.Sample(VgpuLabels(v, d.parent) + "," + Label("state", SchedStateName(st)), v.status.sched->state == st ? "1" : "0");
+  struct SchedCounter {
+    std::string_view name, help;
+    double (*get)(const SchedEntryStatus&);
+  };
+  static constexpr SchedCounter kSched[] = {
+      {"vgpud_sched_grants_total", "Grants of the engine the scheduler gave the vGPU.",
+       [](const SchedEntryStatus& s) { return static_cast<double>(s.grants); }},
+      {"vgpud_sched_preemptions_total", "Grants the scheduler asked the vGPU to yield.",
+       [](const SchedEntryStatus& s) { return static_cast<double>(s.preemptions); }},
+      {"vgpud_sched_wait_seconds_total", "Time the vGPU waited for a grant.",
+       [](const SchedEntryStatus& s) { return static_cast<double>(s.wait_ns) / 1e9; }},
+      {"vgpud_sched_charged_seconds_total", "Engine time charged to the vGPU while others wanted it.",
+       [](const SchedEntryStatus& s) { return static_cast<double>(s.charged_ns) / 1e9; }},
+      {"vgpud_sched_overruns_total", "--sched partitioned: grants that ran past the vGPU's slot (debt).",
+       [](const SchedEntryStatus& s) { return static_cast<double>(s.overruns); }},
+      {"vgpud_sched_overrun_seconds_total", "--sched partitioned: time the vGPU's grants ran past its slots.",
+       [](const SchedEntryStatus& s) { return static_cast<double>(s.overrun_ns) / 1e9; }},
+  };
+  for (const SchedCounter& c : kSched) {
+    p.Family(c.name, "counter", c.help);
+    for (const VgpuSample& v : vgpus)
+      if (v.status.sched) p.Sample(VgpuLabels(v, d.parent), Num(c.get(*v.status.sched)));
+  }
+
   // Per vGPU: what the worker reported in its last pong, one family per entry of the
   // channel's table. A vGPU without a pong yet (starting, restarting) has no samples: a
   // restarted worker's counters start again at 0, which Prometheus' rate() treats as a reset.
