@@ -214,6 +214,19 @@ TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent piec
   r->gate.OnGrant(4, true, t + milliseconds(3), t - milliseconds(3));
   CHECK(r->gate.Admit(Piece(kPiece)));
   CHECK_FALSE(released(*r));
+  // Small pieces, then one far dearer: estimated at its cost (at their rate), not at their
+  // length; else a guest could have a long piece admitted at its slot's end on purpose.
+  auto big = make(true);
+  t = Clock::now();
+  big->gate.OnGrant(1, true, t + milliseconds(40), t);
+  for (int i = 0; i < 8; ++i) {
+    REQUIRE(big->gate.Admit(Piece(4096)));
+    big->gate.Ran(100'000, true, 4096);  // 0.1 ms each
+  }
+  CHECK(big->gate.Admit(Piece(4096)));  // its like still fits
+  big->gate.Ran(100'000, true, 4096);
+  CHECK_FALSE(big->gate.Admit(Piece(4096 * 1000)));  // about 100 ms at that rate: not in 40
+  CHECK(released(*big));
   // Without fit_pieces (every other policy) a preempt time lets pieces go until it comes.
   auto plain = make(false);
   t = Clock::now();

@@ -292,11 +292,16 @@ bool SchedGate::Admit(const engine::Submission& s) {
 
 bool SchedGate::FitsLocked(Clock::time_point now, uint64_t next_cost) const {
   if (!preempt_from_) return true;
-  // The next piece's time, at most: its cost at the slowest rate per unit seen lately, and
-  // never more than the longest piece seen lately (a small piece's fixed overhead makes its
-  // rate per unit high, which would otherwise price every big piece out of every slot).
-  const auto est = std::chrono::nanoseconds(std::min<uint64_t>(
-      piece_max_ns_, static_cast<uint64_t>(std::min(1e18, ns_per_cost_ * static_cast<double>(next_cost)))));
+  // The next piece's time, at most: its cost at the slowest rate per unit seen lately; for
+  // a piece no dearer than the dearest seen lately, never more than the longest piece seen
+  // lately (a small piece's fixed overhead makes its rate per unit high, which would
+  // otherwise price every big piece out of every slot). A piece dearer than any lately gets
+  // no such cap: a guest that ran small pieces and then one big one would otherwise have it
+  // estimated at its small ones' length, and overrun its slot on purpose by the difference.
+  const double by_rate = std::min(1e18, ns_per_cost_ * static_cast<double>(next_cost));
+  const auto est = std::chrono::nanoseconds(
+      next_cost <= cost_max_ ? std::min<uint64_t>(piece_max_ns_, static_cast<uint64_t>(by_rate))
+                             : static_cast<uint64_t>(by_rate));
   if (now + est <= *preempt_from_) return true;
   // It would not fit. The first piece of a grant still goes if the grant came in the first
   // quarter of its window (a piece that needs most of a slot, or more than a whole one: the
@@ -314,6 +319,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
   // very different lengths, and a fast decay forgot the long one between its turns (a
   // tenant cycling through the catalogue overran one grant in six).
   piece_max_ns_ = std::max(busy_ns, piece_max_ns_ - piece_max_ns_ / 64);
+  cost_max_ = std::max(cost, cost_max_ - cost_max_ / 64);
   if (cost > 0) {
     const double per_unit = static_cast<double>(busy_ns) / static_cast<double>(cost);
     ns_per_cost_ = std::max(per_unit, ns_per_cost_ - ns_per_cost_ / 64);

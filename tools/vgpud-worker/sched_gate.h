@@ -55,7 +55,8 @@ struct GateConfig {
   // piece on the device (0: no such rule).
   uint64_t slice_ns = 0;
   // Partitioned scheduling: a piece goes to the device only if it completes, by the vGPU's
-  // recent pieces (its cost at their slowest rate, at most their longest), before the
+  // recent pieces (its cost at their slowest rate; at most their longest unless it is dearer
+  // than all of them), before the
   // grant's preempt time (the slot's end less a margin); otherwise the grant goes back with
   // the work still held. Except the first piece of a grant that came early in its slot, or
   // after a grant given back with nothing run: it goes whatever its length (a piece longer
@@ -163,9 +164,10 @@ class SchedGate final : public engine::SubmitGate {
   uint64_t grant_used_ns_ = 0;
   uint64_t grant_ran_ = 0;  // submissions completed under this grant
   Clock::time_point window_start_{};  // the grant's window (OnGrant)
-  // The longest of the vGPU's recent pieces on the device (ns), and the slowest rate per
-  // cost unit (ns), each decaying by 1/64 a piece: the fit rule's estimate of a piece.
+  // The longest of the vGPU's recent pieces on the device (ns), the dearest (cost), and the
+  // slowest rate per cost unit (ns), each decaying by 1/64 a piece: the fit rule's estimate.
   uint64_t piece_max_ns_ = 0;
+  uint64_t cost_max_ = 0;
   double ns_per_cost_ = 0;
   bool unfit_release_ = false;  // the last grant went back by the fit rule, nothing run
   uint32_t on_device_ = 0;
