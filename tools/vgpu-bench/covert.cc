@@ -35,10 +35,12 @@ Result<std::unique_ptr<Path>> MakeCovertPath(const std::string& path, const Path
   return MakeError(Errc::kInvalidArgument, "covert: no path '{}' (mediated, remoting)", path);
 }
 
-Workload SpinWork(uint32_t iterations) {
-  Workload w{"covert", fmt::format("spin {}", iterations), Kind::kKernel};
-  w.sample = shaders::MakeSample(shaders::KernelId::kSpin, 4096, 1);
-  shaders::SpinPush p{4096, iterations, 1};
+// `elements`: 4096, sixteen workgroups the executor may cut into pieces; 256, one workgroup,
+// a piece that cannot be cut.
+Workload SpinWork(uint32_t iterations, uint32_t elements = 4096) {
+  Workload w{"covert", fmt::format("spin {}x{}", elements, iterations), Kind::kKernel};
+  w.sample = shaders::MakeSample(shaders::KernelId::kSpin, elements, 1);
+  shaders::SpinPush p{elements, iterations, 1};
   w.sample.push.assign(shaders::PushBytes(p).begin(), shaders::PushBytes(p).end());
   return w;
 }
@@ -59,9 +61,9 @@ Workload ProbeWork() {
 // The sender's unit of busy work: a spin of about a quarter of a bit period (timed on its own
 // vGPU before the run), so a busy bit is a few submissions back to back and the last one
 // overruns its bit by little.
-Result<uint32_t> SizeChunk(Path& p, double chunk_us, Workload& w) {
+Result<uint32_t> SizeChunk(Path& p, double chunk_us, Workload& w, uint32_t elements = 4096) {
   auto time_of = [&](uint32_t iters) -> Result<double> {
-    w = SpinWork(iters);
+    w = SpinWork(iters, elements);
     VG_TRY(p.Prepare(w));
     double best = 1e30;
     for (int i = 0; i < 3; ++i) {
@@ -94,7 +96,8 @@ double MedianThreshold(std::vector<double> metrics) {
 }
 
 int CovertSender(const std::string& path, const PathConfig& c, const std::string& bits, double bit_us, int ready_fd,
-                 int go_fd) {
+                 int go_fd, const std::string& mode) {
+  const bool overrun = mode == "overrun";
   auto p = MakeCovertPath(path, c);
   for (int i = 0; i < 100 && !p.ok(); ++i) {  // the vGPU's last client may still be leaving
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -105,12 +108,15 @@ int CovertSender(const std::string& path, const PathConfig& c, const std::string
     return 3;
   }
   Workload w;
-  auto iters = SizeChunk(**p, bit_us / 4, w);
+  // load: spins of a quarter of a bit, cut into pieces, back to back. overrun: one spin of a
+  // single workgroup (a piece nothing can cut) of 0.4 of a bit, longer than a time slot.
+  const uint32_t elements = overrun ? 256 : 4096;
+  auto iters = SizeChunk(**p, overrun ? bit_us * 0.4 : bit_us / 4, w, elements);
   if (!iters.ok()) {
     std::fprintf(stderr, "vgpu-bench covert sender: %s\n", iters.error().ToString().c_str());
     return 4;
   }
-  w = SpinWork(*iters);
+  w = SpinWork(*iters, elements);
   if (!(*p)->Prepare(w).ok() || !(*p)->RunOnce().ok()) return 4;
   char b = 'r';
   uint64_t t0 = 0;
@@ -122,6 +128,12 @@ int CovertSender(const std::string& path, const PathConfig& c, const std::string
     const uint64_t end = t0 + (i + 1) * period;
     SleepUntilNs(t0 + i * period);
     if (bits[i] != '1') continue;
+    if (overrun) {  // one long piece at the bit's start
+      const uint64_t st = NowNs();
+      if (!(*p)->RunOnce().ok()) return 6;
+      chunks_us.push_back(static_cast<double>(NowNs() - st) / 1000);
+      continue;
+    }
     while (NowNs() + static_cast<uint64_t>(chunk_ns / 2) < end) {
       const uint64_t s = NowNs();
       if (!(*p)->RunOnce().ok()) return 6;
@@ -178,7 +190,8 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
     std::vector<std::string> a{self, "--covert-send", path, "--socket", c.socket, "--remote-socket", c.remote_socket,
                                "--covert-bit-string", bits, "--covert-bit-us", fmt::format("{}", o.bit_us),
                                "--ready-fd", std::to_string(ready[1]), "--go-fd", std::to_string(go[0]),
-                               "--guest-ram-mib", std::to_string(o.guest_ram >> 20)};
+                               "--guest-ram-mib", std::to_string(o.guest_ram >> 20), "--covert-sender",
+                               o.sender};
     if (!c.gpu.empty()) a.insert(a.end(), {"--gpu", c.gpu});
     std::vector<char*> argv;
     for (auto& s : a) argv.push_back(s.data());
@@ -238,11 +251,13 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
   if (auto out = (*rx)->ReadBack(); !out.ok() || !shaders::CheckSample(probe.sample, *out).ok())
     return fail("the receiver's work differs from the CPU reference");
 
-  // Per bit: the median round trip of the receiver's work that completed in the bit's window,
-  // after a guard of a tenth of the period (the sender's last chunk of a busy bit may run
-  // over); the median, so one hiccup of the machine does not decide a bit. A window with no
-  // completion at all reads as the whole window.
-  std::vector<double> metric(bits.size(), 0), rtts;
+  // Per bit, two metrics of the receiver's work that completed in the bit's window, after a
+  // guard of a tenth of the period (the sender's last chunk of a busy bit may run over): the
+  // median round trip, so one hiccup of the machine does not decide a bit; and the longest,
+  // which sees a single late grant (a sender that overruns its time slot once a bit delays a
+  // few round trips, not the median). A window with no completion reads as the whole window
+  // for both.
+  std::vector<double> metric(bits.size(), 0), longest(bits.size(), 0), rtts;
   const uint64_t guard = period / 10;
   size_t k = 0;
   for (size_t i = 0; i < bits.size(); ++i) {
@@ -250,30 +265,45 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
     std::vector<double> in;
     for (; k < samples.size() && samples[k].done_ns < hi; ++k)
       if (samples[k].done_ns >= lo) in.push_back(samples[k].rtt_us);
-    metric[i] = in.empty() ? static_cast<double>(hi - lo) / 1000.0 : Summarize(std::move(in)).p50;
+    const double whole = static_cast<double>(hi - lo) / 1000.0;
+    longest[i] = in.empty() ? whole : *std::max_element(in.begin(), in.end());
+    metric[i] = in.empty() ? whole : Summarize(std::move(in)).p50;
   }
   for (const Sample& s : samples) rtts.push_back(s.rtt_us);
   run.receiver_rtt_us = Summarize(rtts);
-  run.threshold_us = MedianThreshold(metric);
-  // The polarity from the preamble: a busy sender may make the receiver's work faster, not
-  // slower (a machine whose idle cores sleep deeper), and a receiver that knows the preamble
-  // learns which. Errors count over the payload only.
-  int preamble_wrong = 0;
-  for (size_t i = 0; i < kCovertPreamble.size(); ++i)
-    preamble_wrong += (metric[i] > run.threshold_us) != (bits[i] == '1');
-  run.inverted = 2 * preamble_wrong > static_cast<int>(kCovertPreamble.size());
+  // Each metric decoded alike: the threshold is the median of its per-bit values; the
+  // polarity comes from the preamble (a busy sender may make the receiver's work faster, not
+  // slower: a machine whose idle cores sleep deeper); errors count over the payload only.
+  struct Decoded {
+    double threshold = 0;
+    bool inverted = false;
+    int errors = 0;
+  };
+  auto decode = [&](const std::vector<double>& m) {
+    Decoded d;
+    d.threshold = MedianThreshold(m);
+    int preamble_wrong = 0;
+    for (size_t i = 0; i < kCovertPreamble.size(); ++i) preamble_wrong += (m[i] > d.threshold) != (bits[i] == '1');
+    d.inverted = 2 * preamble_wrong > static_cast<int>(kCovertPreamble.size());
+    for (size_t i = kCovertPreamble.size(); i < bits.size(); ++i)
+      d.errors += ((m[i] > d.threshold) != d.inverted) != (bits[i] == '1');
+    return d;
+  };
+  const Decoded by_median = decode(metric), by_longest = decode(longest);
+  run.threshold_us = by_median.threshold;
+  run.inverted = by_median.inverted;
+  run.errors = by_median.errors;
+  run.errors_longest = by_longest.errors;
   std::vector<double> idle, busy;
-  for (size_t i = 0; i < bits.size(); ++i) {
-    const bool one = bits[i] == '1';
-    (one ? busy : idle).push_back(metric[i]);
-    if (i >= kCovertPreamble.size()) run.errors += ((metric[i] > run.threshold_us) != run.inverted) != one;
-  }
+  for (size_t i = 0; i < bits.size(); ++i) (bits[i] == '1' ? busy : idle).push_back(metric[i]);
   run.idle_metric_us = idle.empty() ? 0 : Summarize(idle).p50;
   run.busy_metric_us = busy.empty() ? 0 : Summarize(busy).p50;
   run.payload_bits = run.bits - static_cast<int>(kCovertPreamble.size());
   run.ber = run.payload_bits > 0 ? static_cast<double>(run.errors) / run.payload_bits : 0;
+  run.ber_longest = run.payload_bits > 0 ? static_cast<double>(run.errors_longest) / run.payload_bits : 0;
   // Worse than chance after the preamble chose the polarity: noise, it carries nothing.
-  run.capacity_bps = (1 - BinaryEntropy(std::min(run.ber, 0.5))) * run.raw_bps;
+  // The capacity is the better decoder's (an attacker uses whichever works).
+  run.capacity_bps = (1 - BinaryEntropy(std::min(std::min(run.ber, run.ber_longest), 0.5))) * run.raw_bps;
   return run;
 }
 
@@ -289,6 +319,7 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make
   std::string bits(kCovertPreamble);
   for (int i = 0; i < o.bits; ++i) bits.push_back(rng() & 1 ? '1' : '0');
   r.probe_us = o.probe_us;
+  r.sender = o.sender;
   r.reps = o.reps;
   // Every host first, then the repetitions, each running every (host, path) in an order that
   // rotates from one to the next: drift of the shared machine falls on all of them alike.
@@ -337,6 +368,7 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make
         ++c.runs;
         c.payload_bits += x.payload_bits;
         c.errors += x.errors;
+        c.errors_longest += x.errors_longest;
         c.raw_bps = x.raw_bps;
         cap.push_back(x.capacity_bps);
         idle.push_back(x.idle_metric_us);
@@ -345,7 +377,8 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make
       }
       if (c.runs) {
         c.ber = static_cast<double>(c.errors) / std::max(c.payload_bits, 1);
-        c.capacity_bps = (1 - BinaryEntropy(std::min(c.ber, 0.5))) * c.raw_bps;
+        c.ber_longest = static_cast<double>(c.errors_longest) / std::max(c.payload_bits, 1);
+        c.capacity_bps = (1 - BinaryEntropy(std::min(std::min(c.ber, c.ber_longest), 0.5))) * c.raw_bps;
         c.capacity_per_rep = SummarizeRatio(cap);
         c.idle_metric_us = SummarizeRatio(idle).median;
         c.busy_metric_us = SummarizeRatio(busy).median;
@@ -359,40 +392,45 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make
 std::string FormatCovert(const CovertReport& r) {
   if (!r.ran) return "";
   std::string out = fmt::format(
-      "\n== covert channel: {} known + {} random bits at {:.1f} ms a bit, sender busy/idle, receiver timing its own "
+      "\n== covert channel: {} known + {} random bits at {:.1f} ms a bit, sender {} / idle, receiver timing its own "
       "work\n",
-      r.preamble, r.bits, r.bit_us / 1000);
+      r.preamble, r.bits, r.bit_us / 1000,
+      r.sender == "overrun" ? "overrunning its slot (one piece nothing can cut)" : "busy (back to back)");
   out += fmt::format("receiver's work: {}; {} repetitions, interleaved\n",
                      r.probe_us > 0 ? fmt::format("a spin of about {:.0f} us", r.probe_us) : std::string("a 4 KiB copy"),
                      r.reps);
-  out += fmt::format("{:<9} {:<11} {:>8} {:>5} {:>6} {:>9} {:>7} {:>9} {:>21} {:>10} {:>10} {:>9}\n", "path",
-                     "sched", "G us", "runs", "bits", "raw b/s", "BER", "cap b/s", "cap/rep [min-max]", "idle us", "busy us", "rtt p50");
+  out += fmt::format("{:<9} {:<11} {:>8} {:>5} {:>6} {:>9} {:>7} {:>7} {:>9} {:>21} {:>10} {:>10} {:>9}\n", "path",
+                     "sched", "G us", "runs", "bits", "raw b/s", "BER", "BER max", "cap b/s", "cap/rep [min-max]",
+                     "idle us", "busy us", "rtt p50");
   for (const CovertCell& c : r.cells)
-    out += fmt::format("{:<9} {:<11} {:>8} {:>5} {:>6} {:>9.1f} {:>7.3f} {:>9.1f} {:>21} {:>10.1f} {:>10.1f} {:>9.1f}\n",
-                       c.path, c.policy, c.granularity_us, c.runs, c.payload_bits, c.raw_bps, c.ber, c.capacity_bps,
-                       fmt::format("{:.1f} [{:.1f}-{:.1f}]", c.capacity_per_rep.median, c.capacity_per_rep.min,
-                                   c.capacity_per_rep.max),
-                       c.idle_metric_us, c.busy_metric_us, c.rtt_p50_us);
+    out += fmt::format(
+        "{:<9} {:<11} {:>8} {:>5} {:>6} {:>9.1f} {:>7.3f} {:>7.3f} {:>9.1f} {:>21} {:>10.1f} {:>10.1f} {:>9.1f}\n",
+        c.path, c.policy, c.granularity_us, c.runs, c.payload_bits, c.raw_bps, c.ber, c.ber_longest, c.capacity_bps,
+        fmt::format("{:.1f} [{:.1f}-{:.1f}]", c.capacity_per_rep.median, c.capacity_per_rep.min, c.capacity_per_rep.max),
+        c.idle_metric_us, c.busy_metric_us, c.rtt_p50_us);
   out += "per run:\n";
-  out += fmt::format("{:<9} {:<11} {:>8} {:>9} {:>7} {:>9} {:>10} {:>10} {:>10} {:>4} {:>9} {:>7} {:>7} {:>9}\n",
-                     "path", "sched", "G us", "raw b/s", "BER", "cap b/s", "idle us", "busy us", "thresh us", "pol", "rtt p50", "rtt n",
-                     "spins", "spin us");
+  out += fmt::format("{:<9} {:<11} {:>8} {:>9} {:>7} {:>7} {:>9} {:>10} {:>10} {:>10} {:>4} {:>9} {:>7} {:>7} {:>9}\n",
+                     "path", "sched", "G us", "raw b/s", "BER", "BER max", "cap b/s", "idle us", "busy us", "thresh us",
+                     "pol", "rtt p50", "rtt n", "spins", "spin us");
   for (const CovertRun& c : r.runs) {
     if (!c.error.empty()) {
       out += fmt::format("{:<9} {:<11} {:>8} COVERT RUN FAILED: {}\n", c.path, c.policy, c.granularity_us, c.error);
       continue;
     }
     out += fmt::format(
-        "{:<9} {:<11} {:>8} {:>9.1f} {:>7.3f} {:>9.1f} {:>10.1f} {:>10.1f} {:>10.1f} {:>4} {:>9.1f} {:>7} {:>7} {:>9.1f}\n",
-        c.path, c.policy, c.granularity_us, c.raw_bps, c.ber, c.capacity_bps, c.idle_metric_us, c.busy_metric_us,
-        c.threshold_us, c.inverted ? "inv" : "+", c.receiver_rtt_us.p50, c.receiver_rtt_us.n, c.sender_submissions,
-        c.sender_chunk_us);
+        "{:<9} {:<11} {:>8} {:>9.1f} {:>7.3f} {:>7.3f} {:>9.1f} {:>10.1f} {:>10.1f} {:>10.1f} {:>4} {:>9.1f} {:>7} {:>7} "
+        "{:>9.1f}\n",
+        c.path, c.policy, c.granularity_us, c.raw_bps, c.ber, c.ber_longest, c.capacity_bps, c.idle_metric_us,
+        c.busy_metric_us, c.threshold_us, c.inverted ? "inv" : "+", c.receiver_rtt_us.p50, c.receiver_rtt_us.n,
+        c.sender_submissions, c.sender_chunk_us);
   }
-  out += "(sched: the host's --sched (partitioned: time slots, the timing defence). G 0: coarsening off. BER pooled over every payload bit of the repetitions, cap from it; cap/rep: each "
-         "repetition's own. idle/busy: the receiver's median round trip per bit, median over the bits the "
-         "sender idled / was busy. BER over the random bits, with the polarity (pol: inv = a busy sender made "
-         "the receiver faster) the known bits showed. cap: (1 - H(min(BER, 0.5))) x raw. spins: the sender's busy submissions, spin us "
-         "their p50 as it saw them)\n";
+  out += "(sched: the host's --sched (partitioned: time slots, the timing defence). G 0: coarsening off. BER: the "
+         "median decoder (per bit, the receiver's median round trip), BER max: the longest-round-trip decoder, each "
+         "pooled over every payload bit of the repetitions; cap from the better of the two (chosen knowing the "
+         "payload: an upper bound); cap/rep: each repetition's own. idle/busy: the receiver's median round trip per "
+         "bit, median over the bits the sender idled / was busy. Polarity (pol: inv = a busy sender made the "
+         "receiver faster) from the known bits. cap: (1 - H(min(BER, 0.5))) x raw. spins: the sender's busy "
+         "submissions, spin us their p50 as it saw them)\n";
   return out;
 }
 
@@ -403,6 +441,7 @@ nlohmann::json CovertJson(const CovertReport& r) {
   j["bit_us"] = r.bit_us;
   j["complete"] = r.complete();
   j["probe_us"] = r.probe_us;
+  j["sender"] = r.sender;
   j["reps"] = r.reps;
   j["cells"] = nlohmann::json::array();
   for (const CovertCell& c : r.cells)
@@ -413,6 +452,8 @@ nlohmann::json CovertJson(const CovertReport& r) {
                           {"payload_bits", c.payload_bits},
                           {"errors", c.errors},
                           {"ber", c.ber},
+                          {"ber_longest", c.ber_longest},
+                          {"errors_longest", c.errors_longest},
                           {"raw_bps", c.raw_bps},
                           {"capacity_bps", c.capacity_bps},
                           {"capacity_per_rep", {{"median", c.capacity_per_rep.median},
@@ -437,6 +478,8 @@ nlohmann::json CovertJson(const CovertReport& r) {
                 {"inverted", c.inverted},
                 {"raw_bps", c.raw_bps},
                 {"ber", c.ber},
+                {"errors_longest", c.errors_longest},
+                {"ber_longest", c.ber_longest},
                 {"capacity_bps", c.capacity_bps},
                 {"idle_metric_us", c.idle_metric_us},
                 {"busy_metric_us", c.busy_metric_us},

@@ -38,6 +38,10 @@ struct CovertOptions {
   int reps = 3;                               // runs per path and granularity, interleaved
   uint32_t seed = 1;
   uint64_t guest_ram = 32ull << 20;
+  // The sender's busy symbol: "load", spins of a quarter of a bit, cut into pieces, back to
+  // back; "overrun", one spin of a single workgroup (a piece nothing can cut) of 0.4 of a
+  // bit: longer than a time slot, it runs past the sender's slot into the receiver's.
+  std::string sender = "load";
   bool progress = true;
 };
 
@@ -61,12 +65,16 @@ struct CovertRun {
   int rep = 0;
   int bits = 0;              // sent, preamble included
   int payload_bits = 0;
-  int errors = 0;            // among the payload bits
+  int errors = 0;            // among the payload bits (the median decoder)
+  int errors_longest = 0;    // the same, the longest-round-trip decoder
   bool inverted = false;     // the preamble said: a busy sender makes the receiver faster
   double bit_us = 0;
   double raw_bps = 0;        // bits sent per second: 1 / bit period
-  double ber = 0;            // bit errors / payload bits
-  double capacity_bps = 0;   // (1 - H(min(ber, 0.5))) * raw_bps: what the channel carries after coding
+  double ber = 0;            // bit errors / payload bits (the median decoder)
+  double ber_longest = 0;    // the longest-round-trip decoder's
+  // (1 - H(min(ber, 0.5))) * raw_bps with the better decoder's BER: what the channel carries
+  // after coding
+  double capacity_bps = 0;
   // The receiver's metric (median round trip of its work in a bit's window, us): its median
   // over the bits the sender idled and over those it was busy, and the decision threshold.
   double idle_metric_us = 0, busy_metric_us = 0, threshold_us = 0;
@@ -86,8 +94,8 @@ struct CovertCell {
   uint64_t granularity_us = 0;
   std::string policy;
   int runs = 0;  // repetitions that completed
-  int payload_bits = 0, errors = 0;
-  double ber = 0, raw_bps = 0, capacity_bps = 0;
+  int payload_bits = 0, errors = 0, errors_longest = 0;
+  double ber = 0, ber_longest = 0, raw_bps = 0, capacity_bps = 0;  // capacity: the better decoder's
   Ratio capacity_per_rep;                     // median [min, max] over repetitions
   double idle_metric_us = 0, busy_metric_us = 0;  // medians over repetitions
   double rtt_p50_us = 0;                      // median over repetitions of the receiver's p50
@@ -99,6 +107,7 @@ struct CovertReport {
   int preamble = 0;  // known bits before them
   double bit_us = 0;
   double probe_us = 0;
+  std::string sender;  // CovertOptions::sender
   int reps = 0;
   std::vector<CovertRun> runs;    // every run, in the order they ran
   std::vector<CovertCell> cells;  // per policy, granularity and path
@@ -123,8 +132,9 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& host
 
 // The sender process (vgpu-bench --covert-send PATH ...): prepares, says ready on `ready_fd`,
 // reads the start instant (steady_clock ns, 8 bytes) from `go_fd`, then sends `bits`.
+// `mode`: CovertOptions::sender.
 int CovertSender(const std::string& path, const PathConfig& c, const std::string& bits, double bit_us, int ready_fd,
-                 int go_fd);
+                 int go_fd, const std::string& mode);
 
 std::string FormatCovert(const CovertReport& r);
 nlohmann::json CovertJson(const CovertReport& r);

@@ -4,7 +4,7 @@
 //              [--reps N] [--iters N] [--gpu NAME|INDEX] [--out DIR] [--json FILE] [--csv FILE]
 //              [--qemu BIN] [--qemu-firmware DIR] [--lifecycle-cycles N] [--idle-workers K]
 //              [--covert-bits N] [--covert-bit-us P] [--covert-granularities-us 0,100]
-//              [--covert-policies best-effort,partitioned]
+//              [--covert-policies best-effort,partitioned] [--covert-sender load|overrun]
 // Paths: native, mediated (ioeventfd doorbell), mediated-mmio (RING_TAIL REGION_WRITE),
 // mediated-qemu (a real QEMU's vfio-user-pci under qtest: needs --qemu or VGPUD_QEMU,
 // skipped with a note otherwise), remoting. The ablations run more mediated rows beside
@@ -670,6 +670,12 @@ int main(int argc, char** argv) {
   app.add_option("--covert-probe-us", covert_probe_us,
                  "covert: the receiver's work, 0: a 4 KiB copy; else a spin of about this many us")
       ->capture_default_str();
+  std::string covert_sender = "load";
+  app.add_option("--covert-sender", covert_sender,
+                 "covert: the sender's busy symbol: load (spins back to back) or overrun (one piece nothing can cut, "
+                 "longer than a time slot)")
+      ->check(CLI::IsMember({"load", "overrun"}))
+      ->capture_default_str();
   std::string covert_policies = "best-effort,partitioned";
   app.add_option("--covert-policies", covert_policies,
                  "covert: one vgpud per --sched policy (and granularity): best-effort, partitioned, ...")
@@ -699,7 +705,7 @@ int main(int argc, char** argv) {
   if (!covert_send.empty()) {
     PathConfig c{socket, remote_socket, 0, gpu};
     if (guest_ram_mib) c.guest_ram = guest_ram_mib << 20;
-    return CovertSender(covert_send, c, covert_bit_string, covert_bit_us, ready_fd, go_fd);
+    return CovertSender(covert_send, c, covert_bit_string, covert_bit_us, ready_fd, go_fd, covert_sender);
   }
   (void)worker_iters;
 
@@ -811,6 +817,7 @@ int main(int argc, char** argv) {
     co.reps = covert_reps > 0 ? covert_reps : smoke ? 1 : full ? 5 : 3;
     co.bit_us = covert_bit_us;
     co.probe_us = covert_probe_us;
+    co.sender = covert_sender;
     co.progress = o.progress;
     auto make_host = [&](uint64_t g_us, const std::string& policy) -> Result<CovertHost> {
       VG_TRY_ASSIGN(auto cd, StartDaemon(vgpud, {"small", "small"}, gpu, fmt::format("-covert-{}-{}", policy, g_us),
