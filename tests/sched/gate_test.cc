@@ -197,7 +197,8 @@ TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent piec
   r->sent.clear();
   r->gate.OnGrant(2, true, t + milliseconds(5), t);
   CHECK(r->gate.Admit(Piece(kPiece)));
-  r->gate.Ran(10'000'000, true, kPiece);
+  std::this_thread::sleep_for(milliseconds(6));
+  r->gate.Ran(10'000'000, true, kPiece);  // it completes past the grant's preempt time
   CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
   CHECK(released(*r));
   // ... not in a grant that came late in its window (the next one's start is its turn).
@@ -207,13 +208,36 @@ TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent piec
   CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
   CHECK(released(*r));
   CHECK(wants(*r) == 1);
-  // ... unless the last grant went back with nothing run: then it goes, late or not, so a
-  // vGPU whose grants always come late (a loaded host) still makes progress.
+  // ... and not within a second of a piece that ran past its grant's preempt time, early or
+  // not: each runs into the next owner's slot, the overrun a sender makes on purpose.
   t = Clock::now();
   r->sent.clear();
-  r->gate.OnGrant(4, true, t + milliseconds(3), t - milliseconds(3));
-  CHECK(r->gate.Admit(Piece(kPiece)));
-  CHECK_FALSE(released(*r));
+  r->gate.OnGrant(4, true, t + milliseconds(5), t);
+  CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
+  CHECK(released(*r));
+  std::this_thread::sleep_for(std::chrono::milliseconds(1050));
+  t = Clock::now();
+  r->sent.clear();
+  r->gate.OnGrant(5, true, t + std::chrono::microseconds(300), t);
+  CHECK(r->gate.Admit(Piece(kPiece)));  // still longer than the window (its fixed cost), and its turn has come
+  // Needing most of a window, not more: a late grant lets it go after one given back with
+  // nothing run (grants that always come late, a loaded host, must still make progress).
+  auto late = make(true);
+  t = Clock::now();
+  late->gate.OnGrant(1, true, t + milliseconds(40), t);
+  REQUIRE(late->gate.Admit(Piece(kPiece)));
+  late->gate.Ran(10'000'000, true, kPiece);  // 10 ms pieces
+  late->gate.OnPreempt(1);                    // nothing on the device: released at once
+  t = Clock::now();
+  late->sent.clear();
+  late->gate.OnGrant(2, true, t + milliseconds(8), t - milliseconds(17));  // 8 of 25 ms left
+  CHECK_FALSE(late->gate.Admit(Piece(kPiece)));
+  CHECK(released(*late));
+  t = Clock::now();
+  late->sent.clear();
+  late->gate.OnGrant(3, true, t + milliseconds(8), t - milliseconds(17));
+  CHECK(late->gate.Admit(Piece(kPiece)));
+  CHECK_FALSE(released(*late));
   // Small pieces, then one far dearer: estimated at its cost (at their rate), not at their
   // length; else a guest could have a long piece admitted at its slot's end on purpose.
   auto big = make(true);

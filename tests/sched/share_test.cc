@@ -162,10 +162,11 @@ TEST_CASE("policies: best-effort gives a lone busy vGPU the engine; equal-share,
     CHECK(s["scheduling"] == "partitioned");
     CHECK(s["slot_ms"].get<double>() == doctest::Approx(8.0));
     CHECK(s["frame_ms"].get<double>() == doctest::Approx(16.0));
-    // Measured 0.20-0.21 on the loaded 2-core machine (best-effort: 0.8): the guest's own turnaround leaves part
-    // of each slot idle, and nothing else may use it.
+    // Measured 0.12-0.15 on the loaded 2-core machine (best-effort: 0.8): the guest's own
+    // turnaround leaves part of each slot idle, nothing else may use it, and a piece whose
+    // estimate does not fit what is left of a slot waits for the next.
     CHECK(got <= 0.5 * 1.1);
-    CHECK(got >= 0.1);  // served
+    CHECK(got >= 0.04);  // served
     const double grants = s["grants"].get<double>();
     MESSAGE("partitioned: ", s["overruns"], " overruns (", s["overrun_ms"], " ms) in ", grants, " grants");
     CHECK(grants > 50);

@@ -61,12 +61,20 @@ Workload ProbeWork() {
 // The sender's unit of busy work: a spin of about a quarter of a bit period (timed on its own
 // vGPU before the run), so a busy bit is a few submissions back to back and the last one
 // overruns its bit by little.
+// `elements` 256 (the overrun sender's one workgroup): sized by its time alone, best of
+// twelve, an upper bound on the time per iteration (it includes the fixed cost), so the piece
+// is no longer than asked; the difference of two sizes, as for the load sender, is thrown off
+// when one size's best run still waited for a time slot and the other's did not.
 Result<uint32_t> SizeChunk(Path& p, double chunk_us, Workload& w, uint32_t elements = 4096) {
+  const bool one_group = elements <= 256;
   auto time_of = [&](uint32_t iters) -> Result<double> {
     w = SpinWork(iters, elements);
     VG_TRY(p.Prepare(w));
     double best = 1e30;
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < (one_group ? 12 : 3); ++i) {
+      // (One group: a pause of a varying length first, so that some run starts as the
+      // engine is free for it, whatever the host's time slots.)
+      if (one_group) std::this_thread::sleep_for(std::chrono::microseconds(700 + 900 * i));
       auto t0 = Clock::now();
       VG_TRY(p.RunOnce());
       best = std::min(best, std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
@@ -74,6 +82,10 @@ Result<uint32_t> SizeChunk(Path& p, double chunk_us, Workload& w, uint32_t eleme
     return best;
   };
   constexpr uint32_t kLo = 2000, kHi = 20000;
+  if (one_group) {
+    VG_TRY_ASSIGN(double hi, time_of(kHi));
+    return static_cast<uint32_t>(std::clamp(chunk_us / (hi / kHi), 16.0, double(1u << 20)));
+  }
   VG_TRY_ASSIGN(double lo, time_of(kLo));
   VG_TRY_ASSIGN(double hi, time_of(kHi));
   const double per_iter = (hi - lo) / (kHi - kLo);

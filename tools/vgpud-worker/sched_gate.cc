@@ -1,5 +1,7 @@
 #include "tools/vgpud-worker/sched_gate.h"
 
+#include <cmath>
+
 #include <algorithm>
 
 #include "mediator/work_split.h"
@@ -80,6 +82,7 @@ void SchedGate::OnGrant(uint64_t grant, bool contended, std::optional<Clock::tim
   requested_ = false;
   preempting_ = false;
   preempt_from_ = preempt_at;  // due now if already past: Admit and the pump look first
+  preempt_deadline_ = preempt_at;
   contended_since_.reset();
   granted_at_ = Clock::now();
   window_start_ = std::min(window_start.value_or(granted_at_), granted_at_);
@@ -97,6 +100,7 @@ void SchedGate::OnPreempt(uint64_t grant, std::optional<Clock::time_point> from)
   if (!cfg_.scheduled || !granted_ || grant != grant_ || preempting_) return;
   if (from && *from > Clock::now()) {
     if (!preempt_from_ || *from < *preempt_from_) preempt_from_ = from;
+    if (!preempt_deadline_ || *from < *preempt_deadline_) preempt_deadline_ = from;
     return WakePumpLocked(*preempt_from_);  // if nothing of it completes by then
   }
   BeginPreemptLocked();
@@ -238,10 +242,15 @@ bool SchedGate::Admit(const engine::Submission& s) {
   PreemptIfDueLocked(now);
   // Partitioned: a piece that would run past the grant's preempt time ends the grant here
   // (the work stays held and asks again; the supervisor grants it in its next slot).
-  if (cfg_.scheduled && cfg_.fit_pieces && granted_ && !preempting_ && !FitsLocked(now, s.cost)) {
-    unfit_release_ = grant_ran_ == 0 && on_device_ == 0;
-    HoldLocked(now);  // first: the release says the work is still held
-    BeginPreemptLocked();
+  if (cfg_.scheduled && cfg_.fit_pieces && granted_ && !preempting_) {
+    DecayEstimatesLocked(now);
+    const Fit fit = FitsLocked(now, s.cost);
+    overlong_on_device_ = fit == Fit::kOverlong;
+    if (fit == Fit::kNo) {
+      unfit_release_ = grant_ran_ == 0 && on_device_ == 0;
+      HoldLocked(now);  // first: the release says the work is still held
+      BeginPreemptLocked();
+    }
   }
   // A GPU-time limit charges a piece after it ran: one piece on the device at a time, so
   // the bucket's debt is at most one piece (Ran wakes the pump for the next).
@@ -290,27 +299,50 @@ bool SchedGate::Admit(const engine::Submission& s) {
   return true;
 }
 
-bool SchedGate::FitsLocked(Clock::time_point now, uint64_t next_cost) const {
-  if (!preempt_from_) return true;
-  // The next piece's time, at most: its cost at the slowest rate per unit seen lately; for
-  // a piece no dearer than the dearest seen lately, never more than the longest piece seen
-  // lately (a small piece's fixed overhead makes its rate per unit high, which would
-  // otherwise price every big piece out of every slot). A piece dearer than any lately gets
-  // no such cap: a guest that ran small pieces and then one big one would otherwise have it
+void SchedGate::DecayEstimatesLocked(Clock::time_point now) {
+  // Besides 1/64 a piece, the estimates halve every kEstimateHalfLife of wall time: one slow
+  // piece (a host stall, lavapipe compiling a pipeline) would otherwise price the vGPU's
+  // next pieces out of its slots until 64 more had run, and out of a slot they do not run.
+  if (estimates_at_ != Clock::time_point{} && now > estimates_at_) {
+    const double f = std::exp2(-std::chrono::duration<double>(now - estimates_at_).count() /
+                               std::chrono::duration<double>(kEstimateHalfLife).count());
+    piece_max_ns_ = static_cast<uint64_t>(static_cast<double>(piece_max_ns_) * f);
+    ns_per_cost_ *= f;
+    slope_ *= f;  // (not the dearest cost: a tenant back from idle is no dearer than before)
+  }
+  estimates_at_ = now;
+}
+
+SchedGate::Fit SchedGate::FitsLocked(Clock::time_point now, uint64_t next_cost) const {
+  if (!preempt_from_) return Fit::kYes;
+  // The next piece's time, at most. No dearer than the dearest piece seen lately: a piece's
+  // fixed cost plus its cost at the slowest rate per unit over that (fixed cost: the least
+  // time of a piece), and never more than the longest piece seen lately. Dearer than all of
+  // them: its cost at the slowest rate per unit of whole pieces, which a small piece's fixed
+  // cost makes high: a guest that ran small pieces and then a big one would otherwise have it
   // estimated at its small ones' length, and overrun its slot on purpose by the difference.
-  const double by_rate = std::min(1e18, ns_per_cost_ * static_cast<double>(next_cost));
-  const auto est = std::chrono::nanoseconds(
-      next_cost <= cost_max_ ? std::min<uint64_t>(piece_max_ns_, static_cast<uint64_t>(by_rate))
-                             : static_cast<uint64_t>(by_rate));
-  if (now + est <= *preempt_from_) return true;
-  // It would not fit. The first piece of a grant still goes if the grant came in the first
-  // quarter of its window (a piece that needs most of a slot, or more than a whole one: the
-  // overrun is charged as debt by the scheduler), or if the last grant was given back
-  // without running anything (its grants come late: a loaded host), so every vGPU makes
-  // progress. Elsewhere it waits for such a grant.
-  if (grant_ran_ != 0 || on_device_ != 0) return false;
+  const double cost = static_cast<double>(next_cost);
+  const auto est = std::chrono::nanoseconds(static_cast<uint64_t>(std::min(
+      1e18, next_cost <= cost_max_
+                ? std::min(static_cast<double>(piece_max_ns_), static_cast<double>(fixed_ns_) + slope_ * cost)
+                : ns_per_cost_ * cost)));
+  if (now + est <= *preempt_from_) return Fit::kYes;
+  // It would not fit. Only a grant's first piece may still go:
+  if (grant_ran_ != 0 || on_device_ != 0) return Fit::kNo;
   const auto window = *preempt_from_ - window_start_;
-  return granted_at_ - window_start_ <= window / 4 || unfit_release_;
+  // - longer than the whole window, so no slot would ever fit it: it runs past its slot
+  //   whenever it runs, into the next owner's, which is what a sender that overruns on
+  //   purpose wants. It goes at the start of a grant early in its slot (or after one given
+  //   back with nothing run), and, once such a piece has run past its grant's preempt time,
+  //   not again for kOverlongInterval; the overrun is charged as debt by the scheduler.
+  //   (An estimate that was only pessimistic costs nothing more than a grant per piece.)
+  const bool early = granted_at_ - window_start_ <= window / 4;
+  if (est > window)
+    return (early || unfit_release_) && now - last_overrun_ >= kOverlongInterval ? Fit::kOverlong : Fit::kNo;
+  // - it needs most of a slot: it goes if the grant came in the first quarter of its window,
+  //   or if the last grant was given back without running anything (its grants come late: a
+  //   loaded host), so every vGPU makes progress.
+  return early || unfit_release_ ? Fit::kYes : Fit::kNo;
 }
 
 void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
@@ -318,11 +350,31 @@ void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
   // The fit rule's estimates decay slowly (1/64 a piece): a guest's work mixes kernels of
   // very different lengths, and a fast decay forgot the long one between its turns (a
   // tenant cycling through the catalogue overran one grant in six).
-  piece_max_ns_ = std::max(busy_ns, piece_max_ns_ - piece_max_ns_ / 64);
+  // One piece raises them at most fourfold: a single outlier (a host stall, a pipeline
+  // compiled at first use: 10-60 ms where 1 ms was usual) otherwise priced every next
+  // piece out of the slot for the better part of a second (sched_share's tenant lost two
+  // thirds of its share); a piece that is long every time still gets there in a few.
+  DecayEstimatesLocked(Clock::now());
+  auto raise = [](double old, double sample) { return old > 0 ? std::min(sample, 4 * old) : sample; };
+  piece_max_ns_ = std::max(static_cast<uint64_t>(raise(static_cast<double>(piece_max_ns_), static_cast<double>(busy_ns))),
+                           piece_max_ns_ - piece_max_ns_ / 64);
   cost_max_ = std::max(cost, cost_max_ - cost_max_ / 64);
+  // A piece's fixed cost (submission, fence, lavapipe's dispatch): the least time of one,
+  // drifting up by 1/64 a piece; the rate per unit is what is left over it. (Rates taken
+  // from whole times made small pieces' overhead the rate of big ones: a 1.8 M-unit piece of
+  // 4 ms estimated at 11.)
+  fixed_ns_ = fixed_ns_ == 0 ? busy_ns : std::min(busy_ns, fixed_ns_ + fixed_ns_ / 64 + 1);
+  // A piece let on as longer than its whole window that then ran past the grant's preempt
+  // time: the next such piece waits kOverlongInterval. (A piece estimated to fit that ran
+  // long, a host stall or a pipeline compiled at first use, does not count: honest tenants
+  // meet those, and the estimate learns from them anyway.)
+  if (overlong_on_device_ && preempt_deadline_ && Clock::now() > *preempt_deadline_) last_overrun_ = Clock::now();
+  overlong_on_device_ = false;
   if (cost > 0) {
-    const double per_unit = static_cast<double>(busy_ns) / static_cast<double>(cost);
-    ns_per_cost_ = std::max(per_unit, ns_per_cost_ - ns_per_cost_ / 64);
+    const double whole = static_cast<double>(busy_ns) / static_cast<double>(cost);
+    const double over = static_cast<double>(busy_ns - std::min(busy_ns, fixed_ns_)) / static_cast<double>(cost);
+    ns_per_cost_ = std::max(raise(ns_per_cost_, whole), ns_per_cost_ - ns_per_cost_ / 64);
+    slope_ = std::max(raise(slope_, over), slope_ - slope_ / 64);
   }
   on_device_cost_ -= std::min(on_device_cost_, cost);
   stats_.gpu_time_ns += busy_ns;
@@ -356,6 +408,7 @@ void SchedGate::ReleaseLocked() {
   granted_ = false;
   preempting_ = false;
   preempt_from_.reset();
+  preempt_deadline_.reset();
   contended_since_.reset();
   idle_since_.reset();
   grant_used_ns_ = 0;

@@ -56,11 +56,14 @@ struct GateConfig {
   uint64_t slice_ns = 0;
   // Partitioned scheduling: a piece goes to the device only if it completes, by the vGPU's
   // recent pieces (its cost at their slowest rate; at most their longest unless it is dearer
-  // than all of them), before the
-  // grant's preempt time (the slot's end less a margin); otherwise the grant goes back with
-  // the work still held. Except the first piece of a grant that came early in its slot, or
-  // after a grant given back with nothing run: it goes whatever its length (a piece longer
-  // than a slot would otherwise never run), and an overrun is the vGPU's debt.
+  // than all of them; the estimates decay by 1/64 a piece and by half every 250 ms), before
+  // the grant's preempt time (the slot's end less a margin); otherwise the grant goes back
+  // with the work still held. Except a grant's first piece: one that needs most of a slot
+  // goes if the grant came early in its slot (or after a grant given back with nothing
+  // run), and may run a little past; one longer than the whole slot (no slot would ever fit
+  // it) goes early in a slot too, but not within a second of another such piece that ran
+  // past its grant's preempt time: an overrun into the next owner's slot is what a tenant
+  // that signals on purpose makes, and the scheduler charges it as debt.
   bool fit_pieces = false;
   static GateConfig FromRecord(const daemon::channel::Record& r);
 };
@@ -134,8 +137,14 @@ class SchedGate final : public engine::SubmitGate {
   void MaybeIdleReleaseLocked();
   void BeginPreemptLocked();  // nothing more to the device; release once it has drained
   void PreemptIfDueLocked(Clock::time_point now);  // a preempt sent ahead whose time has come
-  // fit_pieces: the next piece (of `next_cost`) completes before the preempt.
-  bool FitsLocked(Clock::time_point now, uint64_t next_cost) const;
+  // fit_pieces: whether the next piece (of `next_cost`) may go: it completes before the
+  // preempt (kYes), it is a first piece that may run a little past (kYes), it is longer
+  // than the whole window and its once-a-kOverlongInterval turn has come (kOverlong), or not.
+  enum class Fit : uint8_t { kNo, kYes, kOverlong };
+  Fit FitsLocked(Clock::time_point now, uint64_t next_cost) const;
+  void DecayEstimatesLocked(Clock::time_point now);
+  static constexpr std::chrono::milliseconds kEstimateHalfLife{250};
+  static constexpr std::chrono::seconds kOverlongInterval{1};
   // Work is held for want of the grant (not by a rate limit's bucket).
   bool WantsDeviceLocked() const { return held_since_.has_value() && !rate_held_; }  // contended, nothing on the device, nothing held: give it back
   void PumpLoop();
@@ -165,11 +174,20 @@ class SchedGate final : public engine::SubmitGate {
   uint64_t grant_ran_ = 0;  // submissions completed under this grant
   Clock::time_point window_start_{};  // the grant's window (OnGrant)
   // The longest of the vGPU's recent pieces on the device (ns), the dearest (cost), and the
-  // slowest rate per cost unit (ns), each decaying by 1/64 a piece: the fit rule's estimate.
+  // slowest rate per cost unit of a whole piece (ns), each decaying by 1/64 a piece: the fit
+  // rule's estimate, with the two below.
   uint64_t piece_max_ns_ = 0;
   uint64_t cost_max_ = 0;
   double ns_per_cost_ = 0;
   bool unfit_release_ = false;  // the last grant went back by the fit rule, nothing run
+  Clock::time_point estimates_at_{};  // the estimates' last decay
+  // The preempt time this grant was given (it stays after the preempt begins), and when a
+  // piece of the vGPU last completed past its grant's.
+  std::optional<Clock::time_point> preempt_deadline_;
+  Clock::time_point last_overrun_{};  // of a piece let on as longer than its window
+  bool overlong_on_device_ = false;   // the piece on the device was let on as such
+  uint64_t fixed_ns_ = 0;  // a piece's fixed cost: the least time of one, drifting up
+  double slope_ = 0;       // the slowest rate per cost unit over the fixed cost (ns)
   uint32_t on_device_ = 0;
   uint64_t on_device_cost_ = 0;  // Submission::cost of what is on the device
   std::optional<Clock::time_point> held_since_;
