@@ -3,6 +3,7 @@
 // device time each got as the daemon reports it (`show`, counters.gpu_time_ns).
 #include <doctest/doctest.h>
 
+#include <csignal>
 #include <chrono>
 #include <filesystem>
 #include <string>
@@ -172,6 +173,38 @@ TEST_CASE("policies: best-effort gives a lone busy vGPU the engine; equal-share,
     CHECK(grants > 50);
     CHECK(s["overruns"].get<double>() <= 0.2 * grants);
   }
+}
+
+TEST_CASE("partitioned: a vGPU whose worker crashes keeps its slot while it restarts; the others' frame does not move") {
+  // A frame without it would move every other vGPU's slots for the restart's while: a timing
+  // signal a tenant could send by crashing its own worker.
+  Host h({"--sched", "partitioned"});
+  const std::string socket_a = h.Start(kA, Json::array());
+  h.Start(kB, Json::array());
+  REQUIRE(h.Show(kB)["scheduler"]["frame_ms"].get<double>() == doctest::Approx(4.0));
+  const Json w = h.Show(kA)["worker"];
+  REQUIRE(w["pid"].is_number());
+  const int64_t pid = w["pid"].get<int64_t>();
+  REQUIRE(::kill(static_cast<pid_t>(pid), SIGKILL) == 0);
+  // Until it runs again (a new process, 250 ms of back-off first): B's frame stays 4 ms,
+  // A's slot with it.
+  bool saw_restarting = false, back = false;
+  const auto deadline = Clock::now() + std::chrono::seconds(15);
+  while (Clock::now() < deadline && !back) {
+    const Json a = h.Show(kA), b = h.Show(kB);
+    CHECK(b["scheduler"]["frame_ms"].get<double>() == doctest::Approx(4.0));
+    const Json& aw = a["worker"];
+    saw_restarting |= aw["state"] == "restarting";
+    back = aw["state"] == "running" && aw["pid"].is_number() && aw["pid"].get<int64_t>() != pid;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(saw_restarting);
+  REQUIRE(back);
+  CHECK(h.Show(kA)["scheduler"]["slot_ms"].get<double>() == doctest::Approx(2.0));
+  // And it serves again, in its slot, bit-exact.
+  Victim v(socket_a, 1024);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CheckVictim(v.Stop());
 }
 
 TEST_CASE("modify --live reaches the running worker; a plain modify of a transient vGPU is refused") {

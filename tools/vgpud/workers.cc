@@ -918,7 +918,8 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
           std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - w.spawned_at).count());
       VG_LOGI("worker for {} {} in {} ms (pid {})", w.spec.uuid, w.adopted ? "adopted" : "ready",
               w.status.start_latency_us / 1000, w.pid);
-      if (policy_.sched.enabled())
+      // (Partitioned: a restarted worker finds its slot kept, and its counters.)
+      if (policy_.sched.enabled() && !sched_->Status(w.spec.uuid))
         sched_->Add(w.spec.uuid, policy_.sched.policy == SchedPolicy::kEqualShare ? 100 : w.spec.sched.weight,
                     Clock::now());
       ResendShares();  // equal-share: one more running vGPU, a smaller share each
@@ -1036,6 +1037,13 @@ void WorkerPool::ScheduleRestart(Worker& w) {
   ++w.consecutive_failures;
   w.restart_times.push_back(now);
   w.state = Worker::State::kRestarting;
+  // Partitioned: its slot stays in the frame, idle, while the worker restarts. Without it
+  // every other vGPU's slots would move for the restart's while, something a tenant could
+  // make happen by crashing its own worker (a timing channel of its own).
+  if (policy_.sched.partitioned()) {
+    sched_->Add(w.spec.uuid, w.spec.sched.weight, now);
+    ArmSched();
+  }
   w.restart_ev = evtimer_new(base_, &WorkerPool::OnRestart, &w);
   const timeval tv = Tv(delay);
   if (!w.restart_ev || evtimer_add(w.restart_ev, &tv) != 0) {
@@ -1063,6 +1071,8 @@ void WorkerPool::OnRestart(int, short, void* arg) {
 
 void WorkerPool::Fail(Worker& w) {
   w.state = Worker::State::kFailed;
+  sched_->Remove(w.spec.uuid, Clock::now());  // (partitioned: the slot it kept while restarting)
+  ArmSched();
   ResendShares();
   // Nobody serves the sockets any more: a guest must be refused, not queued forever.
   CloseSockets(w);
