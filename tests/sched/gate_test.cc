@@ -179,6 +179,14 @@ TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent piec
     return r;
   };
   auto wants = [](const Rig& r) { return r.sent.back().values[static_cast<size_t>(ch::SchedReleaseSlot::kWants)]; };
+  // A fresh grant `g`: its preempt `left` from now, its window begun `into` ago. Whether a
+  // piece goes.
+  auto grant = [](Rig& x, uint64_t g, Clock::duration left, Clock::duration into) {
+    const auto now = Clock::now();
+    x.sent.clear();
+    x.gate.OnGrant(g, true, now + left, now - into);
+    return x.gate.Admit(Piece(kPiece));
+  };
   auto r = make(true);
   auto t = Clock::now();
   // (Generous times: a loaded host's stalls must not decide a check.)
@@ -193,33 +201,21 @@ TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent piec
   CHECK(wants(*r) == 1);  // the piece is still held: it asks again
   // Longer than the whole window: no window would ever fit it, so it goes first in a grant
   // that came early in its window (the overrun is the scheduler's debt), and only first.
-  t = Clock::now();
-  r->sent.clear();
-  r->gate.OnGrant(2, true, t + milliseconds(5), t);
-  CHECK(r->gate.Admit(Piece(kPiece)));
+  CHECK(grant(*r, 2, milliseconds(5), {}));
   std::this_thread::sleep_for(milliseconds(6));
   r->gate.Ran(10'000'000, true, kPiece);  // it completes past the grant's preempt time
   CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
   CHECK(released(*r));
   // ... not in a grant that came late in its window (the next one's start is its turn).
-  t = Clock::now();
-  r->sent.clear();
-  r->gate.OnGrant(3, true, t + milliseconds(3), t - milliseconds(3));
-  CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
+  CHECK_FALSE(grant(*r, 3, milliseconds(3), milliseconds(3)));
   CHECK(released(*r));
   CHECK(wants(*r) == 1);
   // ... and not within a second of a piece that ran past its grant's preempt time, early or
   // not: each runs into the next owner's slot, the overrun a sender makes on purpose.
-  t = Clock::now();
-  r->sent.clear();
-  r->gate.OnGrant(4, true, t + milliseconds(5), t);
-  CHECK_FALSE(r->gate.Admit(Piece(kPiece)));
+  CHECK_FALSE(grant(*r, 4, milliseconds(5), {}));
   CHECK(released(*r));
   std::this_thread::sleep_for(std::chrono::milliseconds(1050));
-  t = Clock::now();
-  r->sent.clear();
-  r->gate.OnGrant(5, true, t + std::chrono::microseconds(300), t);
-  CHECK(r->gate.Admit(Piece(kPiece)));  // still longer than the window (its fixed cost), and its turn has come
+  CHECK(grant(*r, 5, std::chrono::microseconds(300), {}));  // still longer than the window (its fixed cost), and its turn has come
   // Needing most of a window, not more: a late grant lets it go after one given back with
   // nothing run (grants that always come late, a loaded host, must still make progress).
   auto late = make(true);
@@ -228,15 +224,9 @@ TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent piec
   REQUIRE(late->gate.Admit(Piece(kPiece)));
   late->gate.Ran(10'000'000, true, kPiece);  // 10 ms pieces
   late->gate.OnPreempt(1);                    // nothing on the device: released at once
-  t = Clock::now();
-  late->sent.clear();
-  late->gate.OnGrant(2, true, t + milliseconds(8), t - milliseconds(17));  // 8 of 25 ms left
-  CHECK_FALSE(late->gate.Admit(Piece(kPiece)));
+  CHECK_FALSE(grant(*late, 2, milliseconds(8), milliseconds(17)));  // 8 of 25 ms left
   CHECK(released(*late));
-  t = Clock::now();
-  late->sent.clear();
-  late->gate.OnGrant(3, true, t + milliseconds(8), t - milliseconds(17));
-  CHECK(late->gate.Admit(Piece(kPiece)));
+  CHECK(grant(*late, 3, milliseconds(8), milliseconds(17)));
   CHECK_FALSE(released(*late));
   // Small pieces, then one far dearer: estimated at its cost (at their rate), not at their
   // length; else a guest could have a long piece admitted at its slot's end on purpose.

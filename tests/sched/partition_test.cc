@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "tests/sched/sim_uuid.h"
 #include "tools/vgpud/scheduler.h"
 
 namespace vg::daemon {
@@ -21,8 +22,6 @@ namespace {
 
 using Clock = Scheduler::Clock;
 using namespace std::chrono_literals;
-
-Uuid U(int i) { return *Uuid::Parse(fmt::format("00000000-0000-0000-0000-{:012d}", i)); }
 
 // Two tenants on one scheduler, driven event by event:
 // - the sender, when `busy`, has work without end: pieces of `piece` back to back. Under

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "tests/sched/sim_uuid.h"
 #include "tools/vgpud/scheduler.h"
 
 namespace vg::daemon {
@@ -18,8 +19,6 @@ namespace {
 
 using Clock = Scheduler::Clock;
 using namespace std::chrono_literals;
-
-Uuid U(int i) { return *Uuid::Parse(fmt::format("00000000-0000-0000-0000-{:012d}", i)); }
 
 struct Sim {
   std::optional<Uuid> granted;
