@@ -108,7 +108,7 @@ double MedianThreshold(std::vector<double> metrics) {
 }
 
 int CovertSender(const std::string& path, const PathConfig& c, const std::string& bits, double bit_us, int ready_fd,
-                 int go_fd, const std::string& mode) {
+                 int go_fd, const std::string& mode, double overrun_us) {
   const bool overrun = mode == "overrun";
   auto p = MakeCovertPath(path, c);
   for (int i = 0; i < 100 && !p.ok(); ++i) {  // the vGPU's last client may still be leaving
@@ -123,7 +123,7 @@ int CovertSender(const std::string& path, const PathConfig& c, const std::string
   // load: spins of a quarter of a bit, cut into pieces, back to back. overrun: one spin of a
   // single workgroup (a piece nothing can cut) of 0.4 of a bit, longer than a time slot.
   const uint32_t elements = overrun ? 256 : 4096;
-  auto iters = SizeChunk(**p, overrun ? bit_us * 0.4 : bit_us / 4, w, elements);
+  auto iters = SizeChunk(**p, overrun ? (overrun_us > 0 ? overrun_us : bit_us * 0.4) : bit_us / 4, w, elements);
   if (!iters.ok()) {
     std::fprintf(stderr, "vgpu-bench covert sender: %s\n", iters.error().ToString().c_str());
     return 4;
@@ -203,7 +203,7 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
                                "--covert-bit-string", bits, "--covert-bit-us", fmt::format("{}", o.bit_us),
                                "--ready-fd", std::to_string(ready[1]), "--go-fd", std::to_string(go[0]),
                                "--guest-ram-mib", std::to_string(o.guest_ram >> 20), "--covert-sender",
-                               o.sender};
+                               o.sender, "--covert-overrun-us", fmt::format("{}", o.overrun_us)};
     if (!c.gpu.empty()) a.insert(a.end(), {"--gpu", c.gpu});
     std::vector<char*> argv;
     for (auto& s : a) argv.push_back(s.data());

@@ -42,6 +42,7 @@ struct CovertOptions {
   // back; "overrun", one spin of a single workgroup (a piece nothing can cut) of 0.4 of a
   // bit: longer than a time slot, it runs past the sender's slot into the receiver's.
   std::string sender = "load";
+  double overrun_us = 0;  // the overrun sender's piece; 0: 0.4 of a bit
   bool progress = true;
 };
 
@@ -132,9 +133,9 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& host
 
 // The sender process (vgpu-bench --covert-send PATH ...): prepares, says ready on `ready_fd`,
 // reads the start instant (steady_clock ns, 8 bytes) from `go_fd`, then sends `bits`.
-// `mode`: CovertOptions::sender.
+// `mode`, `overrun_us`: CovertOptions::sender, overrun_us.
 int CovertSender(const std::string& path, const PathConfig& c, const std::string& bits, double bit_us, int ready_fd,
-                 int go_fd, const std::string& mode);
+                 int go_fd, const std::string& mode, double overrun_us);
 
 std::string FormatCovert(const CovertReport& r);
 nlohmann::json CovertJson(const CovertReport& r);

@@ -676,6 +676,10 @@ int main(int argc, char** argv) {
                  "longer than a time slot)")
       ->check(CLI::IsMember({"load", "overrun"}))
       ->capture_default_str();
+  double covert_overrun_us = 0;
+  app.add_option("--covert-overrun-us", covert_overrun_us,
+                 "covert: the overrun sender's piece in us (0: 0.4 of a bit)")
+      ->check(CLI::Range(0.0, 100000.0));
   std::string covert_policies = "best-effort,partitioned";
   app.add_option("--covert-policies", covert_policies,
                  "covert: one vgpud per --sched policy (and granularity): best-effort, partitioned, ...")
@@ -705,7 +709,8 @@ int main(int argc, char** argv) {
   if (!covert_send.empty()) {
     PathConfig c{socket, remote_socket, 0, gpu};
     if (guest_ram_mib) c.guest_ram = guest_ram_mib << 20;
-    return CovertSender(covert_send, c, covert_bit_string, covert_bit_us, ready_fd, go_fd, covert_sender);
+    return CovertSender(covert_send, c, covert_bit_string, covert_bit_us, ready_fd, go_fd, covert_sender,
+                        covert_overrun_us);
   }
   (void)worker_iters;
 
@@ -818,6 +823,7 @@ int main(int argc, char** argv) {
     co.bit_us = covert_bit_us;
     co.probe_us = covert_probe_us;
     co.sender = covert_sender;
+    co.overrun_us = covert_overrun_us;
     co.progress = o.progress;
     auto make_host = [&](uint64_t g_us, const std::string& policy) -> Result<CovertHost> {
       VG_TRY_ASSIGN(auto cd, StartDaemon(vgpud, {"small", "small"}, gpu, fmt::format("-covert-{}-{}", policy, g_us),
