@@ -263,23 +263,30 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
   if (auto out = (*rx)->ReadBack(); !out.ok() || !shaders::CheckSample(probe.sample, *out).ok())
     return fail("the receiver's work differs from the CPU reference");
 
-  // Per bit, two metrics of the receiver's work that completed in the bit's window, after a
-  // guard of a tenth of the period (the sender's last chunk of a busy bit may run over): the
-  // median round trip, so one hiccup of the machine does not decide a bit; and the longest,
-  // which sees a single late grant (a sender that overruns its time slot once a bit delays a
-  // few round trips, not the median). A window with no completion reads as the whole window
-  // for both.
-  std::vector<double> metric(bits.size(), 0), longest(bits.size(), 0), rtts;
-  const uint64_t guard = period / 10;
-  size_t k = 0;
+  // Per bit, three metrics of the receiver's work. Over what completed in the bit's window
+  // after a guard of a tenth of the period (the sender's last chunk of a busy bit may run
+  // over): the median round trip, so one hiccup of the machine does not decide a bit; and the
+  // longest, which sees a single late grant (a sender that overruns its time slot once a bit
+  // delays a few round trips, not the median). And the longest of what completed in the
+  // bit's first 30 ms, no guard: where a sender that overruns once, at the bit's start, puts
+  // its pulse; over a long bit the longest of the whole window is the machine's worst hiccup
+  // instead. A window with no completion reads as the whole window.
+  std::vector<double> metric(bits.size(), 0), longest(bits.size(), 0), early(bits.size(), 0), rtts;
+  const uint64_t guard = period / 10, early_span = std::min<uint64_t>(period, 30'000'000);
+  size_t k = 0, ke = 0;
   for (size_t i = 0; i < bits.size(); ++i) {
-    const uint64_t lo = t0 + i * period + guard, hi = t0 + (i + 1) * period;
+    const uint64_t start = t0 + i * period, lo = start + guard, hi = t0 + (i + 1) * period;
     std::vector<double> in;
     for (; k < samples.size() && samples[k].done_ns < hi; ++k)
       if (samples[k].done_ns >= lo) in.push_back(samples[k].rtt_us);
     const double whole = static_cast<double>(hi - lo) / 1000.0;
     longest[i] = in.empty() ? whole : *std::max_element(in.begin(), in.end());
     metric[i] = in.empty() ? whole : Summarize(std::move(in)).p50;
+    double first = -1;
+    for (; ke < samples.size() && samples[ke].done_ns < start + early_span; ++ke)
+      if (samples[ke].done_ns >= start) first = std::max(first, samples[ke].rtt_us);
+    while (ke < samples.size() && samples[ke].done_ns < hi) ++ke;  // the rest of the window
+    early[i] = first < 0 ? static_cast<double>(early_span) / 1000.0 : first;
   }
   for (const Sample& s : samples) rtts.push_back(s.rtt_us);
   run.receiver_rtt_us = Summarize(rtts);
@@ -301,11 +308,12 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
       d.errors += ((m[i] > d.threshold) != d.inverted) != (bits[i] == '1');
     return d;
   };
-  const Decoded by_median = decode(metric), by_longest = decode(longest);
+  const Decoded by_median = decode(metric), by_longest = decode(longest), by_early = decode(early);
   run.threshold_us = by_median.threshold;
   run.inverted = by_median.inverted;
   run.errors = by_median.errors;
   run.errors_longest = by_longest.errors;
+  run.errors_early = by_early.errors;
   std::vector<double> idle, busy;
   for (size_t i = 0; i < bits.size(); ++i) (bits[i] == '1' ? busy : idle).push_back(metric[i]);
   run.idle_metric_us = idle.empty() ? 0 : Summarize(idle).p50;
@@ -313,9 +321,11 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
   run.payload_bits = run.bits - static_cast<int>(kCovertPreamble.size());
   run.ber = run.payload_bits > 0 ? static_cast<double>(run.errors) / run.payload_bits : 0;
   run.ber_longest = run.payload_bits > 0 ? static_cast<double>(run.errors_longest) / run.payload_bits : 0;
+  run.ber_early = run.payload_bits > 0 ? static_cast<double>(run.errors_early) / run.payload_bits : 0;
   // Worse than chance after the preamble chose the polarity: noise, it carries nothing.
   // The capacity is the better decoder's (an attacker uses whichever works).
-  run.capacity_bps = (1 - BinaryEntropy(std::min(std::min(run.ber, run.ber_longest), 0.5))) * run.raw_bps;
+  run.capacity_bps =
+      (1 - BinaryEntropy(std::min({run.ber, run.ber_longest, run.ber_early, 0.5}))) * run.raw_bps;
   return run;
 }
 
@@ -381,6 +391,7 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make
         c.payload_bits += x.payload_bits;
         c.errors += x.errors;
         c.errors_longest += x.errors_longest;
+        c.errors_early += x.errors_early;
         c.raw_bps = x.raw_bps;
         cap.push_back(x.capacity_bps);
         idle.push_back(x.idle_metric_us);
@@ -390,7 +401,8 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make
       if (c.runs) {
         c.ber = static_cast<double>(c.errors) / std::max(c.payload_bits, 1);
         c.ber_longest = static_cast<double>(c.errors_longest) / std::max(c.payload_bits, 1);
-        c.capacity_bps = (1 - BinaryEntropy(std::min(std::min(c.ber, c.ber_longest), 0.5))) * c.raw_bps;
+        c.ber_early = static_cast<double>(c.errors_early) / std::max(c.payload_bits, 1);
+        c.capacity_bps = (1 - BinaryEntropy(std::min({c.ber, c.ber_longest, c.ber_early, 0.5}))) * c.raw_bps;
         c.capacity_per_rep = SummarizeRatio(cap);
         c.idle_metric_us = SummarizeRatio(idle).median;
         c.busy_metric_us = SummarizeRatio(busy).median;
@@ -411,35 +423,38 @@ std::string FormatCovert(const CovertReport& r) {
   out += fmt::format("receiver's work: {}; {} repetitions, interleaved\n",
                      r.probe_us > 0 ? fmt::format("a spin of about {:.0f} us", r.probe_us) : std::string("a 4 KiB copy"),
                      r.reps);
-  out += fmt::format("{:<9} {:<11} {:>8} {:>5} {:>6} {:>9} {:>7} {:>7} {:>9} {:>21} {:>10} {:>10} {:>9}\n", "path",
-                     "sched", "G us", "runs", "bits", "raw b/s", "BER", "BER max", "cap b/s", "cap/rep [min-max]",
-                     "idle us", "busy us", "rtt p50");
+  out += fmt::format("{:<9} {:<11} {:>8} {:>5} {:>6} {:>9} {:>7} {:>7} {:>7} {:>9} {:>21} {:>10} {:>10} {:>9}\n",
+                     "path", "sched", "G us", "runs", "bits", "raw b/s", "BER", "BER max", "BER 1st", "cap b/s",
+                     "cap/rep [min-max]", "idle us", "busy us", "rtt p50");
   for (const CovertCell& c : r.cells)
     out += fmt::format(
-        "{:<9} {:<11} {:>8} {:>5} {:>6} {:>9.1f} {:>7.3f} {:>7.3f} {:>9.1f} {:>21} {:>10.1f} {:>10.1f} {:>9.1f}\n",
-        c.path, c.policy, c.granularity_us, c.runs, c.payload_bits, c.raw_bps, c.ber, c.ber_longest, c.capacity_bps,
+        "{:<9} {:<11} {:>8} {:>5} {:>6} {:>9.1f} {:>7.3f} {:>7.3f} {:>7.3f} {:>9.1f} {:>21} {:>10.1f} {:>10.1f} {:>9.1f}\n",
+        c.path, c.policy, c.granularity_us, c.runs, c.payload_bits, c.raw_bps, c.ber, c.ber_longest, c.ber_early,
+        c.capacity_bps,
         fmt::format("{:.1f} [{:.1f}-{:.1f}]", c.capacity_per_rep.median, c.capacity_per_rep.min, c.capacity_per_rep.max),
         c.idle_metric_us, c.busy_metric_us, c.rtt_p50_us);
   out += "per run:\n";
-  out += fmt::format("{:<9} {:<11} {:>8} {:>9} {:>7} {:>7} {:>9} {:>10} {:>10} {:>10} {:>4} {:>9} {:>7} {:>7} {:>9}\n",
-                     "path", "sched", "G us", "raw b/s", "BER", "BER max", "cap b/s", "idle us", "busy us", "thresh us",
-                     "pol", "rtt p50", "rtt n", "spins", "spin us");
+  out += fmt::format(
+      "{:<9} {:<11} {:>8} {:>9} {:>7} {:>7} {:>7} {:>9} {:>10} {:>10} {:>10} {:>4} {:>9} {:>7} {:>7} {:>9}\n", "path",
+      "sched", "G us", "raw b/s", "BER", "BER max", "BER 1st", "cap b/s", "idle us", "busy us", "thresh us", "pol",
+      "rtt p50", "rtt n", "spins", "spin us");
   for (const CovertRun& c : r.runs) {
     if (!c.error.empty()) {
       out += fmt::format("{:<9} {:<11} {:>8} COVERT RUN FAILED: {}\n", c.path, c.policy, c.granularity_us, c.error);
       continue;
     }
     out += fmt::format(
-        "{:<9} {:<11} {:>8} {:>9.1f} {:>7.3f} {:>7.3f} {:>9.1f} {:>10.1f} {:>10.1f} {:>10.1f} {:>4} {:>9.1f} {:>7} {:>7} "
-        "{:>9.1f}\n",
-        c.path, c.policy, c.granularity_us, c.raw_bps, c.ber, c.ber_longest, c.capacity_bps, c.idle_metric_us,
+        "{:<9} {:<11} {:>8} {:>9.1f} {:>7.3f} {:>7.3f} {:>7.3f} {:>9.1f} {:>10.1f} {:>10.1f} {:>10.1f} {:>4} {:>9.1f} "
+        "{:>7} {:>7} {:>9.1f}\n",
+        c.path, c.policy, c.granularity_us, c.raw_bps, c.ber, c.ber_longest, c.ber_early, c.capacity_bps,
+        c.idle_metric_us,
         c.busy_metric_us, c.threshold_us, c.inverted ? "inv" : "+", c.receiver_rtt_us.p50, c.receiver_rtt_us.n,
         c.sender_submissions, c.sender_chunk_us);
   }
   out += "(sched: the host's --sched (partitioned: time slots, the timing defence). G 0: coarsening off. BER: the "
-         "median decoder (per bit, the receiver's median round trip), BER max: the longest-round-trip decoder, each "
-         "pooled over every payload bit of the repetitions; cap from the better of the two (chosen knowing the "
-         "payload: an upper bound); cap/rep: each repetition's own. idle/busy: the receiver's median round trip per "
+         "median decoder (per bit, the receiver's median round trip), BER max: the longest-round-trip decoder, BER "
+         "1st: the longest round trip of the bit's first 30 ms; each pooled over every payload bit of the "
+         "repetitions; cap from the best of the three (chosen knowing the payload: an upper bound); cap/rep: each repetition's own. idle/busy: the receiver's median round trip per "
          "bit, median over the bits the sender idled / was busy. Polarity (pol: inv = a busy sender made the "
          "receiver faster) from the known bits. cap: (1 - H(min(BER, 0.5))) x raw. spins: the sender's busy "
          "submissions, spin us their p50 as it saw them)\n";
@@ -466,6 +481,8 @@ nlohmann::json CovertJson(const CovertReport& r) {
                           {"ber", c.ber},
                           {"ber_longest", c.ber_longest},
                           {"errors_longest", c.errors_longest},
+                          {"ber_early", c.ber_early},
+                          {"errors_early", c.errors_early},
                           {"raw_bps", c.raw_bps},
                           {"capacity_bps", c.capacity_bps},
                           {"capacity_per_rep", {{"median", c.capacity_per_rep.median},
@@ -492,6 +509,8 @@ nlohmann::json CovertJson(const CovertReport& r) {
                 {"ber", c.ber},
                 {"errors_longest", c.errors_longest},
                 {"ber_longest", c.ber_longest},
+                {"errors_early", c.errors_early},
+                {"ber_early", c.ber_early},
                 {"capacity_bps", c.capacity_bps},
                 {"idle_metric_us", c.idle_metric_us},
                 {"busy_metric_us", c.busy_metric_us},

@@ -68,12 +68,14 @@ struct CovertRun {
   int payload_bits = 0;
   int errors = 0;            // among the payload bits (the median decoder)
   int errors_longest = 0;    // the same, the longest-round-trip decoder
+  int errors_early = 0;      // the same, the longest round trip of the bit's first 30 ms
   bool inverted = false;     // the preamble said: a busy sender makes the receiver faster
   double bit_us = 0;
   double raw_bps = 0;        // bits sent per second: 1 / bit period
   double ber = 0;            // bit errors / payload bits (the median decoder)
   double ber_longest = 0;    // the longest-round-trip decoder's
-  // (1 - H(min(ber, 0.5))) * raw_bps with the better decoder's BER: what the channel carries
+  double ber_early = 0;      // the first-30-ms decoder's
+  // (1 - H(min(ber, 0.5))) * raw_bps with the best decoder's BER: what the channel carries
   // after coding
   double capacity_bps = 0;
   // The receiver's metric (median round trip of its work in a bit's window, us): its median
@@ -95,8 +97,8 @@ struct CovertCell {
   uint64_t granularity_us = 0;
   std::string policy;
   int runs = 0;  // repetitions that completed
-  int payload_bits = 0, errors = 0, errors_longest = 0;
-  double ber = 0, ber_longest = 0, raw_bps = 0, capacity_bps = 0;  // capacity: the better decoder's
+  int payload_bits = 0, errors = 0, errors_longest = 0, errors_early = 0;
+  double ber = 0, ber_longest = 0, ber_early = 0, raw_bps = 0, capacity_bps = 0;  // capacity: the best decoder's
   Ratio capacity_per_rep;                     // median [min, max] over repetitions
   double idle_metric_us = 0, busy_metric_us = 0;  // medians over repetitions
   double rtt_p50_us = 0;                      // median over repetitions of the receiver's p50
