@@ -1,8 +1,7 @@
 #include "tools/vgpud-worker/sched_gate.h"
 
-#include <cmath>
-
 #include <algorithm>
+#include <cmath>
 
 #include "mediator/work_split.h"
 
