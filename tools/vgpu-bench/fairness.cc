@@ -366,12 +366,14 @@ Result<std::vector<SchedSpin>> CalibrateSpin(const std::string& gpu, const std::
 // One vgpud of the group's and the vGPUs it runs now.
 struct Host {
   bool weighted = false;
+  std::string mode;  // ModeName: what `show` must report as its scheduling
   SchedDaemon d;
   std::vector<std::string> uuids, sockets;
   std::vector<uint32_t> weights;
 };
 
-std::string ModeName(bool weighted) { return weighted ? "best-effort" : "off"; }
+// The "on" daemon's policy (SchedOptions::policy), or "off".
+std::string ModeName(const SchedOptions& o, bool weighted) { return weighted ? o.policy : "off"; }
 
 std::string SetUuid(int set, size_t i) { return fmt::format("5c4ed000-0000-4000-8{:03x}-{:012x}", set, i); }
 
@@ -590,9 +592,9 @@ std::vector<TenantFigures> TenantFiguresOf(const Host& h, const std::vector<Tena
       t.charged_ms = std::max(0.0, b.charged_ms - a.charged_ms);
       t.held_ms = static_cast<double>(b.queue_wait_ns - std::min(a.queue_wait_ns, b.queue_wait_ns)) / 1e6;
       t.sched_state_at_end = b.sched_state;
-      if (b.scheduling != ModeName(h.weighted))
+      if (b.scheduling != h.mode)
         errors.push_back(fmt::format("{}: the daemon says scheduling '{}', the run asked for '{}'", t.uuid,
-                                     b.scheduling, ModeName(h.weighted)));
+                                     b.scheduling, h.mode));
       if (b.weight != h.weights[specs[i].vgpu])
         errors.push_back(fmt::format("{}: effective weight {} (show), the run set {}", t.uuid, b.weight,
                                      h.weights[specs[i].vgpu]));
@@ -798,9 +800,10 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
   std::vector<Host> hosts(2);
   for (int m = 0; m < 2; ++m) {
     hosts[m].weighted = m == 0;
+    hosts[m].mode = ModeName(o, hosts[m].weighted);
     auto d = make_daemon(hosts[m].weighted, o.slice_us);
     if (!d.ok()) {
-      r.errors.push_back(fmt::format("vgpud --sched {}: {}", ModeName(hosts[m].weighted), d.error().ToString()));
+      r.errors.push_back(fmt::format("vgpud --sched {}: {}", ModeName(o, hosts[m].weighted), d.error().ToString()));
       return r;
     }
     hosts[m].d = std::move(*d);
@@ -823,9 +826,9 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
     bool ok = true;
     for (Host& h : hosts) {
       Progress(o, fmt::format("scheduler groups: starting {} vGPUs on the {} daemon", weights.size(),
-                              ModeName(h.weighted)));
+                              ModeName(o, h.weighted)));
       if (auto s = StartSet(h, set, weights); !s.ok()) {
-        r.errors.push_back(fmt::format("vgpud --sched {}: {}", ModeName(h.weighted), s.error().ToString()));
+        r.errors.push_back(fmt::format("vgpud --sched {}: {}", ModeName(o, h.weighted), s.error().ToString()));
         ok = false;
       }
     }
@@ -836,7 +839,7 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
     if (o.fairness && fair_spin)
       for (int n : o.tenant_counts)
         each_mode([&](Host& h) {
-          Progress(o, fmt::format("fairness: {} tenants, equal weights, sched {}", n, ModeName(h.weighted)));
+          Progress(o, fmt::format("fairness: {} tenants, equal weights, sched {}", n, ModeName(o, h.weighted)));
           r.fairness.push_back(RunFairness(h, "equal", n, o, *fair_spin));
         });
     if (o.noisy && heavy_spin)
@@ -844,7 +847,7 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
         for (int heavy : o.heavy_counts)
           each_mode([&](Host& h) {
             Progress(o, fmt::format("noisy: light tenant (think {} us) + {} heavy, sched {}", think, heavy,
-                                    ModeName(h.weighted)));
+                                    ModeName(o, h.weighted)));
             r.noisy.push_back(RunNoisy(h, heavy, think, o, *heavy_spin));
           });
   }
@@ -856,7 +859,7 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
     if (start_sets(1, mix))
       for (int n : o.tenant_counts)
         each_mode([&](Host& h) {
-          Progress(o, fmt::format("fairness: {} tenants, weights 1:2:4, sched {}", n, ModeName(h.weighted)));
+          Progress(o, fmt::format("fairness: {} tenants, weights 1:2:4, sched {}", n, ModeName(o, h.weighted)));
           r.fairness.push_back(RunFairness(h, "mixed", n, o, *fair_spin));
         });
     for (Host& h : hosts) StopSet(h);
@@ -905,7 +908,7 @@ std::string FormatSched(const SchedReport& r) {
       out += fmt::format(
           "{:<7} {:>3} {:<8} {:>5} {:>9} {:>8.1f} {:>8.1f} {:>9} {:>8.1f}% {:>9.1f}% {:>10} {:>8.4f} {:>8.4f} "
           "{:>9.0f} {:>8.0f} {:>5.1f}% {:>4.0f}% {:>8}  {}\n",
-          f.weights, f.tenants, ModeName(f.weighted), s.windows,
+          f.weights, f.tenants, ModeName(o, f.weighted), s.windows,
           fmt::format("{}/{}", s.min_window_total, s.median_window_total), s.mean_abs_pp, s.max_abs_pp,
           Pct(s.within_pp), s.mean_abs_rel_pct, s.max_abs_rel_pct, Pct(s.within_rel), s.jain, f.device_jain,
           f.measured_s > 0 ? static_cast<double>(done) / f.measured_s : 0.0, dev_us,
@@ -914,7 +917,7 @@ std::string FormatSched(const SchedReport& r) {
     }
     out += "per tenant (weighted and off): weight, share of completions [entitled], share of device time\n";
     for (const FairnessRun& f : r.fairness) {
-      std::string line = fmt::format("  {:<5} {:>2} {:<8}", f.weights, f.tenants, ModeName(f.weighted));
+      std::string line = fmt::format("  {:<5} {:>2} {:<8}", f.weights, f.tenants, ModeName(o, f.weighted));
       for (size_t i = 0; i < f.tenant.size(); ++i)
         line += fmt::format(" {:.0f}:{:.1f}[{:.1f}]/{:.1f}", f.tenant[i].weight,
                             i < f.shares.share.size() ? f.shares.share[i] * 100 : 0.0,
@@ -925,7 +928,7 @@ std::string FormatSched(const SchedReport& r) {
     for (const FairnessRun& f : r.fairness)
       for (const std::string& e : f.errors)
         out += fmt::format("FAIRNESS PRECONDITION FAILED: {} x{} sched {}: {}\n", f.weights, f.tenants,
-                           ModeName(f.weighted), e);
+                           ModeName(o, f.weighted), e);
   }
   if (!r.noisy.empty()) {
     out += fmt::format(
@@ -944,7 +947,7 @@ std::string FormatSched(const SchedReport& r) {
       heavy_rate /= o.noisy_s;
       out += fmt::format("{:>5} {:>5} {:<11} {:>7} {:>10.0f} {:>10.0f} {:>10.0f} {:>9} {:>12} {:>8.1f} {:>5.0f}% {:>10} "
                          "{:>11}  {}{}\n",
-                         n.think_us, n.heavy, ModeName(n.weighted), n.light_us.n, n.light_us.p50, n.light_us.p99, n.light_us.max,
+                         n.think_us, n.heavy, ModeName(o, n.weighted), n.light_us.n, n.light_us.p50, n.light_us.p99, n.light_us.max,
                          have && n.heavy ? fmt::format("{:.2f}", n.light_us.p99 / alone->light_us.p99) : "-",
                          have && n.heavy ? fmt::format("{:.0f}", n.light_us.p99 - alone->light_us.p99) : "-",
                          heavy_rate, n.heavy_busy * 100,
@@ -956,7 +959,7 @@ std::string FormatSched(const SchedReport& r) {
     for (const NoisyRun& n : r.noisy)
       for (const std::string& e : n.errors)
         out += fmt::format("NOISY PRECONDITION FAILED: think {} us, {} heavy, sched {}: {}\n", n.think_us, n.heavy,
-                           ModeName(n.weighted), e);
+                           ModeName(o, n.weighted), e);
   }
   if (NotNiced(r)) out += NotNicedNote() + "\n";
   for (const std::string& e : r.errors) out += fmt::format("SCHEDULER GROUPS FAILED: {}\n", e);
@@ -995,7 +998,7 @@ void AddSchedJson(const SchedReport& r, nlohmann::json& j) {
     for (const FairnessRun& f : r.fairness) {
       const ShareFigures& s = f.shares;
       runs.push_back({{"weights", f.weights},
-                      {"sched", ModeName(f.weighted)},
+                      {"sched", ModeName(o, f.weighted)},
                       {"tenants", f.tenants},
                       {"measured_s", f.measured_s},
                       {"windows", s.windows},
@@ -1036,7 +1039,7 @@ void AddSchedJson(const SchedReport& r, nlohmann::json& j) {
     Json runs = Json::array();
     for (const NoisyRun& n : r.noisy) {
       const NoisyRun* alone = FindNoisy(r, n.weighted, 0, n.think_us);
-      Json x{{"sched", ModeName(n.weighted)},
+      Json x{{"sched", ModeName(o, n.weighted)},
              {"heavy", n.heavy},
              {"think_us", n.think_us},
              {"light_us",
@@ -1094,10 +1097,11 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
       const bool rel_met = a.windows > a.empty_windows && a.within_rel >= 1.0;
       const bool jain_met = a.jain >= 0.99;
       std::string line = fmt::format(
-          "fairness, {} weights, {} tenants, sched best-effort: |share error| mean {:.1f} pp, max {:.1f} pp, {} of {:.0f} ms "
+          "fairness, {} weights, {} tenants, sched {}: |share error| mean {:.1f} pp, max {:.1f} pp, {} of {:.0f} ms "
           "windows within ±{:.0f} pp ({}); relative to the entitled share mean {:.1f}%, max {:.1f}%, {} within ±{:.0f}% "
           "({}); Jain {:.4f}{}",
-          weights == "equal" ? "equal" : "1:2:4", n, a.mean_abs_pp, a.max_abs_pp, Pct(a.within_pp), o.window_s * 1e3,
+          weights == "equal" ? "equal" : "1:2:4", n, o.policy, a.mean_abs_pp, a.max_abs_pp, Pct(a.within_pp),
+          o.window_s * 1e3,
           tol, pp_met ? "MET" : "MISSED", a.mean_abs_rel_pct, a.max_abs_rel_pct, Pct(a.within_rel), tol,
           rel_met ? "MET" : "MISSED", a.jain,
           weights == "equal" ? fmt::format(" (target >= 0.99: {})", jain_met ? "MET" : "MISSED") : " (of completions / weight)");
@@ -1129,7 +1133,7 @@ void SummarizeSched(const SchedReport& r, std::vector<std::string>& s) {
         "noisy neighbours, light tenant ({}) next to {} heavy, sched {}: p50 {:.0f} us, p99 {:.0f} us; alone p50 "
         "{:.0f} us, p99 {:.0f} us; p99 ratio {:.2f}, p99 over alone {:.0f} us (target <= 2 x slice = {:.0f} us): {}",
         n.think_us ? fmt::format("thinks {} us", n.think_us) : std::string("closed loop"), n.heavy,
-        ModeName(true), n.light_us.p50, n.light_us.p99, alone->light_us.p50, alone->light_us.p99,
+        ModeName(o, true), n.light_us.p50, n.light_us.p99, alone->light_us.p50, alone->light_us.p99,
         n.light_us.p99 / alone->light_us.p99, over, limit, over <= limit ? "MET" : "MISSED");
     line += fmt::format(
         " (it waited {:.1f} ms per grant; the heavy ones used {:.1f} ms of device time per grant and kept the device "

@@ -69,7 +69,7 @@ struct SchedDaemon {
   pid_t pid = 0;
   std::shared_ptr<void> keep;  // the daemon runs until the last copy goes
 };
-// weighted: `--sched weighted --sched-slice-us slice_us`; else `--sched off`.
+// weighted: `--sched <SchedOptions::policy> --sched-slice-us slice_us`; else `--sched off`.
 using SchedDaemonFactory = std::function<Result<SchedDaemon>(bool weighted, uint64_t slice_us)>;
 
 struct SchedOptions {
@@ -93,6 +93,9 @@ struct SchedOptions {
   double heavy_kernel_us = 10000;  // noisy: each heavy tenant's spin dispatch
   uint32_t heavy_in_flight = 3;
   uint64_t slice_us = 2000;       // vgpud --sched-slice-us (its default)
+  // The "on" daemon's --sched (vgpu-bench --sched-policy): best-effort, the default the
+  // targets are for; partitioned etc. to measure what another policy costs the same tenants.
+  std::string policy = "best-effort";
   uint64_t guest_ram = 16ull << 20;
   std::string gpu;                // the native engine's device, for the calibration
   bool progress = true;

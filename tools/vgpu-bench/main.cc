@@ -670,6 +670,12 @@ int main(int argc, char** argv) {
   app.add_option("--covert-probe-us", covert_probe_us,
                  "covert: the receiver's work, 0: a 4 KiB copy; else a spin of about this many us")
       ->capture_default_str();
+  std::string sched_policy = "best-effort";
+  app.add_option("--sched-policy", sched_policy,
+                 "fairness, noisy: the scheduled daemon's --sched (the baseline stays off); the targets are "
+                 "best-effort's")
+      ->check(CLI::IsMember({"best-effort", "equal-share", "fixed-share", "partitioned"}))
+      ->capture_default_str();
   std::string covert_sender = "load";
   app.add_option("--covert-sender", covert_sender,
                  "covert: the sender's busy symbol: load (spins back to back) or overrun (one piece nothing can cut, "
@@ -883,6 +889,7 @@ int main(int argc, char** argv) {
     so.gpu = gpu;
     so.progress = o.progress;
     if (fairness_in_flight) so.in_flight = fairness_in_flight;
+    so.policy = sched_policy;
     if (smoke) {
       so.tenant_counts = {2, 4};
       so.heavy_counts = {0, 1};
@@ -892,7 +899,7 @@ int main(int argc, char** argv) {
       so.measure_s = so.noisy_s = 10.0;
     }
     sched = MeasureSched(so, [&](bool weighted, uint64_t slice_us) -> Result<SchedDaemon> {
-      std::vector<std::string> flags{"--sched", weighted ? "best-effort" : "off"};
+      std::vector<std::string> flags{"--sched", weighted ? so.policy : "off"};
       if (weighted) flags.insert(flags.end(), {"--sched-slice-us", std::to_string(slice_us)});
       VG_TRY_ASSIGN(auto sd, StartDaemon(vgpud, {}, gpu, weighted ? "-sched-weighted" : "-sched-off", flags));
       std::shared_ptr<DaemonProc> keep(std::move(sd));
