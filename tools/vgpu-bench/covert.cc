@@ -273,19 +273,19 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
   // instead. A window with no completion reads as the whole window.
   std::vector<double> metric(bits.size(), 0), longest(bits.size(), 0), early(bits.size(), 0), rtts;
   const uint64_t guard = period / 10, early_span = std::min<uint64_t>(period, 30'000'000);
-  size_t k = 0, ke = 0;
+  size_t k = 0;
   for (size_t i = 0; i < bits.size(); ++i) {
     const uint64_t start = t0 + i * period, lo = start + guard, hi = t0 + (i + 1) * period;
     std::vector<double> in;
-    for (; k < samples.size() && samples[k].done_ns < hi; ++k)
-      if (samples[k].done_ns >= lo) in.push_back(samples[k].rtt_us);
+    double first = -1;
+    for (; k < samples.size() && samples[k].done_ns < hi; ++k) {
+      const Sample& x = samples[k];
+      if (x.done_ns >= start && x.done_ns < start + early_span) first = std::max(first, x.rtt_us);
+      if (x.done_ns >= lo) in.push_back(x.rtt_us);
+    }
     const double whole = static_cast<double>(hi - lo) / 1000.0;
     longest[i] = in.empty() ? whole : *std::max_element(in.begin(), in.end());
     metric[i] = in.empty() ? whole : Summarize(std::move(in)).p50;
-    double first = -1;
-    for (; ke < samples.size() && samples[ke].done_ns < start + early_span; ++ke)
-      if (samples[ke].done_ns >= start) first = std::max(first, samples[ke].rtt_us);
-    while (ke < samples.size() && samples[ke].done_ns < hi) ++ke;  // the rest of the window
     early[i] = first < 0 ? static_cast<double>(early_span) / 1000.0 : first;
   }
   for (const Sample& s : samples) rtts.push_back(s.rtt_us);
@@ -323,7 +323,7 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
   run.ber_longest = run.payload_bits > 0 ? static_cast<double>(run.errors_longest) / run.payload_bits : 0;
   run.ber_early = run.payload_bits > 0 ? static_cast<double>(run.errors_early) / run.payload_bits : 0;
   // Worse than chance after the preamble chose the polarity: noise, it carries nothing.
-  // The capacity is the better decoder's (an attacker uses whichever works).
+  // The capacity is the best decoder's (an attacker uses whichever works).
   run.capacity_bps =
       (1 - BinaryEntropy(std::min({run.ber, run.ber_longest, run.ber_early, 0.5}))) * run.raw_bps;
   return run;

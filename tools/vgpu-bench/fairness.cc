@@ -803,7 +803,7 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
     hosts[m].mode = ModeName(o, hosts[m].weighted);
     auto d = make_daemon(hosts[m].weighted, o.slice_us);
     if (!d.ok()) {
-      r.errors.push_back(fmt::format("vgpud --sched {}: {}", ModeName(o, hosts[m].weighted), d.error().ToString()));
+      r.errors.push_back(fmt::format("vgpud --sched {}: {}", hosts[m].mode, d.error().ToString()));
       return r;
     }
     hosts[m].d = std::move(*d);
@@ -826,9 +826,9 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
     bool ok = true;
     for (Host& h : hosts) {
       Progress(o, fmt::format("scheduler groups: starting {} vGPUs on the {} daemon", weights.size(),
-                              ModeName(o, h.weighted)));
+                              h.mode));
       if (auto s = StartSet(h, set, weights); !s.ok()) {
-        r.errors.push_back(fmt::format("vgpud --sched {}: {}", ModeName(o, h.weighted), s.error().ToString()));
+        r.errors.push_back(fmt::format("vgpud --sched {}: {}", h.mode, s.error().ToString()));
         ok = false;
       }
     }
@@ -839,7 +839,7 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
     if (o.fairness && fair_spin)
       for (int n : o.tenant_counts)
         each_mode([&](Host& h) {
-          Progress(o, fmt::format("fairness: {} tenants, equal weights, sched {}", n, ModeName(o, h.weighted)));
+          Progress(o, fmt::format("fairness: {} tenants, equal weights, sched {}", n, h.mode));
           r.fairness.push_back(RunFairness(h, "equal", n, o, *fair_spin));
         });
     if (o.noisy && heavy_spin)
@@ -847,7 +847,7 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
         for (int heavy : o.heavy_counts)
           each_mode([&](Host& h) {
             Progress(o, fmt::format("noisy: light tenant (think {} us) + {} heavy, sched {}", think, heavy,
-                                    ModeName(o, h.weighted)));
+                                    h.mode));
             r.noisy.push_back(RunNoisy(h, heavy, think, o, *heavy_spin));
           });
   }
@@ -859,7 +859,7 @@ SchedReport MeasureSched(const SchedOptions& o, const SchedDaemonFactory& make_d
     if (start_sets(1, mix))
       for (int n : o.tenant_counts)
         each_mode([&](Host& h) {
-          Progress(o, fmt::format("fairness: {} tenants, weights 1:2:4, sched {}", n, ModeName(o, h.weighted)));
+          Progress(o, fmt::format("fairness: {} tenants, weights 1:2:4, sched {}", n, h.mode));
           r.fairness.push_back(RunFairness(h, "mixed", n, o, *fair_spin));
         });
     for (Host& h : hosts) StopSet(h);

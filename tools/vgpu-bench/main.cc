@@ -609,6 +609,10 @@ int Emit(const StudyReport& r, const StudyOptions& o, bool smoke, const std::str
 
 }  // namespace
 
+// vgpud's --sched policies that schedule (and "off", which does not): vgpu-bench does not
+// link the daemon, so its names are here.
+const std::vector<std::string> kScheduledPolicies{"best-effort", "equal-share", "fixed-share", "partitioned"};
+
 int main(int argc, char** argv) {
   // A tenant of the scheduler groups (fairness.h), started by this program itself.
   if (IsSchedTenant(argc, argv)) return SchedTenantMain(argc, argv);
@@ -674,7 +678,7 @@ int main(int argc, char** argv) {
   app.add_option("--sched-policy", sched_policy,
                  "fairness, noisy: the scheduled daemon's --sched (the baseline stays off); the targets are "
                  "best-effort's")
-      ->check(CLI::IsMember({"best-effort", "equal-share", "fixed-share", "partitioned"}))
+      ->check(CLI::IsMember(kScheduledPolicies))
       ->capture_default_str();
   std::string covert_sender = "load";
   app.add_option("--covert-sender", covert_sender,
@@ -818,7 +822,7 @@ int main(int argc, char** argv) {
     std::sort(co.granularities_us.begin(), co.granularities_us.end());
     co.policies.clear();
     for (const auto& p : Split(covert_policies)) {
-      if (p != "best-effort" && p != "partitioned" && p != "equal-share" && p != "fixed-share" && p != "off") {
+      if (p != "off" && std::find(kScheduledPolicies.begin(), kScheduledPolicies.end(), p) == kScheduledPolicies.end()) {
         std::fprintf(stderr, "vgpu-bench: --covert-policies: '%s' is not a vgpud --sched policy\n", p.c_str());
         return 2;
       }

@@ -279,6 +279,24 @@ void Scheduler::OnRelease(const Uuid& u, uint64_t grant, uint64_t used_ns, bool 
   Dispatch(now);
 }
 
+void Scheduler::BeginGrant(Entry& e, Clock::time_point now) {
+  e.state = SchedState::kRunning;
+  e.grant = next_grant_++;
+  e.granted_at = now;
+  e.preempted = false;
+  e.grant_charge_ns = 0;
+  e.stats.grants++;
+  e.stats.wait_ns += Ns(now - e.waiting_since);
+  floor_ = Floor();
+}
+
+void Scheduler::Preempt(const Uuid& u, Entry& e, Clock::time_point now) {
+  e.preempted = true;
+  e.preempted_at = now;
+  e.stats.preemptions++;
+  a_.preempt(u, e.grant);
+}
+
 void Scheduler::Dispatch(Clock::time_point now) {
   if (o_.partitioned()) return DispatchPartitioned(now);
   while (FreeSlots() > 0) {
@@ -292,14 +310,7 @@ void Scheduler::Dispatch(Clock::time_point now) {
       }
     }
     if (!next) return;
-    next->state = SchedState::kRunning;
-    next->grant = next_grant_++;
-    next->granted_at = now;
-    next->preempted = false;
-    next->grant_charge_ns = 0;
-    next->stats.grants++;
-    next->stats.wait_ns += Ns(now - next->waiting_since);
-    floor_ = Floor();
+    BeginGrant(*next, now);
     // Others still waiting once the free grants are given: every holder is contended from
     // now (told with the grant, so no piece can slip past before it knows).
     const bool others = Count(SchedState::kWaiting) > 0 && FreeSlots() == 0;
@@ -388,13 +399,7 @@ void Scheduler::MaybePreempt(Clock::time_point now) {
     if (at && now >= *at) due.emplace_back(-e.vruntime, u);
   }
   std::sort(due.begin(), due.end());
-  auto preempt = [&](const Uuid& u) {
-    Entry& e = entries_.at(u);
-    e.preempted = true;
-    e.preempted_at = now;
-    e.stats.preemptions++;
-    a_.preempt(u, e.grant);
-  };
+  auto preempt = [&](const Uuid& u) { Preempt(u, entries_.at(u), now); };
   for (const auto& [neg_vruntime, u] : due) {
     if (asked >= waiting) break;
     ++asked;
@@ -454,7 +459,7 @@ std::optional<Scheduler::Clock::time_point> Scheduler::NextDeadline() const {
         consider(e.preempted ? e.preempted_at + o_.yield_timeout : e.slot_end - o_.partition_margin);
       // The next grant: the waiter whose slot comes first (with a holder, its release
       // dispatches, or the holder's preempt time comes first).
-      if (e.state == SchedState::kWaiting && free && accrued_at_) consider(GrantWindow(u, e, *accrued_at_).start);
+      if (e.state == SchedState::kWaiting && free && accrued_at_) consider(NextGrant(u, e, *accrued_at_).at);
     }
     return next;
   }
@@ -515,12 +520,12 @@ Scheduler::Window Scheduler::SlotWindow(const Uuid& u, Clock::time_point t) cons
   return {start, start + len};
 }
 
-Scheduler::Window Scheduler::GrantWindow(const Uuid& u, const Entry& e, Clock::time_point t) const {
+Scheduler::GrantTime Scheduler::NextGrant(const Uuid& u, const Entry& e, Clock::time_point t) const {
   Clock::time_point from = std::max(t, e.barred_until);
   for (;;) {
     const Window w = SlotWindow(u, from);
-    const Clock::time_point start = std::max(from, w.start);
-    if (start < w.end - o_.partition_margin) return {start, w.end};
+    const Clock::time_point at = std::max(from, w.start);
+    if (at < w.end - o_.partition_margin) return {at, w};
     from = w.end;  // too late in this occurrence (inside the margin, or debt): the next one
   }
 }
@@ -529,18 +534,11 @@ void Scheduler::DispatchPartitioned(Clock::time_point now) {
   if (Count(SchedState::kRunning) > 0) return;  // one grant at a time (vgpud refuses concurrency with it)
   for (auto& [u, e] : entries_) {
     if (e.state != SchedState::kWaiting) continue;
-    const Window w = GrantWindow(u, e, now);
-    if (w.start > now) continue;
-    e.state = SchedState::kRunning;
-    e.grant = next_grant_++;
-    e.granted_at = now;
-    e.slot_start = SlotWindow(u, now).start;
-    e.slot_end = w.end;
-    e.preempted = false;
-    e.grant_charge_ns = 0;
-    e.stats.grants++;
-    e.stats.wait_ns += Ns(now - e.waiting_since);
-    floor_ = Floor();
+    const GrantTime g = NextGrant(u, e, now);
+    if (g.at > now) continue;
+    BeginGrant(e, now);
+    e.slot_start = g.slot.start;
+    e.slot_end = g.slot.end;
     // Always contended: one piece on the device at a time, so what runs past the preempt is
     // one piece, and the grant goes back once idle (its slot stays its own either way).
     e.contended_since = now;
@@ -554,11 +552,7 @@ void Scheduler::PreemptPartitioned(Clock::time_point now) {
   // At its slot's end less the margin, whether anyone waits or not: the next slot's owner
   // may ask at any moment in its slot, and must find the engine free.
   for (auto& [u, e] : entries_) {
-    if (e.state != SchedState::kRunning || e.preempted || now < e.slot_end - o_.partition_margin) continue;
-    e.preempted = true;
-    e.preempted_at = now;
-    e.stats.preemptions++;
-    a_.preempt(u, e.grant);
+    if (e.state == SchedState::kRunning && !e.preempted && now >= e.slot_end - o_.partition_margin) Preempt(u, e, now);
   }
 }
 

@@ -214,7 +214,11 @@ class Scheduler {
   Window SlotWindow(const Uuid& u, Clock::time_point t) const;
   // When `e` may next be granted, from `t` on (inside its slot, short of the margin, not
   // barred by debt), and the slot then.
-  Window GrantWindow(const Uuid& u, const Entry& e, Clock::time_point t) const;
+  struct GrantTime {
+    Clock::time_point at;
+    Window slot;
+  };
+  GrantTime NextGrant(const Uuid& u, const Entry& e, Clock::time_point t) const;
   void DispatchPartitioned(Clock::time_point now);
   void PreemptPartitioned(Clock::time_point now);
   std::optional<Clock::time_point> epoch_;
@@ -232,6 +236,10 @@ class Scheduler {
   std::optional<Clock::time_point> LagPreemptAt(const Entry& h) const;  // a holder ahead of another
   void Wait(const Uuid& u, Entry& e, Clock::time_point now);
   void Dispatch(Clock::time_point now);
+  // A grant's bookkeeping (the waiting `e` becomes the holder); the caller says whether it is
+  // contended and sends it.
+  void BeginGrant(Entry& e, Clock::time_point now);
+  void Preempt(const Uuid& u, Entry& e, Clock::time_point now);  // ask the holder to yield
   void MaybePreempt(Clock::time_point now);
   void MaybeContend(Clock::time_point now);  // someone waits: tell the holders, once per grant
   void MarkContended(Clock::time_point now);  // someone waits: the holders' charged time starts
