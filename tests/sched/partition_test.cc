@@ -226,6 +226,41 @@ TEST_CASE("partitioned: a grant that runs past its slot is debt; the next owner'
   CHECK(w.completions[1] == start + 26500us + w.probe);
 }
 
+TEST_CASE("partitioned: a worker that crashes past its slot keeps the debt and its slot; the frame does not move") {
+  World w(Partitioned());
+  w.s.Add(w.sender, 100, w.now);
+  w.s.Add(w.receiver, 100, w.now);
+  const auto start = w.now;
+  w.piece = 5ms;
+  w.sender_busy = true;
+  w.s.OnRequest(w.sender, w.now);
+  w.Run(start + 4500us);
+  REQUIRE(w.sender_pieces.size() == 1);
+  // Its worker dies 2.5 ms past its slot, the piece unfinished (the supervisor's Forget).
+  w.holder.reset();
+  w.s.Detach(w.sender, w.now);
+  auto st = w.s.Status(w.sender);
+  REQUIRE(st);
+  CHECK(st->overruns == 1);
+  CHECK(st->overrun_ns == 2'500'000);
+  CHECK(st->state == SchedState::kIdle);
+  CHECK(st->frame_ns == 4'000'000);  // its slot kept: the frame is still two slots
+  // The restarted worker asks at once: the debt (2.5 ms × 2 = 5 ms, to 9.5 ms) still bars it,
+  // so its slot at 8 ms passes unused and it runs at 12 ms. Removed and added again, it ran at 8.
+  w.piece = 500us;
+  w.s.OnRequest(w.sender, w.now);
+  w.Run(start + 20ms);
+  REQUIRE(w.sender_pieces.size() >= 2);
+  CHECK(w.sender_pieces[1].first == start + 12ms);
+  // The receiver's slots never moved: [2, 4) ms + k × 4 ms.
+  w.asks = {start + 22ms, start + 26500us};
+  w.next_ask = 0;
+  w.Run(start + 40ms);
+  REQUIRE(w.completions.size() == 2);
+  CHECK(w.completions[0] == start + 22ms + w.probe);
+  CHECK(w.completions[1] == start + 26500us + w.probe);
+}
+
 TEST_CASE("partitioned: a holder that gives the grant back with work held is not granted again in that slot") {
   // Its next piece does not fit before the slot's end (the worker's fit rule): granting it
   // again at once would only bounce until the margin.

@@ -118,6 +118,52 @@ TEST_CASE("a piece longer than the slice is charged in full: debt delays the nex
   CHECK(u2_grants <= 26);
 }
 
+TEST_CASE("a worker that crashes keeps its vGPU's debt: crashing sheds nothing") {
+  // As above, but U(1)'s worker dies 48 ms into its unsplittable piece, preempted, and its
+  // successor asks at once. Detach ends the grant as held and keeps the entry: U(2) still
+  // gets about 24 slices first. Removed and added again, U(1) was level with U(2).
+  for (bool restart_by_remove : {false, true}) {
+    CAPTURE(restart_by_remove);
+    Sim sim;
+    auto now = Clock::time_point{} + 1s;
+    sim.s.Add(U(1), 100, now);
+    sim.s.Add(U(2), 100, now);
+    sim.s.OnRequest(U(1), now);
+    sim.s.OnRequest(U(2), now);
+    REQUIRE(sim.granted == U(1));
+    now += 2ms;
+    sim.s.OnTimer(now);
+    REQUIRE(sim.preempts == 1);
+    now += 48ms;
+    if (restart_by_remove) {
+      sim.s.Remove(U(1), now);
+      sim.s.Add(U(1), 100, now);
+    } else {
+      sim.s.Detach(U(1), now);
+      auto st = sim.s.Status(U(1));
+      REQUIRE(st);
+      CHECK(st->grants == 1);  // its counters kept
+      CHECK(st->charged_ns == 50'000'000);
+      CHECK(st->idle_releases == 0);
+    }
+    REQUIRE(sim.granted == U(2));
+    sim.s.OnRequest(U(1), now);
+    int u2_grants = 0;
+    while (sim.granted == U(2) && u2_grants < 100) {
+      ++u2_grants;
+      now += 2ms;
+      sim.s.OnTimer(now);
+      sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
+    }
+    if (restart_by_remove) {
+      CHECK(u2_grants <= 2);  // the contrast: the debt was shed
+    } else {
+      CHECK(u2_grants >= 20);
+      CHECK(u2_grants <= 26);
+    }
+  }
+}
+
 TEST_CASE("a release of a grant it does not hold changes nothing") {
   Sim sim;
   auto now = Clock::time_point{} + 1s;
@@ -151,6 +197,17 @@ TEST_CASE("a worker that does not yield within the timeout is killed; the engine
   REQUIRE(sim.kills.size() == 1);
   CHECK(sim.kills[0].find("did not yield") != std::string::npos);
   CHECK(sim.granted == U(2));
+  // The 103 ms it held is its debt: its restarted worker waits while U(2) has about as much.
+  sim.s.OnRequest(U(1), now);
+  int u2_grants = 0;
+  while (sim.granted == U(2) && u2_grants < 100) {
+    ++u2_grants;
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
+  }
+  CHECK(u2_grants >= 45);
+  CHECK(u2_grants <= 53);
 }
 
 TEST_CASE("a vGPU back from idle banks no credit") {

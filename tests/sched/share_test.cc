@@ -175,13 +175,22 @@ TEST_CASE("policies: best-effort gives a lone busy vGPU the engine; equal-share,
   }
 }
 
-TEST_CASE("partitioned: a vGPU whose worker crashes keeps its slot while it restarts; the others' frame does not move") {
+TEST_CASE("partitioned: a vGPU whose worker crashes keeps its slot and counters while it restarts; the others' frame does not move") {
   // A frame without it would move every other vGPU's slots for the restart's while: a timing
   // signal a tenant could send by crashing its own worker.
   Host h({"--sched", "partitioned"});
   const std::string socket_a = h.Start(kA, Json::array());
   h.Start(kB, Json::array());
   REQUIRE(h.Show(kB)["scheduler"]["frame_ms"].get<double>() == doctest::Approx(4.0));
+  {
+    Victim v(socket_a, 1024);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    CheckVictim(v.Stop());
+  }
+  // Its scheduler entry outlives the worker (Scheduler::Detach): the counters, and the debt
+  // with them, are not shed by a crash.
+  const double grants_before = h.Show(kA)["scheduler"]["grants"].get<double>();
+  REQUIRE(grants_before > 0);
   const Json w = h.Show(kA)["worker"];
   REQUIRE(w["pid"].is_number());
   const int64_t pid = w["pid"].get<int64_t>();
@@ -201,6 +210,7 @@ TEST_CASE("partitioned: a vGPU whose worker crashes keeps its slot while it rest
   CHECK(saw_restarting);
   REQUIRE(back);
   CHECK(h.Show(kA)["scheduler"]["slot_ms"].get<double>() == doctest::Approx(2.0));
+  CHECK(h.Show(kA)["scheduler"]["grants"].get<double>() >= grants_before);
   // And it serves again, in its slot, bit-exact.
   Victim v(socket_a, 1024);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));

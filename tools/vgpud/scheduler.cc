@@ -60,6 +60,18 @@ void Scheduler::Remove(const Uuid& u, Clock::time_point now) {
   if (held) Dispatch(now);
 }
 
+void Scheduler::Detach(const Uuid& u, Clock::time_point now) {
+  auto it = entries_.find(u);
+  if (it == entries_.end()) return;
+  Entry& e = it->second;
+  if (e.state == SchedState::kWaiting) e.state = SchedState::kIdle;
+  if (e.state != SchedState::kRunning) return;
+  // Its device time during the grant died with it: charged by the time held, as any grant.
+  // Ended by the supervisor, not given back idle (counted as neither).
+  e.preempted = true;
+  OnRelease(u, e.grant, 0, /*wants=*/false, now);
+}
+
 void Scheduler::SetWeight(const Uuid& u, uint32_t weight) {
   if (auto it = entries_.find(u); it != entries_.end()) it->second.weight = std::max<uint32_t>(1, weight);
 }
@@ -422,7 +434,7 @@ void Scheduler::OnTimer(Clock::time_point now) {
     if (e.state == SchedState::kRunning && e.preempted && now - e.preempted_at >= o_.yield_timeout)
       stuck.emplace_back(u, std::chrono::duration_cast<std::chrono::milliseconds>(now - e.preempted_at).count());
   for (const auto& [u, held_ms] : stuck) {
-    Remove(u, now);
+    Detach(u, now);  // charged as held: the worker restarted is owed nothing for it
     a_.kill(u, fmt::format("scheduler: did not yield the engine within {} ms of a preempt", held_ms));
   }
   Dispatch(now);  // a waiter that was too far ahead of the holders may have become eligible

@@ -148,6 +148,11 @@ class Scheduler {
 
   void Add(const Uuid& u, uint32_t weight, Clock::time_point now);
   void Remove(const Uuid& u, Clock::time_point now);
+  // The worker serving `u` is gone and will be restarted: a grant it held ends (charged as
+  // held, an overrun counted) and it waits no more, but the entry stays, with its place in
+  // virtual time, its debt, its slot and its counters. Removing it instead let a tenant
+  // shed the debt of an uncut long piece by crashing its own worker.
+  void Detach(const Uuid& u, Clock::time_point now);
   void SetWeight(const Uuid& u, uint32_t weight);
   // The worker has work its engine holds back for want of a grant.
   void OnRequest(const Uuid& u, Clock::time_point now);

@@ -918,7 +918,7 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
           std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - w.spawned_at).count());
       VG_LOGI("worker for {} {} in {} ms (pid {})", w.spec.uuid, w.adopted ? "adopted" : "ready",
               w.status.start_latency_us / 1000, w.pid);
-      // (Partitioned: a restarted worker finds its slot kept, and its counters.)
+      // (A restarted worker finds its entry kept: Forget.)
       if (policy_.sched.enabled() && !sched_->Status(w.spec.uuid))
         sched_->Add(w.spec.uuid, policy_.sched.policy == SchedPolicy::kEqualShare ? 100 : w.spec.sched.weight,
                     Clock::now());
@@ -938,7 +938,8 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       w.status.pong_seq = r.seq;
       break;
     case ch::Kind::kSchedRequest:
-      if (w.state != Worker::State::kRunning || !policy_.sched.enabled()) return;
+      // (A worker being killed asks for nothing: its entry stays, idle, for its successor.)
+      if (w.state != Worker::State::kRunning || w.kill_reason || !policy_.sched.enabled()) return;
       sched_->OnRequest(w.spec.uuid, Clock::now());
       return ArmSched();
     case ch::Kind::kSchedRelease: {
@@ -1014,6 +1015,8 @@ void WorkerPool::OnExit(Worker& w) {
     w.waiter->Set(MakeError(Errc::kDeviceLost, "worker for {} {}", w.spec.uuid, reason));
     w.waiter.reset();
     const Uuid u = w.spec.uuid;
+    sched_->Remove(u, Clock::now());
+    ArmSched();
     CloseSockets(w);
     RemoveState(u);
     workers_.erase(u);
@@ -1037,13 +1040,6 @@ void WorkerPool::ScheduleRestart(Worker& w) {
   ++w.consecutive_failures;
   w.restart_times.push_back(now);
   w.state = Worker::State::kRestarting;
-  // Partitioned: its slot stays in the frame, idle, while the worker restarts. Without it
-  // every other vGPU's slots would move for the restart's while, something a tenant could
-  // make happen by crashing its own worker (a timing channel of its own).
-  if (policy_.sched.partitioned()) {
-    sched_->Add(w.spec.uuid, w.spec.sched.weight, now);
-    ArmSched();
-  }
   w.restart_ev = evtimer_new(base_, &WorkerPool::OnRestart, &w);
   const timeval tv = Tv(delay);
   if (!w.restart_ev || evtimer_add(w.restart_ev, &tv) != 0) {
@@ -1071,7 +1067,7 @@ void WorkerPool::OnRestart(int, short, void* arg) {
 
 void WorkerPool::Fail(Worker& w) {
   w.state = Worker::State::kFailed;
-  sched_->Remove(w.spec.uuid, Clock::now());  // (partitioned: the slot it kept while restarting)
+  sched_->Remove(w.spec.uuid, Clock::now());  // (the entry it kept while restarting: Forget)
   ArmSched();
   ResendShares();
   // Nobody serves the sockets any more: a guest must be refused, not queued forever.
@@ -1091,11 +1087,14 @@ void WorkerPool::CloseSockets(Worker& w) {
 }
 
 void WorkerPool::Forget(Worker& w) {
-  // Its grant (if it held one) goes to the next vGPU; a restarted worker is added again
-  // when it says Ready. A stopping worker left the scheduler when it was retired: the
-  // entry of its UUID now, if any, is a new worker's.
+  // Its grant (if it held one) goes to the next vGPU. Its scheduler entry stays while a new
+  // worker is started (Scheduler::Detach): its debt and counters, and under partitioned its
+  // slot, idle (otherwise every other vGPU's slots would move for the restart's while,
+  // something a tenant could make happen by crashing its own worker: a timing channel of its
+  // own). Fail and a failed start remove it. A stopping worker left the scheduler when it was
+  // retired: the entry of its UUID now, if any, is a new worker's.
   if (w.state != Worker::State::kStopping) {
-    sched_->Remove(w.spec.uuid, Clock::now());
+    sched_->Detach(w.spec.uuid, Clock::now());
     ArmSched();
   }
   for (event** e : {&w.pid_ev, &w.channel_ev, &w.stop_ev}) {
