@@ -165,6 +165,18 @@ void FaultMonitor::OnReset() {
   VG_LOGI("fault health: a reset lifted the quarantine; throttled until {} ms without a fault", policy_.quiet_ms);
 }
 
+void FaultMonitor::Restore(Health h, HealthCause cause, FaultKind kind, uint32_t rate_per_s) {
+  if (h == Health::kOk || h > Health::kQuarantined || kind >= FaultKind::kCount) return;
+  const int64_t now = now_();
+  std::lock_guard lk(mu_);
+  last_fault_ = now;
+  Enter(h, now);
+  cause_ = cause == HealthCause::kNone ? HealthCause::kFaults : cause;
+  kind_ = kind;
+  rate_ = rate_per_s;
+  VG_LOGI("fault health: {} as its worker's predecessor left it", h == Health::kQuarantined ? "quarantined" : "throttled");
+}
+
 HealthReport FaultMonitor::Report() {
   const int64_t now = now_();
   std::lock_guard lk(mu_);

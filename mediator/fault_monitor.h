@@ -94,6 +94,10 @@ class FaultMonitor {
   bool Quarantined();
   // The vGPU was reset (RESET, DEVICE_RESET): a quarantine is lifted to probation.
   void OnReset();
+  // A restarted worker's monitor takes its predecessor's health (the supervisor carries it):
+  // a worker's crash is no way out of a quarantine or a throttle. The state is carried, not
+  // the window's faults; a throttle's quiet time starts again.
+  void Restore(Health h, HealthCause cause, FaultKind kind, uint32_t rate_per_s);
   HealthReport Report();
   const FaultPolicy& policy() const { return policy_; }
 

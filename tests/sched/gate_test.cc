@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -250,6 +251,69 @@ TEST_CASE("partitioned (fit_pieces): a piece goes only if the vGPU's recent piec
   std::this_thread::sleep_for(milliseconds(32));
   CHECK(plain->gate.Admit(Piece(kPiece)));
   CHECK_FALSE(released(*plain));
+}
+
+// The last kCarry the gate sent: the levels a successor would start from.
+std::optional<GateConfig::Carried> LastCarry(const std::vector<ch::Record>& sent) {
+  std::optional<GateConfig::Carried> c;
+  for (const ch::Record& x : sent)
+    if (x.kind == ch::Kind::kCarry)
+      c = GateConfig::Carried{
+          static_cast<double>(static_cast<int64_t>(x.values[static_cast<size_t>(ch::CarrySlot::kRateMilliTokens)])) / 1000,
+          static_cast<double>(static_cast<int64_t>(x.values[static_cast<size_t>(ch::CarrySlot::kGpuTokensNs)]))};
+  return c;
+}
+
+TEST_CASE("rate-limit buckets: full at first, a live change refills nothing, a successor starts where the last kCarry left them") {
+  GateConfig c;
+  c.rate_limit = 1;  // a submission a second: nothing refills within the test
+  c.rate_burst = 5;
+  std::vector<ch::Record> sent;
+  SchedGate gate{[&](const ch::Record& r) { sent.push_back(r); }};
+  gate.Configure(c);
+  for (int i = 0; i < 5; ++i) CHECK(gate.Admit(Piece(4096)));
+  CHECK_FALSE(gate.Admit(Piece(4096)));  // the burst is spent
+  gate.Configure(c);                     // a live change (modify --live): still spent
+  CHECK_FALSE(gate.Admit(Piece(4096)));
+  auto carry = LastCarry(sent);
+  REQUIRE(carry);
+  CHECK(carry->rate_tokens < 1.0);  // told as it emptied, not 10 ms later
+  // The worker dies; its successor's first config carries the level.
+  GateConfig next = c;
+  next.carried = carry;
+  SchedGate successor{[](const ch::Record&) {}};
+  successor.Configure(next);
+  CHECK_FALSE(successor.Admit(Piece(4096)));
+  // The contrast: started fresh, a crash would have refilled the burst.
+  SchedGate fresh{[](const ch::Record&) {}};
+  fresh.Configure(c);
+  CHECK(fresh.Admit(Piece(4096)));
+}
+
+TEST_CASE("GPU-time bucket: a long piece's debt is told at once and a successor inherits it, never more than a full bucket") {
+  GateConfig c;
+  c.gpu_time_limit_ns = 100'000'000;  // 10 % of the engine
+  c.gpu_time_burst_ns = 10'000'000;
+  std::vector<ch::Record> sent;
+  SchedGate gate{[&](const ch::Record& r) { sent.push_back(r); }};
+  gate.Configure(c);
+  REQUIRE(gate.Admit(Piece(kPiece)));
+  gate.Ran(2'000'000'000, true, kPiece);  // 2 s of one uncut piece: 20 s of the limit in debt
+  auto carry = LastCarry(sent);
+  REQUIRE(carry);
+  CHECK(carry->gpu_tokens_ns < -1.9e9);
+  GateConfig next = c;
+  next.carried = carry;
+  SchedGate successor{[](const ch::Record&) {}};
+  successor.Configure(next);
+  CHECK_FALSE(successor.Admit(Piece(kPiece)));
+  // A predecessor's word above a full bucket (a worker may lie) buys no more than the burst.
+  next.carried = GateConfig::Carried{1e12, 1e18};
+  SchedGate liar{[](const ch::Record&) {}};
+  liar.Configure(next);
+  REQUIRE(liar.Admit(Piece(kPiece)));
+  liar.Ran(20'000'000, true, kPiece);  // 20 ms: twice the burst
+  CHECK_FALSE(liar.Admit(Piece(kPiece)));
 }
 
 }  // namespace

@@ -9,6 +9,8 @@
 #include <doctest.h>
 #include <unistd.h>
 
+#include <csignal>
+
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -451,6 +453,61 @@ TEST_CASE("remoting attacker: throttled, then quarantined; the vGPU's reset lift
   CHECK(State(Health(d, kB)) == "ok");
   c.reset();
   c2.reset();
+  CHECK(d.Shutdown() == 0);
+}
+
+TEST_CASE("a quarantined vGPU whose worker dies comes back quarantined: a crash is no way out") {
+  DaemonProc d;
+  Start(d, kThresholds);
+  Victim v(d.Socket(kB));
+  WarmUp(v);
+  {
+    auto c = ConnectRemote(RemoteSocket(d, kA));
+    REQUIRE(RemoteKernel(*c, 0).ok());
+    Errc got = Errc::kOk;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(Ms(30000));
+    while (got != Errc::kQuarantined && Clock::now() < deadline) got = RemoteBad(*c, 8);
+    REQUIRE(got == Errc::kQuarantined);
+  }
+  // The last pong must have seen it (the supervisor carries what the worker last said).
+  REQUIRE(WaitFor([&] { return State(Health(d, kA)) == "quarantined"; }, Ms(5000)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));  // two heartbeats
+  const Json w = Control(d, {{"op", "show"}, {"uuid", kA}})["worker"];
+  REQUIRE(w["pid"].is_number());
+  const int64_t pid = w["pid"].get<int64_t>();
+  REQUIRE(::kill(static_cast<pid_t>(pid), SIGKILL) == 0);
+  REQUIRE(WaitFor(
+      [&] {
+        const Json s = Control(d, {{"op", "show"}, {"uuid", kA}});
+        return s.is_object() && s["worker"]["state"] == "running" && s["worker"]["pid"].is_number() &&
+               s["worker"]["pid"].get<int64_t>() != pid && s.contains("health");
+      },
+      Ms(20000)));
+  // The new worker: still quarantined, why as before, and its work refused by name.
+  Json h = Health(d, kA);
+  INFO("health: ", h.dump());
+  CHECK(h["state"] == "quarantined");
+  CHECK(h["reason"] == "remoting_errors");
+  CHECK(HealthLine(d, kA).find("quarantined: ") != std::string::npos);
+  auto c = ConnectRemote(RemoteSocket(d, kA));
+  CHECK(RemoteKernel(*c, 1).code() == Errc::kQuarantined);
+  // Its reset lifts it, as for any quarantine: on probation, and its work runs, bit-exactly.
+  {
+    DeviceOptions o;
+    o.socket = d.Socket(kA);
+    o.ram_size = 4 << 20;
+    auto dev = Device::Open(o);
+    REQUIRE_MESSAGE(dev.ok(), dev.error().ToString());
+    REQUIRE((*dev)->Write32(abi::reg::kReset, abi::kResetMagic).ok());
+  }
+  CHECK(State(Health(d, kA)) == "throttled");
+  Settle(*c);
+  Result<> r = RemoteKernel(*c, 2);
+  CHECK_MESSAGE(r.ok(), r.error().ToString());
+  e2e::VictimReport vr = v.Stop();
+  CheckVictim(vr);
+  CHECK(State(Health(d, kB)) == "ok");
+  c.reset();
   CHECK(d.Shutdown() == 0);
 }
 

@@ -101,6 +101,47 @@ TEST_CASE("rate limit: 20 submissions per second hold while the tenant submits a
   CHECK(s["scheduler"]["rate_limit"] == 20);
 }
 
+// The worker serving `uuid` killed (SIGKILL, as a crash), and its successor running.
+void KillWorker(Host& h, const std::string& uuid) {
+  const Json w = h.Show(uuid)["worker"];
+  REQUIRE(w["pid"].is_number());
+  const int64_t pid = w["pid"].get<int64_t>();
+  REQUIRE(::kill(static_cast<pid_t>(pid), SIGKILL) == 0);
+  const auto deadline = Clock::now() + std::chrono::duration<double>(20 * SlowFactor());
+  while (Clock::now() < deadline) {
+    const Json a = h.Show(uuid)["worker"];
+    if (a["state"] == "running" && a["pid"].is_number() && a["pid"].get<int64_t>() != pid) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  FAIL("the worker did not come back");
+}
+
+TEST_CASE("rate limit: a worker's crash refills no bucket (its successor starts where it left off)") {
+  // A burst of 30, then one submission a second: a tenant that spent its burst and crashed
+  // its worker had a new burst at once when a new worker started with full buckets.
+  Host h;
+  const std::string socket = h.Start(kA, Json::array({Json{{"rate_limit", "1"}}, Json{{"rate_burst", "30"}}}));
+  {
+    Victim v(socket, 256);
+    const auto deadline = Clock::now() + std::chrono::duration<double>(20 * SlowFactor());
+    while (v.rounds() < 30 && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    REQUIRE(v.rounds() >= 30);
+    CheckVictim(v.Stop());
+  }
+  const auto killed = Clock::now();
+  KillWorker(h, kA);
+  Victim v(socket, 256);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  const uint64_t rounds = v.rounds();
+  const double since_kill = std::chrono::duration<double>(Clock::now() - killed).count();
+  CheckVictim(v.Stop());
+  MESSAGE("rounds in the successor's first 1.5 s: ", rounds, " (", since_kill, " s since the kill)");
+  // What the bucket refilled since the burst was spent (a round in flight at the kill, one a
+  // second since), not a new burst of 30.
+  CHECK(rounds >= 1);
+  CHECK(static_cast<double>(rounds) <= 3 + since_kill);
+}
+
 // Device time a busy tenant got over `secs` on `h`, beside `idle_others` running vGPUs
 // that do nothing.
 double BusyAlone(Host& h, int idle_others, double secs, uint32_t elements = 1 << 14) {

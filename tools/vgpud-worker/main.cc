@@ -112,6 +112,7 @@ class Worker {
   static void OnOrphanTick(int, short, void* arg);
   static void OnStopPoll(int, short, void* arg);
   void Pong(uint64_t seq);
+  void RestoreHealth(const ch::Record& r);
   void OnStopRequest(uint64_t timeout_ms);
   void OnScreenshot(uint64_t seq);
   void OnFault(ch::Fault f);
@@ -324,6 +325,27 @@ void Worker::OnSignal(int sig, short, void* arg) {
   event_base_loopexit(static_cast<Worker*>(arg)->base_, nullptr);
 }
 
+// A restarted worker's first config carries its predecessor's fault health (the values of
+// its last pong): a crash lifts no throttle and no quarantine (FaultMonitor::Restore).
+void Worker::RestoreHealth(const ch::Record& r) {
+  auto at = [&](ch::SchedConfigSlot s) { return r.values[static_cast<size_t>(s)]; };
+  const uint64_t h = at(ch::SchedConfigSlot::kCarriedHealth);
+  if (h != static_cast<uint64_t>(ch::Health::kThrottled) && h != static_cast<uint64_t>(ch::Health::kQuarantined)) return;
+  mediator::HealthCause cause = mediator::HealthCause::kFaults;
+  mediator::FaultKind kind = mediator::FaultKind::kCommandRefusal;
+  switch (static_cast<ch::HealthReason>(at(ch::SchedConfigSlot::kCarriedHealthReason))) {
+    case ch::HealthReason::kQuarantineLifted: cause = mediator::HealthCause::kQuarantineLifted; break;
+    case ch::HealthReason::kMmioRefusals: kind = mediator::FaultKind::kMmioRefusal; break;
+    case ch::HealthReason::kDmaFaults: kind = mediator::FaultKind::kDmaFault; break;
+    case ch::HealthReason::kRemotingErrors: kind = mediator::FaultKind::kRemotingError; break;
+    default: break;
+  }
+  vgpu_->faults().Restore(h == static_cast<uint64_t>(ch::Health::kQuarantined) ? mediator::Health::kQuarantined
+                                                                             : mediator::Health::kThrottled,
+                          cause, kind,
+                          static_cast<uint32_t>(std::min<uint64_t>(at(ch::SchedConfigSlot::kCarriedHealthRate), UINT32_MAX)));
+}
+
 void Worker::Pong(uint64_t seq) {
   ch::Record r = ch::Make(ch::Kind::kPong, seq);
   const mediator::VgpuCounters c = vgpu_->Counters();
@@ -394,6 +416,7 @@ void Worker::OnChannel(int fd, short, void* arg) {
       const uint64_t fl = r.values[static_cast<size_t>(ch::SchedConfigSlot::kFrameLimit)];
       if (auto fr = self->vgpu_->SetFrameLimit(static_cast<uint32_t>(std::min<uint64_t>(fl, UINT32_MAX))); !fr)
         VG_LOGW("frame limit: {}", fr.error().ToString());
+      if (r.values[static_cast<size_t>(ch::SchedConfigSlot::kCarried)] == 1) self->RestoreHealth(r);
     }
     // Times are steady_clock ns (CLOCK_MONOTONIC, one clock for the host); 0: none.
     auto time_at = [](uint64_t ns) -> std::optional<std::chrono::steady_clock::time_point> {

@@ -26,6 +26,9 @@ GateConfig GateConfig::FromRecord(const ch::Record& r) {
   c.idle_grace_ns = std::min<uint64_t>(at(ch::SchedConfigSlot::kIdleGraceNs), 100'000'000);
   c.slice_ns = std::min<uint64_t>(at(ch::SchedConfigSlot::kSliceNs), 1'000'000'000);
   c.fit_pieces = at(ch::SchedConfigSlot::kFitPieces) != 0;
+  if (at(ch::SchedConfigSlot::kCarried) == 1)
+    c.carried = Carried{static_cast<double>(static_cast<int64_t>(at(ch::SchedConfigSlot::kCarriedRateMilliTokens))) / 1000.0,
+                        static_cast<double>(static_cast<int64_t>(at(ch::SchedConfigSlot::kCarriedGpuTokensNs)))};
   return c;
 }
 
@@ -54,15 +57,26 @@ void SchedGate::Configure(const GateConfig& c) {
   const Clock::time_point now = Clock::now();
   RefillLocked(now);
   const bool was_scheduled = cfg_.scheduled;
+  const GateConfig was = cfg_;
   cfg_ = c;
   if (cfg_.rate_limit && !cfg_.rate_burst) cfg_.rate_burst = std::max<uint64_t>(1, cfg_.rate_limit / 10);
   if (cfg_.gpu_time_limit_ns && !cfg_.gpu_time_burst_ns)
     cfg_.gpu_time_burst_ns = std::max<uint64_t>(1'000'000, cfg_.gpu_time_limit_ns / 10);
-  // A bucket starts full and never holds more than its burst.
-  sub_tokens_ = cfg_.rate_limit ? std::min<double>(cfg_.rate_burst, sub_tokens_ == 0 ? cfg_.rate_burst : sub_tokens_) : 0;
-  gpu_tokens_ns_ = cfg_.gpu_time_limit_ns
-                       ? std::min<double>(cfg_.gpu_time_burst_ns, gpu_tokens_ns_ == 0 ? cfg_.gpu_time_burst_ns : gpu_tokens_ns_)
-                       : 0;
+  // A bucket starts full when its limit is set (or where a predecessor left it: never more
+  // than full, nor further in debt than a minute of its rate), then keeps its level through
+  // changes, never above its burst: a live change of the limit refills nothing.
+  auto level = [](uint64_t limit, uint64_t was_limit, double burst, double tokens, std::optional<double> carried) {
+    if (!limit) return 0.0;
+    if (was_limit) return std::min(burst, tokens);
+    if (carried) return std::clamp(*carried, -60.0 * static_cast<double>(limit), burst);
+    return burst;
+  };
+  sub_tokens_ = level(cfg_.rate_limit, was.rate_limit, static_cast<double>(cfg_.rate_burst), sub_tokens_,
+                      c.carried ? std::optional(c.carried->rate_tokens) : std::nullopt);
+  gpu_tokens_ns_ = level(cfg_.gpu_time_limit_ns, was.gpu_time_limit_ns, static_cast<double>(cfg_.gpu_time_burst_ns),
+                         gpu_tokens_ns_, c.carried ? std::optional(c.carried->gpu_tokens_ns) : std::nullopt);
+  cfg_.carried.reset();
+  CarryLocked(now, true);
   if (cfg_.scheduled && !was_scheduled) {
     granted_ = false;
     requested_ = false;
@@ -209,6 +223,27 @@ void SchedGate::RefillLocked(Clock::time_point now) {
   refilled_at_ = now;
 }
 
+void SchedGate::CarryLocked(Clock::time_point now, bool now_or_never) {
+  // A record per 10 ms at most, unless a bucket fell by an eighth of its burst since the last
+  // one (a crash then gains less than that, and 10 ms of the rate), and always for debt: a
+  // worker that dies right after a long piece must not take the piece's charge with it.
+  // (Work on the device when it dies is never charged here; the scheduler charges its grant
+  // as held.)
+  if (!cfg_.rate_limit && !cfg_.gpu_time_limit_ns) return;
+  const bool fell = carried_sub_ - sub_tokens_ >= static_cast<double>(cfg_.rate_burst) / 8 ||
+                    carried_gpu_ns_ - gpu_tokens_ns_ >= static_cast<double>(cfg_.gpu_time_burst_ns) / 8;
+  if (!now_or_never && !fell && now - carried_at_ < std::chrono::milliseconds(10)) return;
+  carried_at_ = now;
+  carried_sub_ = sub_tokens_;
+  carried_gpu_ns_ = gpu_tokens_ns_;
+  ch::Record r = ch::Make(ch::Kind::kCarry);
+  r.values[static_cast<size_t>(ch::CarrySlot::kRateMilliTokens)] =
+      static_cast<uint64_t>(static_cast<int64_t>(std::llround(sub_tokens_ * 1000.0)));
+  r.values[static_cast<size_t>(ch::CarrySlot::kGpuTokensNs)] =
+      static_cast<uint64_t>(static_cast<int64_t>(std::llround(gpu_tokens_ns_)));
+  send_(r);
+}
+
 void SchedGate::HoldLocked(Clock::time_point now) {
   if (!held_since_) held_since_ = now;
 }
@@ -285,7 +320,10 @@ bool SchedGate::Admit(const engine::Submission& s) {
     HoldLocked(now);
     return false;
   }
-  if (counts) sub_tokens_ -= s.guest_submissions;  // a coalesced batch may go into debt
+  if (counts) {
+    sub_tokens_ -= s.guest_submissions;  // a coalesced batch may go into debt
+    CarryLocked(now, false);
+  }
   idle_since_.reset();
   rate_held_ = false;
   if (held_since_) {
@@ -382,6 +420,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
   if (cfg_.gpu_time_limit_ns) {
     RefillLocked(Clock::now());
     gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
+    CarryLocked(Clock::now(), gpu_tokens_ns_ < 0);
   }
   if (on_device_) --on_device_;
   PreemptIfDueLocked(Clock::now());  // releases here if this was the last piece on the device

@@ -65,6 +65,13 @@ struct GateConfig {
   // past its grant's preempt time: an overrun into the next owner's slot is what a tenant
   // that signals on purpose makes, and the scheduler charges it as debt.
   bool fit_pieces = false;
+  // A restarted worker's first config: the buckets' levels its predecessor left (kCarry),
+  // which they start from instead of full, so a crash refills no burst and forgives no debt.
+  struct Carried {
+    double rate_tokens = 0;
+    double gpu_tokens_ns = 0;
+  };
+  std::optional<Carried> carried;
   static GateConfig FromRecord(const daemon::channel::Record& r);
 };
 
@@ -195,6 +202,10 @@ class SchedGate final : public engine::SubmitGate {
   double sub_tokens_ = 0;
   double gpu_tokens_ns_ = 0;
   Clock::time_point refilled_at_{};
+  // The levels as last told the supervisor (kCarry), and when.
+  void CarryLocked(Clock::time_point now, bool now_or_never);
+  Clock::time_point carried_at_{};
+  double carried_sub_ = 0, carried_gpu_ns_ = 0;
   // The pump thread: runs engine->Pump() when asked, or at a refill time.
   bool pump_now_ = false;
   std::optional<Clock::time_point> pump_at_;

@@ -21,7 +21,8 @@
 //   worker → supervisor   kReady (serving; sandboxed), kPong (seq, counters),
 //                         kSchedRequest (it has work held for want of a grant),
 //                         kSchedRelease (seq: the grant; device ns used, still wants),
-//                         kScreenshotDone (seq: the kScreenshot's; ScreenshotSlot values)
+//                         kScreenshotDone (seq: the kScreenshot's; ScreenshotSlot values),
+//                         kCarry (its rate-limit buckets' levels, for a successor)
 
 #include <sys/socket.h>
 
@@ -76,7 +77,13 @@ enum class Kind : uint32_t {
   kReset = 14,
   kScreenshot = 15,
   kScreenshotDone = 16,
+  kCarry = 17,
 };
+// kCarry's values, by slot (worker → supervisor, when its rate-limit buckets change): what
+// its successor starts from if it dies (the supervisor sends them back in the successor's
+// first kSchedConfig), so a crash refills no bucket and forgives no debt. Signed levels, as
+// int64 bits.
+enum class CarrySlot : uint32_t { kRateMilliTokens, kGpuTokensNs };
 // kScreenshotDone's values, by slot: kErrc 0 when the frame was written (else the Errc: no
 // plane, say), its size, format (abi::display::kFormat*) and byte count (rows packed).
 enum class ScreenshotSlot : uint32_t { kErrc, kWidth, kHeight, kFormat, kBytes, kFlips };
@@ -92,6 +99,15 @@ enum class SchedConfigSlot : uint32_t {
   kFrameLimit,       // F10: scan-out commits presented per second at most, 0: none
   kSliceNs,          // the scheduler's slice: a grant younger than this keeps one piece on the device
   kFitPieces,        // 1: a piece goes to the device only if it can complete before the grant's preempt time
+  // A restarted worker's first config only: what its predecessor left (kCarried 1), the
+  // buckets' levels (kCarry's) and its fault health (Counter::kHealth, kHealthReason,
+  // kHealthRate values of its last pong).
+  kCarried,
+  kCarriedRateMilliTokens,
+  kCarriedGpuTokensNs,
+  kCarriedHealth,
+  kCarriedHealthReason,
+  kCarriedHealthRate,
 };
 // kSchedGrant's values: [0] 1 when another vGPU waits (contended); [1] the preempt time fixed
 // at the grant (steady_clock ns), 0: none; [2] when the grant's window began (partitioned:
@@ -250,7 +266,8 @@ inline RecvStatus Recv(int fd, Record& out) {
     case Kind::kGo: case Kind::kPing: case Kind::kPong: case Kind::kReady: case Kind::kFault:
     case Kind::kSchedConfig: case Kind::kSchedRequest: case Kind::kSchedGrant: case Kind::kSchedPreempt:
     case Kind::kSchedRelease: case Kind::kSchedContended: case Kind::kAdopt:
-    case Kind::kStopRequest: case Kind::kReset: case Kind::kScreenshot: case Kind::kScreenshotDone: break;
+    case Kind::kStopRequest: case Kind::kReset: case Kind::kScreenshot: case Kind::kScreenshotDone:
+    case Kind::kCarry: break;
     default: return RecvStatus::kMalformed;
   }
   out = r;

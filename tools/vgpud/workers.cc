@@ -246,6 +246,17 @@ struct WorkerPool::Worker {
   std::optional<std::pair<std::string, EndKind>> kill_reason;
   std::deque<Clock::time_point> restart_times;
   uint32_t consecutive_failures = 0;
+  // What a successor starts from (kSchedConfig's kCarried slots): the rate-limit buckets'
+  // levels as the worker last told them (kCarry) and when, and its fault health as its last
+  // pong said (kept when the process ends, for the next one).
+  struct Buckets {
+    int64_t rate_milli_tokens = 0;
+    int64_t gpu_tokens_ns = 0;
+    Clock::time_point at{};
+  };
+  std::optional<Buckets> carry;
+  std::optional<std::array<uint64_t, 3>> carried_health;  // Counter::kHealth, kHealthReason, kHealthRate
+  bool send_carried = false;  // the next kSchedConfig is a new process's first
   std::shared_ptr<Waiter> waiter;  // while Start() waits
   WorkerStatus status;
   // F10: our copy of the worker's frame fd (none for an adopted worker: the spawning
@@ -384,6 +395,32 @@ void WorkerPool::SendSchedConfig(Worker& w) {
   set(ch::SchedConfigSlot::kFrameLimit, w.spec.sched.frame_limit);
   set(ch::SchedConfigSlot::kSliceNs, static_cast<uint64_t>(policy_.sched.slice.count()));
   set(ch::SchedConfigSlot::kFitPieces, policy_.sched.partitioned() ? 1 : 0);
+  if (std::exchange(w.send_carried, false) && (w.carry || w.carried_health)) {
+    // A restarted worker starts where its predecessor left off: a crash refills no bucket,
+    // forgives no debt and lifts no throttle or quarantine. The buckets refill for the time
+    // since their last report, at the limits as they are now (the worker caps them).
+    set(ch::SchedConfigSlot::kCarried, 1);
+    if (w.carry) {
+      const double secs = std::chrono::duration<double>(Clock::now() - w.carry->at).count();
+      auto refilled = [&](int64_t level, double per_s) {  // (the worker's word: saturating)
+        const double v = std::clamp(static_cast<double>(level) + std::min(secs * per_s, 1e15), -4e18, 4e18);
+        return static_cast<uint64_t>(static_cast<int64_t>(v));
+      };
+      set(ch::SchedConfigSlot::kCarriedRateMilliTokens,
+          refilled(w.carry->rate_milli_tokens, 1000.0 * static_cast<double>(w.spec.sched.rate_limit)));
+      set(ch::SchedConfigSlot::kCarriedGpuTokensNs, refilled(w.carry->gpu_tokens_ns, static_cast<double>(limit)));
+    } else {
+      // Limits set while no report came (none had one): full, as for a first start.
+      constexpr uint64_t kFull = uint64_t{1} << 62;
+      set(ch::SchedConfigSlot::kCarriedRateMilliTokens, kFull);
+      set(ch::SchedConfigSlot::kCarriedGpuTokensNs, kFull);
+    }
+    if (w.carried_health) {
+      set(ch::SchedConfigSlot::kCarriedHealth, (*w.carried_health)[0]);
+      set(ch::SchedConfigSlot::kCarriedHealthReason, (*w.carried_health)[1]);
+      set(ch::SchedConfigSlot::kCarriedHealthRate, (*w.carried_health)[2]);
+    }
+  }
   if (!ch::Send(w.channel.Get(), r)) VG_LOGW("worker for {}: channel full, scheduling config not sent", w.spec.uuid);
 }
 
@@ -615,7 +652,8 @@ Result<> WorkerPool::Spawn(Worker& w) {
   go.values[static_cast<size_t>(ch::GoSlot::kVncPassword)] = packed;
   go.values[static_cast<size_t>(ch::GoSlot::kVncPasswordLen)] = std::min<size_t>(pw.size(), 8);
   (void)ch::Send(w.channel.Get(), go);
-  SendSchedConfig(w);  // read once its loop runs, before it says Ready
+  w.send_carried = true;  // (a new Worker has nothing to carry)
+  SendSchedConfig(w);    // read once its loop runs, before it says Ready
   w.pid_ev = event_new(base_, w.pidfd.Get(), EV_READ, &WorkerPool::OnPidfd, &w);
   w.channel_ev = event_new(base_, w.channel.Get(), EV_READ | EV_PERSIST, &WorkerPool::OnChannel, &w);
   if (!w.pid_ev || !w.channel_ev || event_add(w.pid_ev, nullptr) != 0 || event_add(w.channel_ev, nullptr) != 0) {
@@ -937,6 +975,13 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       w.status.counters = r.values;
       w.status.pong_seq = r.seq;
       break;
+    case ch::Kind::kCarry:
+      // Believed as far as it goes: a successor of this worker starts from it, nobody else.
+      if (w.state != Worker::State::kRunning && w.state != Worker::State::kStarting) return;
+      w.carry = Worker::Buckets{
+          static_cast<int64_t>(r.values[static_cast<size_t>(ch::CarrySlot::kRateMilliTokens)]),
+          static_cast<int64_t>(r.values[static_cast<size_t>(ch::CarrySlot::kGpuTokensNs)]), Clock::now()};
+      return;
     case ch::Kind::kSchedRequest:
       // (A worker being killed asks for nothing: its entry stays, idle, for its successor.)
       if (w.state != Worker::State::kRunning || w.kill_reason || !policy_.sched.enabled()) return;
@@ -997,6 +1042,11 @@ void WorkerPool::OnExit(Worker& w) {
   ++w.status.ends[static_cast<size_t>(kind)];
   w.status.last_end = reason;
   w.status.last_end_unix_ms = UnixMs();
+  if (w.status.counters) {
+    const auto& c = *w.status.counters;
+    auto at = [&](ch::Counter k) { return c[static_cast<size_t>(k)]; };
+    w.carried_health = {at(ch::Counter::kHealth), at(ch::Counter::kHealthReason), at(ch::Counter::kHealthRate)};
+  }
   w.status.counters.reset();
   VG_LOGE("worker for {} (pid {}) {}", w.spec.uuid, pid, reason);
   if (w.waiter && w.adopted) {
