@@ -127,6 +127,7 @@ void FaultMonitor::OnFault(FaultKind kind) {
   VG_LOGW("fault health: {}: {} faults/s over {} ms, mostly {} (threshold {}/s)",
           next == Health::kThrottled ? "throttled" : "quarantined", rate_, policy_.window_ms, FaultKindName(kind_),
           threshold);
+  Notify(now);
 }
 
 Admission FaultMonitor::Admit() {
@@ -163,6 +164,7 @@ void FaultMonitor::OnReset() {
   cause_ = HealthCause::kQuarantineLifted;
   rate_ = 0;
   VG_LOGI("fault health: a reset lifted the quarantine; throttled until {} ms without a fault", policy_.quiet_ms);
+  Notify(now);
 }
 
 void FaultMonitor::Restore(Health h, HealthCause cause, FaultKind kind, uint32_t rate_per_s) {
@@ -181,6 +183,10 @@ HealthReport FaultMonitor::Report() {
   const int64_t now = now_();
   std::lock_guard lk(mu_);
   Advance(now);
+  return ReportLocked(now);
+}
+
+HealthReport FaultMonitor::ReportLocked(int64_t now) const {
   HealthReport r;
   r.health = health_;
   r.cause = cause_;

@@ -100,6 +100,12 @@ class FaultMonitor {
   void Restore(Health h, HealthCause cause, FaultKind kind, uint32_t rate_per_s);
   HealthReport Report();
   const FaultPolicy& policy() const { return policy_; }
+  // Told, under the monitor's lock, of every move to throttled or quarantined and of a
+  // reset's probation (not of the quiet decay to ok): the worker tells its supervisor at
+  // once, so a successor of a worker that dies right after starts so too. Must not block
+  // nor call back into the monitor. Set before any fault comes.
+  using Observer = std::function<void(const HealthReport&)>;
+  void SetObserver(Observer o) { observer_ = std::move(o); }
 
  private:
   // The window in kBuckets buckets; a bucket is reused once its epoch has left the window.
@@ -110,12 +116,17 @@ class FaultMonitor {
   };
   void Advance(int64_t now);  // time-driven transitions (the quiet decay)
   void Enter(Health h, int64_t now);
+  HealthReport ReportLocked(int64_t now) const;
+  void Notify(int64_t now) const {
+    if (observer_) observer_(ReportLocked(now));
+  }
   uint64_t InWindow(int64_t now, std::array<uint64_t, kFaultKinds>* by_kind = nullptr) const;
   uint64_t Limit(uint32_t per_s) const;  // faults in a window that make per_s
   uint32_t Rate(uint64_t in_window) const;
 
   const FaultPolicy policy_;
   const Clock now_;
+  Observer observer_;
   const int64_t window_ns_;
   const int64_t bucket_ns_;
   std::mutex mu_;

@@ -151,6 +151,16 @@ class Worker {
   std::chrono::steady_clock::time_point stop_deadline_{};
 };
 
+// What the fault monitor's report says of why, in the channel's words.
+static ch::HealthReason ReasonOf(const mediator::HealthReport& h) {
+  if (h.cause == mediator::HealthCause::kQuarantineLifted) return ch::HealthReason::kQuarantineLifted;
+  if (h.cause != mediator::HealthCause::kFaults) return ch::HealthReason::kNone;
+  static constexpr ch::HealthReason kByKind[] = {ch::HealthReason::kCommandRefusals, ch::HealthReason::kMmioRefusals,
+                                                 ch::HealthReason::kDmaFaults, ch::HealthReason::kRemotingErrors};
+  static_assert(std::size(kByKind) == mediator::kFaultKinds);
+  return kByKind[static_cast<size_t>(h.kind)];
+}
+
 Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& token) {
   // Listener and doorbell events are added from this thread only, but the executor's
   // completion path wakes the loop from its own thread.
@@ -216,6 +226,17 @@ Result<std::unique_ptr<Worker>> Worker::Create(const Options& o, const Token& to
   };
   VG_TRY_ASSIGN(w->vgpu_, mediator::Vgpu::Create(cfg));
   w->gate_->SetBacklogProbe([v = w->vgpu_.get()] { return v->HasBacklog(); });
+  // A move to throttled or quarantined goes to the supervisor at once (kCarry), not with the
+  // next heartbeat: a successor of a worker that dies the moment after starts so too.
+  w->vgpu_->faults().SetObserver([](const mediator::HealthReport& h) {
+    ch::Record r = ch::Make(ch::Kind::kCarry);
+    auto set = [&](ch::CarrySlot k, uint64_t v) { r.values[static_cast<size_t>(k)] = v; };
+    set(ch::CarrySlot::kWhat, ch::kCarryHealth);
+    set(ch::CarrySlot::kHealth, static_cast<uint64_t>(h.health));
+    set(ch::CarrySlot::kHealthReason, static_cast<uint64_t>(ReasonOf(h)));
+    set(ch::CarrySlot::kHealthRate, h.rate_per_s);
+    (void)ch::Send(ch::kChannelFd, r);
+  });
   w->fault_gate_ = std::make_unique<RemotingGate>(w->vgpu_->faults());
   remoting::Limits rl;
   rl.time_granularity_ns = cfg.time_granularity_ns;
@@ -372,15 +393,7 @@ void Worker::Pong(uint64_t seq) {
   set(ch::Counter::kThrottledNs, h.throttled_ns);
   set(ch::Counter::kQuarantinedNs, h.quarantined_ns);
   set(ch::Counter::kHealth, static_cast<uint64_t>(h.health));
-  ch::HealthReason why = ch::HealthReason::kNone;
-  if (h.cause == mediator::HealthCause::kQuarantineLifted) why = ch::HealthReason::kQuarantineLifted;
-  if (h.cause == mediator::HealthCause::kFaults) {
-    static constexpr ch::HealthReason kByKind[] = {ch::HealthReason::kCommandRefusals, ch::HealthReason::kMmioRefusals,
-                                                   ch::HealthReason::kDmaFaults, ch::HealthReason::kRemotingErrors};
-    static_assert(std::size(kByKind) == mediator::kFaultKinds);
-    why = kByKind[static_cast<size_t>(h.kind)];
-  }
-  set(ch::Counter::kHealthReason, static_cast<uint64_t>(why));
+  set(ch::Counter::kHealthReason, static_cast<uint64_t>(ReasonOf(h)));
   set(ch::Counter::kHealthRate, h.rate_per_s);
   const worker::GateStats gs = gate_->Stats();
   set(ch::Counter::kGpuTimeNs, gs.gpu_time_ns);

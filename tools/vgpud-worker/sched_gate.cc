@@ -237,6 +237,7 @@ void SchedGate::CarryLocked(Clock::time_point now, bool now_or_never) {
   carried_sub_ = sub_tokens_;
   carried_gpu_ns_ = gpu_tokens_ns_;
   ch::Record r = ch::Make(ch::Kind::kCarry);
+  r.values[static_cast<size_t>(ch::CarrySlot::kWhat)] = ch::kCarryBuckets;
   r.values[static_cast<size_t>(ch::CarrySlot::kRateMilliTokens)] =
       static_cast<uint64_t>(static_cast<int64_t>(std::llround(sub_tokens_ * 1000.0)));
   r.values[static_cast<size_t>(ch::CarrySlot::kGpuTokensNs)] =

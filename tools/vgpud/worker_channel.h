@@ -79,11 +79,14 @@ enum class Kind : uint32_t {
   kScreenshotDone = 16,
   kCarry = 17,
 };
-// kCarry's values, by slot (worker → supervisor, when its rate-limit buckets change): what
-// its successor starts from if it dies (the supervisor sends them back in the successor's
-// first kSchedConfig), so a crash refills no bucket and forgives no debt. Signed levels, as
-// int64 bits.
-enum class CarrySlot : uint32_t { kRateMilliTokens, kGpuTokensNs };
+// kCarry's values, by slot (worker → supervisor): what its successor starts from if it dies
+// (the supervisor sends them back in the successor's first kSchedConfig), so a crash refills
+// no bucket, forgives no debt and lifts no quarantine. kWhat says which: kCarryBuckets (its
+// rate-limit buckets changed; signed levels, as int64 bits), kCarryHealth (its fault health
+// moved to throttled or quarantined, or a reset put it on probation; as Counter::kHealth,
+// kHealthReason, kHealthRate).
+enum class CarrySlot : uint32_t { kWhat, kRateMilliTokens, kGpuTokensNs, kHealth, kHealthReason, kHealthRate };
+inline constexpr uint64_t kCarryBuckets = 1, kCarryHealth = 2;
 // kScreenshotDone's values, by slot: kErrc 0 when the frame was written (else the Errc: no
 // plane, say), its size, format (abi::display::kFormat*) and byte count (rows packed).
 enum class ScreenshotSlot : uint32_t { kErrc, kWidth, kHeight, kFormat, kBytes, kFlips };

@@ -248,7 +248,7 @@ struct WorkerPool::Worker {
   uint32_t consecutive_failures = 0;
   // What a successor starts from (kSchedConfig's kCarried slots): the rate-limit buckets'
   // levels as the worker last told them (kCarry) and when, and its fault health as its last
-  // pong said (kept when the process ends, for the next one).
+  // pong or kCarry said.
   struct Buckets {
     int64_t rate_milli_tokens = 0;
     int64_t gpu_tokens_ns = 0;
@@ -974,14 +974,23 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
       w.consecutive_failures = 0;
       w.status.counters = r.values;
       w.status.pong_seq = r.seq;
+      w.carried_health = {r.values[static_cast<size_t>(ch::Counter::kHealth)],
+                          r.values[static_cast<size_t>(ch::Counter::kHealthReason)],
+                          r.values[static_cast<size_t>(ch::Counter::kHealthRate)]};
       break;
     case ch::Kind::kCarry:
       // Believed as far as it goes: a successor of this worker starts from it, nobody else.
+    {
       if (w.state != Worker::State::kRunning && w.state != Worker::State::kStarting) return;
-      w.carry = Worker::Buckets{
-          static_cast<int64_t>(r.values[static_cast<size_t>(ch::CarrySlot::kRateMilliTokens)]),
-          static_cast<int64_t>(r.values[static_cast<size_t>(ch::CarrySlot::kGpuTokensNs)]), Clock::now()};
+      auto at = [&](ch::CarrySlot k) { return r.values[static_cast<size_t>(k)]; };
+      if (at(ch::CarrySlot::kWhat) & ch::kCarryBuckets)
+        w.carry = Worker::Buckets{static_cast<int64_t>(at(ch::CarrySlot::kRateMilliTokens)),
+                                  static_cast<int64_t>(at(ch::CarrySlot::kGpuTokensNs)), Clock::now()};
+      // (The channel keeps order: this and the pongs, the latest wins.)
+      if (at(ch::CarrySlot::kWhat) & ch::kCarryHealth)
+        w.carried_health = {at(ch::CarrySlot::kHealth), at(ch::CarrySlot::kHealthReason), at(ch::CarrySlot::kHealthRate)};
       return;
+    }
     case ch::Kind::kSchedRequest:
       // (A worker being killed asks for nothing: its entry stays, idle, for its successor.)
       if (w.state != Worker::State::kRunning || w.kill_reason || !policy_.sched.enabled()) return;
@@ -1042,11 +1051,6 @@ void WorkerPool::OnExit(Worker& w) {
   ++w.status.ends[static_cast<size_t>(kind)];
   w.status.last_end = reason;
   w.status.last_end_unix_ms = UnixMs();
-  if (w.status.counters) {
-    const auto& c = *w.status.counters;
-    auto at = [&](ch::Counter k) { return c[static_cast<size_t>(k)]; };
-    w.carried_health = {at(ch::Counter::kHealth), at(ch::Counter::kHealthReason), at(ch::Counter::kHealthRate)};
-  }
   w.status.counters.reset();
   VG_LOGE("worker for {} (pid {}) {}", w.spec.uuid, pid, reason);
   if (w.waiter && w.adopted) {
