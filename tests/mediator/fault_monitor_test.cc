@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include "mediator/mediator.h"
 #include "vfio_user/dma.h"
@@ -176,6 +177,48 @@ TEST_CASE("fault monitor: quarantined after a whole window throttled at the quar
   CHECK(r.health() == Health::kOk);
   r.m.OnReset();  // a reset of a healthy vGPU changes nothing
   CHECK(r.health() == Health::kOk);
+}
+
+TEST_CASE("fault monitor: every move to throttled or quarantined is told at once; a successor restores it") {
+  Rig r(Policy());
+  std::vector<HealthReport> told;
+  r.m.SetObserver([&](const HealthReport& h) { told.push_back(h); });
+  r.Faults(100, 1 * kMs);
+  REQUIRE(told.size() == 1);
+  CHECK(told[0].health == Health::kThrottled);
+  CHECK(told[0].cause == HealthCause::kFaults);
+  r.t += 1000 * kMs;
+  r.Faults(40, 33 * kMs, FaultKind::kRemotingError);
+  REQUIRE(told.size() == 2);
+  CHECK(told[1].health == Health::kQuarantined);
+  CHECK(told[1].kind == FaultKind::kRemotingError);
+  // The worker dies; its successor's monitor starts from what was told.
+  Rig next(Policy());
+  next.m.Restore(told[1].health, told[1].cause, told[1].kind, told[1].rate_per_s);
+  HealthReport h = next.m.Report();
+  CHECK(h.health == Health::kQuarantined);
+  CHECK(h.kind == FaultKind::kRemotingError);
+  CHECK(h.rate_per_s == told[1].rate_per_s);
+  CHECK(next.m.Admit().code == Errc::kQuarantined);
+  next.t += 60000 * kMs;
+  CHECK(next.health() == Health::kQuarantined);  // time lifts nothing, as before the crash
+  next.m.OnReset();
+  CHECK(next.health() == Health::kThrottled);
+  // A throttle restored: its quiet time starts again, then ok.
+  Rig third(Policy());
+  third.m.Restore(Health::kThrottled, HealthCause::kFaults, FaultKind::kMmioRefusal, 120);
+  CHECK(third.health() == Health::kThrottled);
+  third.t += 1999 * kMs;
+  CHECK(third.health() == Health::kThrottled);
+  third.t += 2 * kMs;
+  CHECK(third.health() == Health::kOk);
+  // The decay to ok is not told (the heartbeat carries it); a reset's probation is.
+  r.m.OnReset();
+  REQUIRE(told.size() == 3);
+  CHECK(told[2].cause == HealthCause::kQuarantineLifted);
+  r.t += 2001 * kMs;
+  CHECK(r.health() == Health::kOk);
+  CHECK(told.size() == 3);
 }
 
 TEST_CASE("fault monitor: throttled but under the quarantine rate stays throttled") {
