@@ -432,6 +432,30 @@ TEST_CASE("a worker past its memory limit ends by name and comes back; the other
   CHECK(d.Shutdown() == 0);
 }
 
+TEST_CASE("a worker that floods the supervisor's channel is killed by name; the loop keeps serving everyone else") {
+  DaemonProc d;
+  StartAB(d);
+  Victim v(d.Socket(kB));
+  ControlProbe probe(d, kB);
+  const int64_t pid = WorkerPid(d, kA);
+  const uint64_t before = v.rounds();
+  REQUIRE(Control(d, {{"op", "fault"}, {"uuid", kA}, {"fault", "flood"}}).value("ok", false));
+  REQUIRE(Restarted(d, kA, pid, 1));
+  Json w = Worker(d, kA);
+  INFO("worker A: ", w.dump());
+  CHECK(w["last_exit"].get<std::string>().find("flooded the channel") != std::string::npos);
+  CHECK(Ends(w, "crash") == 1);
+  // Served, and answered, throughout; the flooded vGPU works again on its new worker.
+  CHECK(v.rounds() > before);
+  probe.Check(Ms(1000));
+  {
+    Guest g(d.Socket(kA));
+    CHECK(RunOne(*g.drv, 0).ok());
+  }
+  CheckVictim(v.Stop());
+  CHECK(d.Shutdown() == 0);
+}
+
 TEST_CASE("device lost: the guest's work is refused kDeviceLost, ERR fires for its VMM; the other tenant keeps its results") {
   // F8's ERR interrupt, end to end: the test worker's engine reports its device lost (what a
   // GPU reset or a driver crash looks like to a worker), as a VMM would see it.

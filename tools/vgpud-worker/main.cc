@@ -628,6 +628,16 @@ void Worker::OnFault(ch::Fault f) {
       // fails kDeviceLost, which the device reports and signals on ERR (F8).
       engine_->SimulateDeviceLost();
       return;
+    case ch::Fault::kFloodChannel:
+      // A puppet worker flooding the supervisor's loop with valid records (grant requests),
+      // from a thread of its own, so that its loop (and its heartbeat) turns on.
+      std::thread([] {
+        const ch::Record r = ch::Make(ch::Kind::kSchedRequest);
+        for (;;) {
+          if (!ch::Send(ch::kChannelFd, r) && errno != EAGAIN && errno != EWOULDBLOCK) return;
+        }
+      }).detach();
+      return;
     case ch::Fault::kExhaustMemory: {
       std::vector<std::unique_ptr<std::byte[]>> hog;
       for (;;) {

@@ -486,13 +486,14 @@ struct ServiceOps {
         {"crash", channel::Fault::kCrash},
         {"memory", channel::Fault::kExhaustMemory},
         {"device-lost", channel::Fault::kDeviceLost},
+        {"flood", channel::Fault::kFloodChannel},
     };
     for (const auto& [n, f] : kFaults) {
       if (n != name) continue;
       VG_TRY(s.sup_.workers().Fault(u, f));
       return Json{{"uuid", u.ToString()}, {"fault", name}};
     }
-    return MakeError(Errc::kInvalidArgument, "fault '{}': syscall, hang, crash, memory or device-lost", name.substr(0, 32));
+    return MakeError(Errc::kInvalidArgument, "fault '{}': syscall, hang, crash, memory, device-lost or flood", name.substr(0, 32));
   }
 
   // F8: the host resets a running vGPU's device model (docs/management.md "Reset").

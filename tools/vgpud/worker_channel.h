@@ -225,6 +225,7 @@ enum class Fault : uint64_t {
   kCrash = 3,             // SIGSEGV
   kExhaustMemory = 4,     // allocates until the address-space limit refuses
   kDeviceLost = 5,        // the engine reports its device lost (engine::Engine::SimulateDeviceLost)
+  kFloodChannel = 6,      // sends records to the supervisor as fast as the channel takes them
 };
 
 struct Record {
