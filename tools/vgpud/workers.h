@@ -250,6 +250,7 @@ class WorkerPool {
   static void OnStopDeadline(int, short, void* arg);
   static void OnSchedTimer(int, short, void* arg);
   void SendSchedConfig(Worker& w);
+  void NoteBacklog(Worker& w, bool backlogged);
   uint64_t ShareCap(const Worker& w) const;  // ns per second; 0: no cap (best-effort, off)
   void ResendShares();                       // equal-share: the running set changed
   void ArmSched();
