@@ -190,6 +190,24 @@ TEST_CASE("partitioned: a vGPU alone still runs only in its own slot (an idle sl
   CHECK(ran <= 100 * 2ms);
 }
 
+// Two vGPUs of slots of 2 ms from `start`, the sender in debt to about 10 ms: busy again with
+// short pieces, it next runs in its slot at 12 ms (the one at 8 ms passes unused), and the
+// receiver is served in its own slots, [2, 4) ms + k × 4 ms, as if nothing had happened.
+void DebtPaidFrameKept(World& w, Clock::time_point start) {
+  w.sender_busy = true;
+  w.piece = 500us;
+  w.s.OnRequest(w.sender, w.now);
+  w.Run(start + 20ms);
+  REQUIRE(w.sender_pieces.size() >= 2);
+  CHECK(w.sender_pieces[1].first == start + 12ms);
+  w.asks = {start + 22ms, start + 26500us};
+  w.next_ask = 0;
+  w.Run(start + 40ms);
+  REQUIRE(w.completions.size() == 2);
+  CHECK(w.completions[0] == start + 22ms + w.probe);
+  CHECK(w.completions[1] == start + 26500us + w.probe);
+}
+
 TEST_CASE("partitioned: a grant that runs past its slot is debt; the next owner's slot is not moved") {
   World w(Partitioned());
   w.s.Add(w.sender, 100, w.now);
@@ -211,19 +229,7 @@ TEST_CASE("partitioned: a grant that runs past its slot is debt; the next owner'
   CHECK(st->overrun_ns == 3'000'000);
   // Debt: 3 ms × frame / slot = 6 ms of wall time with no grant, whatever it asks: its slot
   // at 8 ms passes unused, it runs again in the one at 12 ms.
-  w.sender_busy = true;
-  w.piece = 500us;
-  w.s.OnRequest(w.sender, w.now);
-  w.Run(start + 20ms);
-  REQUIRE(w.sender_pieces.size() >= 2);
-  CHECK(w.sender_pieces[1].first == start + 12ms);
-  // The receiver's slots keep their place: it is served in [2, 4) ms + k × 4 ms.
-  w.asks = {start + 22ms, start + 26500us};
-  w.next_ask = 0;
-  w.Run(start + 40ms);
-  REQUIRE(w.completions.size() == 2);
-  CHECK(w.completions[0] == start + 22ms + w.probe);
-  CHECK(w.completions[1] == start + 26500us + w.probe);
+  DebtPaidFrameKept(w, start);
 }
 
 TEST_CASE("partitioned: a worker that crashes past its slot keeps the debt and its slot; the frame does not move") {
@@ -247,18 +253,7 @@ TEST_CASE("partitioned: a worker that crashes past its slot keeps the debt and i
   CHECK(st->frame_ns == 4'000'000);  // its slot kept: the frame is still two slots
   // The restarted worker asks at once: the debt (2.5 ms × 2 = 5 ms, to 9.5 ms) still bars it,
   // so its slot at 8 ms passes unused and it runs at 12 ms. Removed and added again, it ran at 8.
-  w.piece = 500us;
-  w.s.OnRequest(w.sender, w.now);
-  w.Run(start + 20ms);
-  REQUIRE(w.sender_pieces.size() >= 2);
-  CHECK(w.sender_pieces[1].first == start + 12ms);
-  // The receiver's slots never moved: [2, 4) ms + k × 4 ms.
-  w.asks = {start + 22ms, start + 26500us};
-  w.next_ask = 0;
-  w.Run(start + 40ms);
-  REQUIRE(w.completions.size() == 2);
-  CHECK(w.completions[0] == start + 22ms + w.probe);
-  CHECK(w.completions[1] == start + 26500us + w.probe);
+  DebtPaidFrameKept(w, start);
 }
 
 TEST_CASE("partitioned: a holder that gives the grant back with work held is not granted again in that slot") {

@@ -251,6 +251,16 @@ void Settle(RemotingClient& c) {
   REQUIRE(c.completed() >= *seq);
 }
 
+// RESET written through the vGPU's vfio-user socket, as its VMM's guest driver would.
+void ResetThroughVfioUser(const DaemonProc& d, const char* uuid) {
+  DeviceOptions o;
+  o.socket = d.Socket(uuid);
+  o.ram_size = 4 << 20;
+  auto dev = Device::Open(o);
+  REQUIRE_MESSAGE(dev.ok(), dev.error().ToString());
+  REQUIRE((*dev)->Write32(abi::reg::kReset, abi::kResetMagic).ok());
+}
+
 std::string OkLine() { return "health" + std::string(11, ' ') + "ok"; }
 
 Result<> RemoteKernel(RemotingClient& c, uint32_t round) {
@@ -428,14 +438,7 @@ TEST_CASE("remoting attacker: throttled, then quarantined; the vGPU's reset lift
 
   // 4. The vGPU's reset (RESET through its vfio-user socket) lifts it for both paths: the
   //    same remoting client's work runs again, bit-exactly.
-  {
-    DeviceOptions o;
-    o.socket = d.Socket(kA);
-    o.ram_size = 4 << 20;
-    auto dev = Device::Open(o);
-    REQUIRE_MESSAGE(dev.ok(), dev.error().ToString());
-    REQUIRE((*dev)->Write32(abi::reg::kReset, abi::kResetMagic).ok());
-  }
+  ResetThroughVfioUser(d, kA);
   h = Health(d, kA);
   INFO("health: ", h.dump());
   CHECK(h["state"] == "throttled");
@@ -491,14 +494,7 @@ TEST_CASE("a quarantined vGPU whose worker dies comes back quarantined: a crash 
   auto c = ConnectRemote(RemoteSocket(d, kA));
   CHECK(RemoteKernel(*c, 1).code() == Errc::kQuarantined);
   // Its reset lifts it, as for any quarantine: on probation, and its work runs, bit-exactly.
-  {
-    DeviceOptions o;
-    o.socket = d.Socket(kA);
-    o.ram_size = 4 << 20;
-    auto dev = Device::Open(o);
-    REQUIRE_MESSAGE(dev.ok(), dev.error().ToString());
-    REQUIRE((*dev)->Write32(abi::reg::kReset, abi::kResetMagic).ok());
-  }
+  ResetThroughVfioUser(d, kA);
   CHECK(State(Health(d, kA)) == "throttled");
   Settle(*c);
   Result<> r = RemoteKernel(*c, 2);

@@ -38,6 +38,34 @@ struct Sim {
                           [this](const Uuid& u, uint64_t g) { contended.emplace_back(u, g); }}) {}
 };
 
+// U(1) and U(2) both busy, U(1) granted first and preempted after a slice; its unsplittable
+// piece then runs on to `piece` in all. Returns the time then.
+Clock::time_point LongPiece(Sim& sim, Clock::duration piece) {
+  auto now = Clock::time_point{} + 1s;
+  sim.s.Add(U(1), 100, now);
+  sim.s.Add(U(2), 100, now);
+  sim.s.OnRequest(U(1), now);
+  sim.s.OnRequest(U(2), now);
+  REQUIRE(sim.granted == U(1));
+  now += 2ms;
+  sim.s.OnTimer(now);
+  REQUIRE(sim.preempts == 1);
+  return now + (piece - 2ms);
+}
+
+// U(2), busy, runs 2 ms slices while it holds the grant: how many before it goes to another
+// (at most 100).
+int SlicesOfU2(Sim& sim, Clock::time_point& now) {
+  int n = 0;
+  while (sim.granted == U(2) && n < 100) {
+    ++n;
+    now += 2ms;
+    sim.s.OnTimer(now);
+    sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
+  }
+  return n;
+}
+
 TEST_CASE("busy vGPUs share the engine by weight (1:2:4), always-busy, pieces shorter than the slice") {
   Sim sim;
   auto now = Clock::time_point{} + 1s;
@@ -93,27 +121,12 @@ TEST_CASE("work-conserving: a vGPU alone keeps its grant and is charged nothing"
 
 TEST_CASE("a piece longer than the slice is charged in full: debt delays the next grant") {
   Sim sim;
-  auto now = Clock::time_point{} + 1s;
-  sim.s.Add(U(1), 100, now);
-  sim.s.Add(U(2), 100, now);
-  sim.s.OnRequest(U(1), now);
-  sim.s.OnRequest(U(2), now);
-  REQUIRE(sim.granted == U(1));
   // U(1) is preempted after 2 ms but its unsplittable piece runs 50 ms.
-  now += 2ms;
-  sim.s.OnTimer(now);
-  REQUIRE(sim.preempts == 1);
-  now += 48ms;
+  auto now = LongPiece(sim, 50ms);
   sim.s.OnRelease(U(1), sim.grant, 50'000'000, true, now);
   REQUIRE(sim.granted == U(2));
   // U(2) now runs 2 ms slices; U(1) waits until U(2) has had about as much.
-  int u2_grants = 0;
-  while (sim.granted == U(2)) {
-    ++u2_grants;
-    now += 2ms;
-    sim.s.OnTimer(now);
-    sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
-  }
+  const int u2_grants = SlicesOfU2(sim, now);
   CHECK(u2_grants >= 20);
   CHECK(u2_grants <= 26);
 }
@@ -125,16 +138,7 @@ TEST_CASE("a worker that crashes keeps its vGPU's debt: crashing sheds nothing")
   for (bool restart_by_remove : {false, true}) {
     CAPTURE(restart_by_remove);
     Sim sim;
-    auto now = Clock::time_point{} + 1s;
-    sim.s.Add(U(1), 100, now);
-    sim.s.Add(U(2), 100, now);
-    sim.s.OnRequest(U(1), now);
-    sim.s.OnRequest(U(2), now);
-    REQUIRE(sim.granted == U(1));
-    now += 2ms;
-    sim.s.OnTimer(now);
-    REQUIRE(sim.preempts == 1);
-    now += 48ms;
+    auto now = LongPiece(sim, 50ms);
     if (restart_by_remove) {
       sim.s.Remove(U(1), now);
       sim.s.Add(U(1), 100, now);
@@ -148,13 +152,7 @@ TEST_CASE("a worker that crashes keeps its vGPU's debt: crashing sheds nothing")
     }
     REQUIRE(sim.granted == U(2));
     sim.s.OnRequest(U(1), now);
-    int u2_grants = 0;
-    while (sim.granted == U(2) && u2_grants < 100) {
-      ++u2_grants;
-      now += 2ms;
-      sim.s.OnTimer(now);
-      sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
-    }
+    const int u2_grants = SlicesOfU2(sim, now);
     if (restart_by_remove) {
       CHECK(u2_grants <= 2);  // the contrast: the debt was shed
     } else {
@@ -199,13 +197,7 @@ TEST_CASE("a worker that does not yield within the timeout is killed; the engine
   CHECK(sim.granted == U(2));
   // The 103 ms it held is its debt: its restarted worker waits while U(2) has about as much.
   sim.s.OnRequest(U(1), now);
-  int u2_grants = 0;
-  while (sim.granted == U(2) && u2_grants < 100) {
-    ++u2_grants;
-    now += 2ms;
-    sim.s.OnTimer(now);
-    sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
-  }
+  const int u2_grants = SlicesOfU2(sim, now);
   CHECK(u2_grants >= 45);
   CHECK(u2_grants <= 53);
 }
