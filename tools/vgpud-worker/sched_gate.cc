@@ -225,10 +225,10 @@ void SchedGate::RefillLocked(Clock::time_point now) {
 
 void SchedGate::CarryLocked(Clock::time_point now, bool now_or_never) {
   // A record per 10 ms at most, unless a bucket fell by an eighth of its burst since the last
-  // one (a crash then gains less than that, and 10 ms of the rate), and always for debt: a
-  // worker that dies right after a long piece must not take the piece's charge with it.
-  // (Work on the device when it dies is never charged here; the scheduler charges its grant
-  // as held.)
+  // one: a crash then gains less than that and 10 ms of the rate, and a worker that dies right
+  // after a long piece does not take the piece's debt with it. (A capped busy tenant goes a
+  // little into debt at every piece: a record each would be thousands a second. Work on the
+  // device when it dies is never charged here; the scheduler charges its grant as held.)
   if (!cfg_.rate_limit && !cfg_.gpu_time_limit_ns) return;
   const bool fell = carried_sub_ - sub_tokens_ >= static_cast<double>(cfg_.rate_burst) / 8 ||
                     carried_gpu_ns_ - gpu_tokens_ns_ >= static_cast<double>(cfg_.gpu_time_burst_ns) / 8;
@@ -421,7 +421,7 @@ void SchedGate::Ran(uint64_t busy_ns, bool, uint64_t cost) {
   if (cfg_.gpu_time_limit_ns) {
     RefillLocked(Clock::now());
     gpu_tokens_ns_ -= static_cast<double>(busy_ns);  // debt: the next work waits it off
-    CarryLocked(Clock::now(), gpu_tokens_ns_ < 0);
+    CarryLocked(Clock::now(), false);
   }
   if (on_device_) --on_device_;
   PreemptIfDueLocked(Clock::now());  // releases here if this was the last piece on the device
