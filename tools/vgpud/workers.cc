@@ -1027,9 +1027,8 @@ void WorkerPool::OnRecord(Worker& w, const ch::Record& r) {
                           r.values[static_cast<size_t>(ch::Counter::kHealthReason)],
                           r.values[static_cast<size_t>(ch::Counter::kHealthRate)]};
       break;
-    case ch::Kind::kCarry:
+    case ch::Kind::kCarry: {
       // Believed as far as it goes: a successor of this worker starts from it, nobody else.
-    {
       if (w.state != Worker::State::kRunning && w.state != Worker::State::kStarting) return;
       auto at = [&](ch::CarrySlot k) { return r.values[static_cast<size_t>(k)]; };
       if (at(ch::CarrySlot::kWhat) & ch::kCarryBuckets)
