@@ -346,8 +346,8 @@ void Worker::OnSignal(int sig, short, void* arg) {
   event_base_loopexit(static_cast<Worker*>(arg)->base_, nullptr);
 }
 
-// A restarted worker's first config carries its predecessor's fault health (the values of
-// its last pong): a crash lifts no throttle and no quarantine (FaultMonitor::Restore).
+// A restarted worker's first config carries its predecessor's fault health (as its last
+// pong or kCarry said): a crash lifts no throttle and no quarantine (FaultMonitor::Restore).
 void Worker::RestoreHealth(const ch::Record& r) {
   auto at = [&](ch::SchedConfigSlot s) { return r.values[static_cast<size_t>(s)]; };
   const uint64_t h = at(ch::SchedConfigSlot::kCarriedHealth);
