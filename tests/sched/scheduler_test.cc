@@ -38,15 +38,21 @@ struct Sim {
                           [this](const Uuid& u, uint64_t g) { contended.emplace_back(u, g); }}) {}
 };
 
-// U(1) and U(2) both busy, U(1) granted first and preempted after a slice; its unsplittable
-// piece then runs on to `piece` in all. Returns the time then.
-Clock::time_point LongPiece(Sim& sim, Clock::duration piece) {
-  auto now = Clock::time_point{} + 1s;
+// U(1) and U(2) at equal weights, both asking at 1 s, U(1) first: it is granted. Returns the time.
+Clock::time_point TwoBusy(Sim& sim) {
+  const auto now = Clock::time_point{} + 1s;
   sim.s.Add(U(1), 100, now);
   sim.s.Add(U(2), 100, now);
   sim.s.OnRequest(U(1), now);
   sim.s.OnRequest(U(2), now);
   REQUIRE(sim.granted == U(1));
+  return now;
+}
+
+// TwoBusy, then U(1) preempted after a slice; its unsplittable piece runs on to `piece` in
+// all. Returns the time then.
+Clock::time_point LongPiece(Sim& sim, Clock::duration piece) {
+  auto now = TwoBusy(sim);
   now += 2ms;
   sim.s.OnTimer(now);
   REQUIRE(sim.preempts == 1);
@@ -164,12 +170,7 @@ TEST_CASE("a worker that crashes keeps its vGPU's debt: crashing sheds nothing")
 
 TEST_CASE("a release of a grant it does not hold changes nothing") {
   Sim sim;
-  auto now = Clock::time_point{} + 1s;
-  sim.s.Add(U(1), 100, now);
-  sim.s.Add(U(2), 100, now);
-  sim.s.OnRequest(U(1), now);
-  sim.s.OnRequest(U(2), now);
-  REQUIRE(sim.granted == U(1));
+  auto now = TwoBusy(sim);
   sim.s.OnRelease(U(2), 12345, 1, false, now);       // not the holder
   sim.s.OnRelease(U(1), sim.grant + 1, 1, false, now);  // not its grant
   CHECK(sim.s.holder() == U(1));
@@ -179,15 +180,7 @@ TEST_CASE("a worker that does not yield within the timeout is killed; the engine
   SchedOptions o;
   o.yield_timeout = 100ms;
   Sim sim(o);
-  auto now = Clock::time_point{} + 1s;
-  sim.s.Add(U(1), 100, now);
-  sim.s.Add(U(2), 100, now);
-  sim.s.OnRequest(U(1), now);
-  sim.s.OnRequest(U(2), now);
-  now += 2ms;
-  sim.s.OnTimer(now);
-  REQUIRE(sim.preempts == 1);
-  now += 99ms;
+  auto now = LongPiece(sim, 101ms);  // 99 ms after the preempt
   sim.s.OnTimer(now);
   CHECK(sim.kills.empty());
   now += 2ms;
