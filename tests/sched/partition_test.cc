@@ -61,6 +61,18 @@ struct World {
                             [](const Uuid&, std::string) { FAIL("nobody is killed here"); }, nullptr}) {}
 
   bool Fit() const { return o.partitioned(); }
+  // Both tenants running at equal weights (the sender's slot first); returns the time.
+  Clock::time_point AddBoth() {
+    s.Add(sender, 100, now);
+    s.Add(receiver, 100, now);
+    return now;
+  }
+  // The sender busy from now on with pieces of `p`.
+  void SenderBusy(Clock::duration p) {
+    piece = p;
+    sender_busy = true;
+    s.OnRequest(sender, now);
+  }
   // The holder's next piece, or its release.
   void StartPiece() {
     Holder& h = *holder;
@@ -112,8 +124,7 @@ std::vector<Clock::time_point> Observe(SchedOptions o, bool sender_busy, World**
   static std::optional<World> last;
   last.emplace(o);
   World& w = *last;
-  w.s.Add(w.sender, 100, w.now);
-  w.s.Add(w.receiver, 100, w.now);
+  w.AddBoth();
   std::mt19937 rng(7);
   Clock::time_point t = w.now + 1ms;
   for (int i = 0; i < 300; ++i) {
@@ -174,8 +185,7 @@ TEST_CASE("partitioned: a vGPU alone still runs only in its own slot (an idle sl
   w.s.Add(U(1), 100, w.now);
   w.s.Add(U(2), 100, w.now);
   w.s.Add(U(3), 200, w.now);  // slots 2, 2, 4 ms: an 8 ms frame
-  w.sender_busy = true;
-  w.s.OnRequest(w.sender, w.now);
+  w.SenderBusy(500us);
   const auto start = w.now;
   w.Run(start + 800ms);
   Clock::duration ran{};
@@ -194,9 +204,7 @@ TEST_CASE("partitioned: a vGPU alone still runs only in its own slot (an idle sl
 // short pieces, it next runs in its slot at 12 ms (the one at 8 ms passes unused), and the
 // receiver is served in its own slots, [2, 4) ms + k × 4 ms, as if nothing had happened.
 void DebtPaidFrameKept(World& w, Clock::time_point start) {
-  w.sender_busy = true;
-  w.piece = 500us;
-  w.s.OnRequest(w.sender, w.now);
+  w.SenderBusy(500us);
   w.Run(start + 20ms);
   REQUIRE(w.sender_pieces.size() >= 2);
   CHECK(w.sender_pieces[1].first == start + 12ms);
@@ -210,14 +218,10 @@ void DebtPaidFrameKept(World& w, Clock::time_point start) {
 
 TEST_CASE("partitioned: a grant that runs past its slot is debt; the next owner's slot is not moved") {
   World w(Partitioned());
-  w.s.Add(w.sender, 100, w.now);
-  w.s.Add(w.receiver, 100, w.now);
-  const auto start = w.now;
+  const auto start = w.AddBoth();
   // The sender's work has a piece longer than its whole slot (work the device cannot cut):
   // it goes first in a grant at its slot's start, and runs 3 ms past the slot.
-  w.piece = 5ms;
-  w.sender_busy = true;
-  w.s.OnRequest(w.sender, w.now);
+  w.SenderBusy(5ms);
   w.Run(start + 4ms);
   REQUIRE(w.sender_pieces.size() == 1);
   CHECK(w.sender_pieces[0].first == start);
@@ -234,12 +238,8 @@ TEST_CASE("partitioned: a grant that runs past its slot is debt; the next owner'
 
 TEST_CASE("partitioned: a worker that crashes past its slot keeps the debt and its slot; the frame does not move") {
   World w(Partitioned());
-  w.s.Add(w.sender, 100, w.now);
-  w.s.Add(w.receiver, 100, w.now);
-  const auto start = w.now;
-  w.piece = 5ms;
-  w.sender_busy = true;
-  w.s.OnRequest(w.sender, w.now);
+  const auto start = w.AddBoth();
+  w.SenderBusy(5ms);
   w.Run(start + 4500us);
   REQUIRE(w.sender_pieces.size() == 1);
   // Its worker dies 2.5 ms past its slot, the piece unfinished (the supervisor's Forget).
@@ -260,12 +260,8 @@ TEST_CASE("partitioned: a holder that gives the grant back with work held is not
   // Its next piece does not fit before the slot's end (the worker's fit rule): granting it
   // again at once would only bounce until the margin.
   World w(Partitioned());
-  w.s.Add(w.sender, 100, w.now);
-  w.s.Add(w.receiver, 100, w.now);
-  const auto start = w.now;
-  w.piece = 800us;  // two fit in 1.85 ms, the third does not
-  w.sender_busy = true;
-  w.s.OnRequest(w.sender, w.now);
+  const auto start = w.AddBoth();
+  w.SenderBusy(800us);  // two fit in 1.85 ms, the third does not
   w.Run(start + 39ms);
   auto st = w.s.Status(w.sender);
   REQUIRE(st);

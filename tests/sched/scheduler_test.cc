@@ -59,15 +59,15 @@ Clock::time_point LongPiece(Sim& sim, Clock::duration piece) {
   return now + (piece - 2ms);
 }
 
-// U(2), busy, runs 2 ms slices while it holds the grant: how many before it goes to another
-// (at most 100).
-int SlicesOfU2(Sim& sim, Clock::time_point& now) {
+// `u`, busy, runs 2 ms slices while it holds the grant: how many before it goes to another
+// (at most `most`).
+int SlicesOf(Sim& sim, const Uuid& u, Clock::time_point& now, int most = 100) {
   int n = 0;
-  while (sim.granted == U(2) && n < 100) {
+  while (sim.granted == u && n < most) {
     ++n;
     now += 2ms;
     sim.s.OnTimer(now);
-    sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
+    sim.s.OnRelease(u, sim.grant, 2'000'000, true, now);
   }
   return n;
 }
@@ -132,7 +132,7 @@ TEST_CASE("a piece longer than the slice is charged in full: debt delays the nex
   sim.s.OnRelease(U(1), sim.grant, 50'000'000, true, now);
   REQUIRE(sim.granted == U(2));
   // U(2) now runs 2 ms slices; U(1) waits until U(2) has had about as much.
-  const int u2_grants = SlicesOfU2(sim, now);
+  const int u2_grants = SlicesOf(sim, U(2), now);
   CHECK(u2_grants >= 20);
   CHECK(u2_grants <= 26);
 }
@@ -158,7 +158,7 @@ TEST_CASE("a worker that crashes keeps its vGPU's debt: crashing sheds nothing")
     }
     REQUIRE(sim.granted == U(2));
     sim.s.OnRequest(U(1), now);
-    const int u2_grants = SlicesOfU2(sim, now);
+    const int u2_grants = SlicesOf(sim, U(2), now);
     if (restart_by_remove) {
       CHECK(u2_grants <= 2);  // the contrast: the debt was shed
     } else {
@@ -190,7 +190,7 @@ TEST_CASE("a worker that does not yield within the timeout is killed; the engine
   CHECK(sim.granted == U(2));
   // The 103 ms it held is its debt: its restarted worker waits while U(2) has about as much.
   sim.s.OnRequest(U(1), now);
-  const int u2_grants = SlicesOfU2(sim, now);
+  const int u2_grants = SlicesOf(sim, U(2), now);
   CHECK(u2_grants >= 45);
   CHECK(u2_grants <= 53);
 }
@@ -230,13 +230,7 @@ TEST_CASE("a vGPU back from idle banks no credit") {
   sim.s.OnTimer(now);
   sim.s.OnRelease(U(1), sim.grant, 10'002'000'000ull, true, now);
   REQUIRE(sim.granted == U(2));
-  int u2_in_a_row = 0;
-  while (sim.granted == U(2) && u2_in_a_row < 100) {
-    ++u2_in_a_row;
-    now += 2ms;
-    sim.s.OnTimer(now);
-    sim.s.OnRelease(U(2), sim.grant, 2'000'000, true, now);
-  }
+  const int u2_in_a_row = SlicesOf(sim, U(2), now);
   CHECK(u2_in_a_row <= 3);
 }
 
@@ -340,14 +334,7 @@ TEST_CASE("a vGPU back from idle is next, ahead of a round of busy ones, and the
   sim.s.OnRelease(holder, sim.grant, 500'000, true, now);
   CHECK(sim.granted == U(4));  // next, not behind the two other busy ones
   // Its credit is half a slice: it runs about that much more than its share, then trades.
-  int in_a_row = 0;
-  while (sim.granted == U(4) && in_a_row < 10) {
-    ++in_a_row;
-    now += 2ms;
-    sim.s.OnTimer(now);
-    sim.s.OnRelease(U(4), sim.grant, 2'000'000, true, now);
-  }
-  CHECK(in_a_row == 1);
+  CHECK(SlicesOf(sim, U(4), now, 10) == 1);
 }
 
 TEST_CASE("virtual time moves while a vGPU holds the engine alone: one back from a moment's idleness is owed it") {

@@ -100,6 +100,21 @@ double BinaryEntropy(double p) {
   return -p * std::log2(p) - (1 - p) * std::log2(1 - p);
 }
 
+namespace {
+// The three decoders' BERs over the payload bits, and the capacity from the best of them (an
+// attacker uses whichever works; worse than chance after the preamble chose the polarity is
+// noise, which carries nothing): one rule for a run (CovertRun) and for a cell of pooled runs
+// (CovertCell).
+template <typename Figures>
+void SetBerAndCapacity(Figures& x) {
+  auto ber = [&](int errors) { return x.payload_bits > 0 ? static_cast<double>(errors) / x.payload_bits : 0.0; };
+  x.ber = ber(x.errors);
+  x.ber_longest = ber(x.errors_longest);
+  x.ber_early = ber(x.errors_early);
+  x.capacity_bps = (1 - BinaryEntropy(std::min({x.ber, x.ber_longest, x.ber_early, 0.5}))) * x.raw_bps;
+}
+}  // namespace
+
 double MedianThreshold(std::vector<double> metrics) {
   if (metrics.empty()) return 0;
   std::sort(metrics.begin(), metrics.end());
@@ -319,13 +334,7 @@ CovertRun RunOne(const CovertOptions& o, const std::string& path, uint64_t g_us,
   run.idle_metric_us = idle.empty() ? 0 : Summarize(idle).p50;
   run.busy_metric_us = busy.empty() ? 0 : Summarize(busy).p50;
   run.payload_bits = run.bits - static_cast<int>(kCovertPreamble.size());
-  run.ber = run.payload_bits > 0 ? static_cast<double>(run.errors) / run.payload_bits : 0;
-  run.ber_longest = run.payload_bits > 0 ? static_cast<double>(run.errors_longest) / run.payload_bits : 0;
-  run.ber_early = run.payload_bits > 0 ? static_cast<double>(run.errors_early) / run.payload_bits : 0;
-  // Worse than chance after the preamble chose the polarity: noise, it carries nothing.
-  // The capacity is the best decoder's (an attacker uses whichever works).
-  run.capacity_bps =
-      (1 - BinaryEntropy(std::min({run.ber, run.ber_longest, run.ber_early, 0.5}))) * run.raw_bps;
+  SetBerAndCapacity(run);
   return run;
 }
 
@@ -399,10 +408,7 @@ CovertReport MeasureCovert(const CovertOptions& o, const CovertHostFactory& make
         rtt.push_back(x.receiver_rtt_us.p50);
       }
       if (c.runs) {
-        c.ber = static_cast<double>(c.errors) / std::max(c.payload_bits, 1);
-        c.ber_longest = static_cast<double>(c.errors_longest) / std::max(c.payload_bits, 1);
-        c.ber_early = static_cast<double>(c.errors_early) / std::max(c.payload_bits, 1);
-        c.capacity_bps = (1 - BinaryEntropy(std::min({c.ber, c.ber_longest, c.ber_early, 0.5}))) * c.raw_bps;
+        SetBerAndCapacity(c);
         c.capacity_per_rep = SummarizeRatio(cap);
         c.idle_metric_us = SummarizeRatio(idle).median;
         c.busy_metric_us = SummarizeRatio(busy).median;
